@@ -1,0 +1,58 @@
+"""The ``hel`` console command: one entry point for the whole flow.
+
+Each subcommand lives in its own module under :mod:`host.commands` and provides
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules
+are imported only when their command runs, so ``hel --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: name → module under host.commands. Help lines are kept here so that
+#: ``hel --help`` does not import NumPy, Amaranth or the toolchain.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("compare", "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"),
+}
+
+
+class UsageError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hel",
+        description="Hamiltonian Echo Learning on open FPGAs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_line) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        p.set_defaults(_module=module)
+        # Arguments are added lazily (see main) to keep --help cheap.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Load the selected command's arguments before the full parse.
+    if argv and argv[0] in COMMANDS:
+        mod = importlib.import_module(f"host.commands.{COMMANDS[argv[0]][0]}")
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]  # noqa: SLF001
+        mod.add_arguments(sub)
+    args = parser.parse_args(argv)
+    mod = importlib.import_module(f"host.commands.{args._module}")
+    try:
+        return int(mod.run(args) or 0)
+    except UsageError as e:
+        print(f"hel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hel {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
