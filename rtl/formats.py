@@ -25,9 +25,15 @@ MULT18X18D) while precision lives in the wide state::
 
     qo  = sat(rshift(QH, SF − OF))                    operand format (OF frac bits)
     Z   = W·qo + B·u + (b << OF)                      exact, PF+OF frac bits
-    a   = tanh_pwl(sat(rshift(Z, PF+OF − ZF)))        operand format
-    F   = α⊙qo + Wᵀ·a                                 exact, PF+OF frac bits
-    kick = rshift(F, PF + OF + 2·dt_log2 + 1 − SF)    κ·f in state units, κ = δ²/2
+    a   = tanh_pwl(sat(rshift(Z, PF+OF − ZF)))        activation format (AF frac bits)
+    F   = ((α⊙qo) << (AF − OF)) + Wᵀ·a                exact, PF+AF frac bits
+    kick = rshift(F, PF + AF + 2·dt_log2 + 1 − SF)    κ·f in state units, κ = δ²/2
+
+The activation format has its own, finer scale (|tanh| ≤ 1 needs two integer
+bits, positions need more): the ±ε contrast of ∂V/∂B and ∂V/∂b is the
+difference of two activations, so their resolution sets the gradient's noise
+floor; measured on final-step losses, AF = OW − 2 instead of AF = OF cut the
+worst-case gradient error several-fold at no hardware cost.
 
 ``rshift`` rounds half up (add half, arithmetic shift): deterministic and
 unbiased enough, and one adder in hardware. ``sat`` saturates; it is allowed
@@ -163,8 +169,10 @@ class HelConfig:
     state_width, state_frac:
         Width and fractional bits of the wrapping state ``Q``/``Wv``.
     operand_width, operand_frac:
-        Multiplier operand format: truncated positions, tanh outputs and inputs.
+        Multiplier operand format of the truncated positions and of the inputs.
         16 for iCE40 (SB_MAC16), 18 for ECP5 (MULT18X18D).
+    act_frac:
+        Fractional bits of the tanh outputs (``operand_width`` bits, |a| ≤ 1).
     param_frac:
         Fractional bits of W, B, b, α (stored at ``operand_width`` bits).
     dt_log2:
@@ -186,11 +194,12 @@ class HelConfig:
     state_width: int = 36
     state_frac: int = 28
     operand_width: int = 16
-    operand_frac: int = 12
+    operand_frac: int = 13
+    act_frac: int = 14
     param_frac: int = 12
     dt_log2: int = 3
     tanh_range_log2: int = 3
-    tanh_segments_log2: int = 8
+    tanh_segments_log2: int = 10
     z_frac: int = 12
     acc_width: int = 56
     lanes: int = 1
@@ -218,6 +227,8 @@ class HelConfig:
             problems.append(f"operand_width must be in 4..25 (got {self.operand_width})")
         if not 0 < self.operand_frac < self.operand_width - 1:
             problems.append(f"operand_frac must be in 1..operand_width-2 (got {self.operand_frac})")
+        if not self.operand_frac <= self.act_frac <= self.operand_width - 2:
+            problems.append(f"act_frac must be in operand_frac..operand_width-2 (got {self.act_frac})")
         if not 0 < self.param_frac < self.operand_width - 1:
             problems.append(f"param_frac must be in 1..operand_width-2 (got {self.param_frac})")
         if self.operand_frac > self.state_frac:
@@ -254,6 +265,10 @@ class HelConfig:
         return Fixed(self.operand_width, self.operand_frac)
 
     @property
+    def act(self) -> Fixed:
+        return Fixed(self.operand_width, self.act_frac)
+
+    @property
     def param(self) -> Fixed:
         return Fixed(self.operand_width, self.param_frac)
 
@@ -268,8 +283,18 @@ class HelConfig:
 
     @property
     def product_frac(self) -> int:
-        """Fractional bits of a parameter × operand product (z and force sums)."""
+        """Fractional bits of a parameter × operand product (the z sums)."""
         return self.param_frac + self.operand_frac
+
+    @property
+    def force_frac(self) -> int:
+        """Fractional bits of the force sum (parameter × activation products)."""
+        return self.param_frac + self.act_frac
+
+    @property
+    def alpha_shift(self) -> int:
+        """Left shift aligning α·qo with Wᵀ·a in the force sum."""
+        return self.act_frac - self.operand_frac
 
     @property
     def z_shift(self) -> int:
@@ -277,8 +302,8 @@ class HelConfig:
 
     @property
     def kick_shift(self) -> int:
-        """Right shift taking the force (product format) to κ·f in state units."""
-        return self.product_frac + 2 * self.dt_log2 + 1 - self.state_frac
+        """Right shift taking the force sum to κ·f in state units."""
+        return self.force_frac + 2 * self.dt_log2 + 1 - self.state_frac
 
     @property
     def operand_shift(self) -> int:
@@ -320,17 +345,17 @@ class HelConfig:
 
     # ---- tanh ---------------------------------------------------------------------
     def tanh_knots(self) -> np.ndarray:
-        """The 2^s + 1 knots of the piecewise-linear tanh, operand format, int64.
+        """The 2^s + 1 knots of the piecewise-linear tanh, activation format, int64.
 
         Knot i sits at z = -2^r + i·2^(r+1-s). Built once here; the golden model and
         the gateware's ROM both use this table.
         """
         r, s = self.tanh_range_log2, self.tanh_segments_log2
         zs = -(2.0 ** r) + np.arange((1 << s) + 1) * 2.0 ** (r + 1 - s)
-        return self.operand.quantize(np.tanh(zs), "tanh knots")
+        return self.act.quantize(np.tanh(zs), "tanh knots")
 
     def tanh_int(self, zt: np.ndarray, knots: np.ndarray | None = None) -> np.ndarray:
-        """Integer piecewise-linear tanh of saturated z (``z`` format) → operand format."""
+        """Integer piecewise-linear tanh of saturated z (``z`` format) → activation format."""
         if knots is None:
             knots = self.tanh_knots()
         fb = self.tanh_frac_bits
@@ -382,8 +407,8 @@ class HelConfig:
                                     centred: bool = True) -> dict[str, np.ndarray]:
         """Scale accumulated contrasts to ∇θL ≈ −δ·ΔG/(cε), c = 2 centred, 1 one-sided."""
         c = 2.0 if centred else 1.0
-        of = self.operand_frac
-        scale = {"W": 2.0 ** (-2 * of), "B": 2.0 ** (-2 * of), "b": 2.0 ** (-of),
+        of, af = self.operand_frac, self.act_frac
+        scale = {"W": 2.0 ** (-of - af), "B": 2.0 ** (-of - af), "b": 2.0 ** (-af),
                  "alpha": 0.5 * 2.0 ** (-2 * of)}
         return {name: -self.dt * np.asarray(acc[name], dtype=np.float64) * scale[name] / (c * eps)
                 for name in PARAM_NAMES}
@@ -426,5 +451,5 @@ class HelConfig:
 
 
 #: Operand width per DSP family (the config's operand_width on each FPGA).
-ICE40_OPERAND = dict(operand_width=16, operand_frac=12, param_frac=12, z_frac=12)
-ECP5_OPERAND = dict(operand_width=18, operand_frac=14, param_frac=14, z_frac=14)
+ICE40_OPERAND = dict(operand_width=16, operand_frac=13, act_frac=14, param_frac=12, z_frac=12)
+ECP5_OPERAND = dict(operand_width=18, operand_frac=15, act_frac=16, param_frac=14, z_frac=14)

@@ -63,12 +63,12 @@ def mix32(x):
 
 
 def selftest_inputs(cfg: HelConfig, steps: int, seed: int) -> np.ndarray:
-    """The self-test's pseudo-random inputs, (steps, K) in operand format (|u| < 0.5)."""
+    """The self-test's pseudo-random inputs, (steps, K) in operand format (|u| ≤ 0.5)."""
     idx = np.arange(steps * cfg.k, dtype=np.uint64)
     h = mix32(idx ^ np.uint64(seed & _M32)).astype(np.int64)
     ow = cfg.operand_width
     raw = wrap(h & ((1 << ow) - 1), ow)
-    return (raw >> (ow - cfg.operand_frac)).reshape(steps, cfg.k)
+    return (raw >> (ow + 1 - cfg.operand_frac)).reshape(steps, cfg.k)
 
 
 @dataclass
@@ -157,9 +157,9 @@ class GoldenCore:
         return c.tanh_int(zt, self.knots)
 
     def kick(self, qo: np.ndarray, a: np.ndarray) -> np.ndarray:
-        """κ·f in state units: rshift(α⊙qo + Wᵀa)."""
+        """κ·f in state units: rshift((α⊙qo << alpha_shift) + Wᵀa)."""
         p = self.params
-        f = p["alpha"] * qo + a @ p["W"]
+        f = ((p["alpha"] * qo) << self.cfg.alpha_shift) + a @ p["W"]
         return rshift_round(f, self.cfg.kick_shift)
 
     def step(self, q: np.ndarray, w: np.ndarray, u: np.ndarray):

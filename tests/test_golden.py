@@ -10,7 +10,8 @@ from sim.golden import GoldenCore, StateError, selftest_inputs
 def random_config(rng, **over):
     ow = int(rng.choice([16, 18]))
     d = dict(n=int(rng.integers(2, 12)), m=int(rng.integers(2, 12)), k=int(rng.integers(1, 4)),
-             t_max=512, operand_width=ow, operand_frac=ow - 4, param_frac=ow - 4, z_frac=ow - 4,
+             t_max=512, operand_width=ow, operand_frac=ow - 3, act_frac=ow - 2, param_frac=ow - 4,
+             z_frac=ow - 4,
              state_width=int(rng.integers(30, 40)), dt_log2=int(rng.integers(2, 5)))
     d["o"] = int(rng.integers(1, d["n"] + 1))
     d["state_frac"] = d["state_width"] - 8
@@ -201,10 +202,10 @@ def test_wrong_state_and_bad_values_are_rejected_without_state_change():
 def test_tanh_table_interpolates_tanh_within_the_segment_bound():
     cfg = HelConfig()
     z = np.arange(-(1 << (cfg.z_width - 1)), 1 << (cfg.z_width - 1), dtype=np.int64)
-    y = cfg.operand.to_float(cfg.tanh_int(z))
+    y = cfg.act.to_float(cfg.tanh_int(z))
     exact = np.tanh(cfg.z.to_float(z))
     h = 2.0 ** (cfg.tanh_range_log2 + 1 - cfg.tanh_segments_log2)
-    bound = h * h / 8 * 0.77 + 1.5 / cfg.operand.scale  # interpolation + knot/product rounding
+    bound = h * h / 8 * 0.77 + 1.5 / cfg.act.scale  # interpolation + knot/product rounding
     assert np.max(np.abs(y - exact)) < bound
     assert np.all(np.diff(y) >= 0)
 
@@ -225,7 +226,7 @@ def test_wrap_is_twos_complement():
 
 
 def test_config_round_trips_json_and_rejects_impossible_configs():
-    cfg = HelConfig(n=20, m=12, k=3, o=2, operand_width=18, operand_frac=14, param_frac=14, z_frac=14)
+    cfg = HelConfig(n=20, m=12, k=3, o=2, operand_width=18, operand_frac=15, act_frac=16, param_frac=14, z_frac=14)
     assert HelConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="o = 5 outputs cannot exceed n = 4"):
         HelConfig(n=4, o=5)
