@@ -15,11 +15,11 @@ import sys
 #: ``hel --help`` does not import NumPy, Amaranth or the toolchain.
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"),
+    "glep": ("glep", "GLEP variants (boundary conditions) vs their exact gradients: HEL as the special case"),
 }
 
 
-class UsageError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+from host.errors import UsageError  # noqa: E402  (re-exported for the commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

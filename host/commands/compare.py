@@ -13,20 +13,16 @@ import sys
 
 import numpy as np
 
-from host.cli import UsageError
+from host.errors import UsageError
 
 HELP = "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"
-
-#: ε per estimator: measured sweet spots between the O(ε²)/O(ε) bias and the
-#: quantisation error of the default format (README, "hel compare").
-DEFAULT_EPS = {"centred": 0.03, "one-sided": 0.01}
 
 
 def add_arguments(p):
     p.add_argument("--problem", metavar="FILE.npz",
                    help="problem file (W, B, b, alpha, u, y, mask, dt); default: the seeded reference problem")
     p.add_argument("--eps", type=float, default=None,
-                   help="nudge strength ε (default: 0.03 centred, 0.01 one-sided)")
+                   help="nudge strength ε (default: by estimator and loss kind, see host.learning.DEFAULT_EPS)")
     p.add_argument("--estimator", choices=("centred", "one-sided"), default="centred",
                    help="two ±ε echoes (O(ε²) bias) or one echo against the forward pass (O(ε))")
     p.add_argument("--config", metavar="FILE.json",
@@ -62,18 +58,18 @@ def integer_gradients(dev, problem, eps, estimator):
 
 def run(args) -> int:
     from host.device import DeviceError, GoldenDevice, open_device
-    from host.learning import config_for
+    from host.learning import config_for, default_eps
     from rtl.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
     from sim import reference
     from sim.problems import ProblemError, load_problem, reference_problem
 
-    eps = DEFAULT_EPS[args.estimator] if args.eps is None else args.eps
-    if not 0 < eps < 1:
-        raise UsageError(f"--eps must be in (0, 1), got {eps}")
     try:
         problem = load_problem(args.problem) if args.problem else reference_problem()
     except ProblemError as e:
         raise UsageError(str(e)) from None
+    eps = default_eps(problem.mask, args.estimator) if args.eps is None else args.eps
+    if not 0 < eps <= 1:
+        raise UsageError(f"--eps must be in (0, 1], got {eps}")
     n, m, k, o, t = problem.W.shape[1], problem.W.shape[0], problem.u.shape[1], problem.y.shape[1], len(problem.u)
     try:
         if args.config:
