@@ -309,8 +309,9 @@ def echo(params: Params, u: np.ndarray, q_T: np.ndarray, p_T: np.ndarray, nudges
     Parameters
     ----------
     nudges : (T, O) in echo order; for RHEL row ``s`` is ``ε g_{T−1−s}``, so row
-        0 is applied right after the flip. This is the convention of the integer
-        golden model (``sim.golden``).
+        0 is applied right after the flip. A single row (1, O) is one kick right
+        after the flip and nothing else (HEB). This is the convention of the
+        integer golden model (``sim.golden``).
     record : keep the echo trajectory (memory O(T·N)); with False the second
         return value is None and the working memory is O(N) plus the nudges.
 
@@ -320,10 +321,10 @@ def echo(params: Params, u: np.ndarray, q_T: np.ndarray, p_T: np.ndarray, nudges
     """
     t_len = u.shape[0]
     nudges = np.asarray(nudges, float)
+    if nudges.ndim != 2 or nudges.shape[0] not in (t_len, 1):
+        raise ValueError(f"nudges must have {t_len} rows (echo order) or 1 (a kick), got {nudges.shape}")
     o = nudges.shape[1]
     n = q_T.shape[0]
-    if nudges.shape[0] != t_len:
-        raise ValueError(f"nudges must have {t_len} rows (echo order), got {nudges.shape}")
     q = np.array(q_T, float)
     p = -np.array(p_T, float)
     G = zeros_like_params(params)
@@ -333,7 +334,8 @@ def echo(params: Params, u: np.ndarray, q_T: np.ndarray, p_T: np.ndarray, nudges
                           qh=np.zeros((t_len, n)))
         traj.q[0], traj.p[0] = q, p
     for s in range(t_len):
-        p[n - o:] += nudges[s]
+        if s < nudges.shape[0]:
+            p[n - o:] += nudges[s]
         us = u[t_len - 1 - s]
         q, p, qh = leapfrog_step(params, q, p, us, dt)
         _axpy(G, 1.0, dtheta_V(params, qh, us))
@@ -383,8 +385,7 @@ def heb(problem: Problem, eps: float, estimator: str = "centred") -> Params:
     params, dt = problem.params, problem.dt
     traj = forward(params, problem.u, dt)
     _, g = loss_and_output_grads(problem, traj.q)
-    kick = np.zeros_like(g)
-    kick[0] = eps * g[-1]
+    kick = eps * g[-1:]
     G_plus, _ = echo(params, problem.u, traj.q[-1], traj.p[-1], kick, dt, record=False)
     if estimator == "centred":
         G_minus, _ = echo(params, problem.u, traj.q[-1], traj.p[-1], -kick, dt, record=False)
