@@ -1,0 +1,453 @@
+"""The link's frame layer in gateware: COBS, CRC-32 and length checks.
+
+The frame format is defined once in :mod:`rtl.protocol`; in short, a frame on
+the wire is ``COBS(cmd ‖ seq ‖ payload ‖ crc32_le) ‖ 0x00``.
+
+* :class:`FrameDecoder` — raw bytes from the UART → *good frames only*
+  (``cmd ‖ seq ‖ payload``, CRC stripped) as a byte stream with
+  ``first``/``last`` markers, plus an ``error`` stream reporting every bad
+  frame with its :class:`rtl.protocol.ErrorCode`.
+* :class:`FrameEncoder` — reply bytes with ``first``/``last`` markers → COBS
+  encoded frame with the CRC appended and the delimiter, one byte per cycle.
+
+Both streams inside the device use :data:`FrameByte` so that a decoder can be
+looped straight into an encoder (an echo server, as in the tests).
+"""
+
+from amaranth import *
+from amaranth.lib import crc, data, fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from . import protocol
+from .protocol import ErrorCode
+
+__all__ = ["CRC_PARAMETERS", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
+
+
+#: The link CRC (CRC-32/ISO-HDLC) over bytes, built from :mod:`rtl.protocol`'s numbers.
+CRC_PARAMETERS = crc.Algorithm(
+    crc_width=protocol.CRC_WIDTH, polynomial=protocol.CRC_POLY, initial_crc=protocol.CRC_INIT,
+    reflect_input=protocol.CRC_REFLECT, reflect_output=protocol.CRC_REFLECT,
+    xor_output=protocol.CRC_XOR_OUT)(data_width=8)
+assert CRC_PARAMETERS.compute(b"123456789") == protocol.CRC_CHECK
+
+#: One byte of a frame body (``cmd``, ``seq``, payload), with frame boundaries.
+FrameByte = data.StructLayout({
+    "data": 8,
+    "first": 1,    # this is the frame's first byte (cmd)
+    "last": 1,     # this is the frame's last byte
+})
+
+#: A bad-frame report.
+LinkError = data.StructLayout({
+    "code": 8,     # an rtl.protocol.ErrorCode
+    "seq": 8,      # the frame's second decoded byte (0 if it had none): best effort only,
+                   # as the frame is known to be corrupt
+})
+
+
+class FrameDecoder(wiring.Component):
+    """Check incoming frames and pass on the good ones, whole.
+
+    Design: buffer, then release
+    ----------------------------
+    A frame is only known to be good at its delimiter, when the CRC has been
+    checked. The decoder therefore writes the decoded body into a receive ring
+    as it arrives and *commits* it at the delimiter if it is good; a bad frame
+    is rolled back (its bytes are simply overwritten by the next frame) and
+    reported on ``error``. ``source`` only ever carries complete, CRC-checked
+    frames, so the command unit needs no undo logic: it can act on each byte
+    as it reads it (write a parameter, store an input) and never sees garbage.
+    The CRC bytes are not passed on.
+
+    Frame lengths are queued in a small FIFO, so ``frames + 1`` good frames (one
+    at the reader, ``frames`` queued) may wait in the ring while the consumer is
+    busy, as long as their bytes fit: a frame
+    that finds the ring (or the length FIFO) full is dropped and reported as
+    ``OVERRUN``. The consumer frees space byte by byte as it reads. The default
+    ring of 2048 bytes holds one maximal incoming frame (1030 bytes with CRC)
+    while up to 1018 bytes of earlier frames are still unread.
+
+    ``sink`` is always ready: a UART receiver cannot be paused, so the decoder
+    accepts one byte per cycle, unconditionally, and never back-pressures it.
+
+    COBS decoding is done on the fly (a code byte ``c`` announces ``c − 1`` data
+    bytes and, unless ``c == 0xFF``, a zero before the next block); a delimiter
+    inside a block (a truncated frame) is a ``BAD_LENGTH`` error. After any bad
+    frame, the decoder is back in step at the next ``0x00``: garbage on the line
+    costs one ``error`` report and never the following good frame. Empty frames
+    (``0x00 0x00``) are ignored silently, so a host may send a ``0x00`` before a
+    frame to flush a partial one.
+
+    Verdicts, in order of precedence (see :class:`rtl.protocol.ErrorCode`):
+
+    * ``BAD_LENGTH``: decoded body shorter than ``MIN_BODY_LEN``, longer than
+      ``max_body``, or cut short inside a COBS block;
+    * ``BAD_CRC``: CRC mismatch;
+    * ``OVERRUN``: a good frame that did not fit;
+    * otherwise the frame is committed and appears on ``source``.
+
+    Timing: a committed frame's first byte is on ``source`` 3 cycles after its
+    delimiter was accepted; ``source`` then delivers one byte per cycle while
+    ready, with one idle cycle between frames. ``error`` is valid from the cycle
+    after the delimiter and holds its report until taken; a report arriving
+    while one is pending is dropped (the first is kept).
+
+    Parameters
+    ----------
+    depth : int
+        Receive ring size in bytes, a power of two larger than ``max_body``.
+    max_body : int
+        Longest accepted decoded body, CRC included (:data:`rtl.protocol.MAX_BODY_LEN`).
+    frames : int
+        Depth of the frame length FIFO: how many committed frames may wait behind
+        the one the reader is presenting.
+
+    Attributes
+    ----------
+    sink : In(stream.Signature(8, always_ready=True))
+        Raw bytes from the line (e.g. :class:`rtl.uart.UARTRx`).
+    source : Out(stream.Signature(FrameByte))
+        Good frames: ``cmd``, ``seq``, payload; ``first`` on ``cmd``, ``last`` on the final byte.
+    error : Out(stream.Signature(LinkError))
+        One report per bad frame.
+    """
+
+    def __init__(self, *, depth=2048, max_body=protocol.MAX_BODY_LEN, frames=8):
+        if depth & (depth - 1) or depth <= max_body:
+            raise ValueError(f"depth must be a power of two larger than max_body={max_body}, "
+                             f"not {depth}")
+        if max_body < protocol.MIN_BODY_LEN:
+            raise ValueError(f"max_body must be at least {protocol.MIN_BODY_LEN}")
+        self._depth = depth
+        self._max_body = max_body
+        self._frames = frames
+        super().__init__({
+            "sink": In(stream.Signature(8, always_ready=True)),
+            "source": Out(stream.Signature(FrameByte)),
+            "error": Out(stream.Signature(LinkError)),
+        })
+
+    @property
+    def depth(self):
+        return self._depth
+
+    @property
+    def max_body(self):
+        return self._max_body
+
+    def elaborate(self, platform):
+        m = Module()
+        abits = ceil_log2(self._depth)
+
+        m.submodules.ring = ring = memory.Memory(shape=8, depth=self._depth, init=[])
+        wr_port = ring.write_port()
+        rd_port = ring.read_port()
+        m.submodules.lengths = lengths = fifo.SyncFIFO(
+            width=self._max_body.bit_length(), depth=self._frames)
+        m.submodules.crc = crc_check = CRC_PARAMETERS.create()
+
+        # Ring pointers carry one extra bit so that full and empty differ.
+        commit = Signal(abits + 1)    # end of committed frames = start of the incoming one
+        rd_ptr = Signal(abits + 1)    # next byte the reader fetches
+        n = Signal(range(self._max_body + 2))   # decoded bytes of the incoming frame, saturating
+
+        # --- COBS decoder -------------------------------------------------------------
+        cobs_left = Signal(8)         # data bytes still due in the current block
+        cobs_zero = Signal()          # the current block ends in an implied zero
+        in_frame = Signal()           # a code byte has been seen since the last delimiter
+        overrun = Signal()
+        seq = Signal(8)
+
+        byte = self.sink.payload
+        emit = Signal()
+        emit_data = Signal(8)
+        delimiter = self.sink.valid & (byte == protocol.DELIMITER)
+
+        with m.If(self.sink.valid):
+            with m.If(byte == protocol.DELIMITER):
+                m.d.sync += [cobs_left.eq(0), in_frame.eq(0)]
+            with m.Elif(cobs_left == 0):
+                # A code byte: it completes the previous block's implied zero.
+                m.d.comb += [emit.eq(in_frame & cobs_zero), emit_data.eq(0)]
+                m.d.sync += [
+                    cobs_left.eq(byte - 1),
+                    cobs_zero.eq(byte != 0xFF),
+                    in_frame.eq(1),
+                ]
+            with m.Else():
+                m.d.comb += [emit.eq(1), emit_data.eq(byte)]
+                m.d.sync += cobs_left.eq(cobs_left - 1)
+
+        # --- decoded bytes: CRC, ring, length ---------------------------------------
+        used = Signal(abits + 1)
+        m.d.comb += [
+            used.eq(commit + n - rd_ptr),
+            crc_check.data.eq(emit_data),
+            crc_check.valid.eq(emit),
+            wr_port.addr.eq(commit + n),
+            wr_port.data.eq(emit_data),
+            wr_port.en.eq(emit & (n < self._max_body) & (used < self._depth) & ~overrun),
+        ]
+        with m.If(emit):
+            with m.If(n <= self._max_body):
+                m.d.sync += n.eq(n + 1)
+            with m.If(n == 1):
+                m.d.sync += seq.eq(emit_data)
+            with m.If((n < self._max_body) & (used >= self._depth)):
+                m.d.sync += overrun.eq(1)
+
+        # --- verdict at the delimiter ------------------------------------------------
+        m.d.comb += crc_check.start.eq(delimiter)
+        bad_length = ((n < protocol.MIN_BODY_LEN) | (n > self._max_body) | (cobs_left != 0))
+        verdict = Signal(8)
+        with m.If(bad_length):
+            m.d.comb += verdict.eq(ErrorCode.BAD_LENGTH)
+        with m.Elif(~crc_check.match_detected):
+            m.d.comb += verdict.eq(ErrorCode.BAD_CRC)
+        with m.Elif(overrun | ~lengths.w_rdy):
+            m.d.comb += verdict.eq(ErrorCode.OVERRUN)
+
+        with m.If(self.error.ready):
+            m.d.sync += self.error.valid.eq(0)
+        with m.If(delimiter & in_frame):
+            with m.If(verdict == 0):
+                body_len = n - protocol.CRC_LEN
+                m.d.comb += [lengths.w_en.eq(1), lengths.w_data.eq(body_len)]
+                m.d.sync += commit.eq(commit + body_len)
+            with m.Elif(~self.error.valid | self.error.ready):
+                m.d.sync += [
+                    self.error.valid.eq(1),
+                    self.error.payload.code.eq(verdict),
+                    self.error.payload.seq.eq(Mux(n >= 2, seq, 0)),
+                ]
+        with m.If(delimiter):
+            m.d.sync += [n.eq(0), overrun.eq(0)]
+
+        # --- reader: committed frames → source ---------------------------------------
+        remaining = Signal(range(self._max_body + 1))
+        first = Signal()
+        out_first = Signal()
+        out_last = Signal()
+        advance = ~self.source.valid | self.source.ready
+
+        m.d.comb += [
+            rd_port.addr.eq(rd_ptr),
+            rd_port.en.eq(advance),
+            self.source.payload.data.eq(rd_port.data),
+            self.source.payload.first.eq(out_first),
+            self.source.payload.last.eq(out_last),
+        ]
+        with m.If(advance):
+            with m.If(remaining != 0):
+                m.d.sync += [
+                    self.source.valid.eq(1),
+                    out_first.eq(first),
+                    out_last.eq(remaining == 1),
+                    first.eq(0),
+                    rd_ptr.eq(rd_ptr + 1),
+                    remaining.eq(remaining - 1),
+                ]
+            with m.Else():
+                m.d.sync += self.source.valid.eq(0)
+        with m.If((remaining == 0) & lengths.r_rdy):
+            m.d.comb += lengths.r_en.eq(1)
+            m.d.sync += [remaining.eq(lengths.r_data), first.eq(1)]
+
+        return m
+
+
+class FrameEncoder(wiring.Component):
+    """Turn reply bodies into COBS frames with CRC and delimiter.
+
+    The body bytes arrive on ``sink`` (a frame ends at the byte marked ``last``;
+    ``first`` is accepted for symmetry with :class:`FrameDecoder`, so a decoder
+    can feed an encoder directly, and otherwise ignored). The encoder appends
+    the CRC-32 of the body, little-endian, COBS-encodes the result and ends it
+    with ``0x00``. The encoding is the canonical one of :mod:`rtl.protocol`,
+    byte for byte what :func:`host.framing.encode_frame` produces. The body
+    length is not checked: producers keep payloads within
+    :data:`rtl.protocol.MAX_PAYLOAD`.
+
+    Design: a data ring and a block queue
+    -------------------------------------
+    A COBS block's code byte (its length) precedes its data, so the encoder must
+    look up to 254 bytes ahead. The input side cuts the body (then the CRC) into
+    blocks as it arrives: a block ends at a zero byte, which is not stored, or
+    after 254 non-zero bytes. Data bytes go into a 512-byte ring (one iCE40
+    block RAM) and, when a block ends, its length goes into a small queue. The
+    output side takes a length from the queue and sends the code byte, then the
+    block's bytes from the ring, then ``0x00`` after a frame's last block. The
+    ring holds two full blocks, so the input side fills one while the output
+    side sends the other; the queue lets runs of short blocks (bodies with many
+    zeros) pass without stalling either side.
+
+    Throughput and latency: each side moves at most one byte per cycle. Within
+    a frame both run at one byte per cycle once the output has its first
+    block. A block only leaves when it is complete, so the output trails the
+    input by up to one block (254 bytes); when the bodies switch between
+    zero-free (long blocks) and zero-heavy (many short blocks) content, that
+    lag cannot always be held by the small block queue and one side idles for
+    part of a block: the worst mix measured (alternating 1024-byte frames)
+    still moves 0.91 bytes per cycle in and out. A UART needs ``10 · divisor``
+    (≥ 40) cycles per byte, so the line is always the bottleneck. The first
+    byte of a frame leaves after its first zero byte or its 254th byte,
+    whichever comes first.
+
+    Parameters
+    ----------
+    blocks : int
+        Depth of the block queue. Deeper queues (256 entries) would remove the
+        idling described above at the cost of a block RAM; 4 entries (40
+        flip-flops) keep short blocks flowing.
+
+    Attributes
+    ----------
+    sink : In(stream.Signature(FrameByte))
+        Frame bodies (``cmd``, ``seq``, payload), ``last`` on each frame's final byte.
+    source : Out(stream.Signature(8))
+        Encoded bytes for the line (e.g. :class:`rtl.uart.UARTTx`).
+    """
+
+    sink: In(stream.Signature(FrameByte))
+    source: Out(stream.Signature(8))
+
+    #: A completed block: ``length`` data bytes (0..254) in the ring; ``code``: send
+    #: ``length + 1`` before them (clear only for a frame's delimiter-only tail, see
+    #: below); ``final``: send the delimiter after them.
+    Block = data.StructLayout({"length": 8, "code": 1, "final": 1})
+
+    def __init__(self, *, blocks=4):
+        self._blocks = blocks
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        Block = self.Block
+
+        m.submodules.ring = ring = memory.Memory(shape=8, depth=512, init=[])
+        wr_port = ring.write_port()
+        rd_port = ring.read_port()
+        m.submodules.queue = queue = fifo.SyncFIFO(width=Block.size, depth=self._blocks)
+        m.submodules.crc = crc_gen = CRC_PARAMETERS.create()
+
+        wr_ptr = Signal(10)           # ring pointers, with a wrap bit
+        rd_ptr = Signal(10)
+        used = Signal(10)
+        m.d.comb += used.eq(wr_ptr - rd_ptr)
+
+        # --- input side: body, then CRC, cut into blocks ---------------------------------
+        count = Signal(8)             # bytes in the block being filled
+        after_run = Signal()          # the last block ended as a full 254-byte run
+        crc_index = Signal(2)
+        raw = Signal(8)               # body or CRC byte
+        raw_valid = Signal()
+        # One step may store a byte and/or close a block: require room for both.
+        can_fill = queue.w_rdy & (used < 512)
+
+        finish = Signal()
+        finish_block = Signal(Block)
+        m.d.comb += [queue.w_en.eq(finish), queue.w_data.eq(finish_block)]
+
+        with m.FSM():
+            with m.State("BODY"):
+                m.d.comb += [
+                    self.sink.ready.eq(can_fill),
+                    raw.eq(self.sink.payload.data),
+                    raw_valid.eq(self.sink.valid & can_fill),
+                    crc_gen.data.eq(self.sink.payload.data),
+                    crc_gen.valid.eq(self.sink.valid & can_fill),
+                ]
+                with m.If(self.sink.valid & can_fill & self.sink.payload.last):
+                    m.d.sync += crc_index.eq(0)
+                    m.next = "CRC"
+            with m.State("CRC"):
+                # The CRC register includes the last body byte from this cycle on.
+                m.d.comb += [
+                    raw.eq(crc_gen.crc.word_select(crc_index, 8)),
+                    raw_valid.eq(can_fill),
+                ]
+                with m.If(can_fill):
+                    m.d.sync += crc_index.eq(crc_index + 1)
+                    with m.If(crc_index == protocol.CRC_LEN - 1):
+                        m.next = "TAIL"
+            with m.State("TAIL"):
+                # Close the last block. COBS drops the implied zero after it; after a
+                # final full 254-byte run there is no block left to close, and only the
+                # delimiter remains to be sent (canonical form: no empty 0x01 block).
+                with m.If(can_fill):
+                    m.d.comb += [
+                        finish.eq(1),
+                        finish_block.length.eq(count),
+                        finish_block.code.eq(~((count == 0) & after_run)),
+                        finish_block.final.eq(1),
+                        crc_gen.start.eq(1),
+                    ]
+                    m.d.sync += [count.eq(0), after_run.eq(0)]
+                    m.next = "BODY"
+
+        m.d.comb += [wr_port.addr.eq(wr_ptr), wr_port.data.eq(raw)]
+        with m.If(raw_valid):
+            with m.If(raw == 0):
+                m.d.comb += [finish.eq(1), finish_block.length.eq(count),
+                             finish_block.code.eq(1)]
+                m.d.sync += [count.eq(0), after_run.eq(0)]
+            with m.Else():
+                m.d.comb += wr_port.en.eq(1)
+                m.d.sync += wr_ptr.eq(wr_ptr + 1)
+                with m.If(count == protocol.COBS_MAX_RUN - 1):
+                    m.d.comb += [finish.eq(1), finish_block.length.eq(protocol.COBS_MAX_RUN),
+                                 finish_block.code.eq(1)]
+                    m.d.sync += [count.eq(0), after_run.eq(1)]
+                with m.Else():
+                    m.d.sync += count.eq(count + 1)
+
+        # --- output side: code byte, data bytes, delimiter ----------------------------------
+        current = Block(queue.r_data)
+        index = Signal(8)
+        out_const = Signal(8)
+        out_from_ring = Signal()
+        advance = ~self.source.valid | self.source.ready
+
+        m.d.comb += [
+            rd_port.addr.eq(rd_ptr),
+            rd_port.en.eq(advance),
+            self.source.payload.eq(Mux(out_from_ring, rd_port.data, out_const)),
+        ]
+
+        with m.FSM():
+            with m.State("CODE"):
+                with m.If(advance):
+                    m.d.sync += [self.source.valid.eq(queue.r_rdy), out_from_ring.eq(0),
+                                 index.eq(0)]
+                    with m.If(queue.r_rdy):
+                        with m.If(~current.code):
+                            m.d.sync += out_const.eq(protocol.DELIMITER)
+                            m.d.comb += queue.r_en.eq(1)
+                        with m.Else():
+                            m.d.sync += out_const.eq(current.length + 1)
+                            with m.If(current.length != 0):
+                                m.next = "DATA"
+                            with m.Elif(current.final):
+                                m.next = "DELIMITER"
+                            with m.Else():
+                                m.d.comb += queue.r_en.eq(1)
+            with m.State("DATA"):
+                with m.If(advance):
+                    m.d.sync += [self.source.valid.eq(1), out_from_ring.eq(1),
+                                 rd_ptr.eq(rd_ptr + 1), index.eq(index + 1)]
+                    with m.If(index == current.length - 1):
+                        with m.If(current.final):
+                            m.next = "DELIMITER"
+                        with m.Else():
+                            m.d.comb += queue.r_en.eq(1)
+                            m.next = "CODE"
+            with m.State("DELIMITER"):
+                with m.If(advance):
+                    m.d.sync += [self.source.valid.eq(1), out_from_ring.eq(0),
+                                 out_const.eq(protocol.DELIMITER)]
+                    m.d.comb += queue.r_en.eq(1)
+                    m.next = "CODE"
+
+        return m
