@@ -81,6 +81,10 @@ __all__ = [
     "CRC_WIDTH", "CRC_POLY", "CRC_INIT", "CRC_REFLECT", "CRC_XOR_OUT", "CRC_CHECK", "CRC_RESIDUE",
     "crc32", "cobs_max_encoded_len", "wire_len",
     "ErrorCode", "FrameError",
+    "PROTOCOL_VERSION", "REPLY_BIT", "ERROR_REPLY", "Command", "ERROR_LAYOUT", "IDENT_FIELDS",
+    "IDENT_NAME_MAX", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL", "BANKS", "ESTIMATOR_CODES",
+    "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "MAX_CHUNKS", "IDEMPOTENT",
+    "chunk_words", "chunk_count", "chunk_bytes", "pack_fields", "unpack_fields",
 ]
 
 
@@ -149,14 +153,57 @@ def crc32(data: bytes) -> int:
 # ---------------------------------------------------------------------------
 # Command codes
 # ---------------------------------------------------------------------------
-# >>> COMMAND CODES: to be filled in by the command unit (issue 4). <<<
+# >>> COMMAND CODES (issue 4) <<<
 #
-# One u8 per command (IDENT, WRITE/READ params, LOAD, FORWARD, ECHO, READ/CLEAR
-# accumulators, READ state, STATUS, SELFTEST, RESET, ...). The reply convention
-# (same cmd, or cmd | 0x80, and the error reply's cmd) belongs here too.
-#
-# class Command(enum.IntEnum):
-#     ...
+# The command layer is documented in full in docs/protocol.md and in the
+# "Command layer" section at the end of this module. In short: the host sends
+# a request frame ``cmd, seq``; the device answers every good frame with
+# replies of ``cmd | REPLY_BIT`` and the same ``seq``, or with one ERROR frame
+# (``cmd = ERROR_REPLY``). Bad frames are answered with ERROR frames too.
+
+#: Version of the command layer below; IDENT reports it. Bump on any change.
+PROTOCOL_VERSION = 1
+
+#: A reply's cmd is the request's cmd with this bit set.
+REPLY_BIT = 0x80
+
+#: cmd of an error reply; payload :data:`ERROR_LAYOUT`.
+ERROR_REPLY = 0xFF
+
+
+class Command(enum.IntEnum):
+    """Request command codes (u8). Replies use ``cmd | REPLY_BIT``."""
+
+    #: → IDENT_FIELDS reply (protocol version, configuration, clock, baud, name).
+    IDENT = 0x01
+    #: → STATUS_LAYOUT reply (flags, transfer progress, loaded T).
+    STATUS = 0x02
+    #: Clear the sticky overflow flags. → empty reply.
+    CLEAR_FLAGS = 0x03
+    #: Abort any transfer; parameters, accumulators, banks, sequence, flags → zero/none.
+    RESET = 0x04
+    #: mask:u8 → empty reply, then DATA chunks of the masked parameters (operand words).
+    WRITE_PARAMS = 0x10
+    #: mask:u8 → data replies of the masked parameters (operand words).
+    READ_PARAMS = 0x11
+    #: T:u32 → empty reply, then DATA chunks of T·K input words (operand words).
+    LOAD = 0x12
+    #: estimator:u8 (0 centred, 1 one-sided) → data replies of T·O outputs (state words).
+    FORWARD = 0x13
+    #: rows:u32 (T or 1) → empty reply, then DATA chunks of rows·O nudges (state words).
+    ECHO = 0x14
+    #: → data replies of the accumulators W, B, b, alpha (acc words).
+    READ_ACC = 0x15
+    #: Zero the accumulators and clear acc_overflow. → empty reply.
+    CLEAR_ACC = 0x16
+    #: bank:u8 (0 fwd, 1 pos = +ε, 2 neg = −ε) → data replies of Q then Wv (state words).
+    READ_STATE = 0x17
+    #: steps:u32, seed:u32 → result:u8 (1 pass, 0 fail).
+    SELFTEST = 0x18
+    #: index:u16 ‖ packed words: one chunk of a host → device transfer. → ack next:u16.
+    DATA = 0x20
+
+
 # >>> end of command codes <<<
 
 
@@ -181,10 +228,23 @@ class ErrorCode(enum.IntEnum):
     #: (the host sent faster than the command unit consumed).
     OVERRUN = 0x03
 
-    # >>> COMMAND-UNIT ERROR CODES (0x10 and up): to be filled in (issue 4) <<<
-    # UNKNOWN_COMMAND = 0x10
-    # WRONG_STATE     = 0x11
-    # OUT_OF_RANGE    = 0x12
+    # >>> COMMAND-UNIT ERROR CODES (0x10 and up, issue 4) <<<
+    #: The cmd byte is not a :class:`Command` (replies' codes included).
+    UNKNOWN_COMMAND = 0x10
+    #: Not allowed in the current state (GoldenCore's StateError: FORWARD with
+    #: no sequence loaded, ECHO without a FORWARD since the last LOAD/ECHO/
+    #: SELFTEST, DATA with no transfer open).
+    WRONG_STATE = 0x11
+    #: A request payload of the wrong length for its command (or a DATA chunk of
+    #: the wrong length for the configuration), or a field outside its range:
+    #: T outside 1..t_max, steps = 0, rows not in {1, T}, estimator > 1,
+    #: bank > 2, mask = 0 or > 15, a transfer of more than 65 535 chunks.
+    OUT_OF_RANGE = 0x12
+    #: A command other than DATA, STATUS, IDENT or RESET while a transfer is open.
+    BUSY = 0x13
+    #: A DATA chunk whose index is ahead of the next expected one (an earlier
+    #: chunk was lost); the error's ``arg`` is the index the device expects.
+    SEQUENCE = 0x14
     # >>> end of command-unit error codes <<<
 
 
@@ -203,3 +263,216 @@ class FrameError(Exception):
         self.code = ErrorCode(code)
         self.reason = reason
         super().__init__(f"{self.code.name}: {reason}")
+
+
+# ---------------------------------------------------------------------------
+# Command layer (issue 4). Full prose with an example exchange: docs/protocol.md
+# ---------------------------------------------------------------------------
+
+COMMAND_LAYER_DOC = """
+Command layer
+-------------
+Every multi-byte integer is little-endian and unsigned unless a table says
+otherwise. Request → reply:
+
+==============  ====  ==========================  ==========================================
+command         cmd   request payload             reply (cmd | 0x80, same seq)
+==============  ====  ==========================  ==========================================
+IDENT           0x01  —                           IDENT_FIELDS ‖ name (ASCII, ≤ 32 bytes)
+STATUS          0x02  —                           STATUS_LAYOUT (8 bytes)
+CLEAR_FLAGS     0x03  —                           —
+RESET           0x04  —                           —
+WRITE_PARAMS    0x10  mask:u8                     — (transfer open), DATA chunks follow
+READ_PARAMS     0x11  mask:u8                     data replies (operand words)
+LOAD            0x12  T:u32                       — (transfer open), DATA chunks follow
+FORWARD         0x13  estimator:u8                data replies (T·O state words)
+ECHO            0x14  rows:u32                    — (transfer open), DATA chunks follow
+READ_ACC        0x15  —                           data replies (acc words)
+CLEAR_ACC       0x16  —                           —
+READ_STATE      0x17  bank:u8                     data replies (2·N state words: Q, Wv)
+SELFTEST        0x18  steps:u32 ‖ seed:u32        result:u8 (1 = pass)
+DATA            0x20  index:u16 ‖ packed words    next:u16 (ack)
+(error)         0xFF  —                           ERROR_LAYOUT: code:u8 cmd:u8 arg:u16
+==============  ====  ==========================  ==========================================
+
+Words on the wire: bit-packed
+    A block of words of one width ``w`` (operand_width for parameters and
+    inputs, state_width for outputs, nudges and state, acc_width for
+    accumulators) is packed LSB first into a bit stream: word ``i`` occupies
+    stream bits ``i·w .. i·w + w − 1``, stream bit ``j`` is bit ``j mod 8`` of
+    byte ``j div 8``; the last byte is padded with zero bits (ignored by the
+    receiver). Words are two's complement; the receiver sign-extends bit
+    ``w − 1``. A value outside the format therefore cannot be sent at all.
+    Why: byte-aligned words would cost 36/40 = 90 % for 36-bit state words
+    before framing (89 % after) and 18/24 = 75 % for ECP5's 18-bit operands;
+    bit-packing keeps every stream at ≈ 98.6 % for every width. The hardware
+    cost is one shift register of ``w + 7`` bits per direction (shift in a byte,
+    take ``w`` bits out while ≥ w are held), the same for every width.
+    Reference implementation (host and model): :mod:`host.wire`.
+
+Chunks
+    A block longer than one frame is cut into chunks of :func:`chunk_words`
+    words (a multiple of 8 words, so every chunk but the last is a whole number
+    of bytes, at most :data:`CHUNK_DATA_MAX` bytes); each chunk travels in its own
+    frame as ``index:u16 ‖ packed words`` and the bit packing restarts at every
+    chunk. Chunk ``i`` holds words ``i·c .. min((i+1)·c, total) − 1``.
+    Device → host blocks (READ_*, FORWARD) are *data replies*: frames with the
+    request's cmd | 0x80 and seq, indices 0, 1, … in order; the host knows the
+    total from the configuration (and T). Host → device blocks (WRITE_PARAMS,
+    LOAD, ECHO) are *transfers*: the command frame opens the transfer (empty
+    reply = accepted), then DATA frames carry the chunks.
+
+Flow control of transfers (go-back-N, window 2)
+    The device acks a DATA chunk (reply DATA | 0x80, payload ``next:u16``, the
+    index it expects next) once it has consumed the chunk's bytes from its
+    receive ring; the ack of the last chunk is sent when the whole operation
+    has finished (the last echo step accumulated, the sequence stored). The
+    host keeps at most :data:`WINDOW` = 2 chunks un-acked. Since an acked chunk
+    has left the ring, the ring holds at most one unread chunk (≤ 2 + 1018
+    bytes) plus the one arriving (≤ 1024 bytes with CRC): 2044 ≤ 2048, so a
+    2 KiB ring never overruns however slow the core, and the core never
+    starves while the UART is the bottleneck (the next chunk is already in the
+    ring when the current one is finished).
+    A chunk with ``index < next`` is a retransmission: acked again, not applied.
+    ``index > next``: ERROR SEQUENCE with ``arg = next`` (no state change).
+    The host goes back to the first un-acked chunk after an error reply or a
+    timeout; if it gets no ack at all it asks STATUS (``xfer_cmd``,
+    ``xfer_done``) to learn what the device has applied. While a transfer is
+    open only DATA, STATUS, IDENT and RESET are accepted (others: BUSY); RESET
+    is the only way to abort one (it resets everything, so an aborted transfer
+    leaves no half-written state behind).
+
+Errors
+    Any frame the device cannot act on gets exactly one ERROR reply (cmd 0xFF)
+    with the offending frame's seq (for link errors: the second decoded byte,
+    0 if none — best effort, the frame is corrupt), ``code`` an
+    :class:`ErrorCode`, ``cmd`` the offending cmd (0 for link errors) and
+    ``arg`` (SEQUENCE: the expected index; otherwise 0). A rejected frame
+    changes nothing. Checks in order: UNKNOWN_COMMAND; BUSY; request payload
+    length (OUT_OF_RANGE); WRONG_STATE; field ranges (OUT_OF_RANGE).
+
+Retries (seq)
+    The host uses a new seq (+1 mod 256) for each new request and the *same*
+    seq when it retransmits one. Idempotent commands (:data:`IDEMPOTENT`) may
+    simply be repeated. A request whose cmd and seq equal those of the
+    previous good frame, which was executed without error, is a
+    *retransmission*: FORWARD re-runs the pass and streams the same outputs
+    again but does not accumulate (a one-sided FORWARD's −G(0) is applied
+    once); a transfer-opening command whose transfer is open with no chunk
+    applied yet is acked again without reopening. Everything else executes
+    normally (its effect does not depend on repetition).
+"""
+
+#: ERROR reply payload: (field, bytes), little-endian.
+ERROR_LAYOUT = (("code", 1), ("cmd", 1), ("arg", 2))
+
+#: IDENT reply payload: (field, bytes), little-endian unsigned; followed by the
+#: board name in ASCII (0..IDENT_NAME_MAX bytes, the rest of the payload). The
+#: HelConfig fields appear under their HelConfig names (rtl.formats), so a
+#: gateware ROM is ``pack_fields(IDENT_FIELDS, {protocol_version, **cfg.to_dict(),
+#: clock_hz, baud}) + name``.
+IDENT_FIELDS = (
+    ("protocol_version", 1),
+    ("n", 2), ("m", 2), ("k", 2), ("o", 2),
+    ("t_max", 4),
+    ("state_width", 1), ("state_frac", 1),
+    ("operand_width", 1), ("operand_frac", 1),
+    ("act_frac", 1), ("param_frac", 1),
+    ("dt_log2", 1),
+    ("tanh_range_log2", 1), ("tanh_segments_log2", 1), ("z_frac", 1),
+    ("acc_width", 1),
+    ("lanes", 2),
+    ("clock_hz", 4),
+    ("baud", 4),
+)
+IDENT_NAME_MAX = 32
+
+#: STATUS reply payload.
+STATUS_LAYOUT = (("flags", 1), ("xfer_cmd", 1), ("xfer_done", 2), ("t_loaded", 4))
+
+
+class StatusFlag(enum.IntFlag):
+    """Bits of STATUS ``flags``."""
+
+    STATE_OVERFLOW = 0x01   # sticky: the state wrapped
+    ACC_OVERFLOW = 0x02     # sticky: an accumulator wrapped
+    LOADED = 0x04           # a sequence is loaded (t_loaded ≥ 1)
+    FORWARDED = 0x08        # an ECHO may follow (FORWARD since the last LOAD/ECHO/SELFTEST)
+    ONE_SIDED = 0x10        # ... and that FORWARD was one-sided
+    XFER_OPEN = 0x20        # a transfer is open: xfer_cmd, xfer_done are its progress
+    # Otherwise xfer_cmd/xfer_done describe the last completed transfer (0, 0 after RESET).
+    # During an open ECHO transfer the overflow bits may lag (the golden model
+    # updates them when the echo completes).
+
+
+#: Bits of WRITE_PARAMS/READ_PARAMS ``mask``: bit i = rtl.formats.PARAM_NAMES[i]
+#: (W, B, b, alpha); the selected arrays travel in that order, each row-major.
+PARAM_MASK_ALL = 0x0F
+
+#: READ_STATE ``bank`` codes.
+BANKS = ("fwd", "pos", "neg")
+
+#: FORWARD ``estimator`` codes.
+ESTIMATOR_CODES = ("centred", "one-sided")
+
+#: Bytes before the packed words of a chunk (``index:u16``).
+CHUNK_HEADER_LEN = 2
+
+#: Most packed bytes in one chunk (see the flow-control note: 2 + 2 + 1016 + CRC
+#: fits twice in the 2 KiB receive ring).
+CHUNK_DATA_MAX = 1016
+
+#: Un-acked DATA chunks the host may have in flight.
+WINDOW = 2
+
+#: Chunk indices are u16.
+MAX_CHUNKS = 0xFFFF
+
+#: Commands a host may repeat freely after a timeout or a bad reply.
+IDEMPOTENT = frozenset({Command.IDENT, Command.STATUS, Command.READ_PARAMS, Command.READ_ACC,
+                        Command.READ_STATE, Command.CLEAR_FLAGS, Command.CLEAR_ACC,
+                        Command.SELFTEST, Command.RESET})
+
+
+def chunk_words(width: int) -> int:
+    """Words of ``width`` bits per full chunk: the largest multiple of 8 in CHUNK_DATA_MAX."""
+    if not 1 <= width <= 64:
+        raise ValueError(f"word width must be in 1..64, got {width}")
+    return 8 * (CHUNK_DATA_MAX // width)
+
+
+def chunk_count(total_words: int, width: int) -> int:
+    """Chunks needed for ``total_words`` words (at least one, even for zero words)."""
+    return max(1, -(-total_words // chunk_words(width)))
+
+
+def chunk_bytes(total_words: int, width: int, index: int) -> int:
+    """Packed bytes of chunk ``index`` (its payload is 2 bytes longer)."""
+    c = chunk_words(width)
+    n = min(c, total_words - index * c)
+    if n < 0:
+        raise ValueError(f"chunk {index} is beyond {total_words} words")
+    return -(-n * width // 8)
+
+
+def pack_fields(layout, values) -> bytes:
+    """Pack ``values[name]`` for each ``(name, nbytes)`` of ``layout``, little-endian."""
+    out = bytearray()
+    for name, size in layout:
+        v = int(values[name])
+        if not 0 <= v < 1 << (8 * size):
+            raise ValueError(f"{name} = {v} does not fit {size} bytes")
+        out += v.to_bytes(size, "little")
+    return bytes(out)
+
+
+def unpack_fields(layout, payload: bytes) -> tuple[dict[str, int], bytes]:
+    """Inverse of :func:`pack_fields`; returns the fields and the remaining bytes."""
+    need = sum(size for _, size in layout)
+    if len(payload) < need:
+        raise ValueError(f"payload of {len(payload)} bytes, layout needs {need}")
+    out, pos = {}, 0
+    for name, size in layout:
+        out[name] = int.from_bytes(payload[pos:pos + size], "little")
+        pos += size
+    return out, bytes(payload[pos:])
