@@ -1,0 +1,389 @@
+"""The command protocol: host (host.link) ↔ reference device model (sim.protocol_model).
+
+Every result that crosses the link is compared bit for bit with a GoldenDevice
+doing the same operations in-process. Faults are injected as raw frames (the
+device's error replies are checked exactly) and inside the port (the host must
+recover through retries and go-back-N).
+"""
+
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+
+from host.device import DeviceError, GoldenDevice
+from host.framing import Frame, FrameReader, encode_frame
+from host.link import RemoteError, RemoteRangeError, RemoteStateError, SerialDevice, \
+    open_serial_device
+from host.wire import pack_words, split_chunks, unpack_words
+from rtl import protocol as P
+from rtl.formats import PARAM_NAMES, FormatError, HelConfig
+from rtl.protocol import Command, ErrorCode
+from sim.golden import StateError
+from sim.protocol_model import ModelPort, ProtocolModel, PtyServer
+
+CFG = HelConfig(n=8, m=8, k=2, o=2, t_max=600)
+
+
+def make_sample(cfg, t, seed=0):
+    rng = np.random.default_rng(seed)
+    params = cfg.quantize_params({k: rng.normal(0, 0.3, s) for k, s in cfg.param_shapes().items()})
+    u = cfg.quantize_inputs(rng.uniform(-0.5, 0.5, (t, cfg.k)))
+    grad = np.zeros((t, cfg.o))
+    grad[::7] = rng.normal(0, 1, grad[::7].shape)
+    return params, u, grad
+
+
+def training_step(dev, params, u, grad, eps=0.01, estimator="centred"):
+    cfg = dev.config
+    dev.clear_accumulators()
+    dev.write_params(params)
+    dev.load(u)
+    y = dev.forward(estimator)
+    dev.echo(cfg.nudges(grad, eps))
+    return y, dev.read_accumulators(), dev.read_state("pos"), dev.status()
+
+
+def assert_same(a, b):
+    y1, acc1, st1, s1 = a
+    y2, acc2, st2, s2 = b
+    assert np.array_equal(y1, y2)
+    for k in PARAM_NAMES:
+        assert np.array_equal(acc1[k], acc2[k]), k
+    assert np.array_equal(st1[0], st2[0]) and np.array_equal(st1[1], st2[1])
+    assert s1 == s2
+
+
+@pytest.fixture
+def model():
+    return ProtocolModel(CFG, clock_hz=12_000_000, baud=115200, name="test board")
+
+
+@pytest.fixture
+def dev(model):
+    return SerialDevice(ModelPort(model), timeout=0.2, expect=CFG)
+
+
+class Raw:
+    """Send raw bytes to the model, get decoded reply frames."""
+
+    def __init__(self, model):
+        self.model = model
+        self.reader = FrameReader()
+
+    def __call__(self, data: bytes):
+        out = self.reader.feed(self.model.feed(data))
+        assert all(isinstance(f, Frame) for f in out), out
+        return out
+
+    def cmd(self, cmd, seq=1, payload=b""):
+        return self(encode_frame(int(cmd), seq, payload))
+
+
+def error_of(frame):
+    assert frame.cmd == P.ERROR_REPLY, frame
+    f, rest = P.unpack_fields(P.ERROR_LAYOUT, frame.payload)
+    assert rest == b""
+    return f["code"], f["cmd"], f["arg"]
+
+
+# ---- wire format -------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [1, 4, 16, 18, 36, 48, 56, 63, 64])
+def test_pack_roundtrip(width):
+    rng = np.random.default_rng(width)
+    lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
+    v = np.concatenate([[lo, hi, 0, -1], rng.integers(lo, hi, 997, endpoint=True)])
+    assert np.array_equal(unpack_words(pack_words(v, width), width, v.size), v)
+    chunks = split_chunks(v, width)
+    assert all(len(c) <= P.CHUNK_DATA_MAX for c in chunks)
+    assert all(len(c) == P.chunk_words(width) * width // 8 for c in chunks[:-1])
+
+
+def test_pack_layout_and_range():
+    assert pack_words([1, -2, 3], 4) == bytes([0xE1, 0x03])
+    assert pack_words([-1], 36) == bytes([0xFF] * 4 + [0x0F])
+    with pytest.raises(ValueError):
+        pack_words([8], 4)
+
+
+def test_payload_efficiency():
+    """Long streams: packed words ÷ wire bytes ≥ 90 % for every width (target of issue 4)."""
+    for width in (16, 18, 36, 56):
+        data = P.chunk_words(width) * width // 8
+        wire = P.wire_len(P.CHUNK_HEADER_LEN + data)
+        assert data / wire > 0.98, width
+
+
+def test_ident_table_covers_config():
+    names = [n for n, _ in P.IDENT_FIELDS]
+    assert set(CFG.to_dict()) <= set(names)
+    assert len(names) == len(set(names))
+
+
+def test_flow_control_fits_two_kib_ring():
+    # one unread DATA chunk (cmd, seq, index, data) + one arriving with its CRC
+    body = P.HEADER_LEN + P.CHUNK_HEADER_LEN + P.CHUNK_DATA_MAX
+    assert body + body + P.CRC_LEN <= 2048
+
+
+# ---- host ↔ model ----------------------------------------------------------------------
+
+def test_ident(dev):
+    ident = dev.ident()
+    assert ident.protocol_version == P.PROTOCOL_VERSION
+    assert ident.config == CFG
+    assert (ident.clock_hz, ident.baud, ident.name) == (12_000_000, 115200, "test board")
+
+
+def test_config_mismatch(model):
+    with pytest.raises(DeviceError, match=r"n: device 8, expected 16.*t_max: device 600"):
+        SerialDevice(ModelPort(model), expect=CFG.replace(n=16, t_max=256))
+
+
+def test_params_roundtrip(dev):
+    params, _, _ = make_sample(CFG, 1)
+    dev.write_params(params)
+    back = dev.read_params()
+    for k in PARAM_NAMES:
+        assert np.array_equal(back[k], params[k])
+    dev.write_params({"b": params["b"] * 0 + 5})
+    assert np.array_equal(dev.read_params()["b"], np.full(CFG.m, 5))
+    assert np.array_equal(dev.read_params()["W"], params["W"])
+
+
+@pytest.mark.parametrize("estimator", ["centred", "one-sided"])
+def test_training_step_golden_exact(dev, estimator):
+    sample = make_sample(CFG, 500, seed=3)
+    got = training_step(dev, *sample, estimator=estimator)
+    want = training_step(GoldenDevice(CFG), *sample, estimator=estimator)
+    assert_same(got, want)
+    assert dev.stats["retries"] == dev.stats["go_backs"] == 0
+
+
+def test_selftest_and_kick(dev):
+    g = GoldenDevice(CFG)
+    params, u, _ = make_sample(CFG, 50, seed=4)
+    for d in (dev, g):
+        d.write_params(params)
+    assert dev.selftest(300, seed=9) == g.selftest(300, seed=9) is True
+    for d in (dev, g):
+        d.load(u)
+        d.forward()
+        d.echo(np.full((1, CFG.o), 1 << 20))      # a single kick (HEB)
+    assert np.array_equal(dev.read_state("neg")[0], g.read_state("neg")[0])
+
+
+def test_device_errors_are_raised(dev):
+    with pytest.raises(RemoteStateError) as e:
+        dev.forward()                      # nothing loaded
+    assert isinstance(e.value, StateError) and e.value.code == ErrorCode.WRONG_STATE
+    _, u, _ = make_sample(CFG, 10)
+    dev.load(u)
+    with pytest.raises(StateError):
+        dev.echo(np.zeros((10, CFG.o), dtype=np.int64))   # no FORWARD yet
+    dev.forward()
+    with pytest.raises(RemoteRangeError) as e:
+        dev.echo(np.zeros((3, CFG.o), dtype=np.int64))    # rows not in {1, T}
+    assert isinstance(e.value, FormatError)
+    with pytest.raises(FormatError):
+        dev.load(np.zeros((CFG.t_max + 1, CFG.k), dtype=np.int64))
+    with pytest.raises(FormatError):
+        dev.selftest(0)
+    # nothing changed: the FORWARD still allows its ECHO
+    dev.echo(np.zeros((10, CFG.o), dtype=np.int64))
+
+
+# ---- raw faults: each gets its error reply, nothing changes ---------------------------------
+
+def test_raw_error_replies(model):
+    raw = Raw(model)
+    good = encode_frame(Command.STATUS, 5)
+    flipped = bytearray(good)
+    flipped[4] ^= 0x10
+    assert [error_of(f) for f in raw(bytes(flipped))] == [(ErrorCode.BAD_CRC, 0, 0)]
+    assert [error_of(f) for f in raw(good[:4] + b"\x00")] == [(ErrorCode.BAD_LENGTH, 0, 0)]
+    oversized = encode_frame(Command.DATA, 6, bytes(range(1, 256)) * 4)[:-1]
+    oversized = oversized[:-1] + bytes(range(1, 40)) + b"\x00"
+    assert [error_of(f)[0] for f in raw(oversized)] == [ErrorCode.BAD_LENGTH]
+    assert raw(b"\x00\x00\x00") == []                  # empty frames are ignored
+    (f,) = raw(b"\x13\x37\xaa\x00")                      # garbage
+    assert error_of(f)[0] == ErrorCode.BAD_LENGTH
+    (f,) = raw.cmd(0x42, 9)
+    assert (f.seq, error_of(f)) == (9, (ErrorCode.UNKNOWN_COMMAND, 0x42, 0))
+    (f,) = raw.cmd(Command.STATUS | P.REPLY_BIT, 9)
+    assert error_of(f)[0] == ErrorCode.UNKNOWN_COMMAND
+    (f,) = raw.cmd(Command.ECHO, 10, (1).to_bytes(4, "little"))
+    assert error_of(f) == (ErrorCode.WRONG_STATE, Command.ECHO, 0)
+    (f,) = raw.cmd(Command.FORWARD, 11, b"\x00")
+    assert error_of(f) == (ErrorCode.WRONG_STATE, Command.FORWARD, 0)
+    (f,) = raw.cmd(Command.DATA, 12, b"\x00\x00")
+    assert error_of(f) == (ErrorCode.WRONG_STATE, Command.DATA, 0)
+    for cmd, payload in [(Command.LOAD, (0).to_bytes(4, "little")),
+                         (Command.LOAD, (CFG.t_max + 1).to_bytes(4, "little")),
+                         (Command.LOAD, b"\x01"),
+                         (Command.SELFTEST, bytes(8)),
+                         (Command.READ_STATE, b"\x03"),
+                         (Command.WRITE_PARAMS, b"\x10"),
+                         (Command.READ_PARAMS, b"\x00"),
+                         (Command.IDENT, b"\x00")]:
+        (f,) = raw.cmd(cmd, 13, payload)
+        assert error_of(f) == (ErrorCode.OUT_OF_RANGE, cmd, 0), (cmd, payload)
+    status = raw.cmd(Command.STATUS, 14)[0]
+    assert status.payload == bytes(8)                    # still the power-on state
+
+
+def test_raw_transfer_rules(model):
+    raw = Raw(model)
+    (f,) = raw.cmd(Command.LOAD, 1, (10).to_bytes(4, "little"))
+    assert f.cmd == Command.LOAD | P.REPLY_BIT and f.payload == b""
+    (f,) = raw.cmd(Command.LOAD, 1, (10).to_bytes(4, "little"))      # retransmitted opening
+    assert f.cmd == Command.LOAD | P.REPLY_BIT
+    (f,) = raw.cmd(Command.FORWARD, 2, b"\x00")
+    assert error_of(f) == (ErrorCode.BUSY, Command.FORWARD, 0)
+    (f,) = raw.cmd(Command.DATA, 3, b"\x01\x00" + bytes(40))
+    assert error_of(f) == (ErrorCode.SEQUENCE, Command.DATA, 0)
+    (f,) = raw.cmd(Command.DATA, 4, b"\x00\x00" + bytes(39))       # 10·2 words · 16 bit = 40 B
+    assert error_of(f) == (ErrorCode.OUT_OF_RANGE, Command.DATA, 0)
+    st = raw.cmd(Command.STATUS, 5)[0]
+    fields, _ = P.unpack_fields(P.STATUS_LAYOUT, st.payload)
+    assert fields == {"flags": P.StatusFlag.XFER_OPEN, "xfer_cmd": Command.LOAD,
+                      "xfer_done": 0, "t_loaded": 0}
+    u = np.arange(20, dtype=np.int64) - 10
+    (f,) = raw.cmd(Command.DATA, 6, b"\x00\x00" + pack_words(u, 16))
+    assert (f.cmd, f.payload) == (Command.DATA | P.REPLY_BIT, b"\x01\x00")
+    (f,) = raw.cmd(Command.DATA, 7, b"\x00\x00" + pack_words(u, 16))
+    assert error_of(f)[0] == ErrorCode.WRONG_STATE       # transfer closed
+    assert np.array_equal(model.core.inputs.ravel(), u)
+    # a retransmitted one-sided FORWARD does not accumulate twice
+    frames = raw.cmd(Command.FORWARD, 8, b"\x01")
+    acc = model.core.read_accumulators()
+    again = raw.cmd(Command.FORWARD, 8, b"\x01")
+    assert again == frames
+    for k in PARAM_NAMES:
+        assert np.array_equal(model.core.acc[k], acc[k])
+    raw.cmd(Command.FORWARD, 9, b"\x01")                # a new seq is a new FORWARD
+
+
+# ---- faults inside the port: the host recovers ------------------------------------------------
+
+class Corruptor:
+    """Corrupt every ``every``-th frame passing one way (flip one bit, or cut it)."""
+
+    def __init__(self, seed, every=5):
+        self.rng = random.Random(seed)
+        self.every = every
+        self.count = 0
+
+    def __call__(self, data: bytes) -> bytes:
+        out = bytearray()
+        for part in data.split(b"\x00")[:-1] if data.endswith(b"\x00") else [data]:
+            self.count += 1
+            frame = bytearray(part)
+            if self.count % self.every == 0 and frame:
+                if self.rng.random() < 0.5:
+                    i = self.rng.randrange(len(frame))
+                    frame[i] ^= 1 << self.rng.randrange(8)
+                    if frame[i] == 0:
+                        frame[i] = 0x55
+                else:
+                    del frame[self.rng.randrange(len(frame)):]
+            out += frame + b"\x00"
+        return bytes(out)
+
+
+@pytest.mark.parametrize("direction", ["tx", "rx", "both"])
+def test_host_recovers_from_corruption(direction):
+    model = ProtocolModel(CFG)
+    port = ModelPort(model, timeout=0.001)
+    dev = SerialDevice(port, timeout=0.05, retries=8, expect=CFG)
+    if direction in ("tx", "both"):
+        port.tx_filter = Corruptor(1, every=4)
+    if direction in ("rx", "both"):
+        port.rx_filter = Corruptor(2, every=5)
+    for estimator in ("centred", "one-sided"):
+        sample = make_sample(CFG, 600, seed=5)
+        assert_same(training_step(dev, *sample, estimator=estimator),
+                    training_step(GoldenDevice(CFG), *sample, estimator=estimator))
+    assert dev.stats["retries"] + dev.stats["go_backs"] > 0
+
+
+def test_silent_device_times_out():
+    class Dead:
+        timeout = 0.01
+
+        def write(self, data):
+            return len(data)
+
+        def read(self, n=1):
+            time.sleep(0.001)
+            return b""
+
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="IDENT: no valid reply after 2 attempts"):
+        SerialDevice(Dead(), timeout=0.05, retries=1)
+    assert time.monotonic() - t0 < 2
+
+
+def test_fuzz_corrupted_frames(model):
+    """≥ 1000 corrupted frames; every one answered, no state change, then golden-exact."""
+    rng = random.Random(1234)
+    raw = Raw(model)
+    dev = SerialDevice(ModelPort(model), timeout=0.2, expect=CFG)
+    sample = make_sample(CFG, 40, seed=6)
+    want = training_step(GoldenDevice(CFG), *sample)
+    before = model.status_fields(), model.core.read_params()
+    commands = [c for c in Command if c not in (Command.RESET, Command.CLEAR_ACC,
+                                                 Command.CLEAR_FLAGS)]
+    corrupted = 0
+    t0 = time.monotonic()
+    while corrupted < 1500:
+        cmd = rng.choice(commands)
+        payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 4, 8, 50, 300])))
+        frame = bytearray(encode_frame(cmd, rng.randrange(256), payload)[:-1])
+        kind = rng.randrange(4)
+        if kind == 0:                                    # flip 1..3 bits
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(frame))
+                frame[i] ^= 1 << rng.randrange(8)
+        elif kind == 1:                                  # truncate
+            del frame[rng.randrange(len(frame)):]
+        elif kind == 2:                                  # garbage
+            frame = bytearray(rng.randrange(256) for _ in range(rng.randrange(1, 2000)))
+        else:                                            # burst
+            i = rng.randrange(len(frame))
+            for j in range(i, min(len(frame), i + rng.randint(1, 4))):
+                frame[j] = rng.randrange(256)
+        parts = [p for p in bytes(frame).split(b"\x00")]
+        replies = raw(bytes(frame) + b"\x00")
+        assert len(replies) == sum(1 for p in parts if p)
+        assert all(r.cmd == P.ERROR_REPLY for r in replies)
+        corrupted += 1
+    assert time.monotonic() - t0 < 20
+    assert model.status_fields() == before[0]
+    assert all(np.array_equal(model.core.read_params()[k], before[1][k]) for k in PARAM_NAMES)
+    assert_same(training_step(dev, *sample), want)
+
+
+def test_pty_end_to_end(model):
+    pytest.importorskip("serial")
+    with PtyServer(model) as server:
+        dev = open_serial_device(server.path, expect=CFG)
+        try:
+            sample = make_sample(CFG, 300, seed=7)
+            assert_same(training_step(dev, *sample), training_step(GoldenDevice(CFG), *sample))
+        finally:
+            dev.close()
+
+
+def test_open_device_specs():
+    import importlib.util
+    if importlib.util.find_spec("sim.board") is None:
+        with pytest.raises(DeviceError, match="simulated board is not available yet"):
+            open_serial_device("sim-board")
+    with pytest.raises(DeviceError, match="cannot open device"):
+        open_serial_device("/nonexistent/ttyHEL")
+    with open_serial_device("model", expect=CFG) as dev:
+        assert dev.ident().config == CFG
