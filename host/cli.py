@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"),
     "glep": ("glep", "GLEP variants (boundary conditions) vs their exact gradients: HEL as the special case"),
+    "train": ("train", "train an oscillator network with HEL on a device (or float BPTT/RHEL baselines)"),
 }
 
 

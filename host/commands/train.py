@@ -1,0 +1,95 @@
+"""``hel train``: train an oscillator network with HEL through a device (or a float baseline).
+
+See :mod:`host.train` for the tasks, engines, checkpoints and plots, and
+docs/train.md for usage and measured results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from host.errors import UsageError
+
+HELP = "train an oscillator network with HEL on a device (or float BPTT/RHEL baselines)"
+
+
+def add_arguments(p):
+    p.add_argument("--task", metavar="NAME|PATH.npz",
+                   help="oscillators (default), sine, digits, or a .npz file (u, y[, mask] | labels[, split])")
+    p.add_argument("--device", metavar="DEV",
+                   help="where HEL runs: sim (golden model in-process), sim-board (default), a serial "
+                        "path or a pyserial URL")
+    p.add_argument("--algorithm", choices=("hel", "bptt", "rhel-float"),
+                   help="hel: integer HEL on the device (default); bptt: exact float BPTT on the CPU; "
+                        "rhel-float: float RHEL on the CPU")
+    p.add_argument("--epochs", type=int, metavar="E", help="epochs (default: the task's)")
+    p.add_argument("--batch", type=int, metavar="B", help="samples per optimiser step (default: the task's)")
+    p.add_argument("--lr", type=float, metavar="LR", help="Adam learning rate (default: the task's)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"),
+                   help="cosine decay from LR to LR/20 over the epochs (default) or constant")
+    p.add_argument("--eps", type=float, metavar="E",
+                   help="nudge strength ε (default: 0.03 centred; see docs/train.md)")
+    p.add_argument("--estimator", choices=("centred", "one-sided"),
+                   help="two ±ε echoes, bias O(ε²) (default), or one echo against the forward pass")
+    p.add_argument("--seed", type=int, metavar="S", help="initialisation and batch order (default 0)")
+    p.add_argument("--oscillators", type=int, metavar="N", help="oscillators N (default: the task's)")
+    p.add_argument("--hidden", type=int, metavar="M", help="hidden units M (default: the task's)")
+    p.add_argument("--out", metavar="DIR",
+                   help="run directory (default runs/<task>-<algorithm>[-<device>])")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in DIR from its last checkpoint (--epochs may extend it)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a run")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="no progress bars; print metrics.json to stdout")
+
+
+def _summary(m: dict) -> str:
+    lines = [f"task {m['task']} ({m['loss']}), algorithm {m['algorithm']}, device {m['device']}, "
+             f"{m['epochs']} epochs in {m['wall_seconds']:.1f} s"
+             + (f" ({m['samples_per_second']:.1f} training samples/s)" if m.get("samples_per_second") else "")]
+    def f(x):
+        return "n/a" if x is None else f"{x:.4g}"
+    lines.append(f"  test loss {f(m['initial_test_loss'])} (initial) → {f(m['final_test_loss'])}; "
+                 f"train loss {f(m['final_train_loss'])}")
+    if "test_accuracy" in m:
+        ta = m["test_accuracy"]
+        lines.append(f"  accuracy: train {m['train_accuracy']:.1%}, test "
+                     + ("n/a" if ta is None else f"{ta:.1%}")
+                     + (f" (initial {m['initial_test_accuracy']:.1%})" if m.get("initial_test_accuracy") is not None else ""))
+    if m.get("gradient_cosine"):
+        worst = {k: min(v.values()) for k, v in m["gradient_cosine"].items()}
+        lines.append("  gradient cosine vs BPTT (worst parameter): "
+                     + ", ".join(f"{k} {v:.5f}" for k, v in worst.items()))
+    if m.get("overflow_batches"):
+        lines.append(f"  warning: {m['overflow_batches']} batches skipped after a device overflow flag")
+    lines.append(f"  wrote {m['out']}/: metrics.json, log.csv, checkpoint.npz"
+                 + ("".join(f", {v}" for v in m.get("plots", {}).values())))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from host.train.loop import TrainError, TrainOptions, train
+
+    opts = TrainOptions(task=args.task, device=args.device, algorithm=args.algorithm, epochs=args.epochs,
+                        batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, eps=args.eps,
+                        estimator=args.estimator, seed=args.seed, oscillators=args.oscillators,
+                        hidden=args.hidden, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                        plots=not args.no_plots, progress=not args.json)
+    try:
+        metrics = train(opts)
+    except TrainError as e:
+        print(f"hel train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hel train: interrupted; the last completed epoch is checkpointed — continue with "
+              "hel train --resume (and the same --out)", file=sys.stderr)
+        return 130
+    except UsageError:
+        raise
+    if args.json:
+        json.dump(metrics, sys.stdout, indent=2)
+        print()
+    else:
+        print(_summary(metrics))
+    return 0

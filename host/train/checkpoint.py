@@ -1,0 +1,102 @@
+"""Training checkpoints: written atomically, read back exactly.
+
+One file, ``DIR/checkpoint.npz``, written after every epoch: the float64 master
+weights (``param_<name>``), Adam's moments (``m_<name>``, ``v_<name>``) and a JSON
+document (``meta``) with the completed epoch count, Adam's step count, the
+batch-order generator's exact state, the run's settings, the core
+configuration, the per-epoch history and the wall time so far.
+
+Atomicity: the file is written to a temporary name in the same directory,
+flushed to disk, then moved over the old one with :func:`os.replace`, so a run
+killed at any instant leaves either the previous checkpoint or the new one,
+never a torn file. A killed run therefore loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rtl.formats import PARAM_NAMES
+
+__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "CHECKPOINT_NAME", "atomic_write_text"]
+
+CHECKPOINT_NAME = "checkpoint.npz"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or incompatible checkpoint."""
+
+
+@dataclass
+class Checkpoint:
+    params: dict[str, np.ndarray]
+    adam: dict[str, np.ndarray]
+    adam_t: int
+    epoch: int
+    rng_state: dict
+    settings: dict
+    config: dict
+    history: list = field(default_factory=list)
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    train_samples: int = 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory, ck: Checkpoint) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / CHECKPOINT_NAME
+    meta = {"format": FORMAT_VERSION, "epoch": ck.epoch, "adam_t": ck.adam_t, "rng_state": ck.rng_state,
+            "settings": ck.settings, "config": ck.config, "history": ck.history,
+            "wall_seconds": ck.wall_seconds, "train_seconds": ck.train_seconds,
+            "train_samples": ck.train_samples}
+    arrays = {f"param_{k}": np.asarray(ck.params[k], dtype=np.float64) for k in PARAM_NAMES}
+    arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in ck.adam.items()})
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = d / f".{CHECKPOINT_NAME}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(directory) -> Checkpoint:
+    path = Path(directory) / CHECKPOINT_NAME
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+        meta = json.loads(str(data["meta"]))
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported")
+        params = {k: data[f"param_{k}"] for k in PARAM_NAMES}
+        adam = {f"{s}_{k}": data[f"{s}_{k}"] for s in ("m", "v") for k in PARAM_NAMES}
+        return Checkpoint(params=params, adam=adam, adam_t=int(meta["adam_t"]), epoch=int(meta["epoch"]),
+                          rng_state=meta["rng_state"], settings=meta["settings"], config=meta["config"],
+                          history=meta["history"], wall_seconds=float(meta["wall_seconds"]),
+                          train_seconds=float(meta.get("train_seconds", 0.0)),
+                          train_samples=int(meta.get("train_samples", 0)))
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint to resume in {directory} ({CHECKPOINT_NAME} not found)") from None
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None

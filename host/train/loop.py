@@ -1,0 +1,486 @@
+"""The training loop behind ``hel train``.
+
+Per epoch: shuffle the training samples with the run's generator, then per
+batch obtain the mean gradient from the engine (for ``hel``: LOAD, FORWARD,
+host loss and nudges, ECHO per sample on the device, then read and clear the
+accumulators), take an Adam step on the float master weights, quantise and
+write them to the device. After the epoch: evaluate the test split, append to
+the history, write the checkpoint (atomically), ``metrics.json`` and
+``log.csv``. After the last epoch: evaluate both splits with the final
+parameters, write the plots and the final ``metrics.json``.
+
+Determinism: the initial weights and every batch order come from one
+``numpy.random.Generator`` seeded by ``--seed``, whose exact state is part of
+the checkpoint; the engines are deterministic (the golden model is bit-exact,
+the float paths are plain NumPy), so a resumed run reproduces an uninterrupted
+one bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from host.device import Device, DeviceError, GoldenDevice, open_device
+from host.errors import UsageError
+from host.learning import config_for
+from host.train import floatpath
+from host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
+                                   load_checkpoint, save_checkpoint)
+from host.train.engines import ALGORITHMS, DeviceEngine, FloatEngine, default_eps_for
+from host.train.optim import Adam, init_params, lr_at
+from host.train.progress import EpochProgress
+from host.train.tasks import DEFAULT_TASK, Task, TaskError, load_task
+from rtl.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+
+__all__ = ["TrainOptions", "TrainError", "train", "SETTINGS", "DEFAULT_DEVICE", "default_out_dir"]
+
+DEFAULT_DEVICE = "sim-board"
+#: The settings that decide a run's result (stored in the checkpoint; --resume keeps them).
+SETTINGS = ("task", "algorithm", "oscillators", "hidden", "epochs", "batch", "lr", "lr_schedule",
+            "eps", "estimator", "seed")
+#: Errors a device (or its link) raises when it fails or stops answering.
+DEVICE_FAILURES = (DeviceError, TimeoutError, OSError)
+
+
+class TrainError(RuntimeError):
+    """The run failed after it started (a device stopped answering, a non-finite gradient)."""
+
+
+@dataclass
+class TrainOptions:
+    """What ``hel train`` was asked for; ``None`` means "the task's default"
+    (or, with ``resume``, "the checkpoint's value")."""
+
+    task: str | None = None
+    device: str | None = None
+    algorithm: str | None = None
+    epochs: int | None = None
+    batch: int | None = None
+    lr: float | None = None
+    lr_schedule: str | None = None
+    eps: float | None = None
+    estimator: str | None = None
+    seed: int | None = None
+    oscillators: int | None = None
+    hidden: int | None = None
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    plots: bool = True
+    progress: bool = True
+
+
+def _slug(s: str) -> str:
+    s = Path(s).stem if s.endswith(".npz") or "/" in s else s
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "device"
+
+
+def default_out_dir(task: str, algorithm: str, device: str) -> Path:
+    parts = [_slug(task), algorithm] + ([_slug(device)] if algorithm == "hel" else [])
+    return Path("runs") / "-".join(parts)
+
+
+def _resolve_settings(opts: TrainOptions, task: Task, ck: Checkpoint | None) -> dict:
+    explicit = {k: getattr(opts, k) for k in SETTINGS if getattr(opts, k) is not None}
+    if ck is not None:
+        s = dict(ck.settings)
+        s.pop("device", None)
+        conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s[k]})" for k, v in explicit.items()
+                     if k != "epochs" and v != s[k]]
+        if conflicts:
+            raise UsageError("--resume continues the checkpoint's run; these options differ from it: "
+                             + ", ".join(conflicts))
+        if "epochs" in explicit:
+            s["epochs"] = explicit["epochs"]
+        return s
+    d = task.defaults
+    estimator = explicit.get("estimator", "centred")
+    return {
+        "task": explicit.get("task", DEFAULT_TASK),
+        "algorithm": explicit.get("algorithm", "hel"),
+        "oscillators": explicit.get("oscillators", d["oscillators"]),
+        "hidden": explicit.get("hidden", d["hidden"]),
+        "epochs": explicit.get("epochs", d["epochs"]),
+        "batch": explicit.get("batch", d["batch"]),
+        "lr": explicit.get("lr", d["lr"]),
+        "lr_schedule": explicit.get("lr_schedule", "cosine"),
+        "eps": explicit.get("eps", default_eps_for(task, estimator)),
+        "estimator": estimator,
+        "seed": explicit.get("seed", 0),
+    }
+
+
+def _check_settings(s: dict, task: Task) -> None:
+    if s["algorithm"] not in ALGORITHMS:
+        raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}")
+    if s["estimator"] not in ("centred", "one-sided"):
+        raise UsageError("--estimator must be centred or one-sided")
+    if s["lr_schedule"] not in ("cosine", "constant"):
+        raise UsageError("--lr-schedule must be cosine or constant")
+    if not isinstance(s["epochs"], int) or s["epochs"] < 1:
+        raise UsageError(f"--epochs must be ≥ 1, got {s['epochs']}")
+    if not isinstance(s["batch"], int) or s["batch"] < 1:
+        raise UsageError(f"--batch must be ≥ 1, got {s['batch']}")
+    if not (s["lr"] > 0 and math.isfinite(s["lr"])):
+        raise UsageError(f"--lr must be a positive number, got {s['lr']}")
+    if not 0 < s["eps"] <= 1:
+        raise UsageError(f"--eps must be in (0, 1], got {s['eps']}")
+    if s["oscillators"] < task.o:
+        raise UsageError(f"--oscillators {s['oscillators']} is fewer than the task's {task.o} outputs")
+    if s["hidden"] < 1:
+        raise UsageError(f"--hidden must be ≥ 1, got {s['hidden']}")
+
+
+def _evaluate(engine, task: Task, idx: np.ndarray) -> tuple[float | None, float | None]:
+    if len(idx) == 0:
+        return None, None
+    _, _, report, correct = task.loss(engine.predict(idx), idx)
+    return float(np.mean(report)), (float(np.mean(correct)) if correct is not None else None)
+
+
+def _write_log(out: Path, history: list[dict]) -> None:
+    cols = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+            "seconds", "samples_per_second", "overflow_batches"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for h in history:
+        w.writerow({k: ("" if h.get(k) is None else h.get(k)) for k in cols})
+    atomic_write_text(out / "log.csv", buf.getvalue())
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))
+
+
+def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device] | None = None,
+          stream=None) -> dict:
+    """Run (or resume) a training run; return the metrics also written to metrics.json.
+
+    ``device_factory(spec, cfg)`` opens the device for ``--algorithm hel``
+    (default: :func:`host.device.open_device`). Raises :class:`UsageError` for
+    bad options or task files and :class:`TrainError` when the device fails
+    mid-run (the last checkpoint stays intact).
+    """
+    t_start = time.perf_counter()
+    prog = EpochProgress(opts.progress, stream)
+
+    # ---- task, output directory, checkpoint ------------------------------------------
+    ck = None
+    task_spec = opts.task or DEFAULT_TASK
+    algorithm = opts.algorithm or "hel"
+    device_spec = opts.device or DEFAULT_DEVICE
+    if opts.resume and opts.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if opts.resume:
+        out = Path(opts.out) if opts.out else default_out_dir(task_spec, algorithm, device_spec)
+        try:
+            ck = load_checkpoint(out)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        task_spec = ck.settings["task"]
+        device_spec = opts.device or ck.settings.get("device", device_spec)
+    try:
+        task = load_task(task_spec)
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    settings = _resolve_settings(opts, task, ck)
+    _check_settings(settings, task)
+    # The device does not decide the result (every device computes the same integers),
+    # so a resumed run may move to another one; without --device it keeps its own.
+    settings["device"] = device_spec
+    algorithm = settings["algorithm"]
+    out = Path(opts.out) if opts.out else default_out_dir(settings["task"], algorithm, device_spec)
+    if ck is None and (out / CHECKPOINT_NAME).exists() and not opts.overwrite:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, "
+                         f"--overwrite to start afresh, or another --out")
+    if ck is not None and settings["epochs"] < ck.epoch:
+        raise UsageError(f"--epochs {settings['epochs']} is below the {ck.epoch} epochs the checkpoint has done")
+    n, m = settings["oscillators"], settings["hidden"]
+    try:
+        cfg = config_for(n, m, task.k, task.o, task.t, task.dt)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if ck is not None and algorithm == "hel" and ck.config != cfg.to_dict():
+        raise UsageError("the checkpoint was made with a different core configuration")
+
+    # ---- engine ---------------------------------------------------------------------------
+    eps, estimator = settings["eps"], settings["estimator"]
+    if algorithm == "hel":
+        try:
+            task.validate_for_device()
+        except TaskError as e:
+            raise UsageError(str(e)) from None
+        factory = device_factory or open_device
+        try:
+            dev = factory(device_spec, cfg)
+        except DEVICE_FAILURES as e:
+            msg = str(e)
+            raise UsageError(msg if msg.startswith("cannot open device")
+                             else f"cannot open device {device_spec!r}: {msg}") from None
+        dc = dev.config
+        got = dict(n=dc.n, m=dc.m, k=dc.k, o=dc.o, dt_log2=dc.dt_log2)
+        want = dict(n=cfg.n, m=cfg.m, k=cfg.k, o=cfg.o, dt_log2=cfg.dt_log2)
+        if got != want or dc.t_max < task.t:
+            dev.close()
+            raise UsageError(f"device {device_spec} runs a core with {got} (t_max {dc.t_max}); "
+                             f"this run needs {want} and t_max ≥ {task.t}")
+        engine = DeviceEngine(task, dev, eps, estimator)
+        device_label = device_spec
+    else:
+        engine = FloatEngine(task, algorithm, eps, estimator)
+        device_label = "cpu"
+
+    # ---- state ---------------------------------------------------------------------------
+    clip = cfg.param.max_value
+    rng = np.random.default_rng(settings["seed"])
+    params = init_params(rng, n, m, task.k)
+    for k in PARAM_NAMES:
+        params[k] = np.clip(params[k], -clip, clip)
+    opt = Adam(params, clip=clip)
+    history: list[dict] = []
+    start_epoch, wall_before, train_seconds, train_samples = 0, 0.0, 0.0, 0
+    if ck is not None:
+        for k in PARAM_NAMES:
+            params[k][...] = ck.params[k]
+        opt.load_state(ck.adam, ck.adam_t)
+        rng.bit_generator.state = ck.rng_state
+        history = list(ck.history)
+        start_epoch, wall_before = ck.epoch, ck.wall_seconds
+        train_seconds, train_samples = ck.train_seconds, ck.train_samples
+    out.mkdir(parents=True, exist_ok=True)
+    train_idx, test_idx = task.train_idx, task.test_idx
+    loss_name = "cross-entropy" if task.classification else "MSE"
+    epochs = settings["epochs"]
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - t_start
+
+    def fail(e: BaseException, where: str) -> TrainError:
+        last = f"epoch {ck_epoch}" if ck_epoch else "none yet"
+        return TrainError(f"device {device_spec} failed {where}: {e}. The last checkpoint ({last}) in "
+                          f"{out} is intact; continue with: hel train --resume --out {out}")
+
+    ck_epoch = start_epoch
+    base_metrics = {"task": settings["task"], "device": device_label, "algorithm": algorithm,
+                    "settings": settings, "config": cfg.to_dict(), "loss": loss_name,
+                    "description": task.description, "out": str(out)}
+
+    def snapshot(epoch: int) -> None:
+        save_checkpoint(out, Checkpoint(
+            params=params, adam=opt.state(), adam_t=opt.t, epoch=epoch,
+            rng_state=rng.bit_generator.state, settings=settings, config=cfg.to_dict(),
+            history=history, wall_seconds=wall(), train_seconds=train_seconds,
+            train_samples=train_samples))
+        atomic_write_text(out / "metrics.json", json.dumps(
+            {**base_metrics, "epochs": epoch, "complete": False, "history": history},
+            indent=2, default=_json_default))
+        _write_log(out, history)
+
+    try:
+        try:
+            engine.write(params)
+            if isinstance(engine, DeviceEngine):
+                engine.start()
+        except DEVICE_FAILURES as e:
+            raise fail(e, "while writing the initial parameters") from None
+        except FormatError as e:
+            raise UsageError(str(e)) from None
+
+        if not history:
+            try:
+                tl, ta = _evaluate(engine, task, test_idx)
+            except DEVICE_FAILURES as e:
+                raise fail(e, "during the initial evaluation") from None
+            history.append({"epoch": 0, "lr": None, "train_loss": None, "train_accuracy": None,
+                            "test_loss": tl, "test_accuracy": ta, "seconds": 0.0,
+                            "samples_per_second": None, "overflow_batches": 0})
+
+        for epoch in range(start_epoch, epochs):
+            lr = lr_at(settings["lr"], settings["lr_schedule"], epoch, epochs)
+            perm = rng.permutation(train_idx)
+            nb = math.ceil(len(perm) / settings["batch"])
+            prog.start(epoch + 1, epochs, len(perm))
+            t_ep = time.perf_counter()
+            loss_sum, correct_sum, count, overflows = 0.0, 0, 0, 0
+            for b in range(nb):
+                idx = perm[b * settings["batch"]:(b + 1) * settings["batch"]]
+                try:
+                    res = engine.train_batch(idx, prog.update)
+                except DEVICE_FAILURES as e:
+                    prog.close()
+                    raise fail(e, f"in epoch {epoch + 1}, batch {b + 1}/{nb}") from None
+                loss_sum += float(np.sum(res.report))
+                count += len(idx)
+                if res.correct is not None:
+                    correct_sum += int(np.sum(res.correct))
+                if res.overflow:
+                    overflows += 1  # the contrast is meaningless: skip this update
+                else:
+                    try:
+                        opt.step(res.grads, lr)
+                    except FloatingPointError as e:
+                        prog.close()
+                        raise TrainError(f"epoch {epoch + 1}, batch {b + 1}: {e}") from None
+                try:
+                    engine.write(params)
+                except DEVICE_FAILURES as e:
+                    prog.close()
+                    raise fail(e, f"in epoch {epoch + 1}, batch {b + 1}/{nb} (writing parameters)") from None
+                prog.show(loss=loss_sum / count,
+                          acc=(correct_sum / count) if task.classification else None)
+            ep_train = time.perf_counter() - t_ep
+            train_seconds += ep_train
+            train_samples += count
+            try:
+                tl, ta = _evaluate(engine, task, test_idx)
+            except DEVICE_FAILURES as e:
+                prog.close()
+                raise fail(e, f"evaluating epoch {epoch + 1}") from None
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / count,
+                   "train_accuracy": (correct_sum / count) if task.classification else None,
+                   "test_loss": tl, "test_accuracy": ta, "seconds": time.perf_counter() - t_ep,
+                   "samples_per_second": count / ep_train if ep_train > 0 else None,
+                   "overflow_batches": overflows}
+            history.append(row)
+            prog.show(loss=row["train_loss"], acc=row["train_accuracy"], test_loss=tl, test_acc=ta)
+            prog.close()
+            if overflows:
+                prog.message(f"warning: {overflows} batch(es) of epoch {epoch + 1} raised the device's "
+                             "overflow flag and were skipped")
+            snapshot(epoch + 1)
+            ck_epoch = epoch + 1
+
+        # ---- final evaluation ------------------------------------------------------------
+        try:
+            trl, tra = _evaluate(engine, task, train_idx)
+            tel, tea = _evaluate(engine, task, test_idx)
+        except DEVICE_FAILURES as e:
+            raise fail(e, "during the final evaluation") from None
+        metrics = {
+            **base_metrics, "epochs": epochs, "complete": True,
+            "final_train_loss": trl, "final_test_loss": tel,
+            "initial_test_loss": history[0]["test_loss"],
+            "wall_seconds": wall(), "train_seconds": train_seconds,
+            "samples_per_second": train_samples / train_seconds if train_seconds > 0 else None,
+            "overflow_batches": int(sum(h.get("overflow_batches") or 0 for h in history)),
+            "history": history,
+        }
+        if task.classification:
+            metrics["train_accuracy"] = tra
+            metrics["test_accuracy"] = tea
+            metrics["initial_test_accuracy"] = history[0]["test_accuracy"]
+        if opts.plots:
+            try:
+                metrics["plots"] = _make_plots(out, task, settings, cfg, params, engine, metrics)
+            except DEVICE_FAILURES as e:
+                raise fail(e, "while measuring gradient agreement for the plots") from None
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+        _write_log(out, history)
+        return metrics
+    finally:
+        prog.close()
+        engine.close()
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _make_plots(out: Path, task: Task, settings: dict, cfg: HelConfig, params, engine, metrics) -> dict:
+    from host.train import plots
+    from sim import reference
+    from sim.golden import GoldenCore
+
+    algorithm, eps, est = settings["algorithm"], settings["eps"], settings["estimator"]
+    title = (f"{task.name}: {algorithm}"
+             + (f" on {metrics['device']}" if algorithm == "hel" else " (float64, CPU)")
+             + f", N={settings['oscillators']}, M={settings['hidden']}, {settings['epochs']} epochs")
+    files = {}
+    plots.plot_curves(out / "curves.png", metrics["history"], title, task.classification, metrics["loss"])
+    files["curves"] = "curves.png"
+
+    # The integer model's parameters (what a device runs) and their float values.
+    p_int = cfg.quantize_params(params)
+    p_q = cfg.params_to_float(p_int)
+
+    # Forward vs echo on one test sample (or a training sample if there is no test split).
+    i = int((task.test_idx if len(task.test_idx) else task.train_idx)[0])
+    _, g, _, _ = task.loss(floatpath.outputs(p_q, task.u[i:i + 1], task.dt, task.o), np.array([i]))
+    g = g[0]
+    t_len = task.t
+    if algorithm == "hel":
+        core = GoldenCore(cfg)
+        core.write_params(**p_int)
+        core.load(cfg.quantize_inputs(task.u[i]))
+        yf = cfg.outputs_to_float(core.forward("centred"))
+        # GoldenCore.echo returns the echo banks' outputs after every echo step.
+        r0 = core.echo(np.zeros((t_len, cfg.o), dtype=np.int64))
+        core.forward("centred")
+        rn = core.echo(cfg.nudges(g, eps))
+        retr = cfg.outputs_to_float(r0[0])
+        plus, minus = cfg.outputs_to_float(rn[0]), cfg.outputs_to_float(rn[1])
+        yT = yf[-1]
+        label = "golden integer model"
+    else:
+        tr = reference.forward(p_q, task.u[i], task.dt)
+        o0 = cfg.n - cfg.o
+        yf = tr.q[1:, o0:]
+        yT = yf[-1]
+        ech = []
+        for sgn in (0.0, 1.0, -1.0):
+            _, et = reference.echo(p_q, task.u[i], tr.q[-1], tr.p[-1], sgn * eps * g[::-1], task.dt)
+            ech.append(et.q[1:, o0:])
+        retr, plus, minus = ech
+        label = "float model"
+
+    def to_time(echo_out):
+        # Echo step s ends at forward position index T−1−s; the echo starts at q_T.
+        pos = np.empty((t_len + 1, cfg.o))
+        pos[:t_len] = echo_out[::-1]
+        pos[t_len] = yT
+        return pos
+
+    fwd = np.vstack([np.zeros((1, cfg.o)), yf])
+    time_axis = np.arange(t_len + 1) * task.dt
+    plots.plot_echo(out / "echo.png", time_axis, fwd, to_time(retr), to_time(plus), to_time(minus), eps,
+                    f"{task.name}, sample {i}: forward and echoes of the outputs ({label})")
+    files["echo"] = "echo.png"
+    metrics["echo_retrace_max_abs"] = float(np.max(np.abs(to_time(retr) - fwd)))
+
+    # Gradient agreement on one batch at the final (quantised) parameters.
+    idx = task.train_idx[: min(16, settings["batch"] * 2, len(task.train_idx))]
+    fb = FloatEngine(task, "bptt", eps, est)
+    fb.write(p_q)
+    g_ref = fb.train_batch(idx).grads
+    fr = FloatEngine(task, "rhel-float", eps, est)
+    fr.write(p_q)
+    rows = {"float RHEL": fr.train_batch(idx).grads}
+    if isinstance(engine, DeviceEngine):
+        engine.write(params)
+        engine.dev.clear_accumulators()
+        rows[f"HEL on {metrics['device']}"] = engine.train_batch(idx).grads
+    else:
+        de = DeviceEngine(task, GoldenDevice(cfg), eps, est)
+        de.start()
+        de.write(params)
+        rows["HEL, golden integer"] = de.train_batch(idx).grads
+    cos = {m: {k: reference.cosine(v[k], g_ref[k]) for k in PARAM_NAMES} for m, v in rows.items()}
+    plots.plot_gradients(out / "gradients.png", cos,
+                         f"{task.name}: gradient agreement with BPTT ({len(idx)} samples, ε = {eps:g}, {est})")
+    files["gradients"] = "gradients.png"
+    metrics["gradient_cosine"] = cos
+    return files
