@@ -1,0 +1,1050 @@
+"""The HEL core: forward and echo dynamics as fixed-point hardware, bit-exact with
+:class:`sim.golden.GoldenCore`.
+
+Interface
+---------
+:class:`HELCore` is a ``wiring.Component`` built from a :class:`rtl.formats.HelConfig`
+(``P = cfg.lanes`` MAC lanes). Commands arrive on ``cmd`` (one at a time, accepted
+only while idle); each produces exactly one ``done`` word. Data moves on
+``amaranth.lib.stream`` streams with full handshakes in both directions:
+
+========== ===== ======================= =====================================================
+member     dir   payload                 use
+========== ===== ======================= =====================================================
+cmd        In    :data:`CmdLayout`       ``op`` (:class:`Op`), ``length``, ``one_sided``, ``kick``,
+                                         ``bank``, ``seed``
+done       Out   :data:`DoneLayout`      ``result`` (:class:`Result`), ``selftest_pass``
+params_in  In    signed(operand_width)   WRITE_PARAMS: W (M×N), B (M×K), b (M), α (N)
+params_out Out   signed(operand_width)   READ_PARAMS, same order
+inputs     In    signed(operand_width)   LOAD: T·K words, row-major (T×K)
+outputs    Out   signed(state_width)     FORWARD: Q[N−O:] after every step (T·O words)
+nudges     In    signed(state_width)     ECHO: T·O words in echo order (O with ``kick``)
+acc_out    Out   signed(acc_width)       READ_ACC: W, B, b, α accumulators
+state_out  Out   signed(state_width)     READ_STATE: Q (N) then Wv (N) of ``bank``
+busy       Out   1                       a command is being executed
+state_overflow, acc_overflow  Out 1      sticky wrap flags (as GoldenCore's)
+========== ===== ======================= =====================================================
+
+Results: ``OK``; ``WRONG_STATE`` exactly where GoldenCore raises StateError
+(FORWARD with nothing loaded; ECHO without a FORWARD of the loaded sequence);
+``BAD_ARG`` where GoldenCore raises FormatError/KeyError on a command argument
+(LOAD length outside 1..t_max, SELFTEST with 0 steps, READ_STATE bank 3, an
+unknown op). On any error nothing changes and no stream word is consumed.
+(``BAD_ARG`` is an addition to the two results of the brief: without it a bad
+LOAD length would have to be silently clamped or hang waiting for words.)
+
+Schedule of one step
+--------------------
+The step is three phases on the P multiplier lanes (see :mod:`rtl.mac` for the
+banking); in centred echo every weight read serves both banks on two
+consecutive cycles (the read port holds its data), so each phase takes twice
+as long with the same P multipliers:
+
+* **A** (z): ``M·RA`` slots. All lanes multiply row ``j`` chunk ``r`` of ``[W|B]``
+  by ``[qo|u]``; a pipelined adder tree and an accumulator (initialised with
+  ``b_j·2^OF``) form ``z_j``; the tanh unit turns it into ``a_j`` (a small
+  memory, one word per bank).
+* **C** (contrast, one-sided forward and echo only): ``2·(M·RC + RN)`` slots, two
+  products per accumulator element (the ±ε banks, or the one bank and a zero).
+  Starts as soon as ``a_0`` exists (interlock on the count of finished ``a``).
+* **B** (force): ``RN·LB`` slots. Lane ``p`` sums ``F_i = α_i qo_i + Σ_j W_ji a_j``
+  for its oscillator ``i = rP + p`` over ``j`` — again reading only its bank.
+  Finished sums go to a per-lane kick register and from there, one oscillator
+  per cycle, through the serial **state unit**, which reads ``(Q, Wv)``, applies
+  the kick and both half drifts, adds the next step's nudge, writes the state
+  back, emits outputs and computes the next step's operand ``qo`` — so the
+  state of all three banks lives in one block RAM, never in registers.
+
+A step waits for the previous one to drain (its last oscillators' new ``qo``);
+that fixed drain of about ``nb·P + 12`` cycles plus unused lanes in the last
+chunk of a row is the overhead over ``MACs / P``. Multiplier count is exactly
+``P``; the tanh interpolation has its own small multiplier (not a MAC).
+
+Every wrap of the state (half drifts, kick, nudge, flip) and of an accumulator
+sets the sticky flag at the same operations as the golden model.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from rtl.formats import HelConfig
+from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane, ceil_log2
+from rtl.tanh import TanhUnit
+
+__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "BANKS"]
+
+#: READ_STATE bank numbers.
+BANKS = {"fwd": 0, "pos": 1, "neg": 2}
+
+
+class Op(enum.Enum, shape=4):
+    WRITE_PARAMS = 0
+    READ_PARAMS = 1
+    LOAD = 2
+    FORWARD = 3
+    ECHO = 4
+    READ_ACC = 5
+    CLEAR_ACC = 6
+    READ_STATE = 7
+    CLEAR_FLAGS = 8
+    SELFTEST = 9
+
+
+class Result(enum.Enum, shape=2):
+    OK = 0
+    WRONG_STATE = 1
+    BAD_ARG = 2
+
+
+CmdLayout = data.StructLayout({
+    "op": Op,
+    "length": unsigned(32),     # LOAD: T; SELFTEST: steps
+    "one_sided": unsigned(1),   # FORWARD: accumulate −G(0) for a one-sided echo
+    "kick": unsigned(1),        # ECHO: one nudge row (HEB) instead of T rows
+    "bank": unsigned(2),        # READ_STATE: 0 fwd, 1 pos, 2 neg
+    "seed": unsigned(32),       # SELFTEST
+})
+
+DoneLayout = data.StructLayout({
+    "result": Result,
+    "selftest_pass": unsigned(1),
+})
+
+_PH_A, _PH_B, _PH_C = 0, 1, 2
+
+
+class Mix32(wiring.Component):
+    """:func:`sim.golden.mix32` as a 3-stage pipeline (one add per stage)."""
+
+    LATENCY = 3
+
+    def __init__(self, tag_width: int = 1):
+        self.tag_width = tag_width
+        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width),
+                          "y": Out(32), "y_valid": Out(1), "y_tag": Out(tag_width)})
+
+    def elaborate(self, platform):
+        m = Module()
+        M32 = 0xFFFF_FFFF
+
+        def xs(v, s):
+            return v ^ (v >> s)
+
+        s1, s2, s3 = (Signal(32, name=f"s{i}") for i in (1, 2, 3))
+        a = Signal(32)
+        m.d.comb += a.eq(xs(self.x, 16))
+        m.d.sync += s1.eq((a + (a << 5)) & M32)
+        b = Signal(32)
+        m.d.comb += b.eq(xs(s1, 7))
+        m.d.sync += s2.eq((b + (b << 3)) & M32)
+        c = Signal(32)
+        m.d.comb += c.eq(xs(s2, 13))
+        m.d.sync += s3.eq((c + (c << 11)) & M32)
+        m.d.comb += self.y.eq(xs(s3, 15))
+        v = [Signal(name=f"v{i}") for i in range(3)]
+        t = [Signal(self.tag_width, name=f"t{i}") for i in range(3)]
+        m.d.sync += [v[0].eq(self.valid), t[0].eq(self.tag)]
+        for i in (1, 2):
+            m.d.sync += [v[i].eq(v[i - 1]), t[i].eq(t[i - 1])]
+        m.d.comb += [self.y_valid.eq(v[2]), self.y_tag.eq(t[2])]
+        return m
+
+
+def _wrap(m, expr, width, name):
+    """Two's-complement wrap of ``expr`` to ``width`` bits and whether it wrapped."""
+    w = Signal(signed(width), name=name)
+    m.d.comb += w.eq(expr)
+    ovf = Signal(name=name + "_ovf")
+    m.d.comb += ovf.eq(w != expr)
+    return w, ovf
+
+
+class HELCore(wiring.Component):
+    """The HEL core (see the module docstring for interface and schedule).
+
+    Parameters
+    ----------
+    cfg : HelConfig
+        Shapes, formats and ``lanes`` (P, the number of multipliers).
+
+    Attributes
+    ----------
+    geometry : LaneGeometry
+        Banking and schedule lengths.
+    step_strobe : Signal
+        Pulses when a step's first product is issued (for benchmarks; not a port).
+    probes : dict
+        Internal memories and signals for simulation tests, filled by ``elaborate``
+        (``xmem``, ``amem``, ``smem``, ``u``, ``k_valid``/``k_i``/``k_f``/``k_slot``:
+        finished force sums entering the state unit, ``z_valid``/``z_out``/``z_tag``).
+    """
+
+    def __init__(self, cfg: HelConfig):
+        self.cfg = cfg
+        self.geometry = LaneGeometry(cfg)
+        ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
+        super().__init__({
+            "cmd": In(stream.Signature(CmdLayout)),
+            "done": Out(stream.Signature(DoneLayout)),
+            "params_in": In(stream.Signature(signed(ow))),
+            "params_out": Out(stream.Signature(signed(ow))),
+            "inputs": In(stream.Signature(signed(ow))),
+            "outputs": Out(stream.Signature(signed(sw))),
+            "nudges": In(stream.Signature(signed(sw))),
+            "acc_out": Out(stream.Signature(signed(aw))),
+            "state_out": Out(stream.Signature(signed(sw))),
+            "busy": Out(1),
+            "state_overflow": Out(1),
+            "acc_overflow": Out(1),
+        })
+        self.step_strobe = Signal()
+        self.probes: dict = {}
+
+    # ------------------------------------------------------------------------------
+    def elaborate(self, platform):
+        m = Module()
+        cfg, g = self.cfg, self.geometry
+        P, N, M, K, O = g.p, cfg.n, cfg.m, cfg.k, cfg.o
+        ow, sw, aw, of = cfg.operand_width, cfg.state_width, cfg.acc_width, cfg.operand_frac
+        RA, RC, RN, LB, E, RMAX = g.ra, g.rc, g.rn, g.lb, g.elems, g.rmax
+        GL = g.group_lanes
+        seq_depth = cfg.t_max * K
+
+        # ---------------------------------------------------------------- memories
+        pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[]) for _ in range(P)]
+        bmem = Memory(shape=signed(ow), depth=M, init=[])
+        seqmem = Memory(shape=signed(ow), depth=seq_depth, init=[])
+        xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[]) for _ in range(P)]
+        amem = Memory(shape=signed(ow), depth=2 * M, init=[])
+        smem = Memory(shape=unsigned(2 * sw), depth=3 * N, init=[])
+        for p in range(P):
+            m.submodules[f"pmem{p}"] = pmem[p]
+            m.submodules[f"xmem{p}"] = xmem[p]
+        m.submodules.bmem = bmem
+        m.submodules.seqmem = seqmem
+        m.submodules.amem = amem
+        m.submodules.smem = smem
+        pr = [pm.read_port() for pm in pmem]
+        pw = [pm.write_port() for pm in pmem]
+        br, bw = bmem.read_port(), bmem.write_port()
+        qr, qw = seqmem.read_port(), seqmem.write_port()
+        xr = [xm.read_port() for xm in xmem]
+        xw = [xm.write_port() for xm in xmem]
+        ar, aw_ = amem.read_port(), amem.write_port()
+        sr, swp = smem.read_port(), smem.write_port()
+
+        lanes = [MacLane(cfg) for _ in range(P)]
+        for p in range(P):
+            m.submodules[f"lane{p}"] = lanes[p]
+        groups = [AccumulatorGroup(cfg, lanes=min(GL, P - q * GL)) for q in range(g.groups)]
+        for q, grp in enumerate(groups):
+            m.submodules[f"accgroup{q}"] = grp
+        tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, tag_width=1 + ceil_log2(M + 1))
+        mix = m.submodules.mix = Mix32(tag_width=max(1, ceil_log2(K + 1)))
+        ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=sw, depth=O + 1)
+        nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=O + 1)
+
+        # ---------------------------------------------------------------- status
+        state_ovf = Signal()
+        acc_ovf = Signal()
+        m.d.comb += [self.state_overflow.eq(state_ovf), self.acc_overflow.eq(acc_ovf)]
+        state_ovf_set = Signal()     # OR of this cycle's state wraps
+        acc_ovf_set = Signal()
+        clear_flags = Signal()
+        clear_acc_flag = Signal()
+        with m.If(clear_flags):
+            m.d.sync += [state_ovf.eq(0), acc_ovf.eq(0)]
+        with m.Else():
+            with m.If(state_ovf_set):
+                m.d.sync += state_ovf.eq(1)
+            with m.If(clear_acc_flag):
+                m.d.sync += acc_ovf.eq(0)
+            with m.Elif(acc_ovf_set):
+                m.d.sync += acc_ovf.eq(1)
+
+        # ---------------------------------------------------------------- command latch
+        c_op = Signal(Op)
+        c_len = Signal(32)
+        c_one = Signal()
+        c_kick = Signal()
+        c_bank = Signal(2)
+        c_seed = Signal(32)
+        res = Signal(Result)
+        st_pass = Signal()
+        loaded_len = Signal(range(cfg.t_max + 1))
+        seq_last_base = Signal(range(max(seq_depth, 2)))
+        FWD_NONE, FWD_CENTRED, FWD_ONE = 0, 1, 2
+        fwd_mode = Signal(2)
+
+        # engine mode
+        e_out = Signal()     # FORWARD: emit outputs
+        e_echo = Signal()    # echo of a FORWARD: pos/neg banks, nudges
+        e_st = Signal()      # SELFTEST
+        e_st_echo = Signal()  # SELFTEST, second half
+        e_nb2 = Signal()     # two working banks (centred echo)
+        e_acc = Signal()     # contrast phase C
+        e_sub = Signal()     # C subtracts (one-sided forward)
+        e_kick = Signal()
+        e_flip = Signal()    # pre-step flips (else zeroes) the state
+        steps = Signal(32)
+        remaining = Signal(32)  # steps after the current one
+        has_next = Signal()
+        m.d.comb += has_next.eq(remaining != 0)
+
+        # ---------------------------------------------------------------- issue stage (S0)
+        tag_layout = data.StructLayout({
+            "valid": 1, "phase": 2, "sub": 1, "r": range(max(RMAX, 2)), "j": range(M + 1),
+            "first": 1, "last": 1, "jm": 1, "elem": range(max(E, 2)), "ibase": range(N + P),
+        })
+        tag0 = Signal(tag_layout)
+        tag1 = Signal(tag_layout)
+        tag2 = Signal(tag_layout)
+        tag3 = Signal(tag_layout)
+        m.d.sync += [tag1.eq(tag0), tag2.eq(tag1), tag3.eq(tag2)]
+        p_addr = Signal(range(max(g.param_depth, 2)))
+        p_en = Signal()
+        x_addr = Signal(range(max(2 * RN, 2)))
+        a_addr = Signal(range(max(2 * M, 2)))
+        issue_mode = Signal()   # the engine drives the lane memories' read ports
+        i_sub = Signal()
+        i_r = Signal(range(max(RMAX, 2)))
+        i_j = Signal(range(M + 1))
+        i_t = Signal(range(LB + 1))
+        i_pbase = Signal(range(g.param_depth + RA + 1))
+        i_bptr = Signal(range(g.param_depth + RA + 1))
+        i_elem = Signal(range(E + 1))
+        i_ibase = Signal(range(N + 2 * P))
+        a_count = Signal(range(M + 1))
+        nb_last = Signal()   # sub value of the last working bank
+        m.d.comb += nb_last.eq(e_nb2)
+
+        u_cur = [Signal(signed(ow), name=f"u{k}") for k in range(K)]
+
+        # ---------------------------------------------------------------- S1: operands
+        for p in range(P):
+            with m.If(issue_mode):
+                m.d.comb += [pr[p].addr.eq(p_addr), pr[p].en.eq(p_en)]
+            m.d.comb += xr[p].addr.eq(x_addr)
+        m.d.comb += ar.addr.eq(a_addr)
+
+        nq = [max(0, -(-(N - p) // P)) for p in range(P)]          # rows with an oscillator
+        nc = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]  # rows with a contrast column
+        for p in range(P):
+            lane = lanes[p]
+            xq = xr[p].data
+            xval = Signal(signed(ow), name=f"xval{p}")
+            xq_m = Signal(signed(ow), name=f"xqm{p}")
+            with m.Switch(tag1.r):
+                for r in range(RMAX):
+                    c = r * P + p
+                    with m.Case(r):
+                        if c < N:
+                            m.d.comb += [xval.eq(xq), xq_m.eq(xq)]
+                        elif c < N + K:
+                            m.d.comb += xval.eq(u_cur[c - N])
+                        elif c == N + K:
+                            m.d.comb += xval.eq(tag1.phase == _PH_C)
+            zero_sub = Signal(name=f"zsub{p}")   # single bank: the second contrast slot is zero
+            m.d.comb += zero_sub.eq((tag1.phase == _PH_C) & tag1.sub & ~e_nb2)
+            with m.Switch(tag1.phase):
+                with m.Case(_PH_A):
+                    m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(xval)]
+                with m.Case(_PH_B):
+                    m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(Mux(tag1.first, xq, ar.data))]
+                with m.Case(_PH_C):
+                    with m.If(zero_sub):
+                        m.d.comb += [lane.a.eq(0), lane.b.eq(0)]
+                    with m.Elif(tag1.jm):
+                        m.d.comb += [lane.a.eq(xq_m), lane.b.eq(xq_m)]
+                    with m.Else():
+                        m.d.comb += [lane.a.eq(ar.data), lane.b.eq(xval)]
+
+        # ---------------------------------------------------------------- S3: force sums
+        for p in range(P):
+            m.d.comb += [lanes[p].f_en.eq(tag3.valid & (tag3.phase == _PH_B)),
+                         lanes[p].f_first.eq(tag3.first), lanes[p].f_last.eq(tag3.last),
+                         lanes[p].f_slot.eq(tag3.sub)]
+
+        # ---------------------------------------------------------------- S3+: z path
+        vals = [lanes[p].p for p in range(P)]
+        tag_chain = [tag2, tag3]
+        width = g.prod_width
+        lvl = 0
+        while len(vals) > 1:
+            width += 1
+            nv = []
+            for i in range(0, len(vals), 2):
+                s = Signal(signed(width), name=f"tree{lvl}_{i // 2}")
+                m.d.sync += s.eq(vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i])
+                nv.append(s)
+            t = Signal(tag_layout, name=f"tagt{lvl}")
+            m.d.sync += t.eq(tag_chain[-1])
+            tag_chain.append(t)
+            vals = nv
+            lvl += 1
+        tree_sum = vals[0]
+        tagz = tag_chain[-1]
+        tagz_prev = tag_chain[-2]
+        z_busy_bits = tag_chain[2:]
+
+        zacc = [Signal(signed(g.z_width), name=f"zacc{s}") for s in range(2)]
+        zsum = Signal(signed(g.z_width))
+        z_out = Signal(signed(g.z_width))
+        z_valid = Signal()
+        z_tag = Signal(tanh.tag_width)
+        m.d.comb += zsum.eq(Mux(tagz.first, br.data << of, Mux(tagz.sub, zacc[1], zacc[0]))
+                            + tree_sum)
+        z_in_a = Signal()
+        m.d.comb += z_in_a.eq(tagz.valid & (tagz.phase == _PH_A))
+        m.d.sync += z_valid.eq(z_in_a & tagz.last)
+        with m.If(z_in_a):
+            with m.If(tagz.sub):
+                m.d.sync += zacc[1].eq(zsum)
+            with m.Else():
+                m.d.sync += zacc[0].eq(zsum)
+            m.d.sync += [z_out.eq(zsum), z_tag.eq(Cat(tagz.sub, tagz.j))]
+        m.d.comb += [tanh.z.eq(z_out), tanh.valid.eq(z_valid), tanh.tag.eq(z_tag)]
+        # activations into the a memory; count finished rows for the interlocks
+        a_sub = tanh.a_tag[0]
+        a_j = tanh.a_tag[1:]
+        m.d.comb += [aw_.addr.eq(Mux(a_sub, M + a_j, a_j)), aw_.data.eq(tanh.a),
+                     aw_.en.eq(tanh.a_valid)]
+        a_inc = Signal()
+        m.d.comb += a_inc.eq(tanh.a_valid & (a_sub == nb_last))
+
+        # ---------------------------------------------------------------- S3: contrast
+        prod0 = [Signal(signed(g.prod_width), name=f"prod0_{p}") for p in range(P)]
+        c_valid = Signal()
+        m.d.comb += c_valid.eq(tag3.valid & (tag3.phase == _PH_C))
+        for p in range(P):
+            with m.If(c_valid & ~tag3.sub):
+                m.d.sync += prod0[p].eq(lanes[p].p)
+        for q, grp in enumerate(groups):
+            m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(tag3.elem),
+                         grp.subtract.eq(e_sub)]
+            for li in range(grp.lanes):
+                p = q * GL + li
+                en = Signal(name=f"cen{p}")
+                m.d.comb += en.eq(Mux(tag3.jm, tag3.r < nq[p], tag3.r < nc[p]))
+                m.d.comb += [getattr(grp, f"en{li}").eq(en),
+                             getattr(grp, f"diff{li}").eq(prod0[p] - lanes[p].p)]
+        m.d.comb += acc_ovf_set.eq(sum(grp.overflow for grp in groups) != 0)
+
+        # ---------------------------------------------------------------- kick serializer
+        ser_active = Signal()
+        ser_p = Signal(range(P))
+        ser_slot = Signal()
+        ser_r = Signal(range(max(RN, 2)))
+        ser_ibase = Signal(range(N + P))
+        ser_start = Signal()
+        m.d.comb += ser_start.eq(tag3.valid & (tag3.phase == _PH_B) & tag3.last
+                                 & (tag3.sub == nb_last))
+        ser_done = Signal()
+        m.d.comb += ser_done.eq((ser_p == P - 1) & (ser_slot == nb_last))
+        with m.If(ser_start):
+            m.d.sync += [ser_active.eq(1), ser_p.eq(0), ser_slot.eq(0), ser_r.eq(tag3.r),
+                         ser_ibase.eq(tag3.ibase)]
+        with m.Elif(ser_active):
+            with m.If(ser_done):
+                m.d.sync += ser_active.eq(0)
+            with m.Elif(ser_slot != nb_last):
+                m.d.sync += ser_slot.eq(1)
+            with m.Else():
+                m.d.sync += [ser_slot.eq(0), ser_p.eq(ser_p + 1)]
+        # K stage: the selected force sum, registered
+        k_valid = Signal()
+        k_f = Signal(signed(g.f_width))
+        k_i = Signal(range(N + P))
+        k_p = Signal(range(P))
+        k_r = Signal(range(max(RN, 2)))
+        k_slot = Signal()
+        ser_f = Signal(signed(g.f_width))
+        with m.Switch(Cat(ser_slot, ser_p)):
+            for p in range(P):
+                for s in range(2):
+                    with m.Case(s | (p << 1)):
+                        m.d.comb += ser_f.eq(lanes[p].kick1 if s else lanes[p].kick0)
+        m.d.sync += [k_valid.eq(ser_active & (ser_ibase + ser_p < N)), k_f.eq(ser_f),
+                     k_i.eq(ser_ibase + ser_p), k_p.eq(ser_p), k_r.eq(ser_r), k_slot.eq(ser_slot)]
+        ks = cfg.kick_shift
+        k_kick = Signal(signed(g.kick_width))
+        if ks > 0:
+            m.d.comb += k_kick.eq((k_f + (1 << (ks - 1))) >> ks)
+        else:
+            m.d.comb += k_kick.eq(k_f << -ks)
+
+        # ---------------------------------------------------------------- state unit
+        uop_layout = data.StructLayout({
+            "valid": 1, "upd": 1, "zero": 1, "src": 2, "dst": 2, "i": range(N + P),
+            "p": range(P), "r": range(max(RN, 2)), "slot": 1, "nudge": 1, "next": 1,
+            "out": 1, "chk": 1,
+        })
+        u0 = Signal(uop_layout)
+        u0_kick = Signal(signed(g.kick_width))
+        pre_op = Signal(uop_layout)     # from the pre-step generator (comb)
+        lo_out = N - O
+
+        def bank_of(slot):
+            return Mux(slot, 2, Mux(e_echo, 1, 0))
+
+        with m.If(k_valid):
+            m.d.sync += [u0.valid.eq(1), u0.upd.eq(1), u0.zero.eq(0), u0.src.eq(bank_of(k_slot)),
+                         u0.dst.eq(bank_of(k_slot)), u0.i.eq(k_i), u0.p.eq(k_p), u0.r.eq(k_r),
+                         u0.slot.eq(k_slot),
+                         u0.nudge.eq(e_echo & ~e_kick & has_next & (k_i >= lo_out)),
+                         u0.next.eq(has_next), u0.out.eq(e_out & (k_i >= lo_out)),
+                         u0.chk.eq(e_st_echo & ~has_next), u0_kick.eq(k_kick)]
+        with m.Else():
+            m.d.sync += [u0.eq(pre_op), u0_kick.eq(0)]
+
+        def sbase(bank):
+            return Mux(bank == 2, 2 * N, Mux(bank == 1, N, 0))
+
+        with m.If(u0.valid):
+            m.d.comb += sr.addr.eq(sbase(u0.src) + u0.i)
+        u1 = Signal(uop_layout)
+        u1_kick = Signal(signed(g.kick_width))
+        m.d.sync += [u1.eq(u0), u1_kick.eq(u0_kick)]
+        Q = Signal(signed(sw))
+        W = Signal(signed(sw))
+        m.d.comb += [Q.eq(Mux(u1.zero, 0, sr.data[:sw].as_signed())),
+                     W.eq(Mux(u1.zero, 0, sr.data[sw:].as_signed()))]
+        qh, qh_ovf = _wrap(m, Q + W, sw, "qh")
+        w2, w2_ovf = _wrap(m, Mux(u1.upd, W - u1_kick, -W), sw, "w2")
+        u2 = Signal(uop_layout)
+        q1_r = Signal(signed(sw))
+        qh_r = Signal(signed(sw))
+        w2_r = Signal(signed(sw))
+        m.d.sync += [u2.eq(u1), q1_r.eq(Q), qh_r.eq(qh), w2_r.eq(w2)]
+        nu = Signal(signed(sw))
+        m.d.comb += nu.eq(nfifo.r_data.as_signed())
+        q2, q2_ovf = _wrap(m, qh_r + w2_r, sw, "q2")
+        wn, wn_ovf = _wrap(m, Mux(u2.slot, w2_r - nu, w2_r + nu), sw, "wn")
+        m.d.comb += nfifo.r_en.eq(u2.valid & u2.nudge & (u2.slot == nb_last))
+        u3 = Signal(uop_layout)
+        q3 = Signal(signed(sw))
+        w3 = Signal(signed(sw))
+        m.d.sync += [u3.eq(u2), q3.eq(Mux(u2.upd, q2, q1_r)), w3.eq(Mux(u2.nudge, wn, w2_r))]
+        m.d.comb += [swp.addr.eq(sbase(u3.dst) + u3.i), swp.data.eq(Cat(q3, w3)),
+                     swp.en.eq(u3.valid),
+                     ofifo.w_data.eq(q3), ofifo.w_en.eq(u3.valid & u3.out)]
+        qn, qn_ovf = _wrap(m, q3 + w3, sw, "qn")
+        with m.If(u3.valid & u3.chk & ((q3 != 0) | (w3 != 0))):
+            m.d.sync += st_pass.eq(0)
+        u4 = Signal(uop_layout)
+        qn_r = Signal(signed(sw))
+        m.d.sync += [u4.eq(u3), qn_r.eq(qn)]
+        osh = cfg.operand_shift
+        qo_wide = Signal(signed(sw + 1))
+        if osh > 0:
+            m.d.comb += qo_wide.eq((qn_r + (1 << (osh - 1))) >> osh)
+        else:
+            m.d.comb += qo_wide.eq(qn_r)
+        qo_lo, qo_hi = -(1 << (ow - 1)), (1 << (ow - 1)) - 1
+        qo = Signal(signed(ow))
+        m.d.comb += qo.eq(Mux(qo_wide < qo_lo, qo_lo, Mux(qo_wide > qo_hi, qo_hi, qo_wide)))
+        u5 = Signal(uop_layout)
+        qo_r = Signal(signed(ow))
+        m.d.sync += [u5.eq(u4), qo_r.eq(qo)]
+        for p in range(P):
+            m.d.comb += [xw[p].addr.eq(Mux(u5.slot, RN + u5.r, u5.r)), xw[p].data.eq(qo_r),
+                         xw[p].en.eq(u5.valid & u5.next & (u5.p == p))]
+        m.d.comb += state_ovf_set.eq(
+            (u1.valid & ((u1.upd & qh_ovf) | w2_ovf))
+            | (u2.valid & ((u2.upd & q2_ovf) | (u2.nudge & wn_ovf)))
+            | (u3.valid & u3.next & qn_ovf))
+        state_busy = Signal()
+        m.d.comb += state_busy.eq(ser_active | k_valid | u0.valid | u1.valid | u2.valid
+                                  | u3.valid | u4.valid | u5.valid)
+
+        # ---------------------------------------------------------------- input loader
+        ul_busy = Signal()
+        ul_issue = Signal()
+        ul_k = Signal(range(K + 1))
+        ul_left = Signal(range(K + 1))     # words still to be written
+        ul_base = Signal(32)
+        u_start = Signal()
+        u_adv = Signal()
+        u_down = Signal()
+        u_ready = Signal()
+        with m.If(u_start):
+            m.d.sync += [ul_busy.eq(1), ul_issue.eq(1), ul_k.eq(0), ul_left.eq(K)]
+            with m.If(u_adv):
+                m.d.sync += ul_base.eq(Mux(u_down, ul_base - K, ul_base + K))
+        with m.Elif(ul_issue):
+            m.d.sync += ul_k.eq(ul_k + 1)
+            with m.If(ul_k == K - 1):
+                m.d.sync += ul_issue.eq(0)
+        m.d.comb += u_ready.eq(~ul_busy)
+        ul_word = Signal(32)
+        m.d.comb += ul_word.eq(ul_base + ul_k)
+        m.d.comb += [qr.addr.eq(ul_word), mix.x.eq(ul_word ^ c_seed),
+                     mix.valid.eq(ul_issue & e_st), mix.tag.eq(ul_k)]
+        q_valid = Signal()
+        q_k = Signal(range(K + 1))
+        m.d.sync += [q_valid.eq(ul_issue & ~e_st), q_k.eq(ul_k)]
+        wr_en = Signal()
+        wr_k = Signal(range(K + 1))
+        wr_val = Signal(signed(ow))
+        with m.If(e_st):
+            m.d.comb += [wr_en.eq(mix.y_valid), wr_k.eq(mix.y_tag),
+                         wr_val.eq(mix.y[:ow].as_signed() >> (ow + 1 - of))]
+        with m.Else():
+            m.d.comb += [wr_en.eq(q_valid), wr_k.eq(q_k), wr_val.eq(qr.data)]
+        with m.If(wr_en):
+            for k in range(K):
+                with m.If(wr_k == k):
+                    m.d.sync += u_cur[k].eq(wr_val)
+            with m.If(ul_left == 1):
+                m.d.sync += ul_busy.eq(0)
+            m.d.sync += ul_left.eq(ul_left - 1)
+
+        # ---------------------------------------------------------------- drain detection
+        drained = Signal()
+        busy_bits = ([tag1.valid, tag2.valid, tag3.valid, z_valid, tanh.busy, state_busy]
+                     + [t.valid for t in z_busy_bits] + [grp.busy for grp in groups])
+        m.d.comb += drained.eq(Cat(*busy_bits) == 0)
+
+        # ---------------------------------------------------------------- streams
+        m.d.comb += [self.outputs.payload.eq(ofifo.r_data.as_signed()),
+                     self.outputs.valid.eq(ofifo.r_rdy), ofifo.r_en.eq(self.outputs.ready)]
+        n_accept = Signal()
+        n_rows = Signal(32)
+        n_col = Signal(range(O + 1))
+        m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
+                     nfifo.w_en.eq(self.nudges.valid & n_accept),
+                     self.nudges.ready.eq(nfifo.w_rdy & n_accept),
+                     n_accept.eq(n_rows != 0)]
+        with m.If(self.nudges.valid & self.nudges.ready):
+            with m.If(n_col == O - 1):
+                m.d.sync += [n_col.eq(0), n_rows.eq(n_rows - 1)]
+            with m.Else():
+                m.d.sync += n_col.eq(n_col + 1)
+
+        # ---------------------------------------------------------------- walkers
+        pwalk = _Walker(m, g, "param", "pw")
+        awalk = _Walker(m, g, "acc", "aw")
+
+        # readout helper register: index into state / clear address
+        ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
+        ro_w = Signal()   # READ_STATE: Wv pass
+        ld_t = Signal(range(cfg.t_max + 1))
+        ld_k = Signal(range(K + 1))
+        ld_addr = Signal(range(seq_depth + 1))
+
+        # pre-step generator
+        pre_i = Signal(range(N + 1))
+        pre_p = Signal(range(P))
+        pre_r = Signal(range(max(RN, 2)))
+        pre_slot = Signal()
+
+        # ---------------------------------------------------------------- control FSM
+        m.d.comb += [self.cmd.ready.eq(0), self.busy.eq(1)]
+        m.d.comb += self.done.payload.result.eq(res)
+        m.d.comb += self.done.payload.selftest_pass.eq(st_pass)
+
+        with m.FSM(name="ctl"):
+            with m.State("IDLE"):
+                m.d.comb += [self.cmd.ready.eq(1), self.busy.eq(0)]
+                cmd = self.cmd.payload
+                with m.If(self.cmd.valid):
+                    m.d.sync += [c_op.eq(cmd.op), c_len.eq(cmd.length), c_one.eq(cmd.one_sided),
+                                 c_kick.eq(cmd.kick), c_bank.eq(cmd.bank), c_seed.eq(cmd.seed),
+                                 res.eq(Result.OK), st_pass.eq(0)]
+                    with m.Switch(cmd.op):
+                        with m.Case(Op.WRITE_PARAMS):
+                            m.d.comb += pwalk.reset.eq(1)
+                            m.next = "WPARAM"
+                        with m.Case(Op.READ_PARAMS):
+                            m.d.comb += pwalk.reset.eq(1)
+                            m.next = "RPARAM_ISSUE"
+                        with m.Case(Op.LOAD):
+                            with m.If((cmd.length == 0) | (cmd.length > cfg.t_max)):
+                                m.d.sync += res.eq(Result.BAD_ARG)
+                                m.next = "DONE"
+                            with m.Else():
+                                m.d.sync += [ld_t.eq(0), ld_k.eq(0), ld_addr.eq(0)]
+                                m.next = "LOAD"
+                        with m.Case(Op.FORWARD):
+                            with m.If(loaded_len == 0):
+                                m.d.sync += res.eq(Result.WRONG_STATE)
+                                m.next = "DONE"
+                            with m.Else():
+                                m.d.sync += [e_out.eq(1), e_echo.eq(0), e_st.eq(0), e_st_echo.eq(0),
+                                             e_nb2.eq(0), e_acc.eq(cmd.one_sided),
+                                             e_sub.eq(1), e_kick.eq(0), e_flip.eq(0),
+                                             steps.eq(loaded_len), remaining.eq(loaded_len - 1),
+                                             ul_base.eq(0), u_down.eq(0),
+                                             fwd_mode.eq(FWD_NONE)]
+                                m.next = "PRE"
+                        with m.Case(Op.ECHO):
+                            with m.If(fwd_mode == FWD_NONE):
+                                m.d.sync += res.eq(Result.WRONG_STATE)
+                                m.next = "DONE"
+                            with m.Else():
+                                m.d.sync += [e_out.eq(0), e_echo.eq(1), e_st.eq(0), e_st_echo.eq(0),
+                                             e_nb2.eq(fwd_mode == FWD_CENTRED), e_acc.eq(1),
+                                             e_sub.eq(0), e_kick.eq(cmd.kick), e_flip.eq(1),
+                                             steps.eq(loaded_len), remaining.eq(loaded_len - 1),
+                                             ul_base.eq(seq_last_base), u_down.eq(1),
+                                             n_rows.eq(Mux(cmd.kick, 1, loaded_len)), n_col.eq(0),
+                                             fwd_mode.eq(FWD_NONE)]
+                                m.next = "PRE"
+                        with m.Case(Op.READ_ACC):
+                            m.d.comb += awalk.reset.eq(1)
+                            m.next = "RACC_ISSUE"
+                        with m.Case(Op.CLEAR_ACC):
+                            m.d.sync += ro_i.eq(0)
+                            m.next = "CLRACC"
+                        with m.Case(Op.READ_STATE):
+                            with m.If(cmd.bank == 3):
+                                m.d.sync += res.eq(Result.BAD_ARG)
+                                m.next = "DONE"
+                            with m.Else():
+                                m.d.sync += [ro_i.eq(0), ro_w.eq(0)]
+                                m.next = "RSTATE_ISSUE"
+                        with m.Case(Op.CLEAR_FLAGS):
+                            m.d.comb += clear_flags.eq(1)
+                            m.next = "DONE"
+                        with m.Case(Op.SELFTEST):
+                            with m.If(cmd.length == 0):
+                                m.d.sync += res.eq(Result.BAD_ARG)
+                                m.next = "DONE"
+                            with m.Else():
+                                m.d.sync += [e_out.eq(0), e_echo.eq(0), e_st.eq(1), e_st_echo.eq(0),
+                                             e_nb2.eq(0), e_acc.eq(0), e_sub.eq(0), e_kick.eq(0),
+                                             e_flip.eq(0),
+                                             steps.eq(cmd.length), remaining.eq(cmd.length - 1),
+                                             ul_base.eq(0), u_down.eq(0),
+                                             fwd_mode.eq(FWD_NONE)]
+                                m.next = "PRE"
+                        with m.Default():
+                            m.d.sync += res.eq(Result.BAD_ARG)
+                            m.next = "DONE"
+
+            with m.State("DONE"):
+                m.d.comb += self.done.valid.eq(1)
+                with m.If(self.done.ready):
+                    m.next = "IDLE"
+
+            # ---- parameters in
+            with m.State("WPARAM"):
+                m.d.comb += self.params_in.ready.eq(1)
+                with m.If(self.params_in.valid):
+                    with m.If(pwalk.is_b):
+                        m.d.comb += [bw.addr.eq(pwalk.j), bw.data.eq(self.params_in.payload),
+                                     bw.en.eq(1)]
+                    with m.Else():
+                        for p in range(P):
+                            m.d.comb += [pw[p].addr.eq(pwalk.addr), pw[p].data.eq(self.params_in.payload),
+                                         pw[p].en.eq(pwalk.lane == p)]
+                    m.d.comb += pwalk.step.eq(1)
+                    with m.If(pwalk.last):
+                        m.next = "DONE"
+
+            # ---- parameters out
+            with m.State("RPARAM_ISSUE"):
+                for p in range(P):
+                    m.d.comb += [pr[p].addr.eq(pwalk.addr), pr[p].en.eq(1)]
+                m.d.comb += [br.addr.eq(pwalk.j), br.en.eq(1)]
+                m.next = "RPARAM_HOLD"
+            with m.State("RPARAM_HOLD"):
+                for p in range(P):
+                    m.d.comb += pr[p].en.eq(0)
+                m.d.comb += br.en.eq(0)
+                pdata = Signal(signed(ow))
+                with m.Switch(pwalk.lane):
+                    for p in range(P):
+                        with m.Case(p):
+                            m.d.comb += pdata.eq(pr[p].data)
+                m.d.comb += [self.params_out.valid.eq(1),
+                             self.params_out.payload.eq(Mux(pwalk.is_b, br.data, pdata))]
+                with m.If(self.params_out.ready):
+                    m.d.comb += pwalk.step.eq(1)
+                    with m.If(pwalk.last):
+                        m.next = "DONE"
+                    with m.Else():
+                        m.next = "RPARAM_ISSUE"
+
+            # ---- accumulators out / clear
+            with m.State("RACC_ISSUE"):
+                for grp in groups:
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
+                m.next = "RACC_HOLD"
+            with m.State("RACC_HOLD"):
+                adata = Signal(signed(aw))
+                with m.Switch(awalk.group):
+                    for q, grp in enumerate(groups):
+                        with m.Case(q):
+                            m.d.comb += adata.eq(grp.ext_rdata)
+                for grp in groups:   # keep the address so the data stays
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
+                m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(adata)]
+                with m.If(self.acc_out.ready):
+                    m.d.comb += awalk.step.eq(1)
+                    with m.If(awalk.last):
+                        m.next = "DONE"
+                    with m.Else():
+                        m.next = "RACC_ISSUE"
+            with m.State("CLRACC"):
+                for grp in groups:
+                    m.d.comb += [grp.ext.eq(1), grp.ext_waddr.eq(ro_i), grp.ext_clear.eq(1)]
+                m.d.sync += ro_i.eq(ro_i + 1)
+                with m.If(ro_i == g.acc_depth - 1):
+                    m.d.comb += clear_acc_flag.eq(1)
+                    m.next = "DONE"
+
+            # ---- state out
+            with m.State("RSTATE_ISSUE"):
+                m.d.comb += [sr.addr.eq(sbase(c_bank) + ro_i), sr.en.eq(1)]
+                m.next = "RSTATE_HOLD"
+            with m.State("RSTATE_HOLD"):
+                m.d.comb += [sr.en.eq(0), self.state_out.valid.eq(1),
+                             self.state_out.payload.eq(Mux(ro_w, sr.data[sw:], sr.data[:sw]))]
+                with m.If(self.state_out.ready):
+                    with m.If(ro_i == N - 1):
+                        m.d.sync += [ro_i.eq(0), ro_w.eq(1)]
+                        with m.If(ro_w):
+                            m.next = "DONE"
+                        with m.Else():
+                            m.next = "RSTATE_ISSUE"
+                    with m.Else():
+                        m.d.sync += ro_i.eq(ro_i + 1)
+                        m.next = "RSTATE_ISSUE"
+
+            # ---- LOAD
+            with m.State("LOAD"):
+                m.d.comb += [self.inputs.ready.eq(1), qw.addr.eq(ld_addr),
+                             qw.data.eq(self.inputs.payload), qw.en.eq(self.inputs.valid)]
+                with m.If(self.inputs.valid):
+                    m.d.sync += ld_addr.eq(ld_addr + 1)
+                    with m.If(ld_k == 0):
+                        m.d.sync += seq_last_base.eq(ld_addr)
+                    with m.If(ld_k == K - 1):
+                        m.d.sync += [ld_k.eq(0), ld_t.eq(ld_t + 1)]
+                        with m.If(ld_t == c_len - 1):
+                            m.d.sync += [loaded_len.eq(c_len), fwd_mode.eq(FWD_NONE)]
+                            m.next = "DONE"
+                    with m.Else():
+                        m.d.sync += ld_k.eq(ld_k + 1)
+
+            # ---- the engine: pre-step (zero or flip every oscillator of every bank)
+            with m.State("PRE"):
+                # the first step's nudge row must be buffered before the flip uses it
+                need_nudge = e_echo & (nfifo.level < O)
+                with m.If(~need_nudge):
+                    m.d.comb += [u_start.eq(1), u_adv.eq(0)]
+                    m.d.sync += [pre_i.eq(0), pre_p.eq(0), pre_r.eq(0), pre_slot.eq(0)]
+                    with m.If(e_st_echo):
+                        m.d.sync += st_pass.eq(1)
+                    m.next = "PRE_RUN"
+            with m.State("PRE_RUN"):
+                m.d.comb += [pre_op.valid.eq(1), pre_op.upd.eq(0), pre_op.zero.eq(~e_flip),
+                             pre_op.src.eq(0), pre_op.dst.eq(bank_of(pre_slot)),
+                             pre_op.i.eq(pre_i), pre_op.p.eq(pre_p), pre_op.r.eq(pre_r),
+                             pre_op.slot.eq(pre_slot),
+                             pre_op.nudge.eq(e_echo & (pre_i >= lo_out)),
+                             pre_op.next.eq(1)]
+                with m.If(pre_slot != nb_last):
+                    m.d.sync += pre_slot.eq(1)
+                with m.Else():
+                    m.d.sync += [pre_slot.eq(0), pre_i.eq(pre_i + 1)]
+                    with m.If(pre_p == P - 1):
+                        m.d.sync += [pre_p.eq(0), pre_r.eq(pre_r + 1)]
+                    with m.Else():
+                        m.d.sync += pre_p.eq(pre_p + 1)
+                    with m.If(pre_i == N - 1):
+                        m.next = "STEP_WAIT"
+
+            # ---- wait for the previous step (or pre-step) to drain, then start a step
+            with m.State("STEP_WAIT"):
+                with m.If(drained & u_ready):
+                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
+                    m.next = "A"
+
+            with m.State("A"):
+                m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_A),
+                             tag0.sub.eq(i_sub), tag0.r.eq(i_r), tag0.j.eq(i_j),
+                             tag0.first.eq(i_r == 0), tag0.last.eq(i_r == RA - 1),
+                             p_addr.eq(i_pbase + i_r), p_en.eq(~i_sub),
+                             x_addr.eq(Mux(i_sub, RN + i_r, i_r))]
+                with m.If((i_r == 0) & (i_j == 0) & ~i_sub):
+                    m.d.comb += self.step_strobe.eq(1)
+                with m.If(i_sub != nb_last):
+                    m.d.sync += i_sub.eq(1)
+                with m.Else():
+                    m.d.sync += i_sub.eq(0)
+                    with m.If(i_r == RA - 1):
+                        m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1), i_pbase.eq(i_pbase + RA)]
+                        with m.If(i_j == M - 1):
+                            m.d.sync += [i_j.eq(0), i_elem.eq(0)]
+                            with m.If(e_acc):
+                                m.next = "C"
+                            with m.Else():
+                                m.next = "B_GATE"
+                    with m.Else():
+                        m.d.sync += i_r.eq(i_r + 1)
+
+            with m.State("C"):
+                jm = Signal()
+                m.d.comb += jm.eq(i_j == M)
+                ok = Signal()
+                m.d.comb += ok.eq(jm | i_sub | (a_count > i_j))
+                m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_C), tag0.sub.eq(i_sub),
+                             tag0.r.eq(i_r), tag0.j.eq(i_j), tag0.jm.eq(jm), tag0.elem.eq(i_elem),
+                             x_addr.eq(Mux(i_sub & e_nb2, RN + i_r, i_r)),
+                             a_addr.eq(Mux(i_sub & e_nb2, M + i_j, i_j))]
+                with m.If(ok):
+                    m.d.comb += tag0.valid.eq(1)
+                    with m.If(~i_sub):
+                        m.d.sync += i_sub.eq(1)
+                    with m.Else():
+                        m.d.sync += [i_sub.eq(0), i_elem.eq(i_elem + 1)]
+                        row_end = Mux(jm, i_r == RN - 1, i_r == RC - 1)
+                        with m.If(row_end):
+                            m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
+                            with m.If(jm):
+                                m.next = "B_GATE"
+                        with m.Else():
+                            m.d.sync += i_r.eq(i_r + 1)
+
+            with m.State("B_GATE"):
+                out_ok = ~e_out | (ofifo.level <= 1)   # room for O words
+                nudge_ok = ~(e_echo & ~e_kick & has_next) | (nfifo.level >= O)
+                with m.If(out_ok & nudge_ok):
+                    m.d.comb += [u_start.eq(has_next), u_adv.eq(1)]
+                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0), i_ibase.eq(0)]
+                    m.next = "B"
+
+            with m.State("B"):
+                pad = Signal()
+                m.d.comb += pad.eq(i_t > M)
+                ok = Signal()
+                m.d.comb += ok.eq(pad | i_sub | (i_t == 0) | (a_count >= i_t))
+                m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_B), tag0.sub.eq(i_sub),
+                             tag0.r.eq(i_r), tag0.j.eq(i_t), tag0.ibase.eq(i_ibase),
+                             tag0.first.eq(i_t == 0), tag0.last.eq(i_t == M),
+                             p_addr.eq(Mux(i_t == 0, M * RA + i_r, i_bptr)), p_en.eq(~i_sub),
+                             x_addr.eq(Mux(i_sub, RN + i_r, i_r)),
+                             a_addr.eq(Mux(i_sub, M + i_t - 1, i_t - 1))]
+                with m.If(ok):
+                    m.d.comb += tag0.valid.eq(~pad)
+                    with m.If(i_sub != nb_last):
+                        m.d.sync += i_sub.eq(1)
+                    with m.Else():
+                        m.d.sync += i_sub.eq(0)
+                        with m.If(i_t == 0):
+                            m.d.sync += i_bptr.eq(i_r)
+                        with m.Else():
+                            m.d.sync += i_bptr.eq(i_bptr + RA)
+                        with m.If(i_t == LB - 1):
+                            m.d.sync += [i_t.eq(0), i_r.eq(i_r + 1), i_ibase.eq(i_ibase + P)]
+                            with m.If(i_r == RN - 1):
+                                m.next = "STEP_END"
+                        with m.Else():
+                            m.d.sync += i_t.eq(i_t + 1)
+
+            with m.State("STEP_END"):
+                with m.If(drained & u_ready):
+                    with m.If(has_next):
+                        m.d.sync += [remaining.eq(remaining - 1), i_sub.eq(0), i_r.eq(0),
+                                     i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
+                        m.next = "A"
+                    with m.Else():
+                        m.next = "FIN"
+
+            with m.State("FIN"):
+                with m.If(ofifo.level == 0):
+                    with m.If(e_st & ~e_st_echo):
+                        m.d.sync += [e_st_echo.eq(1), e_flip.eq(1), remaining.eq(steps - 1),
+                                     u_down.eq(1)]
+                        m.next = "PRE"
+                    with m.Else():
+                        with m.If(e_out):
+                            m.d.sync += fwd_mode.eq(Mux(e_acc, FWD_ONE, FWD_CENTRED))
+                        m.next = "DONE"
+
+        with m.If(a_inc):
+            m.d.sync += a_count.eq(a_count + 1)
+
+        self.probes.update(xmem=xmem, amem=amem, smem=smem, u=u_cur, k_valid=k_valid, k_i=k_i,
+                           k_f=k_f, k_slot=k_slot, z_valid=z_valid, z_out=z_out, z_tag=z_tag)
+        # the b memory is read one stage ahead of the z adder (the walker owns it in RPARAM)
+        with m.If(tagz_prev.valid & (tagz_prev.phase == _PH_A)):
+            m.d.comb += br.addr.eq(tagz_prev.j)
+
+        return m
+
+
+class _Walker:
+    """Canonical-order address generator over the sections of :meth:`LaneGeometry.walk_sections`.
+
+    ``reset``/``step`` are comb strobes; ``lane``, ``addr`` (row base + chunk),
+    ``j`` (row), ``is_b`` (b memory section), ``last`` describe the current word;
+    for accumulators ``group``/``acc_addr`` locate it.
+    """
+
+    def __init__(self, m: Module, g: LaneGeometry, kind: str, name: str):
+        secs = g.walk_sections(kind)
+        P = g.p
+        self.reset = Signal(name=f"{name}_reset")
+        self.step = Signal(name=f"{name}_step")
+        maxrows = max(s["rows"] for s in secs)
+        maxcols = max(s["c1"] - s["c0"] for s in secs)
+        maxaddr = max(s["base0"] + s["rows"] * s["stride"] for s in secs) + g.rmax + 1
+        self.sec = Signal(range(len(secs)), name=f"{name}_sec")
+        self.j = Signal(range(maxrows + 1), name=f"{name}_j")
+        self.cc = Signal(range(maxcols + 1), name=f"{name}_cc")
+        self.lane = Signal(range(P), name=f"{name}_lane")
+        self.chunk = Signal(range(g.rmax + 1), name=f"{name}_chunk")
+        self.base = Signal(range(maxaddr), name=f"{name}_base")
+        self.addr = Signal(range(maxaddr), name=f"{name}_addr")
+        self.is_b = Signal(name=f"{name}_isb")
+        self.last = Signal(name=f"{name}_last")
+        self.group = Signal(range(g.groups), name=f"{name}_group")
+        self.acc_addr = Signal(range(max(g.acc_depth, 2)), name=f"{name}_accaddr")
+
+        m.d.comb += self.addr.eq(self.base + self.chunk)
+        if g.group_lanes == 2:
+            m.d.comb += [self.group.eq(self.lane >> 1), self.acc_addr.eq(Cat(self.lane[0], self.addr))]
+        else:
+            m.d.comb += [self.group.eq(0), self.acc_addr.eq(self.addr)]
+
+        def start(s):
+            sd = secs[s]
+            return [self.lane.eq(sd["c0"] % P), self.chunk.eq(sd["c0"] // P),
+                    self.base.eq(sd["base0"]), self.cc.eq(0), self.j.eq(0)]
+
+        with m.If(self.reset):
+            m.d.sync += [self.sec.eq(0)] + start(0)
+        with m.Elif(self.step):
+            with m.Switch(self.sec):
+                for s, sd in enumerate(secs):
+                    with m.Case(s):
+                        ncols = sd["c1"] - sd["c0"]
+                        with m.If(self.cc != ncols - 1):
+                            m.d.sync += self.cc.eq(self.cc + 1)
+                            with m.If(self.lane == P - 1):
+                                m.d.sync += [self.lane.eq(0), self.chunk.eq(self.chunk + 1)]
+                            with m.Else():
+                                m.d.sync += self.lane.eq(self.lane + 1)
+                        with m.Elif(self.j != sd["rows"] - 1):
+                            m.d.sync += [self.cc.eq(0), self.lane.eq(sd["c0"] % P),
+                                         self.chunk.eq(sd["c0"] // P), self.j.eq(self.j + 1),
+                                         self.base.eq(self.base + sd["stride"])]
+                        elif_next = s + 1 < len(secs)
+                        if elif_next:
+                            with m.Else():
+                                m.d.sync += [self.sec.eq(s + 1)] + start(s + 1)
+        with m.Switch(self.sec):
+            for s, sd in enumerate(secs):
+                with m.Case(s):
+                    m.d.comb += self.is_b.eq(sd["mem"] == "b")
+                    if s == len(secs) - 1:
+                        m.d.comb += self.last.eq((self.j == sd["rows"] - 1)
+                                                 & (self.cc == sd["c1"] - sd["c0"] - 1))

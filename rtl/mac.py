@@ -1,0 +1,373 @@
+"""MAC lanes of the HEL core: memory banking, one multiplier lane, one accumulator group.
+
+Banking (:class:`LaneGeometry`)
+-------------------------------
+The core has ``P = cfg.lanes`` multiplier lanes. Every matrix the lanes touch is
+banked by *column modulo P*, so that lane ``p`` only ever reads its own memory:
+
+* Parameter memory of lane ``p``: the ``(M+1) × (N+K)`` matrix ``[W | B ; α]``
+  (row ``M`` holds ``α`` under the oscillator columns), columns ``c ≡ p (mod P)``,
+  at address ``row·RA + c // P`` with ``RA = ⌈(N+K)/P⌉``. ``b`` lives in a small
+  separate memory: it enters ``z`` as the initial value of the sum, not as a product.
+* Operand vector ``x = [qo | u | 1]``: ``qo_i`` sits in lane ``i mod P``'s operand
+  memory at row ``i // P``; ``u`` and the constant are multiplexed from registers.
+* Accumulators: the ``(M+1) × (N+K+1)`` matrix ``[ΣW | ΣB | Σb ; Σα]`` (column
+  ``N+K`` of a row holds ``Σb_j``, the product ``a_j·1``), element index
+  ``e = row·RC + c // P`` with ``RC = ⌈(N+K+1)/P⌉``. Two lanes share one memory
+  ("group", address ``2e + (p mod 2)``) because the centred contrast needs two
+  products per element: each lane issues one read-modify-write every second
+  cycle, so a pseudo-dual-port block RAM (one read, one write port) serves two
+  lanes, and the two lanes share one wide adder. This halves the accumulator
+  block RAMs, the largest memory of the core.
+
+All lanes always address the same row/chunk at the same time, so one address
+generator drives every bank. The products of one step:
+
+* ``z_j = Σ_c [W|B]_jc x_c``: all lanes on row ``j``, chunk ``r`` (columns
+  ``rP … rP+P-1``); an adder tree reduces the lanes and an accumulator the chunks.
+* ``F_i = α_i qo_i + Σ_j W_ji a_j``: lane ``p`` owns oscillator ``i = rP + p`` and
+  accumulates over ``j`` (``M+1`` slots per oscillator row ``r``), reading its own
+  bank at column ``i``.
+* Contrast: element ``(j, c)`` gets ``a_j x_c`` (``x_c = qo_i, u_k`` or 1) and
+  row ``M`` gets ``qo_i²``; in centred mode ``a⁺x⁺ − a⁻x⁻`` from two products.
+
+The Python-side address functions here are the single definition of the
+layout; the gateware's address generators and the tests both use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from rtl.formats import HelConfig
+
+__all__ = ["LaneGeometry", "MacLane", "AccumulatorGroup", "ceil_div", "ceil_log2"]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def ceil_log2(x: int) -> int:
+    return max(0, (x - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class LaneGeometry:
+    """Banking, schedule lengths and datapath widths of a core with ``cfg.lanes`` lanes.
+
+    Attributes
+    ----------
+    p:
+        Number of MAC lanes (multipliers).
+    ra, rc, rn:
+        Chunks of ``P`` columns per row in the z product (``N+K`` columns), in the
+        contrast (``N+K+1``) and oscillator rows of the force (``N``).
+    lb:
+        Slots per oscillator row of the force: ``α`` then ``M`` weights, padded to
+        ``P`` so the serial state unit (one oscillator per cycle) keeps up.
+    group_lanes, groups:
+        Lanes per accumulator memory (2, or 1 when ``P == 1``) and memories.
+    elems:
+        Accumulator elements per lane (``M·RC + RN``).
+    """
+
+    cfg: HelConfig
+
+    @property
+    def p(self) -> int:
+        return self.cfg.lanes
+
+    @property
+    def ra(self) -> int:
+        return ceil_div(self.cfg.n + self.cfg.k, self.p)
+
+    @property
+    def rc(self) -> int:
+        return ceil_div(self.cfg.n + self.cfg.k + 1, self.p)
+
+    @property
+    def rn(self) -> int:
+        return ceil_div(self.cfg.n, self.p)
+
+    @property
+    def rmax(self) -> int:
+        return max(self.ra, self.rc, self.rn)
+
+    @property
+    def lb(self) -> int:
+        return max(self.cfg.m + 1, self.p)
+
+    @property
+    def group_lanes(self) -> int:
+        return 2 if self.p >= 2 else 1
+
+    @property
+    def groups(self) -> int:
+        return ceil_div(self.p, self.group_lanes)
+
+    @property
+    def elems(self) -> int:
+        return self.cfg.m * self.rc + self.rn
+
+    @property
+    def param_depth(self) -> int:
+        return (self.cfg.m + 1) * self.ra
+
+    @property
+    def acc_depth(self) -> int:
+        return self.elems * self.group_lanes
+
+    # ---- datapath widths ---------------------------------------------------------
+    @property
+    def prod_width(self) -> int:
+        """A signed operand × operand product."""
+        return 2 * self.cfg.operand_width
+
+    @property
+    def z_width(self) -> int:
+        """The exact z sum (N+K products plus b·2^OF)."""
+        return self.prod_width + ceil_log2(self.cfg.n + self.cfg.k + 1) + 1
+
+    @property
+    def f_width(self) -> int:
+        """The exact force sum: ``(α·qo) << alpha_shift`` plus M products."""
+        return self.prod_width + self.cfg.alpha_shift + ceil_log2(self.cfg.m + 1) + 1
+
+    @property
+    def kick_width(self) -> int:
+        ks = self.cfg.kick_shift
+        return self.f_width + 1 - ks if ks > 0 else self.f_width - ks
+
+    @property
+    def diff_width(self) -> int:
+        """One contrast term: product(+ε) − product(−ε)."""
+        return self.prod_width + 1
+
+    # ---- layout (the one definition) ---------------------------------------------
+    def param_location(self, name: str, idx: tuple[int, ...]) -> tuple[str, int, int]:
+        """Where parameter ``name[idx]`` lives: ``("lane", p, addr)`` or ``("b", 0, j)``."""
+        n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
+        if name == "W":
+            j, c = idx
+        elif name == "B":
+            j, c = idx[0], n + idx[1]
+        elif name == "alpha":
+            j, c = m, idx[0]
+        elif name == "b":
+            return ("b", 0, idx[0])
+        else:
+            raise KeyError(name)
+        return ("lane", c % self.p, j * self.ra + c // self.p)
+
+    def acc_location(self, name: str, idx: tuple[int, ...]) -> tuple[int, int]:
+        """``(group, address)`` of accumulator ``name[idx]``."""
+        n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
+        if name == "W":
+            j, c = idx
+        elif name == "B":
+            j, c = idx[0], n + idx[1]
+        elif name == "b":
+            j, c = idx[0], n + k
+        elif name == "alpha":
+            j, c = m, idx[0]
+        else:
+            raise KeyError(name)
+        lane = c % self.p
+        elem = j * self.rc + c // self.p
+        return lane // self.group_lanes, elem * self.group_lanes + lane % self.group_lanes
+
+    def walk_sections(self, kind: str) -> list[dict]:
+        """Canonical-order sections (W, B, b, α) for the parameter or accumulator walker.
+
+        Each section is ``rows`` rows of columns ``c0 … c1-1`` at row bases
+        ``base0 + j·stride``; ``mem`` is ``"lane"`` (banked) or ``"b"`` (b memory).
+        """
+        n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
+        stride = self.ra if kind == "param" else self.rc
+        secs = [dict(rows=m, c0=0, c1=n, base0=0, stride=stride, mem="lane"),
+                dict(rows=m, c0=n, c1=n + k, base0=0, stride=stride, mem="lane")]
+        if kind == "param":
+            secs.append(dict(rows=m, c0=0, c1=1, base0=0, stride=1, mem="b"))
+        else:
+            secs.append(dict(rows=m, c0=n + k, c1=n + k + 1, base0=0, stride=stride, mem="lane"))
+        secs.append(dict(rows=1, c0=0, c1=n, base0=m * stride, stride=stride, mem="lane"))
+        return secs
+
+    # ---- schedule lengths (what the sequencer issues per step) -------------------
+    def slots_forward_step(self, accumulate: bool = False) -> int:
+        """Issue cycles of one single-bank step (z, optional contrast, force)."""
+        c = self.cfg
+        z = c.m * self.ra
+        f = self.rn * self.lb
+        con = 2 * (c.m * self.rc + self.rn) if accumulate else 0
+        return z + f + con
+
+    def slots_centred_echo_step(self) -> int:
+        c = self.cfg
+        return 2 * c.m * self.ra + 2 * (c.m * self.rc + self.rn) + 2 * self.rn * self.lb
+
+
+class MacLane(wiring.Component):
+    """One MAC lane: a registered multiplier plus the per-oscillator force sums.
+
+    Timing (cycle numbers relative to the issue cycle S0 of a slot): the core
+    presents the operands ``a``, ``b`` in S1 (from block-RAM outputs), they are
+    registered (DSP input registers), multiplied and registered again (DSP output
+    register), so ``p`` is the product in S3. This is the SB_MAC16 / MULT18X18D
+    pipeline with both register stages.
+
+    The force accumulators ``F[slot]`` (two: ±ε banks in centred echo) are driven in
+    S3 by ``f_en`` / ``f_first`` / ``f_last`` / ``f_slot``: ``f_first`` starts a
+    sum with the product shifted by ``cfg.alpha_shift`` (the first product of an
+    oscillator is ``α_i·qo_i``, aligned with the ``W·a`` products in the
+    activation format), ``f_last`` copies the finished sum into ``kick[slot]``,
+    where it waits for the serial state unit while the lane already sums the next
+    oscillator.
+
+    Attributes
+    ----------
+    a, b : In(signed(operand_width))
+        Operands in S1.
+    p : Out(signed(2·operand_width))
+        Product in S3.
+    f_en, f_first, f_last, f_slot : In(1)
+        Force-sum control in S3.
+    kick0, kick1 : Out(signed(f_width))
+        Finished force sums of the two working banks.
+    """
+
+    def __init__(self, cfg: HelConfig):
+        self.cfg = cfg
+        g = LaneGeometry(cfg)
+        ow = cfg.operand_width
+        super().__init__({
+            "a": In(signed(ow)), "b": In(signed(ow)),
+            "p": Out(signed(2 * ow)),
+            "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1),
+            "kick0": Out(signed(g.f_width)), "kick1": Out(signed(g.f_width)),
+        })
+        self._fw = g.f_width
+
+    def elaborate(self, platform):
+        m = Module()
+        ow = self.cfg.operand_width
+        a_r = Signal(signed(ow))
+        b_r = Signal(signed(ow))
+        m.d.sync += [a_r.eq(self.a), b_r.eq(self.b), self.p.eq(a_r * b_r)]
+
+        facc = [Signal(signed(self._fw), name=f"facc{s}") for s in range(2)]
+        kick = [self.kick0, self.kick1]
+        for s in range(2):
+            with m.If(self.f_en & (self.f_slot == s)):
+                total = Signal(signed(self._fw), name=f"ftotal{s}")
+                m.d.comb += total.eq(facc[s] + self.p)
+                with m.If(self.f_first):
+                    m.d.sync += facc[s].eq(self.p << self.cfg.alpha_shift)
+                with m.Else():
+                    m.d.sync += facc[s].eq(total)
+                with m.If(self.f_last):
+                    m.d.sync += kick[s].eq(total)
+        return m
+
+
+class AccumulatorGroup(wiring.Component):
+    """The contrast accumulators of up to two lanes in one block RAM with one adder.
+
+    The core presents one contrast term per lane (``diff0``, ``diff1``: the
+    product of the +ε bank minus that of the −ε bank, or the one-sided product)
+    with ``valid`` at most every second cycle, together with the element index
+    ``elem`` and per-lane write enables. The group reads lane 0's word in that
+    cycle, adds and writes it back in the next while reading lane 1's word, and
+    finishes lane 1 one cycle later: one read port, one write port, one adder.
+
+    ``subtract`` turns the update into ``acc − diff`` (the one-sided forward pass
+    accumulates −G(0)). Every update wraps to ``acc_width`` bits; ``overflow``
+    pulses when an update wrapped (the core keeps the sticky flag), so the flag
+    matches :meth:`sim.golden.GoldenCore._accumulate` update for update.
+
+    When ``ext`` is set the memory belongs to the readout/clear sequencers:
+    ``ext_raddr`` (data in ``ext_rdata`` next cycle), ``ext_clear`` writes zero to
+    ``ext_waddr``.
+    """
+
+    def __init__(self, cfg: HelConfig, lanes: int):
+        assert lanes in (1, 2)
+        self.cfg = cfg
+        self.lanes = lanes
+        g = LaneGeometry(cfg)
+        self.depth = g.acc_depth
+        aw = cfg.acc_width
+        super().__init__({
+            "valid": In(1), "elem": In(range(max(g.elems, 2))), "subtract": In(1),
+            "en0": In(1), "en1": In(1),
+            "diff0": In(signed(g.diff_width)), "diff1": In(signed(g.diff_width)),
+            "overflow": Out(1), "busy": Out(1),
+            "ext": In(1), "ext_raddr": In(range(self.depth)), "ext_rdata": Out(signed(aw)),
+            "ext_waddr": In(range(self.depth)), "ext_clear": In(1),
+        })
+        self._dw = g.diff_width
+        self._gl = g.group_lanes
+
+    def _addr(self, elem, lane):
+        # address = elem · group_lanes + lane, as wiring (no multiplier)
+        return Cat(Const(lane, 1), elem) if self._gl == 2 else elem
+
+    def elaborate(self, platform):
+        m = Module()
+        aw = self.cfg.acc_width
+        mem = m.submodules.mem = Memory(shape=signed(aw), depth=self.depth, init=[])
+        rd = mem.read_port()
+        wr = mem.write_port()
+        gl = self._gl
+
+        # stage 1: lane 0 add/write, lane 1 read; stage 2: lane 1 add/write.
+        v1 = Signal()
+        e1 = Signal.like(self.elem)
+        en0_1 = Signal()
+        en1_1 = Signal()
+        d0_1 = Signal(signed(self._dw))
+        d1_1 = Signal(signed(self._dw))
+        v2 = Signal()
+        en1_2 = Signal()
+        d1_2 = Signal(signed(self._dw))
+        waddr2 = Signal(range(self.depth))
+        m.d.sync += [v1.eq(self.valid & ~self.ext), e1.eq(self.elem), en0_1.eq(self.en0),
+                     en1_1.eq(self.en1), d0_1.eq(self.diff0), d1_1.eq(self.diff1)]
+        if self.lanes == 2:
+            m.d.sync += [v2.eq(v1), en1_2.eq(en1_1), d1_2.eq(d1_1), waddr2.eq(self._addr(e1, 1))]
+        m.d.comb += self.busy.eq(v1 | v2)
+
+        # One adder, shared by the two lanes (their updates are a cycle apart).
+        d_sel = Signal(signed(self._dw))
+        add_en = Signal()
+        waddr = Signal(range(self.depth))
+        m.d.comb += [d_sel.eq(Mux(v2, d1_2, d0_1)), add_en.eq(Mux(v2, en1_2, v1 & en0_1)),
+                     waddr.eq(Mux(v2, waddr2, self._addr(e1, 0)))]
+        exact = Signal(signed(aw + 1))
+        with m.If(self.subtract):
+            m.d.comb += exact.eq(rd.data - d_sel)
+        with m.Else():
+            m.d.comb += exact.eq(rd.data + d_sel)
+        new = Signal(signed(aw))
+        m.d.comb += new.eq(exact)
+
+        m.d.comb += self.ext_rdata.eq(rd.data)
+        with m.If(self.ext):
+            m.d.comb += [rd.addr.eq(self.ext_raddr), wr.addr.eq(self.ext_waddr), wr.data.eq(0),
+                         wr.en.eq(self.ext_clear)]
+        with m.Else():
+            with m.If(self.valid):
+                m.d.comb += rd.addr.eq(self._addr(self.elem, 0))
+            if self.lanes == 2:
+                with m.Elif(v1):
+                    m.d.comb += rd.addr.eq(self._addr(e1, 1))
+            m.d.comb += [wr.addr.eq(waddr), wr.data.eq(new), wr.en.eq(add_en),
+                         self.overflow.eq(add_en & (exact != new))]
+        return m
+

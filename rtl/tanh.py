@@ -1,0 +1,112 @@
+"""The piecewise-linear tanh unit: ``a = tanh_pwl(sat(rshift_round(z, z_shift)))``.
+
+The table is :meth:`rtl.formats.HelConfig.tanh_knots` (the one definition); the
+ROM stores, per segment, the left knot and the difference to the right knot, so
+one read gives both and the unit accepts one argument per cycle::
+
+    zt   = saturate(rshift_round(z, z_shift), z_width)        (z format)
+    off  = zt + 2^(z_width-1)                                 (flip the sign bit)
+    idx, frac = off >> fb, off mod 2^fb                       (fb = tanh_frac_bits)
+    a    = lo[idx] + rshift_round(d[idx] · frac, fb)          (operand format)
+
+Pipeline (``LATENCY`` = 4 registers): round; saturate + ROM address (the
+ROM's output register); interpolation product; sum. The interpolation multiplier is small
+(``d`` spans a few bits more than one segment's rise, ``frac`` is ``fb`` bits).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from rtl.formats import HelConfig, saturate
+
+__all__ = ["TanhUnit", "tanh_rom"]
+
+
+def tanh_rom(cfg: HelConfig) -> tuple[list[int], int]:
+    """ROM words ``(lo, d)`` packed as ``lo | d << operand_width``, and the width of ``d``."""
+    knots = [int(x) for x in cfg.tanh_knots()]
+    deltas = [knots[i + 1] - knots[i] for i in range(len(knots) - 1)]
+    dw = max(max(abs(d) for d in deltas).bit_length() + 1, 2)
+    ow = cfg.operand_width
+    words = [(lo & ((1 << ow) - 1)) | ((d & ((1 << dw) - 1)) << ow)
+             for lo, d in zip(knots[:-1], deltas)]
+    return words, dw
+
+
+class TanhUnit(wiring.Component):
+    """Pipelined integer tanh of a wide z sum (one argument per cycle).
+
+    Attributes
+    ----------
+    z : In(signed(z_in_width))
+        The exact sum ``W·qo + B·u + b·2^OF`` (product format), with ``valid`` and
+        an opaque ``tag`` that travels along.
+    a : Out(signed(operand_width))
+        The activation, ``LATENCY`` cycles later, with ``a_valid`` and ``a_tag``.
+    busy : Out(1)
+        A value is in flight.
+    """
+
+    LATENCY = 4
+
+    def __init__(self, cfg: HelConfig, z_in_width: int, tag_width: int = 1):
+        self.cfg = cfg
+        self.z_in_width = z_in_width
+        self.tag_width = tag_width
+        super().__init__({
+            "z": In(signed(z_in_width)), "valid": In(1), "tag": In(unsigned(tag_width)),
+            "a": Out(signed(cfg.operand_width)), "a_valid": Out(1),
+            "a_tag": Out(unsigned(tag_width)), "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self.cfg
+        ow, zw, zs, fb = cfg.operand_width, cfg.z_width, cfg.z_shift, cfg.tanh_frac_bits
+        words, dw = tanh_rom(cfg)
+        rom = m.submodules.rom = Memory(shape=unsigned(ow + dw), depth=len(words), init=words)
+        rp = rom.read_port()
+
+        lat = self.LATENCY
+        valid = [Signal(name=f"v{i}") for i in range(lat)]
+        tag = [Signal(self.tag_width, name=f"t{i}") for i in range(lat)]
+        m.d.sync += [valid[0].eq(self.valid), tag[0].eq(self.tag)]
+        for i in range(1, lat):
+            m.d.sync += [valid[i].eq(valid[i - 1]), tag[i].eq(tag[i - 1])]
+        m.d.comb += [self.a_valid.eq(valid[-1]), self.a_tag.eq(tag[-1]),
+                     self.busy.eq(sum(valid) != 0)]
+
+        # 1: round to the z format (wide)
+        zr = Signal(signed(self.z_in_width + 1 - max(zs, 0) if zs > 0 else self.z_in_width))
+        if zs > 0:
+            m.d.sync += zr.eq((self.z + (1 << (zs - 1))) >> zs)
+        else:
+            m.d.sync += zr.eq(self.z)
+        # 2: saturate, offset, ROM address (the ROM's output register is stage 3)
+        lo_lim, hi_lim = -(1 << (zw - 1)), (1 << (zw - 1)) - 1
+        zt = Signal(signed(zw))
+        with m.If(zr < lo_lim):
+            m.d.comb += zt.eq(lo_lim)
+        with m.Elif(zr > hi_lim):
+            m.d.comb += zt.eq(hi_lim)
+        with m.Else():
+            m.d.comb += zt.eq(zr)
+        off = Signal(unsigned(zw))
+        m.d.comb += off.eq(zt.as_unsigned() ^ (1 << (zw - 1)))
+        frac2 = Signal(unsigned(fb))
+        m.d.comb += rp.addr.eq(off[fb:])
+        m.d.sync += frac2.eq(off[:fb])
+        # 3: interpolation product
+        lo3 = Signal(signed(ow))
+        d3 = Signal(signed(dw))
+        m.d.comb += [lo3.eq(rp.data[:ow].as_signed()), d3.eq(rp.data[ow:].as_signed())]
+        prod4 = Signal(signed(dw + fb + 1))
+        lo4 = Signal(signed(ow))
+        m.d.sync += [prod4.eq(d3 * frac2), lo4.eq(lo3)]
+        # 4: a = lo + rshift_round(d·frac, fb)
+        m.d.sync += self.a.eq(lo4 + ((prod4 + (1 << (fb - 1))) >> fb))
+        return m

@@ -1,0 +1,1 @@
+"""cocotb testbench of the HEL core and the scenarios it shares with the Amaranth-sim test."""

@@ -1,0 +1,271 @@
+"""Command scenarios for the HEL core, with every expected word from the golden model.
+
+A scenario is a list of :class:`Step`: one command, the words the testbench
+sends on the core's input streams, the words it must receive on the output
+streams (bit for bit), the ``done`` result and the flags after the command.
+The same scenarios drive the Amaranth-simulator test and the cocotb/Verilator
+test, so both check the gateware against :class:`sim.golden.GoldenCore`
+on identical vectors. No cocotb or simulator import here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rtl.core import CmdLayout, DoneLayout, Op, Result
+from rtl.formats import PARAM_NAMES, FormatError, HelConfig
+from sim.golden import GoldenCore, StateError
+
+#: stream members of HELCore: testbench → core, core → testbench
+SOURCES = ("params_in", "inputs", "nudges")
+SINKS = ("params_out", "outputs", "acc_out", "state_out")
+BANK_NUM = {"fwd": 0, "pos": 1, "neg": 2}
+
+
+def pack_cmd(op: Op, length=0, one_sided=0, kick=0, bank=0, seed=0) -> int:
+    """The ``cmd`` payload as an integer (bit layout of :data:`rtl.core.CmdLayout`)."""
+    fields = dict(op=int(op.value), length=length, one_sided=one_sided, kick=kick, bank=bank,
+                  seed=seed)
+    word = 0
+    for name, value in fields.items():
+        f = CmdLayout[name]
+        word |= (int(value) & ((1 << f.width) - 1)) << f.offset
+    return word
+
+
+def unpack_done(word: int) -> tuple[int, int]:
+    """``(result, selftest_pass)`` from a ``done`` payload integer."""
+    r, s = DoneLayout["result"], DoneLayout["selftest_pass"]
+    return (word >> r.offset) & ((1 << r.width) - 1), (word >> s.offset) & 1
+
+
+def to_signed(v: int, width: int) -> int:
+    v &= (1 << width) - 1
+    return v - (1 << width) if v >> (width - 1) else v
+
+
+@dataclass
+class Step:
+    name: str
+    op: Op
+    length: int = 0
+    one_sided: int = 0
+    kick: int = 0
+    bank: int = 0
+    seed: int = 0
+    send: dict[str, list[int]] = field(default_factory=dict)
+    expect: dict[str, list[int]] = field(default_factory=dict)
+    offer: dict[str, list[int]] = field(default_factory=dict)   # presented, must not be taken
+    result: Result = Result.OK
+    selftest_pass: int | None = None
+    state_overflow: bool = False
+    acc_overflow: bool = False
+
+    @property
+    def cmd_word(self) -> int:
+        return pack_cmd(self.op, self.length, self.one_sided, self.kick, self.bank, self.seed)
+
+
+def canonical(arrays: dict[str, np.ndarray]) -> list[int]:
+    return [int(x) for name in PARAM_NAMES for x in np.asarray(arrays[name]).ravel()]
+
+
+class ScenarioBuilder:
+    """Runs commands on a :class:`GoldenCore` and records them as :class:`Step` s."""
+
+    def __init__(self, cfg: HelConfig, seed: int = 0):
+        self.cfg = cfg
+        self.golden = GoldenCore(cfg)
+        self.rng = np.random.default_rng(seed)
+        self.steps: list[Step] = []
+
+    # ---- random data ------------------------------------------------------------
+    def random_params(self, w_scale: float = 1.0) -> dict[str, np.ndarray]:
+        c, rng = self.cfg, self.rng
+        lim = c.param.max_value * 0.999
+        p = dict(W=rng.normal(0, w_scale / np.sqrt(c.n), (c.m, c.n)),
+                 B=rng.normal(0, 0.5, (c.m, c.k)), b=rng.normal(0, 0.2, c.m),
+                 alpha=rng.uniform(0.3, 1.5, c.n))
+        return c.quantize_params({k: np.clip(v, -lim, lim) for k, v in p.items()})
+
+    def random_inputs(self, t: int, scale: float = 0.7) -> np.ndarray:
+        c = self.cfg
+        lim = c.operand.max_value * 0.999
+        return c.quantize_inputs(np.clip(self.rng.normal(0, scale, (t, c.k)), -lim, lim))
+
+    def random_nudges(self, rows: int, lsb_log2: int | None = None) -> np.ndarray:
+        c = self.cfg
+        if lsb_log2 is None:
+            lsb_log2 = max(c.state_frac - 10, 2)
+        mag = 1 << lsb_log2
+        return self.rng.integers(-mag, mag + 1, (rows, c.o)).astype(np.int64)
+
+    # ---- commands -----------------------------------------------------------------
+    def _record(self, step: Step) -> Step:
+        step.state_overflow = bool(self.golden.state_overflow)
+        step.acc_overflow = bool(self.golden.acc_overflow)
+        self.steps.append(step)
+        return step
+
+    def write_params(self, params: dict[str, np.ndarray]) -> Step:
+        self.golden.write_params(**params)
+        return self._record(Step("write_params", Op.WRITE_PARAMS,
+                                 send={"params_in": canonical(params)}))
+
+    def read_params(self) -> Step:
+        return self._record(Step("read_params", Op.READ_PARAMS,
+                                 expect={"params_out": canonical(self.golden.read_params())}))
+
+    def load(self, u: np.ndarray) -> Step:
+        self.golden.load(u)
+        return self._record(Step(f"load T={len(u)}", Op.LOAD, length=len(u),
+                                 send={"inputs": [int(x) for x in np.asarray(u).ravel()]}))
+
+    def bad_load(self, length: int) -> Step:
+        try:
+            self.golden.load(np.zeros((length, self.cfg.k), dtype=np.int64))
+        except FormatError:
+            pass
+        else:
+            raise AssertionError("golden accepted a bad LOAD")
+        return self._record(Step(f"bad load T={length}", Op.LOAD, length=length,
+                                 result=Result.BAD_ARG,
+                                 offer={"inputs": [1] * self.cfg.k}))
+
+    def forward(self, one_sided: bool = False) -> Step:
+        est = "one-sided" if one_sided else "centred"
+        try:
+            out = self.golden.forward(est)
+        except StateError:
+            return self._record(Step(f"forward {est} (wrong state)", Op.FORWARD,
+                                     one_sided=int(one_sided), result=Result.WRONG_STATE))
+        return self._record(Step(f"forward {est}", Op.FORWARD, one_sided=int(one_sided),
+                                 expect={"outputs": [int(x) for x in out.ravel()]}))
+
+    def echo(self, nudges: np.ndarray | None, kick: bool = False) -> Step:
+        t_len = len(self.golden.inputs)
+        if nudges is None:
+            nudges = self.random_nudges(1 if kick else max(t_len, 1))
+        words = [int(x) for x in np.asarray(nudges).ravel()]
+        try:
+            self.golden.echo(nudges)
+        except StateError:
+            return self._record(Step("echo (wrong state)", Op.ECHO, kick=int(kick),
+                                     result=Result.WRONG_STATE, offer={"nudges": words[:1]}))
+        return self._record(Step(f"echo{' kick' if kick else ''}", Op.ECHO, kick=int(kick),
+                                 send={"nudges": words}))
+
+    def read_acc(self) -> Step:
+        return self._record(Step("read_acc", Op.READ_ACC,
+                                 expect={"acc_out": canonical(self.golden.read_accumulators())}))
+
+    def clear_acc(self) -> Step:
+        self.golden.clear_accumulators()
+        return self._record(Step("clear_acc", Op.CLEAR_ACC))
+
+    def read_state(self, bank: str) -> Step:
+        st = self.golden.read_state(bank)
+        return self._record(Step(f"read_state {bank}", Op.READ_STATE, bank=BANK_NUM[bank],
+                                 expect={"state_out": [int(x) for x in st.q]
+                                         + [int(x) for x in st.w]}))
+
+    def bad_bank(self) -> Step:
+        return self._record(Step("read_state bank 3", Op.READ_STATE, bank=3,
+                                 result=Result.BAD_ARG))
+
+    def clear_flags(self) -> Step:
+        self.golden.clear_flags()
+        return self._record(Step("clear_flags", Op.CLEAR_FLAGS))
+
+    def selftest(self, steps: int, seed: int) -> Step:
+        ok = self.golden.selftest(steps, seed)
+        return self._record(Step(f"selftest {steps}", Op.SELFTEST, length=steps, seed=seed,
+                                 selftest_pass=int(ok)))
+
+    def read_all_states(self) -> None:
+        for b in ("fwd", "pos", "neg"):
+            self.read_state(b)
+
+
+def standard_scenario(cfg: HelConfig, seed: int, t: int | None = None,
+                      selftest_steps: int | None = None) -> list[Step]:
+    """Everything the issue asks for, on one configuration (a few thousand cycles)."""
+    sb = ScenarioBuilder(cfg, seed)
+    t = t if t is not None else min(cfg.t_max, 6)
+    # wrong state on a fresh core, bad arguments
+    sb.forward()
+    sb.echo(sb.random_nudges(1), kick=True)
+    sb.bad_load(0)
+    sb.bad_load(cfg.t_max + 1)
+    sb.bad_bank()
+    sb.write_params(sb.random_params())
+    sb.read_params()
+    # sample 1: centred forward + echo, then echo again is a wrong state
+    sb.load(sb.random_inputs(t))
+    sb.forward()
+    sb.echo(None)
+    sb.echo(None)
+    sb.read_all_states()
+    sb.read_acc()
+    # sample 2 accumulates on top
+    sb.load(sb.random_inputs(max(1, t - 1)))
+    sb.forward()
+    sb.echo(None)
+    sb.read_acc()
+    sb.read_all_states()
+    # one-sided
+    sb.clear_acc()
+    sb.forward(one_sided=True)
+    sb.read_acc()
+    sb.echo(None)
+    sb.read_acc()
+    sb.read_state("pos")
+    # kick-only (HEB) echo after a centred forward
+    sb.forward()
+    sb.echo(None, kick=True)
+    sb.read_all_states()
+    sb.read_acc()
+    # self-test keeps accumulators and the loaded sequence
+    sb.selftest(selftest_steps or cfg.t_max + 3, seed=int(sb.rng.integers(0, 2**32)))
+    sb.read_state("fwd")
+    sb.echo(None)          # wrong state: the self-test consumed the forward
+    sb.forward()
+    sb.read_acc()
+    sb.clear_flags()
+    sb.clear_acc()
+    sb.read_acc()
+    return sb.steps
+
+
+def overflow_scenario(cfg: HelConfig, seed: int, t: int, max_samples: int = 40) -> list[Step]:
+    """Anti-restoring oscillators (α < 0) on a narrow state: the state wraps in the
+    first forward pass, then one-sided forwards (each subtracting qo² ≈ 2^30 per
+    step once the operands saturate) until an accumulator wraps; the un-nudged
+    echo and the self-test still return bit-exactly. Meant for a configuration
+    like ``state_width=20, state_frac=15, dt_log2=2, t_max=16, acc_width=38``
+    (17 samples to the accumulator wrap)."""
+    sb = ScenarioBuilder(cfg, seed)
+    p = sb.random_params(w_scale=2.0)
+    p["alpha"] = np.clip(-3 * np.abs(p["alpha"]), cfg.param.min_int, cfg.param.max_int)
+    sb.write_params(p)
+    sb.load(sb.random_inputs(t, scale=1.5))
+    sb.forward()
+    sb.echo(np.zeros((t, cfg.o), dtype=np.int64))
+    sb.read_all_states()
+    for _ in range(max_samples):
+        sb.forward(one_sided=True)
+        if sb.golden.acc_overflow:
+            break
+    sb.read_acc()
+    sb.forward()
+    sb.echo(None)
+    sb.read_acc()
+    sb.read_all_states()
+    sb.clear_flags()
+    sb.selftest(3 * cfg.t_max, seed=12345)
+    sb.read_state("fwd")
+    sb.clear_acc()
+    sb.read_acc()
+    return sb.steps
