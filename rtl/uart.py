@@ -134,8 +134,10 @@ class UARTRx(wiring.Component):
 
     A stop bit that reads 0 is a framing error: the byte is dropped, ``error.framing``
     pulses, and the receiver waits until the line is high before hunting for the next
-    start bit. That resynchronises on a line that was broken or joined mid-character
-    (a data bit mistaken for a start bit soon fails a stop bit).
+    start bit, so a break (line held low) costs one error, not a stream of 0x00 bytes.
+    A receiver that joins a busy line mid-character may take a data bit for a start
+    bit and deliver wrong bytes until the line first idles for a character time; from
+    then on it is in step. The frame layer's CRC discards such bytes.
 
     ``source`` holds one received byte until it is consumed; a byte completed while
     the previous one is still waiting is dropped and ``error.overrun`` pulses. A

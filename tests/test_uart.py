@@ -7,7 +7,10 @@ bit lasts exactly its nominal number of cycles. The gateware is only ever
 compared with these two functions and with the random bytes the test chose.
 """
 
+import contextlib
+import os
 import random
+import re
 
 import pytest
 from amaranth.sim import Simulator
@@ -64,18 +67,36 @@ async def stream_put(ctx, stream, payload):
     ctx.set(stream.valid, 0)
 
 
-def run(dut, *testbenches, background=(), vcd=None):
+CLOCK_PERIOD = 1e-6
+
+
+def run(dut, *testbenches, background=(), max_cycles=100_000):
+    """Simulate until ``testbenches`` finish, failing after ``max_cycles`` (a hung
+    handshake must fail the test, not hang it); with ``HEL_VCD=<dir>`` set, dump a
+    waveform named after the test."""
     sim = Simulator(dut)
-    sim.add_clock(1e-6)
+    sim.add_clock(CLOCK_PERIOD)
     for tb in testbenches:
         sim.add_testbench(tb)
     for tb in background:
         sim.add_testbench(tb, background=True)
-    if vcd:
-        with sim.write_vcd(vcd):
-            sim.run()
-    else:
+
+    async def watchdog(ctx):
+        await ctx.delay(max_cycles * CLOCK_PERIOD)
+        raise AssertionError(f"simulation still running after {max_cycles} cycles")
+
+    sim.add_testbench(watchdog, background=True)
+    with vcd_dump(sim):
         sim.run()
+
+
+def vcd_dump(sim):
+    folder = os.environ.get("HEL_VCD")
+    if not folder:
+        return contextlib.nullcontext()
+    test = os.environ.get("PYTEST_CURRENT_TEST", "sim").split(" ")[0]
+    os.makedirs(folder, exist_ok=True)
+    return sim.write_vcd(os.path.join(folder, re.sub(r"[^\w.-]+", "_", test) + ".vcd"))
 
 
 def line_recorder(line, levels):
@@ -223,6 +244,33 @@ def test_rx_drops_byte_with_bad_stop_bit_and_resynchronises_after_a_break():
     got, counts = rx_bench(dut, line)
     assert got == before + after
     assert counts == {"framing": 1, "overrun": 0}
+
+
+@pytest.mark.parametrize("join_bit", [1, 3, 6, 8])
+def test_rx_joining_a_busy_line_mid_character_is_in_step_after_the_first_idle(join_bit):
+    """The line is already carrying back-to-back characters when the receiver starts
+    listening; whatever it makes of them, the bytes after one idle character time
+    are received exactly."""
+    rng = random.Random(join_bit)
+    busy = [rng.randrange(256) for _ in range(6)]
+    after = [rng.randrange(256) for _ in range(6)]
+    dut = UARTRx(DIVISOR)
+    got, marker = [], []
+
+    async def line(ctx):
+        levels = [lvl for byte in busy for lvl in char_bits(byte)][join_bit:]
+        for level in levels:
+            ctx.set(dut.rx, level)
+            await ctx.tick().repeat(DIVISOR)
+        ctx.set(dut.rx, 1)
+        await ctx.tick().repeat(10 * DIVISOR)              # one idle character time
+        marker.append(len(got))
+        for byte in after:
+            await drive_char(ctx, dut.rx, byte, DIVISOR)
+        await ctx.tick().repeat(4 * DIVISOR)
+
+    run(dut, line, background=[stream_collector(dut.source, got)])
+    assert got[marker[0]:] == after
 
 
 def test_rx_ignores_a_glitch_shorter_than_half_a_bit():
