@@ -54,7 +54,7 @@ from boards.clocks import BoardClocks
 from boards.table import Board
 
 __all__ = [
-    "BuildError", "ToolchainError", "TopMissing", "TimingNotMet", "ToolFailed",
+    "BuildError", "ToolchainError", "TopMissing", "ToolFailed",
     "BuildResult", "Toolchain", "TOOLCHAINS", "find_toolchain", "real_top",
     "prepare", "build_key", "build", "parse_nextpnr_report", "make_report",
     "format_summary", "default_cache_dir", "REPORT_KEYS",
@@ -91,10 +91,6 @@ class ToolFailed(BuildError):
     def __init__(self, message, log):
         super().__init__(message)
         self.log = log
-
-
-class TimingNotMet(BuildError):
-    """Raised by callers that want an exception rather than ``report['timing_met']``."""
 
 
 # --------------------------------------------------------------------------------------
