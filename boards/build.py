@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from amaranth.hdl import Elaboratable
+from amaranth.hdl import Elaboratable, Module
+from amaranth.lib import io
 
 from boards.clocks import BoardClocks
 from boards.table import Board
@@ -209,7 +210,29 @@ def real_top(board: Board) -> Elaboratable:
     top = getattr(mod, "Top", None)
     if top is None:
         raise TopMissing("rtl/top.py defines no class Top; no bitstream was written")
-    return top(board.config, board.clk_hz, board.baud)
+    return UARTPins(top(board.config, board.clk_hz, board.baud, name=board.name), board)
+
+
+class UARTPins(Elaboratable):
+    """Connects a design's ``rx``/``tx`` ports to the board's UART pins.
+
+    ``rtl.top.Top`` has plain ports so the Verilator-simulated board can use it
+    unchanged; on a real board these buffers sit between it and the pins.
+    """
+
+    def __init__(self, design, board: Board):
+        self.design = design
+        self.board = board
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.top = self.design
+        name, number = self.board.uart
+        uart = platform.request(name, number, dir="-")
+        m.submodules.rx_buf = rx = io.Buffer("i", uart.rx)
+        m.submodules.tx_buf = tx = io.Buffer("o", uart.tx)
+        m.d.comb += [self.design.rx.eq(rx.i), tx.o.eq(self.design.tx)]
+        return m
 
 
 def prepare(board: Board, design_factory: Callable[[Board], Elaboratable] = real_top, *,
