@@ -171,7 +171,7 @@ def make_oscillators(n_train: int = 128, n_test: int = 64, t: int = 64, seed: in
     y *= 0.3 / np.sqrt(np.mean(y * y))
     split = np.r_[np.zeros(n_train, int), np.ones(n_test, int)]
     return Task("oscillators", "regression", u=u, split=split, o=1, y=y, mask=np.ones((s, t), bool),
-                dt=dt, defaults=dict(oscillators=8, hidden=8, epochs=15, batch=8, lr=0.01),
+                dt=dt, defaults=dict(oscillators=8, hidden=8, epochs=10, batch=8, lr=0.01),
                 description="driven oscillators follow a teacher network's output trajectory (MSE every step)")
 
 
