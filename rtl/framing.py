@@ -22,7 +22,7 @@ from amaranth.utils import ceil_log2
 from . import protocol
 from .protocol import ErrorCode
 
-__all__ = ["CRC_PARAMETERS", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
+__all__ = ["CRC_PARAMETERS", "LENGTH_BITS", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
 
 
 #: The link CRC (CRC-32/ISO-HDLC) over bytes, built from :mod:`rtl.protocol`'s numbers.
@@ -32,11 +32,19 @@ CRC_PARAMETERS = crc.Algorithm(
     xor_output=protocol.CRC_XOR_OUT)(data_width=8)
 assert CRC_PARAMETERS.compute(b"123456789") == protocol.CRC_CHECK
 
+#: Bits of :data:`FrameByte`'s ``length`` (a body without its CRC has at most 1026 bytes).
+LENGTH_BITS = (protocol.MAX_BODY_LEN - protocol.CRC_LEN).bit_length()
+
 #: One byte of a frame body (``cmd``, ``seq``, payload), with frame boundaries.
 FrameByte = data.StructLayout({
     "data": 8,
     "first": 1,    # this is the frame's first byte (cmd)
     "last": 1,     # this is the frame's last byte
+    # FrameDecoder: the frame's body length without the CRC (cmd, seq, payload: 2 + payload
+    # bytes), the same on every byte of the frame, so a consumer knows the payload length
+    # at the first byte (e.g. to reject a wrong-length chunk before consuming any of it).
+    # FrameEncoder ignores it.
+    "length": LENGTH_BITS,
 })
 
 #: A bad-frame report.
@@ -65,7 +73,22 @@ class FrameDecoder(wiring.Component):
     at the reader, ``frames`` queued) may wait in the ring while the consumer is
     busy, as long as their bytes fit: a frame that finds the ring (or the length
     FIFO) full is dropped and reported as ``OVERRUN``. The consumer frees space
-    byte by byte as it reads. The default ring of 2048 bytes holds one maximal
+    byte by byte as it reads. Every byte on ``source`` carries its frame's body
+    length (``length``), so the consumer knows the payload length at ``cmd``.
+
+    Reports in wire order
+    ---------------------
+    Bad-frame reports travel through the same FIFO as the good frames' lengths
+    (an entry is either a length or a report), so ``error`` presents a report
+    only after every good frame that preceded the bad one on the wire has been
+    read completely (its last byte accepted). A consumer that takes a report
+    only between frames therefore sees frames and reports exactly in wire
+    order and can answer them in that order, as the reference device
+    :class:`sim.protocol_model.ProtocolModel` does. A report that finds the FIFO
+    full (the host has overrun the device) goes to a one-entry side register
+    instead and is presented at once, out of order; a further report while that
+    register is still occupied is dropped. The consumer must take reports: one
+    left on ``error`` holds back the frames behind it. The default ring of 2048 bytes holds one maximal
     incoming frame (1030 bytes with CRC) while up to 1018 bytes of earlier
     frames are still unread; a host that waits for each reply before sending
     the next request never overruns it.
@@ -93,9 +116,8 @@ class FrameDecoder(wiring.Component):
 
     Timing: a committed frame's first byte is on ``source`` 3 cycles after its
     delimiter was accepted; ``source`` then delivers one byte per cycle while
-    ready, with one idle cycle between frames. ``error`` is valid from the cycle
-    after the delimiter and holds its report until taken; a report arriving
-    while one is pending is dropped (the first is kept).
+    ready, with one idle cycle between frames. A report is on ``error`` 3 cycles
+    after its delimiter if nothing was waiting before it, and holds until taken.
 
     Parameters
     ----------
@@ -112,17 +134,19 @@ class FrameDecoder(wiring.Component):
     sink : In(stream.Signature(8, always_ready=True))
         Raw bytes from the line (e.g. :class:`rtl.uart.UARTRx`).
     source : Out(stream.Signature(FrameByte))
-        Good frames: ``cmd``, ``seq``, payload; ``first`` on ``cmd``, ``last`` on the final byte.
+        Good frames: ``cmd``, ``seq``, payload; ``first`` on ``cmd``, ``last`` on the final byte,
+        ``length`` (body length without CRC) on every byte.
     error : Out(stream.Signature(LinkError))
-        One report per bad frame.
+        One report per bad frame, in wire order with the frames on ``source``.
     """
 
     def __init__(self, *, depth=2048, max_body=protocol.MAX_BODY_LEN, frames=4):
         if depth & (depth - 1) or depth <= max_body:
             raise ValueError(f"depth must be a power of two larger than max_body={max_body}, "
                              f"not {depth}")
-        if max_body < protocol.MIN_BODY_LEN:
-            raise ValueError(f"max_body must be at least {protocol.MIN_BODY_LEN}")
+        if not protocol.MIN_BODY_LEN <= max_body <= (1 << LENGTH_BITS) - 1 + protocol.CRC_LEN:
+            raise ValueError(f"max_body must be in {protocol.MIN_BODY_LEN}.."
+                             f"{(1 << LENGTH_BITS) - 1 + protocol.CRC_LEN}")
         self._depth = depth
         self._max_body = max_body
         self._frames = frames
@@ -147,8 +171,13 @@ class FrameDecoder(wiring.Component):
         m.submodules.ring = ring = memory.Memory(shape=8, depth=self._depth, init=[])
         wr_port = ring.write_port()
         rd_port = ring.read_port()
+        # An entry is a good frame's body length or a bad frame's report (code, seq).
+        entry_layout = data.StructLayout({"is_error": 1, "value": max(LENGTH_BITS, 16)})
         m.submodules.lengths = lengths = fifo.SyncFIFO(
-            width=self._max_body.bit_length(), depth=self._frames)
+            width=entry_layout.size, depth=self._frames)
+        w_entry = Signal(entry_layout)
+        r_entry = entry_layout(lengths.r_data)
+        m.d.comb += lengths.w_data.eq(w_entry)
         m.submodules.crc = crc_check = CRC_PARAMETERS.create()
 
         # Ring pointers carry one extra bit so that full and empty differ.
@@ -212,27 +241,36 @@ class FrameDecoder(wiring.Component):
         with m.Elif(overrun | ~lengths.w_rdy):
             m.d.comb += verdict.eq(ErrorCode.OVERRUN)
 
-        with m.If(self.error.ready):
-            m.d.sync += self.error.valid.eq(0)
+        # Reports normally queue behind the frames before them; the side register
+        # takes one when the queue is full (only when the host overran the device).
+        side_valid = Signal()
+        side = Signal(LinkError)
+        side_taken = Signal()
+        report = Signal(LinkError)
+        m.d.comb += [report.code.eq(verdict), report.seq.eq(Mux(n >= 2, seq, 0))]
+        with m.If(side_taken):
+            m.d.sync += side_valid.eq(0)
         with m.If(delimiter & in_frame):
             with m.If(verdict == 0):
                 body_len = n - protocol.CRC_LEN
-                m.d.comb += [lengths.w_en.eq(1), lengths.w_data.eq(body_len)]
+                m.d.comb += [lengths.w_en.eq(1), w_entry.is_error.eq(0),
+                             w_entry.value.eq(body_len)]
                 m.d.sync += commit.eq(commit + body_len)
-            with m.Elif(~self.error.valid | self.error.ready):
-                m.d.sync += [
-                    self.error.valid.eq(1),
-                    self.error.payload.code.eq(verdict),
-                    self.error.payload.seq.eq(Mux(n >= 2, seq, 0)),
-                ]
+            with m.Elif(lengths.w_rdy):
+                m.d.comb += [lengths.w_en.eq(1), w_entry.is_error.eq(1),
+                             w_entry.value.eq(report)]
+            with m.Elif(~side_valid | side_taken):
+                m.d.sync += [side_valid.eq(1), side.eq(report)]
         with m.If(delimiter):
             m.d.sync += [n.eq(0), overrun.eq(0)]
 
         # --- reader: committed frames → source ---------------------------------------
         remaining = Signal(range(self._max_body + 1))
         first = Signal()
+        length = Signal(LENGTH_BITS)
         out_first = Signal()
         out_last = Signal()
+        out_length = Signal(LENGTH_BITS)
         advance = ~self.source.valid | self.source.ready
 
         m.d.comb += [
@@ -241,6 +279,7 @@ class FrameDecoder(wiring.Component):
             self.source.payload.data.eq(rd_port.data),
             self.source.payload.first.eq(out_first),
             self.source.payload.last.eq(out_last),
+            self.source.payload.length.eq(out_length),
         ]
         with m.If(advance):
             with m.If(remaining != 0):
@@ -248,15 +287,32 @@ class FrameDecoder(wiring.Component):
                     self.source.valid.eq(1),
                     out_first.eq(first),
                     out_last.eq(remaining == 1),
+                    out_length.eq(length),
                     first.eq(0),
                     rd_ptr.eq(rd_ptr + 1),
                     remaining.eq(remaining - 1),
                 ]
             with m.Else():
                 m.d.sync += self.source.valid.eq(0)
-        with m.If((remaining == 0) & lengths.r_rdy):
+
+        # A queued report waits until the frames before it have been read completely.
+        queued_valid = Signal()
+        queued = Signal(LinkError)
+        with m.If((remaining == 0) & lengths.r_rdy & ~queued_valid):
             m.d.comb += lengths.r_en.eq(1)
-            m.d.sync += [remaining.eq(lengths.r_data), first.eq(1)]
+            with m.If(r_entry.is_error):
+                m.d.sync += [queued_valid.eq(1), queued.eq(r_entry.value)]
+            with m.Else():
+                m.d.sync += [remaining.eq(r_entry.value), length.eq(r_entry.value),
+                             first.eq(1)]
+        queued_ready = queued_valid & ~self.source.valid
+        m.d.comb += [
+            self.error.valid.eq(side_valid | queued_ready),
+            self.error.payload.eq(Mux(side_valid, side, queued)),
+            side_taken.eq(side_valid & self.error.ready),
+        ]
+        with m.If(~side_valid & queued_ready & self.error.ready):
+            m.d.sync += queued_valid.eq(0)
 
         return m
 

@@ -92,8 +92,11 @@ def vcd_dump(sim):
     return sim.write_vcd(os.path.join(folder, re.sub(r"[^\w.-]+", "_", test) + ".vcd"))
 
 
-def body_collector(stream, frames, *, ready_prob=1.0, rng=None):
-    """Assemble FrameByte beats into bodies, checking the first/last markers."""
+def body_collector(stream, frames, *, ready_prob=1.0, rng=None, log=None):
+    """Assemble FrameByte beats into bodies, checking the first/last markers and that
+    every beat's ``length`` is its frame's body length."""
+    lengths = set()
+
     async def collect(ctx):
         body = None
         ctx.set(stream.ready, 1)
@@ -103,25 +106,35 @@ def body_collector(stream, frames, *, ready_prob=1.0, rng=None):
                 assert (body is None) == bool(beat.first), "first marker out of place"
                 body = bytearray() if beat.first else body
                 body.append(beat.data)
+                lengths.add(int(beat.length))
                 if beat.last:
+                    assert lengths == {len(body)}, "length field differs from the body length"
+                    lengths.clear()
                     frames.append(Frame(body[0], body[1], bytes(body[2:])))
+                    if log is not None:
+                        log.append(frames[-1])
                     body = None
             if ready_prob < 1.0:
                 ctx.set(stream.ready, rng.random() < ready_prob)
     return collect
 
 
-def error_collector(stream, errors):
+def error_collector(stream, errors, log=None):
     async def collect(ctx):
         ctx.set(stream.ready, 1)
         async for _, _, valid, payload in ctx.tick().sample(stream.valid, stream.payload):
             if valid:
                 errors.append((ErrorCode(payload.code), payload.seq))
+                if log is not None:
+                    log.append(errors[-1])
     return collect
 
 
-def run_decoder(stream, *, ready_prob=1.0, gap_prob=0.0, seed=0, dut=None, between=None):
-    """Feed raw ``stream`` bytes into a FrameDecoder; return (frames, [(code, seq)])."""
+def run_decoder(stream, *, ready_prob=1.0, gap_prob=0.0, seed=0, dut=None, between=None,
+                log=None):
+    """Feed raw ``stream`` bytes into a FrameDecoder; return (frames, [(code, seq)]).
+
+    ``log``, if a list, receives frames and error reports in the order they were taken."""
     rng = random.Random(seed)
     dut = dut or FrameDecoder()
     frames, errors = [], []
@@ -141,8 +154,8 @@ def run_decoder(stream, *, ready_prob=1.0, gap_prob=0.0, seed=0, dut=None, betwe
             await ctx.tick()
 
     simulate(dut, feed, background=[body_collector(dut.source, frames, ready_prob=ready_prob,
-                                                   rng=rng),
-                                    error_collector(dut.error, errors)])
+                                                   rng=rng, log=log),
+                                    error_collector(dut.error, errors, log=log)])
     return frames, errors
 
 
@@ -342,6 +355,32 @@ def test_decoder_matches_host_reader_on_randomly_corrupted_streams(seed):
         assert [code for code, _ in errors] == codes, f"trial {trial}"
 
 
+def test_decoder_reports_bad_frames_in_wire_order_behind_slowly_read_frames():
+    """A slow reader: every report comes after the good frames before it on the wire
+    have been read and before the ones after it, so a consumer can answer in order.
+    (Five entries: one frame at the reader, four queued, the length FIFO's depth.)"""
+    rng = random.Random(17)
+    items, stream = [], bytearray()
+    for i, (n, bad) in enumerate([(300, False), (30, True), (30, False), (0, True), (0, False)]):
+        frame = Frame(0x20 + i, i, payload_bytes(rng, n, "random"))
+        wire = bytearray(encode_frame(*frame))
+        if bad:
+            wire[-2] ^= 0x10                            # a CRC byte: BAD_CRC, seq i
+            items.append((ErrorCode.BAD_CRC, i))
+        else:
+            items.append(frame)
+        stream += wire
+    log = []
+    run_decoder(bytes(stream), ready_prob=0.3, seed=17, log=log)
+    assert log == items
+    # a cut-short body between two frames, read slowly
+    a, b = Frame(1, 1, bytes(200)), Frame(2, 2, b"x")
+    log = []
+    run_decoder(encode_frame(*a) + b"\x05\x01\x09\x00" + encode_frame(*b),
+                ready_prob=0.2, seed=3, log=log)
+    assert log == [a, (ErrorCode.BAD_LENGTH, 9), b]
+
+
 def test_decoder_drops_frames_that_do_not_fit_with_overrun_and_recovers():
     """Nobody reads: 2048-byte ring, frames of 606 bytes (602 kept after the CRC)."""
     rng = random.Random(16)
@@ -467,7 +506,8 @@ class Echo(wiring.Component):
         wiring.connect(m, uart.source, decoder.sink)
         wiring.connect(m, decoder.source, encoder.sink)
         wiring.connect(m, encoder.source, uart.sink)
-        m.d.comb += [uart.rx.eq(self.rx), self.tx.eq(uart.tx)]
+        # reports are discarded (one not taken would hold back the frames behind it)
+        m.d.comb += [uart.rx.eq(self.rx), self.tx.eq(uart.tx), decoder.error.ready.eq(1)]
         return m
 
 
