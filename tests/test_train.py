@@ -10,6 +10,7 @@ import pytest
 from host.cli import main
 from host.device import Device, DeviceError, GoldenDevice
 from host.errors import UsageError
+from host.learning import config_for
 from host.train import floatpath
 from host.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from host.train.loop import TrainError, TrainOptions, train
@@ -208,7 +209,8 @@ def test_a_device_that_stops_answering_leaves_the_last_checkpoint_intact(small_r
 
 def test_cli_reports_a_failing_device_in_one_line(small_regression, tmp_path, capsys, monkeypatch):
     import host.train.loop as loop
-    monkeypatch.setattr(loop, "open_device", lambda spec, cfg: FlakyDevice(cfg, 3))
+    board = config_for(8, 8, 2, 1, 32, 1 / 8)  # a board reports its own configuration
+    monkeypatch.setattr(loop, "open_device", lambda spec, cfg: FlakyDevice(board, 3))
     rc = main(["train", "--task", str(small_regression), "--device", "flaky", "--epochs", "2",
                "--oscillators", "8", "--hidden", "8", "--out", str(tmp_path / "r"), "--json", "--no-plots"])
     err = capsys.readouterr().err.strip()
@@ -306,3 +308,29 @@ def test_training_through_the_serial_protocol_matches_sim_bit_for_bit(small_regr
     pa, pb = load_checkpoint(tmp_path / "sim").params, load_checkpoint(tmp_path / "model").params
     for k in PARAM_NAMES:
         assert np.array_equal(pa[k], pb[k]), k
+
+
+def test_a_board_with_its_own_configuration_sets_the_model_size(small_regression, tmp_path):
+    """A serial device gets no configuration: the run takes N, M from its IDENT and
+    pads the task's inputs with zero channels up to the board's K."""
+    board = config_for(12, 10, 3, 1, 64, 1 / 8).replace(lanes=2)
+    seen = []
+
+    def factory(spec, cfg):
+        seen.append(cfg)
+        return GoldenDevice(board)
+
+    m = train(opts(small_regression, tmp_path / "b", device="board", epochs=1, oscillators=None, hidden=None),
+              device_factory=factory)
+    assert seen == [None]
+    assert (m["settings"]["oscillators"], m["settings"]["hidden"]) == (12, 10)
+    assert m["config"] == board.to_dict()
+    assert load_checkpoint(tmp_path / "b").params["B"].shape == (10, 3)
+    assert m["final_test_loss"] < m["initial_test_loss"]
+
+    with pytest.raises(UsageError, match=r"device board does not fit this run: it has 2 outputs"):
+        train(opts(small_regression, tmp_path / "c", device="board", epochs=1),
+              device_factory=lambda spec, cfg: GoldenDevice(board.replace(o=2)))
+    with pytest.raises(UsageError, match=r"N = 12, M = 10 \(this run: N = 8, M = 8\)"):
+        train(opts(small_regression, tmp_path / "d", device="board", epochs=1),
+              device_factory=factory)

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -141,6 +141,45 @@ def _check_settings(s: dict, task: Task) -> None:
         raise UsageError(f"--hidden must be ≥ 1, got {s['hidden']}")
 
 
+#: Devices that live in this process and are built from the run's configuration.
+IN_PROCESS_DEVICES = ("sim", "model")
+
+
+def _pad_inputs(task: Task, k: int) -> None:
+    """Give the task ``k`` input channels by appending zero channels (a device
+    with more inputs than the task: the extra columns of B see u = 0 and stay put)."""
+    if k > task.k:
+        pad = np.zeros(task.u.shape[:2] + (k - task.k,))
+        task.u = np.concatenate([task.u, pad], axis=2)
+
+
+def _adapt_to_device(dc: HelConfig, spec: str, task: Task, settings: dict, fixed_size: bool) -> HelConfig:
+    """Check a device's configuration against the task and take its model size.
+
+    A board's bitstream fixes N, M, K, O, t_max and δ. The run uses the device's
+    N and M unless they were given explicitly (or come from a checkpoint), pads
+    the inputs with zeros up to the device's K, and needs the task's O, δ and
+    sequence length to fit.
+    """
+    problems = []
+    if dc.o != task.o:
+        problems.append(f"{dc.o} outputs (the task has {task.o})")
+    if dc.k < task.k:
+        problems.append(f"{dc.k} inputs (the task has {task.k})")
+    if dc.t_max < task.t:
+        problems.append(f"t_max {dc.t_max} (the task's sequences have {task.t} steps)")
+    if dc.dt != task.dt:
+        problems.append(f"δ = {dc.dt:g} (the task needs {task.dt:g})")
+    if fixed_size and (dc.n, dc.m) != (settings["oscillators"], settings["hidden"]):
+        problems.append(f"N = {dc.n}, M = {dc.m} (this run: N = {settings['oscillators']}, "
+                        f"M = {settings['hidden']})")
+    if problems:
+        raise UsageError(f"device {spec} does not fit this run: it has " + "; ".join(problems))
+    settings["oscillators"], settings["hidden"] = dc.n, dc.m
+    _pad_inputs(task, dc.k)
+    return dc
+
+
 def _evaluate(engine, task: Task, idx: np.ndarray) -> tuple[float | None, float | None]:
     if len(idx) == 0:
         return None, None
@@ -210,13 +249,10 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
                          f"--overwrite to start afresh, or another --out")
     if ck is not None and settings["epochs"] < ck.epoch:
         raise UsageError(f"--epochs {settings['epochs']} is below the {ck.epoch} epochs the checkpoint has done")
-    n, m = settings["oscillators"], settings["hidden"]
     try:
-        cfg = config_for(n, m, task.k, task.o, task.t, task.dt)
+        cfg = config_for(settings["oscillators"], settings["hidden"], task.k, task.o, task.t, task.dt)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    if ck is not None and algorithm == "hel" and ck.config != cfg.to_dict():
-        raise UsageError("the checkpoint was made with a different core configuration")
 
     # ---- engine ---------------------------------------------------------------------------
     eps, estimator = settings["eps"], settings["estimator"]
@@ -226,24 +262,36 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         except TaskError as e:
             raise UsageError(str(e)) from None
         factory = device_factory or open_device
+        # In-process devices take the run's configuration; a board (or the simulated
+        # board) has its own, reported by IDENT, and the run adapts to it below.
         try:
-            dev = factory(device_spec, cfg)
+            dev = factory(device_spec, cfg if device_spec in IN_PROCESS_DEVICES else None)
         except DEVICE_FAILURES as e:
             msg = str(e)
             raise UsageError(msg if msg.startswith("cannot open device")
                              else f"cannot open device {device_spec!r}: {msg}") from None
-        dc = dev.config
-        got = dict(n=dc.n, m=dc.m, k=dc.k, o=dc.o, dt_log2=dc.dt_log2)
-        want = dict(n=cfg.n, m=cfg.m, k=cfg.k, o=cfg.o, dt_log2=cfg.dt_log2)
-        if got != want or dc.t_max < task.t:
+        try:
+            cfg = _adapt_to_device(dev.config, device_spec, task, settings,
+                                   fixed_size=opts.oscillators is not None or opts.hidden is not None
+                                   or ck is not None)
+        except UsageError:
             dev.close()
-            raise UsageError(f"device {device_spec} runs a core with {got} (t_max {dc.t_max}); "
-                             f"this run needs {want} and t_max ≥ {task.t}")
+            raise
         engine = DeviceEngine(task, dev, eps, estimator)
         device_label = device_spec
     else:
         engine = FloatEngine(task, algorithm, eps, estimator)
         device_label = "cpu"
+    n, m = settings["oscillators"], settings["hidden"]
+    if ck is not None:
+        want = {k: tuple(np.shape(v)) for k, v in ck.params.items()}
+        have = {k: tuple(v) for k, v in cfg.param_shapes().items()}
+        if ck.params["B"].shape[1] > task.k:
+            _pad_inputs(task, ck.params["B"].shape[1])
+            have["B"] = (m, task.k)
+        if want != have:
+            engine.close()
+            raise UsageError(f"the checkpoint's parameters have shapes {want}; this run's are {have}")
 
     # ---- state ---------------------------------------------------------------------------
     clip = cfg.param.max_value

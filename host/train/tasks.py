@@ -9,13 +9,15 @@ the batch order, never the data) and suggests a model size and schedule.
 Built-in tasks
 --------------
 ``oscillators``
-    The target-trajectory toy: the network is driven by an input signal (the
-    sum of two sinusoids of random frequency, amplitude and phase per sample)
-    and its output oscillator must follow a target curve on every step. The
-    targets are the output trajectories of a fixed, strongly nonlinear
-    "teacher" network of the same family (8 oscillators, weights scaled up),
-    normalised to an RMS of 0.3: reachable in principle, but not by a linear
-    response. 128 training and 64 test sequences of 64 steps.
+    The target-trajectory toy: the network is driven by two input signals
+    (sinusoids of random frequency, amplitude and phase per sample) and its
+    output oscillator must follow a target curve on every step. The targets
+    are the output trajectories of a fixed, strongly nonlinear "teacher"
+    network of the same family (8 oscillators, weights scaled up), normalised
+    to an RMS of 0.3: reachable in principle, but not by a linear response.
+    128 training and 64 test sequences of 64 steps. The default model
+    (N = M = 16, K = 2, O = 1) is the simulated board's core, so ``--device
+    sim`` and ``--device sim-board`` train the same model.
 ``sine``
     Sequence-to-sequence regression, sine generation: a constant cue
     ``c ∈ [−1, 1]`` on every step; the output must trace ``0.3·sin(ω t)`` with
@@ -163,15 +165,15 @@ def make_oscillators(n_train: int = 128, n_test: int = 64, t: int = 64, seed: in
     w = rng.uniform(0.5, 2.0, (s, 2))
     ph = rng.uniform(0.0, 2 * np.pi, (s, 2))
     amp = rng.uniform(0.2, 0.6, (s, 2))
-    u = np.sum(amp[:, None] * np.sin(w[:, None] * time[None, :, None] + ph[:, None]), axis=2)[..., None]
-    teacher = _init_like(np.random.default_rng(seed + 1), 8, 8, 1)
+    u = amp[:, None] * np.sin(w[:, None] * time[None, :, None] + ph[:, None])  # (S, T, 2)
+    teacher = _init_like(np.random.default_rng(seed + 1), 8, 8, 2)
     teacher["W"] *= 2.5
     teacher["B"] *= 3.0
     y = floatpath.outputs(teacher, u, dt, 1)
     y *= 0.3 / np.sqrt(np.mean(y * y))
     split = np.r_[np.zeros(n_train, int), np.ones(n_test, int)]
     return Task("oscillators", "regression", u=u, split=split, o=1, y=y, mask=np.ones((s, t), bool),
-                dt=dt, defaults=dict(oscillators=8, hidden=8, epochs=10, batch=8, lr=0.01),
+                dt=dt, defaults=dict(oscillators=16, hidden=16, epochs=10, batch=8, lr=0.02),
                 description="driven oscillators follow a teacher network's output trajectory (MSE every step)")
 
 
