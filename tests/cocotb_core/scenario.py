@@ -189,53 +189,118 @@ class ScenarioBuilder:
             self.read_state(b)
 
 
-def standard_scenario(cfg: HelConfig, seed: int, t: int | None = None,
-                      selftest_steps: int | None = None) -> list[Step]:
-    """Everything the issue asks for, on one configuration (a few thousand cycles)."""
-    sb = ScenarioBuilder(cfg, seed)
-    t = t if t is not None else min(cfg.t_max, 6)
-    # wrong state on a fresh core, bad arguments
-    sb.forward()
-    sb.echo(sb.random_nudges(1), kick=True)
+def _prologue(sb: ScenarioBuilder, t: int, w_scale: float = 1.0) -> None:
+    sb.write_params(sb.random_params(w_scale))
+    sb.load(sb.random_inputs(t))
+
+
+def scenario_protocol(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
+    """Wrong-state and bad-argument commands (no stream word may be taken), the
+    parameter round trip, and which commands consume or keep a FORWARD."""
+    sb.forward()                              # nothing loaded
+    sb.echo(sb.random_nudges(1), kick=True)   # nothing forwarded
     sb.bad_load(0)
     sb.bad_load(cfg.t_max + 1)
     sb.bad_bank()
     sb.write_params(sb.random_params())
     sb.read_params()
-    # sample 1: centred forward + echo, then echo again is a wrong state
     sb.load(sb.random_inputs(t))
+    sb.echo(None)                             # loaded but not forwarded
     sb.forward()
+    sb.write_params(sb.random_params())       # parameters may change between passes
+    sb.read_params()
     sb.echo(None)
+    sb.echo(None)                             # the echo consumed the forward
+    sb.forward(one_sided=True)
+    sb.load(sb.random_inputs(t))              # a new sequence drops the forward
+    sb.echo(None)
+    sb.forward()
+    sb.selftest(2, seed=7)                    # so does the self-test
+    sb.echo(None)
+    sb.read_acc()
+
+
+def scenario_centred(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
+    """Centred forward + echo on two samples: outputs, all banks, accumulation."""
+    _prologue(sb, t)
+    sb.forward()
     sb.echo(None)
     sb.read_all_states()
     sb.read_acc()
-    # sample 2 accumulates on top
     sb.load(sb.random_inputs(max(1, t - 1)))
     sb.forward()
     sb.echo(None)
-    sb.read_acc()
     sb.read_all_states()
-    # one-sided
-    sb.clear_acc()
+    sb.read_acc()
+
+
+def scenario_one_sided(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
+    """One-sided: the forward pass accumulates −G(0), the echo adds G(+ε)."""
+    _prologue(sb, t)
     sb.forward(one_sided=True)
     sb.read_acc()
+    sb.read_state("fwd")
     sb.echo(None)
     sb.read_acc()
     sb.read_state("pos")
-    # kick-only (HEB) echo after a centred forward
+    sb.forward(one_sided=True)
+    sb.echo(np.zeros((t, cfg.o), dtype=np.int64))   # un-nudged: contrast cancels
+    sb.read_acc()
+    sb.read_state("pos")
+
+
+def scenario_kick(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
+    """Final-step loss (HEB): one nudge row before the first echo step only."""
+    _prologue(sb, t)
     sb.forward()
     sb.echo(None, kick=True)
     sb.read_all_states()
     sb.read_acc()
-    # self-test keeps accumulators and the loaded sequence
-    sb.selftest(selftest_steps or cfg.t_max + 3, seed=int(sb.rng.integers(0, 2**32)))
-    sb.read_state("fwd")
-    sb.echo(None)          # wrong state: the self-test consumed the forward
-    sb.forward()
+    sb.forward(one_sided=True)
+    sb.echo(None, kick=True)
+    sb.read_state("pos")
     sb.read_acc()
+
+
+def scenario_selftest(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
+    """Self-test longer than t_max; it keeps accumulators and the loaded sequence."""
+    _prologue(sb, t)
+    sb.forward()
+    sb.echo(None)
+    sb.selftest(cfg.t_max + 3, seed=int(sb.rng.integers(0, 2**32)))
+    sb.read_state("fwd")
+    sb.read_acc()
+    sb.forward()
     sb.clear_flags()
     sb.clear_acc()
     sb.read_acc()
+
+
+SCENARIOS = {
+    "protocol": scenario_protocol,
+    "centred": scenario_centred,
+    "one_sided": scenario_one_sided,
+    "kick": scenario_kick,
+    "selftest": scenario_selftest,
+}
+
+
+def build_scenario(name: str, cfg: HelConfig, seed: int, t: int | None = None) -> list[Step]:
+    """The steps of scenario ``name`` (a key of :data:`SCENARIOS` or ``"overflow"``)."""
+    t = t if t is not None else min(cfg.t_max, 6)
+    if name == "overflow":
+        return overflow_scenario(cfg, seed, cfg.t_max)
+    sb = ScenarioBuilder(cfg, seed)
+    SCENARIOS[name](cfg, sb, t)
+    return sb.steps
+
+
+def standard_scenario(cfg: HelConfig, seed: int, t: int | None = None) -> list[Step]:
+    """All of :data:`SCENARIOS` back to back on one core (the Amaranth-sim smoke test)."""
+    t = t if t is not None else min(cfg.t_max, 6)
+    sb = ScenarioBuilder(cfg, seed)
+    for fn in SCENARIOS.values():
+        fn(cfg, sb, t)
     return sb.steps
 
 

