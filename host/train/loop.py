@@ -266,8 +266,8 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         # board) has its own, reported by IDENT, and the run adapts to it below.
         try:
             dev = factory(device_spec, cfg if device_spec in IN_PROCESS_DEVICES else None)
-        except DEVICE_FAILURES as e:
-            msg = str(e)
+        except Exception as e:  # noqa: BLE001 - any failure to open is reported in one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(msg if msg.startswith("cannot open device")
                              else f"cannot open device {device_spec!r}: {msg}") from None
         try:
