@@ -1,0 +1,113 @@
+"""The top level: UART pins → frame decoder → command unit ↔ HEL core → frame encoder → UART.
+
+:class:`Top` is what every board (and the Verilator-simulated board) builds: two
+pins, ``rx`` and ``tx``, everything in the default ``sync`` domain, no
+``platform.request`` (board wrappers in ``boards/`` connect pins and clocks)::
+
+    rx ─► UART ─► FrameDecoder ─► CommandUnit ◄─► ResetInserter(HELCore)
+    tx ◄─ UART ◄─ FrameEncoder ◄─────┘
+
+:class:`Device` is the same without the UART (byte streams in and out), for
+tests and for anything that brings its own byte transport.
+"""
+
+
+from amaranth.hdl import Module, ResetInserter
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from rtl.command import CommandUnit
+from rtl.core import HELCore
+from rtl.formats import HelConfig
+from rtl.framing import FrameDecoder, FrameEncoder
+from rtl.uart import UART, divisor_for
+
+__all__ = ["Device", "Top"]
+
+
+class Device(wiring.Component):
+    """Frame codec, command unit and core between two byte streams.
+
+    Parameters
+    ----------
+    cfg, clk_hz, baud, name :
+        As for :class:`Top` (``clk_hz``/``baud`` are only reported by IDENT here).
+    rx_depth : int
+        The decoder's receive ring in bytes (2048: one maximal frame plus one unread
+        chunk, see :mod:`rtl.protocol`).
+
+    Attributes
+    ----------
+    sink : In(stream.Signature(8, always_ready=True))
+        Bytes from the line (never back-pressured, like a UART receiver).
+    source : Out(stream.Signature(8))
+        Bytes for the line.
+    """
+
+    def __init__(self, cfg: HelConfig, clk_hz: int, baud: int, name: str = "hel-fpga", *,
+                 rx_depth: int = 2048):
+        self.cfg = cfg
+        self.clk_hz, self.baud, self.name = clk_hz, baud, name
+        self.rx_depth = rx_depth
+        super().__init__({
+            "sink": In(stream.Signature(8, always_ready=True)),
+            "source": Out(stream.Signature(8)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.decoder = decoder = FrameDecoder(depth=self.rx_depth)
+        m.submodules.encoder = encoder = FrameEncoder()
+        core = HELCore(self.cfg)
+        m.submodules.command = cu = CommandUnit(self.cfg, clk_hz=self.clk_hz, baud=self.baud,
+                                                name=self.name, core_signature=core.signature)
+        m.submodules.core = ResetInserter({"sync": cu.core_rst})(core)
+        wiring.connect(m, wiring.flipped(self.sink), decoder.sink)
+        wiring.connect(m, decoder.source, cu.rx)
+        wiring.connect(m, decoder.error, cu.rx_error)
+        wiring.connect(m, cu.core, core)
+        wiring.connect(m, cu.tx, encoder.sink)
+        wiring.connect(m, encoder.source, wiring.flipped(self.source))
+        return m
+
+
+class Top(wiring.Component):
+    """The whole device behind two UART pins.
+
+    Parameters
+    ----------
+    cfg : HelConfig
+        The core's configuration.
+    clk_hz : int
+        Frequency of the ``sync`` clock.
+    baud : int
+        UART bit rate; the divisor is :func:`rtl.uart.divisor_for` ``(clk_hz, baud)``
+        (at least 4 clocks per bit, within 1.5 %). IDENT reports ``clk_hz`` and ``baud``.
+    name : str
+        Board name reported by IDENT.
+
+    Attributes
+    ----------
+    rx : In(1)
+        UART receive line (idle high).
+    tx : Out(1)
+        UART transmit line (idle high).
+    """
+
+    rx: In(1, init=1)
+    tx: Out(1, init=1)
+
+    def __init__(self, cfg: HelConfig, clk_hz: int, baud: int, name: str = "hel-fpga"):
+        self.cfg = cfg
+        self.clk_hz, self.baud, self.name = clk_hz, baud, name
+        self.divisor = divisor_for(clk_hz, baud)
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.uart = uart = UART(self.divisor)
+        m.submodules.device = device = Device(self.cfg, self.clk_hz, self.baud, self.name)
+        wiring.connect(m, uart.source, device.sink)
+        wiring.connect(m, device.source, uart.sink)
+        m.d.comb += [uart.rx.eq(self.rx), self.tx.eq(uart.tx)]
+        return m
