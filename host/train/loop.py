@@ -142,7 +142,9 @@ def _check_settings(s: dict, task: Task) -> None:
 
 
 #: Devices that live in this process and are built from the run's configuration.
-IN_PROCESS_DEVICES = ("sim", "model")
+#: Devices built for the run's own configuration: the in-process models, and the
+#: Verilator-simulated board (built and cached per configuration on first use).
+IN_PROCESS_DEVICES = ("sim", "model", "sim-board")
 
 
 def _pad_inputs(task: Task, k: int) -> None:
@@ -262,8 +264,8 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         except TaskError as e:
             raise UsageError(str(e)) from None
         factory = device_factory or open_device
-        # In-process devices take the run's configuration; a board (or the simulated
-        # board) has its own, reported by IDENT, and the run adapts to it below.
+        # In-process devices and the simulated board take the run's configuration; a
+        # real board has its own, reported by IDENT, and the run adapts to it below.
         try:
             dev = factory(device_spec, cfg if device_spec in IN_PROCESS_DEVICES else None)
         except Exception as e:  # noqa: BLE001 - any failure to open is reported in one line
