@@ -180,8 +180,9 @@ class HELCore(wiring.Component):
         Pulses when a step's first product is issued (for benchmarks; not a port).
     probes : dict
         Internal memories and signals for simulation tests, filled by ``elaborate``
-        (``xmem``, ``amem``, ``smem``, ``u``, ``k_valid``/``k_i``/``k_f``/``k_slot``:
-        finished force sums entering the state unit, ``z_valid``/``z_out``/``z_tag``).
+        (``pmem``, ``bmem``, ``xmem``, ``amem``, ``smem``, ``u``, ``k_valid``/``k_i``/``k_f``/``k_slot``:
+        finished force sums entering the state unit, ``z_valid``/``z_out``/``z_tag``,
+        ``a_valid``/``a``/``a_tag``: activations written, tag = bank | j << 1).
     """
 
     def __init__(self, cfg: HelConfig):
@@ -442,8 +443,9 @@ class HELCore(wiring.Component):
         ser_r = Signal(range(max(RN, 2)))
         ser_ibase = Signal(range(N + P))
         ser_start = Signal()
-        m.d.comb += ser_start.eq(tag3.valid & (tag3.phase == _PH_B) & tag3.last
-                                 & (tag3.sub == nb_last))
+        # start with the +ε bank's last product: its sums are final one cycle before the
+        # −ε bank's, which the serializer reaches a cycle later anyway
+        m.d.comb += ser_start.eq(tag3.valid & (tag3.phase == _PH_B) & tag3.last & ~tag3.sub)
         ser_done = Signal()
         m.d.comb += ser_done.eq((ser_p == P - 1) & (ser_slot == nb_last))
         with m.If(ser_start):
@@ -456,7 +458,7 @@ class HELCore(wiring.Component):
                 m.d.sync += ser_slot.eq(1)
             with m.Else():
                 m.d.sync += [ser_slot.eq(0), ser_p.eq(ser_p + 1)]
-        # K stage: the selected force sum, registered
+        # the selected force sum (comb; the kick is rounded into the U0 register)
         k_valid = Signal()
         k_f = Signal(signed(g.f_width))
         k_i = Signal(range(N + P))
@@ -469,7 +471,7 @@ class HELCore(wiring.Component):
                 for s in range(2):
                     with m.Case(s | (p << 1)):
                         m.d.comb += ser_f.eq(lanes[p].kick1 if s else lanes[p].kick0)
-        m.d.sync += [k_valid.eq(ser_active & (ser_ibase + ser_p < N)), k_f.eq(ser_f),
+        m.d.comb += [k_valid.eq(ser_active & (ser_ibase + ser_p < N)), k_f.eq(ser_f),
                      k_i.eq(ser_ibase + ser_p), k_p.eq(ser_p), k_r.eq(ser_r), k_slot.eq(ser_slot)]
         ks = cfg.kick_shift
         k_kick = Signal(signed(g.kick_width))
@@ -548,19 +550,17 @@ class HELCore(wiring.Component):
         qo_lo, qo_hi = -(1 << (ow - 1)), (1 << (ow - 1)) - 1
         qo = Signal(signed(ow))
         m.d.comb += qo.eq(Mux(qo_wide < qo_lo, qo_lo, Mux(qo_wide > qo_hi, qo_hi, qo_wide)))
-        u5 = Signal(uop_layout)
-        qo_r = Signal(signed(ow))
-        m.d.sync += [u5.eq(u4), qo_r.eq(qo)]
         for p in range(P):
-            m.d.comb += [xw[p].addr.eq(Mux(u5.slot, RN + u5.r, u5.r)), xw[p].data.eq(qo_r),
-                         xw[p].en.eq(u5.valid & u5.next & (u5.p == p))]
+            m.d.comb += [xw[p].addr.eq(Mux(u4.slot, RN + u4.r, u4.r)), xw[p].data.eq(qo),
+                         xw[p].en.eq(u4.valid & u4.next & (u4.p == p))]
         m.d.comb += state_ovf_set.eq(
             (u1.valid & ((u1.upd & qh_ovf) | w2_ovf))
             | (u2.valid & ((u2.upd & q2_ovf) | (u2.nudge & wn_ovf)))
             | (u3.valid & u3.next & qn_ovf))
         state_busy = Signal()
-        m.d.comb += state_busy.eq(ser_active | k_valid | u0.valid | u1.valid | u2.valid
-                                  | u3.valid | u4.valid | u5.valid)
+        # U4 (the operand memory write) is left out: a step may issue its first read in
+        # the cycle after that write
+        m.d.comb += state_busy.eq(ser_active | u0.valid | u1.valid | u2.valid | u3.valid)
 
         # ---------------------------------------------------------------- input loader
         ul_busy = Signal()
@@ -972,8 +972,10 @@ class HELCore(wiring.Component):
         with m.If(a_inc):
             m.d.sync += a_count.eq(a_count + 1)
 
-        self.probes.update(xmem=xmem, amem=amem, smem=smem, u=u_cur, k_valid=k_valid, k_i=k_i,
-                           k_f=k_f, k_slot=k_slot, z_valid=z_valid, z_out=z_out, z_tag=z_tag)
+        self.probes.update(pmem=pmem, bmem=bmem, xmem=xmem, amem=amem, smem=smem, u=u_cur,
+                           k_valid=k_valid, k_i=k_i, k_f=k_f, k_slot=k_slot, z_valid=z_valid,
+                           z_out=z_out, z_tag=z_tag, a_valid=tanh.a_valid, a=tanh.a,
+                           a_tag=tanh.a_tag)
         # the b memory is read one stage ahead of the z adder (the walker owns it in RPARAM)
         with m.If(tagz_prev.valid & (tagz_prev.phase == _PH_A)):
             m.d.comb += br.addr.eq(tagz_prev.j)

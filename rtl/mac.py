@@ -261,12 +261,13 @@ class MacLane(wiring.Component):
         b_r = Signal(signed(ow))
         m.d.sync += [a_r.eq(self.a), b_r.eq(self.b), self.p.eq(a_r * b_r)]
 
+        # one adder for both banks: their products alternate cycle by cycle
         facc = [Signal(signed(self._fw), name=f"facc{s}") for s in range(2)]
         kick = [self.kick0, self.kick1]
+        total = Signal(signed(self._fw))
+        m.d.comb += total.eq(Mux(self.f_slot, facc[1], facc[0]) + self.p)
         for s in range(2):
             with m.If(self.f_en & (self.f_slot == s)):
-                total = Signal(signed(self._fw), name=f"ftotal{s}")
-                m.d.comb += total.eq(facc[s] + self.p)
                 with m.If(self.f_first):
                     m.d.sync += facc[s].eq(self.p << self.cfg.alpha_shift)
                 with m.Else():

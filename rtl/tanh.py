@@ -7,7 +7,15 @@ one read gives both and the unit accepts one argument per cycle::
     zt   = saturate(rshift_round(z, z_shift), z_width)        (z format)
     off  = zt + 2^(z_width-1)                                 (flip the sign bit)
     idx, frac = off >> fb, off mod 2^fb                       (fb = tanh_frac_bits)
-    a    = lo[idx] + rshift_round(d[idx] · frac, fb)          (operand format)
+    a    = lo[idx] + rshift_round(d[idx] · frac, fb)          (activation format)
+
+The knots are odd-symmetric (``K[2^s − i] = −K[i]``: the knot positions are
+symmetric and rounding to nearest commutes with negation), so the ROM holds only
+the upper half of the segments: a lower segment ``idx`` uses the entry of its
+mirror ``2^s − 1 − idx`` (same ``d``, ``lo = −(K + d)``). This halves the largest
+ROM of the core (1024 segments: 8 → 4 iCE40 block RAMs). :func:`tanh_rom`
+checks the symmetry and falls back to the full table if a table ever lacks it;
+the interpolation itself is unchanged, so the result is bit-exact either way.
 
 Pipeline (``LATENCY`` = 4 registers): round; saturate + ROM address (the
 ROM's output register); interpolation product; sum. The interpolation multiplier is small
@@ -16,7 +24,7 @@ ROM's output register); interpolation product; sum. The interpolation multiplier
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -26,15 +34,19 @@ from rtl.formats import HelConfig, saturate
 __all__ = ["TanhUnit", "tanh_rom"]
 
 
-def tanh_rom(cfg: HelConfig) -> tuple[list[int], int]:
-    """ROM words ``(lo, d)`` packed as ``lo | d << operand_width``, and the width of ``d``."""
+def tanh_rom(cfg: HelConfig) -> tuple[list[int], int, bool]:
+    """ROM words ``(lo, d)`` packed as ``lo | d << operand_width``, the width of ``d``,
+    and whether the table is the upper half only (odd symmetry)."""
     knots = [int(x) for x in cfg.tanh_knots()]
-    deltas = [knots[i + 1] - knots[i] for i in range(len(knots) - 1)]
+    segs = len(knots) - 1
+    deltas = [knots[i + 1] - knots[i] for i in range(segs)]
     dw = max(max(abs(d) for d in deltas).bit_length() + 1, 2)
     ow = cfg.operand_width
-    words = [(lo & ((1 << ow) - 1)) | ((d & ((1 << dw) - 1)) << ow)
-             for lo, d in zip(knots[:-1], deltas)]
-    return words, dw
+    half = segs >= 2 and all(knots[segs - i] == -knots[i] for i in range(segs + 1))
+    first = segs // 2 if half else 0
+    words = [(knots[i] & ((1 << ow) - 1)) | ((deltas[i] & ((1 << dw) - 1)) << ow)
+             for i in range(first, segs)]
+    return words, dw, half
 
 
 class TanhUnit(wiring.Component):
@@ -67,7 +79,8 @@ class TanhUnit(wiring.Component):
         m = Module()
         cfg = self.cfg
         ow, zw, zs, fb = cfg.operand_width, cfg.z_width, cfg.z_shift, cfg.tanh_frac_bits
-        words, dw = tanh_rom(cfg)
+        words, dw, half = tanh_rom(cfg)
+        s = cfg.tanh_segments_log2
         rom = m.submodules.rom = Memory(shape=unsigned(ow + dw), depth=len(words), init=words)
         rp = rom.read_port()
 
@@ -98,12 +111,20 @@ class TanhUnit(wiring.Component):
         off = Signal(unsigned(zw))
         m.d.comb += off.eq(zt.as_unsigned() ^ (1 << (zw - 1)))
         frac2 = Signal(unsigned(fb))
-        m.d.comb += rp.addr.eq(off[fb:])
+        mirror2 = Signal()
+        idx = off[fb:]
+        if half:   # lower half: the mirrored segment's entry (~idx in the low s-1 bits)
+            m.d.comb += rp.addr.eq(Mux(idx[s - 1], idx[:s - 1], ~idx[:s - 1]))
+            m.d.sync += mirror2.eq(~idx[s - 1])
+        else:
+            m.d.comb += rp.addr.eq(idx)
         m.d.sync += frac2.eq(off[:fb])
         # 3: interpolation product
         lo3 = Signal(signed(ow))
         d3 = Signal(signed(dw))
-        m.d.comb += [lo3.eq(rp.data[:ow].as_signed()), d3.eq(rp.data[ow:].as_signed())]
+        k3 = Signal(signed(ow))
+        m.d.comb += [k3.eq(rp.data[:ow].as_signed()), d3.eq(rp.data[ow:].as_signed()),
+                     lo3.eq(Mux(mirror2, -(k3 + d3), k3))]
         prod4 = Signal(signed(dw + fb + 1))
         lo4 = Signal(signed(ow))
         m.d.sync += [prod4.eq(d3 * frac2), lo4.eq(lo3)]

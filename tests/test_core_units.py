@@ -1,0 +1,345 @@
+"""Sub-blocks of the HEL core in Amaranth's simulator, each against the golden model.
+
+* tanh unit: exhaustively over the saturated z of the default (iCE40) format, and
+  over wide sums (rounding + saturation) for 16- and 18-bit formats, against
+  ``HelConfig.tanh_int`` / ``GoldenCore.activations``' arithmetic.
+* self-test generator: ``Mix32`` against ``sim.golden.mix32``.
+* MAC lane: force sums of single-bank and interleaved ±ε sequences, against
+  ``GoldenCore.kick``.
+* accumulator group: random read-modify-write streams with wraps, against the
+  golden accumulator semantics (wrap every update, sticky flag).
+* lane scheduling in the core: the activations and kicks of every step of a
+  forward pass and a centred echo, for P = 1, 2, 3, against ``GoldenCore``'s
+  ``operands`` / ``activations`` / ``kick``; the parameter layout of WRITE_PARAMS
+  against ``LaneGeometry.param_location``.
+* the whole core, bit-exact on all scenarios, for one small configuration (the
+  Verilator suite in ``test_core_cocotb.py`` covers more).
+
+``WAVES=1`` writes a VCD per core-level test under ``build/waves/``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from rtl.core import HELCore, Mix32, Op
+from rtl.formats import ECP5_OPERAND, HelConfig, rshift_round, saturate, wrap
+from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
+from rtl.tanh import TanhUnit
+from sim.golden import GoldenCore, mix32
+
+from cocotb_core.amaranth_tb import run_scenario
+from cocotb_core.scenario import ScenarioBuilder, canonical, pack_cmd, standard_scenario
+
+
+def _run(dut, bench, vcd=None):
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    if vcd:
+        with sim.write_vcd(str(vcd)):
+            sim.run()
+    else:
+        sim.run()
+
+
+# ----------------------------------------------------------------------------- tanh
+def _tanh_stream(cfg: HelConfig, zs_in: list[int]) -> list[int]:
+    dut = TanhUnit(cfg, LaneGeometry(cfg).z_width)
+    out = []
+
+    async def bench(ctx):
+        for i in range(len(zs_in) + dut.LATENCY):
+            if i < len(zs_in):
+                ctx.set(dut.z, zs_in[i])
+                ctx.set(dut.valid, 1)
+            else:
+                ctx.set(dut.valid, 0)
+            await ctx.tick()
+            if ctx.get(dut.a_valid):
+                out.append(ctx.get(dut.a))
+    _run(dut, bench)
+    return out
+
+
+def test_tanh_unit_exhaustive_over_z():
+    cfg = HelConfig()
+    zw = cfg.z_width
+    zt = np.arange(-(1 << (zw - 1)), 1 << (zw - 1), dtype=np.int64)
+    got = _tanh_stream(cfg, [int(z) << cfg.z_shift for z in zt])
+    assert np.array_equal(np.array(got), cfg.tanh_int(zt))
+
+
+@pytest.mark.parametrize("ops", [{}, ECP5_OPERAND], ids=["ice40", "ecp5"])
+def test_tanh_unit_rounds_and_saturates_wide_sums(ops):
+    cfg = HelConfig(**ops)
+    rng = np.random.default_rng(5)
+    zw, zs = cfg.z_width, cfg.z_shift
+    span = 1 << (zw - 1 + zs)
+    z = np.concatenate([rng.integers(-4 * span, 4 * span, 4000),           # saturating
+                        rng.integers(-span, span, 4000),                     # in range
+                        (np.arange(-200, 200) << zs) + (1 << (zs - 1)),      # rounding ties
+                        (np.arange(-200, 200) << zs) + (1 << (zs - 1)) - 1])
+    want = cfg.tanh_int(saturate(rshift_round(z, zs), zw))
+    assert np.array_equal(np.array(_tanh_stream(cfg, [int(x) for x in z])), want)
+
+
+# ----------------------------------------------------------------------------- mix32
+def test_mix32_matches_golden():
+    dut = Mix32(tag_width=4)
+    rng = random.Random(3)
+    xs = [rng.getrandbits(32) for _ in range(500)] + [0, 0xFFFF_FFFF, 1, 0x8000_0000]
+    out = []
+
+    async def bench(ctx):
+        for i in range(len(xs) + dut.LATENCY):
+            ctx.set(dut.valid, int(i < len(xs)))
+            if i < len(xs):
+                ctx.set(dut.x, xs[i])
+            await ctx.tick()
+            if ctx.get(dut.y_valid):
+                out.append(ctx.get(dut.y))
+    _run(dut, bench)
+    assert out == [mix32(x) for x in xs]
+
+
+# ----------------------------------------------------------------------------- MAC lane
+@pytest.mark.parametrize("ops", [{}, ECP5_OPERAND], ids=["ice40", "ecp5"])
+def test_mac_lane_force_sums_match_golden_kick(ops):
+    """One lane computes F_i = (α_i qo_i << alpha_shift) + Σ_j W_ji a_j for a few
+    oscillators, single-bank and with the ±ε banks interleaved cycle by cycle."""
+    cfg = HelConfig(n=3, m=7, k=1, **ops)
+    rng = np.random.default_rng(1)
+    golden = GoldenCore(cfg)
+    lo, hi = cfg.param.min_int, cfg.param.max_int
+    golden.write_params(W=rng.integers(lo, hi + 1, (cfg.m, cfg.n)),
+                        B=np.zeros((cfg.m, cfg.k), dtype=np.int64),
+                        b=np.zeros(cfg.m, dtype=np.int64),
+                        alpha=rng.integers(lo, hi + 1, cfg.n))
+    p = golden.params
+    ow = cfg.operand_width
+    qo = rng.integers(-(1 << (ow - 1)), 1 << (ow - 1), (2, cfg.n))
+    a = rng.integers(cfg.act.min_int, cfg.act.max_int + 1, (2, cfg.m))
+    want = golden.kick(qo, a)                 # (banks, n)
+
+    for banks in (1, 2):
+        dut = MacLane(cfg)
+        got = {}
+        # the slots, bank innermost (as the core issues them)
+        slots = []
+        for i in range(cfg.n):
+            for t in range(cfg.m + 1):
+                for s in range(banks):
+                    if t == 0:
+                        slots.append((int(p["alpha"][i]), int(qo[s, i]), i, s, 1, 0))
+                    else:
+                        slots.append((int(p["W"][t - 1, i]), int(a[s, t - 1]), i, s, 0,
+                                      int(t == cfg.m)))
+
+        async def bench(ctx):
+            pipe = [None, None]
+            for n in range(len(slots) + 4):
+                cur = slots[n] if n < len(slots) else None
+                if cur:
+                    ctx.set(dut.a, cur[0])
+                    ctx.set(dut.b, cur[1])
+                s3 = pipe[0]          # the slot whose product is in the output register now
+                ctx.set(dut.f_en, int(s3 is not None))
+                if s3:
+                    ctx.set(dut.f_first, s3[4])
+                    ctx.set(dut.f_last, s3[5])
+                    ctx.set(dut.f_slot, s3[3])
+                await ctx.tick()
+                if s3 and s3[5]:
+                    f = ctx.get(dut.kick1 if s3[3] else dut.kick0)
+                    got[(s3[3], s3[2])] = rshift_round(int(f), cfg.kick_shift)
+                pipe = [pipe[1], cur]
+        _run(dut, bench)
+        for s in range(banks):
+            for i in range(cfg.n):
+                assert got[(s, i)] == want[s, i], (banks, s, i)
+
+
+# ----------------------------------------------------------------------------- accumulators
+@pytest.mark.parametrize("lanes,subtract", [(2, 0), (2, 1), (1, 0)])
+def test_accumulator_group_wraps_and_flags_like_golden(lanes, subtract):
+    """Random contrast terms, big enough to wrap the narrowest legal accumulator."""
+    cfg = HelConfig(n=3, m=2, k=1, t_max=1, lanes=2)
+    cfg = cfg.replace(acc_width=cfg.acc_min_width)
+    g = LaneGeometry(cfg)
+    dut = AccumulatorGroup(cfg, lanes=lanes)
+    aw, dwid = cfg.acc_width, g.diff_width
+    rng = random.Random(lanes * 10 + subtract)
+    ref = np.zeros(g.acc_depth, dtype=object)
+    ops = []
+    for _ in range(300):
+        e = rng.randrange(g.elems)
+        d = [rng.randrange(-(1 << (dwid - 1)), 1 << (dwid - 1)) >> rng.choice([0, 0, 8, 20])
+             for _ in range(2)]
+        en = [rng.random() < 0.9, rng.random() < 0.9]
+        ops.append((e, d, en))
+    flags = []       # per op: did the golden update wrap?
+    for e, d, en in ops:
+        wrapped = False
+        for li in range(lanes):
+            if en[li]:
+                addr = e * g.group_lanes + li
+                s = ref[addr] + (-d[li] if subtract else d[li])
+                w = wrap(s, aw)
+                wrapped |= (w != s)
+                ref[addr] = w
+        flags.append(wrapped)
+    got_flags = []
+    readback = []
+
+    async def bench(ctx):
+        ctx.set(dut.subtract, subtract)
+        for e, d, en in ops:
+            ctx.set(dut.valid, 1)
+            ctx.set(dut.elem, e)
+            ctx.set(dut.diff0, d[0])
+            ctx.set(dut.diff1, d[1])
+            ctx.set(dut.en0, int(en[0]))
+            ctx.set(dut.en1, int(en[1]))
+            ovf = 0
+            for _ in range(2):            # one update every second cycle, as in the core
+                await ctx.tick()
+                ctx.set(dut.valid, 0)
+                ovf |= ctx.get(dut.overflow)
+            got_flags.append(ovf)
+        for _ in range(3):
+            await ctx.tick()
+        ctx.set(dut.ext, 1)
+        for addr in range(g.acc_depth):
+            ctx.set(dut.ext_raddr, addr)
+            await ctx.tick()
+            readback.append(ctx.get(dut.ext_rdata))
+    _run(dut, bench)
+    # op n is presented in cycle 2n; its lane-0 update wraps in cycle 2n+1, lane 1 in 2n+2
+    assert any(flags), "the test data should wrap at least once"
+    assert [bool(f) for f in got_flags] == flags
+    used = [e * g.group_lanes + li for e in range(g.elems) for li in range(lanes)]
+    assert [readback[a] for a in used] == [int(ref[a]) for a in used]
+
+
+# ----------------------------------------------------------------------------- core-level
+def _golden_trace(cfg, params, u, nudges):
+    """Per-step (bank, j) → a and (bank, i) → kick of a forward pass and a centred echo,
+    from GoldenCore's own step functions."""
+    g = GoldenCore(cfg)
+    g.write_params(**params)
+    trace = []
+    q = np.zeros((1, cfg.n), dtype=np.int64)
+    w = q.copy()
+
+    def one(q, w, ut):
+        qh = wrap(q + w, cfg.state_width)
+        qo = g.operands(qh)
+        a = g.activations(qo, ut)
+        trace.append((a, g.kick(qo, a)))
+        return g.step(q, w, ut)[:2]
+    for t in range(len(u)):
+        q, w = one(q, w, u[t][None])
+    lo = cfg.n - cfg.o
+    q = np.repeat(q, 2, axis=0)
+    w = wrap(-np.repeat(w, 2, axis=0), cfg.state_width)
+    signs = np.array([[1], [-1]])
+    for s in range(len(u)):
+        w[:, lo:] = wrap(w[:, lo:] + signs * nudges[s], cfg.state_width)
+        q, w = one(q, w, u[len(u) - 1 - s][None])
+    return trace
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_lane_schedule_activations_and_kicks_match_golden(lanes, waves_path):
+    cfg = HelConfig(n=5, m=4, k=2, o=2, t_max=4, lanes=lanes, acc_width=46)
+    sb = ScenarioBuilder(cfg, 20 + lanes)
+    params = sb.random_params()
+    t_len = 3
+    u = sb.random_inputs(t_len)
+    nudges = sb.random_nudges(t_len)
+    trace = _golden_trace(cfg, params, u, nudges)
+    dut = HELCore(cfg)
+    seen_a, seen_k = [], []
+
+    async def bench(ctx):
+        pr = dut.probes
+        ctx.set(dut.done.ready, 1)
+        ctx.set(dut.outputs.ready, 1)
+        for op, stream, words in [(Op.WRITE_PARAMS, dut.params_in, canonical(params)),
+                                  (Op.LOAD, dut.inputs, [int(x) for x in u.ravel()]),
+                                  (Op.FORWARD, None, []),
+                                  (Op.ECHO, dut.nudges, [int(x) for x in nudges.ravel()])]:
+            ctx.set(dut.cmd.payload.as_value(), pack_cmd(op, length=t_len))
+            ctx.set(dut.cmd.valid, 1)
+            await ctx.tick().until(dut.cmd.ready)
+            ctx.set(dut.cmd.valid, 0)
+            words = list(words)
+            while not ctx.get(dut.done.valid):
+                if stream is not None:
+                    ctx.set(stream.valid, int(bool(words)))
+                    if words:
+                        ctx.set(stream.payload, words[0])
+                        if ctx.get(stream.ready):
+                            words.pop(0)
+                if ctx.get(dut.step_strobe):
+                    seen_a.append({})
+                    seen_k.append({})
+                if ctx.get(pr["a_valid"]):
+                    tag = ctx.get(pr["a_tag"])
+                    seen_a[-1][(tag & 1, tag >> 1)] = ctx.get(pr["a"])
+                if ctx.get(pr["k_valid"]):
+                    f = ctx.get(pr["k_f"])
+                    seen_k[-1][(ctx.get(pr["k_slot"]), ctx.get(pr["k_i"]))] = \
+                        rshift_round(int(f), cfg.kick_shift)
+                await ctx.tick()
+            if stream is not None:
+                ctx.set(stream.valid, 0)
+            await ctx.tick()
+            if op == Op.WRITE_PARAMS:
+                geo = LaneGeometry(cfg)
+                for name, arr in params.items():
+                    for idx in np.ndindex(arr.shape):
+                        kind, lane, addr = geo.param_location(name, idx)
+                        mem = pr["bmem"] if kind == "b" else pr["pmem"][lane]
+                        assert ctx.get(mem.data[addr]) == arr[idx], (name, idx)
+
+    _run(dut, bench, waves_path.with_suffix(".vcd") if waves_path else None)
+    assert len(seen_a) == len(trace) == 2 * t_len
+    for s, (a_g, k_g) in enumerate(trace):
+        banks = 1 if s < t_len else 2
+        for b in range(banks):
+            assert [seen_a[s][(b, j)] for j in range(cfg.m)] == list(a_g[b]), (s, b)
+            assert [seen_k[s][(b, i)] for i in range(cfg.n)] == list(k_g[b]), (s, b)
+
+
+def test_geometry_layout_is_a_bijection():
+    for lanes in (1, 2, 3, 4, 7):
+        cfg = HelConfig(n=7, m=5, k=3, o=2, t_max=4, lanes=lanes, acc_width=46)
+        g = LaneGeometry(cfg)
+        seen_p, seen_a = set(), set()
+        for name, shape in cfg.param_shapes().items():
+            for idx in np.ndindex(shape):
+                kind, lane, addr = g.param_location(name, idx)
+                assert (kind == "b") == (name == "b")
+                assert 0 <= addr < (cfg.m if kind == "b" else g.param_depth) and lane < lanes
+                seen_p.add((kind, lane, addr))
+                grp, aaddr = g.acc_location(name, idx)
+                assert grp < g.groups and 0 <= aaddr < g.acc_depth
+                seen_a.add((grp, aaddr))
+        total = sum(int(np.prod(s)) for s in cfg.param_shapes().values())
+        assert len(seen_p) == len(seen_a) == total
+
+
+# ----------------------------------------------------------------------------- whole core
+def test_core_bit_exact_in_amaranth_sim(waves_path):
+    """All scenarios back to back on one small configuration (P = 2, N ≠ M, O = 2)."""
+    cfg = HelConfig(n=5, m=3, k=2, o=2, t_max=6, lanes=2, acc_width=46)
+    steps = standard_scenario(cfg, seed=11, t=4)
+    errors = run_scenario(cfg, steps, seed=11,
+                          vcd=str(waves_path.with_suffix(".vcd")) if waves_path else None)
+    assert not errors, "\n".join(errors[:20])
