@@ -25,6 +25,12 @@ busy       Out   1                       a command is being executed
 state_overflow, acc_overflow  Out 1      sticky wrap flags (as GoldenCore's)
 ========== ===== ======================= =====================================================
 
+Two fields go beyond the brief's interface, for the command unit: ``skip``
+transfers a subset of the parameter arrays (WRITE/READ_PARAMS of the remaining
+arrays in canonical order; GoldenCore.write_params takes any subset), and
+``no_acc`` repeats a one-sided FORWARD (same outputs, fwd bank and one-sided
+mode) without subtracting G(0) a second time, for protocol retransmissions.
+
 Results: ``OK``; ``WRONG_STATE`` exactly where GoldenCore raises StateError
 (FORWARD with nothing loaded; ECHO without a FORWARD of the loaded sequence);
 ``BAD_ARG`` where GoldenCore raises FormatError/KeyError on a command argument
@@ -108,6 +114,8 @@ CmdLayout = data.StructLayout({
     "kick": unsigned(1),        # ECHO: one nudge row (HEB) instead of T rows
     "bank": unsigned(2),        # READ_STATE: 0 fwd, 1 pos, 2 neg
     "seed": unsigned(32),       # SELFTEST
+    "skip": unsigned(4),        # WRITE/READ_PARAMS: bit i set = leave PARAM_NAMES[i] out
+    "no_acc": unsigned(1),      # FORWARD: accumulate nothing, even when one_sided
 })
 
 DoneLayout = data.StructLayout({
@@ -275,6 +283,7 @@ class HELCore(wiring.Component):
         c_kick = Signal()
         c_bank = Signal(2)
         c_seed = Signal(32)
+        c_skip = Signal(4)
         res = Signal(Result)
         st_pass = Signal()
         loaded_len = Signal(range(cfg.t_max + 1))
@@ -289,6 +298,7 @@ class HELCore(wiring.Component):
         e_st_echo = Signal()  # SELFTEST, second half
         e_nb2 = Signal()     # two working banks (centred echo)
         e_acc = Signal()     # contrast phase C
+        e_one = Signal()     # one-sided FORWARD (the next echo is one-sided)
         e_sub = Signal()     # C subtracts (one-sided forward)
         e_kick = Signal()
         e_flip = Signal()    # pre-step flips (else zeroes) the state
@@ -629,6 +639,7 @@ class HELCore(wiring.Component):
         # ---------------------------------------------------------------- walkers
         pwalk = _Walker(m, g, "param", "pw")
         awalk = _Walker(m, g, "acc", "aw")
+        m.d.comb += [pwalk.skip.eq(c_skip), awalk.skip.eq(0)]
 
         # readout helper register: index into state / clear address
         ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
@@ -655,14 +666,11 @@ class HELCore(wiring.Component):
                 with m.If(self.cmd.valid):
                     m.d.sync += [c_op.eq(cmd.op), c_len.eq(cmd.length), c_one.eq(cmd.one_sided),
                                  c_kick.eq(cmd.kick), c_bank.eq(cmd.bank), c_seed.eq(cmd.seed),
+                                 c_skip.eq(cmd.skip),
                                  res.eq(Result.OK), st_pass.eq(0)]
                     with m.Switch(cmd.op):
-                        with m.Case(Op.WRITE_PARAMS):
-                            m.d.comb += pwalk.reset.eq(1)
-                            m.next = "WPARAM"
-                        with m.Case(Op.READ_PARAMS):
-                            m.d.comb += pwalk.reset.eq(1)
-                            m.next = "RPARAM_ISSUE"
+                        with m.Case(Op.WRITE_PARAMS, Op.READ_PARAMS):
+                            m.next = "PSTART"
                         with m.Case(Op.LOAD):
                             with m.If((cmd.length == 0) | (cmd.length > cfg.t_max)):
                                 m.d.sync += res.eq(Result.BAD_ARG)
@@ -676,7 +684,8 @@ class HELCore(wiring.Component):
                                 m.next = "DONE"
                             with m.Else():
                                 m.d.sync += [e_out.eq(1), e_echo.eq(0), e_st.eq(0), e_st_echo.eq(0),
-                                             e_nb2.eq(0), e_acc.eq(cmd.one_sided),
+                                             e_nb2.eq(0), e_acc.eq(cmd.one_sided & ~cmd.no_acc),
+                                             e_one.eq(cmd.one_sided),
                                              e_sub.eq(1), e_kick.eq(0), e_flip.eq(0),
                                              steps.eq(loaded_len), remaining.eq(loaded_len - 1),
                                              ul_base.eq(0), u_down.eq(0),
@@ -732,7 +741,16 @@ class HELCore(wiring.Component):
                 with m.If(self.done.ready):
                     m.next = "IDLE"
 
-            # ---- parameters in
+            # ---- parameters in/out: the walker needs the latched skip mask
+            with m.State("PSTART"):
+                m.d.comb += pwalk.reset.eq(1)
+                with m.If(c_skip == 0b1111):
+                    m.next = "DONE"
+                with m.Elif(c_op == Op.WRITE_PARAMS):
+                    m.next = "WPARAM"
+                with m.Else():
+                    m.next = "RPARAM_ISSUE"
+
             with m.State("WPARAM"):
                 m.d.comb += self.params_in.ready.eq(1)
                 with m.If(self.params_in.valid):
@@ -966,7 +984,7 @@ class HELCore(wiring.Component):
                         m.next = "PRE"
                     with m.Else():
                         with m.If(e_out):
-                            m.d.sync += fwd_mode.eq(Mux(e_acc, FWD_ONE, FWD_CENTRED))
+                            m.d.sync += fwd_mode.eq(Mux(e_one, FWD_ONE, FWD_CENTRED))
                         m.next = "DONE"
 
         with m.If(a_inc):
@@ -986,20 +1004,23 @@ class HELCore(wiring.Component):
 class _Walker:
     """Canonical-order address generator over the sections of :meth:`LaneGeometry.walk_sections`.
 
-    ``reset``/``step`` are comb strobes; ``lane``, ``addr`` (row base + chunk),
-    ``j`` (row), ``is_b`` (b memory section), ``last`` describe the current word;
-    for accumulators ``group``/``acc_addr`` locate it.
+    ``reset``/``step`` are comb strobes; ``skip`` (one bit per section, W B b α)
+    leaves sections out. ``lane``, ``addr`` (row base + chunk), ``j`` (row),
+    ``is_b`` (b memory section), ``last`` describe the current word; for
+    accumulators ``group``/``acc_addr`` locate it.
     """
 
     def __init__(self, m: Module, g: LaneGeometry, kind: str, name: str):
         secs = g.walk_sections(kind)
+        ns = len(secs)
         P = g.p
         self.reset = Signal(name=f"{name}_reset")
         self.step = Signal(name=f"{name}_step")
+        self.skip = Signal(ns, name=f"{name}_skip")
         maxrows = max(s["rows"] for s in secs)
         maxcols = max(s["c1"] - s["c0"] for s in secs)
         maxaddr = max(s["base0"] + s["rows"] * s["stride"] for s in secs) + g.rmax + 1
-        self.sec = Signal(range(len(secs)), name=f"{name}_sec")
+        self.sec = Signal(range(ns), name=f"{name}_sec")
         self.j = Signal(range(maxrows + 1), name=f"{name}_j")
         self.cc = Signal(range(maxcols + 1), name=f"{name}_cc")
         self.lane = Signal(range(P), name=f"{name}_lane")
@@ -1019,11 +1040,17 @@ class _Walker:
 
         def start(s):
             sd = secs[s]
-            return [self.lane.eq(sd["c0"] % P), self.chunk.eq(sd["c0"] // P),
+            return [self.sec.eq(s), self.lane.eq(sd["c0"] % P), self.chunk.eq(sd["c0"] // P),
                     self.base.eq(sd["base0"]), self.cc.eq(0), self.j.eq(0)]
 
+        def first_of(candidates):
+            """Go to the first section of ``candidates`` not skipped (priority chain)."""
+            for n, s in enumerate(candidates):
+                with (m.If if n == 0 else m.Elif)(~self.skip[s]):
+                    m.d.sync += start(s)
+
         with m.If(self.reset):
-            m.d.sync += [self.sec.eq(0)] + start(0)
+            first_of(range(ns))
         with m.Elif(self.step):
             with m.Switch(self.sec):
                 for s, sd in enumerate(secs):
@@ -1039,14 +1066,13 @@ class _Walker:
                             m.d.sync += [self.cc.eq(0), self.lane.eq(sd["c0"] % P),
                                          self.chunk.eq(sd["c0"] // P), self.j.eq(self.j + 1),
                                          self.base.eq(self.base + sd["stride"])]
-                        elif_next = s + 1 < len(secs)
-                        if elif_next:
+                        if s + 1 < ns:
                             with m.Else():
-                                m.d.sync += [self.sec.eq(s + 1)] + start(s + 1)
+                                first_of(range(s + 1, ns))
         with m.Switch(self.sec):
             for s, sd in enumerate(secs):
                 with m.Case(s):
                     m.d.comb += self.is_b.eq(sd["mem"] == "b")
-                    if s == len(secs) - 1:
-                        m.d.comb += self.last.eq((self.j == sd["rows"] - 1)
-                                                 & (self.cc == sd["c1"] - sd["c0"] - 1))
+                    later_skipped = (self.skip[s + 1:] == (1 << (ns - s - 1)) - 1) if s + 1 < ns else 1
+                    m.d.comb += self.last.eq(later_skipped & (self.j == sd["rows"] - 1)
+                                             & (self.cc == sd["c1"] - sd["c0"] - 1))

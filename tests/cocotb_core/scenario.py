@@ -24,10 +24,10 @@ SINKS = ("params_out", "outputs", "acc_out", "state_out")
 BANK_NUM = {"fwd": 0, "pos": 1, "neg": 2}
 
 
-def pack_cmd(op: Op, length=0, one_sided=0, kick=0, bank=0, seed=0) -> int:
+def pack_cmd(op: Op, length=0, one_sided=0, kick=0, bank=0, seed=0, skip=0, no_acc=0) -> int:
     """The ``cmd`` payload as an integer (bit layout of :data:`rtl.core.CmdLayout`)."""
     fields = dict(op=int(op.value), length=length, one_sided=one_sided, kick=kick, bank=bank,
-                  seed=seed)
+                  seed=seed, skip=skip, no_acc=no_acc)
     word = 0
     for name, value in fields.items():
         f = CmdLayout[name]
@@ -55,6 +55,8 @@ class Step:
     kick: int = 0
     bank: int = 0
     seed: int = 0
+    skip: int = 0
+    no_acc: int = 0
     send: dict[str, list[int]] = field(default_factory=dict)
     expect: dict[str, list[int]] = field(default_factory=dict)
     offer: dict[str, list[int]] = field(default_factory=dict)   # presented, must not be taken
@@ -65,11 +67,14 @@ class Step:
 
     @property
     def cmd_word(self) -> int:
-        return pack_cmd(self.op, self.length, self.one_sided, self.kick, self.bank, self.seed)
+        return pack_cmd(self.op, self.length, self.one_sided, self.kick, self.bank, self.seed,
+                        self.skip, self.no_acc)
 
 
-def canonical(arrays: dict[str, np.ndarray]) -> list[int]:
-    return [int(x) for name in PARAM_NAMES for x in np.asarray(arrays[name]).ravel()]
+def canonical(arrays: dict[str, np.ndarray], skip: int = 0) -> list[int]:
+    """Words of ``arrays`` in canonical order, leaving out array i when bit i of ``skip`` is set."""
+    return [int(x) for i, name in enumerate(PARAM_NAMES) if not skip >> i & 1
+            for x in np.asarray(arrays[name]).ravel()]
 
 
 class ScenarioBuilder:
@@ -109,14 +114,15 @@ class ScenarioBuilder:
         self.steps.append(step)
         return step
 
-    def write_params(self, params: dict[str, np.ndarray]) -> Step:
-        self.golden.write_params(**params)
-        return self._record(Step("write_params", Op.WRITE_PARAMS,
-                                 send={"params_in": canonical(params)}))
+    def write_params(self, params: dict[str, np.ndarray], skip: int = 0) -> Step:
+        self.golden.write_params(**{k: v for i, (k, v) in enumerate(params.items())
+                                    if not skip >> PARAM_NAMES.index(k) & 1})
+        return self._record(Step(f"write_params skip={skip:#x}", Op.WRITE_PARAMS, skip=skip,
+                                 send={"params_in": canonical(params, skip)}))
 
-    def read_params(self) -> Step:
-        return self._record(Step("read_params", Op.READ_PARAMS,
-                                 expect={"params_out": canonical(self.golden.read_params())}))
+    def read_params(self, skip: int = 0) -> Step:
+        return self._record(Step(f"read_params skip={skip:#x}", Op.READ_PARAMS, skip=skip,
+                                 expect={"params_out": canonical(self.golden.read_params(), skip)}))
 
     def load(self, u: np.ndarray) -> Step:
         self.golden.load(u)
@@ -134,14 +140,21 @@ class ScenarioBuilder:
                                  result=Result.BAD_ARG,
                                  offer={"inputs": [1] * self.cfg.k}))
 
-    def forward(self, one_sided: bool = False) -> Step:
+    def forward(self, one_sided: bool = False, no_acc: bool = False) -> Step:
+        """FORWARD; ``no_acc`` repeats it without accumulating (as the protocol model's
+        retransmission: accumulators and their flag restored around the golden forward)."""
         est = "one-sided" if one_sided else "centred"
+        name = f"forward {est}{' no_acc' if no_acc else ''}"
+        g = self.golden
+        acc, flag = g.read_accumulators(), g.acc_overflow
         try:
-            out = self.golden.forward(est)
+            out = g.forward(est)
         except StateError:
-            return self._record(Step(f"forward {est} (wrong state)", Op.FORWARD,
-                                     one_sided=int(one_sided), result=Result.WRONG_STATE))
-        return self._record(Step(f"forward {est}", Op.FORWARD, one_sided=int(one_sided),
+            return self._record(Step(f"{name} (wrong state)", Op.FORWARD, one_sided=int(one_sided),
+                                     no_acc=int(no_acc), result=Result.WRONG_STATE))
+        if no_acc:
+            g.acc, g.acc_overflow = acc, flag
+        return self._record(Step(name, Op.FORWARD, one_sided=int(one_sided), no_acc=int(no_acc),
                                  expect={"outputs": [int(x) for x in out.ravel()]}))
 
     def echo(self, nudges: np.ndarray | None, kick: bool = False) -> Step:
@@ -204,6 +217,10 @@ def scenario_protocol(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
     sb.bad_bank()
     sb.write_params(sb.random_params())
     sb.read_params()
+    for skip in (0b0001, 0b0110, 0b1011, 0b1110, 0b1111):   # subsets of W, B, b, α
+        sb.write_params(sb.random_params(), skip=skip)
+        sb.read_params(skip=skip ^ 0b0101)
+    sb.read_params()
     sb.load(sb.random_inputs(t))
     sb.echo(None)                             # loaded but not forwarded
     sb.forward()
@@ -240,9 +257,14 @@ def scenario_one_sided(cfg: HelConfig, sb: ScenarioBuilder, t: int) -> None:
     sb.forward(one_sided=True)
     sb.read_acc()
     sb.read_state("fwd")
+    sb.forward(one_sided=True, no_acc=True)   # a repeat: same outputs, nothing accumulated
+    sb.read_acc()
     sb.echo(None)
     sb.read_acc()
     sb.read_state("pos")
+    sb.forward(no_acc=True)                   # no_acc on a centred forward changes nothing
+    sb.echo(None)
+    sb.read_all_states()
     sb.forward(one_sided=True)
     sb.echo(np.zeros((t, cfg.o), dtype=np.int64))   # un-nudged: contrast cancels
     sb.read_acc()
