@@ -79,7 +79,7 @@ from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl import protocol as P
-from rtl.core import CmdLayout, HELCore, Op
+from rtl.core import HELCore, Op
 from rtl.formats import PARAM_NAMES, HelConfig
 from rtl.framing import LENGTH_BITS, FrameByte, LinkError
 from rtl.protocol import Command, ErrorCode, StatusFlag
@@ -94,6 +94,9 @@ REQUEST_LEN = {
     Command.ECHO: 4, Command.READ_ACC: 0, Command.CLEAR_ACC: 0, Command.READ_STATE: 1,
     Command.SELFTEST: 8, Command.DATA: P.CHUNK_HEADER_LEN,
 }
+#: The core operations that zero the core's memories after its local reset (see RESET).
+RESET_OPS = (Op.WRITE_PARAMS, Op.LOAD, Op.FORWARD, Op.ECHO, Op.CLEAR_ACC)
+
 #: Commands accepted while a transfer is open.
 DURING_TRANSFER = frozenset({Command.DATA, Command.STATUS, Command.IDENT, Command.RESET})
 
@@ -349,16 +352,15 @@ class CommandUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
-        N, M, K, O = cfg.n, cfg.m, cfg.k, cfg.o
+        N, K, O = cfg.n, cfg.k, cfg.o
         ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
         core = self.core
         rx, rxp = self.rx, self.rx.payload
         tx = self.tx
-        has_skip = "skip" in CmdLayout.members
-        has_no_acc = "no_acc" in CmdLayout.members
 
         # ---------------------------------------------------------------- helpers
-        m.submodules.replier = replier = DataReplier((ow, sw, aw), len(Signal(range(self.max_out + 1))))
+        m.submodules.replier = replier = DataReplier(
+            (ow, sw, aw), len(Signal(range(self.max_out + 1))))
         m.submodules.unpacker = unpacker = WordUnpacker((ow, sw), 16)
         R_OP, R_ST, R_ACC = 0, 1, 2          # replier widths
         U_OP, U_ST = 0, 1                    # unpacker widths
@@ -368,9 +370,9 @@ class CommandUnit(wiring.Component):
         rom_rd = rom_mem.read_port(domain="comb")
 
         # ---------------------------------------------------------------- registers
-        f_cmd = Signal(8)
+        f_cmd = Signal(8)                  # the current frame (0 for a link error report)
         f_seq = Signal(8)
-        f_plen = Signal(LENGTH_BITS)       # payload bytes of the current frame
+        f_plen = Signal(LENGTH_BITS)       # its payload bytes
         f_done = Signal()                  # its last byte has been consumed
         pbuf = Signal(64)                  # its first 8 payload bytes
         pcount = Signal(range(9))
@@ -390,26 +392,23 @@ class CommandUnit(wiring.Component):
         xfer_w = Signal()                  # U_OP / U_ST
         xfer_t = Signal(range(cfg.t_max + 1))        # LOAD: its T
         chunk_n = Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))
-
-        c_cmd = Signal(CmdLayout)          # the core command to issue
-        c_flow = Signal(2)                 # after the issue: wait+reply, stream, reply
-        FLOW_WAIT, FLOW_STREAM, FLOW_REPLY = 0, 1, 2
         done_seen = Signal()
 
-        r_cmd = Signal(8)                  # the small reply
-        r_seq = Signal(8)
-        r_len = Signal(range(max(len(rom), 8) + 1))
-        r_rom = Signal()
-        r_i = Signal(range(max(len(rom), 8) + 3))
-        sbuf = Signal(64)
-
-        rst_step = Signal(range(5))
+        # the small reply: cmd|0x80 (0xFF for ERROR), f_seq, a payload of one kind
+        KINDS = {"EMPTY": 0, "ROM": len(rom), "STATUS": 8, "ERROR": 4, "ACK": 2, "RESULT": 1}
+        kind_code = {k: i for i, k in enumerate(KINDS)}
+        r_kind = Signal(range(len(KINDS)))
+        r_code = Signal(8)                 # ERROR: code
+        r_arg_next = Signal()              # ERROR: arg = the next chunk index (else 0)
+        r_pass = Signal()                  # RESULT: SELFTEST passed
+        r_i = Signal(range(len(rom) + 3))
+        rst_step = Signal(range(len(RESET_OPS)))
 
         # ---------------------------------------------------------------- decode
         cmd = f_cmd
         is_ = {c: Signal(name=f"is_{c.name.lower()}") for c in Command}
-        for c, s in is_.items():
-            m.d.comb += s.eq(cmd == c)
+        for c, sig in is_.items():
+            m.d.comb += sig.eq(cmd == c)
         known = Signal()
         m.d.comb += known.eq(Cat(*is_.values()).any())
         dup = Signal()
@@ -433,51 +432,112 @@ class CommandUnit(wiring.Component):
         c_w = Mux(xfer_w, cw_st, cw_op)
         exp_words = Signal.like(chunk_n)
         m.d.comb += exp_words.eq(Mux(xfer_left > c_w, c_w, xfer_left))
-        exp_bytes = Signal(LENGTH_BITS)
+        exp_bytes = Signal(LENGTH_BITS + 1)
         m.d.comb += exp_bytes.eq(Mux(xfer_w, (mul_const(exp_words, sw) + 7) >> 3,
                                      (mul_const(exp_words, ow) + 7) >> 3))
 
-        def error(code, arg=0):
-            m.d.sync += [r_cmd.eq(P.ERROR_REPLY), r_seq.eq(f_seq), r_rom.eq(0), r_len.eq(4),
-                         sbuf.eq(Cat(Const(code, 8), f_cmd, Const(arg, 16) if isinstance(arg, int)
-                                     else arg)),
-                         last_valid.eq(0)]
-            m.next = "DRAIN"
+        # ---------------------------------------------------------------- verdict
+        # The checks of CHECK, in the protocol's order, as one priority chain.
+        is_rp, is_wp = is_[Command.READ_PARAMS], is_[Command.WRITE_PARAMS]
+        is_fw, is_echo, is_data = is_[Command.FORWARD], is_[Command.ECHO], is_[Command.DATA]
+        is_load = is_[Command.LOAD]
+        dup_open = Signal()         # a retransmitted transfer opening: ack again
+        m.d.comb += dup_open.eq(xfer_open & ~in_xfer_ok & dup & (f_cmd == xfer_cmd)
+                                & (xfer_done == 0))
+        wrong_state = Signal()
+        m.d.comb += wrong_state.eq((is_fw & (t_loaded == 0)) | (is_echo & ~forwarded)
+                                   | (is_data & ~xfer_open))
+        bad_value = Signal()
+        m.d.comb += bad_value.eq(((is_rp | is_wp) & ~mask_ok)
+                                 | (is_[Command.READ_STATE] & (u8 > 2))
+                                 | (is_[Command.SELFTEST] & (u32 == 0))
+                                 | (is_fw & (u8 > 1))
+                                 | (is_load & ((u32 == 0) | (u32 > cfg.t_max)))
+                                 | (is_echo & (u32 != 1) & (u32 != t_loaded)))
+        data_old = Signal()         # DATA: a chunk already applied
+        m.d.comb += data_old.eq(index < xfer_done)
+        verdict = Signal(8)         # an ErrorCode, 0 = accepted
+        with m.If(~known):
+            m.d.comb += verdict.eq(ErrorCode.UNKNOWN_COMMAND)
+        with m.Elif(xfer_open & ~in_xfer_ok):
+            m.d.comb += verdict.eq(Mux(dup_open, 0, ErrorCode.BUSY))
+        with m.Elif(~len_ok):
+            m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
+        with m.Elif(wrong_state):
+            m.d.comb += verdict.eq(ErrorCode.WRONG_STATE)
+        with m.Elif(bad_value):
+            m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
+        with m.Elif(is_data & ~data_old & (index != xfer_done)):
+            m.d.comb += verdict.eq(ErrorCode.SEQUENCE)
+        with m.Elif(is_data & ~data_old & (f_plen - P.CHUNK_HEADER_LEN != exp_bytes)):
+            m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
 
-        def ok():
-            m.d.sync += [last_valid.eq(1), last_cmd.eq(f_cmd), last_seq.eq(f_seq)]
+        # what an accepted command does
+        cmd_kind = Signal.like(r_kind)      # its small reply
+        m.d.comb += cmd_kind.eq(kind_code["EMPTY"])
+        for c, k in [(Command.IDENT, "ROM"), (Command.STATUS, "STATUS"),
+                     (Command.SELFTEST, "RESULT"), (Command.DATA, "ACK")]:
+            with m.If(is_[c]):
+                m.d.comb += cmd_kind.eq(kind_code[k])
+        needs_core = Cat(*(is_[c] for c in (
+            Command.CLEAR_FLAGS, Command.CLEAR_ACC, Command.READ_ACC, Command.READ_PARAMS,
+            Command.READ_STATE, Command.SELFTEST, Command.FORWARD, Command.WRITE_PARAMS,
+            Command.LOAD, Command.ECHO))).any()
+        opens = is_wp | is_load | is_echo
+        xfer_total = Signal.like(xfer_left)
+        with m.If(is_wp):
+            m.d.comb += xfer_total.eq(masked_total)
+        with m.Elif(is_load):
+            m.d.comb += xfer_total.eq(mul_const(u32[:len(xfer_t)], K))
+        with m.Else():
+            m.d.comb += xfer_total.eq(Mux(u32 == 1, O, mul_const(t_loaded, O)))
+        # data replies
+        streams = is_rp | is_fw | is_[Command.READ_ACC] | is_[Command.READ_STATE]
+        m.d.comb += [replier.cmd.eq(f_cmd), replier.seq.eq(f_seq)]
+        with m.If(is_rp):
+            m.d.comb += [replier.width.eq(R_OP), replier.total.eq(masked_total)]
+        with m.Elif(is_fw):
+            m.d.comb += [replier.width.eq(R_ST), replier.total.eq(mul_const(t_loaded, O))]
+        with m.Elif(is_[Command.READ_ACC]):
+            m.d.comb += [replier.width.eq(R_ACC), replier.total.eq(self.n_params)]
+        with m.Else():
+            m.d.comb += [replier.width.eq(R_ST), replier.total.eq(2 * N)]
+        m.d.comb += [unpacker.width.eq(xfer_w), unpacker.count.eq(exp_words)]
 
-        def reply(payload=None, nbytes=0, state="DRAIN"):
-            m.d.sync += [r_cmd.eq(f_cmd | P.REPLY_BIT), r_seq.eq(f_seq), r_rom.eq(0),
-                         r_len.eq(nbytes)]
-            if payload is not None:
-                m.d.sync += sbuf.eq(payload)
-            if state is not None:
-                m.next = state
-
-        def issue(op, flow, **fields):
-            m.d.sync += [c_cmd.eq(0), c_cmd.op.eq(op), c_flow.eq(flow), done_seen.eq(0)]
-            for k, v in fields.items():
-                if k in CmdLayout.members:
-                    m.d.sync += getattr(c_cmd, k).eq(v)
-            m.next = "ISSUE"
-
-        def stream_out(width, total):
-            m.d.comb += [replier.start.eq(1), replier.width.eq(width), replier.total.eq(total),
-                         replier.cmd.eq(f_cmd), replier.seq.eq(f_seq)]
-
-        def open_xfer(total, w):
-            m.d.sync += [xfer_open.eq(1), xfer_cmd.eq(f_cmd), xfer_done.eq(0),
-                         xfer_left.eq(total), xfer_w.eq(w)]
-            reply(nbytes=0, state=None)
+        # ---------------------------------------------------------------- core commands
+        # The fields come straight from the payload registers whatever the operation
+        # (the core ignores those its operation does not use), so the command needs no
+        # register and almost no multiplexers. RESET's zeroing steps set pbuf = 1:
+        # LOAD of one step, ECHO with a single (kick) row.
+        in_rst = Signal()
+        rst_op = Signal(Op)
+        frame_op = Signal(Op)
+        for c, op in [(Command.CLEAR_FLAGS, Op.CLEAR_FLAGS), (Command.CLEAR_ACC, Op.CLEAR_ACC),
+                      (Command.READ_ACC, Op.READ_ACC), (Command.READ_PARAMS, Op.READ_PARAMS),
+                      (Command.READ_STATE, Op.READ_STATE), (Command.SELFTEST, Op.SELFTEST),
+                      (Command.FORWARD, Op.FORWARD), (Command.WRITE_PARAMS, Op.WRITE_PARAMS),
+                      (Command.LOAD, Op.LOAD), (Command.ECHO, Op.ECHO)]:
+            with m.If(is_[c]):
+                m.d.comb += frame_op.eq(op)
+        with m.Switch(rst_step):
+            for i, op in enumerate(RESET_OPS):
+                with m.Case(i):
+                    m.d.comb += rst_op.eq(op)
+        cp = core.cmd.payload
+        m.d.comb += [cp.op.eq(Mux(in_rst, rst_op, frame_op)), cp.length.eq(u32),
+                     cp.seed.eq(pbuf[32:]), cp.bank.eq(u8[:2]),
+                     cp.one_sided.eq(u8[0] & ~in_rst), cp.kick.eq(u32 == 1),
+                     cp.skip.eq(Mux(in_rst, 0, ~u8[:4])),      # bit i set: leave array i out
+                     cp.no_acc.eq(dup & ~in_rst)]              # a retransmitted FORWARD
 
         # ---------------------------------------------------------------- core streams
-        # outputs of the core → the replier (sign-extended to its width)
-        outs = [(core.params_out, Op.READ_PARAMS), (core.outputs, Op.FORWARD),
-                (core.acc_out, Op.READ_ACC), (core.state_out, Op.READ_STATE)]
-        for st, op in outs:
-            with m.If(c_cmd.op == op):
-                m.d.comb += [replier.words.valid.eq(st.valid), replier.words.payload.eq(st.payload),
+        # outputs of the core → the replier (it sends only a word's low ``w`` bits)
+        outs = [(core.params_out, Command.READ_PARAMS), (core.outputs, Command.FORWARD),
+                (core.acc_out, Command.READ_ACC), (core.state_out, Command.READ_STATE)]
+        for st, c in outs:
+            with m.If(is_[c]):
+                m.d.comb += [replier.words.valid.eq(st.valid),
+                             replier.words.payload.eq(st.payload.as_unsigned()),
                              st.ready.eq(replier.words.ready)]
         # the unpacker → the core's input of the open transfer
         ins = [(core.params_in, Command.WRITE_PARAMS), (core.inputs, Command.LOAD),
@@ -502,14 +562,14 @@ class CommandUnit(wiring.Component):
                 with m.If(rx.valid):
                     with m.If(rxp.first):
                         m.d.sync += [f_cmd.eq(rxp.data), f_plen.eq(rxp.length - P.HEADER_LEN),
-                                     f_done.eq(0), pcount.eq(0), pbuf.eq(0)]
+                                     f_done.eq(0), pcount.eq(0)]
                         m.next = "SEQ"
-                with m.Elif(self.rx_error.valid):
+                with m.Elif(self.rx_error.valid):       # a link error: ERROR(code, 0, 0)
                     m.d.comb += self.rx_error.ready.eq(1)
-                    m.d.sync += [r_cmd.eq(P.ERROR_REPLY), r_seq.eq(self.rx_error.payload.seq),
-                                 r_rom.eq(0), r_len.eq(4),
-                                 sbuf.eq(Cat(self.rx_error.payload.code, Const(0, 24)))]
-                    m.next = "REPLY"
+                    m.d.sync += [f_cmd.eq(0), f_seq.eq(self.rx_error.payload.seq), f_done.eq(1),
+                                 r_kind.eq(kind_code["ERROR"]), r_code.eq(self.rx_error.payload.code),
+                                 r_arg_next.eq(0)]
+                    m.next = "DRAIN"
 
             with m.State("SEQ"):
                 m.d.comb += rx.ready.eq(1)
@@ -539,131 +599,49 @@ class CommandUnit(wiring.Component):
                         m.next = "CHECK"
 
             with m.State("CHECK"):
-                with m.If(~known):
-                    error(ErrorCode.UNKNOWN_COMMAND)
-                with m.Elif(xfer_open & ~in_xfer_ok):
-                    with m.If(dup & (f_cmd == xfer_cmd) & (xfer_done == 0)):
-                        ok()
-                        reply()          # a retransmitted opening: ack again
+                # The verdict and the action were computed above from registers; without
+                # an open transfer the core is idle (or about to be: wait for it), so a
+                # command that needs it is handed over in this very cycle.
+                with m.If(xfer_open | core.cmd.ready):
+                    m.d.sync += [r_kind.eq(Mux(verdict != 0, kind_code["ERROR"], cmd_kind)),
+                                 r_code.eq(verdict),
+                                 r_arg_next.eq(verdict == ErrorCode.SEQUENCE),
+                                 last_valid.eq(verdict == 0), last_cmd.eq(f_cmd),
+                                 last_seq.eq(f_seq), done_seen.eq(0)]
+                    with m.If(verdict != 0):
+                        m.next = "DRAIN"
+                    with m.Elif(dup_open | (is_[Command.DATA] & data_old)):
+                        m.next = "DRAIN"        # ack again
                     with m.Else():
-                        error(ErrorCode.BUSY)
-                with m.Elif(~len_ok):
-                    error(ErrorCode.OUT_OF_RANGE)
-                with m.Else():
-                    with m.Switch(f_cmd):
-                        with m.Case(Command.IDENT):
-                            ok()
-                            reply()
-                            m.d.sync += [r_rom.eq(1), r_len.eq(len(rom))]
-                        with m.Case(Command.STATUS):
-                            ok()
-                            reply(status, 8)
-                        with m.Case(Command.CLEAR_FLAGS):
-                            ok()
-                            reply(state=None)
-                            issue(Op.CLEAR_FLAGS, FLOW_WAIT)
-                        with m.Case(Command.RESET):
-                            ok()
-                            reply(state=None)
+                        m.d.comb += [core.cmd.valid.eq(needs_core), replier.start.eq(streams)]
+                        with m.If(is_[Command.FORWARD]):
+                            m.d.sync += [forwarded.eq(1), one_sided.eq(u8[0])]
+                        with m.If(is_[Command.SELFTEST] | is_[Command.LOAD]):
+                            m.d.sync += [forwarded.eq(0), one_sided.eq(0)]
+                        with m.If(is_[Command.LOAD]):
+                            m.d.sync += [t_loaded.eq(0), xfer_t.eq(u32)]
+                        with m.If(opens):
+                            m.d.sync += [xfer_open.eq(1), xfer_cmd.eq(f_cmd), xfer_done.eq(0),
+                                         xfer_left.eq(xfer_total), xfer_w.eq(is_[Command.ECHO])]
+                        with m.If(is_[Command.DATA]):
+                            m.d.comb += unpacker.start.eq(1)
+                            m.d.sync += chunk_n.eq(exp_words)
+                        m.next = "DRAIN"
+                        with m.If(is_[Command.RESET]):
                             m.next = "RESET"
-                        with m.Case(Command.CLEAR_ACC):
-                            ok()
-                            reply(state=None)
-                            issue(Op.CLEAR_ACC, FLOW_WAIT)
-                        with m.Case(Command.READ_ACC):
-                            ok()
-                            stream_out(R_ACC, self.n_params)
-                            issue(Op.READ_ACC, FLOW_STREAM)
-                        with m.Case(Command.READ_PARAMS):
-                            with m.If(~mask_ok):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                stream_out(R_OP, masked_total)
-                                issue(Op.READ_PARAMS, FLOW_STREAM, skip=~u8[:4])
-                        with m.Case(Command.READ_STATE):
-                            with m.If(u8 > 2):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                stream_out(R_ST, 2 * N)
-                                issue(Op.READ_STATE, FLOW_STREAM, bank=u8[:2])
-                        with m.Case(Command.SELFTEST):
-                            with m.If(u32 == 0):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                reply(nbytes=1, state=None)
-                                m.d.sync += [forwarded.eq(0), one_sided.eq(0)]
-                                issue(Op.SELFTEST, FLOW_WAIT, length=u32, seed=pbuf[32:])
-                        with m.Case(Command.FORWARD):
-                            with m.If(t_loaded == 0):
-                                error(ErrorCode.WRONG_STATE)
-                            with m.Elif(u8 > 1):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                stream_out(R_ST, mul_const(t_loaded, O))
-                                m.d.sync += [forwarded.eq(1), one_sided.eq(u8[0])]
-                                issue(Op.FORWARD, FLOW_STREAM, length=t_loaded,
-                                      one_sided=u8[0], no_acc=dup)
-                        with m.Case(Command.WRITE_PARAMS):
-                            with m.If(~mask_ok):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                open_xfer(masked_total, U_OP)
-                                issue(Op.WRITE_PARAMS, FLOW_REPLY, skip=~u8[:4])
-                        with m.Case(Command.LOAD):
-                            with m.If((u32 == 0) | (u32 > cfg.t_max)):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                open_xfer(mul_const(u32[:len(xfer_t)], K), U_OP)
-                                m.d.sync += [xfer_t.eq(u32), t_loaded.eq(0), forwarded.eq(0),
-                                             one_sided.eq(0)]
-                                issue(Op.LOAD, FLOW_REPLY, length=u32)
-                        with m.Case(Command.ECHO):
-                            with m.If(~forwarded):
-                                error(ErrorCode.WRONG_STATE)
-                            with m.Elif((u32 != 1) & (u32 != t_loaded)):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                open_xfer(Mux(u32 == 1, O, mul_const(t_loaded, O)), U_ST)
-                                issue(Op.ECHO, FLOW_REPLY, kick=u32 == 1)
-                        with m.Case(Command.DATA):
-                            with m.If(~xfer_open):
-                                error(ErrorCode.WRONG_STATE)
-                            with m.Elif(index < xfer_done):     # retransmitted: ack again
-                                ok()
-                                reply(xfer_done, 2)
-                            with m.Elif(index > xfer_done):
-                                error(ErrorCode.SEQUENCE, xfer_done)
-                            with m.Elif(f_plen - P.CHUNK_HEADER_LEN != exp_bytes):
-                                error(ErrorCode.OUT_OF_RANGE)
-                            with m.Else():
-                                ok()
-                                m.d.comb += [unpacker.start.eq(1), unpacker.width.eq(xfer_w),
-                                             unpacker.count.eq(exp_words)]
-                                m.d.sync += chunk_n.eq(exp_words)
-                                m.next = "UNPACK"
+                        with m.If(is_[Command.CLEAR_FLAGS] | is_[Command.CLEAR_ACC]
+                                  | is_[Command.SELFTEST]):
+                            m.next = "CORE_WAIT"
+                        with m.If(streams):
+                            m.next = "STREAM"
+                        with m.If(is_[Command.DATA]):
+                            m.next = "UNPACK"
 
             # ---- core operations
-            with m.State("ISSUE"):
-                m.d.comb += [core.cmd.valid.eq(1), core.cmd.payload.eq(c_cmd)]
-                with m.If(core.cmd.ready):
-                    with m.Switch(c_flow):
-                        with m.Case(FLOW_WAIT):
-                            m.next = "CORE_WAIT"
-                        with m.Case(FLOW_STREAM):
-                            m.next = "STREAM"
-                        with m.Default():
-                            m.next = "DRAIN"
             with m.State("CORE_WAIT"):
                 m.d.comb += core.done.ready.eq(1)
                 with m.If(core.done.valid):
-                    m.d.sync += sbuf.eq(core.done.payload.selftest_pass)
+                    m.d.sync += r_pass.eq(core.done.payload.selftest_pass)
                     m.next = "DRAIN"
             with m.State("STREAM"):
                 wiring.connect(m, replier.source, wiring.flipped(tx))
@@ -681,8 +659,6 @@ class CommandUnit(wiring.Component):
                     m.d.sync += f_done.eq(1)
                 with m.If(~unpacker.busy):
                     m.d.sync += [xfer_done.eq(xfer_done + 1), xfer_left.eq(xfer_left - chunk_n)]
-                    m.d.sync += [r_cmd.eq(Command.DATA | P.REPLY_BIT), r_seq.eq(f_seq),
-                                 r_rom.eq(0), r_len.eq(2), sbuf.eq(xfer_done + 1)]
                     with m.If(xfer_left == chunk_n):
                         m.next = "XFER_END"
                     with m.Else():
@@ -701,21 +677,10 @@ class CommandUnit(wiring.Component):
             with m.State("RESET"):
                 m.d.comb += self.core_rst.eq(1)
                 m.d.sync += [xfer_open.eq(0), xfer_cmd.eq(0), xfer_done.eq(0), t_loaded.eq(0),
-                             forwarded.eq(0), one_sided.eq(0), rst_step.eq(0)]
+                             forwarded.eq(0), one_sided.eq(0), rst_step.eq(0), pbuf.eq(1)]
                 m.next = "RST_ISSUE"
             with m.State("RST_ISSUE"):
-                m.d.comb += core.cmd.valid.eq(1)
-                with m.Switch(rst_step):
-                    with m.Case(0):
-                        m.d.comb += core.cmd.payload.op.eq(Op.WRITE_PARAMS)
-                    with m.Case(1):
-                        m.d.comb += [core.cmd.payload.op.eq(Op.LOAD), core.cmd.payload.length.eq(1)]
-                    with m.Case(2):
-                        m.d.comb += core.cmd.payload.op.eq(Op.FORWARD)
-                    with m.Case(3):
-                        m.d.comb += [core.cmd.payload.op.eq(Op.ECHO), core.cmd.payload.kick.eq(1)]
-                    with m.Case(4):
-                        m.d.comb += core.cmd.payload.op.eq(Op.CLEAR_ACC)
+                m.d.comb += [in_rst.eq(1), core.cmd.valid.eq(1)]
                 with m.If(core.cmd.ready):
                     m.next = "RST_WAIT"
             with m.State("RST_WAIT"):
@@ -726,7 +691,7 @@ class CommandUnit(wiring.Component):
                 m.d.comb += core.done.ready.eq(1)
                 with m.If(core.done.valid):
                     m.d.sync += rst_step.eq(rst_step + 1)
-                    with m.If(rst_step == 4):
+                    with m.If(rst_step == len(RESET_OPS) - 1):
                         m.next = "DRAIN"
                     with m.Else():
                         m.next = "RST_ISSUE"
@@ -741,16 +706,39 @@ class CommandUnit(wiring.Component):
                     with m.If(rx.valid & rxp.last):
                         m.d.sync += f_done.eq(1)
             with m.State("REPLY"):
-                m.d.comb += rom_rd.addr.eq(r_i - 2)
-                data_byte = Mux(r_i == 0, r_cmd, Mux(r_i == 1, r_seq,
-                                                     Mux(r_rom, rom_rd.data, sbuf[:8])))
-                m.d.comb += [tx.valid.eq(1), tx.payload.data.eq(data_byte),
-                             tx.payload.first.eq(r_i == 0), tx.payload.last.eq(r_i == r_len + 1)]
+                i = Signal.like(r_i)
+                m.d.comb += [i.eq(r_i - 2), rom_rd.addr.eq(i)]
+                is_error = r_kind == kind_code["ERROR"]
+                body = Signal(8)
+                r_len = Signal(range(max(KINDS.values()) + 1))
+                with m.Switch(r_kind):
+                    for k, n in KINDS.items():
+                        with m.Case(kind_code[k]):
+                            m.d.comb += r_len.eq(n)
+                            if k == "ROM":
+                                m.d.comb += body.eq(rom_rd.data)
+                            elif k == "STATUS":
+                                m.d.comb += body.eq(status.word_select(i[:3], 8))
+                            elif k == "ERROR":
+                                arg = Mux(r_arg_next, xfer_done, 0)
+                                m.d.comb += body.eq(Cat(r_code, f_cmd, arg).word_select(i[:2], 8))
+                            elif k == "ACK":
+                                m.d.comb += body.eq(xfer_done.word_select(i[0], 8))
+                            elif k == "RESULT":
+                                m.d.comb += body.eq(r_pass)
+                with m.Switch(r_i):
+                    with m.Case(0):
+                        m.d.comb += tx.payload.data.eq(Mux(is_error, P.ERROR_REPLY,
+                                                           f_cmd | P.REPLY_BIT))
+                    with m.Case(1):
+                        m.d.comb += tx.payload.data.eq(f_seq)
+                    with m.Default():
+                        m.d.comb += tx.payload.data.eq(body)
+                last = r_i == r_len + 1
+                m.d.comb += [tx.valid.eq(1), tx.payload.first.eq(r_i == 0),
+                             tx.payload.last.eq(last)]
                 with m.If(tx.ready):
                     m.d.sync += r_i.eq(r_i + 1)
-                    with m.If(r_i >= 2):
-                        m.d.sync += sbuf.eq(sbuf >> 8)
-                    with m.If(r_i == r_len + 1):
-                        m.d.sync += r_i.eq(0)
+                    with m.If(last):
                         m.next = "IDLE"
         return m
