@@ -624,7 +624,7 @@ class HELCore(wiring.Component):
         m.d.comb += [self.outputs.payload.eq(ofifo.r_data.as_signed()),
                      self.outputs.valid.eq(ofifo.r_rdy), ofifo.r_en.eq(self.outputs.ready)]
         n_accept = Signal()
-        n_rows = Signal(32)
+        n_rows = Signal(range(cfg.t_max + 1))   # nudge rows still to accept
         n_col = Signal(range(O + 1))
         m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
                      nfifo.w_en.eq(self.nudges.valid & n_accept),
@@ -644,7 +644,7 @@ class HELCore(wiring.Component):
         # readout helper register: index into state / clear address
         ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
         ro_w = Signal()   # READ_STATE: Wv pass
-        ld_t = Signal(range(cfg.t_max + 1))
+        ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
         ld_k = Signal(range(K + 1))
         ld_addr = Signal(range(seq_depth + 1))
 
@@ -676,7 +676,7 @@ class HELCore(wiring.Component):
                                 m.d.sync += res.eq(Result.BAD_ARG)
                                 m.next = "DONE"
                             with m.Else():
-                                m.d.sync += [ld_t.eq(0), ld_k.eq(0), ld_addr.eq(0)]
+                                m.d.sync += [ld_left.eq(cmd.length), ld_k.eq(0), ld_addr.eq(0)]
                                 m.next = "LOAD"
                         with m.Case(Op.FORWARD):
                             with m.If(loaded_len == 0):
@@ -844,8 +844,8 @@ class HELCore(wiring.Component):
                     with m.If(ld_k == 0):
                         m.d.sync += seq_last_base.eq(ld_addr)
                     with m.If(ld_k == K - 1):
-                        m.d.sync += [ld_k.eq(0), ld_t.eq(ld_t + 1)]
-                        with m.If(ld_t == c_len - 1):
+                        m.d.sync += [ld_k.eq(0), ld_left.eq(ld_left - 1)]
+                        with m.If(ld_left == 1):
                             m.d.sync += [loaded_len.eq(c_len), fwd_mode.eq(FWD_NONE)]
                             m.next = "DONE"
                     with m.Else():
