@@ -16,11 +16,11 @@ from amaranth.back import verilog
 from amaranth.sim import Simulator
 
 from host.framing import FrameReader, encode_frame
-from host.wire import pack_words, split_chunks, unpack_words
+from host.wire import pack_words, split_chunks
 from rtl import protocol as P
 from rtl.command import REQUEST_LEN, DataReplier, WordUnpacker, ident_payload
 from rtl.formats import ICE40_OPERAND, PARAM_NAMES, HelConfig
-from rtl.protocol import Command, ErrorCode
+from rtl.protocol import Command
 from rtl.top import Device, Top
 from sim import protocol_model
 from sim.protocol_model import ProtocolModel
