@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("build", "build a board's bitstream with the YoWASP (or system) FPGA toolchain; report resources and Fmax"),
     "program": ("program", "program a board with openFPGALoader (--dry-run prints the command)"),
     "sim-board": ("sim_board", "build (if needed) and run the Verilator-simulated board; prints its serial device path first"),
+    "selftest": ("selftest", "run the device's SELFTEST (forward, flip, echo back to zero) and print pass/fail"),
     "bench": ("bench", "benchmark the HEL core: cycles per step vs MACs/P, measured in simulation"),
 }
 
