@@ -4,6 +4,13 @@ Runs float BPTT (exact reference), float RHEL, and the integer path — the
 golden model in-process, or a device with ``--device`` — on one problem and
 prints, per parameter, the cosine similarity and the norm ratio against BPTT,
 like the gradient comparison of the RHEL paper.
+
+With a device other than ``sim`` the same quantised problem also runs on the
+golden model (with the device's configuration) and the device's FORWARD
+outputs, raw accumulators and overflow flags must equal the golden model's bit
+for bit: the verdict is printed (``"bit_exact"`` in the JSON) and the exit
+status is 1 when they differ. ``--save`` writes the device's gradients under
+the ``golden_*`` keys.
 """
 
 from __future__ import annotations
@@ -44,16 +51,54 @@ def norm_ratio(a, ref) -> float:
     return float(np.linalg.norm(a) / d) if d > 0 else float("nan")
 
 
-def integer_gradients(dev, problem, eps, estimator):
-    """The hardware flow on one problem: quantise, run, scale back to float."""
-    from host.learning import masked_mse, read_gradients, run_sample
+def integer_run(dev, problem, eps, estimator) -> dict:
+    """The hardware flow on one problem: quantise, run, read the raw results.
+
+    Returns ``outputs`` (the FORWARD outputs, integers, T×O), ``acc`` (the raw
+    accumulators by parameter), ``status`` and ``gradients`` (``acc`` scaled
+    back to float).
+    """
+    from host.learning import masked_mse
     cfg = dev.config
     dev.write_params(cfg.quantize_params(problem.params))
     dev.clear_accumulators()
     dev.clear_flags()
-    run_sample(dev, cfg.quantize_inputs(problem.u), masked_mse(problem.y, problem.mask), eps, estimator)
+    loss_fn = masked_mse(problem.y, problem.mask)
+    dev.load(cfg.quantize_inputs(problem.u))
+    outputs = dev.forward(estimator)
+    _, g = loss_fn(cfg.outputs_to_float(outputs))
+    dev.echo(cfg.nudges(g, eps))
     status = dev.status()
-    return read_gradients(dev, eps, estimator), status
+    acc = dev.read_accumulators()
+    dev.clear_accumulators()
+    grads = cfg.gradients_from_accumulators(acc, eps, centred=(estimator == "centred"))
+    return {"outputs": outputs, "acc": acc, "status": status, "gradients": grads}
+
+
+def integer_gradients(dev, problem, eps, estimator):
+    """The hardware flow on one problem: quantise, run, scale back to float."""
+    r = integer_run(dev, problem, eps, estimator)
+    return r["gradients"], r["status"]
+
+
+def bit_exact_diff(got: dict, want: dict) -> list[str]:
+    """Where two :func:`integer_run` results differ (empty: bit for bit equal)."""
+    from rtl.formats import PARAM_NAMES
+    diffs = []
+    a, b = np.asarray(got["outputs"]), np.asarray(want["outputs"])
+    if a.shape != b.shape:
+        diffs.append(f"outputs: shape {a.shape} vs {b.shape}")
+    elif not np.array_equal(a, b):
+        diffs.append(f"outputs: {int(np.count_nonzero(a != b))} of {a.size} differ")
+    for name in PARAM_NAMES:
+        a, b = np.asarray(got["acc"][name]), np.asarray(want["acc"][name])
+        if a.shape != b.shape:
+            diffs.append(f"{name} accumulators: shape {a.shape} vs {b.shape}")
+        elif not np.array_equal(a, b):
+            diffs.append(f"{name} accumulators: {int(np.count_nonzero(a != b))} of {a.size} differ")
+    if got["status"] != want["status"]:
+        diffs.append(f"overflow flags: {got['status']} vs {want['status']}")
+    return diffs
 
 
 def run(args) -> int:
@@ -95,11 +140,18 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     try:
         with dev:
-            g_int, status = integer_gradients(dev, problem, eps, args.estimator)
+            run_dev = integer_run(dev, problem, eps, args.estimator)
+            dev_cfg = dev.config
     except FormatError as e:
         raise UsageError(f"the problem does not fit the integer format: {e}") from None
     except DeviceError as e:
         raise UsageError(str(e)) from None
+    g_int, status = run_dev["gradients"], run_dev["status"]
+    diffs = None
+    if args.device != "sim":
+        # The same quantised problem on the golden model with the device's configuration.
+        diffs = bit_exact_diff(run_dev, integer_run(GoldenDevice(dev_cfg), problem, eps,
+                                                    args.estimator))
 
     rows = []
     for name in PARAM_NAMES:
@@ -113,6 +165,9 @@ def run(args) -> int:
     result = {"problem": args.problem or "reference", "device": args.device, "estimator": args.estimator,
               "eps": eps, "config": cfg.to_dict(), "state_overflow": status.state_overflow,
               "acc_overflow": status.acc_overflow, "rows": rows}
+    if diffs is not None:
+        result["bit_exact"] = not diffs
+        result["golden_differences"] = diffs
     if args.save:
         out = {}
         for name in PARAM_NAMES:
@@ -123,7 +178,7 @@ def run(args) -> int:
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
-        return 0
+        return 1 if diffs else 0
     label = "golden integer" if args.device == "sim" else f"device {args.device}"
     print(f"problem: {result['problem']}  (N={n}, M={m}, K={k}, O={o}, T={t}, dt={problem.dt})")
     print(f"estimator: {args.estimator}, eps = {eps}; integer format: state {cfg.state_width}b/"
@@ -136,4 +191,10 @@ def run(args) -> int:
     if status.state_overflow or status.acc_overflow:
         print("warning: the device raised an overflow flag "
               f"(state: {status.state_overflow}, accumulators: {status.acc_overflow})")
-    return 0
+    if diffs is not None:
+        if diffs:
+            print("device != golden model: NOT bit-exact (" + "; ".join(diffs) + ")")
+        else:
+            print(f"device == golden model: bit-exact ({t}×{o} outputs, "
+                  f"{sum(int(np.size(a)) for a in run_dev['acc'].values())} accumulators, flags)")
+    return 1 if diffs else 0
