@@ -123,7 +123,7 @@ DoneLayout = data.StructLayout({
     "selftest_pass": unsigned(1),
 })
 
-_PH_A, _PH_B, _PH_C = 0, 1, 2
+_PH_A, _PH_B, _PH_C, _PH_U = 0, 1, 2, 3
 
 
 class Mix32(wiring.Component):
@@ -386,6 +386,7 @@ class HELCore(wiring.Component):
         i_elem = Signal(range(E + 1))
         i_ibase = Signal(range(N + 2 * P))
         a_count = Signal(range(M + 1))
+        u_dec = Signal()     # leaving the U phase starts the next step (not the first)
         nb_last = Signal()   # sub value of the last working bank
         m.d.comb += nb_last.eq(e_nb2)
 
@@ -398,6 +399,11 @@ class HELCore(wiring.Component):
             m.d.comb += xr[p].addr.eq(x_addr)
         m.d.comb += ar.addr.eq(a_addr)
 
+        u_sel = Signal(signed(ow))    # U phase: input k = tag1.r, the same for every lane
+        with m.Switch(tag1.r):
+            for k in range(K):
+                with m.Case(k):
+                    m.d.comb += u_sel.eq(u_cur[k])
         nq = [max(0, -(-(N - p) // P)) for p in range(P)]          # rows with an oscillator
         nc = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]  # rows with a contrast column
         for p in range(P):
@@ -412,7 +418,10 @@ class HELCore(wiring.Component):
                         if c < N:
                             m.d.comb += [xval.eq(xq), xq_m.eq(xq)]
                         elif c < N + K:
-                            m.d.comb += xval.eq(u_cur[c - N])
+                            if g.u_mode:   # the z rows have no input columns then
+                                m.d.comb += xval.eq(Mux(tag1.phase == _PH_C, u_cur[c - N], 0))
+                            else:
+                                m.d.comb += xval.eq(u_cur[c - N])
                         elif c == N + K:
                             m.d.comb += xval.eq(tag1.phase == _PH_C)
             zero_sub = Signal(name=f"zsub{p}")   # single bank: the second contrast slot is zero
@@ -422,6 +431,8 @@ class HELCore(wiring.Component):
                     m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(xval)]
                 with m.Case(_PH_B):
                     m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(Mux(tag1.first, xq, ar.data))]
+                with m.Case(_PH_U):
+                    m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(u_sel)]
                 with m.Case(_PH_C):
                     with m.If(zero_sub):
                         m.d.comb += [lane.a.eq(0), lane.b.eq(0)]
@@ -431,14 +442,20 @@ class HELCore(wiring.Component):
                         m.d.comb += [lane.a.eq(ar.data), lane.b.eq(xval)]
 
         # ---------------------------------------------------------------- S3: force sums
+        in_b = tag3.phase == _PH_B
         for p in range(P):
-            m.d.comb += [lanes[p].f_en.eq(tag3.valid & (tag3.phase == _PH_B)),
-                         lanes[p].f_first.eq(tag3.first), lanes[p].f_last.eq(tag3.last),
-                         lanes[p].f_slot.eq(tag3.sub)]
+            m.d.comb += [lanes[p].f_en.eq(tag3.valid & (in_b | (tag3.phase == _PH_U))),
+                         lanes[p].f_first.eq(tag3.first), lanes[p].f_last.eq(tag3.last & in_b),
+                         lanes[p].f_alpha.eq(in_b), lanes[p].f_slot.eq(tag3.sub)]
+        # U phase: c_j = Σ_k B_jk u_k from lane j mod P, one register per row
+        creg = [Signal(signed(g.c_width), name=f"c{j}") for j in range(M)] if g.u_mode else []
+        for j, c_j in enumerate(creg):
+            with m.If(tag3.valid & (tag3.phase == _PH_U) & tag3.last & (tag3.j == j // P)):
+                m.d.sync += c_j.eq(lanes[j % P].total)
 
         # ---------------------------------------------------------------- S3+: z path
         vals = [lanes[p].p for p in range(P)]
-        tag_chain = [tag2, tag3]
+        tag_chain = [tag1, tag2, tag3]
         width = g.prod_width
         lvl = 0
         while len(vals) > 1:
@@ -456,15 +473,26 @@ class HELCore(wiring.Component):
         tree_sum = vals[0]
         tagz = tag_chain[-1]
         tagz_prev = tag_chain[-2]
-        z_busy_bits = tag_chain[2:]
+        tagz_prev2 = tag_chain[-3]
+        z_busy_bits = tag_chain[3:]
 
         zacc = [Signal(signed(g.z_width), name=f"zacc{s}") for s in range(2)]
         zsum = Signal(signed(g.z_width))
         z_out = Signal(signed(g.z_width))
         z_valid = Signal()
         z_tag = Signal(tanh.tag_width)
-        m.d.comb += zsum.eq(Mux(tagz.first, br.data << of, Mux(tagz.sub, zacc[1], zacc[0]))
-                            + tree_sum)
+        # the row's initial value b_j·2^OF (+ c_j), formed one stage ahead
+        zinit = Signal(signed(g.z_width))
+        if g.u_mode:
+            c_sel = Signal(signed(g.c_width))
+            with m.Switch(tagz_prev.j):
+                for j in range(M):
+                    with m.Case(j):
+                        m.d.comb += c_sel.eq(creg[j])
+            m.d.sync += zinit.eq((br.data << of) + c_sel)
+        else:
+            m.d.sync += zinit.eq(br.data << of)
+        m.d.comb += zsum.eq(Mux(tagz.first, zinit, Mux(tagz.sub, zacc[1], zacc[0])) + tree_sum)
         z_in_a = Signal()
         m.d.comb += z_in_a.eq(tagz.valid & (tagz.phase == _PH_A))
         m.d.sync += z_valid.eq(z_in_a & tagz.last)
@@ -944,7 +972,32 @@ class HELCore(wiring.Component):
             with m.State("STEP_WAIT"):
                 with m.If(drained & u_ready):
                     m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
-                    m.next = "A"
+                    if g.u_mode:
+                        m.d.sync += [i_pbase.eq(g.u_base), u_dec.eq(0)]
+                        m.next = "U"
+                    else:
+                        m.next = "A"
+
+            if g.u_mode:
+                # the next step's input products, issued while the previous step drains
+                with m.State("U"):
+                    m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_U),
+                                 tag0.j.eq(i_j), tag0.r.eq(i_r), tag0.first.eq(i_r == 0),
+                                 tag0.last.eq(i_r == K - 1), p_addr.eq(i_pbase), p_en.eq(1)]
+                    m.d.sync += i_pbase.eq(i_pbase + 1)
+                    with m.If(i_r == K - 1):
+                        m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
+                        with m.If(i_j == g.ru - 1):
+                            m.next = "U_WAIT"
+                    with m.Else():
+                        m.d.sync += i_r.eq(i_r + 1)
+                with m.State("U_WAIT"):
+                    with m.If(drained):
+                        with m.If(u_dec):
+                            m.d.sync += remaining.eq(remaining - 1)
+                        m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0),
+                                     a_count.eq(0)]
+                        m.next = "A"
 
             with m.State("A"):
                 m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_A),
@@ -1029,7 +1082,13 @@ class HELCore(wiring.Component):
                             m.d.sync += i_t.eq(i_t + 1)
 
             with m.State("STEP_END"):
-                with m.If(drained & u_ready):
+                if g.u_mode:
+                    with m.If(has_next & u_ready):
+                        m.d.sync += [i_r.eq(0), i_j.eq(0), i_pbase.eq(g.u_base), u_dec.eq(1)]
+                        m.next = "U"
+                    with m.Elif(~has_next & drained):
+                        m.next = "FIN"
+                with m.If(drained & u_ready & (not g.u_mode)):
                     with m.If(has_next):
                         m.d.sync += [remaining.eq(remaining - 1), i_sub.eq(0), i_r.eq(0),
                                      i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
@@ -1055,9 +1114,9 @@ class HELCore(wiring.Component):
                            k_valid=k_valid, k_i=k_i, k_f=k_f, k_slot=k_slot, z_valid=z_valid,
                            z_out=z_out, z_tag=z_tag, a_valid=tanh.a_valid, a=tanh.a,
                            a_tag=tanh.a_tag)
-        # the b memory is read one stage ahead of the z adder (the walker owns it in RPARAM)
-        with m.If(tagz_prev.valid & (tagz_prev.phase == _PH_A)):
-            m.d.comb += br.addr.eq(tagz_prev.j)
+        # the b memory is read two stages ahead of the z adder (the walker owns it in RPARAM)
+        with m.If(tagz_prev2.valid & (tagz_prev2.phase == _PH_A)):
+            m.d.comb += br.addr.eq(tagz_prev2.j)
 
         return m
 
@@ -1101,6 +1160,9 @@ class _Walker:
 
         def start(s):
             sd = secs[s]
+            if sd["mem"] == "row":   # lane j mod P, chunk = column
+                return [self.sec.eq(s), self.lane.eq(0), self.chunk.eq(0),
+                        self.base.eq(sd["base0"]), self.cc.eq(0), self.j.eq(0)]
             return [self.sec.eq(s), self.lane.eq(sd["c0"] % P), self.chunk.eq(sd["c0"] // P),
                     self.base.eq(sd["base0"]), self.cc.eq(0), self.j.eq(0)]
 
@@ -1117,6 +1179,20 @@ class _Walker:
                 for s, sd in enumerate(secs):
                     with m.Case(s):
                         ncols = sd["c1"] - sd["c0"]
+                        if sd["mem"] == "row":
+                            with m.If(self.cc != ncols - 1):
+                                m.d.sync += [self.cc.eq(self.cc + 1), self.chunk.eq(self.chunk + 1)]
+                            with m.Elif(self.j != sd["rows"] - 1):
+                                m.d.sync += [self.cc.eq(0), self.chunk.eq(0), self.j.eq(self.j + 1)]
+                                with m.If(self.lane == P - 1):
+                                    m.d.sync += [self.lane.eq(0),
+                                                 self.base.eq(self.base + sd["stride"])]
+                                with m.Else():
+                                    m.d.sync += self.lane.eq(self.lane + 1)
+                            if s + 1 < ns:
+                                with m.Else():
+                                    first_of(range(s + 1, ns))
+                            continue
                         with m.If(self.cc != ncols - 1):
                             m.d.sync += self.cc.eq(self.cc + 1)
                             with m.If(self.lane == P - 1):

@@ -65,9 +65,19 @@ class LaneGeometry:
     ----------
     p:
         Number of MAC lanes (multipliers).
-    ra, rc, rn:
-        Chunks of ``P`` columns per row in the z product (``N+K`` columns), in the
-        contrast (``N+K+1``) and oscillator rows of the force (``N``).
+    u_mode:
+        The input products ``c_j = Σ_k B_jk u_k`` have their own phase (U) instead
+        of riding in the z rows: ``B`` is banked by row (lane ``j mod P``, address
+        ``u_base + (j // P)·K + k``) and lane ``p`` sums rows ``j ≡ p`` over ``k``;
+        ``c_j`` waits in one register per row and joins ``z_j`` with ``b_j``. Then
+        a z row is only the ``N`` oscillator columns, without the partly empty
+        chunk the ``K`` input columns cause when ``P`` is large. Costs ``M``
+        registers of ``c_width`` bits, so it is used only for ``P ≥ 8`` (and only
+        when the input columns add a chunk).
+    ra, rc, rn, ru:
+        Chunks of ``P`` columns per row in the z product (``N+K`` columns, or ``N``
+        in u_mode), in the contrast (``N+K+1``) and oscillator rows of the force
+        (``N``); row groups of the U phase (``⌈M/P⌉``).
     lb:
         Slots per oscillator row of the force: ``α`` then ``M`` weights, padded to
         ``P`` so the serial state unit (one oscillator per cycle) keeps up.
@@ -84,8 +94,28 @@ class LaneGeometry:
         return self.cfg.lanes
 
     @property
+    def u_mode(self) -> bool:
+        n, k, p = self.cfg.n, self.cfg.k, self.p
+        return p >= 8 and ceil_div(n + k, p) > ceil_div(n, p)
+
+    @property
     def ra(self) -> int:
-        return ceil_div(self.cfg.n + self.cfg.k, self.p)
+        n, k = self.cfg.n, self.cfg.k
+        return ceil_div(n if self.u_mode else n + k, self.p)
+
+    @property
+    def ru(self) -> int:
+        return ceil_div(self.cfg.m, self.p)
+
+    @property
+    def u_base(self) -> int:
+        """Parameter-memory address of the row-banked ``B`` (u_mode)."""
+        return (self.cfg.m + 1) * self.ra
+
+    @property
+    def c_width(self) -> int:
+        """``c_j = Σ_k B_jk u_k`` (u_mode)."""
+        return self.prod_width + ceil_log2(self.cfg.k) + 1
 
     @property
     def rc(self) -> int:
@@ -97,7 +127,7 @@ class LaneGeometry:
 
     @property
     def rmax(self) -> int:
-        return max(self.ra, self.rc, self.rn)
+        return max(self.ra, self.rc, self.rn, self.cfg.k)
 
     @property
     def lb(self) -> int:
@@ -117,7 +147,7 @@ class LaneGeometry:
 
     @property
     def param_depth(self) -> int:
-        return (self.cfg.m + 1) * self.ra
+        return self.u_base + (self.ru * self.cfg.k if self.u_mode else 0)
 
     @property
     def acc_depth(self) -> int:
@@ -140,6 +170,11 @@ class LaneGeometry:
         return self.prod_width + self.cfg.alpha_shift + ceil_log2(self.cfg.m + 1) + 1
 
     @property
+    def lane_width(self) -> int:
+        """A lane's running sum: a force sum, or ``c_j`` in the U phase."""
+        return max(self.f_width, self.c_width)
+
+    @property
     def kick_width(self) -> int:
         ks = self.cfg.kick_shift
         return self.f_width + 1 - ks if ks > 0 else self.f_width - ks
@@ -156,6 +191,9 @@ class LaneGeometry:
         if name == "W":
             j, c = idx
         elif name == "B":
+            if self.u_mode:
+                j, kk = idx
+                return ("lane", j % self.p, self.u_base + (j // self.p) * k + kk)
             j, c = idx[0], n + idx[1]
         elif name == "alpha":
             j, c = m, idx[0]
@@ -186,12 +224,17 @@ class LaneGeometry:
         """Canonical-order sections (W, B, b, α) for the parameter or accumulator walker.
 
         Each section is ``rows`` rows of columns ``c0 … c1-1`` at row bases
-        ``base0 + j·stride``; ``mem`` is ``"lane"`` (banked) or ``"b"`` (b memory).
+        ``base0 + j·stride``; ``mem`` is ``"lane"`` (banked by column), ``"row"``
+        (banked by row: lane ``j mod P``, address ``base0 + (j // P)·stride + c``)
+        or ``"b"`` (b memory).
         """
         n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
         stride = self.ra if kind == "param" else self.rc
-        secs = [dict(rows=m, c0=0, c1=n, base0=0, stride=stride, mem="lane"),
-                dict(rows=m, c0=n, c1=n + k, base0=0, stride=stride, mem="lane")]
+        secs = [dict(rows=m, c0=0, c1=n, base0=0, stride=stride, mem="lane")]
+        if kind == "param" and self.u_mode:
+            secs.append(dict(rows=m, c0=0, c1=k, base0=self.u_base, stride=k, mem="row"))
+        else:
+            secs.append(dict(rows=m, c0=n, c1=n + k, base0=0, stride=stride, mem="lane"))
         if kind == "param":
             secs.append(dict(rows=m, c0=0, c1=1, base0=0, stride=1, mem="b"))
         else:
@@ -201,16 +244,17 @@ class LaneGeometry:
 
     # ---- schedule lengths (what the sequencer issues per step) -------------------
     def slots_forward_step(self, accumulate: bool = False) -> int:
-        """Issue cycles of one single-bank step (z, optional contrast, force)."""
+        """Issue cycles of one single-bank step (U, z, optional contrast, force)."""
         c = self.cfg
-        z = c.m * self.ra
-        f = self.rn * self.lb
+        u = self.ru * c.k if self.u_mode else 0
         con = 2 * (c.m * self.rc + self.rn) if accumulate else 0
-        return z + f + con
+        return u + c.m * self.ra + self.rn * self.lb + con
 
     def slots_centred_echo_step(self) -> int:
         c = self.cfg
-        return 2 * c.m * self.ra + 2 * (c.m * self.rc + self.rn) + 2 * self.rn * self.lb
+        u = self.ru * c.k if self.u_mode else 0
+        return (u + 2 * c.m * self.ra + 2 * (c.m * self.rc + self.rn)
+                + 2 * self.rn * self.lb)
 
 
 class MacLane(wiring.Component):
@@ -224,9 +268,10 @@ class MacLane(wiring.Component):
 
     The force accumulators ``F[slot]`` (two: ±ε banks in centred echo) are driven in
     S3 by ``f_en`` / ``f_first`` / ``f_last`` / ``f_slot``: ``f_first`` starts a
-    sum with the product shifted by ``cfg.alpha_shift`` (the first product of an
-    oscillator is ``α_i·qo_i``, aligned with the ``W·a`` products in the
-    activation format), ``f_last`` copies the finished sum into ``kick[slot]``,
+    sum with the product, shifted by ``cfg.alpha_shift`` when ``f_alpha`` (the
+    first product of an oscillator is ``α_i·qo_i``, aligned with the ``W·a``
+    products in the activation format); ``total`` is the running sum including
+    this cycle's product (the U phase takes ``c_j`` from it); ``f_last`` copies the finished sum into ``kick[slot]``,
     where it waits for the serial state unit while the lane already sums the next
     oscillator.
 
@@ -249,10 +294,11 @@ class MacLane(wiring.Component):
         super().__init__({
             "a": In(signed(ow)), "b": In(signed(ow)),
             "p": Out(signed(2 * ow)),
-            "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1),
-            "kick0": Out(signed(g.f_width)), "kick1": Out(signed(g.f_width)),
+            "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1), "f_alpha": In(1),
+            "kick0": Out(signed(g.lane_width)), "kick1": Out(signed(g.lane_width)),
+            "total": Out(signed(g.lane_width)),
         })
-        self._fw = g.f_width
+        self._fw = g.lane_width
 
     def elaborate(self, platform):
         m = Module()
@@ -264,14 +310,14 @@ class MacLane(wiring.Component):
         # one adder for both banks: their products alternate cycle by cycle
         facc = [Signal(signed(self._fw), name=f"facc{s}") for s in range(2)]
         kick = [self.kick0, self.kick1]
-        total = Signal(signed(self._fw))
-        m.d.comb += total.eq(Mux(self.f_slot, facc[1], facc[0]) + self.p)
+        total = self.total
+        with m.If(self.f_first):
+            m.d.comb += total.eq(Mux(self.f_alpha, self.p << self.cfg.alpha_shift, self.p))
+        with m.Else():
+            m.d.comb += total.eq(Mux(self.f_slot, facc[1], facc[0]) + self.p)
         for s in range(2):
             with m.If(self.f_en & (self.f_slot == s)):
-                with m.If(self.f_first):
-                    m.d.sync += facc[s].eq(self.p << self.cfg.alpha_shift)
-                with m.Else():
-                    m.d.sync += facc[s].eq(total)
+                m.d.sync += facc[s].eq(total)
                 with m.If(self.f_last):
                     m.d.sync += kick[s].eq(total)
         return m

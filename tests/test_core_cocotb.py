@@ -29,8 +29,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
 
 #: name → (configuration, scenarios). Small shapes keep the runs short; together
-#: they cover P = 1, 2, 3 (not dividing N), N ≠ M, K = 1..3, O = 1..3, 16/18-bit
-#: operands and a state/accumulator that wrap.
+#: they cover P = 1, 2, 3 (not dividing N), 4, 8 (U phase), N ≠ M, K = 1..3,
+#: O = 1..3, 16/18-bit operands, a state/accumulator that wrap, SPRAM.
 CONFIGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "p1_n5m3": (dict(n=5, m=3, k=2, o=2, t_max=8, lanes=1, acc_width=46),
                 ("protocol", "centred", "one_sided", "kick", "selftest")),
@@ -42,12 +42,13 @@ CONFIGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "p2_narrow": (dict(n=6, m=5, k=2, o=2, t_max=16, lanes=2, state_width=20, state_frac=15,
                        dt_log2=2, acc_width=38),
                   ("overflow", "centred")),
-    # the input sequence in an iCE40UP SB_SPRAM256KA (Yosys' simulation model)
-    "p2_spram": (dict(n=4, m=6, k=3, o=2, t_max=12, lanes=2, acc_width=46),
-                 ("centred", "protocol")),
+    # P = 8 with the U phase (u_mode), and the input sequence in an iCE40UP
+    # SB_SPRAM256KA (Yosys' simulation model)
+    "p8_u_spram": (dict(n=8, m=6, k=3, o=2, t_max=12, lanes=8, acc_width=46),
+                   ("protocol", "centred", "one_sided", "kick")),
 }
 #: HELCore keyword arguments per configuration (default: none)
-CORE_KWARGS = {"p2_spram": dict(seq_ram="spram")}
+CORE_KWARGS = {"p8_u_spram": dict(seq_ram="spram")}
 
 
 def _runner():

@@ -151,6 +151,7 @@ def test_mac_lane_force_sums_match_golden_kick(ops):
                 ctx.set(dut.f_en, int(s3 is not None))
                 if s3:
                     ctx.set(dut.f_first, s3[4])
+                    ctx.set(dut.f_alpha, s3[4])
                     ctx.set(dut.f_last, s3[5])
                     ctx.set(dut.f_slot, s3[3])
                 await ctx.tick()
@@ -254,10 +255,19 @@ def _golden_trace(cfg, params, u, nudges):
     return trace
 
 
-@pytest.mark.parametrize("lanes", [1, 2, 3])
-def test_lane_schedule_activations_and_kicks_match_golden(lanes, waves_path):
-    cfg = HelConfig(n=5, m=4, k=2, o=2, t_max=4, lanes=lanes, acc_width=46)
-    sb = ScenarioBuilder(cfg, 20 + lanes)
+SCHEDULE_CONFIGS = {
+    "p1": dict(n=5, m=4, k=2, o=2, t_max=4, lanes=1, acc_width=46),
+    "p2": dict(n=5, m=4, k=2, o=2, t_max=4, lanes=2, acc_width=46),
+    "p3": dict(n=5, m=4, k=2, o=2, t_max=4, lanes=3, acc_width=46),
+    "p8_u": dict(n=8, m=11, k=3, o=2, t_max=4, lanes=8, acc_width=46),   # U phase (u_mode)
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_CONFIGS))
+def test_lane_schedule_activations_and_kicks_match_golden(name, waves_path):
+    cfg = HelConfig(**SCHEDULE_CONFIGS[name])
+    assert LaneGeometry(cfg).u_mode == name.endswith("_u")
+    sb = ScenarioBuilder(cfg, 20 + cfg.lanes)
     params = sb.random_params()
     t_len = 3
     u = sb.random_inputs(t_len)
@@ -318,8 +328,11 @@ def test_lane_schedule_activations_and_kicks_match_golden(lanes, waves_path):
 
 
 def test_geometry_layout_is_a_bijection():
-    for lanes in (1, 2, 3, 4, 7):
-        cfg = HelConfig(n=7, m=5, k=3, o=2, t_max=4, lanes=lanes, acc_width=46)
+    shapes = [dict(n=7, m=5, k=3, lanes=p) for p in (1, 2, 3, 4, 7)]
+    shapes += [dict(n=8, m=11, k=3, lanes=8), dict(n=16, m=5, k=2, lanes=16)]   # u_mode
+    for shape in shapes:
+        cfg = HelConfig(o=2, t_max=4, acc_width=46, **shape)
+        lanes = cfg.lanes
         g = LaneGeometry(cfg)
         seen_p, seen_a = set(), set()
         for name, shape in cfg.param_shapes().items():
