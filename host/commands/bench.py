@@ -10,15 +10,18 @@ every step of a pass has the same schedule). The MACs per step are
 ``cfg.macs_forward_step`` / ``cfg.macs_echo_step`` (:mod:`rtl.formats`) and the
 ratio is ``cycles / (MACs / P)`` with ``P`` = the core's multipliers.
 
-The subcommand is a positional choice (``core`` now) so other benchmarks
-(``hel bench link``) can be added next to it.
+``hel bench link``: the serial link's payload efficiency during LOAD, FORWARD
+and ECHO, and the simulated board's speed (see :func:`measure_link`).
+
+The subcommand is a positional choice (``core``, ``link``).
 """
 
 from __future__ import annotations
 
 import json
 
-HELP = "benchmark the HEL core (cycles per step vs MACs/P, by simulation)"
+HELP = ("benchmark the HEL core (cycles per step vs MACs/P, by simulation) or the serial "
+        "link (payload efficiency, simulated cycles/s)")
 
 #: (n, m, k, lanes) measured by default: the issue's target is ratio ≤ 1.25 for
 #: P ≥ 2 at N = M = 16.
@@ -26,15 +29,30 @@ DEFAULT_CONFIGS = [(16, 16, 2, 1), (16, 16, 2, 2), (16, 16, 2, 4), (16, 16, 2, 8
                    (32, 32, 2, 8), (32, 32, 2, 16)]
 TARGET_RATIO = 1.25
 
+#: ``hel bench link``: sequence lengths measured by default, and the targets of issue 4.
+LINK_LENGTHS = (16, 256, 4096)
+TARGET_LINK_EFFICIENCY = 0.90
+TARGET_CYCLES_PER_S = 1_000_000
+
 
 def add_arguments(p):
-    p.add_argument("what", choices=["core"], help="what to benchmark")
+    p.add_argument("what", choices=["core", "link"],
+                   help="core: cycles per step of the HEL core; link: payload efficiency of the "
+                        "serial link and the simulated board's cycles per second")
     p.add_argument("--json", action="store_true",
-                   help="print a list of objects (n, m, k, p, cycles_forward_step, "
+                   help="core: print a list of objects (n, m, k, p, cycles_forward_step, "
                         "cycles_echo_step, macs_forward_step, macs_echo_step, ratio_forward, "
-                        "ratio_echo)")
+                        "ratio_echo); link: print the measurement as one object (phases, "
+                        "board, targets)")
     p.add_argument("--config", action="append", metavar="N,M,K,P",
-                   help="measure this shape instead of the default set (repeatable)")
+                   help="core: measure this shape instead of the default set (repeatable)")
+    p.add_argument("--lengths", metavar="T,T,...", default=",".join(map(str, LINK_LENGTHS)),
+                   help="link: sequence lengths to measure (default %(default)s); the simulated "
+                        "board is built with t_max ≥ the longest")
+    p.add_argument("--device", default="sim-board",
+                   help="link: sim-board (default; time in simulated cycles) or a serial path / "
+                        "pyserial URL (time in wall seconds at the baud rate IDENT reports)")
+    p.add_argument("--seed", type=int, default=0, help="link: seed of the random data")
 
 
 def _parse(spec: str) -> tuple[int, int, int, int]:
@@ -141,7 +159,373 @@ def format_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+# ---- hel bench link ----------------------------------------------------------------------
+class CountingPort:
+    """A pyserial port that counts the bytes written and read: the bytes on the wire.
+
+    Wraps the port of a :class:`host.link.SerialDevice` (``dev.port =
+    CountingPort(dev.port)``); ``tx`` counts host → device bytes, ``rx`` device →
+    host bytes, including any the host discards when it flushes its input.
+    """
+
+    def __init__(self, port):
+        self.port = port
+        self.tx = 0
+        self.rx = 0
+
+    @property
+    def timeout(self):
+        return self.port.timeout
+
+    @timeout.setter
+    def timeout(self, value):
+        self.port.timeout = value
+
+    @property
+    def in_waiting(self):
+        return self.port.in_waiting
+
+    def write(self, data):
+        self.tx += len(data)
+        return self.port.write(data)
+
+    def read(self, n=1):
+        data = self.port.read(n)
+        self.rx += len(data)
+        return data
+
+    def reset_input_buffer(self):
+        n = self.port.in_waiting
+        if n:
+            self.rx += len(self.port.read(n))
+
+    def flush(self):
+        flush = getattr(self.port, "flush", None)
+        if flush is not None:
+            flush()
+
+    def close(self):
+        self.port.close()
+
+
+def _link_lengths(spec: str) -> list[int]:
+    from host.errors import UsageError
+    try:
+        lengths = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--lengths wants comma-separated integers, got {spec!r}") from None
+    if not lengths or lengths[0] < 1:
+        raise UsageError(f"--lengths wants positive sequence lengths, got {spec!r}")
+    return lengths
+
+
+def link_config(lengths):
+    """The simulated board's configuration with t_max ≥ the longest length (a power of two)."""
+    from sim.board import SIM_CONFIG
+    t_max = SIM_CONFIG.t_max
+    while t_max < max(lengths):
+        t_max *= 2
+    return SIM_CONFIG.replace(t_max=t_max)
+
+
+class CycleMarks:
+    """Read a simulated board's cycle counter at chosen moments, without waiting.
+
+    :meth:`mark` sends the harness SIGUSR1; it writes a stats line (cycles since
+    start, its own monotonic seconds) at its next pty service, at most 512
+    simulated cycles later. :meth:`collect` waits for the lines. Marking right
+    before a request and right after its last reply brackets the operation in
+    simulated cycles to within the harness's service interval plus the host's
+    reaction time (a fraction of a millisecond); waiting for the lines happens
+    outside the bracket.
+    """
+
+    def __init__(self, board):
+        import signal
+        self.board = board
+        self._signal = signal.SIGUSR1
+
+    def count(self) -> int:
+        return len(self.lines())
+
+    def lines(self) -> list[dict]:
+        out = []
+        for line in self.board.log().splitlines():
+            if line.startswith("sim-board: stats "):
+                fields = dict(kv.split("=", 1) for kv in line.split()[3:])
+                out.append({"cycles": int(fields["cycles"]), "seconds": float(fields["seconds"])})
+        return out
+
+    def mark(self) -> None:
+        self.board.process.send_signal(self._signal)
+
+    def collect(self, first: int, n: int, timeout: float = 5.0) -> list[dict]:
+        """Stats lines ``first .. first+n-1`` (fewer if two marks fell into one service)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()
+            if len(lines) >= first + n or time.monotonic() >= deadline:
+                return lines[first:first + n]
+            time.sleep(0.002)
+
+
+def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 8192,
+                 max_reps: int = 64, progress=None) -> dict:
+    """Measure LOAD, FORWARD and ECHO over ``dev`` for every sequence length.
+
+    ``dev`` is a :class:`host.link.SerialDevice` whose ``port`` is a
+    :class:`CountingPort`. For each length ``T`` the sample (random parameters,
+    inputs, nudges) runs ``reps`` times (enough for ``min_payload`` bytes per
+    phase, at most ``max_reps``); each phase is timed from just before its
+    request to just after its last reply. The same operations run on the golden
+    model, whose outputs, accumulators and flags must match at every length.
+
+    Time on the line: with ``board`` (a :class:`sim.board.SimBoard`) each phase
+    is bracketed by two reads of the board's cycle counter (:class:`CycleMarks`):
+    its duration is in *simulated cycles*, and the line carries one byte per
+    ``10 · divisor`` cycles. Without a board the duration is wall time and the
+    line carries ``baud / 10`` bytes per second (the baud rate from IDENT).
+
+    Useful payload: the packed words of the data (inputs T·K·operand_width,
+    outputs and nudges T·O·state_width bits) ÷ 8. Wire bytes: what the port
+    carried in the payload's direction (frames, COBS, CRC, chunk indices,
+    delimiters, the request opening the transfer); the acks and the request's
+    reply go the other way and are reported separately.
+    """
+    import math
+    import time
+
+    import numpy as np
+
+    from host.device import GoldenDevice
+    from host.wire import packed_len
+    from rtl.formats import PARAM_NAMES
+
+    port = dev.port
+    cfg = dev.config
+    ident = dev.ident()
+    marks = CycleMarks(board) if board is not None else None
+    divisor = board.divisor if board is not None else None
+    line_rate_wall = ident.baud / 10 if ident.baud else None      # bytes per wall second
+    rng = np.random.default_rng(seed)
+    gold = GoldenDevice(cfg)
+    params = {"W": rng.normal(0, 1 / np.sqrt(cfg.n), (cfg.m, cfg.n)),
+              "B": rng.normal(0, 0.5, (cfg.m, cfg.k)), "b": rng.normal(0, 0.1, cfg.m),
+              "alpha": rng.uniform(0.5, 1.5, cfg.n)}
+    iparams = cfg.quantize_params(params)
+    for d in (dev, gold):
+        d.write_params(iparams)
+        d.clear_accumulators()
+        d.clear_flags()
+    say = progress or (lambda line: None)
+    first_mark = last_mark = None
+
+    phases = []
+    for t in lengths:
+        if t > cfg.t_max:
+            say(f"bench link: T = {t} skipped (the device's t_max is {cfg.t_max})")
+            continue
+        u = cfg.quantize_inputs(rng.normal(0, 0.5, (t, cfg.k)))
+        nudges = cfg.nudges(rng.normal(0, 0.3, (t, cfg.o)), 0.03)
+        payload = {"LOAD": packed_len(t * cfg.k, cfg.operand_width),
+                   "FORWARD": packed_len(t * cfg.o, cfg.state_width),
+                   "ECHO": packed_len(t * cfg.o, cfg.state_width)}
+        direction = {"LOAD": "tx", "FORWARD": "rx", "ECHO": "tx"}
+        ops = {"LOAD": lambda d: d.load(u), "FORWARD": lambda d: d.forward("centred"),
+               "ECHO": lambda d: d.echo(nudges)}
+        reps = max(1, min(max_reps, math.ceil(min_payload / min(payload.values()))))
+        acc = {name: {"wall": 0.0, "tx": 0, "rx": 0, "cycles": 0, "missed": 0} for name in ops}
+        say(f"bench link: T = {t}, {reps} run(s) of LOAD, FORWARD, ECHO")
+        exact = True
+        for _ in range(reps):
+            for name, op in ops.items():
+                a = acc[name]
+                tx0, rx0 = port.tx, port.rx
+                n0 = marks.count() if marks else 0
+                if marks:
+                    marks.mark()
+                w0 = time.monotonic()
+                result = op(dev)
+                wall = time.monotonic() - w0
+                if marks:
+                    marks.mark()
+                a["wall"] += wall
+                a["tx"] += port.tx - tx0
+                a["rx"] += port.rx - rx0
+                if marks:
+                    got = marks.collect(n0, 2)
+                    if len(got) == 2:
+                        a["cycles"] += got[1]["cycles"] - got[0]["cycles"]
+                        first_mark = first_mark or got[0]
+                        last_mark = got[1]
+                    else:       # should not happen: both marks in one service interval
+                        a["missed"] += 1
+                gres = op(gold)
+                if name == "FORWARD":
+                    exact = exact and bool(np.array_equal(result, gres))
+        dacc, gacc = dev.read_accumulators(), gold.read_accumulators()
+        exact = exact and all(np.array_equal(dacc[k], gacc[k]) for k in PARAM_NAMES)
+        exact = exact and dev.status() == gold.status()
+        for name in ops:
+            a = acc[name]
+            pay = payload[name] * reps
+            wire = a[direction[name]]
+            row = {"phase": name, "t": t, "reps": reps, "payload_bytes": pay,
+                   "wire_bytes": wire,
+                   "wire_bytes_other_way": a["rx" if direction[name] == "tx" else "tx"],
+                   "payload_per_wire": round(pay / wire, 4) if wire else None,
+                   "wall_s": round(a["wall"], 4), "bit_exact": exact}
+            if marks and not a["missed"]:
+                line_bytes = a["cycles"] / (10 * divisor)
+                macs = cfg.macs_forward_step if name == "FORWARD" else \
+                    cfg.macs_echo_step if name == "ECHO" else 0
+                core_floor = t * reps * macs / cfg.lanes
+                wire_floor = wire * 10 * divisor
+                row.update(time_base="simulated cycles", sim_cycles=a["cycles"],
+                           line_capacity_bytes=round(line_bytes),
+                           line_utilisation=round(pay / line_bytes, 4),
+                           line_busy=round(wire / line_bytes, 4),
+                           core_floor_cycles=round(core_floor), wire_floor_cycles=wire_floor,
+                           bound="core" if core_floor > wire_floor else "line")
+            elif line_rate_wall and not marks:
+                line_bytes = a["wall"] * line_rate_wall
+                row.update(time_base="wall seconds", line_capacity_bytes=round(line_bytes),
+                           line_utilisation=round(pay / line_bytes, 4),
+                           line_busy=round(wire / line_bytes, 4))
+            phases.append(row)
+
+    board_info = None
+    if marks and first_mark and last_mark and last_mark["seconds"] > first_mark["seconds"]:
+        cycles = last_mark["cycles"] - first_mark["cycles"]
+        seconds = last_mark["seconds"] - first_mark["seconds"]
+        rate = cycles / seconds
+        board_info = {"divisor": divisor, "clk_hz": ident.clock_hz, "baud": ident.baud,
+                      "cycles_per_byte": 10 * divisor, "cycles_per_s": round(rate),
+                      "simulated_cycles": int(cycles), "seconds": round(seconds, 3)}
+        if ident.clock_hz:
+            # The UART's byte rate in wall-clock terms: baud/10 scaled by the simulation speed.
+            board_info["wall_byte_rate"] = round(ident.baud / 10 * rate / ident.clock_hz)
+    longest = max((r["t"] for r in phases), default=None)
+    verdicts = []
+    for r in phases:
+        if r["t"] != longest:
+            continue
+        framing_ok = (r["payload_per_wire"] or 0) >= TARGET_LINK_EFFICIENCY
+        if r.get("bound") == "core":
+            # The core, not the line, sets the pace: only the framing can be judged.
+            met, note = (None if framing_ok else False), \
+                "core-bound here (the core needs more cycles per step than the line); framing met"
+        elif "line_utilisation" not in r:
+            met, note = (None if framing_ok else False), "no line rate known; framing met"
+        else:
+            met = framing_ok and r.get("line_utilisation", 0) >= TARGET_LINK_EFFICIENCY
+            note = "payload/line rate"
+        verdicts.append({"phase": r["phase"], "t": r["t"], "met": met, "note": note,
+                         "payload_per_wire": r["payload_per_wire"],
+                         "line_utilisation": r.get("line_utilisation")})
+    return {"device": ident.name, "config": cfg.to_dict(), "baud": ident.baud,
+            "clock_hz": ident.clock_hz, "phases": phases, "board": board_info,
+            "targets": {"payload_efficiency": TARGET_LINK_EFFICIENCY,
+                        "cycles_per_s": TARGET_CYCLES_PER_S,
+                        "efficiency_met": verdicts,
+                        "cycles_per_s_met": None if board_info is None
+                        else bool(board_info["cycles_per_s"] >= TARGET_CYCLES_PER_S)},
+            "bit_exact": all(r["bit_exact"] for r in phases),
+            "stats": dict(dev.stats)}
+
+
+def format_link(result: dict) -> list[str]:
+    sim = result["board"] is not None
+    head = ["phase", "T", "runs", "payload B", "wire B", "payload/wire",
+            "sim cycles" if sim else "wall s", "line capacity B", "payload/line rate",
+            "wire/line rate"] + (["bound"] if sim else []) + ["bit-exact"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for r in result["phases"]:
+        cells = [r["phase"], r["t"], r["reps"], r["payload_bytes"], r["wire_bytes"],
+                 f"{r['payload_per_wire']:.1%}" if r["payload_per_wire"] else "-",
+                 f"{r['sim_cycles']:,}" if sim else f"{r['wall_s']:.3f}",
+                 r.get("line_capacity_bytes", "-"),
+                 f"{r['line_utilisation']:.1%}" if "line_utilisation" in r else "-",
+                 f"{r['line_busy']:.1%}" if "line_busy" in r else "-"]
+        if sim:
+            cells.append(r["bound"])
+        cells.append("yes" if r["bit_exact"] else "NO")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
+def run_link(args) -> int:
+    import sys
+
+    from host.device import DeviceError
+    from host.errors import UsageError
+    from host.link import open_serial_device
+
+    lengths = _link_lengths(args.lengths)
+
+    def progress(line):
+        print(line, file=sys.stderr, flush=True)
+
+    cfg = link_config(lengths) if args.device in ("sim-board", "model") else None
+    try:
+        dev = open_serial_device(args.device, cfg, timeout=5.0)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
+    board = getattr(dev, "_owner", None)
+    board = board if hasattr(board, "stats") else None
+    try:
+        with dev:
+            dev.port = CountingPort(dev.port)
+            result = measure_link(dev, lengths, board=board, seed=args.seed, progress=progress)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        import json
+        print(json.dumps(result, indent=2))
+        return 0
+    c = result["config"]
+    b = result["board"]
+    print(f"device: {args.device} ({result['device']}; N={c['n']} M={c['m']} K={c['k']} O={c['o']} "
+          f"P={c['lanes']} t_max={c['t_max']}; words: operands {c['operand_width']} b, state "
+          f"{c['state_width']} b)")
+    if b:
+        print(f"line: {b['baud']} baud at a nominal {b['clk_hz']} Hz = {b['divisor']} clocks per bit, "
+              f"{b['cycles_per_byte']} simulated cycles per byte; time below is simulated time")
+    else:
+        print(f"line: {result['baud']} baud = {result['baud'] / 10:.0f} bytes/s; time below is wall time")
+    print()
+    print("\n".join(format_link(result)))
+    print()
+    print("payload = packed words of the data (inputs, outputs, nudges); wire = bytes on the line in "
+          "the data's direction (frames, COBS, CRC, chunk index, delimiters);")
+    print("payload/line rate = payload bytes ÷ the bytes the line could have carried in the "
+          "phase's time (request to last reply, host turnarounds included);")
+    if b:
+        print("bound: the phase is limited by the line (wire bytes × cycles per byte) or by the core "
+              "(steps × MACs/P cycles, ideal) — whichever floor is higher.")
+        print()
+        print(f"simulated board: {b['cycles_per_s']:,} cycles/s from the first to the last phase "
+              f"({b['simulated_cycles']:,} cycles in {b['seconds']:.2f} s, golden-model checks "
+              f"included); its UART's byte rate in wall-clock terms: "
+              f"{b['baud'] // 10:,} B/s × {b['cycles_per_s']:,}/{b['clk_hz']:,} = "
+              f"{b.get('wall_byte_rate', 0):,} B/s")
+    tg = result["targets"]
+    for v in tg["efficiency_met"]:
+        what = (f"payload/line rate {v['line_utilisation']:.1%}" if v["line_utilisation"] is not None
+                else "") + f", payload/wire {v['payload_per_wire']:.1%}"
+        verdict = {True: "met", False: "NOT met", None: v["note"]}[v["met"]]
+        print(f"target ≥ {tg['payload_efficiency']:.0%} payload efficiency, {v['phase']} at "
+              f"T = {v['t']} ({what.lstrip(', ')}): {verdict}")
+    if tg["cycles_per_s_met"] is not None:
+        print(f"target ≥ {tg['cycles_per_s']:,} simulated cycles/s: "
+              + ("met" if tg["cycles_per_s_met"] else "NOT met"))
+    return 0
+
+
 def run(args) -> int:
+    if args.what == "link":
+        return run_link(args)
     from rtl.formats import HelConfig
 
     shapes = [_parse(s) for s in args.config] if args.config else DEFAULT_CONFIGS
