@@ -354,7 +354,7 @@ class HELCore(wiring.Component):
         e_nb2 = Signal()     # two working banks (centred echo)
         e_acc = Signal()     # contrast phase C
         e_one = Signal()     # one-sided FORWARD (the next echo is one-sided)
-        e_sub = Signal()     # C subtracts (one-sided forward)
+        e_sub = Signal()     # C subtracts (one-sided forward): product in the −ε slot
         e_kick = Signal()
         e_flip = Signal()    # pre-step flips (else zeroes) the state
         steps = Signal(32)
@@ -424,8 +424,11 @@ class HELCore(wiring.Component):
                                 m.d.comb += xval.eq(u_cur[c - N])
                         elif c == N + K:
                             m.d.comb += xval.eq(tag1.phase == _PH_C)
-            zero_sub = Signal(name=f"zsub{p}")   # single bank: the second contrast slot is zero
-            m.d.comb += zero_sub.eq((tag1.phase == _PH_C) & tag1.sub & ~e_nb2)
+            # single bank: one contrast slot is zero — the −ε slot (diff = +product), or,
+            # to accumulate −G(0) in a one-sided forward, the +ε slot (diff = −product),
+            # so the accumulator only ever adds
+            zero_sub = Signal(name=f"zsub{p}")
+            m.d.comb += zero_sub.eq((tag1.phase == _PH_C) & ~e_nb2 & (tag1.sub != e_sub))
             with m.Switch(tag1.phase):
                 with m.Case(_PH_A):
                     m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(xval)]
@@ -519,8 +522,7 @@ class HELCore(wiring.Component):
             with m.If(c_valid & ~tag3.sub):
                 m.d.sync += prod0[p].eq(lanes[p].p)
         for q, grp in enumerate(groups):
-            m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(tag3.elem),
-                         grp.subtract.eq(e_sub)]
+            m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(tag3.elem)]
             for li in range(grp.lanes):
                 p = q * GL + li
                 en = Signal(name=f"cen{p}")

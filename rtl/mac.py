@@ -333,10 +333,11 @@ class AccumulatorGroup(wiring.Component):
     cycle, adds and writes it back in the next while reading lane 1's word, and
     finishes lane 1 one cycle later: one read port, one write port, one adder.
 
-    ``subtract`` turns the update into ``acc − diff`` (the one-sided forward pass
-    accumulates −G(0)). Every update wraps to ``acc_width`` bits; ``overflow``
-    pulses when an update wrapped (the core keeps the sticky flag), so the flag
-    matches :meth:`sim.golden.GoldenCore._accumulate` update for update.
+    The update is always ``acc + diff`` (the core forms ``−product`` for the
+    one-sided forward pass's −G(0)), wrapping to ``acc_width`` bits; ``overflow``
+    pulses when an update wrapped — the operands' signs agree and the sum's
+    differs — and the core keeps the sticky flag, so the flag matches
+    :meth:`sim.golden.GoldenCore._accumulate` update for update.
 
     When ``ext`` is set the memory belongs to the readout/clear sequencers:
     ``ext_raddr`` (data in ``ext_rdata`` next cycle), ``ext_clear`` writes zero to
@@ -351,7 +352,7 @@ class AccumulatorGroup(wiring.Component):
         self.depth = g.acc_depth
         aw = cfg.acc_width
         super().__init__({
-            "valid": In(1), "elem": In(range(max(g.elems, 2))), "subtract": In(1),
+            "valid": In(1), "elem": In(range(max(g.elems, 2))),
             "en0": In(1), "en1": In(1),
             "diff0": In(signed(g.diff_width)), "diff1": In(signed(g.diff_width)),
             "overflow": Out(1), "busy": Out(1),
@@ -396,13 +397,10 @@ class AccumulatorGroup(wiring.Component):
         waddr = Signal(range(self.depth))
         m.d.comb += [d_sel.eq(Mux(v2, d1_2, d0_1)), add_en.eq(Mux(v2, en1_2, v1 & en0_1)),
                      waddr.eq(Mux(v2, waddr2, self._addr(e1, 0)))]
-        exact = Signal(signed(aw + 1))
-        with m.If(self.subtract):
-            m.d.comb += exact.eq(rd.data - d_sel)
-        with m.Else():
-            m.d.comb += exact.eq(rd.data + d_sel)
         new = Signal(signed(aw))
-        m.d.comb += new.eq(exact)
+        m.d.comb += new.eq(rd.data + d_sel)
+        wrapped = Signal()   # |diff| < 2^(aw-1): a wrap is a sign flip against equal signs
+        m.d.comb += wrapped.eq((rd.data[-1] == d_sel[-1]) & (new[-1] != rd.data[-1]))
 
         m.d.comb += self.ext_rdata.eq(rd.data)
         with m.If(self.ext):
@@ -415,6 +413,6 @@ class AccumulatorGroup(wiring.Component):
                 with m.Elif(v1):
                     m.d.comb += rd.addr.eq(self._addr(e1, 1))
             m.d.comb += [wr.addr.eq(waddr), wr.data.eq(new), wr.en.eq(add_en),
-                         self.overflow.eq(add_en & (exact != new))]
+                         self.overflow.eq(add_en & wrapped)]
         return m
 

@@ -166,15 +166,15 @@ def test_mac_lane_force_sums_match_golden_kick(ops):
 
 
 # ----------------------------------------------------------------------------- accumulators
-@pytest.mark.parametrize("lanes,subtract", [(2, 0), (2, 1), (1, 0)])
-def test_accumulator_group_wraps_and_flags_like_golden(lanes, subtract):
+@pytest.mark.parametrize("lanes", [2, 1])
+def test_accumulator_group_wraps_and_flags_like_golden(lanes):
     """Random contrast terms, big enough to wrap the narrowest legal accumulator."""
     cfg = HelConfig(n=3, m=2, k=1, t_max=1, lanes=2)
     cfg = cfg.replace(acc_width=cfg.acc_min_width)
     g = LaneGeometry(cfg)
     dut = AccumulatorGroup(cfg, lanes=lanes)
     aw, dwid = cfg.acc_width, g.diff_width
-    rng = random.Random(lanes * 10 + subtract)
+    rng = random.Random(lanes)
     ref = np.zeros(g.acc_depth, dtype=object)
     ops = []
     for _ in range(300):
@@ -189,7 +189,7 @@ def test_accumulator_group_wraps_and_flags_like_golden(lanes, subtract):
         for li in range(lanes):
             if en[li]:
                 addr = e * g.group_lanes + li
-                s = ref[addr] + (-d[li] if subtract else d[li])
+                s = ref[addr] + d[li]
                 w = wrap(s, aw)
                 wrapped |= (w != s)
                 ref[addr] = w
@@ -198,7 +198,6 @@ def test_accumulator_group_wraps_and_flags_like_golden(lanes, subtract):
     readback = []
 
     async def bench(ctx):
-        ctx.set(dut.subtract, subtract)
         for e, d, en in ops:
             ctx.set(dut.valid, 1)
             ctx.set(dut.elem, e)
