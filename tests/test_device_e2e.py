@@ -444,3 +444,44 @@ def test_hel_compare_sim_board(capsys, tmp_path):
     saved = np.load(save)
     assert min(r["golden_cos"] for r in report["rows"]) > 0.999
     assert all(np.all(np.isfinite(saved[f"golden_{p}"])) for p in PARAM_NAMES)
+
+
+def test_bench_link_measures_the_board(board, port):
+    """``hel bench link``'s measurement on this module's board (T = t_max)."""
+    from host.commands.bench import CountingPort, measure_link
+
+    dev = SerialDevice(CountingPort(port), timeout=REPLY_TIMEOUT, expect=CFG)
+    result = measure_link(dev, [16, CFG.t_max], board=board, min_payload=2048)
+    print("\n".join(f"{r['phase']:8} T={r['t']:4} payload/wire {r['payload_per_wire']:.3f} "
+                    f"payload/line rate {r['line_utilisation']:.3f} ({r['bound']}-bound)"
+                    for r in result["phases"]))
+    print(f"{result['board']['cycles_per_s']:,} simulated cycles/s")
+    assert result["bit_exact"]
+    long = [r for r in result["phases"] if r["t"] == CFG.t_max]
+    assert [r["phase"] for r in long] == ["LOAD", "FORWARD", "ECHO"]
+    for r in long:
+        assert r["payload_per_wire"] >= 0.9, r
+        assert r["wire_bytes"] * 10 * board.divisor <= r["sim_cycles"] * 1.01, r
+    assert result["board"]["cycles_per_s"] > 0
+
+
+# ---- the verdicts' failure paths (no board) --------------------------------------------------
+
+def test_selftest_fails_with_exit_1(monkeypatch, capsys):
+    monkeypatch.setattr(GoldenDevice, "selftest", lambda self, steps, seed=1: False)
+    assert main(["selftest", "--steps", "10"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_compare_reports_a_difference_with_exit_1(monkeypatch, capsys):
+    real = GoldenDevice.read_accumulators
+
+    def off_by_one(self):
+        acc = real(self)
+        acc["W"][0, 0] += 1
+        return acc
+
+    monkeypatch.setattr(GoldenDevice, "read_accumulators", off_by_one)
+    assert main(["compare", "--device", "model"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT bit-exact (W accumulators: 1 of 256 differ)" in out

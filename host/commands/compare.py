@@ -168,6 +168,7 @@ def run(args) -> int:
     if diffs is not None:
         result["bit_exact"] = not diffs
         result["golden_differences"] = diffs
+        result["device_config"] = dev_cfg.to_dict()
     if args.save:
         out = {}
         for name in PARAM_NAMES:
