@@ -46,10 +46,14 @@ banking); in centred echo every weight read serves both banks on two
 consecutive cycles (the read port holds its data), so each phase takes twice
 as long with the same P multipliers:
 
+* **U** (inputs, only for ``P ≥ 8`` when the K input columns would add a
+  mostly empty chunk to every z row — :attr:`LaneGeometry.u_mode`):
+  ``⌈M/P⌉·K`` slots, lane ``p`` sums ``c_j = Σ_k B_jk u_k`` for rows ``j ≡ p``;
+  ``c_j`` waits in a register per row. Issued while the previous step drains.
 * **A** (z): ``M·RA`` slots. All lanes multiply row ``j`` chunk ``r`` of ``[W|B]``
-  by ``[qo|u]``; a pipelined adder tree and an accumulator (initialised with
-  ``b_j·2^OF``) form ``z_j``; the tanh unit turns it into ``a_j`` (a small
-  memory, one word per bank).
+  (of ``W`` in u_mode) by ``[qo|u]``; a pipelined adder tree and an accumulator
+  (initialised with ``b_j·2^OF`` (+ ``c_j``)) form ``z_j``; the tanh unit turns it
+  into ``a_j`` (a small memory, one word per bank).
 * **C** (contrast, one-sided forward and echo only): ``2·(M·RC + RN)`` slots, two
   products per accumulator element (the ±ε banks, or the one bank and a zero).
   Starts as soon as ``a_0`` exists (interlock on the count of finished ``a``).
@@ -62,7 +66,7 @@ as long with the same P multipliers:
   state of all three banks lives in one block RAM, never in registers.
 
 A step waits for the previous one to drain (its last oscillators' new ``qo``);
-that fixed drain of about ``nb·P + 12`` cycles plus unused lanes in the last
+that fixed drain of about ``nb·P + 9`` cycles plus unused lanes in the last
 chunk of a row is the overhead over ``MACs / P``. Multiplier count is exactly
 ``P``; the tanh interpolation has its own small multiplier (not a MAC).
 
