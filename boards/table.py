@@ -197,9 +197,14 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
         clock=ClockPlan("clk12", 12_000_000, "SB_PLL40_PAD"),
         clk_hz=_ICEBREAKER_CLK,
         baud=DEFAULT_BAUD,
-        # 16×16 network on the 8 SB_MAC16s: 4 lanes leave 4 DSPs for the
-        # lockstep ±ε echo bank; the 1024-step sequence buffer is 8 EBRs.
-        config=HelConfig(n=16, m=16, k=2, o=1, t_max=1024, lanes=4, **ICE40_OPERAND),
+        # The UP5K's 5280 LCs, not its DSPs, set this core (docs/boards.md):
+        # one MAC lane (SB_MAC16; a second one does the tanh interpolation),
+        # 48-bit accumulators (acc_safe_samples = 16 samples of t_max steps)
+        # and a 28-bit state with 20 fractional bits (hel compare on the
+        # reference problem: cosine 0.999997 centred, as close to float RHEL
+        # as the 36-bit state one-sided); the sequence buffer is in SPRAM.
+        config=HelConfig(n=16, m=16, k=2, o=1, t_max=1024, lanes=1, acc_width=48,
+                         state_width=28, state_frac=20, **ICE40_OPERAND),
         bitstream="top.bin",
         programmer=Programmer(
             ofl_board="ice40_generic", ofl_sram=None, ofl_flash=(), default_mode="flash",
