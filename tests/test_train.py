@@ -334,3 +334,19 @@ def test_a_board_with_its_own_configuration_sets_the_model_size(small_regression
     with pytest.raises(UsageError, match=r"N = 12, M = 10 \(this run: N = 8, M = 8\)"):
         train(opts(small_regression, tmp_path / "d", device="board", epochs=1),
               device_factory=factory)
+
+
+def test_short_training_on_the_simulated_board_lowers_the_loss_and_matches_sim(small_regression, tmp_path):
+    """``--device sim-board``: the gateware (Verilator, over a pty) trains like the golden model.
+
+    The board is built for the run's configuration (cached per configuration), so
+    this also covers ``open_device('sim-board', cfg)``.
+    """
+    a = train(opts(small_regression, tmp_path / "sim", epochs=2))
+    b = train(opts(small_regression, tmp_path / "board", epochs=2, device="sim-board"))
+    assert b["device"] == "sim-board"
+    assert b["final_test_loss"] < 0.5 * b["initial_test_loss"]
+    assert b["final_test_loss"] == a["final_test_loss"]
+    pa, pb = load_checkpoint(tmp_path / "sim").params, load_checkpoint(tmp_path / "board").params
+    for k in PARAM_NAMES:
+        assert np.array_equal(pa[k], pb[k]), k
