@@ -23,7 +23,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 train: $(STAMP)
-	$(BIN)/hel train
+	$(BIN)/hel train --overwrite
 
 compare: $(STAMP)
 	$(BIN)/hel compare
