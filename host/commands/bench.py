@@ -250,9 +250,13 @@ class CycleMarks:
 
     def lines(self) -> list[dict]:
         out = []
-        for line in self.board.log().splitlines():
+        text = self.board.log()
+        # The board may be writing a line while we read: only complete lines count.
+        for line in text[:text.rfind("\n") + 1].splitlines():
             if line.startswith("sim-board: stats "):
-                fields = dict(kv.split("=", 1) for kv in line.split()[3:])
+                fields = dict(kv.split("=", 1) for kv in line.split()[3:] if "=" in kv)
+                if "cycles" not in fields or "seconds" not in fields:
+                    continue
                 out.append({"cycles": int(fields["cycles"]), "seconds": float(fields["seconds"])})
         return out
 
