@@ -8,17 +8,13 @@ The reference is :mod:`host.framing` (the PyPI ``cobs`` package and
 and decode on the host.
 """
 
-import contextlib
-import os
 import random
-import re
 
 import pytest
 from amaranth import Module
 from amaranth.back import verilog
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
-from amaranth.sim import Simulator
 from cobs import cobs as cobs_codec
 
 from host.framing import Frame, FrameError, FrameReader, decode_frame, encode_frame
@@ -26,6 +22,8 @@ from rtl import protocol
 from rtl.framing import FrameDecoder, FrameEncoder
 from rtl.protocol import MAX_PAYLOAD, ErrorCode
 from rtl.uart import UART
+
+from amaranth_sim import CLOCK_PERIOD, simulate  # noqa: E402
 
 #: Payload lengths around the COBS block boundaries (body = payload + 6 bytes).
 EDGE_LENGTHS = [0, 1, 2, 247, 248, 249, 253, 254, 255, 502, 508, MAX_PAYLOAD]
@@ -59,37 +57,6 @@ def reference(stream):
 
 
 # --- simulation harness --------------------------------------------------------------------------
-
-CLOCK_PERIOD = 1e-6
-
-
-def simulate(dut, *testbenches, background=(), max_cycles=100_000):
-    """Simulate until ``testbenches`` finish, failing after ``max_cycles`` (a hung
-    handshake must fail the test, not hang it); with ``HEL_VCD=<dir>`` set, dump a
-    waveform named after the test."""
-    sim = Simulator(dut)
-    sim.add_clock(CLOCK_PERIOD)
-    for tb in testbenches:
-        sim.add_testbench(tb)
-    for tb in background:
-        sim.add_testbench(tb, background=True)
-
-    async def watchdog(ctx):
-        await ctx.delay(max_cycles * CLOCK_PERIOD)
-        raise AssertionError(f"simulation still running after {max_cycles} cycles")
-
-    sim.add_testbench(watchdog, background=True)
-    with vcd_dump(sim):
-        sim.run()
-
-
-def vcd_dump(sim):
-    folder = os.environ.get("HEL_VCD")
-    if not folder:
-        return contextlib.nullcontext()
-    test = os.environ.get("PYTEST_CURRENT_TEST", "sim").split(" ")[0]
-    os.makedirs(folder, exist_ok=True)
-    return sim.write_vcd(os.path.join(folder, re.sub(r"[^\w.-]+", "_", test) + ".vcd"))
 
 
 def body_collector(stream, frames, *, ready_prob=1.0, rng=None, log=None):

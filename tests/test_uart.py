@@ -7,15 +7,13 @@ bit lasts exactly its nominal number of cycles. The gateware is only ever
 compared with these two functions and with the random bytes the test chose.
 """
 
-import contextlib
-import os
 import random
-import re
 
 import pytest
-from amaranth.sim import Simulator
 
 from rtl.uart import UART, UARTRx, UARTTx, divisor_for
+
+from amaranth_sim import CLOCK_PERIOD, simulate as run  # noqa: E402
 
 DIVISOR = 8
 
@@ -65,38 +63,6 @@ async def stream_put(ctx, stream, payload):
     ctx.set(stream.valid, 1)
     await ctx.tick().until(stream.ready)
     ctx.set(stream.valid, 0)
-
-
-CLOCK_PERIOD = 1e-6
-
-
-def run(dut, *testbenches, background=(), max_cycles=100_000):
-    """Simulate until ``testbenches`` finish, failing after ``max_cycles`` (a hung
-    handshake must fail the test, not hang it); with ``HEL_VCD=<dir>`` set, dump a
-    waveform named after the test."""
-    sim = Simulator(dut)
-    sim.add_clock(CLOCK_PERIOD)
-    for tb in testbenches:
-        sim.add_testbench(tb)
-    for tb in background:
-        sim.add_testbench(tb, background=True)
-
-    async def watchdog(ctx):
-        await ctx.delay(max_cycles * CLOCK_PERIOD)
-        raise AssertionError(f"simulation still running after {max_cycles} cycles")
-
-    sim.add_testbench(watchdog, background=True)
-    with vcd_dump(sim):
-        sim.run()
-
-
-def vcd_dump(sim):
-    folder = os.environ.get("HEL_VCD")
-    if not folder:
-        return contextlib.nullcontext()
-    test = os.environ.get("PYTEST_CURRENT_TEST", "sim").split(" ")[0]
-    os.makedirs(folder, exist_ok=True)
-    return sim.write_vcd(os.path.join(folder, re.sub(r"[^\w.-]+", "_", test) + ".vcd"))
 
 
 def line_recorder(line, levels):
