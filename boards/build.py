@@ -34,7 +34,6 @@ else ``~/.cache/hel-fpga/builds``; one directory per key.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
@@ -55,7 +54,7 @@ from boards.clocks import BoardClocks
 from boards.table import Board
 
 __all__ = [
-    "BuildError", "ToolchainError", "TopMissing", "ToolFailed",
+    "BuildError", "ToolchainError", "ToolFailed",
     "BuildResult", "Toolchain", "TOOLCHAINS", "find_toolchain", "real_top",
     "prepare", "build_key", "build", "parse_nextpnr_report", "make_report",
     "format_summary", "default_cache_dir", "REPORT_KEYS",
@@ -80,10 +79,6 @@ class BuildError(Exception):
 
 class ToolchainError(BuildError):
     """A required tool is missing or unusable."""
-
-
-class TopMissing(BuildError):
-    """``rtl.top.Top`` does not exist (yet): there is no design to build."""
 
 
 class ToolFailed(BuildError):
@@ -194,23 +189,10 @@ def find_toolchain(family: str, kind: str | None = None) -> Toolchain:
 # --------------------------------------------------------------------------------------
 
 def real_top(board: Board) -> Elaboratable:
-    """The project's top level for ``board``: ``rtl.top.Top(config, clk_hz, baud)``.
-
-    Imported lazily so that the flow works (and is tested) before ``rtl/top.py``
-    exists; until then this raises :class:`TopMissing` and no bitstream is made.
-    """
-    try:
-        mod = importlib.import_module("rtl.top")
-    except ModuleNotFoundError as e:
-        if e.name == "rtl.top":
-            raise TopMissing(
-                "the HEL top level rtl/top.py (class Top) does not exist yet, so there is no "
-                "design to build; no bitstream was written") from None
-        raise BuildError(f"rtl.top cannot be imported: {e}") from e
-    top = getattr(mod, "Top", None)
-    if top is None:
-        raise TopMissing("rtl/top.py defines no class Top; no bitstream was written")
-    return UARTPins(top(board.config, board.clk_hz, board.baud, name=board.name), board)
+    """The project's top level for ``board``: ``rtl.top.Top(config, clk_hz, baud)``
+    with its UART on the board's pins."""
+    from rtl.top import Top  # noqa: PLC0415 (keeps `hel build --list` light)
+    return UARTPins(Top(board.config, board.clk_hz, board.baud, name=board.name), board)
 
 
 class UARTPins(Elaboratable):
@@ -509,7 +491,7 @@ def build(board: Board, out_dir=None, *,
     them with the report. ``cache=False`` runs the tools even on a cache hit;
     ``store=False`` leaves the cache untouched. Timing failure is *not* an
     exception: check ``result.timing_met`` (``hel build`` exits non-zero on it).
-    Raises :class:`ToolchainError`, :class:`TopMissing`, :class:`ToolFailed` or
+    Raises :class:`ToolchainError`, :class:`ToolFailed` or
     another :class:`BuildError` when there is no bitstream.
     """
     t_wall = time.monotonic()

@@ -94,22 +94,8 @@ class SimBoardError(RuntimeError):
 # ---- top levels ---------------------------------------------------------------------------
 def real_top(cfg: HelConfig, clk_hz: int, baud: int):
     """The design's top level, ``rtl.top.Top(cfg, clk_hz, baud)``."""
-    return _top_class()(cfg, clk_hz, baud)
-
-
-def _top_class():
-    try:
-        from rtl.top import Top  # noqa: PLC0415
-    except ModuleNotFoundError as e:
-        if e.name in ("rtl.top",):
-            raise SimBoardError(
-                "the design's top level is not available yet (no module rtl.top): the "
-                "simulated board runs the real top level only; use --device sim for the "
-                "golden model in-process") from None
-        raise SimBoardError(f"cannot import rtl.top: {e}") from e
-    except ImportError as e:
-        raise SimBoardError(f"cannot import rtl.top: {e}") from e
-    return Top
+    from rtl.top import Top  # noqa: PLC0415 (the board table imports this module)
+    return Top(cfg, clk_hz, baud)
 
 
 class UARTLoopback(wiring.Component):

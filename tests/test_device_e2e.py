@@ -28,7 +28,7 @@ import pytest
 serial = pytest.importorskip("serial")
 
 from test_link import assert_same, error_of, make_sample, training_step  # noqa: E402
-from test_sim_board import NEEDS_TOP, read_exact  # noqa: E402
+from test_sim_board import read_exact  # noqa: E402
 
 from host.cli import main  # noqa: E402
 from host.device import GoldenDevice  # noqa: E402
@@ -42,7 +42,6 @@ from rtl.protocol import Command, ErrorCode  # noqa: E402
 from sim import board as sim_board  # noqa: E402
 from sim.protocol_model import ProtocolModel  # noqa: E402
 
-pytestmark = NEEDS_TOP
 
 CFG = sim_board.SIM_CONFIG
 BOARD_NAME = "hel-fpga"          # rtl.top.Top's default name, as the simulated board builds it

@@ -62,7 +62,7 @@ def run(args) -> int:
     try:
         result = B.build(board, args.out, design_factory=factory, toolchain=args.toolchain,
                          cache=not args.no_cache, seed=args.seed, progress=not args.quiet)
-    except (B.ToolchainError, B.TopMissing) as e:
+    except B.ToolchainError as e:
         raise UsageError(str(e)) from None
     except B.BuildError as e:
         print(f"hel build: error: {e}", file=sys.stderr)
