@@ -387,6 +387,8 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
                 core_floor = t * reps * macs / cfg.lanes
                 wire_floor = wire * 10 * divisor
                 row.update(time_base="simulated cycles", sim_cycles=a["cycles"],
+                           cycles_per_step=round(a["cycles"] / (t * reps), 1),
+                           core_floor_per_step=round(macs / cfg.lanes, 1),
                            line_capacity_bytes=round(line_bytes),
                            line_utilisation=round(pay / line_bytes, 4),
                            line_busy=round(wire / line_bytes, 4),
@@ -418,8 +420,11 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
         framing_ok = (r["payload_per_wire"] or 0) >= TARGET_LINK_EFFICIENCY
         if r.get("bound") == "core":
             # The core, not the line, sets the pace: only the framing can be judged.
-            met, note = (None if framing_ok else False), \
-                "core-bound here (the core needs more cycles per step than the line); framing met"
+            met = None if framing_ok else False
+            note = (f"core-bound here (the core needs more cycles per step than the line): "
+                    f"{r['cycles_per_step']:g} cycles/step through the link, "
+                    f"{r['cycles_per_step'] / r['core_floor_per_step']:.3f}× the core's ideal "
+                    f"of {r['core_floor_per_step']:g} (MACs/P); framing met")
         elif "line_utilisation" not in r:
             met, note = (None if framing_ok else False), "no line rate known; framing met"
         else:
