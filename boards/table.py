@@ -194,6 +194,26 @@ _ULX3S_CLK = 50_000_000
 _ULX3S_85F_CLK = 45_000_000
 
 
+def _ulx3s(die: str, *, resources, clk_hz: int, config: HelConfig) -> Board:
+    """A ULX3S board entry: the dies differ in resources, clock and core only."""
+    return Board(
+        name=f"ulx3s-{die.lower()}",
+        title=f"ULX3S with LFE5U-{die} (ECP5)",
+        platform=_ulx3s_platform(die),
+        family="ecp5",
+        device=f"LFE5U-{die}-6BG381C",
+        resources=resources,
+        uart=("uart", 0),
+        clock=ClockPlan("clk25", 25_000_000, "EHXPLLL"),
+        clk_hz=clk_hz,
+        baud=DEFAULT_BAUD,
+        config=config,
+        bitstream="top.bit",
+        programmer=_ULX3S_PROGRAMMER,
+        nextpnr_opts=_ECP5_NEXTPNR,
+    )
+
+
 BOARDS: dict[str, Board] = {b.name: b for b in [
     Board(
         name="icebreaker",
@@ -222,38 +242,12 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
                  "for ice40_generic); the FPGA boots the new bitstream at once."),
         synth_opts=("-dsp",),
     ),
-    Board(
-        name="ulx3s-85f",
-        title="ULX3S with LFE5U-85F (ECP5)",
-        platform=_ulx3s_platform("85F"),
-        family="ecp5",
-        device="LFE5U-85F-6BG381C",
-        resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-        uart=("uart", 0),
-        clock=ClockPlan("clk25", 25_000_000, "EHXPLLL"),
-        clk_hz=_ULX3S_85F_CLK,
-        baud=DEFAULT_BAUD,
-        config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=16, **ECP5_OPERAND),
-        bitstream="top.bit",
-        programmer=_ULX3S_PROGRAMMER,
-        nextpnr_opts=_ECP5_NEXTPNR,
-    ),
-    Board(
-        name="ulx3s-25f",
-        title="ULX3S with LFE5U-25F (ECP5)",
-        platform=_ulx3s_platform("25F"),
-        family="ecp5",
-        device="LFE5U-25F-6BG381C",
-        resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
-        uart=("uart", 0),
-        clock=ClockPlan("clk25", 25_000_000, "EHXPLLL"),
-        clk_hz=_ULX3S_CLK,
-        baud=DEFAULT_BAUD,
-        config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND),
-        bitstream="top.bit",
-        programmer=_ULX3S_PROGRAMMER,
-        nextpnr_opts=_ECP5_NEXTPNR,
-    ),
+    _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
+           clk_hz=_ULX3S_85F_CLK,
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=16, **ECP5_OPERAND)),
+    _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
+           clk_hz=_ULX3S_CLK,
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
 ]}
 
 

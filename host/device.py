@@ -15,7 +15,7 @@ Everything above this layer (``hel compare``, ``hel train``) is written against
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -159,8 +159,5 @@ def open_device(spec: str, cfg: HelConfig | None = None) -> Device:
         if cfg is None:
             raise DeviceError("--device sim needs a configuration")
         return GoldenDevice(cfg)
-    try:
-        from host import link  # noqa: PLC0415 (the serial stack is optional for 'sim')
-    except ImportError as e:  # pragma: no cover - until the link lands
-        raise DeviceError(f"device {spec!r} needs the serial link, which is unavailable: {e}") from None
+    from host import link  # noqa: PLC0415 (pyserial is not needed for 'sim')
     return link.open_serial_device(spec, expect=cfg)

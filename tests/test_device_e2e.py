@@ -28,6 +28,7 @@ import pytest
 serial = pytest.importorskip("serial")
 
 from test_link import assert_same, error_of, make_sample, training_step  # noqa: E402
+from faults import corrupt  # noqa: E402
 from test_sim_board import read_exact  # noqa: E402
 
 from host.cli import main  # noqa: E402
@@ -362,23 +363,6 @@ def test_out_of_range_values(raw, dev):
     golden_step(dev)
 
 
-def _corrupt(rng: random.Random, frame: bytearray) -> bytes:
-    kind = rng.randrange(4)
-    if kind == 0:                                    # flip 1..3 bits
-        for _ in range(rng.randint(1, 3)):
-            i = rng.randrange(len(frame))
-            frame[i] ^= 1 << rng.randrange(8)
-    elif kind == 1:                                  # truncate
-        del frame[rng.randrange(len(frame)):]
-    elif kind == 2:                                  # garbage
-        frame = bytearray(rng.randrange(256) for _ in range(rng.randrange(1, 48)))
-    else:                                            # a burst of random bytes
-        i = rng.randrange(len(frame))
-        for j in range(i, min(len(frame), i + rng.randint(1, 4))):
-            frame[j] = rng.randrange(256)
-    return bytes(frame) + b"\x00"
-
-
 def test_fuzz_corrupted_frames(raw, dev):
     """1,200 corrupted frames in small batches; every reply equals the model's, nothing hangs."""
     raw.setup(forward=True)
@@ -392,7 +376,8 @@ def test_fuzz_corrupted_frames(raw, dev):
     while sent < 1200:
         cmd = rng.choice(commands)
         payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, 4, 8, 24])))
-        data = _corrupt(rng, bytearray(encode_frame(cmd, rng.randrange(256), payload)[:-1]))
+        data = corrupt(rng, encode_frame(cmd, rng.randrange(256), payload)[:-1],
+                       max_garbage=48) + b"\x00"
         n = len(FrameReader().feed(probe.feed(data)))
         # At most 4 replies in flight: the decoder queues 4 frame reports, so a batch never
         # overruns it and replies stay in wire order (as the model's).

@@ -135,7 +135,7 @@ def run(args) -> int:
     _, g_bptt = reference.bptt(problem)
     g_rhel = reference.rhel(problem, eps, estimator=args.estimator)
     try:
-        dev = GoldenDevice(cfg) if args.device == "sim" else open_device(args.device, cfg)
+        dev = open_device(args.device, cfg)
     except DeviceError as e:
         raise UsageError(str(e)) from None
     try:

@@ -80,7 +80,7 @@ def run(args) -> int:
         cfg = SIM_CONFIG
 
     try:
-        dev = GoldenDevice(cfg) if args.device == "sim" else open_device(args.device, cfg)
+        dev = open_device(args.device, cfg)
     except DeviceError as e:
         raise UsageError(str(e)) from None
     try:
