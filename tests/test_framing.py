@@ -8,7 +8,9 @@ The reference is :mod:`host.framing` (the PyPI ``cobs`` package and
 and decode on the host.
 """
 
+import collections
 import random
+import zlib
 
 import pytest
 from amaranth import Module
@@ -19,7 +21,8 @@ from cobs import cobs as cobs_codec
 
 from host.framing import Frame, FrameError, FrameReader, decode_frame, encode_frame
 from rtl import protocol
-from rtl.framing import BYTE_CYCLES, FrameDecoder, FrameEncoder
+from rtl.framing import BYTE_CYCLES, CRC_BIT_PARAMETERS, CRC_PARAMETERS, BlockRAMQueue, \
+    FrameDecoder, FrameEncoder
 from rtl.protocol import MAX_PAYLOAD, ErrorCode
 from rtl.uart import UART
 
@@ -180,6 +183,16 @@ def run_encoder(frames, *, ready_prob=1.0, gap_prob=0.0, seed=0, timing=None):
 
 
 # --- host codec ----------------------------------------------------------------------------------
+
+def test_bit_serial_crc_equals_the_host_crc():
+    """The codecs' CRC, one bit per step LSB first, is the link's CRC-32 (zlib's)."""
+    rng = random.Random(5)
+    for n in (0, 1, 2, 7, 64, 1030):
+        data = bytes(rng.randrange(256) for _ in range(n))
+        bits = [b >> i & 1 for b in data for i in range(8)]
+        assert CRC_BIT_PARAMETERS.compute(bits) == zlib.crc32(data)
+        assert CRC_PARAMETERS.compute(data) == zlib.crc32(data)
+
 
 def test_host_codec_matches_the_worked_example_in_protocol_docstring():
     assert encode_frame(0x01, 0x07) == bytes.fromhex("07 01 07 1D B6 A6 C6 00")
@@ -392,8 +405,8 @@ def test_decoder_drops_frames_that_do_not_fit_with_overrun_and_recovers():
 
 
 def test_decoder_holds_at_most_frames_plus_one_frames_and_overruns_the_rest():
-    frames = [Frame(i, i, b"") for i in range(7)]
-    dut = FrameDecoder(frames=4)
+    frames = [Frame(i, i, b"") for i in range(8)]
+    dut = FrameDecoder(frames=5)
     stream = b"".join(encode_frame(*f) for f in frames)
     got, errors = [], []
 
@@ -416,8 +429,39 @@ def test_decoder_holds_at_most_frames_plus_one_frames_and_overruns_the_rest():
                     body = bytearray()
 
     simulate(dut, feed, background=[read, error_collector(dut.error, errors)])
-    assert got == frames[:5]
-    assert errors == [(ErrorCode.OVERRUN, 5), (ErrorCode.OVERRUN, 6)]
+    assert got == frames[:6]
+    assert errors == [(ErrorCode.OVERRUN, 6), (ErrorCode.OVERRUN, 7)]
+
+
+@pytest.mark.parametrize("depth", [2, 16])
+def test_block_ram_queue_is_a_fifo_of_depth_plus_one_entries(depth):
+    """Random writes and reads against a Python deque: same order, ``w_rdy`` exactly
+    while fewer than depth + 1 entries are held, and the head on ``r_data`` at the
+    latest two cycles after it was written."""
+    rng = random.Random(depth)
+    dut = BlockRAMQueue(12, depth)
+    model = collections.deque()   # (value, cycle written)
+
+    async def bench(ctx):
+        for cycle in range(3000):
+            w_en, r_en = rng.random() < 0.5, rng.random() < (0.1 if cycle < 300 else 0.5)
+            value = rng.randrange(1 << 12)
+            ctx.set(dut.w_data, value)
+            ctx.set(dut.w_en, w_en)
+            ctx.set(dut.r_en, r_en)
+            w_rdy, r_rdy, r_data = ctx.get(dut.w_rdy), ctx.get(dut.r_rdy), ctx.get(dut.r_data)
+            assert w_rdy == (len(model) < depth + 1), cycle
+            if model and model[0][1] <= cycle - 2:
+                assert r_rdy, cycle
+            if r_rdy:
+                assert r_data == model[0][0], cycle
+                if r_en:
+                    model.popleft()
+            if w_en and w_rdy:
+                model.append((value, cycle))
+            await ctx.tick()
+
+    simulate(dut, bench)
 
 
 # --- gateware encoder: FrameEncoder → host decoder -----------------------------------------------
