@@ -200,8 +200,9 @@ class FrameDecoder(wiring.Component):
     Timing: a committed frame's first byte is on ``source`` 4 cycles after its
     delimiter was accepted (one for the length FIFO's block RAM read); ``source``
     then delivers one byte per cycle while ready, with one idle cycle between
-    frames. A report is on ``error`` 4 cycles after its delimiter if nothing was
-    waiting before it, and holds until taken.
+    frames. A report is on ``error`` 2 cycles after its delimiter if nothing was
+    waiting before it (it is presented straight from the FIFO's output register),
+    and holds until taken.
 
     Parameters
     ----------
@@ -398,27 +399,23 @@ class FrameDecoder(wiring.Component):
             with m.Else():
                 m.d.sync += self.source.valid.eq(0)
 
-        # A queued report waits until the frames before it have been read completely.
-        queued_valid = Signal()
+        # A report waits at the queue's head (its output register holds it, no copy)
+        # until the frames before it have been read completely. A frame's entry is
+        # taken once the previous frame's last byte has been accepted (or is being
+        # accepted), so ``length`` needs no copy for the presented byte either.
         queued = Signal(LinkError)
-        # The next entry is taken once the previous frame's last byte has been accepted
-        # (or is being accepted), so ``length`` needs no copy for the presented byte.
-        with m.If((remaining == 0) & advance & lengths.r_rdy & ~queued_valid):
+        m.d.comb += [queued.seq.eq(r_entry.value[:8]), queued.code.eq(r_entry.value[8:10])]
+        head_report = lengths.r_rdy & r_entry.is_error & (remaining == 0) & ~self.source.valid
+        with m.If((remaining == 0) & advance & lengths.r_rdy & ~r_entry.is_error):
             m.d.comb += lengths.r_en.eq(1)
-            with m.If(r_entry.is_error):
-                m.d.sync += [queued_valid.eq(1), queued.seq.eq(r_entry.value[:8]),
-                             queued.code.eq(r_entry.value[8:10])]
-            with m.Else():
-                m.d.sync += [remaining.eq(r_entry.value), length.eq(r_entry.value),
-                             first.eq(1)]
-        queued_ready = queued_valid & ~self.source.valid
+            m.d.sync += [remaining.eq(r_entry.value), length.eq(r_entry.value), first.eq(1)]
         m.d.comb += [
-            self.error.valid.eq(side_valid | queued_ready),
+            self.error.valid.eq(side_valid | head_report),
             self.error.payload.eq(Mux(side_valid, side, queued)),
             side_taken.eq(side_valid & self.error.ready),
         ]
-        with m.If(~side_valid & queued_ready & self.error.ready):
-            m.d.sync += queued_valid.eq(0)
+        with m.If(~side_valid & head_report & self.error.ready):
+            m.d.comb += lengths.r_en.eq(1)
 
         return m
 
