@@ -23,7 +23,11 @@ Design decisions
 * **One frame at a time.** The unit reads a frame's ``cmd``, ``seq`` and up to
   eight payload bytes into registers (DATA: only its two index bytes), makes
   every check of the protocol's order (unknown command, BUSY, request length,
-  state, field values) in one cycle on those registers, and only then acts. A
+  state, field values) on those registers, registers the verdict (state
+  ``VERDICT``) and only then acts on it (``CHECK``). The extra cycle per frame
+  keeps the checks' priority chain and the DATA chunk-length arithmetic out of
+  the path into the core's command handshake, which was the ECP5 boards'
+  critical path (18 ns, 55.5 MHz on the 25F) when CHECK acted on them directly. A
   rejected frame is drained (its remaining bytes read and dropped) and answered
   with an ERROR; nothing else changes. The decoder's ``length`` field gives the
   payload length at the first byte, so a DATA chunk of the wrong length is
@@ -72,10 +76,16 @@ FORWARD, SELFTEST, a read-out or a transfer's last chunk, the unit reads no
 further frame (frames wait in the receive ring), so a SELFTEST of very many
 steps keeps the device deaf until it ends; the model answers at once.
 
-Resources (``HelConfig(n=16, m=16, k=2, o=1, t_max=256, lanes=4)`` with
-:data:`rtl.formats.ICE40_OPERAND`, ``synth_ice40 -dsp``): about 1150 LUT4 (control
-850, :class:`DataReplier` 200, :class:`WordUnpacker` 100), 400 flip-flops, no
-block RAM, no multiplier.
+Resources (the iCEBreaker's configuration of ``boards/table.py``, ``synth_ice40
+-dsp -noflatten``): about 960 LUT4 (control 730, :class:`DataReplier` 170,
+:class:`WordUnpacker` 55), 340 flip-flops, one block RAM (the IDENT ROM), no
+multiplier. What kept it there, from 1150 LUT4 and 400 flip-flops: the IDENT ROM
+in a block RAM (a registered read, ~30 LUTs less); counters as wide as the
+configuration's chunk counts, not the wire's u16; the replier's words multiplexed
+only over the bits each stream has; the replier using the unit's frame registers
+instead of copies; the unpacker taking bits straight from its input stream and
+leaving words at bit 0 (no output multiplexer per width); a frame's body length
+kept as the decoder gives it (the chunk check folds the header into its rounding).
 """
 
 from __future__ import annotations
@@ -140,12 +150,14 @@ def _select(m: Module, sel, values, name: str):
 class DataReplier(wiring.Component):
     """Words → data-reply frames: ``cmd|0x80, seq, index:u16, packed words`` per chunk.
 
-    On ``start`` it latches ``width`` (an index into ``widths``), ``total``
-    (≥ 1 words), ``cmd`` and ``seq``, then takes ``total`` words from ``words``
-    and sends chunks of :func:`rtl.protocol.chunk_words` words, each its own
-    frame with indices 0, 1, …, bit-packed LSB first with zero padding (the
-    format of :mod:`host.wire`). ``busy`` is high from the cycle after ``start``
-    until the last byte has been accepted.
+    On ``start`` it latches ``total`` (≥ 1 words), then takes ``total`` words
+    from ``words`` and sends chunks of :func:`rtl.protocol.chunk_words` words,
+    each its own frame with indices 0, 1, …, bit-packed LSB first with zero
+    padding (the format of :mod:`host.wire`). ``width`` (an index into
+    ``widths``), ``cmd`` and ``seq`` are not latched: the producer holds them
+    from ``start`` until ``busy`` falls (the command unit's frame registers do;
+    no copies). ``busy`` is high from the cycle after ``start`` until the last
+    byte has been accepted.
 
     Packing is bit-serial: a word is loaded into a shift register and its bits
     move one per cycle into a byte register, which is sent when full (or padded
@@ -171,12 +183,12 @@ class DataReplier(wiring.Component):
         W = self.wmax
         cws = [P.chunk_words(w) for w in self.widths]
 
-        width = Signal.like(self.width)
-        cmd = Signal(8)
-        seq = Signal(8)
+        width, cmd, seq = self.width, self.cmd, self.seq
         total_left = Signal.like(self.total)
         chunk_left = Signal(range(max(cws) + 1))
-        index = Signal(16)
+        # chunk indices up to the most chunks ``total`` words can make (sent as u16)
+        index = Signal(range(P.chunk_count((1 << len(self.total)) - 1, min(self.widths)) + 1))
+        index16 = Cat(index, Const(0, 16 - len(index)))
         wreg = Signal(W)
         wbits = Signal(range(W + 1))
         breg = Signal(8)
@@ -188,17 +200,15 @@ class DataReplier(wiring.Component):
         with m.FSM(name="replier"):
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [width.eq(self.width), cmd.eq(self.cmd), seq.eq(self.seq),
-                                 total_left.eq(self.total), index.eq(0)]
+                    m.d.sync += [total_left.eq(self.total), index.eq(0)]
                     m.next = "NEXT"
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
-                n = Mux(total_left > c_sel, c_sel, total_left)
-                m.d.sync += [chunk_left.eq(n), total_left.eq(total_left - n),
-                             wbits.eq(0), bbits.eq(0)]
+                # a chunk ends after c_sel words or with the block, whichever comes first
+                m.d.sync += [chunk_left.eq(c_sel), wbits.eq(0), bbits.eq(0)]
                 m.next = "H0"
             for i, (state, value) in enumerate([("H0", cmd | P.REPLY_BIT), ("H1", seq),
-                                                ("H2", index[:8]), ("H3", index[8:])]):
+                                                ("H2", index16[:8]), ("H3", index16[8:])]):
                 with m.State(state):
                     m.d.comb += [self.busy.eq(1), src.valid.eq(1),
                                  src.payload.data.eq(value), src.payload.first.eq(i == 0)]
@@ -206,7 +216,8 @@ class DataReplier(wiring.Component):
                         m.next = ["H1", "H2", "H3", "BODY"][i]
             with m.State("BODY"):
                 m.d.comb += self.busy.eq(1)
-                last = (chunk_left == 0) & (wbits == 0)
+                more = (chunk_left != 0) & (total_left != 0)     # words left in this chunk
+                last = ~more & (wbits == 0)
                 with m.If(bbits == 8):
                     m.d.comb += [src.valid.eq(1), src.payload.data.eq(breg),
                                  src.payload.last.eq(last)]
@@ -218,11 +229,12 @@ class DataReplier(wiring.Component):
                 with m.Elif(wbits != 0):
                     m.d.sync += [breg.eq(Cat(breg[1:], wreg[0])), wreg.eq(wreg >> 1),
                                  wbits.eq(wbits - 1), bbits.eq(bbits + 1)]
-                with m.Elif(chunk_left != 0):
+                with m.Elif(more):
                     m.d.comb += self.words.ready.eq(1)
                     with m.If(self.words.valid):
                         m.d.sync += [wreg.eq(self.words.payload), wbits.eq(w_sel),
-                                     chunk_left.eq(chunk_left - 1)]
+                                     chunk_left.eq(chunk_left - 1),
+                                     total_left.eq(total_left - 1)]
                 with m.Else():      # pad the chunk's last byte with zeros
                     m.d.sync += [breg.eq(Cat(breg[1:], 0)), bbits.eq(bbits + 1)]
             with m.State("CHUNK_END"):
@@ -235,13 +247,18 @@ class DataReplier(wiring.Component):
 
 
 class WordUnpacker(wiring.Component):
-    """Bytes → sign-extended words (the inverse of :class:`DataReplier`'s packing).
+    """Bytes → words (the inverse of :class:`DataReplier`'s packing).
 
     On ``start`` it latches ``width`` (an index into ``widths``) and ``count``
     (≥ 1 words), then takes exactly the bytes that hold ``count`` packed words
     from ``sink`` and sends the words on ``words``; the pad bits of the last
     byte are dropped. ``busy`` is high from the cycle after ``start`` until the
     last word has been accepted. Bit-serial like :class:`DataReplier`.
+
+    A ``w``-bit word is ``words.payload[:w]``; the bits above it are undefined
+    (a consumer takes its own width, two's complement). Each bit enters the word
+    register at bit ``w − 1`` and moves down, so a word always ends at bit 0: no
+    multiplexer per width at the output, only one at each width's entry bit.
     """
 
     def __init__(self, widths, count_bits: int):
@@ -261,39 +278,38 @@ class WordUnpacker(wiring.Component):
         W = self.wmax
         width = Signal.like(self.width)
         left = Signal.like(self.count)
-        wreg = Signal(W)            # bits enter at the top: a w-bit word ends in wreg[W-w:]
+        wreg = Signal(W)            # bits enter at bit w-1: a w-bit word ends in wreg[:w]
         wbits = Signal(range(W + 1))
-        breg = Signal(8)
-        bbits = Signal(range(9))
+        bpos = Signal(3)            # the bit of the byte on ``sink`` taken next
         w_sel = _select(m, width, self.widths, "w_sel")
-        word = Signal(signed(W))
-        with m.Switch(width):
-            for i, w in enumerate(self.widths):
-                with m.Case(i):
-                    m.d.comb += word.eq(wreg[W - w:].as_signed())
-        m.d.comb += self.words.payload.eq(word)
+        shifted = Signal(W)         # wreg one bit down, the next bit entering at w-1
+        m.d.comb += shifted.eq(wreg >> 1)
+        for i, w in enumerate(self.widths):
+            with m.If(width == i):
+                m.d.comb += shifted[w - 1].eq(self.sink.payload.bit_select(bpos, 1))
+        m.d.comb += self.words.payload.eq(wreg)
 
         with m.FSM(name="unpacker"):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [width.eq(self.width), left.eq(self.count), wbits.eq(0),
-                                 bbits.eq(0)]
+                                 bpos.eq(0)]
                     m.next = "RUN"
             with m.State("RUN"):
+                # The bits are taken straight from ``sink`` (a stream holds its payload
+                # until accepted); a byte is accepted with its last bit, or, the last
+                # byte, with the last word (its pad bits are dropped).
                 m.d.comb += self.busy.eq(1)
                 with m.If(wbits == w_sel):
                     m.d.comb += self.words.valid.eq(1)
                     with m.If(self.words.ready):
                         m.d.sync += [wbits.eq(0), left.eq(left - 1)]
                         with m.If(left == 1):
+                            m.d.comb += self.sink.ready.eq(bpos != 0)
                             m.next = "IDLE"
-                with m.Elif(bbits != 0):
-                    m.d.sync += [wreg.eq(Cat(wreg[1:], breg[0])), breg.eq(breg >> 1),
-                                 bbits.eq(bbits - 1), wbits.eq(wbits + 1)]
-                with m.Else():
-                    m.d.comb += self.sink.ready.eq(1)
-                    with m.If(self.sink.valid):
-                        m.d.sync += [breg.eq(self.sink.payload), bbits.eq(8)]
+                with m.Elif(self.sink.valid):
+                    m.d.comb += self.sink.ready.eq(bpos == 7)
+                    m.d.sync += [wreg.eq(shifted), wbits.eq(wbits + 1), bpos.eq(bpos + 1)]
         return m
 
 
@@ -338,6 +354,10 @@ class CommandUnit(wiring.Component):
         # the largest blocks each direction can carry, and their chunk counts
         self.max_in = max(self.n_params, cfg.t_max * cfg.k, cfg.t_max * cfg.o)
         self.max_out = max(self.n_params, cfg.t_max * cfg.o, 2 * cfg.n)
+        # the most chunks a transfer can have (xfer_done counts up to it)
+        self.max_in_chunks = max(P.chunk_count(self.n_params, ow),
+                                 P.chunk_count(cfg.t_max * cfg.k, ow),
+                                 P.chunk_count(cfg.t_max * cfg.o, sw))
         for total, w in [(self.n_params, ow), (cfg.t_max * cfg.k, ow), (cfg.t_max * cfg.o, sw),
                          (self.n_params, cfg.acc_width), (2 * cfg.n, sw)]:
             if P.chunk_count(total, w) > P.MAX_CHUNKS:
@@ -369,18 +389,22 @@ class CommandUnit(wiring.Component):
         # ---------------------------------------------------------------- helpers
         m.submodules.replier = replier = DataReplier(
             (ow, sw, aw), len(Signal(range(self.max_out + 1))))
-        m.submodules.unpacker = unpacker = WordUnpacker((ow, sw), 16)
+        m.submodules.unpacker = unpacker = WordUnpacker(
+            (ow, sw), len(Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))))
         R_OP, R_ST, R_ACC = 0, 1, 2          # replier widths
         U_OP, U_ST = 0, 1                    # unpacker widths
 
         rom = self.ident
-        m.submodules.rom = rom_mem = memory.Memory(shape=8, depth=len(rom), init=list(rom))
-        rom_rd = rom_mem.read_port(domain="comb")
+        # A block RAM (Yosys keeps so small a ROM in LUTs, ~65 iCE40 LUTs, unless told):
+        # its read is registered, so REPLY addresses the byte of the next cycle.
+        m.submodules.rom = rom_mem = memory.Memory(shape=8, depth=len(rom), init=list(rom),
+                                                   attrs={"ram_style": "block"})
+        rom_rd = rom_mem.read_port()
 
         # ---------------------------------------------------------------- registers
         f_cmd = Signal(8)                  # the current frame (0 for a link error report)
         f_seq = Signal(8)
-        f_plen = Signal(LENGTH_BITS)       # its payload bytes
+        f_len = Signal(LENGTH_BITS)        # its body length: HEADER_LEN + payload bytes
         f_done = Signal()                  # its last byte has been consumed
         pbuf = Signal(64)                  # its first 8 payload bytes
         pcount = Signal(range(9))
@@ -395,12 +419,19 @@ class CommandUnit(wiring.Component):
 
         xfer_open = Signal()
         xfer_cmd = Signal(8)               # the STATUS field: open or last transfer
-        xfer_done = Signal(16)             # chunks applied = the next index expected
+        xfer_done = Signal(range(self.max_in_chunks + 1))  # chunks applied = the next index
+        xfer_done16 = Cat(xfer_done, Const(0, 16 - len(xfer_done)))   # as the wire has it
         xfer_left = Signal(range(self.max_in + 1))   # words not yet received
         xfer_w = Signal()                  # U_OP / U_ST
         xfer_t = Signal(range(cfg.t_max + 1))        # LOAD: its T
-        chunk_n = Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))
         done_seen = Signal()
+
+        # VERDICT → CHECK: the checks' result, registered (it is the longest path otherwise)
+        v_code = Signal(8)                 # the ErrorCode, 0 = accepted
+        v_again = Signal()                 # accepted, but only acked again (a duplicate)
+        v_core = Signal()                  # the command needs the core
+        v_words = Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))  # DATA: the
+                                           # chunk's words (held until it has been unpacked)
 
         # the small reply: cmd|0x80 (0xFF for ERROR), f_seq, a payload of one kind
         KINDS = {"EMPTY": 0, "ROM": len(rom), "STATUS": 8, "ERROR": 4, "ACK": 2, "RESULT": 1}
@@ -427,7 +458,8 @@ class CommandUnit(wiring.Component):
         with m.Switch(cmd):
             for c, n in REQUEST_LEN.items():
                 with m.Case(c):
-                    m.d.comb += len_ok.eq(f_plen >= n if c == Command.DATA else f_plen == n)
+                    n += P.HEADER_LEN
+                    m.d.comb += len_ok.eq(f_len >= n if c == Command.DATA else f_len == n)
         u8 = pbuf[:8]
         u32 = pbuf[:32]
         index = pbuf[:16]
@@ -438,11 +470,13 @@ class CommandUnit(wiring.Component):
         # DATA: words and bytes of the chunk expected next
         cw_op, cw_st = P.chunk_words(ow), P.chunk_words(sw)
         c_w = Mux(xfer_w, cw_st, cw_op)
-        exp_words = Signal.like(chunk_n)
+        exp_words = Signal.like(v_words)
         m.d.comb += exp_words.eq(Mux(xfer_left > c_w, c_w, xfer_left))
-        exp_bytes = Signal(LENGTH_BITS + 1)
-        m.d.comb += exp_bytes.eq(Mux(xfer_w, (mul_const(exp_words, sw) + 7) >> 3,
-                                     (mul_const(exp_words, ow) + 7) >> 3))
+        # its frame's body length: cmd, seq, index and the packed words, rounded up
+        exp_len = Signal(LENGTH_BITS + 1)
+        pad = 7 + 8 * (P.HEADER_LEN + P.CHUNK_HEADER_LEN)
+        m.d.comb += exp_len.eq(Mux(xfer_w, (mul_const(exp_words, sw) + pad) >> 3,
+                                   (mul_const(exp_words, ow) + pad) >> 3))
 
         # ---------------------------------------------------------------- verdict
         # The checks of CHECK, in the protocol's order, as one priority chain.
@@ -477,7 +511,7 @@ class CommandUnit(wiring.Component):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
         with m.Elif(is_data & ~data_old & (index != xfer_done)):
             m.d.comb += verdict.eq(ErrorCode.SEQUENCE)
-        with m.Elif(is_data & ~data_old & (f_plen - P.CHUNK_HEADER_LEN != exp_bytes)):
+        with m.Elif(is_data & ~data_old & (f_len != exp_len)):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
 
         # what an accepted command does
@@ -510,7 +544,7 @@ class CommandUnit(wiring.Component):
             m.d.comb += [replier.width.eq(R_ACC), replier.total.eq(self.n_params)]
         with m.Else():
             m.d.comb += [replier.width.eq(R_ST), replier.total.eq(2 * N)]
-        m.d.comb += [unpacker.width.eq(xfer_w), unpacker.count.eq(exp_words)]
+        m.d.comb += [unpacker.width.eq(xfer_w), unpacker.count.eq(v_words)]
 
         # ---------------------------------------------------------------- core commands
         # The fields come straight from the payload registers whatever the operation
@@ -544,9 +578,19 @@ class CommandUnit(wiring.Component):
                 (core.acc_out, Command.READ_ACC), (core.state_out, Command.READ_STATE)]
         for st, c in outs:
             with m.If(is_[c]):
-                m.d.comb += [replier.words.valid.eq(st.valid),
-                             replier.words.payload.eq(st.payload.as_unsigned()),
-                             st.ready.eq(replier.words.ready)]
+                m.d.comb += [replier.words.valid.eq(st.valid), st.ready.eq(replier.words.ready)]
+        # The payload bit by bit from the streams wide enough to have that bit, the widest
+        # one by default: a bit only the accumulators have needs no multiplexer at all.
+        by_width = sorted(((len(st.payload), st.payload.as_unsigned(), is_[c]) for st, c in outs),
+                          key=lambda t: t[0])
+        bits = []
+        for b in range(len(replier.words.payload)):
+            have = [(p, sel) for w, p, sel in by_width if w > b]
+            bit = have[-1][0][b]
+            for p, sel in have[:-1]:
+                bit = Mux(sel, p[b], bit)
+            bits.append(bit)
+        m.d.comb += replier.words.payload.eq(Cat(*bits))
         # the unpacker → the core's input of the open transfer
         ins = [(core.params_in, Command.WRITE_PARAMS), (core.inputs, Command.LOAD),
                (core.nudges, Command.ECHO)]
@@ -562,14 +606,14 @@ class CommandUnit(wiring.Component):
                                  StatusFlag.XFER_OPEN)] == [1, 2, 4, 8, 16, 32]
         status = Cat(core.state_overflow, core.acc_overflow, t_loaded != 0, forwarded,
                      forwarded & one_sided, xfer_open, Const(0, 2),
-                     xfer_cmd, xfer_done, t_loaded, Const(0, 32 - len(t_loaded)))
+                     xfer_cmd, xfer_done16, t_loaded, Const(0, 32 - len(t_loaded)))
 
         with m.FSM(name="cu"):
             with m.State("IDLE"):
                 m.d.comb += rx.ready.eq(1)
                 with m.If(rx.valid):
                     with m.If(rxp.first):
-                        m.d.sync += [f_cmd.eq(rxp.data), f_plen.eq(rxp.length - P.HEADER_LEN),
+                        m.d.sync += [f_cmd.eq(rxp.data), f_len.eq(rxp.length),
                                      f_done.eq(0), pcount.eq(0)]
                         m.next = "SEQ"
                 with m.Elif(self.rx_error.valid):       # a link error: ERROR(code, 0, 0)
@@ -585,7 +629,7 @@ class CommandUnit(wiring.Component):
                     m.d.sync += f_seq.eq(rxp.data)
                     with m.If(rxp.last):
                         m.d.sync += f_done.eq(1)
-                        m.next = "CHECK"
+                        m.next = "VERDICT"
                     with m.Else():
                         m.next = "PAYLOAD"
 
@@ -602,26 +646,32 @@ class CommandUnit(wiring.Component):
                         m.d.sync += pcount.eq(pcount + 1)
                     with m.If(rxp.last):
                         m.d.sync += f_done.eq(1)
-                        m.next = "CHECK"
+                        m.next = "VERDICT"
                     with m.Elif(is_[Command.DATA] & (pcount == 1)):
-                        m.next = "CHECK"
+                        m.next = "VERDICT"
+
+            with m.State("VERDICT"):
+                # Register the verdict and what CHECK needs of the chunk arithmetic: its
+                # inputs are registers, stable from here until CHECK has acted.
+                m.d.sync += [v_code.eq(verdict), v_again.eq(dup_open | (is_data & data_old)),
+                             v_core.eq(needs_core), v_words.eq(exp_words)]
+                m.next = "CHECK"
 
             with m.State("CHECK"):
-                # The verdict and the action were computed above from registers; without
-                # an open transfer the core is idle (or about to be: wait for it), so a
-                # command that needs it is handed over in this very cycle.
+                # Without an open transfer the core is idle (or about to be: wait for it),
+                # so a command that needs it is handed over in this very cycle.
                 with m.If(xfer_open | core.cmd.ready):
-                    m.d.sync += [r_kind.eq(Mux(verdict != 0, kind_code["ERROR"], cmd_kind)),
-                                 r_code.eq(verdict),
-                                 r_arg_next.eq(verdict == ErrorCode.SEQUENCE),
-                                 last_valid.eq(verdict == 0), last_cmd.eq(f_cmd),
+                    m.d.sync += [r_kind.eq(Mux(v_code != 0, kind_code["ERROR"], cmd_kind)),
+                                 r_code.eq(v_code),
+                                 r_arg_next.eq(v_code == ErrorCode.SEQUENCE),
+                                 last_valid.eq(v_code == 0), last_cmd.eq(f_cmd),
                                  last_seq.eq(f_seq), done_seen.eq(0)]
-                    with m.If(verdict != 0):
+                    with m.If(v_code != 0):
                         m.next = "DRAIN"
-                    with m.Elif(dup_open | (is_[Command.DATA] & data_old)):
+                    with m.Elif(v_again):
                         m.next = "DRAIN"        # ack again
                     with m.Else():
-                        m.d.comb += [core.cmd.valid.eq(needs_core), replier.start.eq(streams)]
+                        m.d.comb += [core.cmd.valid.eq(v_core), replier.start.eq(streams)]
                         with m.If(is_[Command.FORWARD]):
                             m.d.sync += [forwarded.eq(1), one_sided.eq(u8[0])]
                         with m.If(is_[Command.SELFTEST] | is_[Command.LOAD]):
@@ -633,7 +683,6 @@ class CommandUnit(wiring.Component):
                                          xfer_left.eq(xfer_total), xfer_w.eq(is_[Command.ECHO])]
                         with m.If(is_[Command.DATA]):
                             m.d.comb += unpacker.start.eq(1)
-                            m.d.sync += chunk_n.eq(exp_words)
                         m.next = "DRAIN"
                         with m.If(is_[Command.RESET]):
                             m.next = "RESET"
@@ -666,8 +715,8 @@ class CommandUnit(wiring.Component):
                 with m.If(rx.valid & rx.ready & rxp.last):
                     m.d.sync += f_done.eq(1)
                 with m.If(~unpacker.busy):
-                    m.d.sync += [xfer_done.eq(xfer_done + 1), xfer_left.eq(xfer_left - chunk_n)]
-                    with m.If(xfer_left == chunk_n):
+                    m.d.sync += [xfer_done.eq(xfer_done + 1), xfer_left.eq(xfer_left - v_words)]
+                    with m.If(xfer_left == v_words):
                         m.next = "XFER_END"
                     with m.Else():
                         m.next = "DRAIN"
@@ -715,25 +764,37 @@ class CommandUnit(wiring.Component):
                         m.d.sync += f_done.eq(1)
             with m.State("REPLY"):
                 i = Signal.like(r_i)
-                m.d.comb += [i.eq(r_i - 2), rom_rd.addr.eq(i)]
+                m.d.comb += [i.eq(r_i - 2), rom_rd.addr.eq(Mux(tx.ready, r_i - 1, i))]
                 is_error = r_kind == kind_code["ERROR"]
-                body = Signal(8)
                 r_len = Signal(range(max(KINDS.values()) + 1))
                 with m.Switch(r_kind):
                     for k, n in KINDS.items():
                         with m.Case(kind_code[k]):
                             m.d.comb += r_len.eq(n)
-                            if k == "ROM":
-                                m.d.comb += body.eq(rom_rd.data)
-                            elif k == "STATUS":
-                                m.d.comb += body.eq(status.word_select(i[:3], 8))
-                            elif k == "ERROR":
-                                arg = Mux(r_arg_next, xfer_done, 0)
-                                m.d.comb += body.eq(Cat(r_code, f_cmd, arg).word_select(i[:2], 8))
-                            elif k == "ACK":
-                                m.d.comb += body.eq(xfer_done.word_select(i[0], 8))
-                            elif k == "RESULT":
-                                m.d.comb += body.eq(r_pass)
+                # The payload bytes of every kind but ROM, merged by position (a byte past
+                # a kind's length is never sent, so only positions kinds share need a
+                # multiplexer): STATUS flags xfer_cmd xfer_done:u16 t_loaded:u32;
+                # ERROR code cmd arg:u16 (arg = xfer_done or 0); ACK next:u16; RESULT.
+                def kind_is(*ks):
+                    return Cat(*(r_kind == kind_code[k] for k in ks)).any()
+                done_lo, done_hi = xfer_done16[:8], xfer_done16[8:]
+                arg_zero = is_error & ~r_arg_next
+                small = [
+                    Mux(kind_is("STATUS"), status[:8],
+                        Mux(is_error, r_code, Mux(kind_is("ACK"), done_lo, r_pass))),
+                    Mux(kind_is("STATUS"), xfer_cmd, Mux(is_error, f_cmd, done_hi)),
+                    Mux(arg_zero, 0, done_lo),
+                    Mux(arg_zero, 0, done_hi),
+                    *(status[32 + 8 * j:40 + 8 * j] for j in range(4)),
+                ]
+                assert len(status) == 64 and KINDS["STATUS"] == 8
+                body = Signal(8)
+                with m.Switch(i[:3]):
+                    for j, byte in enumerate(small):
+                        with m.Case(j):
+                            m.d.comb += body.eq(byte)
+                with m.If(r_kind == kind_code["ROM"]):
+                    m.d.comb += body.eq(rom_rd.data)
                 with m.Switch(r_i):
                     with m.Case(0):
                         m.d.comb += tx.payload.data.eq(Mux(is_error, P.ERROR_REPLY,

@@ -8,21 +8,27 @@ the wire is ``COBS(cmd ‖ seq ‖ payload ‖ crc32_le) ‖ 0x00``.
   ``first``/``last`` markers, plus an ``error`` stream reporting every bad
   frame with its :class:`rtl.protocol.ErrorCode`.
 * :class:`FrameEncoder` — reply bytes with ``first``/``last`` markers → COBS
-  encoded frame with the CRC appended and the delimiter, one byte per cycle.
+  encoded frame with the CRC appended and the delimiter.
+
+Both compute the CRC-32 one bit per cycle (:data:`CRC_BIT_PARAMETERS`), which
+costs a third of a byte-wise CRC's logic: the decoder needs its input bytes at
+least :data:`BYTE_CYCLES` cycles apart, the encoder takes a body byte per
+:data:`BYTE_CYCLES` cycles. A UART byte takes 10 × divisor ≥ 40 cycles, so
+neither ever limits the link.
 
 Both streams inside the device use :data:`FrameByte` so that a decoder can be
 looped straight into an encoder (an echo server, as in the tests).
 """
 
 from amaranth import *
-from amaranth.lib import crc, data, fifo, memory, stream, wiring
+from amaranth.lib import crc, data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from . import protocol
 from .protocol import ErrorCode
 
-__all__ = ["CRC_PARAMETERS", "LENGTH_BITS", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
+__all__ = ["BlockRAMQueue", "CRC_PARAMETERS", "CRC_BIT_PARAMETERS", "BYTE_CYCLES", "LENGTH_BITS", "less_than", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
 
 
 #: The link CRC (CRC-32/ISO-HDLC) over bytes, built from :mod:`rtl.protocol`'s numbers.
@@ -31,6 +37,27 @@ CRC_PARAMETERS = crc.Algorithm(
     reflect_input=protocol.CRC_REFLECT, reflect_output=protocol.CRC_REFLECT,
     xor_output=protocol.CRC_XOR_OUT)(data_width=8)
 assert CRC_PARAMETERS.compute(b"123456789") == protocol.CRC_CHECK
+
+#: The same CRC one bit at a time (bytes fed LSB first: the byte-wise algorithm's
+#: ``reflect_input``). Both codecs use it: a byte-wise CRC-32 costs about 110 iCE40
+#: LUTs (each register bit an XOR of up to ~20 terms), a bit-serial one about 32 (a
+#: shift with the polynomial's 14 taps), and a UART byte leaves plenty of cycles.
+CRC_BIT_PARAMETERS = CRC_PARAMETERS.algorithm(data_width=1)
+assert CRC_BIT_PARAMETERS.compute([b >> i & 1 for b in b"123456789" for i in range(8)]) \
+    == protocol.CRC_CHECK
+
+#: Cycles the bit-serial CRC takes per byte: the decoder needs its input bytes at
+#: least this far apart (a UART byte takes 10 × divisor ≥ 40 cycles), and the
+#: encoder takes at most one body byte per this many cycles.
+BYTE_CYCLES = 8
+
+def less_than(x, c: int):
+    """``x < c`` for a constant ``c ≥ 1``: a comparison only as wide as ``c`` needs, and
+    the rest of ``x`` tested for zero (Yosys would build a carry chain as wide as ``x``)."""
+    k = (c - 1).bit_length()
+    high_zero = x[k:] == 0 if len(x) > k else Const(1, 1)
+    return high_zero if c == 1 << k else high_zero & (x[:k] < c)
+
 
 #: Bits of :data:`FrameByte`'s ``length`` (a body without its CRC has at most 1026 bytes).
 LENGTH_BITS = (protocol.MAX_BODY_LEN - protocol.CRC_LEN).bit_length()
@@ -55,6 +82,57 @@ LinkError = data.StructLayout({
 })
 
 
+class BlockRAMQueue(wiring.Component):
+    """A first-word-fall-through FIFO in one block RAM, with the port names of
+    :mod:`amaranth.lib.fifo` (``w_data``/``w_en``/``w_rdy``, ``r_data``/``r_en``/``r_rdy``).
+
+    It holds ``depth + 1`` entries: ``depth`` in the memory (a power of two) and one
+    in the read port's output register, which is ``r_data``. Why not
+    ``amaranth.lib.fifo.SyncFIFOBuffered``: that keeps a level counter (up/down, and
+    a wrap-around compare for its ``depth − 1`` entries in memory) beside its two
+    pointers; here the pointers carry a wrap bit and full/empty are equalities
+    (Yosys, iCE40: the encoder's block queue 74 → 52 LUT4, 55 → 49 FF, 24 → 14
+    carries; the decoder's frame queue 46 → 37, 44 → 41, 10 → 6). Throughput is the
+    same (one entry per cycle each way), and so is the latency: an entry written in
+    one cycle is on ``r_data`` two cycles later. No level output.
+    """
+
+    def __init__(self, width: int, depth: int):
+        if depth < 2 or depth & (depth - 1):
+            raise ValueError(f"depth must be a power of two >= 2, not {depth}")
+        self.width, self.depth = width, depth
+        super().__init__({
+            "w_data": In(width), "w_en": In(1), "w_rdy": Out(1),
+            "r_data": Out(width), "r_en": In(1), "r_rdy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        k = ceil_log2(self.depth)
+        m.submodules.storage = storage = memory.Memory(shape=self.width, depth=self.depth,
+                                                       init=[])
+        wr = storage.write_port()
+        rd = storage.read_port()
+        w_ptr = Signal(k + 1)         # pointers with a wrap bit: full and empty differ
+        r_ptr = Signal(k + 1)
+        empty = w_ptr == r_ptr
+        full = (w_ptr[:k] == r_ptr[:k]) & (w_ptr[k] != r_ptr[k])
+        m.d.comb += [self.w_rdy.eq(~full),
+                     wr.addr.eq(w_ptr[:k]), wr.data.eq(self.w_data),
+                     wr.en.eq(self.w_en & ~full)]
+        with m.If(self.w_en & ~full):
+            m.d.sync += w_ptr.eq(w_ptr + 1)
+        # Fetch into the output register when it is free or being read. An entry in
+        # memory was written in an earlier cycle, so the read never races its write.
+        fetch = ~empty & (~self.r_rdy | self.r_en)
+        m.d.comb += [rd.addr.eq(r_ptr[:k]), rd.en.eq(fetch), self.r_data.eq(rd.data)]
+        with m.If(fetch):
+            m.d.sync += [r_ptr.eq(r_ptr + 1), self.r_rdy.eq(1)]
+        with m.Elif(self.r_en):
+            m.d.sync += self.r_rdy.eq(0)
+        return m
+
+
 class FrameDecoder(wiring.Component):
     """Check incoming frames and pass on the good ones, whole.
 
@@ -69,10 +147,11 @@ class FrameDecoder(wiring.Component):
     as it reads it (write a parameter, store an input) and never sees garbage.
     The CRC bytes are not passed on.
 
-    Frame lengths are queued in a small FIFO, so ``frames + 1`` good frames (one
-    at the reader, ``frames`` queued) may wait in the ring while the consumer is
-    busy, as long as their bytes fit: a frame that finds the ring (or the length
-    FIFO) full is dropped and reported as ``OVERRUN``. The consumer frees space
+    Frame lengths are queued in a FIFO (one block RAM, 12-bit entries), so
+    ``frames + 1`` good frames (one at the reader, ``frames`` queued) may wait in
+    the ring while the consumer is busy, as long as their bytes fit: a frame that
+    finds the ring (or the length FIFO) full is dropped and reported as
+    ``OVERRUN``. The consumer frees space
     byte by byte as it reads. Every byte on ``source`` carries its frame's body
     length (``length``), so the consumer knows the payload length at ``cmd``.
 
@@ -94,7 +173,11 @@ class FrameDecoder(wiring.Component):
     the next request never overruns it.
 
     ``sink`` is always ready: a UART receiver cannot be paused, so the decoder
-    accepts one byte per cycle, unconditionally, and never back-pressures it.
+    accepts every byte, unconditionally, and never back-pressures it. Bytes must
+    come at least :data:`BYTE_CYCLES` cycles apart: the CRC takes a byte's bits
+    one per cycle (bit 0 at once, the other seven from a shift register), and
+    must be done with the last one when the delimiter arrives. A UART byte takes
+    at least 40 cycles.
     (Its ``ready`` is the constant 1, so the decoder cannot be the top level of
     ``verilog.convert`` by itself; it converts as part of any design.)
 
@@ -114,10 +197,12 @@ class FrameDecoder(wiring.Component):
     * ``OVERRUN``: a good frame that did not fit;
     * otherwise the frame is committed and appears on ``source``.
 
-    Timing: a committed frame's first byte is on ``source`` 3 cycles after its
-    delimiter was accepted; ``source`` then delivers one byte per cycle while
-    ready, with one idle cycle between frames. A report is on ``error`` 3 cycles
-    after its delimiter if nothing was waiting before it, and holds until taken.
+    Timing: a committed frame's first byte is on ``source`` 4 cycles after its
+    delimiter was accepted (one for the length FIFO's block RAM read); ``source``
+    then delivers one byte per cycle while ready, with one idle cycle between
+    frames. A report is on ``error`` 2 cycles after its delimiter if nothing was
+    waiting before it (it is presented straight from the FIFO's output register),
+    and holds until taken.
 
     Parameters
     ----------
@@ -127,7 +212,8 @@ class FrameDecoder(wiring.Component):
         Longest accepted decoded body, CRC included (:data:`rtl.protocol.MAX_BODY_LEN`).
     frames : int
         Depth of the frame length FIFO: how many committed frames may wait behind
-        the one the reader is presenting.
+        the one the reader is presenting: a power of two plus one (a
+        :class:`BlockRAMQueue`, 16 entries in memory and its output register).
 
     Attributes
     ----------
@@ -140,7 +226,7 @@ class FrameDecoder(wiring.Component):
         One report per bad frame, in wire order with the frames on ``source``.
     """
 
-    def __init__(self, *, depth=2048, max_body=protocol.MAX_BODY_LEN, frames=4):
+    def __init__(self, *, depth=2048, max_body=protocol.MAX_BODY_LEN, frames=17):
         if depth & (depth - 1) or depth <= max_body:
             raise ValueError(f"depth must be a power of two larger than max_body={max_body}, "
                              f"not {depth}")
@@ -149,6 +235,9 @@ class FrameDecoder(wiring.Component):
                              f"{(1 << LENGTH_BITS) - 1 + protocol.CRC_LEN}")
         self._depth = depth
         self._max_body = max_body
+        if frames < 3 or (frames - 1) & (frames - 2):
+            raise ValueError(f"frames must be a power of two plus one (a BlockRAMQueue), "
+                             f"not {frames}")
         self._frames = frames
         super().__init__({
             "sink": In(stream.Signature(8, always_ready=True)),
@@ -172,13 +261,14 @@ class FrameDecoder(wiring.Component):
         wr_port = ring.write_port()
         rd_port = ring.read_port()
         # An entry is a good frame's body length or a bad frame's report (code, seq).
-        entry_layout = data.StructLayout({"is_error": 1, "value": max(LENGTH_BITS, 16)})
-        m.submodules.lengths = lengths = fifo.SyncFIFO(
-            width=entry_layout.size, depth=self._frames)
+        # Entries are 12 bits wide (a report's code is 1..3), so one 256 × 16 iCE40 block
+        # RAM holds the queue (a BlockRAMQueue: memory plus its output register).
+        entry_layout = data.StructLayout({"is_error": 1, "value": max(LENGTH_BITS, 10)})
+        m.submodules.lengths = lengths = BlockRAMQueue(entry_layout.size, self._frames - 1)
         w_entry = Signal(entry_layout)
         r_entry = entry_layout(lengths.r_data)
         m.d.comb += lengths.w_data.eq(w_entry)
-        m.submodules.crc = crc_check = CRC_PARAMETERS.create()
+        m.submodules.crc = crc_check = CRC_BIT_PARAMETERS.create()
 
         # Ring pointers carry one extra bit so that full and empty differ.
         commit = Signal(abits + 1)    # end of committed frames = start of the incoming one
@@ -213,27 +303,43 @@ class FrameDecoder(wiring.Component):
                 m.d.sync += cobs_left.eq(cobs_left - 1)
 
         # --- decoded bytes: CRC, ring, length ---------------------------------------
+        # ``n`` counts to max_body + 1 and stops: its bounds are equalities, not carry
+        # chains. ``used`` stays below 2 · depth (committed bytes ≤ depth, n ≤ max_body + 1
+        # < depth), so its top bit alone tells whether the ring is full.
+        n_at_max = n == self._max_body
+        n_over = n == self._max_body + 1
         used = Signal(abits + 1)
+        ring_full = used[abits]
         m.d.comb += [
             used.eq(commit + n - rd_ptr),
-            crc_check.data.eq(emit_data),
-            crc_check.valid.eq(emit),
             wr_port.addr.eq(commit + n),
             wr_port.data.eq(emit_data),
-            wr_port.en.eq(emit & (n < self._max_body) & (used < self._depth) & ~overrun),
+            wr_port.en.eq(emit & ~n_at_max & ~n_over & ~ring_full & ~overrun),
         ]
+        # The CRC takes a decoded byte's bits one per cycle, bit 0 at once, the other
+        # seven from a shift register: done before the next byte can arrive.
+        crc_sh = Signal(7)
+        crc_bits = Signal(range(8))
         with m.If(emit):
-            with m.If(n <= self._max_body):
+            m.d.comb += [crc_check.data.eq(emit_data[0]), crc_check.valid.eq(1)]
+            m.d.sync += [crc_sh.eq(emit_data[1:]), crc_bits.eq(7)]
+        with m.Elif(crc_bits != 0):
+            m.d.comb += [crc_check.data.eq(crc_sh[0]), crc_check.valid.eq(1)]
+            m.d.sync += [crc_sh.eq(crc_sh >> 1), crc_bits.eq(crc_bits - 1)]
+
+        with m.If(emit):
+            with m.If(~n_over):
                 m.d.sync += n.eq(n + 1)
             with m.If(n == 1):
                 m.d.sync += seq.eq(emit_data)
-            with m.If((n < self._max_body) & (used >= self._depth)):
+            with m.If(~n_at_max & ~n_over & ring_full):
                 m.d.sync += overrun.eq(1)
 
         # --- verdict at the delimiter ------------------------------------------------
         m.d.comb += crc_check.start.eq(delimiter)
-        bad_length = ((n < protocol.MIN_BODY_LEN) | (n > self._max_body) | (cobs_left != 0))
+        bad_length = less_than(n, protocol.MIN_BODY_LEN) | n_over | (cobs_left != 0)
         verdict = Signal(8)
+        assert max(ErrorCode.BAD_LENGTH, ErrorCode.BAD_CRC, ErrorCode.OVERRUN) < 4  # 2 bits
         with m.If(bad_length):
             m.d.comb += verdict.eq(ErrorCode.BAD_LENGTH)
         with m.Elif(~crc_check.match_detected):
@@ -247,7 +353,7 @@ class FrameDecoder(wiring.Component):
         side = Signal(LinkError)
         side_taken = Signal()
         report = Signal(LinkError)
-        m.d.comb += [report.code.eq(verdict), report.seq.eq(Mux(n >= 2, seq, 0))]
+        m.d.comb += [report.code.eq(verdict), report.seq.eq(Mux(n[1:] != 0, seq, 0))]
         with m.If(side_taken):
             m.d.sync += side_valid.eq(0)
         with m.If(delimiter & in_frame):
@@ -258,7 +364,7 @@ class FrameDecoder(wiring.Component):
                 m.d.sync += commit.eq(commit + body_len)
             with m.Elif(lengths.w_rdy):
                 m.d.comb += [lengths.w_en.eq(1), w_entry.is_error.eq(1),
-                             w_entry.value.eq(report)]
+                             w_entry.value.eq(Cat(report.seq, report.code[:2]))]
             with m.Elif(~side_valid | side_taken):
                 m.d.sync += [side_valid.eq(1), side.eq(report)]
         with m.If(delimiter):
@@ -267,10 +373,9 @@ class FrameDecoder(wiring.Component):
         # --- reader: committed frames → source ---------------------------------------
         remaining = Signal(range(self._max_body + 1))
         first = Signal()
-        length = Signal(LENGTH_BITS)
+        length = Signal(LENGTH_BITS)  # stays while the frame's last byte waits on source
         out_first = Signal()
         out_last = Signal()
-        out_length = Signal(LENGTH_BITS)
         advance = ~self.source.valid | self.source.ready
 
         m.d.comb += [
@@ -279,7 +384,7 @@ class FrameDecoder(wiring.Component):
             self.source.payload.data.eq(rd_port.data),
             self.source.payload.first.eq(out_first),
             self.source.payload.last.eq(out_last),
-            self.source.payload.length.eq(out_length),
+            self.source.payload.length.eq(length),
         ]
         with m.If(advance):
             with m.If(remaining != 0):
@@ -287,7 +392,6 @@ class FrameDecoder(wiring.Component):
                     self.source.valid.eq(1),
                     out_first.eq(first),
                     out_last.eq(remaining == 1),
-                    out_length.eq(length),
                     first.eq(0),
                     rd_ptr.eq(rd_ptr + 1),
                     remaining.eq(remaining - 1),
@@ -295,24 +399,23 @@ class FrameDecoder(wiring.Component):
             with m.Else():
                 m.d.sync += self.source.valid.eq(0)
 
-        # A queued report waits until the frames before it have been read completely.
-        queued_valid = Signal()
+        # A report waits at the queue's head (its output register holds it, no copy)
+        # until the frames before it have been read completely. A frame's entry is
+        # taken once the previous frame's last byte has been accepted (or is being
+        # accepted), so ``length`` needs no copy for the presented byte either.
         queued = Signal(LinkError)
-        with m.If((remaining == 0) & lengths.r_rdy & ~queued_valid):
+        m.d.comb += [queued.seq.eq(r_entry.value[:8]), queued.code.eq(r_entry.value[8:10])]
+        head_report = lengths.r_rdy & r_entry.is_error & (remaining == 0) & ~self.source.valid
+        with m.If((remaining == 0) & advance & lengths.r_rdy & ~r_entry.is_error):
             m.d.comb += lengths.r_en.eq(1)
-            with m.If(r_entry.is_error):
-                m.d.sync += [queued_valid.eq(1), queued.eq(r_entry.value)]
-            with m.Else():
-                m.d.sync += [remaining.eq(r_entry.value), length.eq(r_entry.value),
-                             first.eq(1)]
-        queued_ready = queued_valid & ~self.source.valid
+            m.d.sync += [remaining.eq(r_entry.value), length.eq(r_entry.value), first.eq(1)]
         m.d.comb += [
-            self.error.valid.eq(side_valid | queued_ready),
+            self.error.valid.eq(side_valid | head_report),
             self.error.payload.eq(Mux(side_valid, side, queued)),
             side_taken.eq(side_valid & self.error.ready),
         ]
-        with m.If(~side_valid & queued_ready & self.error.ready):
-            m.d.sync += queued_valid.eq(0)
+        with m.If(~side_valid & head_report & self.error.ready):
+            m.d.comb += lengths.r_en.eq(1)
 
         return m
 
@@ -342,10 +445,13 @@ class FrameEncoder(wiring.Component):
     side sends the other; the queue lets runs of short blocks (bodies with many
     zeros) pass without stalling either side.
 
-    Throughput and latency: each side moves at most one byte per cycle. A
+    Throughput and latency: the input side takes a body byte per
+    :data:`BYTE_CYCLES` cycles (the bit-serial CRC; it holds ``sink`` until the
+    CRC has taken the byte's last bit), then the four CRC bytes one per cycle; the
+    output side sends one byte per cycle. A
     block only leaves when it is complete, so the output trails the input by
     up to one block (254 bytes) plus whatever is queued ahead of it. The block
-    queue is deep (256 entries, in block RAM), so the ring, not the queue,
+    queue is deep (257 entries, in block RAM), so the ring, not the queue,
     bounds how far the input may run ahead: 512 data bytes, whatever the mix
     of long and short blocks. That matters when the producer is only a little
     faster than the line (a FORWARD reply: one output word per core step):
@@ -355,15 +461,16 @@ class FrameEncoder(wiring.Component):
     line then idled waiting for the next long block; ``hel bench link``
     measured FORWARD at 84.7 % of the line rate that way, 98.3 % with this
     queue. On the worst mix of content (alternating zero-free and zero-heavy
-    1024-byte bodies, output always ready) both sides move more than 0.99
-    bytes per cycle. The first byte of a frame leaves after its first zero
+    1024-byte bodies, output always ready) the input side keeps its full rate
+    and the line side keeps pace with it. The first byte of a frame leaves after its first zero
     byte or its 254th byte, whichever comes first.
 
     Parameters
     ----------
     blocks : int
-        Depth of the block queue (``SyncFIFOBuffered``; one block RAM on iCE40
-        and ECP5 at the default 256, i.e. a ring's worth of 1-byte blocks).
+        Depth of the block queue, a power of two plus one (a :class:`BlockRAMQueue`;
+        one block RAM on iCE40 and ECP5 at the default 257, i.e. more than a ring's
+        worth of 1-byte blocks).
 
     Attributes
     ----------
@@ -381,7 +488,10 @@ class FrameEncoder(wiring.Component):
     #: below); ``final``: send the delimiter after them.
     Block = data.StructLayout({"length": 8, "code": 1, "final": 1})
 
-    def __init__(self, *, blocks=256):
+    def __init__(self, *, blocks=257):
+        if blocks < 3 or (blocks - 1) & (blocks - 2):
+            raise ValueError(f"blocks must be a power of two plus one (a BlockRAMQueue), "
+                             f"not {blocks}")
         self._blocks = blocks
         super().__init__()
 
@@ -392,8 +502,8 @@ class FrameEncoder(wiring.Component):
         m.submodules.ring = ring = memory.Memory(shape=8, depth=512, init=[])
         wr_port = ring.write_port()
         rd_port = ring.read_port()
-        m.submodules.queue = queue = fifo.SyncFIFOBuffered(width=Block.size, depth=self._blocks)
-        m.submodules.crc = crc_gen = CRC_PARAMETERS.create()
+        m.submodules.queue = queue = BlockRAMQueue(Block.size, self._blocks - 1)
+        m.submodules.crc = crc_gen = CRC_BIT_PARAMETERS.create()
 
         wr_ptr = Signal(10)           # ring pointers, with a wrap bit
         rd_ptr = Signal(10)
@@ -404,10 +514,12 @@ class FrameEncoder(wiring.Component):
         count = Signal(8)             # bytes in the block being filled
         after_run = Signal()          # the last block ended as a full 254-byte run
         crc_index = Signal(2)
+        crc_bit = Signal(3)           # the body byte's bit the CRC takes this cycle
         raw = Signal(8)               # body or CRC byte
         raw_valid = Signal()
         # One step may store a byte and/or close a block: require room for both.
-        can_fill = queue.w_rdy & (used < 512)
+        # (used ≤ 512: its top bit alone says whether the ring is full)
+        can_fill = queue.w_rdy & ~used[9]
 
         finish = Signal()
         finish_block = Signal(Block)
@@ -415,14 +527,20 @@ class FrameEncoder(wiring.Component):
 
         with m.FSM():
             with m.State("BODY"):
+                # A body byte waits on ``sink`` while the CRC takes its bits (the
+                # stream holds it stable), and is accepted with its last bit.
+                take = Signal()
                 m.d.comb += [
-                    self.sink.ready.eq(can_fill),
+                    take.eq(self.sink.valid & can_fill),
+                    self.sink.ready.eq(can_fill & (crc_bit == 7)),
                     raw.eq(self.sink.payload.data),
-                    raw_valid.eq(self.sink.valid & can_fill),
-                    crc_gen.data.eq(self.sink.payload.data),
-                    crc_gen.valid.eq(self.sink.valid & can_fill),
+                    raw_valid.eq(take & (crc_bit == 7)),
+                    crc_gen.data.eq(self.sink.payload.data.bit_select(crc_bit, 1)),
+                    crc_gen.valid.eq(take),
                 ]
-                with m.If(self.sink.valid & can_fill & self.sink.payload.last):
+                with m.If(take):
+                    m.d.sync += crc_bit.eq(crc_bit + 1)
+                with m.If(take & (crc_bit == 7) & self.sink.payload.last):
                     m.d.sync += crc_index.eq(0)
                     m.next = "CRC"
             with m.State("CRC"):
@@ -468,7 +586,7 @@ class FrameEncoder(wiring.Component):
 
         # --- output side: code byte, data bytes, delimiter ----------------------------------
         current = Block(queue.r_data)
-        index = Signal(8)
+        index = Signal(8)             # the data byte being sent, from 1
         out_const = Signal(8)
         out_from_ring = Signal()
         advance = ~self.source.valid | self.source.ready
@@ -483,7 +601,7 @@ class FrameEncoder(wiring.Component):
             with m.State("CODE"):
                 with m.If(advance):
                     m.d.sync += [self.source.valid.eq(queue.r_rdy), out_from_ring.eq(0),
-                                 index.eq(0)]
+                                 index.eq(1)]
                     with m.If(queue.r_rdy):
                         with m.If(~current.code):
                             m.d.sync += out_const.eq(protocol.DELIMITER)
@@ -500,7 +618,7 @@ class FrameEncoder(wiring.Component):
                 with m.If(advance):
                     m.d.sync += [self.source.valid.eq(1), out_from_ring.eq(1),
                                  rd_ptr.eq(rd_ptr + 1), index.eq(index + 1)]
-                    with m.If(index == current.length - 1):
+                    with m.If(index == current.length):
                         with m.If(current.final):
                             m.next = "DELIMITER"
                         with m.Else():

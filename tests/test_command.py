@@ -20,6 +20,7 @@ from host.wire import pack_words, split_chunks
 from rtl import protocol as P
 from rtl.command import REQUEST_LEN, DataReplier, WordUnpacker, ident_payload
 from rtl.formats import ICE40_OPERAND, PARAM_NAMES, HelConfig
+from rtl.framing import BYTE_CYCLES
 from rtl.protocol import Command
 from rtl.top import Device, Top
 from sim import protocol_model
@@ -104,7 +105,8 @@ def run(session: Session, *, ready_prob: float = 1.0, gap_prob: float = 0.0, see
         max_cycles: int = 400_000, settle: int = 80, dut=None, model=None):
     """Play ``session`` into ``Device`` and ``ProtocolModel``; return a list of mismatches.
 
-    Each request's bytes enter one per cycle (with random gaps if ``gap_prob``);
+    Each request's bytes enter one per ``BYTE_CYCLES`` cycles, as fast as the decoder's
+    bit-serial CRC takes them (with random longer gaps if ``gap_prob``);
     the test then waits for as many reply bytes as the model produced and
     ``settle`` cycles more, so an extra byte shows up as a mismatch.
     """
@@ -131,10 +133,10 @@ def run(session: Session, *, ready_prob: float = 1.0, gap_prob: float = 0.0, see
                 ctx.set(dut.sink.payload, byte)
                 ctx.set(dut.sink.valid, 1)
                 await ctx.tick()
+                ctx.set(dut.sink.valid, 0)      # the decoder's CRC takes BYTE_CYCLES a byte
+                await ctx.tick().repeat(BYTE_CYCLES - 1)
                 if gap_prob and rng.random() < gap_prob:
-                    ctx.set(dut.sink.valid, 0)
                     await ctx.tick().repeat(rng.randrange(1, 30))
-            ctx.set(dut.sink.valid, 0)
             cycles = 0
             while len(got) < len(expect) and cycles < max_cycles:
                 await ctx.tick()
@@ -266,7 +268,8 @@ def test_word_unpacker_inverts_host_packing_and_takes_only_its_bytes(widths):
         async for _, _, valid, ready, word in ctx.tick().sample(
                 dut.words.valid, dut.words.ready, dut.words.payload):
             if valid and ready:
-                got.append(word)
+                w = widths[ctx.get(dut.width)]          # a word is the payload's low w bits
+                got.append((word & ((1 << w) - 1)) - ((word >> (w - 1) & 1) << w))
             ctx.set(dut.words.ready, rng.random() < 0.6)
 
     sim = Simulator(dut)
