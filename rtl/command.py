@@ -467,15 +467,19 @@ class CommandUnit(wiring.Component):
         masked_total = Signal(range(self.n_params + 1))
         m.d.comb += masked_total.eq(sum(Mux(u8[i], size, 0)
                                         for i, size in enumerate(self.param_sizes)))
-        # DATA: words and bytes of the chunk expected next
+        # DATA: words and bytes of the chunk expected next. Registers, two stages: the
+        # compare, multiply and add were the iCEBreaker's critical path into the verdict.
+        # xfer_left and xfer_w change only in CHECK and UNPACK, and the next DATA frame
+        # reaches VERDICT at least four cycles later (DRAIN, IDLE, SEQ, two PAYLOAD bytes),
+        # when both stages have long settled.
         cw_op, cw_st = P.chunk_words(ow), P.chunk_words(sw)
         c_w = Mux(xfer_w, cw_st, cw_op)
         exp_words = Signal.like(v_words)
-        m.d.comb += exp_words.eq(Mux(xfer_left > c_w, c_w, xfer_left))
+        m.d.sync += exp_words.eq(Mux(xfer_left > c_w, c_w, xfer_left))
         # its frame's body length: cmd, seq, index and the packed words, rounded up
         exp_len = Signal(LENGTH_BITS + 1)
         pad = 7 + 8 * (P.HEADER_LEN + P.CHUNK_HEADER_LEN)
-        m.d.comb += exp_len.eq(Mux(xfer_w, (mul_const(exp_words, sw) + pad) >> 3,
+        m.d.sync += exp_len.eq(Mux(xfer_w, (mul_const(exp_words, sw) + pad) >> 3,
                                    (mul_const(exp_words, ow) + pad) >> 3))
 
         # ---------------------------------------------------------------- verdict
