@@ -569,12 +569,19 @@ class CommandUnit(wiring.Component):
             for i, op in enumerate(RESET_OPS):
                 with m.Case(i):
                     m.d.comb += rst_op.eq(op)
+        # The decoded fields (operation, kick, retransmission) are registered in VERDICT
+        # with the verdict: decoding them in CHECK put the command decode, the core's
+        # command decode and its enables on one path (the iCEBreaker's critical path).
+        # During RESET, pbuf = 1: a kick, and never a retransmission.
+        v_op = Signal(Op)
+        v_kick = Signal()
+        v_no_acc = Signal()
         cp = core.cmd.payload
-        m.d.comb += [cp.op.eq(Mux(in_rst, rst_op, frame_op)), cp.length.eq(u32),
+        m.d.comb += [cp.op.eq(Mux(in_rst, rst_op, v_op)), cp.length.eq(u32),
                      cp.seed.eq(pbuf[32:]), cp.bank.eq(u8[:2]),
-                     cp.one_sided.eq(u8[0] & ~in_rst), cp.kick.eq(u32 == 1),
+                     cp.one_sided.eq(u8[0] & ~in_rst), cp.kick.eq(in_rst | v_kick),
                      cp.skip.eq(Mux(in_rst, 0, ~u8[:4])),      # bit i set: leave array i out
-                     cp.no_acc.eq(dup & ~in_rst)]              # a retransmitted FORWARD
+                     cp.no_acc.eq(v_no_acc & ~in_rst)]         # a retransmitted FORWARD
 
         # ---------------------------------------------------------------- core streams
         # outputs of the core → the replier (it sends only a word's low ``w`` bits)
@@ -658,7 +665,8 @@ class CommandUnit(wiring.Component):
                 # Register the verdict and what CHECK needs of the chunk arithmetic: its
                 # inputs are registers, stable from here until CHECK has acted.
                 m.d.sync += [v_code.eq(verdict), v_again.eq(dup_open | (is_data & data_old)),
-                             v_core.eq(needs_core), v_words.eq(exp_words)]
+                             v_core.eq(needs_core), v_words.eq(exp_words),
+                             v_op.eq(frame_op), v_kick.eq(u32 == 1), v_no_acc.eq(dup)]
                 m.next = "CHECK"
 
             with m.State("CHECK"):
