@@ -92,8 +92,8 @@ from __future__ import annotations
 
 import math
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import memory, stream, wiring
+from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, signed
+from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl import protocol as P
@@ -605,11 +605,19 @@ class CommandUnit(wiring.Component):
         # the unpacker → the core's input of the open transfer
         ins = [(core.params_in, Command.WRITE_PARAMS), (core.inputs, Command.LOAD),
                (core.nudges, Command.ECHO)]
+        # One word waits between them: otherwise the core's ready reached the decoder
+        # through the unpacker and rx.ready in one cycle (the iCEBreaker's critical path).
+        # The unpacker is bit-serial, so a one-word buffer keeps its pace. It is emptied
+        # with the core's reset: a RESET may arrive while the core still holds off a word.
+        word_buf = fifo.SyncFIFO(width=len(unpacker.words.payload), depth=1)
+        m.submodules.word_buf = ResetInserter({"sync": self.core_rst})(word_buf)
+        m.d.comb += [word_buf.w_data.eq(unpacker.words.payload),
+                     word_buf.w_en.eq(unpacker.words.valid),
+                     unpacker.words.ready.eq(word_buf.w_rdy)]
         for st, c in ins:
-            m.d.comb += st.payload.eq(unpacker.words.payload)
+            m.d.comb += st.payload.eq(word_buf.r_data)
             with m.If(xfer_cmd == c):
-                m.d.comb += [st.valid.eq(unpacker.words.valid),
-                             unpacker.words.ready.eq(st.ready)]
+                m.d.comb += [st.valid.eq(word_buf.r_rdy), word_buf.r_en.eq(st.ready)]
 
         # ---------------------------------------------------------------- control
         assert [int(f) for f in (StatusFlag.STATE_OVERFLOW, StatusFlag.ACC_OVERFLOW,
