@@ -627,6 +627,15 @@ class CommandUnit(wiring.Component):
                      forwarded & one_sided, xfer_open, Const(0, 2),
                      xfer_cmd, xfer_done16, t_loaded, Const(0, 32 - len(t_loaded)))
 
+        # CHECK hands a command to the core only while the core is idle, and nothing else
+        # can give it work, so it still accepts the command in the next cycle: the valid
+        # is registered, which keeps the command unit's decode and the core's command
+        # decode on separate paths.
+        issue = Signal()
+        issued = Signal()
+        m.d.sync += issued.eq(issue)
+        m.d.comb += core.cmd.valid.eq(issued)
+
         with m.FSM(name="cu"):
             with m.State("IDLE"):
                 m.d.comb += rx.ready.eq(1)
@@ -691,7 +700,7 @@ class CommandUnit(wiring.Component):
                     with m.Elif(v_again):
                         m.next = "DRAIN"        # ack again
                     with m.Else():
-                        m.d.comb += [core.cmd.valid.eq(v_core), replier.start.eq(streams)]
+                        m.d.comb += [issue.eq(v_core), replier.start.eq(streams)]
                         with m.If(is_[Command.FORWARD]):
                             m.d.sync += [forwarded.eq(1), one_sided.eq(u8[0])]
                         with m.If(is_[Command.SELFTEST] | is_[Command.LOAD]):
