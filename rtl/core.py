@@ -418,12 +418,28 @@ class HELCore(wiring.Component):
         tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True)
         mix = m.submodules.mix = (Mix32Serial if compact else Mix32)(
             tag_width=max(1, ceil_log2(K + 1)))
-        # One row of outputs / nudges each. A single register when O = 1; else O + 1
-        # words, because SyncFIFOBuffered moves a word from its memory to its output
-        # register before the memory takes the O-th of O back-to-back writes.
+        # One row of outputs: a single register when O = 1; else O + 1 words, because
+        # SyncFIFOBuffered moves a word from its memory to its output register before
+        # the memory takes the O-th of O back-to-back writes.
         fifo_depth = 1 if O == 1 else O + 1
         ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
-        nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
+        # Nudges: with O = 1 the row waits in the stream source itself (a stream holds
+        # its payload until ready) and is taken when the state unit has used it for
+        # both banks; else it waits in a FIFO of one row.
+        n_accept = Signal()          # nudge rows are still to come
+        nu_have = Signal()           # a row (O words) is available
+        nu_take = Signal()           # the state unit is done with the row's next word
+        nu = Signal(signed(sw))
+        if O == 1:
+            m.d.comb += [nu.eq(self.nudges.payload), nu_have.eq(self.nudges.valid & n_accept),
+                         self.nudges.ready.eq(nu_take & n_accept)]
+        else:
+            nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
+            m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
+                         nfifo.w_en.eq(self.nudges.valid & n_accept),
+                         self.nudges.ready.eq(nfifo.w_rdy & n_accept),
+                         nu.eq(nfifo.r_data.as_signed()), nfifo.r_en.eq(nu_take),
+                         nu_have.eq(nfifo.level >= O)]
 
         # ---------------------------------------------------------------- status
         state_ovf = Signal()
@@ -761,11 +777,9 @@ class HELCore(wiring.Component):
         qh_r = Signal(signed(sw))
         w2_r = Signal(signed(sw))
         m.d.sync += [u2.eq(u1), qh_r.eq(qh), w2_r.eq(w2)]
-        nu = Signal(signed(sw))
-        m.d.comb += nu.eq(nfifo.r_data.as_signed())
         q2, q2_ovf = _wrap(m, qh_r + w2_r, sw, "q2")
         wn, wn_ovf = _wrap(m, Mux(u2.slot, w2_r - nu, w2_r + nu), sw, "wn")
-        m.d.comb += nfifo.r_en.eq(u2.valid & u2.nudge & (u2.slot == nb_last))
+        m.d.comb += nu_take.eq(u2.valid & u2.nudge & (u2.slot == nb_last))
         u3 = Signal(uop_layout)
         q3 = Signal(signed(sw))
         w3 = Signal(signed(sw))
@@ -873,13 +887,9 @@ class HELCore(wiring.Component):
         # ---------------------------------------------------------------- streams
         m.d.comb += [self.outputs.payload.eq(ofifo.r_data.as_signed()),
                      self.outputs.valid.eq(ofifo.r_rdy), ofifo.r_en.eq(self.outputs.ready)]
-        n_accept = Signal()
         n_rows = Signal(range(cfg.t_max + 1))   # nudge rows still to accept
         n_col = Signal(range(O + 1))
-        m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
-                     nfifo.w_en.eq(self.nudges.valid & n_accept),
-                     self.nudges.ready.eq(nfifo.w_rdy & n_accept),
-                     n_accept.eq(n_rows != 0)]
+        m.d.comb += n_accept.eq(n_rows != 0)
         with m.If(self.nudges.valid & self.nudges.ready):
             with m.If(n_col == O - 1):
                 m.d.sync += [n_col.eq(0), n_rows.eq(n_rows - 1)]
@@ -1102,7 +1112,7 @@ class HELCore(wiring.Component):
             # ---- the engine: pre-step (zero or flip every oscillator of every bank)
             with m.State("PRE"):
                 # the first step's nudge row must be buffered before the flip uses it
-                need_nudge = e_echo & (nfifo.level < O)
+                need_nudge = e_echo & ~nu_have
                 with m.If(~need_nudge):
                     m.d.comb += [u_start.eq(1), u_adv.eq(0), rem_load.eq(1)]
                     m.d.sync += [pre_i.eq(0), pre_p.eq(0), pre_r.eq(0), pre_slot.eq(0)]
@@ -1206,7 +1216,7 @@ class HELCore(wiring.Component):
 
             with m.State("B_GATE"):
                 out_ok = ~e_out | (ofifo.level <= fifo_depth - O)   # room for O words
-                nudge_ok = ~(e_echo & ~e_kick & has_next) | (nfifo.level >= O)
+                nudge_ok = ~(e_echo & ~e_kick & has_next) | nu_have
                 with m.If(out_ok & nudge_ok):
                     m.d.comb += [u_start.eq(has_next), u_adv.eq(1)]
                     m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0)]

@@ -372,9 +372,10 @@ def test_geometry_layout_is_a_bijection():
 # ----------------------------------------------------------------------------- whole core
 @pytest.mark.parametrize("compact", [False, True], ids=["ecp5_form", "ice40_form"])
 def test_core_bit_exact_in_amaranth_sim(waves_path, compact):
-    """All scenarios back to back on one small configuration (P = 2, N ≠ M, O = 2),
-    in both forms of the core (``compact``: as elaborated for iCE40)."""
-    cfg = HelConfig(n=5, m=3, k=2, o=2, t_max=6, lanes=2, acc_width=46)
+    """All scenarios back to back on one small configuration (P = 2, N ≠ M), in both
+    forms of the core (``compact``: as elaborated for iCE40; with O = 1, where the
+    nudges wait in the stream source instead of a FIFO)."""
+    cfg = HelConfig(n=5, m=3, k=2, o=1 if compact else 2, t_max=6, lanes=2, acc_width=46)
     steps = standard_scenario(cfg, seed=11, t=4)
     errors = run_scenario(cfg, steps, seed=11, compact=compact,
                           vcd=str(waves_path.with_suffix(".vcd")) if waves_path else None)
