@@ -76,17 +76,20 @@ sets the sticky flag at the same operations as the golden model.
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, ClockSignal, Const, Instance, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed,
+                          unsigned)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from rtl.formats import HelConfig
-from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane, ceil_log2
-from rtl.tanh import TanhUnit
+from rtl.mac import (NO_RW_CHECK, AccumulatorGroup, LaneGeometry, MacLane, ceil_log2,
+                     ram_read_port)
+from rtl.tanh import TanhUnit, saturate_signed
 
-__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "SequenceBuffer", "BANKS"]
+__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "Mix32Serial", "SequenceBuffer",
+           "BANKS"]
 
 #: READ_STATE bank numbers.
 BANKS = {"fwd": 0, "pos": 1, "neg": 2}
@@ -131,13 +134,17 @@ _PH_A, _PH_B, _PH_C, _PH_U = 0, 1, 2, 3
 
 
 class Mix32(wiring.Component):
-    """:func:`sim.golden.mix32` as a 3-stage pipeline (one add per stage)."""
+    """:func:`sim.golden.mix32` as a 3-stage pipeline (one add per stage).
+
+    Takes an argument every cycle (``ready`` is always high); ``y`` follows
+    ``LATENCY`` cycles later with ``y_valid`` and the argument's ``tag``.
+    """
 
     LATENCY = 3
 
     def __init__(self, tag_width: int = 1):
         self.tag_width = tag_width
-        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width),
+        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width), "ready": Out(1),
                           "y": Out(32), "y_valid": Out(1), "y_tag": Out(tag_width)})
 
     def elaborate(self, platform):
@@ -163,7 +170,68 @@ class Mix32(wiring.Component):
         m.d.sync += [v[0].eq(self.valid), t[0].eq(self.tag)]
         for i in (1, 2):
             m.d.sync += [v[i].eq(v[i - 1]), t[i].eq(t[i - 1])]
-        m.d.comb += [self.y_valid.eq(v[2]), self.y_tag.eq(t[2])]
+        m.d.comb += [self.y_valid.eq(v[2]), self.y_tag.eq(t[2]), self.ready.eq(1)]
+        return m
+
+
+class Mix32Serial(wiring.Component):
+    """:func:`sim.golden.mix32` bit-serially: one argument per 97 cycles, ~80 logic cells.
+
+    The self-test generator needs K words per step, a step takes hundreds of
+    cycles with few lanes, so on iCE40 the three 32-bit add-shift rounds of
+    :class:`Mix32` (about 230 logic cells) are one full adder run LSB first.
+    Each round ``r = a + (a << m)``, ``a = x ^ (x >> s)``, takes 32 cycles: ``x``
+    shifts right one bit a cycle (so ``x >> s`` is a fixed tap, masked once the
+    result bits that enter at the top reach it), the last ``m`` bits of ``a`` wait
+    in a short shift register, and the sum bit enters ``x`` at the top; after 32
+    cycles ``x`` holds the round's result. ``y = x ^ (x >> 15)`` is combinational.
+
+    Same ports as :class:`Mix32`; an argument is taken when ``valid & ready``,
+    ``y`` is valid (``y_valid``, with the argument's ``tag``) 97 cycles later.
+    """
+
+    ROUNDS = ((16, 5), (7, 3), (13, 11))    # (s, m) of each xor-shift / add-shift round
+
+    def __init__(self, tag_width: int = 1):
+        self.tag_width = tag_width
+        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width), "ready": Out(1),
+                          "y": Out(32), "y_valid": Out(1), "y_tag": Out(tag_width)})
+
+    def elaborate(self, platform):
+        m = Module()
+        hist_len = max(mm for _, mm in self.ROUNDS)
+        x = Signal(32)
+        busy = Signal()
+        rnd = Signal(range(len(self.ROUNDS)))
+        i = Signal(5)
+        carry = Signal()
+        hist = Signal(hist_len)        # hist[k] = the bit of a from k + 1 cycles ago
+        y_valid = Signal()
+        tag = Signal(self.tag_width)
+        m.d.comb += [self.ready.eq(~busy), self.y.eq(x ^ (x >> 15)),
+                     self.y_valid.eq(y_valid), self.y_tag.eq(tag)]
+
+        xs_bit = Signal()    # bit i + s of the round's input (0 beyond bit 31)
+        am_bit = Signal()    # bit i − m of a (0 below bit 0: hist starts cleared)
+        with m.Switch(rnd):
+            for r, (s, mm) in enumerate(self.ROUNDS):
+                with m.Case(r):
+                    m.d.comb += [xs_bit.eq(x[s] & (i < 32 - s)), am_bit.eq(hist[mm - 1])]
+        a = Signal()
+        m.d.comb += a.eq(x[0] ^ xs_bit)
+        m.d.sync += y_valid.eq(0)
+        with m.If(~busy):
+            with m.If(self.valid):
+                m.d.sync += [x.eq(self.x), busy.eq(1), rnd.eq(0), i.eq(0), carry.eq(0),
+                             hist.eq(0), tag.eq(self.tag)]
+        with m.Else():
+            m.d.sync += [x.eq(Cat(x[1:], a ^ am_bit ^ carry)),
+                         carry.eq((a & am_bit) | (carry & (a ^ am_bit))),
+                         hist.eq(Cat(a, hist[:-1])), i.eq(i + 1)]
+            with m.If(i == 31):
+                m.d.sync += [carry.eq(0), hist.eq(0), rnd.eq(rnd + 1)]
+                with m.If(rnd == len(self.ROUNDS) - 1):
+                    m.d.sync += [busy.eq(0), y_valid.eq(1)]
         return m
 
 
@@ -193,19 +261,25 @@ class SequenceBuffer(wiring.Component):
                 i_SLEEP=Const(0), i_POWEROFF=Const(1), o_DATAOUT=raw)
             m.d.comb += self.rdata.eq(raw[:self.width].as_signed())
         else:
-            mem = m.submodules.mem = Memory(shape=signed(self.width), depth=self.depth, init=[])
-            rd, wr = mem.read_port(), mem.write_port()
+            mem = m.submodules.mem = Memory(shape=signed(self.width), depth=self.depth, init=[],
+                                            attrs=NO_RW_CHECK)   # read disabled while writing
+            rd, wr = ram_read_port(m, mem, "rd"), mem.write_port()
             m.d.comb += [rd.addr.eq(self.addr), wr.addr.eq(self.addr), wr.data.eq(self.wdata),
                          wr.en.eq(self.we), rd.en.eq(~self.we), self.rdata.eq(rd.data)]
         return m
 
 
 def _wrap(m, expr, width, name):
-    """Two's-complement wrap of ``expr`` to ``width`` bits and whether it wrapped."""
+    """Two's-complement wrap of ``expr`` to ``width`` bits and whether it wrapped
+    (the bits from ``width − 1`` up are not all equal: no wide comparison)."""
+    expr = Value.cast(expr)
+    full = Signal(signed(max(len(expr), width + 1)), name=name + "_full")
+    m.d.comb += full.eq(expr)
     w = Signal(signed(width), name=name)
-    m.d.comb += w.eq(expr)
+    m.d.comb += w.eq(full[:width])
+    top = full[width - 1:]
     ovf = Signal(name=name + "_ovf")
-    m.d.comb += ovf.eq(w != expr)
+    m.d.comb += ovf.eq(~((top == 0) | (top == (1 << len(top)) - 1)))
     return w, ovf
 
 
@@ -223,6 +297,14 @@ class HELCore(wiring.Component):
         platform and it fits, else block RAM). Amaranth memories always carry an
         initial value, which SPRAM cannot have, so Yosys never infers it; on the
         iCE40UP5K it saves a block RAM per 256 words (8 at t_max = 1024, K = 2).
+    compact : bool or None
+        The smallest form, for iCE40 (slow clock, scarce logic cells): the
+        accumulator groups' read-modify-write in two cycles instead of the
+        pipelined form (:class:`rtl.mac.AccumulatorGroup` ``pipelined``: the
+        block-RAM read and the wide add in separate stages, for ECP5 at 60 MHz),
+        and the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
+        per word, instead of :class:`Mix32`). ``None``: compact when elaborated
+        for an iCE40 platform. Results and interface are the same either way.
 
     Attributes
     ----------
@@ -232,16 +314,17 @@ class HELCore(wiring.Component):
         Pulses when a step's first product is issued (for benchmarks; not a port).
     probes : dict
         Internal memories and signals for simulation tests, filled by ``elaborate``
-        (``pmem``, ``bmem``, ``xmem``, ``amem``, ``smem``, ``u``, ``k_valid``/``k_i``/``k_f``/``k_slot``:
-        finished force sums entering the state unit, ``z_valid``/``z_out``/``z_tag``,
+        (``pmem``, ``bmem``, ``xmem``, ``amem``, ``smem``, ``u``, ``k_valid``/``k_i``/``k_kick``/``k_slot``:
+        rounded kicks (finished force sums) entering the state unit, ``z_valid``/``z_out``,
         ``a_valid``/``a``/``a_tag``: activations written, tag = bank | j << 1).
     """
 
-    def __init__(self, cfg: HelConfig, seq_ram: str = "auto"):
+    def __init__(self, cfg: HelConfig, seq_ram: str = "auto", compact: bool | None = None):
         if seq_ram not in ("auto", "block", "spram"):
             raise ValueError(f"seq_ram must be 'auto', 'block' or 'spram', got {seq_ram!r}")
         self.cfg = cfg
         self.seq_ram = seq_ram
+        self.compact = compact
         self.geometry = LaneGeometry(cfg)
         ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
         super().__init__({
@@ -274,6 +357,11 @@ class HELCore(wiring.Component):
         device = str(getattr(platform, "device", "") or "")
         return fits and device.upper().startswith("ICE40UP")
 
+    def _is_compact(self, platform) -> bool:
+        if self.compact is not None:
+            return self.compact
+        return str(getattr(platform, "device", "") or "").upper().startswith("ICE40")
+
     # ------------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
@@ -285,12 +373,21 @@ class HELCore(wiring.Component):
         seq_depth = cfg.t_max * K
 
         # ---------------------------------------------------------------- memories
-        pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[]) for _ in range(P)]
-        bmem = Memory(shape=signed(ow), depth=M, init=[])
+        # None of them needs a defined read of a word in the cycle it is written
+        # (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
+        # row is rewritten after the last read of the old operand and read again only
+        # after the step drains; an activation is read only once its row is counted
+        # finished; the state unit writes an oscillator three ops after reading it
+        # (and a step starts only when the previous one has drained). Where a read
+        # and a write do meet, the read is an idle or stalled one whose data is unused.
+        pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[], attrs=NO_RW_CHECK)
+                for _ in range(P)]
+        bmem = Memory(shape=signed(ow), depth=M, init=[], attrs=NO_RW_CHECK)
         seqbuf = SequenceBuffer(seq_depth, ow, self._use_spram(platform))
-        xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[]) for _ in range(P)]
-        amem = Memory(shape=signed(ow), depth=2 * M, init=[])
-        smem = Memory(shape=unsigned(2 * sw), depth=3 * N, init=[])
+        xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[], attrs=NO_RW_CHECK)
+                for _ in range(P)]
+        amem = Memory(shape=signed(ow), depth=2 * M, init=[], attrs=NO_RW_CHECK)
+        smem = Memory(shape=unsigned(2 * sw), depth=3 * N, init=[], attrs=NO_RW_CHECK)
         for p in range(P):
             m.submodules[f"pmem{p}"] = pmem[p]
             m.submodules[f"xmem{p}"] = xmem[p]
@@ -298,24 +395,51 @@ class HELCore(wiring.Component):
         m.submodules.seqbuf = seqbuf
         m.submodules.amem = amem
         m.submodules.smem = smem
-        pr = [pm.read_port() for pm in pmem]
+        pr = [ram_read_port(m, pm, f"pr{p}") for p, pm in enumerate(pmem)]
         pw = [pm.write_port() for pm in pmem]
-        br, bw = bmem.read_port(), bmem.write_port()
-        xr = [xm.read_port() for xm in xmem]
+        br, bw = ram_read_port(m, bmem, "br"), bmem.write_port()
+        xr = [ram_read_port(m, xm, f"xr{p}") for p, xm in enumerate(xmem)]
         xw = [xm.write_port() for xm in xmem]
-        ar, aw_ = amem.read_port(), amem.write_port()
-        sr, swp = smem.read_port(), smem.write_port()
+        ar, aw_ = ram_read_port(m, amem, "ar"), amem.write_port()
+        sr, swp = ram_read_port(m, smem, "sr"), smem.write_port()
 
-        lanes = [MacLane(cfg) for _ in range(P)]
+        # one lane: the serializer takes the force sums straight from the running sums
+        # and the kick's rounding half is the force sums' initial value (f_bias)
+        ks = cfg.kick_shift
+        lanes = [MacLane(cfg, kick_regs=P > 1, f_bias=(1 << (ks - 1)) if ks > 0 else 0)
+                 for _ in range(P)]
         for p in range(P):
             m.submodules[f"lane{p}"] = lanes[p]
-        groups = [AccumulatorGroup(cfg, lanes=min(GL, P - q * GL)) for q in range(g.groups)]
+        compact = self._is_compact(platform)
+        groups = [AccumulatorGroup(cfg, lanes=min(GL, P - q * GL), pipelined=not compact)
+                  for q in range(g.groups)]
         for q, grp in enumerate(groups):
             m.submodules[f"accgroup{q}"] = grp
-        tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, tag_width=1 + ceil_log2(M + 1))
-        mix = m.submodules.mix = Mix32(tag_width=max(1, ceil_log2(K + 1)))
-        ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=sw, depth=O + 1)
-        nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=O + 1)
+        tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True)
+        mix = m.submodules.mix = (Mix32Serial if compact else Mix32)(
+            tag_width=max(1, ceil_log2(K + 1)))
+        # One row of outputs: a single register when O = 1; else O + 1 words, because
+        # SyncFIFOBuffered moves a word from its memory to its output register before
+        # the memory takes the O-th of O back-to-back writes.
+        fifo_depth = 1 if O == 1 else O + 1
+        ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
+        # Nudges: with O = 1 the row waits in the stream source itself (a stream holds
+        # its payload until ready) and is taken when the state unit has used it for
+        # both banks; else it waits in a FIFO of one row.
+        n_accept = Signal()          # nudge rows are still to come
+        nu_have = Signal()           # a row (O words) is available
+        nu_take = Signal()           # the state unit is done with the row's next word
+        nu = Signal(signed(sw))
+        if O == 1:
+            m.d.comb += [nu.eq(self.nudges.payload), nu_have.eq(self.nudges.valid & n_accept),
+                         self.nudges.ready.eq(nu_take & n_accept)]
+        else:
+            nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
+            m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
+                         nfifo.w_en.eq(self.nudges.valid & n_accept),
+                         self.nudges.ready.eq(nfifo.w_rdy & n_accept),
+                         nu.eq(nfifo.r_data.as_signed()), nfifo.r_en.eq(nu_take),
+                         nu_have.eq(nfifo.level >= O)]
 
         # ---------------------------------------------------------------- status
         state_ovf = Signal()
@@ -361,15 +485,22 @@ class HELCore(wiring.Component):
         e_sub = Signal()     # C subtracts (one-sided forward): product in the −ε slot
         e_kick = Signal()
         e_flip = Signal()    # pre-step flips (else zeroes) the state
-        steps = Signal(32)
         remaining = Signal(32)  # steps after the current one
         has_next = Signal()
         m.d.comb += has_next.eq(remaining != 0)
+        # one decrementer: a pass starts with (SELFTEST length or loaded T) − 1 steps
+        # to follow (set when PRE hands over), and each step takes one off
+        rem_load = Signal()
+        rem_dec = Signal()
+        rem_next = Signal(32)
+        m.d.comb += rem_next.eq(Mux(rem_load, Mux(e_st, c_len, loaded_len), remaining) - 1)
+        with m.If(rem_load | rem_dec):
+            m.d.sync += remaining.eq(rem_next)
 
         # ---------------------------------------------------------------- issue stage (S0)
         tag_layout = data.StructLayout({
             "valid": 1, "phase": 2, "sub": 1, "r": range(max(RMAX, 2)), "j": range(M + 1),
-            "first": 1, "last": 1, "jm": 1, "elem": range(max(E, 2)), "ibase": range(N + P),
+            "first": 1, "last": 1, "jm": 1,
         })
         tag0 = Signal(tag_layout)
         tag1 = Signal(tag_layout)
@@ -387,9 +518,13 @@ class HELCore(wiring.Component):
         i_t = Signal(range(LB + 1))
         i_pbase = Signal(range(g.param_depth + RA + 1))
         i_bptr = Signal(range(g.param_depth + RA + 1))
-        i_elem = Signal(range(E + 1))
-        i_ibase = Signal(range(N + 2 * P))
-        a_count = Signal(range(M + 1))
+        # Activations written this step. They come in issue order — (bank 0, row 0),
+        # (bank 1, row 0), (0, 1), … — so the count is also the a memory's address
+        # (2j + bank in centred echo, else j) and, halved in centred echo, the
+        # number of finished rows the contrast and force phases wait for.
+        a_count = Signal(range(2 * M + 1))
+        a_rows = Signal(range(M + 1))
+        m.d.comb += a_rows.eq(Mux(e_nb2, a_count >> 1, a_count))
         u_dec = Signal()     # leaving the U phase starts the next step (not the first)
         nb_last = Signal()   # sub value of the last working bank
         m.d.comb += nb_last.eq(e_nb2)
@@ -485,20 +620,32 @@ class HELCore(wiring.Component):
 
         zacc = [Signal(signed(g.z_width), name=f"zacc{s}") for s in range(2)]
         zsum = Signal(signed(g.z_width))
-        z_out = Signal(signed(g.z_width))
         z_valid = Signal()
-        z_tag = Signal(tanh.tag_width)
-        # the row's initial value b_j·2^OF (+ c_j), formed one stage ahead
+        z_sub = Signal()
+        # The row's initial value b_j·2^OF (+ c_j; then formed one stage ahead), plus the
+        # tanh unit's rounding half 2^(z_shift−1) (z_biased): below the b term's
+        # zero bits it is one constant bit, not an adder. The z width has room for
+        # it (|z| stays far below 2^(z_width−2)).
         zinit = Signal(signed(g.z_width))
+        zs = cfg.z_shift
+        bterm = Signal(signed(g.z_width))
+        if zs <= 0:
+            m.d.comb += bterm.eq(br.data << of)
+        elif zs - 1 < of:
+            m.d.comb += bterm.eq((br.data << of) | (1 << (zs - 1)))
+        else:
+            m.d.comb += bterm.eq((br.data << of) + (1 << (zs - 1)))
         if g.u_mode:
             c_sel = Signal(signed(g.c_width))
             with m.Switch(tagz_prev.j):
                 for j in range(M):
                     with m.Case(j):
                         m.d.comb += c_sel.eq(creg[j])
-            m.d.sync += zinit.eq((br.data << of) + c_sel)
+            m.d.sync += zinit.eq(bterm + c_sel)
+            b_tag = tagz_prev2     # b is read two stages ahead: zinit is a register
         else:
-            m.d.sync += zinit.eq(br.data << of)
+            m.d.comb += zinit.eq(bterm)
+            b_tag = tagz_prev      # b_j straight from the RAM's read register
         m.d.comb += zsum.eq(Mux(tagz.first, zinit, Mux(tagz.sub, zacc[1], zacc[0])) + tree_sum)
         z_in_a = Signal()
         m.d.comb += z_in_a.eq(tagz.valid & (tagz.phase == _PH_A))
@@ -508,15 +655,15 @@ class HELCore(wiring.Component):
                 m.d.sync += zacc[1].eq(zsum)
             with m.Else():
                 m.d.sync += zacc[0].eq(zsum)
-            m.d.sync += [z_out.eq(zsum), z_tag.eq(Cat(tagz.sub, tagz.j))]
-        m.d.comb += [tanh.z.eq(z_out), tanh.valid.eq(z_valid), tanh.tag.eq(z_tag)]
+            m.d.sync += z_sub.eq(tagz.sub)
+        # the finished sum is still in its accumulator when the tanh unit takes it
+        z_out = Signal(signed(g.z_width))
+        m.d.comb += [z_out.eq(Mux(z_sub, zacc[1], zacc[0])),
+                     tanh.z.eq(z_out), tanh.valid.eq(z_valid), tanh.tag.eq(0)]
         # activations into the a memory; count finished rows for the interlocks
-        a_sub = tanh.a_tag[0]
-        a_j = tanh.a_tag[1:]
-        m.d.comb += [aw_.addr.eq(Mux(a_sub, M + a_j, a_j)), aw_.data.eq(tanh.a),
-                     aw_.en.eq(tanh.a_valid)]
-        a_inc = Signal()
-        m.d.comb += a_inc.eq(tanh.a_valid & (a_sub == nb_last))
+        m.d.comb += [aw_.addr.eq(a_count), aw_.data.eq(tanh.a), aw_.en.eq(tanh.a_valid)]
+        a_tag = Signal(1 + ceil_log2(M + 1))    # bank | row << 1 (probe)
+        m.d.comb += a_tag.eq(Cat(e_nb2 & a_count[0], a_rows))
 
         # ---------------------------------------------------------------- S3: contrast
         prod0 = [Signal(signed(g.prod_width), name=f"prod0_{p}") for p in range(P)]
@@ -525,8 +672,15 @@ class HELCore(wiring.Component):
         for p in range(P):
             with m.If(c_valid & ~tag3.sub):
                 m.d.sync += prod0[p].eq(lanes[p].p)
+        # The element index counts at S3 rather than travelling with the tags: the
+        # contrast updates arrive in element order, after the step's z slots.
+        c_elem = Signal(range(max(E, 2)))
+        with m.If(tag3.valid & (tag3.phase == _PH_A)):
+            m.d.sync += c_elem.eq(0)
+        with m.Elif(c_valid & tag3.sub):
+            m.d.sync += c_elem.eq(c_elem + 1)
         for q, grp in enumerate(groups):
-            m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(tag3.elem)]
+            m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(c_elem)]
             for li in range(grp.lanes):
                 p = q * GL + li
                 en = Signal(name=f"cen{p}")
@@ -549,7 +703,7 @@ class HELCore(wiring.Component):
         m.d.comb += ser_done.eq((ser_p == P - 1) & (ser_slot == nb_last))
         with m.If(ser_start):
             m.d.sync += [ser_active.eq(1), ser_p.eq(0), ser_slot.eq(0), ser_r.eq(tag3.r),
-                         ser_ibase.eq(tag3.ibase)]
+                         ser_ibase.eq(tag3.r * P)]
         with m.Elif(ser_active):
             with m.If(ser_done):
                 m.d.sync += ser_active.eq(0)
@@ -572,10 +726,9 @@ class HELCore(wiring.Component):
                         m.d.comb += ser_f.eq(lanes[p].kick1 if s else lanes[p].kick0)
         m.d.comb += [k_valid.eq(ser_active & (ser_ibase + ser_p < N)), k_f.eq(ser_f),
                      k_i.eq(ser_ibase + ser_p), k_p.eq(ser_p), k_r.eq(ser_r), k_slot.eq(ser_slot)]
-        ks = cfg.kick_shift
         k_kick = Signal(signed(g.kick_width))
-        if ks > 0:
-            m.d.comb += k_kick.eq((k_f + (1 << (ks - 1))) >> ks)
+        if ks > 0:      # the sums carry the rounding half (f_bias)
+            m.d.comb += k_kick.eq(k_f >> ks)
         else:
             m.d.comb += k_kick.eq(k_f << -ks)
 
@@ -585,6 +738,8 @@ class HELCore(wiring.Component):
             "p": range(P), "r": range(max(RN, 2)), "slot": 1, "nudge": 1, "next": 1,
             "out": 1, "chk": 1,
         })
+        # U0 (comb): the op, from the serializer or the pre-step generator, addresses
+        # the state memory at once; its registers (U1) meet the read data.
         u0 = Signal(uop_layout)
         u0_kick = Signal(signed(g.kick_width))
         pre_op = Signal(uop_layout)     # from the pre-step generator (comb)
@@ -594,14 +749,14 @@ class HELCore(wiring.Component):
             return Mux(slot, 2, Mux(e_echo, 1, 0))
 
         with m.If(k_valid):
-            m.d.sync += [u0.valid.eq(1), u0.upd.eq(1), u0.zero.eq(0), u0.src.eq(bank_of(k_slot)),
+            m.d.comb += [u0.valid.eq(1), u0.upd.eq(1), u0.zero.eq(0), u0.src.eq(bank_of(k_slot)),
                          u0.dst.eq(bank_of(k_slot)), u0.i.eq(k_i), u0.p.eq(k_p), u0.r.eq(k_r),
                          u0.slot.eq(k_slot),
                          u0.nudge.eq(e_echo & ~e_kick & has_next & (k_i >= lo_out)),
                          u0.next.eq(has_next), u0.out.eq(e_out & (k_i >= lo_out)),
                          u0.chk.eq(e_st_echo & ~has_next), u0_kick.eq(k_kick)]
         with m.Else():
-            m.d.sync += [u0.eq(pre_op), u0_kick.eq(0)]
+            m.d.comb += u0.eq(pre_op)
 
         def sbase(bank):
             return Mux(bank == 2, 2 * N, Mux(bank == 1, N, 0))
@@ -615,22 +770,20 @@ class HELCore(wiring.Component):
         W = Signal(signed(sw))
         m.d.comb += [Q.eq(Mux(u1.zero, 0, sr.data[:sw].as_signed())),
                      W.eq(Mux(u1.zero, 0, sr.data[sw:].as_signed()))]
-        qh, qh_ovf = _wrap(m, Q + W, sw, "qh")
+        # a pre-step op keeps Q: its qh is Q itself (no separate copy of Q)
+        qh, qh_ovf = _wrap(m, Q + Mux(u1.upd, W, 0), sw, "qh")
         w2, w2_ovf = _wrap(m, Mux(u1.upd, W - u1_kick, -W), sw, "w2")
         u2 = Signal(uop_layout)
-        q1_r = Signal(signed(sw))
         qh_r = Signal(signed(sw))
         w2_r = Signal(signed(sw))
-        m.d.sync += [u2.eq(u1), q1_r.eq(Q), qh_r.eq(qh), w2_r.eq(w2)]
-        nu = Signal(signed(sw))
-        m.d.comb += nu.eq(nfifo.r_data.as_signed())
+        m.d.sync += [u2.eq(u1), qh_r.eq(qh), w2_r.eq(w2)]
         q2, q2_ovf = _wrap(m, qh_r + w2_r, sw, "q2")
         wn, wn_ovf = _wrap(m, Mux(u2.slot, w2_r - nu, w2_r + nu), sw, "wn")
-        m.d.comb += nfifo.r_en.eq(u2.valid & u2.nudge & (u2.slot == nb_last))
+        m.d.comb += nu_take.eq(u2.valid & u2.nudge & (u2.slot == nb_last))
         u3 = Signal(uop_layout)
         q3 = Signal(signed(sw))
         w3 = Signal(signed(sw))
-        m.d.sync += [u3.eq(u2), q3.eq(Mux(u2.upd, q2, q1_r)), w3.eq(Mux(u2.nudge, wn, w2_r))]
+        m.d.sync += [u3.eq(u2), q3.eq(Mux(u2.upd, q2, qh_r)), w3.eq(Mux(u2.nudge, wn, w2_r))]
         m.d.comb += [swp.addr.eq(sbase(u3.dst) + u3.i), swp.data.eq(Cat(q3, w3)),
                      swp.en.eq(u3.valid),
                      ofifo.w_data.eq(q3), ofifo.w_en.eq(u3.valid & u3.out)]
@@ -646,9 +799,7 @@ class HELCore(wiring.Component):
             m.d.comb += qo_wide.eq((qn_r + (1 << (osh - 1))) >> osh)
         else:
             m.d.comb += qo_wide.eq(qn_r)
-        qo_lo, qo_hi = -(1 << (ow - 1)), (1 << (ow - 1)) - 1
-        qo = Signal(signed(ow))
-        m.d.comb += qo.eq(Mux(qo_wide < qo_lo, qo_lo, Mux(qo_wide > qo_hi, qo_hi, qo_wide)))
+        qo = saturate_signed(m, qo_wide, ow, "qo")
         for p in range(P):
             m.d.comb += [xw[p].addr.eq(Mux(u4.slot, RN + u4.r, u4.r)), xw[p].data.eq(qo),
                          xw[p].en.eq(u4.valid & u4.next & (u4.p == p))]
@@ -659,7 +810,7 @@ class HELCore(wiring.Component):
         state_busy = Signal()
         # U4 (the operand memory write) is left out: a step may issue its first read in
         # the cycle after that write
-        m.d.comb += state_busy.eq(ser_active | u0.valid | u1.valid | u2.valid | u3.valid)
+        m.d.comb += state_busy.eq(ser_active | u1.valid | u2.valid | u3.valid)
 
         # ---------------------------------------------------------------- input loader
         ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
@@ -669,22 +820,37 @@ class HELCore(wiring.Component):
         ul_issue = Signal()
         ul_k = Signal(range(K + 1))
         ul_left = Signal(range(K + 1))     # words still to be written
-        ul_base = Signal(32)
+        # ul_word: the sequence index t·K + k of the next word, one counter with one
+        # adder. Issuing a row leaves it at the next row (t+1)·K, which is where a
+        # forward pass goes next; an echo goes back two rows (−2K), and the
+        # self-test's echo starts one row back (−K, ul_back).
+        ul_word = Signal(32)
+        ul_init = Signal()          # comb: load ul_word with ul_init_val
+        ul_init_val = Signal(32)
+        ul_back = Signal()          # comb: step back one row
         u_start = Signal()
         u_adv = Signal()
         u_down = Signal()
         u_ready = Signal()
-        with m.If(u_start):
+        ul_delta = Signal(signed(ceil_log2(2 * K + 1) + 2))
+        ul_go = Signal()            # issue a word: the generator takes it (self-test)
+        m.d.comb += ul_go.eq(ul_issue & (~e_st | mix.ready))
+        m.d.comb += ul_delta.eq(Mux(ul_issue, 1, Mux(ul_back, -K, -2 * K)))
+        ul_next = Signal(32)
+        m.d.comb += ul_next.eq(ul_word + ul_delta)
+        with m.If(ul_init):
+            m.d.sync += ul_word.eq(ul_init_val)
+        with m.Elif(u_start):
             m.d.sync += [ul_busy.eq(1), ul_issue.eq(1), ul_k.eq(0), ul_left.eq(K)]
-            with m.If(u_adv):
-                m.d.sync += ul_base.eq(Mux(u_down, ul_base - K, ul_base + K))
-        with m.Elif(ul_issue):
+            with m.If(u_adv & u_down):
+                m.d.sync += ul_word.eq(ul_next)
+        with m.Elif(ul_go | ul_back):
+            m.d.sync += ul_word.eq(ul_next)
+        with m.If(ul_go & ~u_start):
             m.d.sync += ul_k.eq(ul_k + 1)
             with m.If(ul_k == K - 1):
                 m.d.sync += ul_issue.eq(0)
         m.d.comb += u_ready.eq(~ul_busy)
-        ul_word = Signal(32)
-        m.d.comb += ul_word.eq(ul_base + ul_k)
         # One address for both ports of the sequence buffer (LOAD writes, the loader
         # reads, never at once): a single-port memory, which Yosys can place in an
         # iCE40UP5K SPRAM (synth_ice40 -spram) for long sequences.
@@ -692,10 +858,10 @@ class HELCore(wiring.Component):
         loading = Signal()
         m.d.comb += [seq_addr.eq(Mux(loading, ld_addr, ul_word)), seqbuf.addr.eq(seq_addr)]
         m.d.comb += [mix.x.eq(ul_word ^ c_seed),
-                     mix.valid.eq(ul_issue & e_st), mix.tag.eq(ul_k)]
+                     mix.valid.eq(ul_go & e_st), mix.tag.eq(ul_k)]
         q_valid = Signal()
         q_k = Signal(range(K + 1))
-        m.d.sync += [q_valid.eq(ul_issue & ~e_st), q_k.eq(ul_k)]
+        m.d.sync += [q_valid.eq(ul_go & ~e_st), q_k.eq(ul_k)]
         wr_en = Signal()
         wr_k = Signal(range(K + 1))
         wr_val = Signal(signed(ow))
@@ -721,13 +887,9 @@ class HELCore(wiring.Component):
         # ---------------------------------------------------------------- streams
         m.d.comb += [self.outputs.payload.eq(ofifo.r_data.as_signed()),
                      self.outputs.valid.eq(ofifo.r_rdy), ofifo.r_en.eq(self.outputs.ready)]
-        n_accept = Signal()
         n_rows = Signal(range(cfg.t_max + 1))   # nudge rows still to accept
         n_col = Signal(range(O + 1))
-        m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
-                     nfifo.w_en.eq(self.nudges.valid & n_accept),
-                     self.nudges.ready.eq(nfifo.w_rdy & n_accept),
-                     n_accept.eq(n_rows != 0)]
+        m.d.comb += n_accept.eq(n_rows != 0)
         with m.If(self.nudges.valid & self.nudges.ready):
             with m.If(n_col == O - 1):
                 m.d.sync += [n_col.eq(0), n_rows.eq(n_rows - 1)]
@@ -735,9 +897,8 @@ class HELCore(wiring.Component):
                 m.d.sync += n_col.eq(n_col + 1)
 
         # ---------------------------------------------------------------- walkers
-        pwalk = _Walker(m, g, "param", "pw")
-        awalk = _Walker(m, g, "acc", "aw")
-        m.d.comb += [pwalk.skip.eq(c_skip), awalk.skip.eq(0)]
+        pwalk = awalk = _Walker(m, g, "walk")     # one walker for both orders
+        m.d.comb += pwalk.skip.eq(c_skip)
 
         # readout helper register: index into state / clear address
         ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
@@ -767,7 +928,9 @@ class HELCore(wiring.Component):
                         with m.Case(Op.WRITE_PARAMS, Op.READ_PARAMS):
                             m.next = "PSTART"
                         with m.Case(Op.LOAD):
-                            with m.If((cmd.length == 0) | (cmd.length > cfg.t_max)):
+                            tb = cfg.t_max.bit_length()   # > t_max without a 32-bit compare
+                            too_long = (cmd.length[tb:] != 0) | (cmd.length[:tb] > cfg.t_max)
+                            with m.If((cmd.length == 0) | too_long):
                                 m.d.sync += res.eq(Result.BAD_ARG)
                                 m.next = "DONE"
                             with m.Else():
@@ -778,12 +941,12 @@ class HELCore(wiring.Component):
                                 m.d.sync += res.eq(Result.WRONG_STATE)
                                 m.next = "DONE"
                             with m.Else():
+                                m.d.comb += [ul_init.eq(1), ul_init_val.eq(0)]
                                 m.d.sync += [e_out.eq(1), e_echo.eq(0), e_st.eq(0), e_st_echo.eq(0),
                                              e_nb2.eq(0), e_acc.eq(cmd.one_sided & ~cmd.no_acc),
                                              e_one.eq(cmd.one_sided),
                                              e_sub.eq(1), e_kick.eq(0), e_flip.eq(0),
-                                             steps.eq(loaded_len), remaining.eq(loaded_len - 1),
-                                             ul_base.eq(0), u_down.eq(0),
+                                             u_down.eq(0),
                                              fwd_mode.eq(FWD_NONE)]
                                 m.next = "PRE"
                         with m.Case(Op.ECHO):
@@ -791,16 +954,16 @@ class HELCore(wiring.Component):
                                 m.d.sync += res.eq(Result.WRONG_STATE)
                                 m.next = "DONE"
                             with m.Else():
+                                m.d.comb += [ul_init.eq(1), ul_init_val.eq(seq_last_base)]
                                 m.d.sync += [e_out.eq(0), e_echo.eq(1), e_st.eq(0), e_st_echo.eq(0),
                                              e_nb2.eq(fwd_mode == FWD_CENTRED), e_acc.eq(1),
                                              e_sub.eq(0), e_kick.eq(cmd.kick), e_flip.eq(1),
-                                             steps.eq(loaded_len), remaining.eq(loaded_len - 1),
-                                             ul_base.eq(seq_last_base), u_down.eq(1),
+                                             u_down.eq(1),
                                              n_rows.eq(Mux(cmd.kick, 1, loaded_len)), n_col.eq(0),
                                              fwd_mode.eq(FWD_NONE)]
                                 m.next = "PRE"
                         with m.Case(Op.READ_ACC):
-                            m.d.comb += awalk.reset.eq(1)
+                            m.d.comb += [awalk.reset.eq(1), awalk.acc.eq(1)]
                             m.next = "RACC_ISSUE"
                         with m.Case(Op.CLEAR_ACC):
                             m.d.sync += ro_i.eq(0)
@@ -820,11 +983,11 @@ class HELCore(wiring.Component):
                                 m.d.sync += res.eq(Result.BAD_ARG)
                                 m.next = "DONE"
                             with m.Else():
+                                m.d.comb += [ul_init.eq(1), ul_init_val.eq(0)]
                                 m.d.sync += [e_out.eq(0), e_echo.eq(0), e_st.eq(1), e_st_echo.eq(0),
                                              e_nb2.eq(0), e_acc.eq(0), e_sub.eq(0), e_kick.eq(0),
                                              e_flip.eq(0),
-                                             steps.eq(cmd.length), remaining.eq(cmd.length - 1),
-                                             ul_base.eq(0), u_down.eq(0),
+                                             u_down.eq(0),
                                              fwd_mode.eq(FWD_NONE)]
                                 m.next = "PRE"
                         with m.Default():
@@ -949,9 +1112,9 @@ class HELCore(wiring.Component):
             # ---- the engine: pre-step (zero or flip every oscillator of every bank)
             with m.State("PRE"):
                 # the first step's nudge row must be buffered before the flip uses it
-                need_nudge = e_echo & (nfifo.level < O)
+                need_nudge = e_echo & ~nu_have
                 with m.If(~need_nudge):
-                    m.d.comb += [u_start.eq(1), u_adv.eq(0)]
+                    m.d.comb += [u_start.eq(1), u_adv.eq(0), rem_load.eq(1)]
                     m.d.sync += [pre_i.eq(0), pre_p.eq(0), pre_r.eq(0), pre_slot.eq(0)]
                     with m.If(e_st_echo):
                         m.d.sync += st_pass.eq(1)
@@ -1000,7 +1163,7 @@ class HELCore(wiring.Component):
                 with m.State("U_WAIT"):
                     with m.If(drained):
                         with m.If(u_dec):
-                            m.d.sync += remaining.eq(remaining - 1)
+                            m.d.comb += rem_dec.eq(1)
                         m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0),
                                      a_count.eq(0)]
                         m.next = "A"
@@ -1020,7 +1183,7 @@ class HELCore(wiring.Component):
                     with m.If(i_r == RA - 1):
                         m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1), i_pbase.eq(i_pbase + RA)]
                         with m.If(i_j == M - 1):
-                            m.d.sync += [i_j.eq(0), i_elem.eq(0)]
+                            m.d.sync += i_j.eq(0)
                             with m.If(e_acc):
                                 m.next = "C"
                             with m.Else():
@@ -1032,17 +1195,17 @@ class HELCore(wiring.Component):
                 jm = Signal()
                 m.d.comb += jm.eq(i_j == M)
                 ok = Signal()
-                m.d.comb += ok.eq(jm | i_sub | (a_count > i_j))
+                m.d.comb += ok.eq(jm | i_sub | (a_rows > i_j))
                 m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_C), tag0.sub.eq(i_sub),
-                             tag0.r.eq(i_r), tag0.j.eq(i_j), tag0.jm.eq(jm), tag0.elem.eq(i_elem),
+                             tag0.r.eq(i_r), tag0.j.eq(i_j), tag0.jm.eq(jm),
                              x_addr.eq(Mux(i_sub & e_nb2, RN + i_r, i_r)),
-                             a_addr.eq(Mux(i_sub & e_nb2, M + i_j, i_j))]
+                             a_addr.eq(Mux(e_nb2, Cat(i_sub, i_j), i_j))]
                 with m.If(ok):
                     m.d.comb += tag0.valid.eq(1)
                     with m.If(~i_sub):
                         m.d.sync += i_sub.eq(1)
                     with m.Else():
-                        m.d.sync += [i_sub.eq(0), i_elem.eq(i_elem + 1)]
+                        m.d.sync += i_sub.eq(0)
                         row_end = Mux(jm, i_r == RN - 1, i_r == RC - 1)
                         with m.If(row_end):
                             m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
@@ -1052,24 +1215,26 @@ class HELCore(wiring.Component):
                             m.d.sync += i_r.eq(i_r + 1)
 
             with m.State("B_GATE"):
-                out_ok = ~e_out | (ofifo.level <= 1)   # room for O words
-                nudge_ok = ~(e_echo & ~e_kick & has_next) | (nfifo.level >= O)
+                out_ok = ~e_out | (ofifo.level <= fifo_depth - O)   # room for O words
+                nudge_ok = ~(e_echo & ~e_kick & has_next) | nu_have
                 with m.If(out_ok & nudge_ok):
                     m.d.comb += [u_start.eq(has_next), u_adv.eq(1)]
-                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0), i_ibase.eq(0)]
+                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0)]
                     m.next = "B"
 
             with m.State("B"):
                 pad = Signal()
                 m.d.comb += pad.eq(i_t > M)
                 ok = Signal()
-                m.d.comb += ok.eq(pad | i_sub | (i_t == 0) | (a_count >= i_t))
+                m.d.comb += ok.eq(pad | i_sub | (i_t == 0) | (a_rows >= i_t))
+                t_prev = Signal(range(M + 1))
+                m.d.comb += t_prev.eq(i_t - 1)
                 m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_B), tag0.sub.eq(i_sub),
-                             tag0.r.eq(i_r), tag0.j.eq(i_t), tag0.ibase.eq(i_ibase),
+                             tag0.r.eq(i_r), tag0.j.eq(i_t),
                              tag0.first.eq(i_t == 0), tag0.last.eq(i_t == M),
                              p_addr.eq(Mux(i_t == 0, M * RA + i_r, i_bptr)), p_en.eq(~i_sub),
                              x_addr.eq(Mux(i_sub, RN + i_r, i_r)),
-                             a_addr.eq(Mux(i_sub, M + i_t - 1, i_t - 1))]
+                             a_addr.eq(Mux(e_nb2, Cat(i_sub, t_prev), t_prev))]
                 with m.If(ok):
                     m.d.comb += tag0.valid.eq(~pad)
                     with m.If(i_sub != nb_last):
@@ -1081,7 +1246,7 @@ class HELCore(wiring.Component):
                         with m.Else():
                             m.d.sync += i_bptr.eq(i_bptr + RA)
                         with m.If(i_t == LB - 1):
-                            m.d.sync += [i_t.eq(0), i_r.eq(i_r + 1), i_ibase.eq(i_ibase + P)]
+                            m.d.sync += [i_t.eq(0), i_r.eq(i_r + 1)]
                             with m.If(i_r == RN - 1):
                                 m.next = "STEP_END"
                         with m.Else():
@@ -1096,7 +1261,8 @@ class HELCore(wiring.Component):
                         m.next = "FIN"
                 with m.If(drained & u_ready & (not g.u_mode)):
                     with m.If(has_next):
-                        m.d.sync += [remaining.eq(remaining - 1), i_sub.eq(0), i_r.eq(0),
+                        m.d.comb += rem_dec.eq(1)
+                        m.d.sync += [i_sub.eq(0), i_r.eq(0),
                                      i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
                         m.next = "A"
                     with m.Else():
@@ -1105,47 +1271,53 @@ class HELCore(wiring.Component):
             with m.State("FIN"):
                 with m.If(ofifo.level == 0):
                     with m.If(e_st & ~e_st_echo):
-                        m.d.sync += [e_st_echo.eq(1), e_flip.eq(1), remaining.eq(steps - 1),
-                                     u_down.eq(1)]
+                        m.d.comb += ul_back.eq(1)
+                        m.d.sync += [e_st_echo.eq(1), e_flip.eq(1), u_down.eq(1)]
                         m.next = "PRE"
                     with m.Else():
                         with m.If(e_out):
                             m.d.sync += fwd_mode.eq(Mux(e_one, FWD_ONE, FWD_CENTRED))
                         m.next = "DONE"
 
-        with m.If(a_inc):
+        with m.If(tanh.a_valid):
             m.d.sync += a_count.eq(a_count + 1)
 
         self.probes.update(pmem=pmem, bmem=bmem, xmem=xmem, amem=amem, smem=smem, u=u_cur,
-                           k_valid=k_valid, k_i=k_i, k_f=k_f, k_slot=k_slot, z_valid=z_valid,
-                           z_out=z_out, z_tag=z_tag, a_valid=tanh.a_valid, a=tanh.a,
-                           a_tag=tanh.a_tag)
-        # the b memory is read two stages ahead of the z adder (the walker owns it in RPARAM)
-        with m.If(tagz_prev2.valid & (tagz_prev2.phase == _PH_A)):
-            m.d.comb += br.addr.eq(tagz_prev2.j)
+                           k_valid=k_valid, k_i=k_i, k_kick=k_kick, k_slot=k_slot, z_valid=z_valid,
+                           z_out=z_out, a_valid=tanh.a_valid, a=tanh.a, a_tag=a_tag)
+        # the b memory is read ahead of the z adder (the walker owns it in RPARAM)
+        with m.If(b_tag.valid & (b_tag.phase == _PH_A)):
+            m.d.comb += br.addr.eq(b_tag.j)
 
         return m
 
 
 class _Walker:
-    """Canonical-order address generator over the sections of :meth:`LaneGeometry.walk_sections`.
+    """Canonical-order address generator over the sections of :meth:`LaneGeometry.walk_sections`,
+    for both the parameters and the accumulators (never walked at once, so one set of
+    counters and adders serves both; the sections' constants are multiplexed).
 
-    ``reset``/``step`` are comb strobes; ``skip`` (one bit per section, W B b α)
-    leaves sections out. ``lane``, ``addr`` (row base + chunk), ``j`` (row),
-    ``is_b`` (b memory section), ``last`` describe the current word; for
+    ``reset``/``step`` are comb strobes; ``acc`` (comb, with ``reset``) selects the
+    accumulator order, latched for the walk; ``skip`` (one bit per section, W B b α)
+    leaves parameter sections out. ``lane``, ``addr`` (row base + chunk), ``j``
+    (row), ``is_b`` (b memory section), ``last`` describe the current word; for
     accumulators ``group``/``acc_addr`` locate it.
     """
 
-    def __init__(self, m: Module, g: LaneGeometry, kind: str, name: str):
-        secs = g.walk_sections(kind)
-        ns = len(secs)
+    def __init__(self, m: Module, g: LaneGeometry, name: str):
+        kinds = [g.walk_sections("param"), g.walk_sections("acc")]
+        ns = len(kinds[0])
+        assert len(kinds[1]) == ns
         P = g.p
         self.reset = Signal(name=f"{name}_reset")
         self.step = Signal(name=f"{name}_step")
+        self.acc = Signal(name=f"{name}_acc")
         self.skip = Signal(ns, name=f"{name}_skip")
-        maxrows = max(s["rows"] for s in secs)
-        maxcols = max(s["c1"] - s["c0"] for s in secs)
-        maxaddr = max(s["base0"] + s["rows"] * s["stride"] for s in secs) + g.rmax + 1
+        allsecs = kinds[0] + kinds[1]
+        maxrows = max(s["rows"] for s in allsecs)
+        maxcols = max(s["c1"] - s["c0"] for s in allsecs)
+        maxaddr = max(s["base0"] + s["rows"] * s["stride"] for s in allsecs) + g.rmax + 1
+        self.kind = Signal(name=f"{name}_kind")   # 1: accumulators
         self.sec = Signal(range(ns), name=f"{name}_sec")
         self.j = Signal(range(maxrows + 1), name=f"{name}_j")
         self.cc = Signal(range(maxcols + 1), name=f"{name}_cc")
@@ -1164,58 +1336,78 @@ class _Walker:
         else:
             m.d.comb += [self.group.eq(0), self.acc_addr.eq(self.addr)]
 
-        def start(s):
-            sd = secs[s]
-            if sd["mem"] == "row":   # lane j mod P, chunk = column
-                return [self.sec.eq(s), self.lane.eq(0), self.chunk.eq(0),
-                        self.base.eq(sd["base0"]), self.cc.eq(0), self.j.eq(0)]
-            return [self.sec.eq(s), self.lane.eq(sd["c0"] % P), self.chunk.eq(sd["c0"] // P),
-                    self.base.eq(sd["base0"]), self.cc.eq(0), self.j.eq(0)]
+        def field(s, f, kind):
+            """Section ``s``'s constant ``f`` (a function of the section dict) for ``kind``."""
+            a, b = f(kinds[0][s]), f(kinds[1][s])
+            return a if a == b else Mux(kind, b, a)
 
-        def first_of(candidates):
+        def start(s, kind):
+            lane = field(s, lambda d: 0 if d["mem"] == "row" else d["c0"] % P, kind)
+            chunk = field(s, lambda d: 0 if d["mem"] == "row" else d["c0"] // P, kind)
+            return [self.sec.eq(s), self.lane.eq(lane), self.chunk.eq(chunk),
+                    self.base.eq(field(s, lambda d: d["base0"], kind)),
+                    self.cc.eq(0), self.j.eq(0)]
+
+        def first_of(candidates, kind, skip):
             """Go to the first section of ``candidates`` not skipped (priority chain)."""
             for n, s in enumerate(candidates):
-                with (m.If if n == 0 else m.Elif)(~self.skip[s]):
-                    m.d.sync += start(s)
+                with (m.If if n == 0 else m.Elif)(~skip[s]):
+                    m.d.sync += start(s, kind)
 
+        def step_lane(s):        # banked by column: lane, then chunk, then row
+            ncols = field(s, lambda d: d["c1"] - d["c0"], self.kind)
+            with m.If(self.cc != ncols - 1):
+                m.d.sync += self.cc.eq(self.cc + 1)
+                with m.If(self.lane == P - 1):
+                    m.d.sync += [self.lane.eq(0), self.chunk.eq(self.chunk + 1)]
+                with m.Else():
+                    m.d.sync += self.lane.eq(self.lane + 1)
+            with m.Elif(self.j != kinds[0][s]["rows"] - 1):
+                m.d.sync += [self.cc.eq(0),
+                             self.lane.eq(field(s, lambda d: d["c0"] % P, self.kind)),
+                             self.chunk.eq(field(s, lambda d: d["c0"] // P, self.kind)),
+                             self.j.eq(self.j + 1),
+                             self.base.eq(self.base + field(s, lambda d: d["stride"], self.kind))]
+
+        def step_row(s, sd):     # banked by row (u_mode B): column, then row, lane = row mod P
+            ncols = sd["c1"] - sd["c0"]
+            with m.If(self.cc != ncols - 1):
+                m.d.sync += [self.cc.eq(self.cc + 1), self.chunk.eq(self.chunk + 1)]
+            with m.Elif(self.j != sd["rows"] - 1):
+                m.d.sync += [self.cc.eq(0), self.chunk.eq(0), self.j.eq(self.j + 1)]
+                with m.If(self.lane == P - 1):
+                    m.d.sync += [self.lane.eq(0), self.base.eq(self.base + sd["stride"])]
+                with m.Else():
+                    m.d.sync += self.lane.eq(self.lane + 1)
+
+        # the accumulators are never skipped
+        skip_now = Mux(self.kind, 0, self.skip)
         with m.If(self.reset):
-            first_of(range(ns))
+            m.d.sync += self.kind.eq(self.acc)
+            first_of(range(ns), self.acc, Mux(self.acc, 0, self.skip))
         with m.Elif(self.step):
             with m.Switch(self.sec):
-                for s, sd in enumerate(secs):
+                for s in range(ns):
                     with m.Case(s):
-                        ncols = sd["c1"] - sd["c0"]
-                        if sd["mem"] == "row":
-                            with m.If(self.cc != ncols - 1):
-                                m.d.sync += [self.cc.eq(self.cc + 1), self.chunk.eq(self.chunk + 1)]
-                            with m.Elif(self.j != sd["rows"] - 1):
-                                m.d.sync += [self.cc.eq(0), self.chunk.eq(0), self.j.eq(self.j + 1)]
-                                with m.If(self.lane == P - 1):
-                                    m.d.sync += [self.lane.eq(0),
-                                                 self.base.eq(self.base + sd["stride"])]
-                                with m.Else():
-                                    m.d.sync += self.lane.eq(self.lane + 1)
-                            if s + 1 < ns:
-                                with m.Else():
-                                    first_of(range(s + 1, ns))
-                            continue
-                        with m.If(self.cc != ncols - 1):
-                            m.d.sync += self.cc.eq(self.cc + 1)
-                            with m.If(self.lane == P - 1):
-                                m.d.sync += [self.lane.eq(0), self.chunk.eq(self.chunk + 1)]
+                        assert kinds[0][s]["rows"] == kinds[1][s]["rows"]
+                        mems = [kinds[0][s]["mem"], kinds[1][s]["mem"]]
+                        if "row" in mems:
+                            with m.If(self.kind == mems.index("row")):
+                                step_row(s, kinds[mems.index("row")][s])
                             with m.Else():
-                                m.d.sync += self.lane.eq(self.lane + 1)
-                        with m.Elif(self.j != sd["rows"] - 1):
-                            m.d.sync += [self.cc.eq(0), self.lane.eq(sd["c0"] % P),
-                                         self.chunk.eq(sd["c0"] // P), self.j.eq(self.j + 1),
-                                         self.base.eq(self.base + sd["stride"])]
+                                step_lane(s)
+                        else:
+                            step_lane(s)
                         if s + 1 < ns:
-                            with m.Else():
-                                first_of(range(s + 1, ns))
+                            with m.If((self.cc == field(s, lambda d: d["c1"] - d["c0"], self.kind) - 1)
+                                      & (self.j == kinds[0][s]["rows"] - 1)):
+                                first_of(range(s + 1, ns), self.kind, skip_now)
         with m.Switch(self.sec):
-            for s, sd in enumerate(secs):
+            for s in range(ns):
                 with m.Case(s):
-                    m.d.comb += self.is_b.eq(sd["mem"] == "b")
-                    later_skipped = (self.skip[s + 1:] == (1 << (ns - s - 1)) - 1) if s + 1 < ns else 1
-                    m.d.comb += self.last.eq(later_skipped & (self.j == sd["rows"] - 1)
-                                             & (self.cc == sd["c1"] - sd["c0"] - 1))
+                    m.d.comb += self.is_b.eq(field(s, lambda d: d["mem"] == "b", self.kind))
+                    later_skipped = ((skip_now[s + 1:] == (1 << (ns - s - 1)) - 1)
+                                     if s + 1 < ns else 1)
+                    m.d.comb += self.last.eq(
+                        later_skipped & (self.j == kinds[0][s]["rows"] - 1)
+                        & (self.cc == field(s, lambda d: d["c1"] - d["c0"], self.kind) - 1))

@@ -46,7 +46,40 @@ from amaranth.lib.wiring import In, Out
 
 from rtl.formats import HelConfig
 
-__all__ = ["LaneGeometry", "MacLane", "AccumulatorGroup", "ceil_div", "ceil_log2"]
+__all__ = ["LaneGeometry", "MacLane", "AccumulatorGroup", "ceil_div", "ceil_log2",
+           "NO_RW_CHECK", "ram_read_port"]
+
+#: Memory attribute for Yosys: a read and a write of the same address in one cycle
+#: need no defined result (see :func:`ram_read_port`).
+NO_RW_CHECK = {"no_rw_check": 1}
+
+
+class _ReadPort:
+    def __init__(self, addr, en, data):
+        self.addr, self.en, self.data = addr, en, data
+
+
+def ram_read_port(m: Module, mem: Memory, name: str) -> _ReadPort:
+    """A synchronous block-RAM read port without read-during-write emulation.
+
+    Behaves like ``mem.read_port()`` (``addr``, ``en``, ``data`` one cycle later,
+    the old word when the address is written in the same cycle), but is built
+    as an asynchronous read port plus a register without reset, which Yosys'
+    ``memory_dff`` folds into the RAM's read port. Only there does Yosys honour
+    the memory's ``no_rw_check`` attribute (:data:`NO_RW_CHECK`): for a
+    synchronous Amaranth port it keeps the read-old-data guarantee on RAMs
+    without it (iCE40) by delaying every write a cycle and bypassing it to the
+    reader — a register, a multiplexer and an address comparator per data bit
+    and port. The core never uses the data of a read of a word written in the
+    same cycle (see where each memory is made), or forwards the word itself,
+    so on hardware the result of such a read may be anything.
+    """
+    port = mem.read_port(domain="comb")
+    en = Signal(init=1, name=f"{name}_en")
+    data = Signal(mem.shape, reset_less=True, name=f"{name}_data")
+    with m.If(en):
+        m.d.sync += data.eq(port.data)
+    return _ReadPort(port.addr, en, data)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -285,10 +318,27 @@ class MacLane(wiring.Component):
         Force-sum control in S3.
     kick0, kick1 : Out(signed(f_width))
         Finished force sums of the two working banks.
+
+    Parameters
+    ----------
+    kick_regs : bool
+        Hold the finished sums in registers of their own (``kick0``/``kick1``),
+        so the lane can sum the next oscillator while the serial state unit
+        still waits to take them. With a single lane the state unit takes them
+        one and two cycles after ``f_last`` — before the next oscillator's
+        first product overwrites the running sums — so ``kick0``/``kick1`` are
+        the running sums themselves and the two registers are saved.
+    f_bias : int
+        Added to every force sum (with its first, α, product). The core passes
+        the kick's rounding half ``2^(kick_shift−1)``, so rounding the finished
+        sum is a plain shift, and the lane's one adder does it for free. The U
+        phase's sums (``f_alpha`` low) are not biased.
     """
 
-    def __init__(self, cfg: HelConfig):
+    def __init__(self, cfg: HelConfig, kick_regs: bool = True, f_bias: int = 0):
         self.cfg = cfg
+        self.kick_regs = kick_regs
+        self.f_bias = f_bias
         g = LaneGeometry(cfg)
         ow = cfg.operand_width
         super().__init__({
@@ -303,23 +353,38 @@ class MacLane(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         ow = self.cfg.operand_width
-        a_r = Signal(signed(ow))
-        b_r = Signal(signed(ow))
-        m.d.sync += [a_r.eq(self.a), b_r.eq(self.b), self.p.eq(a_r * b_r)]
+        # Without reset, so Yosys can fold the three registers into the SB_MAC16 (a
+        # reset would leave them in the fabric: 64 flip-flops per lane); nothing
+        # uses a product without a valid tag, which the reset does clear.
+        a_r = Signal(signed(ow), reset_less=True)
+        b_r = Signal(signed(ow), reset_less=True)
+        p_r = Signal(signed(2 * ow), reset_less=True)
+        m.d.sync += [a_r.eq(self.a), b_r.eq(self.b), p_r.eq(a_r * b_r)]
+        m.d.comb += self.p.eq(p_r)
 
         # one adder for both banks: their products alternate cycle by cycle
         facc = [Signal(signed(self._fw), name=f"facc{s}") for s in range(2)]
         kick = [self.kick0, self.kick1]
         total = self.total
-        with m.If(self.f_first):
-            m.d.comb += total.eq(Mux(self.f_alpha, self.p << self.cfg.alpha_shift, self.p))
-        with m.Else():
-            m.d.comb += total.eq(Mux(self.f_slot, facc[1], facc[0]) + self.p)
+        if self.f_bias:
+            # first product: bias + (α·qo << alpha_shift), through the same adder
+            first_a = self.f_first & self.f_alpha
+            acc_in = Mux(self.f_first, Mux(self.f_alpha, self.f_bias, 0),
+                         Mux(self.f_slot, facc[1], facc[0]))
+            m.d.comb += total.eq(acc_in + Mux(first_a, self.p << self.cfg.alpha_shift, self.p))
+        else:
+            with m.If(self.f_first):
+                m.d.comb += total.eq(Mux(self.f_alpha, self.p << self.cfg.alpha_shift, self.p))
+            with m.Else():
+                m.d.comb += total.eq(Mux(self.f_slot, facc[1], facc[0]) + self.p)
         for s in range(2):
             with m.If(self.f_en & (self.f_slot == s)):
                 m.d.sync += facc[s].eq(total)
-                with m.If(self.f_last):
-                    m.d.sync += kick[s].eq(total)
+                if self.kick_regs:
+                    with m.If(self.f_last):
+                        m.d.sync += kick[s].eq(total)
+            if not self.kick_regs:
+                m.d.comb += kick[s].eq(facc[s])
         return m
 
 
@@ -330,8 +395,9 @@ class AccumulatorGroup(wiring.Component):
     product of the +ε bank minus that of the −ε bank, or the one-sided product)
     with ``valid`` at most every second cycle, together with the element index
     ``elem`` and per-lane write enables. The group reads lane 0's word in that
-    cycle, adds and writes it back in the next while reading lane 1's word, and
-    finishes lane 1 one cycle later: one read port, one write port, one adder.
+    cycle and lane 1's word in the next; each word is added to its term and
+    written back ``read_latency`` cycles after its read: one read port, one write
+    port, one adder, which the two lanes use on consecutive cycles.
 
     The update is always ``acc + diff`` (the core forms ``−product`` for the
     one-sided forward pass's −G(0)), wrapping to ``acc_width`` bits; ``overflow``
@@ -339,15 +405,36 @@ class AccumulatorGroup(wiring.Component):
     differs — and the core keeps the sticky flag, so the flag matches
     :meth:`sim.golden.GoldenCore._accumulate` update for update.
 
+    Parameters
+    ----------
+    lanes : int
+        Lanes sharing the memory (1 or 2).
+    pipelined : bool
+        ``False``: read-modify-write in two cycles (read; add + write), the
+        smallest form, used on iCE40 where the 24 MHz clock leaves room for a
+        block-RAM read and a 48-bit add in one cycle. ``True``: the read data is
+        registered first (the block RAM's output register, or a fabric register
+        right at the RAM), so the adder starts from a register — on ECP5 the
+        DP16KD's clock-to-out (5.6 ns) plus a 56-bit carry chain plus the
+        write-back did not fit 60 MHz in one cycle. The add's operand, enable and
+        address are selected a cycle ahead (registers), and the overflow pulse is
+        registered, so a stage holds just the carry chain. A word is then written
+        two cycles after its read; a read in the same cycle as a write to the
+        same address (the same element in two successive updates) gets the written
+        value forwarded. No other write can be missed: with ``valid`` at most every
+        second cycle, the write one cycle after a read always goes to the other
+        lane's word.
+
     When ``ext`` is set the memory belongs to the readout/clear sequencers:
     ``ext_raddr`` (data in ``ext_rdata`` next cycle), ``ext_clear`` writes zero to
-    ``ext_waddr``.
+    ``ext_waddr``. ``busy`` covers every update (and overflow pulse) in flight.
     """
 
-    def __init__(self, cfg: HelConfig, lanes: int):
+    def __init__(self, cfg: HelConfig, lanes: int, pipelined: bool = False):
         assert lanes in (1, 2)
         self.cfg = cfg
         self.lanes = lanes
+        self.pipelined = pipelined
         g = LaneGeometry(cfg)
         self.depth = g.acc_depth
         aw = cfg.acc_width
@@ -369,38 +456,63 @@ class AccumulatorGroup(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         aw = self.cfg.acc_width
-        mem = m.submodules.mem = Memory(shape=signed(aw), depth=self.depth, init=[])
-        rd = mem.read_port()
+        # A write never meets a read of its word whose data is used: the unpipelined
+        # group writes a word the cycle after its read, when the other lane's word
+        # (or nothing) is read; the pipelined group forwards the written word.
+        mem = m.submodules.mem = Memory(shape=signed(aw), depth=self.depth, init=[],
+                                        attrs=NO_RW_CHECK)
+        rd = ram_read_port(m, mem, "rd")
         wr = mem.write_port()
-        gl = self._gl
+        two = self.lanes == 2
+        lat = 2 if self.pipelined else 1     # read to add
 
-        # stage 1: lane 0 add/write, lane 1 read; stage 2: lane 1 add/write.
-        v1 = Signal()
-        e1 = Signal.like(self.elem)
-        en0_1 = Signal()
-        en1_1 = Signal()
-        d0_1 = Signal(signed(self._dw))
-        d1_1 = Signal(signed(self._dw))
-        v2 = Signal()
-        en1_2 = Signal()
-        d1_2 = Signal(signed(self._dw))
-        waddr2 = Signal(range(self.depth))
+        # s1: the update presented last cycle (lane 1 reads its word now); s2 (pipelined).
+        v1, e1, en0_1, en1_1 = Signal(), Signal.like(self.elem), Signal(), Signal()
+        d0_1, d1_1 = Signal(signed(self._dw)), Signal(signed(self._dw))
         m.d.sync += [v1.eq(self.valid & ~self.ext), e1.eq(self.elem), en0_1.eq(self.en0),
                      en1_1.eq(self.en1), d0_1.eq(self.diff0), d1_1.eq(self.diff1)]
-        if self.lanes == 2:
-            m.d.sync += [v2.eq(v1), en1_2.eq(en1_1), d1_2.eq(d1_1), waddr2.eq(self._addr(e1, 1))]
-        m.d.comb += self.busy.eq(v1 | v2)
+        if lat == 2:
+            v2, e2, en1_2 = Signal(), Signal.like(self.elem), Signal()
+            d1_2 = Signal(signed(self._dw))
+            m.d.sync += [v2.eq(v1), e2.eq(e1), en1_2.eq(en1_1), d1_2.eq(d1_1)]
+            # lane 0 adds two cycles after the presentation (source s1), lane 1 three (s2)
+            src0 = (v1, en0_1, d0_1, self._addr(e1, 0))
+            src1 = (v2, en1_2, d1_2, self._addr(e2, 1))
+        else:
+            src0 = (self.valid & ~self.ext, self.en0, self.diff0, self._addr(self.elem, 0))
+            src1 = (v1, en1_1, d1_1, self._addr(e1, 1))
 
-        # One adder, shared by the two lanes (their updates are a cycle apart).
-        d_sel = Signal(signed(self._dw))
-        add_en = Signal()
-        waddr = Signal(range(self.depth))
-        m.d.comb += [d_sel.eq(Mux(v2, d1_2, d0_1)), add_en.eq(Mux(v2, en1_2, v1 & en0_1)),
-                     waddr.eq(Mux(v2, waddr2, self._addr(e1, 0)))]
+        # The add stage's operand, enable and address, selected a cycle ahead (the two
+        # sources are never valid together: updates are at least two cycles apart).
+        add_v, add_en = Signal(), Signal()
+        add_d = Signal(signed(self._dw))
+        add_addr = Signal(range(self.depth))
+        sel1 = src1[0] if two else Const(0)
+        m.d.sync += [add_v.eq(src0[0] | sel1),
+                     add_en.eq(Mux(sel1, src1[1], src0[0] & src0[1])),
+                     add_d.eq(Mux(sel1, src1[2], src0[2])),
+                     add_addr.eq(Mux(sel1, src1[3], src0[3]))]
+
+        if lat == 2:
+            base = Signal(signed(aw))      # the word read two cycles ago, or a forwarded write
+            fwd = Signal()
+            wlast = Signal(signed(aw))
+            m.d.sync += [fwd.eq(wr.en & (wr.addr == rd.addr)), wlast.eq(wr.data),
+                         base.eq(Mux(fwd, wlast, rd.data))]
+        else:
+            base = rd.data
         new = Signal(signed(aw))
-        m.d.comb += new.eq(rd.data + d_sel)
+        m.d.comb += new.eq(base + add_d)
         wrapped = Signal()   # |diff| < 2^(aw-1): a wrap is a sign flip against equal signs
-        m.d.comb += wrapped.eq((rd.data[-1] == d_sel[-1]) & (new[-1] != rd.data[-1]))
+        m.d.comb += wrapped.eq((base[-1] == add_d[-1]) & (new[-1] != base[-1]))
+        ovf = Signal()
+        if lat == 2:
+            ovf_v = Signal()
+            m.d.sync += [ovf.eq(add_en & wrapped & ~self.ext), ovf_v.eq(add_v)]
+            m.d.comb += self.busy.eq(v1 | v2 | add_v | ovf_v)
+        else:
+            m.d.comb += [ovf.eq(add_en & wrapped & ~self.ext), self.busy.eq(v1 | add_v)]
+        m.d.comb += self.overflow.eq(ovf)
 
         m.d.comb += self.ext_rdata.eq(rd.data)
         with m.If(self.ext):
@@ -409,10 +521,8 @@ class AccumulatorGroup(wiring.Component):
         with m.Else():
             with m.If(self.valid):
                 m.d.comb += rd.addr.eq(self._addr(self.elem, 0))
-            if self.lanes == 2:
+            if two:
                 with m.Elif(v1):
                     m.d.comb += rd.addr.eq(self._addr(e1, 1))
-            m.d.comb += [wr.addr.eq(waddr), wr.data.eq(new), wr.en.eq(add_en),
-                         self.overflow.eq(add_en & wrapped)]
+            m.d.comb += [wr.addr.eq(add_addr), wr.data.eq(new), wr.en.eq(add_en)]
         return m
-

@@ -31,7 +31,26 @@ from amaranth.lib.wiring import In, Out
 
 from rtl.formats import HelConfig, saturate
 
-__all__ = ["TanhUnit", "tanh_rom"]
+__all__ = ["TanhUnit", "tanh_rom", "saturate_signed"]
+
+
+def saturate_signed(m: Module, x, width: int, name: str) -> Signal:
+    """``x`` (signed) saturated to ``width`` bits, decided by its top bits.
+
+    ``x`` fits when the bits from ``width − 1`` up are all equal; otherwise its
+    sign picks the limit. Equivalent to comparing against both limits, but a few
+    LUTs instead of two carry chains as wide as ``x``.
+    """
+    out = Signal(signed(width), name=name)
+    xw = len(x)
+    if xw <= width:
+        m.d.comb += out.eq(x)
+        return out
+    top = x[width - 1:]
+    fits = (top == 0) | (top == (1 << len(top)) - 1)
+    lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
+    m.d.comb += out.eq(Mux(fits, x[:width].as_signed(), Mux(x[xw - 1], lo, hi)))
+    return out
 
 
 def tanh_rom(cfg: HelConfig) -> tuple[list[int], int, bool]:
@@ -61,12 +80,21 @@ class TanhUnit(wiring.Component):
         The activation, ``LATENCY`` cycles later, with ``a_valid`` and ``a_tag``.
     busy : Out(1)
         A value is in flight.
+
+    Parameters
+    ----------
+    z_biased : bool
+        ``z`` already includes the rounding half ``2^(z_shift−1)`` (the core
+        starts its z sums with it), so stage 1 is a plain shift instead of a
+        wide adder. ``z + 2^(z_shift−1)`` must fit ``z_in_width``.
     """
 
     LATENCY = 4
 
-    def __init__(self, cfg: HelConfig, z_in_width: int, tag_width: int = 1):
+    def __init__(self, cfg: HelConfig, z_in_width: int, tag_width: int = 1,
+                 z_biased: bool = False):
         self.cfg = cfg
+        self.z_biased = z_biased
         self.z_in_width = z_in_width
         self.tag_width = tag_width
         super().__init__({
@@ -95,22 +123,17 @@ class TanhUnit(wiring.Component):
 
         # 1: round to the z format (wide)
         zr = Signal(signed(self.z_in_width + 1 - max(zs, 0) if zs > 0 else self.z_in_width))
-        if zs > 0:
+        if zs > 0 and self.z_biased:
+            m.d.sync += zr.eq(self.z >> zs)
+        elif zs > 0:
             m.d.sync += zr.eq((self.z + (1 << (zs - 1))) >> zs)
         else:
             m.d.sync += zr.eq(self.z)
         # 2: saturate, offset, ROM address (the ROM's output register is stage 3)
-        lo_lim, hi_lim = -(1 << (zw - 1)), (1 << (zw - 1)) - 1
-        zt = Signal(signed(zw))
-        with m.If(zr < lo_lim):
-            m.d.comb += zt.eq(lo_lim)
-        with m.Elif(zr > hi_lim):
-            m.d.comb += zt.eq(hi_lim)
-        with m.Else():
-            m.d.comb += zt.eq(zr)
+        zt = saturate_signed(m, zr, zw, "zt")
         off = Signal(unsigned(zw))
         m.d.comb += off.eq(zt.as_unsigned() ^ (1 << (zw - 1)))
-        frac2 = Signal(unsigned(fb))
+        frac2 = Signal(unsigned(fb), reset_less=True)   # no reset: DSP registers
         mirror2 = Signal()
         idx = off[fb:]
         if half:   # lower half: the mirrored segment's entry (~idx in the low s-1 bits)
@@ -125,7 +148,7 @@ class TanhUnit(wiring.Component):
         k3 = Signal(signed(ow))
         m.d.comb += [k3.eq(rp.data[:ow].as_signed()), d3.eq(rp.data[ow:].as_signed()),
                      lo3.eq(Mux(mirror2, -(k3 + d3), k3))]
-        prod4 = Signal(signed(dw + fb + 1))
+        prod4 = Signal(signed(dw + fb + 1), reset_less=True)
         lo4 = Signal(signed(ow))
         m.d.sync += [prod4.eq(d3 * frac2), lo4.eq(lo3)]
         # 4: a = lo + rshift_round(d·frac, fb)

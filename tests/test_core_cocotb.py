@@ -47,8 +47,10 @@ CONFIGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "p8_u_spram": (dict(n=8, m=6, k=3, o=2, t_max=12, lanes=8, acc_width=46),
                    ("protocol", "centred", "one_sided", "kick")),
 }
-#: HELCore keyword arguments per configuration (default: none)
-CORE_KWARGS = {"p8_u_spram": dict(seq_ram="spram")}
+#: HELCore keyword arguments per configuration (default: none). Without a platform
+#: the core takes its ECP5 form; P = 1 runs the iCE40 form (``compact``: two-cycle
+#: accumulator read-modify-write, bit-serial self-test generator), as the iCEBreaker.
+CORE_KWARGS = {"p8_u_spram": dict(seq_ram="spram"), "p1_n5m3": dict(compact=True)}
 
 
 def _runner():

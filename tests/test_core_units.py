@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from rtl.core import HELCore, Mix32, Op
+from rtl.core import HELCore, Mix32, Mix32Serial, Op
 from rtl.formats import ECP5_OPERAND, HelConfig, rshift_round, saturate, wrap
 from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
 from rtl.tanh import TanhUnit
@@ -48,8 +48,8 @@ def _run(dut, bench, vcd=None):
 
 
 # ----------------------------------------------------------------------------- tanh
-def _tanh_stream(cfg: HelConfig, zs_in: list[int]) -> list[int]:
-    dut = TanhUnit(cfg, LaneGeometry(cfg).z_width)
+def _tanh_stream(cfg: HelConfig, zs_in: list[int], z_biased: bool = False) -> list[int]:
+    dut = TanhUnit(cfg, LaneGeometry(cfg).z_width, z_biased=z_biased)
     out = []
 
     async def bench(ctx):
@@ -74,8 +74,10 @@ def test_tanh_unit_exhaustive_over_z():
     assert np.array_equal(np.array(got), cfg.tanh_int(zt))
 
 
+@pytest.mark.parametrize("z_biased", [False, True], ids=["plain", "biased"])
 @pytest.mark.parametrize("ops", [{}, ECP5_OPERAND], ids=["ice40", "ecp5"])
-def test_tanh_unit_rounds_and_saturates_wide_sums(ops):
+def test_tanh_unit_rounds_and_saturates_wide_sums(ops, z_biased):
+    """Wide sums; ``z_biased``: the sum already carries the rounding half (as the core's)."""
     cfg = HelConfig(**ops)
     rng = np.random.default_rng(5)
     zw, zs = cfg.z_width, cfg.z_shift
@@ -85,33 +87,46 @@ def test_tanh_unit_rounds_and_saturates_wide_sums(ops):
                         (np.arange(-200, 200) << zs) + (1 << (zs - 1)),      # rounding ties
                         (np.arange(-200, 200) << zs) + (1 << (zs - 1)) - 1])
     want = cfg.tanh_int(saturate(rshift_round(z, zs), zw))
-    assert np.array_equal(np.array(_tanh_stream(cfg, [int(x) for x in z])), want)
+    bias = (1 << (zs - 1)) if z_biased else 0
+    got = _tanh_stream(cfg, [int(x) + bias for x in z], z_biased=z_biased)
+    assert np.array_equal(np.array(got), want)
 
 
 # ----------------------------------------------------------------------------- mix32
-def test_mix32_matches_golden():
-    dut = Mix32(tag_width=4)
+@pytest.mark.parametrize("cls", [Mix32, Mix32Serial])
+def test_mix32_matches_golden(cls):
+    """Arguments offered every cycle (the serial unit takes one when ready); tags kept."""
+    dut = cls(tag_width=4)
     rng = random.Random(3)
-    xs = [rng.getrandbits(32) for _ in range(500)] + [0, 0xFFFF_FFFF, 1, 0x8000_0000]
+    n = 500 if cls is Mix32 else 60
+    xs = [rng.getrandbits(32) for _ in range(n)] + [0, 0xFFFF_FFFF, 1, 0x8000_0000]
     out = []
 
     async def bench(ctx):
-        for i in range(len(xs) + dut.LATENCY):
-            ctx.set(dut.valid, int(i < len(xs)))
-            if i < len(xs):
-                ctx.set(dut.x, xs[i])
+        k = 0
+        for _ in range(200 * len(xs)):
+            if k == len(xs) and len(out) == len(xs):
+                break
+            ctx.set(dut.valid, int(k < len(xs)))
+            if k < len(xs):
+                ctx.set(dut.x, xs[k])
+                ctx.set(dut.tag, k % 16)
+            taken = k < len(xs) and ctx.get(dut.ready)
             await ctx.tick()
+            k += int(taken)
             if ctx.get(dut.y_valid):
-                out.append(ctx.get(dut.y))
+                out.append((ctx.get(dut.y), ctx.get(dut.y_tag)))
     _run(dut, bench)
-    assert out == [mix32(x) for x in xs]
+    assert out == [(mix32(x), n % 16) for n, x in enumerate(xs)]
 
 
 # ----------------------------------------------------------------------------- MAC lane
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
 @pytest.mark.parametrize("ops", [{}, ECP5_OPERAND], ids=["ice40", "ecp5"])
-def test_mac_lane_force_sums_match_golden_kick(ops):
+def test_mac_lane_force_sums_match_golden_kick(ops, biased):
     """One lane computes F_i = (α_i qo_i << alpha_shift) + Σ_j W_ji a_j for a few
-    oscillators, single-bank and with the ±ε banks interleaved cycle by cycle."""
+    oscillators, single-bank and with the ±ε banks interleaved cycle by cycle;
+    ``biased``: with the kick's rounding half as f_bias, as in the core."""
     cfg = HelConfig(n=3, m=7, k=1, **ops)
     rng = np.random.default_rng(1)
     golden = GoldenCore(cfg)
@@ -127,7 +142,8 @@ def test_mac_lane_force_sums_match_golden_kick(ops):
     want = golden.kick(qo, a)                 # (banks, n)
 
     for banks in (1, 2):
-        dut = MacLane(cfg)
+        ks = cfg.kick_shift
+        dut = MacLane(cfg, f_bias=(1 << (ks - 1)) if biased else 0)
         got = {}
         # the slots, bank innermost (as the core issues them)
         slots = []
@@ -157,7 +173,7 @@ def test_mac_lane_force_sums_match_golden_kick(ops):
                 await ctx.tick()
                 if s3 and s3[5]:
                     f = ctx.get(dut.kick1 if s3[3] else dut.kick0)
-                    got[(s3[3], s3[2])] = rshift_round(int(f), cfg.kick_shift)
+                    got[(s3[3], s3[2])] = (int(f) >> ks) if biased else rshift_round(int(f), ks)
                 pipe = [pipe[1], cur]
         _run(dut, bench)
         for s in range(banks):
@@ -166,13 +182,16 @@ def test_mac_lane_force_sums_match_golden_kick(ops):
 
 
 # ----------------------------------------------------------------------------- accumulators
+@pytest.mark.parametrize("pipelined", [False, True], ids=["rmw2", "rmw3"])
 @pytest.mark.parametrize("lanes", [2, 1])
-def test_accumulator_group_wraps_and_flags_like_golden(lanes):
-    """Random contrast terms, big enough to wrap the narrowest legal accumulator."""
+def test_accumulator_group_wraps_and_flags_like_golden(lanes, pipelined):
+    """Random contrast terms, big enough to wrap the narrowest legal accumulator; random
+    elements, so one element is often updated twice in a row (the pipelined group
+    forwards the word it is writing)."""
     cfg = HelConfig(n=3, m=2, k=1, t_max=1, lanes=2)
     cfg = cfg.replace(acc_width=cfg.acc_min_width)
     g = LaneGeometry(cfg)
-    dut = AccumulatorGroup(cfg, lanes=lanes)
+    dut = AccumulatorGroup(cfg, lanes=lanes, pipelined=pipelined)
     aw, dwid = cfg.acc_width, g.diff_width
     rng = random.Random(lanes)
     ref = np.zeros(g.acc_depth, dtype=object)
@@ -194,7 +213,7 @@ def test_accumulator_group_wraps_and_flags_like_golden(lanes):
                 wrapped |= (w != s)
                 ref[addr] = w
         flags.append(wrapped)
-    got_flags = []
+    ovf_trace = []
     readback = []
 
     async def bench(ctx):
@@ -205,23 +224,27 @@ def test_accumulator_group_wraps_and_flags_like_golden(lanes):
             ctx.set(dut.diff1, d[1])
             ctx.set(dut.en0, int(en[0]))
             ctx.set(dut.en1, int(en[1]))
-            ovf = 0
             for _ in range(2):            # one update every second cycle, as in the core
                 await ctx.tick()
                 ctx.set(dut.valid, 0)
-                ovf |= ctx.get(dut.overflow)
-            got_flags.append(ovf)
-        for _ in range(3):
+                ovf_trace.append(ctx.get(dut.overflow))
+        for _ in range(4):
             await ctx.tick()
+            ovf_trace.append(ctx.get(dut.overflow))
+        assert not ctx.get(dut.busy)
         ctx.set(dut.ext, 1)
         for addr in range(g.acc_depth):
             ctx.set(dut.ext_raddr, addr)
             await ctx.tick()
             readback.append(ctx.get(dut.ext_rdata))
     _run(dut, bench)
-    # op n is presented in cycle 2n; its lane-0 update wraps in cycle 2n+1, lane 1 in 2n+2
+    # op n is presented in cycle 2n; its lane-0 update's pulse comes in cycle 2n+1 (lane 1
+    # 2n+2), or two cycles later in the pipelined group (a read register, a pulse register)
+    off = 2 if pipelined else 0
+    got_flags = [bool(ovf_trace[2 * n + off] | ovf_trace[2 * n + off + 1])
+                 for n in range(len(ops))]
     assert any(flags), "the test data should wrap at least once"
-    assert [bool(f) for f in got_flags] == flags
+    assert got_flags == flags
     used = [e * g.group_lanes + li for e in range(g.elems) for li in range(lanes)]
     assert [readback[a] for a in used] == [int(ref[a]) for a in used]
 
@@ -302,9 +325,8 @@ def test_lane_schedule_activations_and_kicks_match_golden(name, waves_path):
                     tag = ctx.get(pr["a_tag"])
                     seen_a[-1][(tag & 1, tag >> 1)] = ctx.get(pr["a"])
                 if ctx.get(pr["k_valid"]):
-                    f = ctx.get(pr["k_f"])
                     seen_k[-1][(ctx.get(pr["k_slot"]), ctx.get(pr["k_i"]))] = \
-                        rshift_round(int(f), cfg.kick_shift)
+                        ctx.get(pr["k_kick"])
                 await ctx.tick()
             if stream is not None:
                 ctx.set(stream.valid, 0)
@@ -348,10 +370,13 @@ def test_geometry_layout_is_a_bijection():
 
 
 # ----------------------------------------------------------------------------- whole core
-def test_core_bit_exact_in_amaranth_sim(waves_path):
-    """All scenarios back to back on one small configuration (P = 2, N ≠ M, O = 2)."""
-    cfg = HelConfig(n=5, m=3, k=2, o=2, t_max=6, lanes=2, acc_width=46)
+@pytest.mark.parametrize("compact", [False, True], ids=["ecp5_form", "ice40_form"])
+def test_core_bit_exact_in_amaranth_sim(waves_path, compact):
+    """All scenarios back to back on one small configuration (P = 2, N ≠ M), in both
+    forms of the core (``compact``: as elaborated for iCE40; with O = 1, where the
+    nudges wait in the stream source instead of a FIFO)."""
+    cfg = HelConfig(n=5, m=3, k=2, o=1 if compact else 2, t_max=6, lanes=2, acc_width=46)
     steps = standard_scenario(cfg, seed=11, t=4)
-    errors = run_scenario(cfg, steps, seed=11,
+    errors = run_scenario(cfg, steps, seed=11, compact=compact,
                           vcd=str(waves_path.with_suffix(".vcd")) if waves_path else None)
     assert not errors, "\n".join(errors[:20])

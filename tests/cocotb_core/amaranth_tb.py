@@ -20,8 +20,8 @@ from .scenario import SINKS, SOURCES, Step, to_signed, unpack_done
 
 def run_scenario(cfg: HelConfig, steps: list[Step], seed: int = 0, idle: float = 0.3,
                  backpressure: float = 0.3, vcd: str | None = None,
-                 timeout_cycles: int = 200_000) -> list[str]:
-    dut = HELCore(cfg)
+                 timeout_cycles: int = 200_000, **core_kwargs) -> list[str]:
+    dut = HELCore(cfg, **core_kwargs)
     rng = random.Random(seed)
     widths = {"params_out": cfg.operand_width, "outputs": cfg.state_width,
               "acc_out": cfg.acc_width, "state_out": cfg.state_width}
