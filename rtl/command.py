@@ -392,7 +392,6 @@ class CommandUnit(wiring.Component):
         m.submodules.unpacker = unpacker = WordUnpacker(
             (ow, sw), len(Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))))
         R_OP, R_ST, R_ACC = 0, 1, 2          # replier widths
-        U_OP, U_ST = 0, 1                    # unpacker widths
 
         rom = self.ident
         # A block RAM (Yosys keeps so small a ROM in LUTs, ~65 iCE40 LUTs, unless told):
@@ -422,7 +421,7 @@ class CommandUnit(wiring.Component):
         xfer_done = Signal(range(self.max_in_chunks + 1))  # chunks applied = the next index
         xfer_done16 = Cat(xfer_done, Const(0, 16 - len(xfer_done)))   # as the wire has it
         xfer_left = Signal(range(self.max_in + 1))   # words not yet received
-        xfer_w = Signal()                  # U_OP / U_ST
+        xfer_w = Signal()                  # the transfer's words: 0 operands, 1 state
         xfer_t = Signal(range(cfg.t_max + 1))        # LOAD: its T
         done_seen = Signal()
 

@@ -493,16 +493,7 @@ def _build_real(name, tmp_path):
     return result
 
 
-#: The real iCEBreaker design does not fit the iCE40UP5K yet: at the table's
-#: configuration (P = 1, 48-bit accumulators, 28-bit state) nextpnr packs it into
-#: ~6570 of 5280 LCs (docs/boards.md, "The HEL top level"). Strict: the day it fits,
-#: this test XPASSes, fails, and the marker must go.
-ICEBREAKER_NO_FIT = ("the HEL top level needs ~6570 of the UP5K's 5280 logic cells "
-                     "(docs/boards.md); nextpnr stops with 'no BELs remaining'")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=B.ToolFailed, reason=ICEBREAKER_NO_FIT)
 def test_real_top_icebreaker(tmp_path):
     """CI's iCEBreaker bitstream: timing met at the table's clock, fits, MACs on the DSPs."""
     result = _build_real("icebreaker", tmp_path)

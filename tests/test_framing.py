@@ -26,7 +26,7 @@ from rtl.framing import BYTE_CYCLES, CRC_BIT_PARAMETERS, CRC_PARAMETERS, BlockRA
 from rtl.protocol import MAX_PAYLOAD, ErrorCode
 from rtl.uart import UART
 
-from amaranth_sim import CLOCK_PERIOD, simulate  # noqa: E402
+from amaranth_sim import simulate  # noqa: E402
 
 #: Payload lengths around the COBS block boundaries (body = payload + 6 bytes).
 EDGE_LENGTHS = [0, 1, 2, 247, 248, 249, 253, 254, 255, 502, 508, MAX_PAYLOAD]
@@ -266,7 +266,7 @@ def test_decoder_reports_bad_crc_with_the_frame_seq_and_keeps_the_next_frame():
 
 def test_decoder_rejects_truncated_frames_like_the_host():
     rng = random.Random(12)
-    stream, expected_codes = bytearray(), []
+    stream = bytearray()
     for n in (0, 10, 260, 700):
         wire = encode_frame(1, 2, payload_bytes(rng, n, "random"))
         for cut in (1, 2, 5, rng.randrange(1, len(wire) - 1), len(wire) - 2):

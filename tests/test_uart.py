@@ -13,7 +13,7 @@ import pytest
 
 from rtl.uart import UART, UARTRx, UARTTx, divisor_for
 
-from amaranth_sim import CLOCK_PERIOD, simulate as run  # noqa: E402
+from amaranth_sim import simulate as run  # noqa: E402
 
 DIVISOR = 8
 
