@@ -133,7 +133,21 @@ DoneLayout = data.StructLayout({
 _PH_A, _PH_B, _PH_C, _PH_U = 0, 1, 2, 3
 
 
-class Mix32(wiring.Component):
+class _Mix32Ports(wiring.Component):
+    """The ports both forms of the self-test generator share: an argument ``x`` is
+    taken when ``valid & ready``; ``y`` comes later with ``y_valid`` and the
+    argument's ``tag``. ``ROUNDS`` are :func:`sim.golden.mix32`'s (s, m) pairs:
+    ``x ^= x >> s`` then ``x += x << m``, and a final ``x ^= x >> 15``."""
+
+    ROUNDS = ((16, 5), (7, 3), (13, 11))
+
+    def __init__(self, tag_width: int = 1):
+        self.tag_width = tag_width
+        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width), "ready": Out(1),
+                          "y": Out(32), "y_valid": Out(1), "y_tag": Out(tag_width)})
+
+
+class Mix32(_Mix32Ports):
     """:func:`sim.golden.mix32` as a 3-stage pipeline (one add per stage).
 
     Takes an argument every cycle (``ready`` is always high); ``y`` follows
@@ -142,11 +156,6 @@ class Mix32(wiring.Component):
 
     LATENCY = 3
 
-    def __init__(self, tag_width: int = 1):
-        self.tag_width = tag_width
-        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width), "ready": Out(1),
-                          "y": Out(32), "y_valid": Out(1), "y_tag": Out(tag_width)})
-
     def elaborate(self, platform):
         m = Module()
         M32 = 0xFFFF_FFFF
@@ -154,17 +163,14 @@ class Mix32(wiring.Component):
         def xs(v, s):
             return v ^ (v >> s)
 
-        s1, s2, s3 = (Signal(32, name=f"s{i}") for i in (1, 2, 3))
-        a = Signal(32)
-        m.d.comb += a.eq(xs(self.x, 16))
-        m.d.sync += s1.eq((a + (a << 5)) & M32)
-        b = Signal(32)
-        m.d.comb += b.eq(xs(s1, 7))
-        m.d.sync += s2.eq((b + (b << 3)) & M32)
-        c = Signal(32)
-        m.d.comb += c.eq(xs(s2, 13))
-        m.d.sync += s3.eq((c + (c << 11)) & M32)
-        m.d.comb += self.y.eq(xs(s3, 15))
+        stage = self.x
+        for i, (sh, mul) in enumerate(self.ROUNDS):     # one round per pipeline stage
+            a = Signal(32, name=f"a{i}")
+            r = Signal(32, name=f"s{i + 1}")
+            m.d.comb += a.eq(xs(stage, sh))
+            m.d.sync += r.eq((a + (a << mul)) & M32)
+            stage = r
+        m.d.comb += self.y.eq(xs(stage, 15))
         v = [Signal(name=f"v{i}") for i in range(3)]
         t = [Signal(self.tag_width, name=f"t{i}") for i in range(3)]
         m.d.sync += [v[0].eq(self.valid), t[0].eq(self.tag)]
@@ -174,7 +180,7 @@ class Mix32(wiring.Component):
         return m
 
 
-class Mix32Serial(wiring.Component):
+class Mix32Serial(_Mix32Ports):
     """:func:`sim.golden.mix32` bit-serially: one argument per 97 cycles, ~80 logic cells.
 
     The self-test generator needs K words per step, a step takes hundreds of
@@ -189,13 +195,6 @@ class Mix32Serial(wiring.Component):
     Same ports as :class:`Mix32`; an argument is taken when ``valid & ready``,
     ``y`` is valid (``y_valid``, with the argument's ``tag``) 97 cycles later.
     """
-
-    ROUNDS = ((16, 5), (7, 3), (13, 11))    # (s, m) of each xor-shift / add-shift round
-
-    def __init__(self, tag_width: int = 1):
-        self.tag_width = tag_width
-        super().__init__({"x": In(32), "valid": In(1), "tag": In(tag_width), "ready": Out(1),
-                          "y": Out(32), "y_valid": Out(1), "y_tag": Out(tag_width)})
 
     def elaborate(self, platform):
         m = Module()

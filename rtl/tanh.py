@@ -29,7 +29,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from rtl.formats import HelConfig, saturate
+from rtl.formats import HelConfig
 
 __all__ = ["TanhUnit", "tanh_rom", "saturate_signed"]
 

@@ -15,7 +15,6 @@ changes in between) and new values are driven right after the rising edge.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
