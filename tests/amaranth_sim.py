@@ -6,14 +6,17 @@ import re
 
 from amaranth.sim import Simulator
 
+from conftest import BUILD, waves_enabled
+
 
 CLOCK_PERIOD = 1e-6
 
 
 def simulate(dut, *testbenches, background=(), max_cycles=100_000):
     """Simulate until ``testbenches`` finish, failing after ``max_cycles`` (a hung
-    handshake must fail the test, not hang it); with ``HEL_VCD=<dir>`` set, dump a
-    waveform named after the test."""
+    handshake must fail the test, not hang it); with ``WAVES=1`` (as for every
+    simulation test, see ``conftest.py``), dump a VCD named after the test under
+    ``build/waves/``."""
     sim = Simulator(dut)
     sim.add_clock(CLOCK_PERIOD)
     for tb in testbenches:
@@ -31,9 +34,9 @@ def simulate(dut, *testbenches, background=(), max_cycles=100_000):
 
 
 def vcd_dump(sim):
-    folder = os.environ.get("HEL_VCD")
-    if not folder:
+    if not waves_enabled():
         return contextlib.nullcontext()
     test = os.environ.get("PYTEST_CURRENT_TEST", "sim").split(" ")[0]
-    os.makedirs(folder, exist_ok=True)
-    return sim.write_vcd(os.path.join(folder, re.sub(r"[^\w.-]+", "_", test) + ".vcd"))
+    folder = BUILD / "waves"
+    folder.mkdir(parents=True, exist_ok=True)
+    return sim.write_vcd(str(folder / (re.sub(r"[^\w.-]+", "_", test) + ".vcd")))
