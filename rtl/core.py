@@ -164,8 +164,8 @@ class Mix32(_Mix32Ports):
             return v ^ (v >> s)
 
         stage = self.x
-        for i, (sh, mul) in enumerate(self.ROUNDS):     # one round per pipeline stage
-            a = Signal(32, name=f"a{i}")
+        for i, ((sh, mul), name) in enumerate(zip(self.ROUNDS, "abc")):   # a stage a round
+            a = Signal(32, name=name)
             r = Signal(32, name=f"s{i + 1}")
             m.d.comb += a.eq(xs(stage, sh))
             m.d.sync += r.eq((a + (a << mul)) & M32)
