@@ -186,10 +186,10 @@ _ECP5_NEXTPNR = ("--router", "router2")
 #: 12 MHz → 24 MHz: the issue's iCE40 target; 24 clocks per UART bit at 1 Mbaud.
 _ICEBREAKER_CLK = 24_000_000
 #: 25 MHz → 50 MHz on the 25F and 45 MHz on the 85F, below the issue's ECP5 target
-#: of 60 MHz (docs/boards.md). Post-route: 25F 59.3 MHz at a 50 MHz constraint (55.5 at
-#: 60), critical path the command unit's CHECK verdict chain into the core's command
-#: latch; 85F 47.8 MHz at 50, critical path the accumulator group's read-modify-write
-#: (DP16KD clock-to-out 5.6 ns, 56-bit add, write back). 50 / 45 clocks per UART bit.
+#: of 60 MHz (docs/boards.md). Post-route, both at P = 8: 25F 64.6 MHz at its 50 MHz
+#: constraint (53.8 when constrained to 60); 85F 64.9 MHz at 45 and 60.0 (just short)
+#: when constrained to 60. The 85F ran P = 16 lanes before; with the pipelined
+#: accumulators router2 no longer converges on that design (docs/boards.md).
 _ULX3S_CLK = 50_000_000
 _ULX3S_85F_CLK = 45_000_000
 
@@ -244,7 +244,7 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
     ),
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
            clk_hz=_ULX3S_85F_CLK,
-           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=16, **ECP5_OPERAND)),
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            clk_hz=_ULX3S_CLK,
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
