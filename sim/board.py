@@ -57,6 +57,7 @@ from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
 from rtl.formats import HelConfig
+from rtl.top import Top
 from rtl.uart import UART, divisor_for
 
 __all__ = ["SIM_CONFIG", "SIM_CLK_HZ", "SIM_BAUD", "SimBoardError", "BoardBuild", "SimBoard",
@@ -94,7 +95,6 @@ class SimBoardError(RuntimeError):
 # ---- top levels ---------------------------------------------------------------------------
 def real_top(cfg: HelConfig, clk_hz: int, baud: int):
     """The design's top level, ``rtl.top.Top(cfg, clk_hz, baud)``."""
-    from rtl.top import Top  # noqa: PLC0415 (the board table imports this module)
     return Top(cfg, clk_hz, baud)
 
 

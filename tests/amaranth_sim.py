@@ -2,11 +2,10 @@
 
 import contextlib
 import os
-import re
 
 from amaranth.sim import Simulator
 
-from conftest import BUILD, waves_enabled
+from conftest import wave_file, waves_enabled
 
 
 CLOCK_PERIOD = 1e-6
@@ -37,6 +36,4 @@ def vcd_dump(sim):
     if not waves_enabled():
         return contextlib.nullcontext()
     test = os.environ.get("PYTEST_CURRENT_TEST", "sim").split(" ")[0]
-    folder = BUILD / "waves"
-    folder.mkdir(parents=True, exist_ok=True)
-    return sim.write_vcd(str(folder / (re.sub(r"[^\w.-]+", "_", test) + ".vcd")))
+    return sim.write_vcd(str(wave_file(test)) + ".vcd")

@@ -54,12 +54,15 @@ def waves() -> bool:
     return waves_enabled()
 
 
+def wave_file(test: str) -> Path:
+    """``build/waves/<test>`` (created on demand), the test's name made a file name;
+    the caller adds the suffix."""
+    d = BUILD / "waves"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / "".join(c if c.isalnum() or c in "-_." else "_" for c in test)
+
+
 @pytest.fixture
 def waves_path(request, waves) -> Path | None:
     """Where this test's waveform goes (``build/waves/<test>.<ext>``), or None."""
-    if not waves:
-        return None
-    d = BUILD / "waves"
-    d.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.name)
-    return d / name
+    return wave_file(request.node.name) if waves else None
