@@ -97,6 +97,14 @@ class BlockRAMQueue(wiring.Component):
     one cycle is on ``r_data`` two cycles later. No level output.
     """
 
+    @staticmethod
+    def check_entries(name: str, entries: int) -> None:
+        """Refuse a queue size ``name`` = ``entries`` that is not a power of two ≥ 2
+        plus one (the memory's depth plus the output register)."""
+        if entries < 3 or (entries - 1) & (entries - 2):
+            raise ValueError(f"{name} must be a power of two plus one (a BlockRAMQueue), "
+                             f"not {entries}")
+
     def __init__(self, width: int, depth: int):
         if depth < 2 or depth & (depth - 1):
             raise ValueError(f"depth must be a power of two >= 2, not {depth}")
@@ -235,9 +243,7 @@ class FrameDecoder(wiring.Component):
                              f"{(1 << LENGTH_BITS) - 1 + protocol.CRC_LEN}")
         self._depth = depth
         self._max_body = max_body
-        if frames < 3 or (frames - 1) & (frames - 2):
-            raise ValueError(f"frames must be a power of two plus one (a BlockRAMQueue), "
-                             f"not {frames}")
+        BlockRAMQueue.check_entries("frames", frames)
         self._frames = frames
         super().__init__({
             "sink": In(stream.Signature(8, always_ready=True)),
@@ -462,8 +468,8 @@ class FrameEncoder(wiring.Component):
     measured FORWARD at 84.7 % of the line rate that way, 98.3 % with this
     queue. On the worst mix of content (alternating zero-free and zero-heavy
     1024-byte bodies, output always ready) the input side keeps its full rate
-    and the line side keeps pace with it. The first byte of a frame leaves after its first zero
-    byte or its 254th byte, whichever comes first.
+    and the line side keeps pace with it. The first byte of a frame leaves
+    after its first zero byte or its 254th byte, whichever comes first.
 
     Parameters
     ----------
@@ -489,9 +495,7 @@ class FrameEncoder(wiring.Component):
     Block = data.StructLayout({"length": 8, "code": 1, "final": 1})
 
     def __init__(self, *, blocks=257):
-        if blocks < 3 or (blocks - 1) & (blocks - 2):
-            raise ValueError(f"blocks must be a power of two plus one (a BlockRAMQueue), "
-                             f"not {blocks}")
+        BlockRAMQueue.check_entries("blocks", blocks)
         self._blocks = blocks
         super().__init__()
 
