@@ -133,6 +133,11 @@ DoneLayout = data.StructLayout({
 _PH_A, _PH_B, _PH_C, _PH_U = 0, 1, 2, 3
 
 
+def _device(platform) -> str:
+    """The platform's device name in capitals ("" without a platform, e.g. in simulation)."""
+    return str(getattr(platform, "device", "") or "").upper()
+
+
 class _Mix32Ports(wiring.Component):
     """The ports both forms of the self-test generator share: an argument ``x`` is
     taken when ``valid & ready``; ``y`` comes later with ``y_valid`` and the
@@ -353,13 +358,12 @@ class HELCore(wiring.Component):
             return True
         if self.seq_ram == "block":
             return False
-        device = str(getattr(platform, "device", "") or "")
-        return fits and device.upper().startswith("ICE40UP")
+        return fits and _device(platform).startswith("ICE40UP")
 
     def _is_compact(self, platform) -> bool:
         if self.compact is not None:
             return self.compact
-        return str(getattr(platform, "device", "") or "").upper().startswith("ICE40")
+        return _device(platform).startswith("ICE40")
 
     # ------------------------------------------------------------------------------
     def elaborate(self, platform):
