@@ -389,8 +389,8 @@ class CommandUnit(wiring.Component):
         # ---------------------------------------------------------------- helpers
         m.submodules.replier = replier = DataReplier(
             (ow, sw, aw), len(Signal(range(self.max_out + 1))))
-        m.submodules.unpacker = unpacker = WordUnpacker(
-            (ow, sw), len(Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))))
+        chunk_words = range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1)  # a DATA chunk's words
+        m.submodules.unpacker = unpacker = WordUnpacker((ow, sw), len(Signal(chunk_words)))
         R_OP, R_ST, R_ACC = 0, 1, 2          # replier widths
 
         rom = self.ident
@@ -429,8 +429,7 @@ class CommandUnit(wiring.Component):
         v_code = Signal(8)                 # the ErrorCode, 0 = accepted
         v_again = Signal()                 # accepted, but only acked again (a duplicate)
         v_core = Signal()                  # the command needs the core
-        v_words = Signal(range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1))  # DATA: the
-                                           # chunk's words (held until it has been unpacked)
+        v_words = Signal(chunk_words)      # DATA: the chunk's words (held until unpacked)
 
         # the small reply: cmd|0x80 (0xFF for ERROR), f_seq, a payload of one kind
         KINDS = {"EMPTY": 0, "ROM": len(rom), "STATUS": 8, "ERROR": 4, "ACK": 2, "RESULT": 1}
