@@ -190,8 +190,8 @@ _ICEBREAKER_CLK = 24_000_000
 #: constraint (53.8 when constrained to 60); 85F 64.9 MHz at 45 and 60.0 (just short)
 #: when constrained to 60. The 85F ran P = 16 lanes before; with the pipelined
 #: accumulators router2 no longer converges on that design (docs/boards.md).
-_ULX3S_CLK = 50_000_000
-_ULX3S_85F_CLK = 45_000_000
+_ULX3S_CLK = 60_000_000
+_ULX3S_85F_CLK = 60_000_000
 
 
 def _ulx3s(die: str, *, resources, clk_hz: int, config: HelConfig) -> Board:

@@ -548,6 +548,12 @@ class CommandUnit(wiring.Component):
             m.d.comb += [replier.width.eq(R_ST), replier.total.eq(2 * N)]
         m.d.comb += [unpacker.width.eq(xfer_w), unpacker.count.eq(v_words)]
 
+        # The core's reset is a register (high in the RESET state): it reaches every
+        # flip-flop of the core, so no logic may sit in front of it (on ECP5 its
+        # decode from the state plus a net across the die exceeded 60 MHz's period).
+        core_rst = Signal()
+        m.d.comb += self.core_rst.eq(core_rst)
+
         # ---------------------------------------------------------------- core commands
         # The fields come straight from the payload registers whatever the operation
         # (the core ignores those its operation does not use), so the command needs no
@@ -712,6 +718,7 @@ class CommandUnit(wiring.Component):
                             m.d.comb += unpacker.start.eq(1)
                         m.next = "DRAIN"
                         with m.If(is_[Command.RESET]):
+                            m.d.sync += core_rst.eq(1)
                             m.next = "RESET"
                         with m.If(is_[Command.CLEAR_FLAGS] | is_[Command.CLEAR_ACC]
                                   | is_[Command.SELFTEST]):
@@ -759,7 +766,7 @@ class CommandUnit(wiring.Component):
 
             # ---- RESET: local reset of the core, then zero its memories
             with m.State("RESET"):
-                m.d.comb += self.core_rst.eq(1)
+                m.d.sync += core_rst.eq(0)
                 m.d.sync += [xfer_open.eq(0), xfer_cmd.eq(0), xfer_done.eq(0), t_loaded.eq(0),
                              forwarded.eq(0), one_sided.eq(0), rst_step.eq(0), pbuf.eq(1)]
                 m.next = "RST_ISSUE"

@@ -82,10 +82,11 @@ from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
 
+from rtl.bram import NO_RW_CHECK, ram_read_port
 from rtl.formats import HelConfig
-from rtl.mac import (NO_RW_CHECK, AccumulatorGroup, LaneGeometry, MacLane, ceil_log2,
-                     ram_read_port)
+from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
 from rtl.tanh import TanhUnit, saturate_signed
 
 __all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "Mix32Serial", "SequenceBuffer",
@@ -306,8 +307,10 @@ class HELCore(wiring.Component):
         accumulator groups' read-modify-write in two cycles instead of the
         pipelined form (:class:`rtl.mac.AccumulatorGroup` ``pipelined``: the
         block-RAM read and the wide add in separate stages, for ECP5 at 60 MHz),
-        and the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
-        per word, instead of :class:`Mix32`). ``None``: compact when elaborated
+        the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
+        per word, instead of :class:`Mix32`), and the state unit's adders fed
+        straight from the state memory (not from a register after it: one cycle
+        less per step). ``None``: compact when elaborated
         for an iCE40 platform. Results and interface are the same either way.
 
     Attributes
@@ -380,8 +383,8 @@ class HELCore(wiring.Component):
         # (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
         # row is rewritten after the last read of the old operand and read again only
         # after the step drains; an activation is read only once its row is counted
-        # finished; the state unit writes an oscillator three ops after reading it
-        # (and a step starts only when the previous one has drained). Where a read
+        # finished; the state unit writes an oscillator three (pipelined: four) ops
+        # after reading it (and a step starts only when the previous one has drained). Where a read
         # and a write do meet, the read is an idle or stalled one whose data is unused.
         pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
@@ -587,16 +590,24 @@ class HELCore(wiring.Component):
                         m.d.comb += [lane.a.eq(ar.data), lane.b.eq(xval)]
 
         # ---------------------------------------------------------------- S3: force sums
-        in_b = tag3.phase == _PH_B
+        # (the lanes take their controls a stage ahead, from tag2, and register them)
+        in_b = tag2.phase == _PH_B
         for p in range(P):
-            m.d.comb += [lanes[p].f_en.eq(tag3.valid & (in_b | (tag3.phase == _PH_U))),
-                         lanes[p].f_first.eq(tag3.first), lanes[p].f_last.eq(tag3.last & in_b),
-                         lanes[p].f_alpha.eq(in_b), lanes[p].f_slot.eq(tag3.sub)]
-        # U phase: c_j = Σ_k B_jk u_k from lane j mod P, one register per row
+            m.d.comb += [lanes[p].f_en.eq(tag2.valid & (in_b | (tag2.phase == _PH_U))),
+                         lanes[p].f_first.eq(tag2.first), lanes[p].f_last.eq(tag2.last & in_b),
+                         lanes[p].f_alpha.eq(in_b), lanes[p].f_slot.eq(tag2.sub)]
+        # U phase: c_j = Σ_k B_jk u_k from lane j mod P, one register per row, taken
+        # from the lane's sum register a cycle after the last product, under an
+        # enable per group of P rows decoded in that cycle: the c_j registers are
+        # spread over the die on ECP5, so only register outputs travel to them.
+        # (The A phase that reads them starts after the U products have drained.)
         creg = [Signal(signed(g.c_width), name=f"c{j}") for j in range(M)] if g.u_mode else []
+        c_we = [Signal(name=f"c_we{r}") for r in range(g.ru)] if g.u_mode else []
+        for r, we in enumerate(c_we):
+            m.d.sync += we.eq(tag3.valid & (tag3.phase == _PH_U) & tag3.last & (tag3.j == r))
         for j, c_j in enumerate(creg):
-            with m.If(tag3.valid & (tag3.phase == _PH_U) & tag3.last & (tag3.j == j // P)):
-                m.d.sync += c_j.eq(lanes[j % P].total)
+            with m.If(c_we[j // P]):
+                m.d.sync += c_j.eq(lanes[j % P].sum0)
 
         # ---------------------------------------------------------------- S3+: z path
         vals = [lanes[p].p for p in range(P)]
@@ -639,11 +650,14 @@ class HELCore(wiring.Component):
         else:
             m.d.comb += bterm.eq((br.data << of) + (1 << (zs - 1)))
         if g.u_mode:
+            # c_j is selected a stage before the add: the M-way selection and the
+            # adder in one cycle, with the tags at the far end of the tree, were
+            # the ECP5 critical path (mostly routing)
             c_sel = Signal(signed(g.c_width))
-            with m.Switch(tagz_prev.j):
+            with m.Switch(tagz_prev2.j):
                 for j in range(M):
                     with m.Case(j):
-                        m.d.comb += c_sel.eq(creg[j])
+                        m.d.sync += c_sel.eq(creg[j])
             m.d.sync += zinit.eq(bterm + c_sel)
             b_tag = tagz_prev2     # b is read two stages ahead: zinit is a register
         else:
@@ -768,11 +782,24 @@ class HELCore(wiring.Component):
             m.d.comb += sr.addr.eq(sbase(u0.src) + u0.i)
         u1 = Signal(uop_layout)
         u1_kick = Signal(signed(g.kick_width))
-        m.d.sync += [u1.eq(u0), u1_kick.eq(u0_kick)]
+        # The state word: straight from the memory in the compact form; else its
+        # read data is registered first (U1 a cycle later), as on ECP5 the block
+        # RAM's clock-to-out, routing and the adders did not fit 60 MHz together.
+        s_data = Signal.like(sr.data)
+        if compact:
+            m.d.sync += [u1.eq(u0), u1_kick.eq(u0_kick)]
+            m.d.comb += s_data.eq(sr.data)
+            u_read = []
+        else:
+            u0r = Signal(uop_layout)
+            u0r_kick = Signal(signed(g.kick_width))
+            m.d.sync += [u0r.eq(u0), u0r_kick.eq(u0_kick), u1.eq(u0r), u1_kick.eq(u0r_kick),
+                         s_data.eq(sr.data)]
+            u_read = [u0r.valid]
         Q = Signal(signed(sw))
         W = Signal(signed(sw))
-        m.d.comb += [Q.eq(Mux(u1.zero, 0, sr.data[:sw].as_signed())),
-                     W.eq(Mux(u1.zero, 0, sr.data[sw:].as_signed()))]
+        m.d.comb += [Q.eq(Mux(u1.zero, 0, s_data[:sw].as_signed())),
+                     W.eq(Mux(u1.zero, 0, s_data[sw:].as_signed()))]
         # a pre-step op keeps Q: its qh is Q itself (no separate copy of Q)
         qh, qh_ovf = _wrap(m, Q + Mux(u1.upd, W, 0), sw, "qh")
         w2, w2_ovf = _wrap(m, Mux(u1.upd, W - u1_kick, -W), sw, "w2")
@@ -813,7 +840,7 @@ class HELCore(wiring.Component):
         state_busy = Signal()
         # U4 (the operand memory write) is left out: a step may issue its first read in
         # the cycle after that write
-        m.d.comb += state_busy.eq(ser_active | u1.valid | u2.valid | u3.valid)
+        m.d.comb += state_busy.eq(Cat(ser_active, *u_read, u1.valid, u2.valid, u3.valid) != 0)
 
         # ---------------------------------------------------------------- input loader
         ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
@@ -1081,10 +1108,14 @@ class HELCore(wiring.Component):
             # ---- state out
             with m.State("RSTATE_ISSUE"):
                 m.d.comb += [sr.addr.eq(sbase(c_bank) + ro_i), sr.en.eq(1)]
-                m.next = "RSTATE_HOLD"
+                m.next = "RSTATE_HOLD" if compact else "RSTATE_REG"
+            if not compact:
+                with m.State("RSTATE_REG"):     # the word reaches s_data
+                    m.d.comb += sr.en.eq(0)
+                    m.next = "RSTATE_HOLD"
             with m.State("RSTATE_HOLD"):
                 m.d.comb += [sr.en.eq(0), self.state_out.valid.eq(1),
-                             self.state_out.payload.eq(Mux(ro_w, sr.data[sw:], sr.data[:sw]))]
+                             self.state_out.payload.eq(Mux(ro_w, s_data[sw:], s_data[:sw]))]
                 with m.If(self.state_out.ready):
                     with m.If(ro_i == N - 1):
                         m.d.sync += [ro_i.eq(0), ro_w.eq(1)]

@@ -26,6 +26,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from . import protocol
+from .bram import NO_RW_CHECK, ram_read_port
 from .protocol import ErrorCode
 
 __all__ = ["BlockRAMQueue", "CRC_PARAMETERS", "CRC_BIT_PARAMETERS", "BYTE_CYCLES", "LENGTH_BITS", "less_than", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
@@ -117,10 +118,12 @@ class BlockRAMQueue(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         k = ceil_log2(self.depth)
+        # The read never addresses the word being written (below), so the read port
+        # needs no read-during-write logic (NO_RW_CHECK).
         m.submodules.storage = storage = memory.Memory(shape=self.width, depth=self.depth,
-                                                       init=[])
+                                                       init=[], attrs=NO_RW_CHECK)
         wr = storage.write_port()
-        rd = storage.read_port()
+        rd = ram_read_port(m, storage, "rd")
         w_ptr = Signal(k + 1)         # pointers with a wrap bit: full and empty differ
         r_ptr = Signal(k + 1)
         empty = w_ptr == r_ptr
@@ -131,7 +134,9 @@ class BlockRAMQueue(wiring.Component):
         with m.If(self.w_en & ~full):
             m.d.sync += w_ptr.eq(w_ptr + 1)
         # Fetch into the output register when it is free or being read. An entry in
-        # memory was written in an earlier cycle, so the read never races its write.
+        # memory was written in an earlier cycle, so the read never races its write
+        # (the write address equals the read address only when empty, or when full,
+        # and then nothing is written).
         fetch = ~empty & (~self.r_rdy | self.r_en)
         m.d.comb += [rd.addr.eq(r_ptr[:k]), rd.en.eq(fetch), self.r_data.eq(rd.data)]
         with m.If(fetch):
@@ -263,9 +268,13 @@ class FrameDecoder(wiring.Component):
         m = Module()
         abits = ceil_log2(self._depth)
 
-        m.submodules.ring = ring = memory.Memory(shape=8, depth=self._depth, init=[])
+        # The reader uses a byte only below ``commit``, the writer writes at or above
+        # it and never wraps onto unread bytes (``ring_full``): a read of the word
+        # being written is never used (NO_RW_CHECK).
+        m.submodules.ring = ring = memory.Memory(shape=8, depth=self._depth, init=[],
+                                                 attrs=NO_RW_CHECK)
         wr_port = ring.write_port()
-        rd_port = ring.read_port()
+        rd_port = ram_read_port(m, ring, "rd")
         # An entry is a good frame's body length or a bad frame's report (code, seq).
         # Entries are 12 bits wide (a report's code is 1..3), so one 256 × 16 iCE40 block
         # RAM holds the queue (a BlockRAMQueue: memory plus its output register).
@@ -503,9 +512,13 @@ class FrameEncoder(wiring.Component):
         m = Module()
         Block = self.Block
 
-        m.submodules.ring = ring = memory.Memory(shape=8, depth=512, init=[])
+        # A ring byte is read for the line only once its block is queued, cycles
+        # after it was written; other reads (in CODE and DELIMITER) go unused, so a
+        # read of the word being written is never used (NO_RW_CHECK).
+        m.submodules.ring = ring = memory.Memory(shape=8, depth=512, init=[],
+                                                 attrs=NO_RW_CHECK)
         wr_port = ring.write_port()
-        rd_port = ring.read_port()
+        rd_port = ram_read_port(m, ring, "rd")
         m.submodules.queue = queue = BlockRAMQueue(Block.size, self._blocks - 1)
         m.submodules.crc = crc_gen = CRC_BIT_PARAMETERS.create()
 

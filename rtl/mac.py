@@ -43,51 +43,15 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
 
+from rtl.bram import NO_RW_CHECK, ram_read_port
 from rtl.formats import HelConfig
 
-__all__ = ["LaneGeometry", "MacLane", "AccumulatorGroup", "ceil_div", "ceil_log2",
-           "NO_RW_CHECK", "ram_read_port"]
-
-#: Memory attribute for Yosys: a read and a write of the same address in one cycle
-#: need no defined result (see :func:`ram_read_port`).
-NO_RW_CHECK = {"no_rw_check": 1}
-
-
-class _ReadPort:
-    def __init__(self, addr, en, data):
-        self.addr, self.en, self.data = addr, en, data
-
-
-def ram_read_port(m: Module, mem: Memory, name: str) -> _ReadPort:
-    """A synchronous block-RAM read port without read-during-write emulation.
-
-    Behaves like ``mem.read_port()`` (``addr``, ``en``, ``data`` one cycle later,
-    the old word when the address is written in the same cycle), but is built
-    as an asynchronous read port plus a register without reset, which Yosys'
-    ``memory_dff`` folds into the RAM's read port. Only there does Yosys honour
-    the memory's ``no_rw_check`` attribute (:data:`NO_RW_CHECK`): for a
-    synchronous Amaranth port it keeps the read-old-data guarantee on RAMs
-    without it (iCE40) by delaying every write a cycle and bypassing it to the
-    reader — a register, a multiplexer and an address comparator per data bit
-    and port. The core never uses the data of a read of a word written in the
-    same cycle (see where each memory is made), or forwards the word itself,
-    so on hardware the result of such a read may be anything.
-    """
-    port = mem.read_port(domain="comb")
-    en = Signal(init=1, name=f"{name}_en")
-    data = Signal(mem.shape, reset_less=True, name=f"{name}_data")
-    with m.If(en):
-        m.d.sync += data.eq(port.data)
-    return _ReadPort(port.addr, en, data)
-
+__all__ = ["LaneGeometry", "MacLane", "AccumulatorGroup", "ceil_div"]
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def ceil_log2(x: int) -> int:
-    return max(0, (x - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -300,11 +264,13 @@ class MacLane(wiring.Component):
     pipeline with both register stages.
 
     The force accumulators ``F[slot]`` (two: ±ε banks in centred echo) are driven in
-    S3 by ``f_en`` / ``f_first`` / ``f_last`` / ``f_slot``: ``f_first`` starts a
+    S3 (controls presented in S2) by ``f_en`` / ``f_first`` / ``f_last`` / ``f_slot``: ``f_first`` starts a
     sum with the product, shifted by ``cfg.alpha_shift`` when ``f_alpha`` (the
     first product of an oscillator is ``α_i·qo_i``, aligned with the ``W·a``
-    products in the activation format); ``total`` is the running sum including
-    this cycle's product (the U phase takes ``c_j`` from it); ``f_last`` copies the finished sum into ``kick[slot]``,
+    products in the activation format); ``sum0`` is the first bank's running-sum
+    register (the U phase takes ``c_j`` from it a cycle after the row's last
+    product: from a register rather than the adder, as the ``c_j`` registers lie
+    far from the lanes on ECP5); ``f_last`` copies the finished sum into ``kick[slot]``,
     where it waits for the serial state unit while the lane already sums the next
     oscillator.
 
@@ -314,8 +280,9 @@ class MacLane(wiring.Component):
         Operands in S1.
     p : Out(signed(2·operand_width))
         Product in S3.
-    f_en, f_first, f_last, f_slot : In(1)
-        Force-sum control in S3.
+    f_en, f_first, f_last, f_slot, f_alpha : In(1)
+        Force-sum control for the product ``p`` of the next cycle: presented in S2,
+        registered in the lane, acting in S3.
     kick0, kick1 : Out(signed(f_width))
         Finished force sums of the two working banks.
 
@@ -346,7 +313,7 @@ class MacLane(wiring.Component):
             "p": Out(signed(2 * ow)),
             "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1), "f_alpha": In(1),
             "kick0": Out(signed(g.lane_width)), "kick1": Out(signed(g.lane_width)),
-            "total": Out(signed(g.lane_width)),
+            "sum0": Out(signed(g.lane_width)),
         })
         self._fw = g.lane_width
 
@@ -365,23 +332,26 @@ class MacLane(wiring.Component):
         # one adder for both banks: their products alternate cycle by cycle
         facc = [Signal(signed(self._fw), name=f"facc{s}") for s in range(2)]
         kick = [self.kick0, self.kick1]
-        total = self.total
-        if self.f_bias:
-            # first product: bias + (α·qo << alpha_shift), through the same adder
-            first_a = self.f_first & self.f_alpha
-            acc_in = Mux(self.f_first, Mux(self.f_alpha, self.f_bias, 0),
-                         Mux(self.f_slot, facc[1], facc[0]))
-            m.d.comb += total.eq(acc_in + Mux(first_a, self.p << self.cfg.alpha_shift, self.p))
-        else:
-            with m.If(self.f_first):
-                m.d.comb += total.eq(Mux(self.f_alpha, self.p << self.cfg.alpha_shift, self.p))
-            with m.Else():
-                m.d.comb += total.eq(Mux(self.f_slot, facc[1], facc[0]) + self.p)
+        total = Signal(signed(self._fw))     # the running sum with this cycle's product
+        m.d.comb += self.sum0.eq(facc[0])
+        # The controls arrive in S2 and are decoded into registers here, so only
+        # register outputs fan out to the adder's bits (on ECP5, a decode behind the
+        # distant tag register, then the fan-out to eight lanes, exceeded 60 MHz).
+        take = [Signal(name=f"take{s}") for s in range(2)]      # add to facc[s]
+        shifted = Signal()      # an oscillator's first product: f_bias + (α·qo << alpha_shift)
+        write = [Signal(name=f"write{s}") for s in range(2)]
+        last = Signal()
         for s in range(2):
-            with m.If(self.f_en & (self.f_slot == s)):
+            m.d.sync += [take[s].eq(~self.f_first & (self.f_slot == s)),
+                         write[s].eq(self.f_en & (self.f_slot == s))]
+        m.d.sync += [shifted.eq(self.f_first & self.f_alpha), last.eq(self.f_last)]
+        acc_in = Mux(take[1], facc[1], Mux(take[0], facc[0], Mux(shifted, self.f_bias, 0)))
+        m.d.comb += total.eq(acc_in + Mux(shifted, self.p << self.cfg.alpha_shift, self.p))
+        for s in range(2):
+            with m.If(write[s]):
                 m.d.sync += facc[s].eq(total)
                 if self.kick_regs:
-                    with m.If(self.f_last):
+                    with m.If(last):
                         m.d.sync += kick[s].eq(total)
             if not self.kick_regs:
                 m.d.comb += kick[s].eq(facc[s])

@@ -164,12 +164,13 @@ def test_mac_lane_force_sums_match_golden_kick(ops, biased):
                     ctx.set(dut.a, cur[0])
                     ctx.set(dut.b, cur[1])
                 s3 = pipe[0]          # the slot whose product is in the output register now
-                ctx.set(dut.f_en, int(s3 is not None))
-                if s3:
-                    ctx.set(dut.f_first, s3[4])
-                    ctx.set(dut.f_alpha, s3[4])
-                    ctx.set(dut.f_last, s3[5])
-                    ctx.set(dut.f_slot, s3[3])
+                s2 = pipe[1]          # its controls are presented a cycle ahead
+                ctx.set(dut.f_en, int(s2 is not None))
+                if s2:
+                    ctx.set(dut.f_first, s2[4])
+                    ctx.set(dut.f_alpha, s2[4])
+                    ctx.set(dut.f_last, s2[5])
+                    ctx.set(dut.f_slot, s2[3])
                 await ctx.tick()
                 if s3 and s3[5]:
                     f = ctx.get(dut.kick1 if s3[3] else dut.kick0)
