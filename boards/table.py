@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: UART bit rate of every board: 1 Mbaud divides every design clock below
-#: exactly (24, 45 and 50 clocks per bit) and both FTDI bridges (FT2232H on the
+#: exactly (24 and 60 clocks per bit) and both FTDI bridges (FT2232H on the
 #: iCEBreaker, FT231X on the ULX3S) run it; a 1 KiB frame takes ~10 ms.
 DEFAULT_BAUD = 1_000_000
 
@@ -185,17 +185,13 @@ _ECP5_NEXTPNR = ("--router", "router2")
 
 #: 12 MHz → 24 MHz: the issue's iCE40 target; 24 clocks per UART bit at 1 Mbaud.
 _ICEBREAKER_CLK = 24_000_000
-#: 25 MHz → 50 MHz on the 25F and 45 MHz on the 85F, below the issue's ECP5 target
-#: of 60 MHz (docs/boards.md). Post-route, both at P = 8: 25F 64.6 MHz at its 50 MHz
-#: constraint (53.8 when constrained to 60); 85F 64.9 MHz at 45 and 60.0 (just short)
-#: when constrained to 60. The 85F ran P = 16 lanes before; with the pipelined
-#: accumulators router2 no longer converges on that design (docs/boards.md).
+#: 25 MHz → 60 MHz: the issue's ECP5 target, met on both dies at P = 8 (post-route
+#: 85F 69.8 MHz, 25F 65.0 MHz; docs/boards.md); 60 clocks per UART bit.
 _ULX3S_CLK = 60_000_000
-_ULX3S_85F_CLK = 60_000_000
 
 
-def _ulx3s(die: str, *, resources, clk_hz: int, config: HelConfig) -> Board:
-    """A ULX3S board entry: the dies differ in resources, clock and core only."""
+def _ulx3s(die: str, *, resources, config: HelConfig) -> Board:
+    """A ULX3S board entry: the dies differ in resources and core only."""
     return Board(
         name=f"ulx3s-{die.lower()}",
         title=f"ULX3S with LFE5U-{die} (ECP5)",
@@ -205,7 +201,7 @@ def _ulx3s(die: str, *, resources, clk_hz: int, config: HelConfig) -> Board:
         resources=resources,
         uart=("uart", 0),
         clock=ClockPlan("clk25", 25_000_000, "EHXPLLL"),
-        clk_hz=clk_hz,
+        clk_hz=_ULX3S_CLK,
         baud=DEFAULT_BAUD,
         config=config,
         bitstream="top.bit",
@@ -243,10 +239,8 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
         synth_opts=("-dsp",),
     ),
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-           clk_hz=_ULX3S_85F_CLK,
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
-           clk_hz=_ULX3S_CLK,
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
 ]}
 
