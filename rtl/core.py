@@ -308,9 +308,9 @@ class HELCore(wiring.Component):
         pipelined form (:class:`rtl.mac.AccumulatorGroup` ``pipelined``: the
         block-RAM read and the wide add in separate stages, for ECP5 at 60 MHz),
         the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
-        per word, instead of :class:`Mix32`), and the state unit's adders fed
-        straight from the state memory (not from a register after it: one cycle
-        less per step). ``None``: compact when elaborated
+        per word, instead of :class:`Mix32`), and the state unit's adders and the
+        READ_PARAMS words fed straight from their memories (not from a register
+        after them: one cycle less per step, and per word read). ``None``: compact when elaborated
         for an iCE40 platform. Results and interface are the same either way.
 
     Attributes
@@ -650,15 +650,18 @@ class HELCore(wiring.Component):
         else:
             m.d.comb += bterm.eq((br.data << of) + (1 << (zs - 1)))
         if g.u_mode:
-            # c_j is selected a stage before the add: the M-way selection and the
-            # adder in one cycle, with the tags at the far end of the tree, were
-            # the ECP5 critical path (mostly routing)
-            c_sel = Signal(signed(g.c_width))
-            with m.Switch(tagz_prev2.j):
-                for j in range(M):
-                    with m.Case(j):
-                        m.d.sync += c_sel.eq(creg[j])
-            m.d.sync += zinit.eq(bterm + c_sel)
+            # The rows take c_j in order (the first chunk of row j in each working
+            # bank), so the c_j registers form a shift chain read at its head, which
+            # moves on after the last bank's first chunk: no M-way selection by the
+            # tag's row (its decode and spread-out inputs were an ECP5 critical
+            # path). The shift enable is decoded a stage ahead; the U phase refills
+            # the chain before the next step's A phase.
+            c_shift = Signal()
+            m.d.sync += c_shift.eq(tagz_prev2.valid & (tagz_prev2.phase == _PH_A)
+                                   & tagz_prev2.first & (tagz_prev2.sub == nb_last))
+            with m.If(c_shift):
+                m.d.sync += [creg[j].eq(creg[j + 1]) for j in range(M - 1)]
+            m.d.sync += zinit.eq(bterm + creg[0])
             b_tag = tagz_prev2     # b is read two stages ahead: zinit is a register
         else:
             m.d.comb += zinit.eq(bterm)
@@ -930,6 +933,20 @@ class HELCore(wiring.Component):
         pwalk = awalk = _Walker(m, g, "walk")     # one walker for both orders
         m.d.comb += pwalk.skip.eq(c_skip)
 
+        # READ_PARAMS: the addressed word, in the ECP5 form from a register (a block
+        # RAM's clock-to-out, the P-way selection and the reply's bit selection did
+        # not fit 60 MHz in one cycle)
+        p_lane = Signal(signed(ow))
+        with m.Switch(pwalk.lane):
+            for p in range(P):
+                with m.Case(p):
+                    m.d.comb += p_lane.eq(pr[p].data)
+        p_word = Signal(signed(ow))
+        if compact:
+            m.d.comb += p_word.eq(Mux(pwalk.is_b, br.data, p_lane))
+        else:
+            m.d.sync += p_word.eq(Mux(pwalk.is_b, br.data, p_lane))
+
         # readout helper register: index into state / clear address
         ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
         ro_w = Signal()   # READ_STATE: Wv pass
@@ -1058,18 +1075,18 @@ class HELCore(wiring.Component):
                 for p in range(P):
                     m.d.comb += [pr[p].addr.eq(pwalk.addr), pr[p].en.eq(1)]
                 m.d.comb += [br.addr.eq(pwalk.j), br.en.eq(1)]
-                m.next = "RPARAM_HOLD"
+                m.next = "RPARAM_HOLD" if compact else "RPARAM_REG"
+            if not compact:
+                with m.State("RPARAM_REG"):     # the word reaches p_word
+                    for p in range(P):
+                        m.d.comb += pr[p].en.eq(0)
+                    m.d.comb += br.en.eq(0)
+                    m.next = "RPARAM_HOLD"
             with m.State("RPARAM_HOLD"):
                 for p in range(P):
                     m.d.comb += pr[p].en.eq(0)
                 m.d.comb += br.en.eq(0)
-                pdata = Signal(signed(ow))
-                with m.Switch(pwalk.lane):
-                    for p in range(P):
-                        with m.Case(p):
-                            m.d.comb += pdata.eq(pr[p].data)
-                m.d.comb += [self.params_out.valid.eq(1),
-                             self.params_out.payload.eq(Mux(pwalk.is_b, br.data, pdata))]
+                m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(p_word)]
                 with m.If(self.params_out.ready):
                     m.d.comb += pwalk.step.eq(1)
                     with m.If(pwalk.last):
