@@ -809,14 +809,14 @@ class CommandUnit(wiring.Component):
                 # a kind's length is never sent, so only positions kinds share need a
                 # multiplexer): STATUS flags xfer_cmd xfer_done:u16 t_loaded:u32;
                 # ERROR code cmd arg:u16 (arg = xfer_done or 0); ACK next:u16; RESULT.
-                is_status = r_kind == kind_code["STATUS"]
-                is_ack = r_kind == kind_code["ACK"]
+                def kind_is(*ks):
+                    return Cat(*(r_kind == kind_code[k] for k in ks)).any()
                 done_lo, done_hi = xfer_done16[:8], xfer_done16[8:]
                 arg_zero = is_error & ~r_arg_next
                 small = [
-                    Mux(is_status, status[:8],
-                        Mux(is_error, r_code, Mux(is_ack, done_lo, r_pass))),
-                    Mux(is_status, xfer_cmd, Mux(is_error, f_cmd, done_hi)),
+                    Mux(kind_is("STATUS"), status[:8],
+                        Mux(is_error, r_code, Mux(kind_is("ACK"), done_lo, r_pass))),
+                    Mux(kind_is("STATUS"), xfer_cmd, Mux(is_error, f_cmd, done_hi)),
                     Mux(arg_zero, 0, done_lo),
                     Mux(arg_zero, 0, done_hi),
                     *(status[32 + 8 * j:40 + 8 * j] for j in range(4)),

@@ -933,18 +933,16 @@ class HELCore(wiring.Component):
         pwalk = awalk = _Walker(m, g, "walk")     # one walker for both orders
         m.d.comb += pwalk.skip.eq(c_skip)
 
-        # READ_PARAMS: the addressed word, in the ECP5 form from a register (a block
-        # RAM's clock-to-out, the P-way selection and the reply's bit selection did
-        # not fit 60 MHz in one cycle)
-        p_lane = Signal(signed(ow))
-        with m.Switch(pwalk.lane):
-            for p in range(P):
-                with m.Case(p):
-                    m.d.comb += p_lane.eq(pr[p].data)
-        p_word = Signal(signed(ow))
-        if compact:
-            m.d.comb += p_word.eq(Mux(pwalk.is_b, br.data, p_lane))
-        else:
+        if not compact:
+            # READ_PARAMS: in the ECP5 form the addressed word comes from a register
+            # (a block RAM's clock-to-out, the P-way selection and the reply's bit
+            # selection did not fit 60 MHz in one cycle)
+            p_lane = Signal(signed(ow))
+            with m.Switch(pwalk.lane):
+                for p in range(P):
+                    with m.Case(p):
+                        m.d.comb += p_lane.eq(pr[p].data)
+            p_word = Signal(signed(ow))
             m.d.sync += p_word.eq(Mux(pwalk.is_b, br.data, p_lane))
 
         # readout helper register: index into state / clear address
@@ -1086,6 +1084,13 @@ class HELCore(wiring.Component):
                 for p in range(P):
                     m.d.comb += pr[p].en.eq(0)
                 m.d.comb += br.en.eq(0)
+                if compact:     # the word straight from the memories
+                    pdata = Signal(signed(ow))
+                    with m.Switch(pwalk.lane):
+                        for p in range(P):
+                            with m.Case(p):
+                                m.d.comb += pdata.eq(pr[p].data)
+                    p_word = Mux(pwalk.is_b, br.data, pdata)
                 m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(p_word)]
                 with m.If(self.params_out.ready):
                     m.d.comb += pwalk.step.eq(1)
