@@ -185,8 +185,8 @@ _ECP5_NEXTPNR = ("--router", "router2")
 
 #: 12 MHz → 24 MHz: the issue's iCE40 target; 24 clocks per UART bit at 1 Mbaud.
 _ICEBREAKER_CLK = 24_000_000
-#: 25 MHz → 60 MHz: the issue's ECP5 target, met on both dies at P = 8 (post-route
-#: 85F 69.8 MHz, 25F 65.0 MHz; docs/boards.md); 60 clocks per UART bit.
+#: 25 MHz → 60 MHz: the issue's ECP5 target, met on both dies at P = 8 (the post-route
+#: figures are in docs/boards.md and the README); 60 clocks per UART bit.
 _ULX3S_CLK = 60_000_000
 
 

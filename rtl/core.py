@@ -274,6 +274,17 @@ class SequenceBuffer(wiring.Component):
         return m
 
 
+def _param_word(m, walk, pr, br, name):
+    """READ_PARAMS: the word ``walk`` addresses, from its lane's parameter memory
+    (read port ``pr[lane]``, selected into a signal called ``name``) or from b's (``br``)."""
+    lane_word = Signal.like(pr[0].data, name=name)
+    with m.Switch(walk.lane):
+        for p, port in enumerate(pr):
+            with m.Case(p):
+                m.d.comb += lane_word.eq(port.data)
+    return Mux(walk.is_b, br.data, lane_word)
+
+
 def _wrap(m, expr, width, name):
     """Two's-complement wrap of ``expr`` to ``width`` bits and whether it wrapped
     (the bits from ``width − 1`` up are not all equal: no wide comparison)."""
@@ -310,8 +321,9 @@ class HELCore(wiring.Component):
         the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
         per word, instead of :class:`Mix32`), and the state unit's adders and the
         READ_PARAMS words fed straight from their memories (not from a register
-        after them: one cycle less per step, and per word read). ``None``: compact when elaborated
-        for an iCE40 platform. Results and interface are the same either way.
+        after them: one cycle less per step, and per word read). ``None``:
+        compact when elaborated for an iCE40 platform. Results and interface are
+        the same either way.
 
     Attributes
     ----------
@@ -384,8 +396,9 @@ class HELCore(wiring.Component):
         # row is rewritten after the last read of the old operand and read again only
         # after the step drains; an activation is read only once its row is counted
         # finished; the state unit writes an oscillator three (pipelined: four) ops
-        # after reading it (and a step starts only when the previous one has drained). Where a read
-        # and a write do meet, the read is an idle or stalled one whose data is unused.
+        # after reading it (and a step starts only when the previous one has
+        # drained). Where a read and a write do meet, the read is an idle or stalled
+        # one whose data is unused.
         pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         bmem = Memory(shape=signed(ow), depth=M, init=[], attrs=NO_RW_CHECK)
@@ -937,13 +950,8 @@ class HELCore(wiring.Component):
             # READ_PARAMS: in the ECP5 form the addressed word comes from a register
             # (a block RAM's clock-to-out, the P-way selection and the reply's bit
             # selection did not fit 60 MHz in one cycle)
-            p_lane = Signal(signed(ow))
-            with m.Switch(pwalk.lane):
-                for p in range(P):
-                    with m.Case(p):
-                        m.d.comb += p_lane.eq(pr[p].data)
             p_word = Signal(signed(ow))
-            m.d.sync += p_word.eq(Mux(pwalk.is_b, br.data, p_lane))
+            m.d.sync += p_word.eq(_param_word(m, pwalk, pr, br, "p_lane"))
 
         # readout helper register: index into state / clear address
         ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
@@ -1085,12 +1093,7 @@ class HELCore(wiring.Component):
                     m.d.comb += pr[p].en.eq(0)
                 m.d.comb += br.en.eq(0)
                 if compact:     # the word straight from the memories
-                    pdata = Signal(signed(ow))
-                    with m.Switch(pwalk.lane):
-                        for p in range(P):
-                            with m.Case(p):
-                                m.d.comb += pdata.eq(pr[p].data)
-                    p_word = Mux(pwalk.is_b, br.data, pdata)
+                    p_word = _param_word(m, pwalk, pr, br, "pdata")
                 m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(p_word)]
                 with m.If(self.params_out.ready):
                     m.d.comb += pwalk.step.eq(1)

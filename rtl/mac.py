@@ -264,15 +264,15 @@ class MacLane(wiring.Component):
     pipeline with both register stages.
 
     The force accumulators ``F[slot]`` (two: ±ε banks in centred echo) are driven in
-    S3 (controls presented in S2) by ``f_en`` / ``f_first`` / ``f_last`` / ``f_slot``: ``f_first`` starts a
-    sum with the product, shifted by ``cfg.alpha_shift`` when ``f_alpha`` (the
-    first product of an oscillator is ``α_i·qo_i``, aligned with the ``W·a``
-    products in the activation format); ``sum0`` is the first bank's running-sum
-    register (the U phase takes ``c_j`` from it a cycle after the row's last
-    product: from a register rather than the adder, as the ``c_j`` registers lie
-    far from the lanes on ECP5); ``f_last`` copies the finished sum into ``kick[slot]``,
-    where it waits for the serial state unit while the lane already sums the next
-    oscillator.
+    S3 (controls presented in S2) by ``f_en`` / ``f_first`` / ``f_last`` /
+    ``f_slot``: ``f_first`` starts a sum with the product, shifted by
+    ``cfg.alpha_shift`` when ``f_alpha`` (the first product of an oscillator is
+    ``α_i·qo_i``, aligned with the ``W·a`` products in the activation format);
+    ``sum0`` is the first bank's running-sum register (the U phase takes ``c_j``
+    from it a cycle after the row's last product: from a register rather than
+    the adder, as the ``c_j`` registers lie far from the lanes on ECP5);
+    ``f_last`` copies the finished sum into ``kick[slot]``, where it waits for the
+    serial state unit while the lane already sums the next oscillator.
 
     Attributes
     ----------
