@@ -1,10 +1,10 @@
-"""Bitstreams for the boards of :mod:`boards.table`: generate, synthesise, place & route, pack.
+"""Bitstreams for the boards of :mod:`hel_fpga.boards.table`: generate, synthesise, place & route, pack.
 
 Flow
 ----
 1. The *design factory* (``board → Elaboratable``) makes the top level;
-   :func:`real_top` builds ``rtl.top.Top(board.config, board.clk_hz, board.baud)``
-   and is the default. :class:`boards.clocks.BoardClocks` becomes its parent:
+   :func:`real_top` builds ``hel_fpga.rtl.top.Top(board.config, board.clk_hz, board.baud)``
+   and is the default. :class:`hel_fpga.boards.clocks.BoardClocks` becomes its parent:
    it creates the ``sync`` domain (PLL and reset) the top level runs in.
 2. Amaranth's platform prepares the build plan (RTLIL, Yosys script, pin
    constraints and the tool command lines, ``synth_opts``/``nextpnr_opts``
@@ -50,8 +50,8 @@ from typing import Callable
 from amaranth.hdl import Elaboratable, Module
 from amaranth.lib import io
 
-from boards.clocks import BoardClocks
-from boards.table import Board
+from hel_fpga.boards.clocks import BoardClocks
+from hel_fpga.boards.table import Board
 
 __all__ = [
     "BuildError", "ToolchainError", "ToolFailed",
@@ -189,16 +189,16 @@ def find_toolchain(family: str, kind: str | None = None) -> Toolchain:
 # --------------------------------------------------------------------------------------
 
 def real_top(board: Board) -> Elaboratable:
-    """The project's top level for ``board``: ``rtl.top.Top(config, clk_hz, baud)``
+    """The project's top level for ``board``: ``hel_fpga.rtl.top.Top(config, clk_hz, baud)``
     with its UART on the board's pins."""
-    from rtl.top import Top  # noqa: PLC0415 (keeps `hel build --list` light)
+    from hel_fpga.rtl.top import Top  # noqa: PLC0415 (keeps `hel build --list` light)
     return UARTPins(Top(board.config, board.clk_hz, board.baud, name=board.name), board)
 
 
 class UARTPins(Elaboratable):
     """Connects a design's ``rx``/``tx`` ports to the board's UART pins.
 
-    ``rtl.top.Top`` has plain ports so the Verilator-simulated board can use it
+    ``hel_fpga.rtl.top.Top`` has plain ports so the Verilator-simulated board can use it
     unchanged; on a real board these buffers sit between it and the pins.
     """
 

@@ -1,11 +1,11 @@
 """The board clock plan: oscillator → PLL → the design's ``sync`` domain.
 
 :class:`BoardClocks` is the one place that creates the ``sync`` clock domain on a
-real board; the top level is its submodule. The top level (``rtl.top.Top``) only *uses* ``sync``; it runs at
+real board; the top level is its submodule. The top level (``hel_fpga.rtl.top.Top``) only *uses* ``sync``; it runs at
 ``Board.clk_hz``, the frequency this module produces and constrains.
 
 The PLL parameters are computed here (not pasted from ``icepll``/``ecppll``
-output) so that changing a board's design clock in :mod:`boards.table` is a
+output) so that changing a board's design clock in :mod:`hel_fpga.boards.table` is a
 one-number edit. :func:`ice40_pll` searches like Project IceStorm's ``icepll``
 and :func:`ecp5_pll` like Project Trellis' ``ecppll``; the tests compare both
 against those tools when they are installed (``yowasp-icepll``,
@@ -158,10 +158,10 @@ class BoardClocks(Elaboratable):
     Parameters
     ----------
     board:
-        A :class:`boards.table.Board`; its ``clock`` field says which oscillator
+        A :class:`hel_fpga.boards.table.Board`; its ``clock`` field says which oscillator
         resource to request, its frequency, and which PLL (if any) to use.
     design:
-        The top level (``rtl.top.Top`` or a stand-in), added as submodule
+        The top level (``hel_fpga.rtl.top.Top`` or a stand-in), added as submodule
         ``top``; it uses ``sync`` without defining it. ``None`` for just the
         clocks.
 
@@ -229,7 +229,7 @@ class BoardClocks(Elaboratable):
         # No explicit constraint on design_clk: Amaranth's hierarchical name for
         # it does not survive Yosys' flattening, and nextpnr derives the exact
         # constraint through the PLL from the oscillator's (which the platform
-        # sets). boards.build checks that a clock carries the target.
+        # sets). hel_fpga.boards.build checks that a clock carries the target.
 
         m.domains.por = cd_por = ClockDomain("por", reset_less=True, local=True)
         m.d.comb += cd_por.clk.eq(design_clk)

@@ -10,7 +10,7 @@ openFPGALoader is looked for in this order:
    the system's ``libusb-1.0`` and ``libftdi1``).
 
 If none is found, the board's usual programmer (``iceprog`` for the
-iCEBreaker, ``fujprog`` for the ULX3S, see :class:`boards.table.Programmer`)
+iCEBreaker, ``fujprog`` for the ULX3S, see :class:`hel_fpga.boards.table.Programmer`)
 is used when it is on ``PATH``.
 
 Command lines (``{bitstream}`` is the file)::
@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from boards.table import Board
+from hel_fpga.boards.table import Board
 
 __all__ = ["ProgramError", "BadRequest", "NoBoardFound", "Command", "find_openfpgaloader", "program_command",
            "default_bitstream", "program"]

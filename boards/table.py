@@ -7,7 +7,7 @@ clock, core configuration or programmer.
 Adding a board is one :class:`Board` entry. The ``config`` is the core that
 fits the device: N = M and the MAC lanes P are sized to the DSP blocks, the
 operand width follows the DSP family (16 bits for iCE40's SB_MAC16, 18 for
-ECP5's MULT18X18D, see ``rtl.formats``), and ``t_max`` to the block RAM left
+ECP5's MULT18X18D, see ``hel_fpga.spec.formats``), and ``t_max`` to the block RAM left
 after the parameter, accumulator and link buffers.
 
 Every board runs its UART at the same :data:`DEFAULT_BAUD`, so the host can
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from rtl.formats import ECP5_OPERAND, ICE40_OPERAND, HelConfig
+from hel_fpga.spec.formats import ECP5_OPERAND, ICE40_OPERAND, HelConfig
 
 __all__ = [
     "Board", "ClockPlan", "ResourceKind", "Programmer", "BOARDS", "DEFAULT_BAUD",

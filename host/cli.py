@@ -1,6 +1,6 @@
 """The ``hel`` console command: one entry point for the whole flow.
 
-Each subcommand lives in its own module under :mod:`host.commands` and provides
+Each subcommand lives in its own module under :mod:`hel_fpga.host.commands` and provides
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules
 are imported only when their command runs, so ``hel --help`` stays fast.
 """
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-#: name → module under host.commands. Help lines are kept here so that
+#: name → module under hel_fpga.host.commands. Help lines are kept here so that
 #: ``hel --help`` does not import NumPy, Amaranth or the toolchain.
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"),
@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-from host.errors import UsageError  # noqa: E402  (re-exported for the commands)
+from hel_fpga.host.errors import UsageError  # noqa: E402  (re-exported for the commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Load the selected command's arguments before the full parse.
     if argv and argv[0] in COMMANDS:
-        mod = importlib.import_module(f"host.commands.{COMMANDS[argv[0]][0]}")
+        mod = importlib.import_module(f"hel_fpga.host.commands.{COMMANDS[argv[0]][0]}")
         sub = parser._subparsers._group_actions[0].choices[argv[0]]  # noqa: SLF001
         mod.add_arguments(sub)
     args = parser.parse_args(argv)
-    mod = importlib.import_module(f"host.commands.{args._module}")
+    mod = importlib.import_module(f"hel_fpga.host.commands.{args._module}")
     try:
         return int(mod.run(args) or 0)
     except UsageError as e:

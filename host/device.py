@@ -1,11 +1,11 @@
 """The device API: one interface for every place a HEL core can live.
 
 A :class:`Device` offers the core's operations with integer arguments in the
-formats of :mod:`rtl.formats`. Implementations:
+formats of :mod:`hel_fpga.spec.formats`. Implementations:
 
 * :class:`GoldenDevice` — the integer golden model in-process (``--device sim``);
   the fastest way to run the exact integer arithmetic of the hardware.
-* ``host.link.SerialDevice`` — the command protocol over a serial port (a real
+* ``hel_fpga.host.link.SerialDevice`` — the command protocol over a serial port (a real
   board, the Verilator-simulated board, or any pyserial URL).
 
 Everything above this layer (``hel compare``, ``hel train``) is written against
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtl.formats import HelConfig
-from sim.golden import GoldenCore
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.sim.golden import GoldenCore
 
 __all__ = ["Device", "DeviceError", "GoldenDevice", "Ident", "Status", "open_device"]
 
@@ -47,7 +47,7 @@ class Status:
 
 
 class Device(abc.ABC):
-    """Operations of one HEL core (see sim.golden.GoldenCore for their semantics)."""
+    """Operations of one HEL core (see hel_fpga.sim.golden.GoldenCore for their semantics)."""
 
     @property
     @abc.abstractmethod
@@ -159,5 +159,5 @@ def open_device(spec: str, cfg: HelConfig | None = None) -> Device:
         if cfg is None:
             raise DeviceError("--device sim needs a configuration")
         return GoldenDevice(cfg)
-    from host import link  # noqa: PLC0415 (pyserial is not needed for 'sim')
+    from hel_fpga.host import link  # noqa: PLC0415 (pyserial is not needed for 'sim')
     return link.open_serial_device(spec, expect=cfg)

@@ -1,4 +1,4 @@
-"""One HEL learning sample on any :class:`host.device.Device`.
+"""One HEL learning sample on any :class:`hel_fpga.host.device.Device`.
 
 The host owns the loss: the device runs FORWARD and streams the outputs; the
 host turns them into output gradients, quantises ``ν = (δ/2)·ε·∂ℓ/∂ŷ`` into
@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from host.device import Device
-from rtl.formats import HelConfig
+from hel_fpga.host.device import Device
+from hel_fpga.spec.formats import HelConfig
 
 __all__ = ["LossFn", "masked_mse", "run_sample", "read_gradients", "default_eps", "config_for"]
 

@@ -1,43 +1,41 @@
-"""The device API over a serial port: :class:`SerialDevice` speaks :mod:`rtl.protocol`.
+"""The device API over a serial port: :class:`SerialDevice` speaks :mod:`hel_fpga.spec.protocol`.
 
 Works over anything with pyserial's ``read``/``write``/``timeout`` interface:
 a real board (``/dev/ttyUSB1``), the Verilator-simulated board's pty, a
-pyserial URL, or :class:`sim.protocol_model.ModelPort` (the reference model
+pyserial URL, or :class:`hel_fpga.sim.protocol_model.ModelPort` (the reference model
 in-process).
 
-Reliability (see "Command layer" in :mod:`rtl.protocol`):
+Reliability (see "Command layer" in :mod:`hel_fpga.spec.protocol`):
 
 * every wait has a deadline; a device that stays silent raises
-  :class:`~host.device.DeviceError` saying which command, how long, how often;
+  :class:`~hel_fpga.host.device.DeviceError` saying which command, how long, how often;
 * a request whose reply is lost, corrupted (bad CRC) or answered with a link
   error is retransmitted with the *same* seq, up to ``retries`` times: reads
   and other idempotent commands repeat harmlessly, a retransmitted FORWARD is
   recognised by the device (same cmd and seq) and not accumulated twice;
 * transfers (WRITE_PARAMS, LOAD, ECHO) run go-back-N with a window of
-  :data:`rtl.protocol.WINDOW` chunks and a window of one after each go-back,
+  :data:`hel_fpga.spec.protocol.WINDOW` chunks and a window of one after each go-back,
   resolving a lost final ack through STATUS;
 * the device's command errors become exceptions: WRONG_STATE →
-  :class:`RemoteStateError` (also a :class:`sim.golden.StateError`),
+  :class:`RemoteStateError` (also a :class:`hel_fpga.sim.golden.StateError`),
   OUT_OF_RANGE → :class:`RemoteRangeError` (also a
-  :class:`rtl.formats.FormatError`), others :class:`RemoteError`; all are
-  :class:`~host.device.DeviceError`.
+  :class:`hel_fpga.spec.formats.FormatError`), others :class:`RemoteError`; all are
+  :class:`~hel_fpga.host.device.DeviceError`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 
 import numpy as np
 
-from host.device import Device, DeviceError, Ident, Status
-from host.framing import Frame, FrameError, FrameReader, encode_frame
-from host.wire import join_chunks, split_chunks
-from rtl import protocol as P
-from rtl.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
-from rtl.protocol import Command, ErrorCode, StatusFlag
-from sim.golden import ESTIMATORS, StateError
+from hel_fpga.host.device import Device, DeviceError, Ident, Status
+from hel_fpga.spec.framing import Frame, FrameError, FrameReader, encode_frame
+from hel_fpga.spec.wire import join_chunks, split_chunks
+from hel_fpga.spec import protocol as P
+from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
+from hel_fpga.sim.golden import ESTIMATORS, StateError
 
 __all__ = ["SerialDevice", "RemoteError", "RemoteStateError", "RemoteRangeError",
            "open_serial_device", "DEFAULT_BAUD"]
@@ -484,16 +482,13 @@ def open_serial_device(spec: str, expect: HelConfig | None = None, *,
     if spec == "model":
         if expect is None:
             raise DeviceError("--device model needs a configuration")
-        from sim.protocol_model import ModelPort, ProtocolModel  # noqa: PLC0415
+        from hel_fpga.sim.protocol_model import ModelPort, ProtocolModel  # noqa: PLC0415
         return SerialDevice(ModelPort(ProtocolModel(expect)), timeout=timeout,
                             retries=retries, expect=expect)
     import serial  # noqa: PLC0415
 
     if spec == "sim-board":
-        if importlib.util.find_spec("sim.board") is None:
-            raise DeviceError("the simulated board is not available yet (no module sim.board); "
-                              "use --device sim, a serial path or a pyserial URL")
-        board = importlib.import_module("sim.board")
+        from hel_fpga.sim import board  # noqa: PLC0415 (Amaranth only when a board is simulated)
         import sys  # noqa: PLC0415
 
         def progress(line):  # the first Verilator build of a configuration takes ~30 s

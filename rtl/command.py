@@ -1,8 +1,8 @@
 """The command unit: good frames in, replies out, the HEL core's operations in between.
 
-:class:`CommandUnit` is the device side of the command layer of :mod:`rtl.protocol`
+:class:`CommandUnit` is the device side of the command layer of :mod:`hel_fpga.spec.protocol`
 (prose: ``docs/protocol.md``). Its byte-for-byte reference is
-:class:`sim.protocol_model.ProtocolModel`: for the same request bytes the gateware
+:class:`hel_fpga.sim.protocol_model.ProtocolModel`: for the same request bytes the gateware
 sends the same reply bytes (``tests/test_command.py`` checks this).
 
 Data path
@@ -32,7 +32,7 @@ Design decisions
   with an ERROR; nothing else changes. The decoder's ``length`` field gives the
   payload length at the first byte, so a DATA chunk of the wrong length is
   rejected before any of its words reaches the core.
-* **Reports in wire order.** :class:`rtl.framing.FrameDecoder` queues bad-frame
+* **Reports in wire order.** :class:`hel_fpga.rtl.framing.FrameDecoder` queues bad-frame
   reports behind the frames before them, and the unit takes a report only
   between frames, so replies leave in the order the model sends them.
 * **Transfers stream.** A transfer-opening command (WRITE_PARAMS, LOAD, ECHO)
@@ -71,7 +71,7 @@ Design decisions
 Timing differences from the model (allowed by the protocol): the model never
 overruns and updates STATUS's overflow bits of an ECHO at its end, the gateware
 as the echo runs; a bad frame's report that finds the decoder's queue full is
-sent out of order (see :class:`rtl.framing.FrameDecoder`). While the core runs
+sent out of order (see :class:`hel_fpga.rtl.framing.FrameDecoder`). While the core runs
 FORWARD, SELFTEST, a read-out or a transfer's last chunk, the unit reads no
 further frame (frames wait in the receive ring), so a SELFTEST of very many
 steps keeps the device deaf until it ends; the model answers at once.
@@ -96,11 +96,11 @@ from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, signed
 from amaranth.lib import fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl import protocol as P
-from rtl.core import HELCore, Op
-from rtl.formats import PARAM_NAMES, HelConfig
-from rtl.framing import LENGTH_BITS, FrameByte, LinkError
-from rtl.protocol import Command, ErrorCode, StatusFlag
+from hel_fpga.spec import protocol as P
+from hel_fpga.rtl.core import HELCore, Op
+from hel_fpga.spec.formats import PARAM_NAMES, HelConfig
+from hel_fpga.rtl.framing import LENGTH_BITS, FrameByte, LinkError
+from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 
 __all__ = ["CommandUnit", "DataReplier", "WordUnpacker", "REQUEST_LEN", "DURING_TRANSFER",
            "ident_payload", "mul_const"]
@@ -151,9 +151,9 @@ class DataReplier(wiring.Component):
     """Words → data-reply frames: ``cmd|0x80, seq, index:u16, packed words`` per chunk.
 
     On ``start`` it latches ``total`` (≥ 1 words), then takes ``total`` words
-    from ``words`` and sends chunks of :func:`rtl.protocol.chunk_words` words,
+    from ``words`` and sends chunks of :func:`hel_fpga.spec.protocol.chunk_words` words,
     each its own frame with indices 0, 1, …, bit-packed LSB first with zero
-    padding (the format of :mod:`host.wire`). ``width`` (an index into
+    padding (the format of :mod:`hel_fpga.spec.wire`). ``width`` (an index into
     ``widths``), ``cmd`` and ``seq`` are not latched: the producer holds them
     from ``start`` until ``busy`` falls (the command unit's frame registers do;
     no copies). ``busy`` is high from the cycle after ``start`` until the last
@@ -314,11 +314,11 @@ class WordUnpacker(wiring.Component):
 
 
 class CommandUnit(wiring.Component):
-    """The command layer between the frame codec and :class:`rtl.core.HELCore`.
+    """The command layer between the frame codec and :class:`hel_fpga.rtl.core.HELCore`.
 
     See the module docstring for the design. Connect ``rx``/``rx_error`` to
-    :class:`rtl.framing.FrameDecoder`'s ``source``/``error``, ``tx`` to
-    :class:`rtl.framing.FrameEncoder`'s ``sink``, ``core`` to a ``HELCore(cfg)``
+    :class:`hel_fpga.rtl.framing.FrameDecoder`'s ``source``/``error``, ``tx`` to
+    :class:`hel_fpga.rtl.framing.FrameEncoder`'s ``sink``, ``core`` to a ``HELCore(cfg)``
     wrapped in ``ResetInserter({"sync": core_rst})``.
 
     Parameters

@@ -1,9 +1,9 @@
 """The HEL core: forward and echo dynamics as fixed-point hardware, bit-exact with
-:class:`sim.golden.GoldenCore`.
+:class:`hel_fpga.sim.golden.GoldenCore`.
 
 Interface
 ---------
-:class:`HELCore` is a ``wiring.Component`` built from a :class:`rtl.formats.HelConfig`
+:class:`HELCore` is a ``wiring.Component`` built from a :class:`hel_fpga.spec.formats.HelConfig`
 (``P = cfg.lanes`` MAC lanes). Commands arrive on ``cmd`` (one at a time, accepted
 only while idle); each produces exactly one ``done`` word. Data moves on
 ``amaranth.lib.stream`` streams with full handshakes in both directions:
@@ -41,7 +41,7 @@ LOAD length would have to be silently clamped or hang waiting for words.)
 
 Schedule of one step
 --------------------
-The step is three phases on the P multiplier lanes (see :mod:`rtl.mac` for the
+The step is three phases on the P multiplier lanes (see :mod:`hel_fpga.rtl.mac` for the
 banking); in centred echo every weight read serves both banks on two
 consecutive cycles (the read port holds its data), so each phase takes twice
 as long with the same P multipliers:
@@ -84,10 +84,10 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from rtl.bram import NO_RW_CHECK, ram_read_port
-from rtl.formats import HelConfig
-from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
-from rtl.tanh import TanhUnit, saturate_signed
+from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
+from hel_fpga.rtl.tanh import TanhUnit, saturate_signed
 
 __all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "Mix32Serial", "SequenceBuffer",
            "BANKS"]
@@ -142,7 +142,7 @@ def _device(platform) -> str:
 class _Mix32Ports(wiring.Component):
     """The ports both forms of the self-test generator share: an argument ``x`` is
     taken when ``valid & ready``; ``y`` comes later with ``y_valid`` and the
-    argument's ``tag``. ``ROUNDS`` are :func:`sim.golden.mix32`'s (s, m) pairs:
+    argument's ``tag``. ``ROUNDS`` are :func:`hel_fpga.sim.golden.mix32`'s (s, m) pairs:
     ``x ^= x >> s`` then ``x += x << m``, and a final ``x ^= x >> 15``."""
 
     ROUNDS = ((16, 5), (7, 3), (13, 11))
@@ -154,7 +154,7 @@ class _Mix32Ports(wiring.Component):
 
 
 class Mix32(_Mix32Ports):
-    """:func:`sim.golden.mix32` as a 3-stage pipeline (one add per stage).
+    """:func:`hel_fpga.sim.golden.mix32` as a 3-stage pipeline (one add per stage).
 
     Takes an argument every cycle (``ready`` is always high); ``y`` follows
     ``LATENCY`` cycles later with ``y_valid`` and the argument's ``tag``.
@@ -187,7 +187,7 @@ class Mix32(_Mix32Ports):
 
 
 class Mix32Serial(_Mix32Ports):
-    """:func:`sim.golden.mix32` bit-serially: one argument per 97 cycles, ~80 logic cells.
+    """:func:`hel_fpga.sim.golden.mix32` bit-serially: one argument per 97 cycles, ~80 logic cells.
 
     The self-test generator needs K words per step, a step takes hundreds of
     cycles with few lanes, so on iCE40 the three 32-bit add-shift rounds of
@@ -316,7 +316,7 @@ class HELCore(wiring.Component):
     compact : bool or None
         The smallest form, for iCE40 (slow clock, scarce logic cells): the
         accumulator groups' read-modify-write in two cycles instead of the
-        pipelined form (:class:`rtl.mac.AccumulatorGroup` ``pipelined``: the
+        pipelined form (:class:`hel_fpga.rtl.mac.AccumulatorGroup` ``pipelined``: the
         block-RAM read and the wide add in separate stages, for ECP5 at 60 MHz),
         the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
         per word, instead of :class:`Mix32`), and the state unit's adders and the

@@ -1,12 +1,12 @@
 """The link's frame layer in gateware: COBS, CRC-32 and length checks.
 
-The frame format is defined once in :mod:`rtl.protocol`; in short, a frame on
+The frame format is defined once in :mod:`hel_fpga.spec.protocol`; in short, a frame on
 the wire is ``COBS(cmd ‖ seq ‖ payload ‖ crc32_le) ‖ 0x00``.
 
 * :class:`FrameDecoder` — raw bytes from the UART → *good frames only*
   (``cmd ‖ seq ‖ payload``, CRC stripped) as a byte stream with
   ``first``/``last`` markers, plus an ``error`` stream reporting every bad
-  frame with its :class:`rtl.protocol.ErrorCode`.
+  frame with its :class:`hel_fpga.spec.protocol.ErrorCode`.
 * :class:`FrameEncoder` — reply bytes with ``first``/``last`` markers → COBS
   encoded frame with the CRC appended and the delimiter.
 
@@ -25,14 +25,14 @@ from amaranth.lib import crc, data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from . import protocol
-from .bram import NO_RW_CHECK, ram_read_port
-from .protocol import ErrorCode
+from hel_fpga.spec import protocol
+from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
+from hel_fpga.spec.protocol import ErrorCode
 
 __all__ = ["BlockRAMQueue", "CRC_PARAMETERS", "CRC_BIT_PARAMETERS", "BYTE_CYCLES", "LENGTH_BITS", "less_than", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
 
 
-#: The link CRC (CRC-32/ISO-HDLC) over bytes, built from :mod:`rtl.protocol`'s numbers.
+#: The link CRC (CRC-32/ISO-HDLC) over bytes, built from :mod:`hel_fpga.spec.protocol`'s numbers.
 CRC_PARAMETERS = crc.Algorithm(
     crc_width=protocol.CRC_WIDTH, polynomial=protocol.CRC_POLY, initial_crc=protocol.CRC_INIT,
     reflect_input=protocol.CRC_REFLECT, reflect_output=protocol.CRC_REFLECT,
@@ -77,7 +77,7 @@ FrameByte = data.StructLayout({
 
 #: A bad-frame report.
 LinkError = data.StructLayout({
-    "code": 8,     # an rtl.protocol.ErrorCode
+    "code": 8,     # an hel_fpga.spec.protocol.ErrorCode
     "seq": 8,      # the frame's second decoded byte (0 if it had none): best effort only,
                    # as the frame is known to be corrupt
 })
@@ -176,7 +176,7 @@ class FrameDecoder(wiring.Component):
     read completely (its last byte accepted). A consumer that takes a report
     only between frames therefore sees frames and reports exactly in wire
     order and can answer them in that order, as the reference device
-    :class:`sim.protocol_model.ProtocolModel` does. A report that finds the FIFO
+    :class:`hel_fpga.sim.protocol_model.ProtocolModel` does. A report that finds the FIFO
     full (the host has overrun the device) goes to a one-entry side register
     instead and is presented at once, out of order; a further report while that
     register is still occupied is dropped. The consumer must take reports: one
@@ -202,7 +202,7 @@ class FrameDecoder(wiring.Component):
     (``0x00 0x00``) are ignored silently, so a host may send a ``0x00`` before a
     frame to flush a partial one.
 
-    Verdicts, in order of precedence (see :class:`rtl.protocol.ErrorCode`):
+    Verdicts, in order of precedence (see :class:`hel_fpga.spec.protocol.ErrorCode`):
 
     * ``BAD_LENGTH``: decoded body shorter than ``MIN_BODY_LEN``, longer than
       ``max_body``, or cut short inside a COBS block;
@@ -222,7 +222,7 @@ class FrameDecoder(wiring.Component):
     depth : int
         Receive ring size in bytes, a power of two larger than ``max_body``.
     max_body : int
-        Longest accepted decoded body, CRC included (:data:`rtl.protocol.MAX_BODY_LEN`).
+        Longest accepted decoded body, CRC included (:data:`hel_fpga.spec.protocol.MAX_BODY_LEN`).
     frames : int
         Depth of the frame length FIFO: how many committed frames may wait behind
         the one the reader is presenting: a power of two plus one (a
@@ -231,7 +231,7 @@ class FrameDecoder(wiring.Component):
     Attributes
     ----------
     sink : In(stream.Signature(8, always_ready=True))
-        Raw bytes from the line (e.g. :class:`rtl.uart.UARTRx`).
+        Raw bytes from the line (e.g. :class:`hel_fpga.rtl.uart.UARTRx`).
     source : Out(stream.Signature(FrameByte))
         Good frames: ``cmd``, ``seq``, payload; ``first`` on ``cmd``, ``last`` on the final byte,
         ``length`` (body length without CRC) on every byte.
@@ -442,10 +442,10 @@ class FrameEncoder(wiring.Component):
     ``first`` is accepted for symmetry with :class:`FrameDecoder`, so a decoder
     can feed an encoder directly, and otherwise ignored). The encoder appends
     the CRC-32 of the body, little-endian, COBS-encodes the result and ends it
-    with ``0x00``. The encoding is the canonical one of :mod:`rtl.protocol`,
-    byte for byte what :func:`host.framing.encode_frame` produces. The body
+    with ``0x00``. The encoding is the canonical one of :mod:`hel_fpga.spec.protocol`,
+    byte for byte what :func:`hel_fpga.spec.framing.encode_frame` produces. The body
     length is not checked: producers keep payloads within
-    :data:`rtl.protocol.MAX_PAYLOAD`.
+    :data:`hel_fpga.spec.protocol.MAX_PAYLOAD`.
 
     Design: a data ring and a block queue
     -------------------------------------
@@ -492,7 +492,7 @@ class FrameEncoder(wiring.Component):
     sink : In(stream.Signature(FrameByte))
         Frame bodies (``cmd``, ``seq``, payload), ``last`` on each frame's final byte.
     source : Out(stream.Signature(8))
-        Encoded bytes for the line (e.g. :class:`rtl.uart.UARTTx`).
+        Encoded bytes for the line (e.g. :class:`hel_fpga.rtl.uart.UARTTx`).
     """
 
     sink: In(stream.Signature(FrameByte))

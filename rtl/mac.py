@@ -45,8 +45,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from rtl.bram import NO_RW_CHECK, ram_read_port
-from rtl.formats import HelConfig
+from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
+from hel_fpga.spec.formats import HelConfig
 
 __all__ = ["LaneGeometry", "MacLane", "AccumulatorGroup", "ceil_div"]
 
@@ -373,7 +373,7 @@ class AccumulatorGroup(wiring.Component):
     one-sided forward pass's −G(0)), wrapping to ``acc_width`` bits; ``overflow``
     pulses when an update wrapped — the operands' signs agree and the sum's
     differs — and the core keeps the sticky flag, so the flag matches
-    :meth:`sim.golden.GoldenCore._accumulate` update for update.
+    :meth:`hel_fpga.sim.golden.GoldenCore._accumulate` update for update.
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
 """The piecewise-linear tanh unit: ``a = tanh_pwl(sat(rshift_round(z, z_shift)))``.
 
-The table is :meth:`rtl.formats.HelConfig.tanh_knots` (the one definition); the
+The table is :meth:`hel_fpga.spec.formats.HelConfig.tanh_knots` (the one definition); the
 ROM stores, per segment, the left knot and the difference to the right knot, so
 one read gives both and the unit accepts one argument per cycle::
 
@@ -29,7 +29,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from rtl.formats import HelConfig
+from hel_fpga.spec.formats import HelConfig
 
 __all__ = ["TanhUnit", "tanh_rom", "saturate_signed"]
 

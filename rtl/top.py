@@ -16,11 +16,11 @@ from amaranth.hdl import Cat, Module, ResetInserter
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl.command import CommandUnit
-from rtl.core import HELCore
-from rtl.formats import HelConfig
-from rtl.framing import FrameDecoder, FrameEncoder
-from rtl.uart import UART, divisor_for
+from hel_fpga.rtl.command import CommandUnit
+from hel_fpga.rtl.core import HELCore
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.rtl.framing import FrameDecoder, FrameEncoder
+from hel_fpga.rtl.uart import UART, divisor_for
 
 __all__ = ["Device", "Top"]
 
@@ -34,7 +34,7 @@ class Device(wiring.Component):
         As for :class:`Top` (``clk_hz``/``baud`` are only reported by IDENT here).
     rx_depth : int
         The decoder's receive ring in bytes (2048: one maximal frame plus one unread
-        chunk, see :mod:`rtl.protocol`).
+        chunk, see :mod:`hel_fpga.spec.protocol`).
 
     Attributes
     ----------
@@ -95,7 +95,7 @@ class Top(wiring.Component):
     clk_hz : int
         Frequency of the ``sync`` clock.
     baud : int
-        UART bit rate; the divisor is :func:`rtl.uart.divisor_for` ``(clk_hz, baud)``
+        UART bit rate; the divisor is :func:`hel_fpga.rtl.uart.divisor_for` ``(clk_hz, baud)``
         (at least 4 clocks per bit, within 1.5 %). IDENT reports ``clk_hz`` and ``baud``.
     name : str
         Board name reported by IDENT.

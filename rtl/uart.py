@@ -141,7 +141,7 @@ class UARTRx(wiring.Component):
 
     ``source`` holds one received byte until it is consumed; a byte completed while
     the previous one is still waiting is dropped and ``error.overrun`` pulses. A
-    consumer that is always ready (like :class:`rtl.framing.FrameDecoder`) never
+    consumer that is always ready (like :class:`hel_fpga.rtl.framing.FrameDecoder`) never
     causes overruns.
 
     Parameters

@@ -1,6 +1,6 @@
 """The simulated board: the top level compiled with Verilator, UART pins on a pty.
 
-The design's top level (:class:`rtl.top.Top`, ports ``rx``/``tx`` in the default
+The design's top level (:class:`hel_fpga.rtl.top.Top`, ports ``rx``/``tx`` in the default
 ``sync`` domain), wrapped with a clock pin and a power-on reset
 (:class:`BoardWrapper`), is converted to Verilog and compiled with Verilator
 together with a small C++ harness (``sim/board_harness.cpp``). The harness drives
@@ -56,9 +56,9 @@ from amaranth.hdl import ClockDomain, ClockSignal, Module, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
-from rtl.formats import HelConfig
-from rtl.top import Top
-from rtl.uart import UART, divisor_for
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.rtl.top import Top
+from hel_fpga.rtl.uart import UART, divisor_for
 
 __all__ = ["SIM_CONFIG", "SIM_CLK_HZ", "SIM_BAUD", "SimBoardError", "BoardBuild", "SimBoard",
            "build", "start", "running", "prune", "real_top", "loopback_top", "UARTLoopback",
@@ -94,7 +94,7 @@ class SimBoardError(RuntimeError):
 
 # ---- top levels ---------------------------------------------------------------------------
 def real_top(cfg: HelConfig, clk_hz: int, baud: int):
-    """The design's top level, ``rtl.top.Top(cfg, clk_hz, baud)``."""
+    """The design's top level, ``hel_fpga.rtl.top.Top(cfg, clk_hz, baud)``."""
     return Top(cfg, clk_hz, baud)
 
 
@@ -305,7 +305,7 @@ def build(cfg: HelConfig | None = None, clk_hz: int = SIM_CLK_HZ, baud: int = SI
         Passed to the top level (default :data:`SIM_CONFIG`, 1 MHz, 250 kbaud).
     divisor :
         Clocks per bit of the harness's UART model; must equal the design's
-        (``rtl.uart.divisor_for(clk_hz, baud)``), which is the default.
+        (``hel_fpga.rtl.uart.divisor_for(clk_hz, baud)``), which is the default.
     top :
         Factory ``(cfg, clk_hz, baud) -> Component`` with ``rx``/``tx`` ports; default
         :func:`real_top`. :func:`loopback_top` is for the harness's self-check only.

@@ -4,7 +4,7 @@ Generalised Lagrangian Equilibrium Propagation (Pourcel, Basu, Ernoult, Gilra,
 arXiv 2506.06248) contrasts the parameter derivative of an action between a
 free trajectory and trajectories nudged by a cost. Whether the contrast alone is
 the gradient depends on the boundary conditions; this module builds every
-variant of that paper on the model of :mod:`sim.reference` in float64 and checks
+variant of that paper on the model of :mod:`hel_fpga.sim.reference` in float64 and checks
 each against the exact gradient of its own model.
 
 Discrete action
@@ -83,7 +83,7 @@ from typing import Callable
 import numpy as np
 from scipy.linalg import solve_banded
 
-from sim.reference import (
+from hel_fpga.sim.reference import (
     PARAM_NAMES, Params, Problem, bptt, cosine, dtheta_V, echo, flatten, force, forward,
     leapfrog_step, loss_and_output_grads, rel_err, rhel, sum_dtheta_V, unflatten,
     zeros_like_params,
@@ -144,7 +144,7 @@ def _centred(gp: Params, gm: Params, eps: float) -> Params:
 
 
 def _params_vjp_rows(params: Params, X: np.ndarray, U: np.ndarray, V: np.ndarray) -> Params:
-    """``Σ_k ∂θ(v_kᵀ f(x_k, u_k))`` over rows (vectorised :func:`sim.reference.force_param_vjp`)."""
+    """``Σ_k ∂θ(v_kᵀ f(x_k, u_k))`` over rows (vectorised :func:`hel_fpga.sim.reference.force_param_vjp`)."""
     W = params["W"]
     a = np.tanh(X @ W.T + U @ params["B"].T + params["b"])
     r = (1.0 - a * a) * (V @ W.T)
@@ -188,7 +188,7 @@ def _newton(residual: Callable[[np.ndarray], np.ndarray],
 
 
 def force_param_jacobian(params: Params, q: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """``∂f/∂θ`` as an N×P matrix, columns in :func:`sim.reference.flatten` order."""
+    """``∂f/∂θ`` as an N×P matrix, columns in :func:`hel_fpga.sim.reference.flatten` order."""
     W = params["W"]
     n = W.shape[1]
     a = np.tanh(W @ q + params["B"] @ u + params["b"])
@@ -448,7 +448,7 @@ def solve_pinned_final_state(problem: Problem, beta: float) -> np.ndarray:
     ``0..T−1`` with ``x_T`` fixed to the free one, and the terminal momentum
     ``P_T = (x_T − x_{T−1})/δ + ½β g_{T−1}`` fixed to the free ``p_T``. Solved by
     Newton on the whole (T+1)·N system, not by stepping, so that its equality with
-    the echo (:func:`sim.reference.echo`, ``nudges = β g`` in echo order) is an
+    the echo (:func:`hel_fpga.sim.reference.echo`, ``nudges = β g`` in echo order) is an
     independent check. Returns (T+1, N) nodes ``x_{−1}..x_{T−1}``.
     """
     params, dt, u = problem.params, problem.dt, problem.u
@@ -504,7 +504,7 @@ def hel_streaming(problem: Problem, eps: float, estimator: str = "centred",
     """HEL as the hardware flow runs it: an unrecorded forward pass that hands
     the host one output per step (the host keeps the nudges ``ε g``, T×O, or
     just the final kick for HEB), then the echo(es) with memory O(N).
-    Equals :func:`sim.reference.rhel` / :func:`sim.reference.heb`."""
+    Equals :func:`hel_fpga.sim.reference.rhel` / :func:`hel_fpga.sim.reference.heb`."""
     params, dt, u = problem.params, problem.dt, problem.u
     n, o, t_len = problem.n, problem.o, problem.t
     mask = np.asarray(problem.mask, bool)

@@ -3,8 +3,8 @@
 :class:`GoldenCore` exposes exactly the operations the gateware implements (and
 the serial protocol carries): write/read parameters, load an input sequence,
 forward, echo, read/clear accumulators, read state, status flags and self-test.
-All arithmetic is NumPy ``int64`` on the formats of :mod:`rtl.formats`; no float
-enters the integer path (floats appear only in :mod:`rtl.formats`'s table builder
+All arithmetic is NumPy ``int64`` on the formats of :mod:`hel_fpga.spec.formats`; no float
+enters the integer path (floats appear only in :mod:`hel_fpga.spec.formats`'s table builder
 and the host-side conversions).
 
 Operation semantics (shared with the gateware)
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtl.formats import PARAM_NAMES, FormatError, HelConfig, rshift_round, saturate, wrap
+from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig, rshift_round, saturate, wrap
 
 __all__ = ["GoldenCore", "StateError", "selftest_inputs", "mix32", "ESTIMATORS"]
 
@@ -176,7 +176,7 @@ class GoldenCore:
         return q2, w2, qo, a
 
     def local_terms(self, qo: np.ndarray, a: np.ndarray, u: np.ndarray) -> dict[str, np.ndarray]:
-        """Integer ∂θV of one bank: a·qoᵀ, a·uᵀ, a, qo⊙qo (scaling in rtl.formats)."""
+        """Integer ∂θV of one bank: a·qoᵀ, a·uᵀ, a, qo⊙qo (scaling in hel_fpga.spec.formats)."""
         return {"W": np.outer(a, qo), "B": np.outer(a, u), "b": a, "alpha": qo * qo}
 
     def _accumulate(self, terms: dict[str, np.ndarray]) -> None:

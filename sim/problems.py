@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 
-from sim.reference import Problem
+from hel_fpga.sim.reference import Problem
 
 __all__ = ["ProblemError", "reference_problem", "load_problem", "save_problem", "REFERENCE_SEED"]
 

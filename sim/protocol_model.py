@@ -3,12 +3,12 @@
 :class:`ProtocolModel` is a whole HEL device in pure Python: raw UART bytes go
 in through :meth:`ProtocolModel.feed`, the reply bytes come out. Inside it runs
 
-* a streaming frame decoder that mirrors :class:`rtl.framing.FrameDecoder`
+* a streaming frame decoder that mirrors :class:`hel_fpga.rtl.framing.FrameDecoder`
   decision for decision (on-the-fly COBS, decoded length counter saturating at
   ``MAX_BODY_LEN + 1``, best-effort ``seq`` = the second decoded byte, verdict
   precedence BAD_LENGTH > BAD_CRC, empty frames ignored), and
-* the command unit of :mod:`rtl.protocol` ("Command layer") around a
-  :class:`sim.golden.GoldenCore`.
+* the command unit of :mod:`hel_fpga.spec.protocol` ("Command layer") around a
+  :class:`hel_fpga.sim.golden.GoldenCore`.
 
 It is the byte-for-byte reference for the gateware's command unit and a fast
 device for host tests (:class:`ModelPort` makes it look like a pyserial port,
@@ -31,12 +31,12 @@ import tty
 
 import numpy as np
 
-from host.framing import encode_frame
-from host.wire import join_chunks, split_chunks
-from rtl import protocol as P
-from rtl.formats import PARAM_NAMES, FormatError, HelConfig
-from rtl.protocol import Command, ErrorCode, StatusFlag
-from sim.golden import GoldenCore, StateError
+from hel_fpga.spec.framing import encode_frame
+from hel_fpga.spec.wire import join_chunks, split_chunks
+from hel_fpga.spec import protocol as P
+from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig
+from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
+from hel_fpga.sim.golden import GoldenCore, StateError
 
 __all__ = ["ProtocolModel", "ModelPort", "PtyServer", "StreamDecoder"]
 

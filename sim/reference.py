@@ -311,7 +311,7 @@ def echo(params: Params, u: np.ndarray, q_T: np.ndarray, p_T: np.ndarray, nudges
     nudges : (T, O) in echo order; for RHEL row ``s`` is ``ε g_{T−1−s}``, so row
         0 is applied right after the flip. A single row (1, O) is one kick right
         after the flip and nothing else (HEB). This is the convention of the
-        integer golden model (``sim.golden``).
+        integer golden model (``hel_fpga.sim.golden``).
     record : keep the echo trajectory (memory O(T·N)); with False the second
         return value is None and the working memory is O(N) plus the nudges.
 

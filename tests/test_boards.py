@@ -1,7 +1,7 @@
 """Boards: the table, PLL settings, ``hel build`` (reports, cache, errors) and ``hel program``.
 
 The build flow is exercised with :class:`StandInTop`, a small design defined
-here with the constructor and pin usage of ``rtl.top.Top`` (a UART echo plus
+here with the constructor and pin usage of ``hel_fpga.rtl.top.Top`` (a UART echo plus
 ``cfg.lanes`` pipelined multiply-accumulate lanes at the board's operand
 width, so the DSP mapping is exercised too). The real top level is built by
 the ``test_real_top_*`` tests (slow: a few minutes each), which require timing
@@ -24,11 +24,11 @@ from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, signed
 from amaranth.lib import io, wiring
 from amaranth.sim import Simulator
 
-from boards import build as B
-from boards import program as P
-from boards.clocks import PLLError, ecp5_pll, ice40_pll
-from boards.table import BOARDS, DEFAULT_BAUD, UnknownBoard, get_board
-from host.cli import main as hel
+from hel_fpga.boards import build as B
+from hel_fpga.boards import program as P
+from hel_fpga.boards.clocks import PLLError, ecp5_pll, ice40_pll
+from hel_fpga.boards.table import BOARDS, DEFAULT_BAUD, UnknownBoard, get_board
+from hel_fpga.host.cli import main as hel
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -38,7 +38,7 @@ VENV_BIN = Path(sys.executable).parent
 # --------------------------------------------------------------------------------------
 
 class StandInTop(wiring.Component):
-    """UART echo with MAC lanes; constructed and pinned like ``rtl.top.Top``.
+    """UART echo with MAC lanes; constructed and pinned like ``hel_fpga.rtl.top.Top``.
 
     Every received byte is sent back, except 0x00, which is answered with an
     8-bit fold of the lanes' accumulators (so the lanes reach a pin and are

@@ -1,10 +1,10 @@
 """The command unit and top level against the reference device, byte for byte.
 
-:class:`rtl.top.Device` (frame decoder, command unit, HEL core, frame encoder)
+:class:`hel_fpga.rtl.top.Device` (frame decoder, command unit, HEL core, frame encoder)
 runs in Amaranth's simulator at the byte level (the UART is tested in
-``test_uart.py``; one test here runs :class:`rtl.top.Top` through its UART
+``test_uart.py``; one test here runs :class:`hel_fpga.rtl.top.Top` through its UART
 pins). Every request's wire bytes go to both the gateware and
-:class:`sim.protocol_model.ProtocolModel`, and the gateware's reply bytes must
+:class:`hel_fpga.sim.protocol_model.ProtocolModel`, and the gateware's reply bytes must
 equal the model's exactly.
 """
 
@@ -15,16 +15,16 @@ import pytest
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 
-from host.framing import FrameReader, encode_frame
-from host.wire import pack_words, split_chunks
-from rtl import protocol as P
-from rtl.command import REQUEST_LEN, DataReplier, WordUnpacker, ident_payload
-from rtl.formats import ICE40_OPERAND, PARAM_NAMES, HelConfig
-from rtl.framing import BYTE_CYCLES
-from rtl.protocol import Command
-from rtl.top import Device, Top
-from sim import protocol_model
-from sim.protocol_model import ProtocolModel
+from hel_fpga.spec.framing import FrameReader, encode_frame
+from hel_fpga.spec.wire import pack_words, split_chunks
+from hel_fpga.spec import protocol as P
+from hel_fpga.rtl.command import REQUEST_LEN, DataReplier, WordUnpacker, ident_payload
+from hel_fpga.spec.formats import ICE40_OPERAND, PARAM_NAMES, HelConfig
+from hel_fpga.rtl.framing import BYTE_CYCLES
+from hel_fpga.spec.protocol import Command
+from hel_fpga.rtl.top import Device, Top
+from hel_fpga.sim import protocol_model
+from hel_fpga.sim.protocol_model import ProtocolModel
 
 CLK_HZ, BAUD, NAME = 12_000_000, 3_000_000, "test-board"
 
@@ -167,12 +167,12 @@ def check(session: Session, **kw):
     assert not problems, "\n".join(problems[:8])
 
 
-# --- packing units against host.wire -------------------------------------------------------------
+# --- packing units against hel_fpga.spec.wire -------------------------------------------------------------
 
 @pytest.mark.parametrize("widths", [(16, 36, 56), (4, 7, 63), (18, 40, 60)])
 def test_data_replier_frames_equal_the_host_wire_format(widths):
     """Data replies for random totals (across chunk boundaries for the narrow widths):
-    the frames' payloads are ``index ‖ pack_words(chunk)`` of :func:`host.wire.split_chunks`."""
+    the frames' payloads are ``index ‖ pack_words(chunk)`` of :func:`hel_fpga.spec.wire.split_chunks`."""
     rng = random.Random(sum(widths))
     dut = DataReplier(widths, 16)
     jobs = []

@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from host.cli import main
-from host.commands.compare import integer_gradients
-from host.device import GoldenDevice
-from host.learning import config_for, default_eps
-from sim.problems import load_problem, reference_problem, save_problem
-from sim.reference import Problem, bptt, cosine
+from hel_fpga.host.cli import main
+from hel_fpga.host.commands.compare import integer_gradients
+from hel_fpga.host.device import GoldenDevice
+from hel_fpga.host.learning import config_for, default_eps
+from hel_fpga.sim.problems import load_problem, reference_problem, save_problem
+from hel_fpga.sim.reference import Problem, bptt, cosine
 
 
 def rel_norm_ratio(a, b):
@@ -45,7 +45,7 @@ def test_golden_gradient_matches_bptt_on_random_problems(seed):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "host.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "hel_fpga.host.cli", *args], capture_output=True, text=True)
 
 
 def test_compare_json_and_save_report_the_same_gradients(tmp_path, capsys):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from rtl.formats import HelConfig
+from hel_fpga.spec.formats import HelConfig
 
 cocotb_tools = pytest.importorskip("cocotb_tools.runner")
 
@@ -85,7 +85,7 @@ def _wave_format() -> str:
 
 def _verilog(cfg: HelConfig, **kwargs) -> str:
     from amaranth.back import verilog
-    from rtl.core import HELCore
+    from hel_fpga.rtl.core import HELCore
     return verilog.convert(HELCore(cfg, **kwargs), name=TOPLEVEL)
 
 

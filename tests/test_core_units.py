@@ -3,7 +3,7 @@
 * tanh unit: exhaustively over the saturated z of the default (iCE40) format, and
   over wide sums (rounding + saturation) for 16- and 18-bit formats, against
   ``HelConfig.tanh_int`` / ``GoldenCore.activations``' arithmetic.
-* self-test generator: ``Mix32`` against ``sim.golden.mix32``.
+* self-test generator: ``Mix32`` against ``hel_fpga.sim.golden.mix32``.
 * MAC lane: force sums of single-bank and interleaved ±ε sequences, against
   ``GoldenCore.kick``.
 * accumulator group: random read-modify-write streams with wraps, against the
@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from rtl.core import HELCore, Mix32, Mix32Serial, Op
-from rtl.formats import ECP5_OPERAND, HelConfig, rshift_round, saturate, wrap
-from rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
-from rtl.tanh import TanhUnit
-from sim.golden import GoldenCore, mix32
+from hel_fpga.rtl.core import HELCore, Mix32, Mix32Serial, Op
+from hel_fpga.spec.formats import ECP5_OPERAND, HelConfig, rshift_round, saturate, wrap
+from hel_fpga.rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
+from hel_fpga.rtl.tanh import TanhUnit
+from hel_fpga.sim.golden import GoldenCore, mix32
 
 from cocotb_core.amaranth_tb import run_scenario
 from cocotb_core.scenario import ScenarioBuilder, canonical, pack_cmd, standard_scenario

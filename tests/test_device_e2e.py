@@ -1,14 +1,14 @@
-"""End to end: host ↔ the Verilator-simulated board (``rtl.top.Top``) over its pty.
+"""End to end: host ↔ the Verilator-simulated board (``hel_fpga.rtl.top.Top``) over its pty.
 
-One board per module (``board`` fixture, :data:`sim.board.SIM_CONFIG`); the host
-talks to it through one pyserial port, as :class:`host.link.SerialDevice` and as
+One board per module (``board`` fixture, :data:`hel_fpga.sim.board.SIM_CONFIG`); the host
+talks to it through one pyserial port, as :class:`hel_fpga.host.link.SerialDevice` and as
 raw bytes (:class:`RawLink`).
 
 * Through the device API: IDENT, a parameter round trip, full training steps
   (load, forward, host nudges, centred echo, read accumulators/gradients) equal
   to the golden model's bit for bit.
 * Protocol faults as raw bytes: every reply is compared byte for byte with what
-  :class:`sim.protocol_model.ProtocolModel` (kept in the same state) answers to
+  :class:`hel_fpga.sim.protocol_model.ProtocolModel` (kept in the same state) answers to
   the same bytes; afterwards STATUS, the parameters and the state read back equal
   the model's, and a training step through the device API is still golden-exact.
 * A fuzz run of 1,200 corrupted frames, replies compared with the model.
@@ -31,21 +31,21 @@ from test_link import assert_same, error_of, make_sample, training_step  # noqa:
 from faults import corrupt  # noqa: E402
 from test_sim_board import read_exact  # noqa: E402
 
-from host.cli import main  # noqa: E402
-from host.device import GoldenDevice  # noqa: E402
-from host.framing import Frame, FrameReader, encode_frame  # noqa: E402
-from host.learning import read_gradients  # noqa: E402
-from host.link import SerialDevice  # noqa: E402
-from host.wire import split_chunks  # noqa: E402
-from rtl import protocol as P  # noqa: E402
-from rtl.formats import PARAM_NAMES  # noqa: E402
-from rtl.protocol import Command, ErrorCode  # noqa: E402
-from sim import board as sim_board  # noqa: E402
-from sim.protocol_model import ProtocolModel  # noqa: E402
+from hel_fpga.host.cli import main  # noqa: E402
+from hel_fpga.host.device import GoldenDevice  # noqa: E402
+from hel_fpga.spec.framing import Frame, FrameReader, encode_frame  # noqa: E402
+from hel_fpga.host.learning import read_gradients  # noqa: E402
+from hel_fpga.host.link import SerialDevice  # noqa: E402
+from hel_fpga.spec.wire import split_chunks  # noqa: E402
+from hel_fpga.spec import protocol as P  # noqa: E402
+from hel_fpga.spec.formats import PARAM_NAMES  # noqa: E402
+from hel_fpga.spec.protocol import Command, ErrorCode  # noqa: E402
+from hel_fpga.sim import board as sim_board  # noqa: E402
+from hel_fpga.sim.protocol_model import ProtocolModel  # noqa: E402
 
 
 CFG = sim_board.SIM_CONFIG
-BOARD_NAME = "hel-fpga"          # rtl.top.Top's default name, as the simulated board builds it
+BOARD_NAME = "hel-fpga"          # hel_fpga.rtl.top.Top's default name, as the simulated board builds it
 REPLY_TIMEOUT = 10.0
 
 
@@ -432,7 +432,7 @@ def test_hel_compare_sim_board(capsys, tmp_path):
 
 def test_bench_link_measures_the_board(board, port):
     """``hel bench link``'s measurement on this module's board (T = t_max)."""
-    from host.commands.bench import CountingPort, measure_link
+    from hel_fpga.host.commands.bench import CountingPort, measure_link
 
     dev = SerialDevice(CountingPort(port), timeout=REPLY_TIMEOUT, expect=CFG)
     result = measure_link(dev, [16, CFG.t_max], board=board, min_payload=2048)

@@ -1,10 +1,10 @@
 """The frame layer: gateware encoder/decoder against the host codec.
 
-The reference is :mod:`host.framing` (the PyPI ``cobs`` package and
+The reference is :mod:`hel_fpga.spec.framing` (the PyPI ``cobs`` package and
 ``zlib.crc32``): frames the host encodes must come out of
-:class:`~rtl.framing.FrameDecoder` intact, anything else with the error code
-:class:`~host.framing.FrameReader` assigns to the same bytes; frames
-:class:`~rtl.framing.FrameEncoder` produces must equal the host encoder's bytes
+:class:`~hel_fpga.rtl.framing.FrameDecoder` intact, anything else with the error code
+:class:`~hel_fpga.spec.framing.FrameReader` assigns to the same bytes; frames
+:class:`~hel_fpga.rtl.framing.FrameEncoder` produces must equal the host encoder's bytes
 and decode on the host.
 """
 
@@ -19,12 +19,12 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from cobs import cobs as cobs_codec
 
-from host.framing import Frame, FrameError, FrameReader, decode_frame, encode_frame
-from rtl import protocol
-from rtl.framing import BYTE_CYCLES, CRC_BIT_PARAMETERS, CRC_PARAMETERS, BlockRAMQueue, \
+from hel_fpga.spec.framing import Frame, FrameError, FrameReader, decode_frame, encode_frame
+from hel_fpga.spec import protocol
+from hel_fpga.rtl.framing import BYTE_CYCLES, CRC_BIT_PARAMETERS, CRC_PARAMETERS, BlockRAMQueue, \
     FrameDecoder, FrameEncoder
-from rtl.protocol import MAX_PAYLOAD, ErrorCode
-from rtl.uart import UART
+from hel_fpga.spec.protocol import MAX_PAYLOAD, ErrorCode
+from hel_fpga.rtl.uart import UART
 
 from amaranth_sim import simulate  # noqa: E402
 

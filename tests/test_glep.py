@@ -1,4 +1,4 @@
-"""GLEP variants of sim.glep, each checked against the exact gradient of its own
+"""GLEP variants of hel_fpga.sim.glep, each checked against the exact gradient of its own
 model (BPTT, or implicit differentiation that is itself checked against finite
 differences), and the claims of ``hel glep``'s table."""
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from sim import glep
-from sim.reference import (
+from hel_fpga.sim import glep
+from hel_fpga.sim.reference import (
     Problem, bptt, cosine, echo, flatten, force_param_vjp, forward, heb,
     loss_and_output_grads, rel_err, rhel, unflatten,
 )
@@ -200,7 +200,7 @@ def test_table_memory_grows_with_t_only_for_boundary_value_variants(rows):
 
 
 def test_hel_glep_json_prints_the_rows(capsys):
-    from host.cli import main
+    from hel_fpga.host.cli import main
     assert main(["glep", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in out] == list(IDS)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from rtl.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig, wrap
-from sim.golden import GoldenCore, StateError, selftest_inputs
+from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig, wrap
+from hel_fpga.sim.golden import GoldenCore, StateError, selftest_inputs
 
 
 def random_config(rng, **over):

@@ -1,4 +1,4 @@
-"""The command protocol: host (host.link) ↔ reference device model (sim.protocol_model).
+"""The command protocol: host (hel_fpga.host.link) ↔ reference device model (hel_fpga.sim.protocol_model).
 
 Every result that crosses the link is compared bit for bit with a GoldenDevice
 doing the same operations in-process. Faults are injected as raw frames (the
@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 from faults import corrupt
-from host.device import DeviceError, GoldenDevice
-from host.framing import Frame, FrameReader, encode_frame
-from host.link import RemoteRangeError, RemoteStateError, SerialDevice, \
+from hel_fpga.host.device import DeviceError, GoldenDevice
+from hel_fpga.spec.framing import Frame, FrameReader, encode_frame
+from hel_fpga.host.link import RemoteRangeError, RemoteStateError, SerialDevice, \
     open_serial_device
-from host.wire import pack_words, split_chunks, unpack_words
-from rtl import protocol as P
-from rtl.formats import PARAM_NAMES, FormatError, HelConfig
-from rtl.protocol import Command, ErrorCode
-from sim.golden import StateError
-from sim.protocol_model import ModelPort, ProtocolModel, PtyServer
+from hel_fpga.spec.wire import pack_words, split_chunks, unpack_words
+from hel_fpga.spec import protocol as P
+from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig
+from hel_fpga.spec.protocol import Command, ErrorCode
+from hel_fpga.sim.golden import StateError
+from hel_fpga.sim.protocol_model import ModelPort, ProtocolModel, PtyServer
 
 CFG = HelConfig(n=8, m=8, k=2, o=2, t_max=600)
 
@@ -365,10 +365,6 @@ def test_pty_end_to_end(model):
 
 
 def test_open_device_specs():
-    import importlib.util
-    if importlib.util.find_spec("sim.board") is None:
-        with pytest.raises(DeviceError, match="simulated board is not available yet"):
-            open_serial_device("sim-board")
     with pytest.raises(DeviceError, match="cannot open device"):
         open_serial_device("/nonexistent/ttyHEL")
     with open_serial_device("model", expect=CFG) as dev:

@@ -1,11 +1,11 @@
-"""The float references of sim.reference, checked against independent references:
+"""The float references of hel_fpga.sim.reference, checked against independent references:
 BPTT against central finite differences of the loss, and every echo-based rule
 against BPTT."""
 
 import numpy as np
 import pytest
 
-from sim.reference import (
+from hel_fpga.sim.reference import (
     ESTIMATORS, PARAM_NAMES, Problem, bptt, cosine, echo, flatten, forward, heb,
     loss_and_output_grads, rel_err, rhel, unflatten,
 )

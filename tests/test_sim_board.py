@@ -1,8 +1,8 @@
 """The simulated board: Verilator + C++ harness + pty.
 
-Most tests run the harness with :class:`sim.board.UARTLoopback`, a stand-in top
+Most tests run the harness with :class:`hel_fpga.sim.board.UARTLoopback`, a stand-in top
 level that echoes every byte, so the bridge is checked bit for bit without the
-real design. ``test_real_top_*`` run the real ``rtl.top.Top`` and are skipped
+real design. ``test_real_top_*`` run the real ``hel_fpga.rtl.top.Top`` and are skipped
 only while that module does not exist.
 
 Builds go to the user's cache (``~/.cache/hel-fpga/sim-board``), so only the first
@@ -23,7 +23,7 @@ import pytest
 
 serial = pytest.importorskip("serial")
 
-from sim import board  # noqa: E402
+from hel_fpga.sim import board  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +121,7 @@ def test_context_manager_stops_board(loopback_build):
 
 
 def test_board_exits_when_its_owner_dies(loopback_build):
-    code = ("import sys; from sim import board; sb = board.start(top=board.loopback_top); "
+    code = ("import sys; from hel_fpga.sim import board; sb = board.start(top=board.loopback_top); "
             "print(sb.process.pid, flush=True); sys.stdin.read()")
     owner = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
@@ -175,8 +175,8 @@ def _first_line(proc, timeout=120.0) -> str:
 
 def test_cli_runs_until_sigterm(loopback_build):
     """``hel sim-board`` mechanics (path first, SIGTERM → exit 0), with the stand-in top."""
-    code = ("import sys, sim.board as b; b.real_top = b.loopback_top; "
-            "from host.cli import main; sys.exit(main(['sim-board', '--stats']))")
+    code = ("import sys, hel_fpga.sim.board as b; b.real_top = b.loopback_top; "
+            "from hel_fpga.host.cli import main; sys.exit(main(['sim-board', '--stats']))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
@@ -196,7 +196,7 @@ def test_cli_runs_until_sigterm(loopback_build):
 
 # ---- the real top level -------------------------------------------------------------------
 def test_real_top_ident():
-    from host.link import open_serial_device
+    from hel_fpga.host.link import open_serial_device
 
     t0 = time.monotonic()
     b = board.build(progress=print)
@@ -216,8 +216,8 @@ def test_real_top_ident():
 
 
 def test_real_top_via_device_spec():
-    """``--device sim-board``: host.link starts the board and stops it on close."""
-    from host.link import open_serial_device
+    """``--device sim-board``: hel_fpga.host.link starts the board and stops it on close."""
+    from hel_fpga.host.link import open_serial_device
 
     dev = open_serial_device("sim-board", expect=board.SIM_CONFIG, timeout=10)
     owner = dev._owner

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from host.cli import main
-from host.device import Device, DeviceError, GoldenDevice
-from host.errors import UsageError
-from host.learning import config_for
-from host.train import floatpath
-from host.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from host.train.loop import TrainError, TrainOptions, train
-from host.train.tasks import Task, TaskError, load_task, make_oscillators
-from sim import reference
-from rtl.formats import PARAM_NAMES
+from hel_fpga.host.cli import main
+from hel_fpga.host.device import Device, DeviceError, GoldenDevice
+from hel_fpga.host.errors import UsageError
+from hel_fpga.host.learning import config_for
+from hel_fpga.host.train import floatpath
+from hel_fpga.host.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from hel_fpga.host.train.loop import TrainError, TrainOptions, train
+from hel_fpga.host.train.tasks import Task, TaskError, load_task, make_oscillators
+from hel_fpga.sim import reference
+from hel_fpga.spec.formats import PARAM_NAMES
 
 
 # --------------------------------------------------------------------------- helpers
@@ -208,7 +208,7 @@ def test_a_device_that_stops_answering_leaves_the_last_checkpoint_intact(small_r
 
 
 def test_cli_reports_a_failing_device_in_one_line(small_regression, tmp_path, capsys, monkeypatch):
-    import host.train.loop as loop
+    import hel_fpga.host.train.loop as loop
     board = config_for(8, 8, 2, 1, 32, 1 / 8)  # a board reports its own configuration
     monkeypatch.setattr(loop, "open_device", lambda spec, cfg: FlakyDevice(board, 3))
     rc = main(["train", "--task", str(small_regression), "--device", "flaky", "--epochs", "2",
@@ -300,8 +300,8 @@ def test_bad_options_are_usage_errors(tmp_path):
 
 
 def test_training_through_the_serial_protocol_matches_sim_bit_for_bit(small_regression, tmp_path):
-    """``--device model``: SerialDevice over the protocol's reference model (host.link)."""
-    pytest.importorskip("host.link")
+    """``--device model``: SerialDevice over the protocol's reference model (hel_fpga.host.link)."""
+    pytest.importorskip("hel_fpga.host.link")
     a = train(opts(small_regression, tmp_path / "sim", epochs=1))
     b = train(opts(small_regression, tmp_path / "model", epochs=1, device="model"))
     assert b["device"] == "model" and b["final_test_loss"] == a["final_test_loss"]

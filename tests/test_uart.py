@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from rtl.uart import UART, UARTRx, UARTTx, divisor_for
+from hel_fpga.rtl.uart import UART, UARTRx, UARTTx, divisor_for
 
 from amaranth_sim import simulate as run  # noqa: E402
 

@@ -1,13 +1,13 @@
 """``hel bench core``: cycles per step of the HEL core, measured in simulation.
 
-For each configuration the core (:class:`rtl.core.HELCore`) runs in Amaranth's
+For each configuration the core (:class:`hel_fpga.rtl.core.HELCore`) runs in Amaranth's
 simulator: random parameters are written, a short sequence is loaded, then a
 centred FORWARD and a centred ECHO run with the output stream always ready and
 the nudges always valid. The core's ``step_strobe`` marks the first product of
 every step; the cycles between two strobes of the same pass are the cycles of
 one step (steady state, the pass's first and last step excluded from nothing:
 every step of a pass has the same schedule). The MACs per step are
-``cfg.macs_forward_step`` / ``cfg.macs_echo_step`` (:mod:`rtl.formats`) and the
+``cfg.macs_forward_step`` / ``cfg.macs_echo_step`` (:mod:`hel_fpga.spec.formats`) and the
 ratio is ``cycles / (MACs / P)`` with ``P`` = the core's multipliers.
 
 ``hel bench link``: the serial link's payload efficiency during LOAD, FORWARD
@@ -56,7 +56,7 @@ def add_arguments(p):
 
 
 def _parse(spec: str) -> tuple[int, int, int, int]:
-    from host.errors import UsageError
+    from hel_fpga.host.errors import UsageError
     try:
         n, m, k, p = (int(x) for x in spec.split(","))
     except ValueError:
@@ -69,8 +69,8 @@ def measure_core(cfg, steps: int = 3, seed: int = 0) -> dict:
     import numpy as np
     from amaranth.sim import Simulator
 
-    from rtl.core import CmdLayout, HELCore, Op
-    from rtl.formats import PARAM_NAMES
+    from hel_fpga.rtl.core import CmdLayout, HELCore, Op
+    from hel_fpga.spec.formats import PARAM_NAMES
 
     def cmd_word(op, **fields):
         word = 0
@@ -163,7 +163,7 @@ def format_table(rows: list[dict]) -> list[str]:
 class CountingPort:
     """A pyserial port that counts the bytes written and read: the bytes on the wire.
 
-    Wraps the port of a :class:`host.link.SerialDevice` (``dev.port =
+    Wraps the port of a :class:`hel_fpga.host.link.SerialDevice` (``dev.port =
     CountingPort(dev.port)``); ``tx`` counts host → device bytes, ``rx`` device →
     host bytes, including any the host discards when it flushes its input.
     """
@@ -209,7 +209,7 @@ class CountingPort:
 
 
 def _link_lengths(spec: str) -> list[int]:
-    from host.errors import UsageError
+    from hel_fpga.host.errors import UsageError
     try:
         lengths = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
@@ -221,7 +221,7 @@ def _link_lengths(spec: str) -> list[int]:
 
 def link_config(lengths):
     """The simulated board's configuration with t_max ≥ the longest length (a power of two)."""
-    from sim.board import SIM_CONFIG
+    from hel_fpga.sim.board import SIM_CONFIG
     t_max = SIM_CONFIG.t_max
     while t_max < max(lengths):
         t_max *= 2
@@ -278,14 +278,14 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
                  max_reps: int = 64, progress=None) -> dict:
     """Measure LOAD, FORWARD and ECHO over ``dev`` for every sequence length.
 
-    ``dev`` is a :class:`host.link.SerialDevice` whose ``port`` is a
+    ``dev`` is a :class:`hel_fpga.host.link.SerialDevice` whose ``port`` is a
     :class:`CountingPort`. For each length ``T`` the sample (random parameters,
     inputs, nudges) runs ``reps`` times (enough for ``min_payload`` bytes per
     phase, at most ``max_reps``); each phase is timed from just before its
     request to just after its last reply. The same operations run on the golden
     model, whose outputs, accumulators and flags must match at every length.
 
-    Time on the line: with ``board`` (a :class:`sim.board.SimBoard`) each phase
+    Time on the line: with ``board`` (a :class:`hel_fpga.sim.board.SimBoard`) each phase
     is bracketed by two reads of the board's cycle counter (:class:`CycleMarks`):
     its duration is in *simulated cycles*, and the line carries one byte per
     ``10 · divisor`` cycles. Without a board the duration is wall time and the
@@ -302,9 +302,9 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
 
     import numpy as np
 
-    from host.device import GoldenDevice
-    from host.wire import packed_len
-    from rtl.formats import PARAM_NAMES
+    from hel_fpga.host.device import GoldenDevice
+    from hel_fpga.spec.wire import packed_len
+    from hel_fpga.spec.formats import PARAM_NAMES
 
     port = dev.port
     cfg = dev.config
@@ -467,9 +467,9 @@ def format_link(result: dict) -> list[str]:
 def run_link(args) -> int:
     import sys
 
-    from host.device import DeviceError
-    from host.errors import UsageError
-    from host.link import open_serial_device
+    from hel_fpga.host.device import DeviceError
+    from hel_fpga.host.errors import UsageError
+    from hel_fpga.host.link import open_serial_device
 
     lengths = _link_lengths(args.lengths)
 
@@ -535,7 +535,7 @@ def run_link(args) -> int:
 def run(args) -> int:
     if args.what == "link":
         return run_link(args)
-    from rtl.formats import HelConfig
+    from hel_fpga.spec.formats import HelConfig
 
     shapes = [_parse(s) for s in args.config] if args.config else DEFAULT_CONFIGS
     rows = []

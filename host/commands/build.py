@@ -1,7 +1,7 @@
 """``hel build``: a bitstream, a report and a summary for one board.
 
-Runs :func:`boards.build.build` for ``--board`` (the table in
-:mod:`boards.table`) and prints a short summary. Exit status: 0 when timing
+Runs :func:`hel_fpga.boards.build.build` for ``--board`` (the table in
+:mod:`hel_fpga.boards.table`) and prints a short summary. Exit status: 0 when timing
 is met, 1 when it is not (the bitstream and report are still written) or a
 tool fails, 2 for user errors (unknown board, missing toolchain, no top level).
 """
@@ -12,13 +12,13 @@ import importlib
 import json
 import sys
 
-from host.cli import UsageError
+from hel_fpga.host.cli import UsageError
 
 HELP = "build a board's bitstream with the YoWASP (or system) FPGA toolchain; report resources and Fmax"
 
 
 def add_arguments(p):
-    from boards.table import BOARDS
+    from hel_fpga.boards.table import BOARDS
     p.add_argument("--board", choices=list(BOARDS), metavar="NAME",
                    help=f"target board: {', '.join(BOARDS)}")
     p.add_argument("--out", metavar="DIR", help="output directory (default: build/NAME)")
@@ -29,7 +29,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, help="nextpnr placement seed")
     p.add_argument("--design", metavar="MODULE:FACTORY", default=None,
                    help="build another design: a callable taking the board entry and returning an "
-                        "Elaboratable (default: rtl.top.Top with the board's configuration)")
+                        "Elaboratable (default: hel_fpga.rtl.top.Top with the board's configuration)")
     p.add_argument("--quiet", action="store_true", help="no progress indication")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
     p.add_argument("--list", action="store_true", help="list the boards and their configurations")
@@ -47,7 +47,7 @@ def _factory(spec: str):
 
 
 def run(args) -> int:
-    from boards.table import BOARDS
+    from hel_fpga.boards.table import BOARDS
     if args.list:
         for b in BOARDS.values():
             c = b.config
@@ -56,7 +56,7 @@ def run(args) -> int:
         return 0
     if not args.board:
         raise UsageError(f"--board is required (one of: {', '.join(BOARDS)})")
-    from boards import build as B
+    from hel_fpga.boards import build as B
     board = BOARDS[args.board]
     factory = _factory(args.design) if args.design else B.real_top
     try:

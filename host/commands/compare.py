@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from host.errors import UsageError
+from hel_fpga.host.errors import UsageError
 
 HELP = "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"
 
@@ -29,7 +29,7 @@ def add_arguments(p):
     p.add_argument("--problem", metavar="FILE.npz",
                    help="problem file (W, B, b, alpha, u, y, mask, dt); default: the seeded reference problem")
     p.add_argument("--eps", type=float, default=None,
-                   help="nudge strength ε (default: by estimator and loss kind, see host.learning.DEFAULT_EPS)")
+                   help="nudge strength ε (default: by estimator and loss kind, see hel_fpga.host.learning.DEFAULT_EPS)")
     p.add_argument("--estimator", choices=("centred", "one-sided"), default="centred",
                    help="two ±ε echoes (O(ε²) bias) or one echo against the forward pass (O(ε))")
     p.add_argument("--config", metavar="FILE.json",
@@ -58,7 +58,7 @@ def integer_run(dev, problem, eps, estimator) -> dict:
     accumulators by parameter), ``status`` and ``gradients`` (``acc`` scaled
     back to float).
     """
-    from host.learning import masked_mse
+    from hel_fpga.host.learning import masked_mse
     cfg = dev.config
     dev.write_params(cfg.quantize_params(problem.params))
     dev.clear_accumulators()
@@ -83,7 +83,7 @@ def integer_gradients(dev, problem, eps, estimator):
 
 def bit_exact_diff(got: dict, want: dict) -> list[str]:
     """Where two :func:`integer_run` results differ (empty: bit for bit equal)."""
-    from rtl.formats import PARAM_NAMES
+    from hel_fpga.spec.formats import PARAM_NAMES
     diffs = []
     a, b = np.asarray(got["outputs"]), np.asarray(want["outputs"])
     if a.shape != b.shape:
@@ -102,11 +102,11 @@ def bit_exact_diff(got: dict, want: dict) -> list[str]:
 
 
 def run(args) -> int:
-    from host.device import DeviceError, GoldenDevice, open_device
-    from host.learning import config_for, default_eps
-    from rtl.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
-    from sim import reference
-    from sim.problems import ProblemError, load_problem, reference_problem
+    from hel_fpga.host.device import DeviceError, GoldenDevice, open_device
+    from hel_fpga.host.learning import config_for, default_eps
+    from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+    from hel_fpga.sim import reference
+    from hel_fpga.sim.problems import ProblemError, load_problem, reference_problem
 
     try:
         problem = load_problem(args.problem) if args.problem else reference_problem()

@@ -1,6 +1,6 @@
 """``hel glep``: HEL as a special case of GLEP, measured on the float model.
 
-Runs every GLEP variant of :mod:`sim.glep` (constant initial value with and
+Runs every GLEP variant of :mod:`hel_fpga.sim.glep` (constant initial value with and
 without the boundary residual, fixed endpoints, periodic, and the pinned final
 state: centred/one-sided RHEL and HEB) and prints, per variant, the structural
 claims (boundary conditions, forward-only, local, needs sensitivities, passes),
@@ -44,7 +44,7 @@ def format_table(rows: list[dict]) -> list[str]:
 
 
 def run(args) -> int:
-    from sim import glep
+    from hel_fpga.sim import glep
 
     rows = glep.glep_table()
     if args.json:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from host.cli import UsageError
+from hel_fpga.host.cli import UsageError
 
 HELP = "program a board with openFPGALoader (--dry-run prints the command)"
 
 
 def add_arguments(p):
-    from boards.table import BOARDS
+    from hel_fpga.boards.table import BOARDS
     p.add_argument("--board", required=True, choices=list(BOARDS), metavar="NAME",
                    help=f"target board: {', '.join(BOARDS)}")
     p.add_argument("--bitstream", metavar="FILE",
@@ -29,8 +29,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from boards.program import BadRequest, ProgramError, default_bitstream, program
-    from boards.table import BOARDS
+    from hel_fpga.boards.program import BadRequest, ProgramError, default_bitstream, program
+    from hel_fpga.boards.table import BOARDS
     board = BOARDS[args.board]
     bitstream = args.bitstream or str(default_bitstream(board))
     try:

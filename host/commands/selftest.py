@@ -1,7 +1,7 @@
 """``hel selftest``: run the device's SELFTEST and report pass/fail.
 
 SELFTEST runs ``--steps`` leapfrog steps forward from the zero state on
-pseudo-random inputs generated on the device (``sim.golden.selftest_inputs``
+pseudo-random inputs generated on the device (``hel_fpga.sim.golden.selftest_inputs``
 with ``--seed``), flips the momenta and runs the same steps backwards. The
 integer leapfrog is exactly reversible, so a working core returns to the zero
 state bit for bit; any stuck bit, wrong rounding or lost carry shows up.
@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from host.errors import UsageError
+from hel_fpga.host.errors import UsageError
 
 HELP = "run the device's SELFTEST (forward, flip, echo back to zero) and print pass/fail"
 
@@ -37,7 +37,7 @@ def add_arguments(p):
                    help="seed of the self-test inputs and of the random parameters (default 1)")
     p.add_argument("--config", metavar="FILE.json",
                    help="core configuration (JSON): for sim and sim-board the configuration to run "
-                        "(default: the simulated board's, sim.board.SIM_CONFIG); for a serial "
+                        "(default: the simulated board's, hel_fpga.sim.board.SIM_CONFIG); for a serial "
                         "device the one it must report")
     p.add_argument("--keep-params", action="store_true",
                    help="use the parameters already on the device (default: write seeded random ones)")
@@ -48,14 +48,14 @@ def random_params(cfg, seed: int):
     """Integer parameters drawn like ``Problem.random`` (W ~ N(0, 1/N), α ∈ [0.5, 1.5], …)."""
     import numpy as np
 
-    from sim.reference import Problem
+    from hel_fpga.sim.reference import Problem
     rng = np.random.default_rng(seed)
     p = Problem.random(rng, n=cfg.n, m=cfg.m, k=cfg.k, o=cfg.o, t=1, dt=cfg.dt)
     return cfg.quantize_params(p.params)
 
 
 def _load_config(path):
-    from rtl.formats import ConfigError, HelConfig
+    from hel_fpga.spec.formats import ConfigError, HelConfig
     try:
         return HelConfig.load(path)
     except OSError as e:
@@ -67,8 +67,8 @@ def _load_config(path):
 def run(args) -> int:
     import numpy as np
 
-    from host.device import DeviceError, GoldenDevice, open_device
-    from rtl.formats import FormatError
+    from hel_fpga.host.device import DeviceError, GoldenDevice, open_device
+    from hel_fpga.spec.formats import FormatError
 
     if not 1 <= args.steps <= 0xFFFFFFFF:
         raise UsageError(f"--steps must be in 1 .. 2^32-1, got {args.steps}")
@@ -76,7 +76,7 @@ def run(args) -> int:
         raise UsageError(f"--seed must be in 0 .. 2^32-1, got {args.seed}")
     cfg = _load_config(args.config) if args.config else None
     if cfg is None and args.device in ("sim", "sim-board", "model"):
-        from sim.board import SIM_CONFIG
+        from hel_fpga.sim.board import SIM_CONFIG
         cfg = SIM_CONFIG
 
     try:

@@ -13,7 +13,7 @@ SIGTERM, then stops the board and exits 0.
 import signal
 import sys
 
-from host.cli import UsageError
+from hel_fpga.host.cli import UsageError
 
 HELP = "build (if needed) and run the Verilator-simulated board; prints its serial device path first"
 
@@ -37,8 +37,8 @@ def _raise_stop(signum, frame):
 
 
 def run(args) -> int:
-    from rtl.formats import ConfigError, HelConfig
-    from sim import board
+    from hel_fpga.spec.formats import ConfigError, HelConfig
+    from hel_fpga.sim import board
 
     cfg = None
     if args.config:

@@ -1,6 +1,6 @@
 """``hel train``: train an oscillator network with HEL through a device (or a float baseline).
 
-See :mod:`host.train` for the tasks, engines, checkpoints and plots, and
+See :mod:`hel_fpga.host.train` for the tasks, engines, checkpoints and plots, and
 docs/train.md for usage and measured results.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from host.errors import UsageError
+from hel_fpga.host.errors import UsageError
 
 HELP = "train an oscillator network with HEL on a device (or float BPTT/RHEL baselines)"
 
@@ -69,7 +69,7 @@ def _summary(m: dict) -> str:
 
 
 def run(args) -> int:
-    from host.train.loop import TrainError, TrainOptions, train
+    from hel_fpga.host.train.loop import TrainError, TrainOptions, train
 
     opts = TrainOptions(task=args.task, device=args.device, algorithm=args.algorithm, epochs=args.epochs,
                         batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, eps=args.eps,

@@ -5,7 +5,7 @@ same batches; only the gradient differs:
 
 * ``bptt`` — exact float64 backpropagation through time (the CPU baseline);
 * ``rhel-float`` — float64 RHEL echoes (what HEL computes, without quantisation);
-* ``hel`` — the hardware flow on a :class:`host.device.Device`: per sample LOAD,
+* ``hel`` — the hardware flow on a :class:`hel_fpga.host.device.Device`: per sample LOAD,
   FORWARD, host loss and nudges, ECHO; per batch read and clear the
   accumulators. Inference (``predict``) is FORWARD only, on the device.
 """
@@ -17,18 +17,18 @@ from typing import Callable
 
 import numpy as np
 
-from host.device import Device
-from host.learning import DEFAULT_EPS
-from host.train import floatpath
-from host.train.tasks import Task
-from rtl.formats import PARAM_NAMES, HelConfig
+from hel_fpga.host.device import Device
+from hel_fpga.host.learning import DEFAULT_EPS
+from hel_fpga.host.train import floatpath
+from hel_fpga.host.train.tasks import Task
+from hel_fpga.spec.formats import PARAM_NAMES, HelConfig
 
 __all__ = ["ALGORITHMS", "BatchResult", "FloatEngine", "DeviceEngine", "default_eps_for"]
 
 ALGORITHMS = ("hel", "bptt", "rhel-float")
 
 #: ε for a cross-entropy on ŷ_T/τ: its output gradient is up to 1/τ = 10 times
-#: larger than the MSE gradients the DEFAULT_EPS of host.learning were measured
+#: larger than the MSE gradients the DEFAULT_EPS of hel_fpga.host.learning were measured
 #: on, so the same nudge size needs a smaller ε (measured on the digits task:
 #: see docs/train.md).
 CLASSIFICATION_EPS = {"centred": 0.03, "one-sided": 0.01}

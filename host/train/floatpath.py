@@ -1,13 +1,13 @@
 """Float64 training path: batched forward, BPTT and RHEL with any output gradient.
 
-:func:`sim.reference.bptt` and :func:`sim.reference.rhel` take a
-:class:`sim.reference.Problem`, whose loss is a masked MSE. Training also needs
+:func:`hel_fpga.sim.reference.bptt` and :func:`hel_fpga.sim.reference.rhel` take a
+:class:`hel_fpga.sim.reference.Problem`, whose loss is a masked MSE. Training also needs
 cross-entropy, so this module splits the two steps — forward, then a backward
 pass (adjoint or echoes) driven by an arbitrary output gradient ``g`` — and runs
 a whole mini-batch at once (the rows of every array are samples), which is what
 makes the float baselines fast enough to compare against.
 
-The arithmetic is exactly that of :mod:`sim.reference` (drift–kick–drift with
+The arithmetic is exactly that of :mod:`hel_fpga.sim.reference` (drift–kick–drift with
 the kick at the half-step position, the same adjoint recursion and the same
 echo convention); ``tests/test_train.py`` checks every function here against
 ``reference.bptt`` / ``reference.rhel`` sample by sample.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.reference import PARAM_NAMES
+from hel_fpga.sim.reference import PARAM_NAMES
 
 __all__ = ["BatchTrajectory", "forward", "bptt_grads", "rhel_grads", "outputs"]
 
@@ -77,7 +77,7 @@ def bptt_grads(params: Params, u: np.ndarray, dt: float, traj: BatchTrajectory,
                g: np.ndarray) -> Params:
     """Exact gradient of ``Σ_samples L`` given ``g = ∂L/∂ŷ`` (S, T, O).
 
-    The adjoint recursion of :func:`sim.reference.bptt`, batched.
+    The adjoint recursion of :func:`hel_fpga.sim.reference.bptt`, batched.
     """
     W, alpha = params["W"], params["alpha"]
     s, t_len, o = g.shape

@@ -30,17 +30,17 @@ from typing import Callable
 
 import numpy as np
 
-from host.device import Device, DeviceError, GoldenDevice, open_device
-from host.errors import UsageError
-from host.learning import config_for
-from host.train import floatpath
-from host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
+from hel_fpga.host.device import Device, DeviceError, GoldenDevice, open_device
+from hel_fpga.host.errors import UsageError
+from hel_fpga.host.learning import config_for
+from hel_fpga.host.train import floatpath
+from hel_fpga.host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
                                    load_checkpoint, save_checkpoint)
-from host.train.engines import ALGORITHMS, DeviceEngine, FloatEngine, default_eps_for
-from host.train.optim import Adam, init_params, lr_at
-from host.train.progress import EpochProgress
-from host.train.tasks import DEFAULT_TASK, Task, TaskError, load_task
-from rtl.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+from hel_fpga.host.train.engines import ALGORITHMS, DeviceEngine, FloatEngine, default_eps_for
+from hel_fpga.host.train.optim import Adam, init_params, lr_at
+from hel_fpga.host.train.progress import EpochProgress
+from hel_fpga.host.train.tasks import DEFAULT_TASK, Task, TaskError, load_task
+from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
 
 __all__ = ["TrainOptions", "TrainError", "train", "SETTINGS", "DEFAULT_DEVICE", "default_out_dir"]
 
@@ -213,7 +213,7 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
     """Run (or resume) a training run; return the metrics also written to metrics.json.
 
     ``device_factory(spec, cfg)`` opens the device for ``--algorithm hel``
-    (default: :func:`host.device.open_device`). Raises :class:`UsageError` for
+    (default: :func:`hel_fpga.host.device.open_device`). Raises :class:`UsageError` for
     bad options or task files and :class:`TrainError` when the device fails
     mid-run (the last checkpoint stays intact).
     """
@@ -451,9 +451,9 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
 
 
 def _make_plots(out: Path, task: Task, settings: dict, cfg: HelConfig, params, engine, metrics) -> dict:
-    from host.train import plots
-    from sim import reference
-    from sim.golden import GoldenCore
+    from hel_fpga.host.train import plots
+    from hel_fpga.sim import reference
+    from hel_fpga.sim.golden import GoldenCore
 
     algorithm, eps, est = settings["algorithm"], settings["eps"], settings["estimator"]
     title = (f"{task.name}: {algorithm}"

@@ -13,14 +13,14 @@ import math
 
 import numpy as np
 
-from rtl.formats import PARAM_NAMES
+from hel_fpga.spec.formats import PARAM_NAMES
 
 __all__ = ["Adam", "init_params", "lr_at"]
 
 
 def init_params(rng: np.random.Generator, n: int, m: int, k: int) -> dict[str, np.ndarray]:
     """W ~ N(0, 1/N), B ~ N(0, 1/4), b ~ N(0, 1/100), α ~ U[0.5, 1.5] (draw order W, B, b, α),
-    the distributions of ``sim.reference.Problem.random``."""
+    the distributions of ``hel_fpga.sim.reference.Problem.random``."""
     return {"W": rng.normal(0.0, 1.0 / np.sqrt(n), (m, n)), "B": rng.normal(0.0, 0.5, (m, k)),
             "b": rng.normal(0.0, 0.1, m), "alpha": rng.uniform(0.5, 1.5, n)}
 

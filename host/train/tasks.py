@@ -157,7 +157,7 @@ def _init_like(rng, n, m, k):
 
 
 def make_oscillators(n_train: int = 128, n_test: int = 64, t: int = 64, seed: int = 6001) -> Task:
-    from host.train import floatpath
+    from hel_fpga.host.train import floatpath
     rng = np.random.default_rng(seed)
     s = n_train + n_test
     dt = 1 / 8

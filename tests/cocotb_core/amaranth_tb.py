@@ -1,4 +1,4 @@
-"""Run a :mod:`scenario` on :class:`rtl.core.HELCore` in Amaranth's simulator.
+"""Run a :mod:`scenario` on :class:`hel_fpga.rtl.core.HELCore` in Amaranth's simulator.
 
 The same stream discipline as the cocotb testbench: sources hold ``valid`` until
 accepted and insert random idle cycles, sinks drop ``ready`` at random; every
@@ -12,8 +12,8 @@ import random
 
 from amaranth.sim import Simulator
 
-from rtl.core import HELCore
-from rtl.formats import HelConfig
+from hel_fpga.rtl.core import HELCore
+from hel_fpga.spec.formats import HelConfig
 
 from .scenario import SINKS, SOURCES, Step, to_signed, unpack_done
 

@@ -4,7 +4,7 @@ A scenario is a list of :class:`Step`: one command, the words the testbench
 sends on the core's input streams, the words it must receive on the output
 streams (bit for bit), the ``done`` result and the flags after the command.
 The same scenarios drive the Amaranth-simulator test and the cocotb/Verilator
-test, so both check the gateware against :class:`sim.golden.GoldenCore`
+test, so both check the gateware against :class:`hel_fpga.sim.golden.GoldenCore`
 on identical vectors. No cocotb or simulator import here.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rtl.core import CmdLayout, DoneLayout, Op, Result
-from rtl.formats import PARAM_NAMES, FormatError, HelConfig
-from sim.golden import GoldenCore, StateError
+from hel_fpga.rtl.core import CmdLayout, DoneLayout, Op, Result
+from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig
+from hel_fpga.sim.golden import GoldenCore, StateError
 
 #: stream members of HELCore: testbench → core, core → testbench
 SOURCES = ("params_in", "inputs", "nudges")
@@ -25,7 +25,7 @@ BANK_NUM = {"fwd": 0, "pos": 1, "neg": 2}
 
 
 def pack_cmd(op: Op, length=0, one_sided=0, kick=0, bank=0, seed=0, skip=0, no_acc=0) -> int:
-    """The ``cmd`` payload as an integer (bit layout of :data:`rtl.core.CmdLayout`)."""
+    """The ``cmd`` payload as an integer (bit layout of :data:`hel_fpga.rtl.core.CmdLayout`)."""
     fields = dict(op=int(op.value), length=length, one_sided=one_sided, kick=kick, bank=bank,
                   seed=seed, skip=skip, no_acc=no_acc)
     word = 0

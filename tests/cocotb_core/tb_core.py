@@ -1,4 +1,4 @@
-"""cocotb testbench of ``hel_core`` (the Verilog of :class:`rtl.core.HELCore`).
+"""cocotb testbench of ``hel_core`` (the Verilog of :class:`hel_fpga.rtl.core.HELCore`).
 
 Started by ``tests/test_core_cocotb.py`` through the cocotb runner, one simulator
 run per test, with the configuration in ``HEL_CFG`` (JSON), the random seed in
@@ -22,7 +22,7 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, RisingEdge
 
-from rtl.formats import HelConfig
+from hel_fpga.spec.formats import HelConfig
 
 from .scenario import SINKS, SOURCES, Step, build_scenario, to_signed, unpack_done
 

@@ -7,7 +7,7 @@ re-derived elsewhere: import it.
 Physical layer
 --------------
 UART, 8 data bits, no parity, 1 stop bit (8N1), least significant bit first, line
-idle high. The bit rate is ``clock / divisor`` (see :class:`rtl.uart.UART`); the
+idle high. The bit rate is ``clock / divisor`` (see :class:`hel_fpga.rtl.uart.UART`); the
 board chooses it.
 
 Frame layer
@@ -58,7 +58,7 @@ Why ``MAX_PAYLOAD = 1024``
   Larger frames gain < 1 %.
 * Retry cost: a full frame takes 89 ms at 115 200 baud (8.9 ms at 1 Mbaud),
   so resending one after a CRC error costs little.
-* Gateware buffers: the receive ring (:class:`rtl.framing.FrameDecoder`) of
+* Gateware buffers: the receive ring (:class:`hel_fpga.rtl.framing.FrameDecoder`) of
   2048 bytes (four 512×8 iCE40 block RAMs, one ECP5 DP16KD) holds one maximal
   frame while the command unit still has up to 1018 unread bytes of the
   previous one; 1024 is also a multiple of common word sizes on the wire
@@ -218,7 +218,7 @@ class ErrorCode(enum.IntEnum):
     command is looked at; the command unit's codes follow from ``0x10``.
     """
 
-    # --- link layer (rtl.framing.FrameDecoder, host.framing) ---
+    # --- link layer (hel_fpga.rtl.framing.FrameDecoder, hel_fpga.spec.framing) ---
     #: The CRC over cmd, seq and payload does not match the trailing CRC.
     BAD_CRC = 0x01
     #: Decoded body shorter than MIN_BODY_LEN or longer than MAX_BODY_LEN,
@@ -308,7 +308,7 @@ Words on the wire: bit-packed
     bit-packing keeps every stream at ≈ 98.6 % for every width. The hardware
     cost is one shift register of ``w + 7`` bits per direction (shift in a byte,
     take ``w`` bits out while ≥ w are held), the same for every width.
-    Reference implementation (host and model): :mod:`host.wire`.
+    Reference implementation (host and model): :mod:`hel_fpga.spec.wire`.
 
 Chunks
     A block longer than one frame is cut into chunks of :func:`chunk_words`
@@ -368,7 +368,7 @@ ERROR_LAYOUT = (("code", 1), ("cmd", 1), ("arg", 2))
 
 #: IDENT reply payload: (field, bytes), little-endian unsigned; followed by the
 #: board name in ASCII (0..IDENT_NAME_MAX bytes, the rest of the payload). The
-#: HelConfig fields appear under their HelConfig names (rtl.formats), so a
+#: HelConfig fields appear under their HelConfig names (hel_fpga.spec.formats), so a
 #: gateware ROM is ``pack_fields(IDENT_FIELDS, {protocol_version, **cfg.to_dict(),
 #: clock_hz, baud}) + name``.
 IDENT_FIELDS = (
@@ -405,7 +405,7 @@ class StatusFlag(enum.IntFlag):
     # updates them when the echo completes).
 
 
-#: Bits of WRITE_PARAMS/READ_PARAMS ``mask``: bit i = rtl.formats.PARAM_NAMES[i]
+#: Bits of WRITE_PARAMS/READ_PARAMS ``mask``: bit i = hel_fpga.spec.formats.PARAM_NAMES[i]
 #: (W, B, b, alpha); the selected arrays travel in that order, each row-major.
 PARAM_MASK_ALL = 0x0F
 

@@ -1,15 +1,15 @@
-"""The wire format of words: bit-packing for host and model (layout: :mod:`rtl.protocol`).
+"""The wire format of words: bit-packing for host and model (layout: :mod:`hel_fpga.spec.protocol`).
 
 The one implementation of how integer words travel in the link's payloads, used
-by the host (:mod:`host.link`) and by the reference device model
-(:mod:`sim.protocol_model`), and the reference for the gateware's pack/unpack
+by the host (:mod:`hel_fpga.host.link`) and by the reference device model
+(:mod:`hel_fpga.sim.protocol_model`), and the reference for the gateware's pack/unpack
 shift registers.
 
 Words of one width ``w`` are packed LSB first into a bit stream (word ``i`` at
 stream bits ``i·w … i·w+w−1``; stream bit ``j`` = bit ``j mod 8`` of byte
 ``j div 8``), the last byte zero-padded; unpacking sign-extends bit ``w − 1``.
 Blocks longer than one frame are split into chunks of
-:func:`rtl.protocol.chunk_words` words, each packed on its own.
+:func:`hel_fpga.spec.protocol.chunk_words` words, each packed on its own.
 
 Example: the 4-bit words ``[1, -2, 3]`` pack to ``0xE1 0x03``.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtl.protocol import MAX_CHUNKS, chunk_bytes, chunk_count, chunk_words
+from hel_fpga.spec.protocol import MAX_CHUNKS, chunk_bytes, chunk_count, chunk_words
 
 __all__ = ["pack_words", "unpack_words", "packed_len", "split_chunks", "join_chunks", "check_width"]
 

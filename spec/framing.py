@@ -1,8 +1,8 @@
-"""Host side of the link's frame layer (layout: :mod:`rtl.protocol`).
+"""Host side of the link's frame layer (layout: :mod:`hel_fpga.spec.protocol`).
 
 The reference codec: the PyPI ``cobs`` package for byte stuffing and
 :func:`zlib.crc32` for the CRC, wrapped in the frame layout that
-:mod:`rtl.protocol` defines. The gateware (:mod:`rtl.framing`) is tested
+:mod:`hel_fpga.spec.protocol` defines. The gateware (:mod:`hel_fpga.rtl.framing`) is tested
 against these functions, so they are kept as plain as possible.
 
 * :func:`encode_frame` builds the bytes to write to the serial port.
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from cobs import cobs
 
-from rtl.protocol import (CRC_LEN, DELIMITER, HEADER_LEN, MAX_BODY_LEN, MAX_ENCODED_LEN,
+from hel_fpga.spec.protocol import (CRC_LEN, DELIMITER, HEADER_LEN, MAX_BODY_LEN, MAX_ENCODED_LEN,
                           MAX_PAYLOAD, MIN_BODY_LEN, ErrorCode, FrameError, crc32)
 
 __all__ = ["Frame", "FrameReader", "decode_frame", "encode_frame", "FrameError"]

@@ -1,7 +1,7 @@
 """The one definition of hel-fpga's integer formats and core configuration.
 
 Everything that turns the float model of DESIGN.md §1 into integers lives here:
-the golden model (``sim.golden``), the gateware (``rtl``) and the host (``host``)
+the golden model (``hel_fpga.sim.golden``), the gateware (``rtl``) and the host (``host``)
 import these numbers and functions and never re-derive them.
 
 The integer model ("w-form")
