@@ -33,9 +33,11 @@ from hel_fpga.host.device import Device, DeviceError, Ident, Status
 from hel_fpga.spec.framing import Frame, FrameError, FrameReader, encode_frame
 from hel_fpga.spec.wire import join_chunks, split_chunks
 from hel_fpga.spec import protocol as P
-from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+from hel_fpga.spec.formats import ConfigError, FormatError, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
-from hel_fpga.sim.golden import ESTIMATORS, StateError
+from hel_fpga.sim.golden import StateError
+from hel_fpga.spec.names import BANKS, ESTIMATORS
 
 __all__ = ["SerialDevice", "RemoteError", "RemoteStateError", "RemoteRangeError",
            "open_serial_device", "DEFAULT_BAUD"]
@@ -180,7 +182,7 @@ class SerialDevice(Device):
         cfg = self.config
         t = self._t if self._t is not None else self.status_fields()["t_loaded"]
         cycles = max(t, 1) * cfg.macs_forward_step * 2 // cfg.lanes
-        words = self._read_block(Command.FORWARD, bytes([P.ESTIMATOR_CODES.index(estimator)]),
+        words = self._read_block(Command.FORWARD, bytes([ESTIMATORS.index(estimator)]),
                                  t * cfg.o, cfg.state_width, cycles=cycles)
         return words.reshape(t, cfg.o)
 
@@ -205,10 +207,10 @@ class SerialDevice(Device):
         self._request(Command.CLEAR_ACC)
 
     def read_state(self, bank: str = "fwd"):
-        if bank not in P.BANKS:
-            raise ValueError(f"bank must be one of {P.BANKS}, got {bank!r}")
+        if bank not in BANKS:
+            raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
         n = self.config.n
-        words = self._read_block(Command.READ_STATE, bytes([P.BANKS.index(bank)]), 2 * n,
+        words = self._read_block(Command.READ_STATE, bytes([BANKS.index(bank)]), 2 * n,
                                  self.config.state_width)
         return words[:n].copy(), words[n:].copy()
 

@@ -98,7 +98,8 @@ from amaranth.lib.wiring import In, Out
 
 from hel_fpga.spec import protocol as P
 from hel_fpga.rtl.core import HELCore, Op
-from hel_fpga.spec.formats import PARAM_NAMES, HelConfig
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.rtl.framing import LENGTH_BITS, FrameByte, LinkError
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 

@@ -88,12 +88,9 @@ from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
 from hel_fpga.spec.formats import HelConfig
 from hel_fpga.rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
 from hel_fpga.rtl.tanh import TanhUnit, saturate_signed
+from hel_fpga.spec.names import MIX32_FINAL_SHIFT, MIX32_ROUNDS
 
-__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "Mix32Serial", "SequenceBuffer",
-           "BANKS"]
-
-#: READ_STATE bank numbers.
-BANKS = {"fwd": 0, "pos": 1, "neg": 2}
+__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "Mix32Serial", "SequenceBuffer"]
 
 
 class Op(enum.Enum, shape=4):
@@ -142,10 +139,10 @@ def _device(platform) -> str:
 class _Mix32Ports(wiring.Component):
     """The ports both forms of the self-test generator share: an argument ``x`` is
     taken when ``valid & ready``; ``y`` comes later with ``y_valid`` and the
-    argument's ``tag``. ``ROUNDS`` are :func:`hel_fpga.sim.golden.mix32`'s (s, m) pairs:
-    ``x ^= x >> s`` then ``x += x << m``, and a final ``x ^= x >> 15``."""
+    argument's ``tag``. ``ROUNDS`` are :func:`hel_fpga.spec.names.mix32`'s (s, m) pairs:
+    ``x ^= x >> s`` then ``x += x << m``, and a final ``x ^= x >> MIX32_FINAL_SHIFT``."""
 
-    ROUNDS = ((16, 5), (7, 3), (13, 11))
+    ROUNDS = MIX32_ROUNDS
 
     def __init__(self, tag_width: int = 1):
         self.tag_width = tag_width
@@ -154,7 +151,7 @@ class _Mix32Ports(wiring.Component):
 
 
 class Mix32(_Mix32Ports):
-    """:func:`hel_fpga.sim.golden.mix32` as a 3-stage pipeline (one add per stage).
+    """:func:`hel_fpga.spec.names.mix32` as a 3-stage pipeline (one add per stage).
 
     Takes an argument every cycle (``ready`` is always high); ``y`` follows
     ``LATENCY`` cycles later with ``y_valid`` and the argument's ``tag``.
@@ -176,7 +173,7 @@ class Mix32(_Mix32Ports):
             m.d.comb += a.eq(xs(stage, sh))
             m.d.sync += r.eq((a + (a << mul)) & M32)
             stage = r
-        m.d.comb += self.y.eq(xs(stage, 15))
+        m.d.comb += self.y.eq(xs(stage, MIX32_FINAL_SHIFT))
         v = [Signal(name=f"v{i}") for i in range(3)]
         t = [Signal(self.tag_width, name=f"t{i}") for i in range(3)]
         m.d.sync += [v[0].eq(self.valid), t[0].eq(self.tag)]
@@ -187,7 +184,7 @@ class Mix32(_Mix32Ports):
 
 
 class Mix32Serial(_Mix32Ports):
-    """:func:`hel_fpga.sim.golden.mix32` bit-serially: one argument per 97 cycles, ~80 logic cells.
+    """:func:`hel_fpga.spec.names.mix32` bit-serially: one argument per 97 cycles, ~80 logic cells.
 
     The self-test generator needs K words per step, a step takes hundreds of
     cycles with few lanes, so on iCE40 the three 32-bit add-shift rounds of
@@ -196,7 +193,7 @@ class Mix32Serial(_Mix32Ports):
     shifts right one bit a cycle (so ``x >> s`` is a fixed tap, masked once the
     result bits that enter at the top reach it), the last ``m`` bits of ``a`` wait
     in a short shift register, and the sum bit enters ``x`` at the top; after 32
-    cycles ``x`` holds the round's result. ``y = x ^ (x >> 15)`` is combinational.
+    cycles ``x`` holds the round's result. ``y = x ^ (x >> MIX32_FINAL_SHIFT)`` is combinational.
 
     Same ports as :class:`Mix32`; an argument is taken when ``valid & ready``,
     ``y`` is valid (``y_valid``, with the argument's ``tag``) 97 cycles later.
@@ -213,7 +210,7 @@ class Mix32Serial(_Mix32Ports):
         hist = Signal(hist_len)        # hist[k] = the bit of a from k + 1 cycles ago
         y_valid = Signal()
         tag = Signal(self.tag_width)
-        m.d.comb += [self.ready.eq(~busy), self.y.eq(x ^ (x >> 15)),
+        m.d.comb += [self.ready.eq(~busy), self.y.eq(x ^ (x >> MIX32_FINAL_SHIFT)),
                      self.y_valid.eq(y_valid), self.y_tag.eq(tag)]
 
         xs_bit = Signal()    # bit i + s of the round's input (0 beyond bit 31)

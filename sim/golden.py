@@ -31,35 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig, rshift_round, saturate, wrap
+from hel_fpga.spec.formats import FormatError, HelConfig, rshift_round, saturate, wrap
+from hel_fpga.spec.names import ESTIMATORS, PARAM_NAMES, mix32
 
-__all__ = ["GoldenCore", "StateError", "selftest_inputs", "mix32", "ESTIMATORS"]
+__all__ = ["GoldenCore", "StateError", "selftest_inputs"]
 
-ESTIMATORS = ("centred", "one-sided")
 _M32 = 0xFFFF_FFFF
 
 
 class StateError(RuntimeError):
     """An operation issued in a state that does not allow it (e.g. ECHO before FORWARD)."""
-
-
-def mix32(x):
-    """A multiplier-free 32-bit mixing function (xor-shift / add-shift rounds).
-
-    Used as a counter-based generator for the self-test inputs: input ``k`` of step
-    ``t`` is ``mix32(seed ^ (t·K + k))``, so the echo regenerates inputs in reverse
-    order from a down-counter with no stored sequence. Works on Python ints and on
-    NumPy uint64 arrays.
-    """
-    x = x & _M32
-    x ^= x >> 16
-    x = (x + (x << 5)) & _M32
-    x ^= x >> 7
-    x = (x + (x << 3)) & _M32
-    x ^= x >> 13
-    x = (x + (x << 11)) & _M32
-    x ^= x >> 15
-    return x
 
 
 def selftest_inputs(cfg: HelConfig, steps: int, seed: int) -> np.ndarray:

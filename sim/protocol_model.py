@@ -34,7 +34,8 @@ import numpy as np
 from hel_fpga.spec.framing import encode_frame
 from hel_fpga.spec.wire import join_chunks, split_chunks
 from hel_fpga.spec import protocol as P
-from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig
+from hel_fpga.spec.formats import FormatError, HelConfig
+from hel_fpga.spec.names import BANKS, ESTIMATORS, PARAM_NAMES
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 from hel_fpga.sim.golden import GoldenCore, StateError
 
@@ -230,9 +231,9 @@ class ProtocolModel:
             words = np.concatenate([params[k].ravel() for k in names])
             return self._data_replies(cmd, seq, words, c.operand_width)
         if cmd == Command.READ_STATE:
-            if u8 >= len(P.BANKS):
+            if u8 >= len(BANKS):
                 raise _Reject(ErrorCode.OUT_OF_RANGE)
-            bank = self.core.read_state(P.BANKS[u8])
+            bank = self.core.read_state(BANKS[u8])
             return self._data_replies(cmd, seq, np.concatenate([bank.q, bank.w]), c.state_width)
         if cmd == Command.SELFTEST:
             steps, seed = u32, int.from_bytes(payload[4:8], "little")
@@ -243,9 +244,9 @@ class ProtocolModel:
         if cmd == Command.FORWARD:
             if self.loaded == 0:
                 raise _Reject(ErrorCode.WRONG_STATE)
-            if u8 >= len(P.ESTIMATOR_CODES):
+            if u8 >= len(ESTIMATORS):
                 raise _Reject(ErrorCode.OUT_OF_RANGE)
-            estimator = P.ESTIMATOR_CODES[u8]
+            estimator = ESTIMATORS[u8]
             if duplicate:    # retransmission: same outputs, no second −G(0)
                 acc, flag = self.core.read_accumulators(), self.core.acc_overflow
                 y = self.core.forward(estimator)

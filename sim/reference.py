@@ -48,17 +48,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hel_fpga.spec.names import ESTIMATORS, PARAM_NAMES
+
 __all__ = [
-    "PARAM_NAMES", "Problem", "Trajectory",
+    "Problem", "Trajectory",
     "force", "force_jvp", "force_param_vjp", "leapfrog_step", "forward",
     "loss_and_output_grads", "dtheta_V", "sum_dtheta_V",
-    "bptt", "echo", "rhel", "heb", "ESTIMATORS",
+    "bptt", "echo", "rhel", "heb",
     "zeros_like_params", "flatten", "unflatten", "cosine", "rel_err",
 ]
 
 #: Parameter arrays in their canonical order.
-PARAM_NAMES = ("W", "B", "b", "alpha")
-ESTIMATORS = ("centred", "one-sided")
 
 Params = dict[str, np.ndarray]
 

@@ -56,13 +56,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hel_fpga.spec.names import PARAM_NAMES
+
 __all__ = [
     "ConfigError", "FormatError", "Fixed", "HelConfig",
-    "rshift_round", "saturate", "wrap", "PARAM_NAMES",
+    "rshift_round", "saturate", "wrap",
 ]
 
-#: Parameter arrays in their canonical order (memories, wire format, checkpoints).
-PARAM_NAMES = ("W", "B", "b", "alpha")
 
 
 class ConfigError(ValueError):

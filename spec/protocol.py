@@ -82,7 +82,7 @@ __all__ = [
     "crc32", "cobs_max_encoded_len", "wire_len",
     "ErrorCode", "FrameError",
     "PROTOCOL_VERSION", "REPLY_BIT", "ERROR_REPLY", "Command", "ERROR_LAYOUT", "IDENT_FIELDS",
-    "IDENT_NAME_MAX", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL", "BANKS", "ESTIMATOR_CODES",
+    "IDENT_NAME_MAX", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL", 
     "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "MAX_CHUNKS", "IDEMPOTENT",
     "chunk_words", "chunk_count", "chunk_bytes", "pack_fields", "unpack_fields",
 ]
@@ -409,11 +409,8 @@ class StatusFlag(enum.IntFlag):
 #: (W, B, b, alpha); the selected arrays travel in that order, each row-major.
 PARAM_MASK_ALL = 0x0F
 
-#: READ_STATE ``bank`` codes.
-BANKS = ("fwd", "pos", "neg")
-
-#: FORWARD ``estimator`` codes.
-ESTIMATOR_CODES = ("centred", "one-sided")
+#: READ_STATE ``bank`` codes: the index in :data:`hel_fpga.spec.names.BANKS`.
+#: FORWARD ``estimator`` codes: the index in :data:`hel_fpga.spec.names.ESTIMATORS`.
 
 #: Bytes before the packed words of a chunk (``index:u16``).
 CHUNK_HEADER_LEN = 2

@@ -19,7 +19,8 @@ from hel_fpga.spec.framing import FrameReader, encode_frame
 from hel_fpga.spec.wire import pack_words, split_chunks
 from hel_fpga.spec import protocol as P
 from hel_fpga.rtl.command import REQUEST_LEN, DataReplier, WordUnpacker, ident_payload
-from hel_fpga.spec.formats import ICE40_OPERAND, PARAM_NAMES, HelConfig
+from hel_fpga.spec.formats import ICE40_OPERAND, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.rtl.framing import BYTE_CYCLES
 from hel_fpga.spec.protocol import Command
 from hel_fpga.rtl.top import Device, Top

@@ -30,7 +30,8 @@ from hel_fpga.rtl.core import HELCore, Mix32, Mix32Serial, Op
 from hel_fpga.spec.formats import ECP5_OPERAND, HelConfig, rshift_round, saturate, wrap
 from hel_fpga.rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
 from hel_fpga.rtl.tanh import TanhUnit
-from hel_fpga.sim.golden import GoldenCore, mix32
+from hel_fpga.sim.golden import GoldenCore
+from hel_fpga.spec.names import mix32
 
 from cocotb_core.amaranth_tb import run_scenario
 from cocotb_core.scenario import ScenarioBuilder, canonical, pack_cmd, standard_scenario

@@ -38,7 +38,7 @@ from hel_fpga.host.learning import read_gradients  # noqa: E402
 from hel_fpga.host.link import SerialDevice  # noqa: E402
 from hel_fpga.spec.wire import split_chunks  # noqa: E402
 from hel_fpga.spec import protocol as P  # noqa: E402
-from hel_fpga.spec.formats import PARAM_NAMES  # noqa: E402
+from hel_fpga.spec.names import BANKS, PARAM_NAMES  # noqa: E402
 from hel_fpga.spec.protocol import Command, ErrorCode  # noqa: E402
 from hel_fpga.sim import board as sim_board  # noqa: E402
 from hel_fpga.sim.protocol_model import ProtocolModel  # noqa: E402
@@ -159,7 +159,7 @@ class RawLink:
         self.cmd(Command.STATUS)
         self.cmd(Command.READ_PARAMS, bytes([P.PARAM_MASK_ALL]))
         self.cmd(Command.READ_ACC)
-        for bank in range(len(P.BANKS)):
+        for bank in range(len(BANKS)):
             self.cmd(Command.READ_STATE, bytes([bank]))
 
 
@@ -228,7 +228,7 @@ def test_selftest_and_kick(dev):
         d.load(u)
         d.forward()
         d.echo(np.full((1, CFG.o), 1 << 20))      # a single kick
-    for bank in P.BANKS:
+    for bank in BANKS:
         q1, w1 = dev.read_state(bank)
         q2, w2 = gold.read_state(bank)
         assert np.array_equal(q1, q2) and np.array_equal(w1, w2), bank

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig, wrap
+from hel_fpga.spec.formats import ConfigError, FormatError, HelConfig, wrap
+from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.sim.golden import GoldenCore, StateError, selftest_inputs
 
 

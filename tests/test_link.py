@@ -19,7 +19,8 @@ from hel_fpga.host.link import RemoteRangeError, RemoteStateError, SerialDevice,
     open_serial_device
 from hel_fpga.spec.wire import pack_words, split_chunks, unpack_words
 from hel_fpga.spec import protocol as P
-from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig
+from hel_fpga.spec.formats import FormatError, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.spec.protocol import Command, ErrorCode
 from hel_fpga.sim.golden import StateError
 from hel_fpga.sim.protocol_model import ModelPort, ProtocolModel, PtyServer

@@ -16,7 +16,7 @@ from hel_fpga.host.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from hel_fpga.host.train.loop import TrainError, TrainOptions, train
 from hel_fpga.host.train.tasks import Task, TaskError, load_task, make_oscillators
 from hel_fpga.sim import reference
-from hel_fpga.spec.formats import PARAM_NAMES
+from hel_fpga.spec.names import PARAM_NAMES
 
 
 # --------------------------------------------------------------------------- helpers

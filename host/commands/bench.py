@@ -70,7 +70,7 @@ def measure_core(cfg, steps: int = 3, seed: int = 0) -> dict:
     from amaranth.sim import Simulator
 
     from hel_fpga.rtl.core import CmdLayout, HELCore, Op
-    from hel_fpga.spec.formats import PARAM_NAMES
+    from hel_fpga.spec.names import PARAM_NAMES
 
     def cmd_word(op, **fields):
         word = 0
@@ -304,7 +304,7 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
 
     from hel_fpga.host.device import GoldenDevice
     from hel_fpga.spec.wire import packed_len
-    from hel_fpga.spec.formats import PARAM_NAMES
+    from hel_fpga.spec.names import PARAM_NAMES
 
     port = dev.port
     cfg = dev.config

@@ -83,7 +83,7 @@ def integer_gradients(dev, problem, eps, estimator):
 
 def bit_exact_diff(got: dict, want: dict) -> list[str]:
     """Where two :func:`integer_run` results differ (empty: bit for bit equal)."""
-    from hel_fpga.spec.formats import PARAM_NAMES
+    from hel_fpga.spec.names import PARAM_NAMES
     diffs = []
     a, b = np.asarray(got["outputs"]), np.asarray(want["outputs"])
     if a.shape != b.shape:
@@ -104,7 +104,8 @@ def bit_exact_diff(got: dict, want: dict) -> list[str]:
 def run(args) -> int:
     from hel_fpga.host.device import DeviceError, GoldenDevice, open_device
     from hel_fpga.host.learning import config_for, default_eps
-    from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+    from hel_fpga.spec.formats import ConfigError, FormatError, HelConfig
+    from hel_fpga.spec.names import PARAM_NAMES
     from hel_fpga.sim import reference
     from hel_fpga.sim.problems import ProblemError, load_problem, reference_problem
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hel_fpga.spec.formats import PARAM_NAMES
+from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "CHECKPOINT_NAME", "atomic_write_text"]

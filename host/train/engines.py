@@ -21,7 +21,8 @@ from hel_fpga.host.device import Device
 from hel_fpga.host.learning import DEFAULT_EPS
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.tasks import Task
-from hel_fpga.spec.formats import PARAM_NAMES, HelConfig
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = ["ALGORITHMS", "BatchResult", "FloatEngine", "DeviceEngine", "default_eps_for"]
 

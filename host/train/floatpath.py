@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hel_fpga.sim.reference import PARAM_NAMES
+from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = ["BatchTrajectory", "forward", "bptt_grads", "rhel_grads", "outputs"]
 

@@ -40,7 +40,8 @@ from hel_fpga.host.train.engines import ALGORITHMS, DeviceEngine, FloatEngine, d
 from hel_fpga.host.train.optim import Adam, init_params, lr_at
 from hel_fpga.host.train.progress import EpochProgress
 from hel_fpga.host.train.tasks import DEFAULT_TASK, Task, TaskError, load_task
-from hel_fpga.spec.formats import PARAM_NAMES, ConfigError, FormatError, HelConfig
+from hel_fpga.spec.formats import ConfigError, FormatError, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = ["TrainOptions", "TrainError", "train", "SETTINGS", "DEFAULT_DEVICE", "default_out_dir"]
 

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from hel_fpga.spec.formats import PARAM_NAMES
+from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = ["Adam", "init_params", "lr_at"]
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hel_fpga.rtl.core import CmdLayout, DoneLayout, Op, Result
-from hel_fpga.spec.formats import PARAM_NAMES, FormatError, HelConfig
+from hel_fpga.spec.formats import FormatError, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.sim.golden import GoldenCore, StateError
 
 #: stream members of HELCore: testbench → core, core → testbench
