@@ -1,0 +1,39 @@
+"""The core's schedule: cycles per step pinned to the README's speed table.
+
+Bit-exact tests pass whatever the schedule's length; this one fails when a
+forward or a centred echo step takes a different number of cycles, slower or
+faster. It measures with ``hel bench core``'s own routine
+(:func:`hel_fpga.host.commands.bench.measure_core`, Amaranth's simulator) on the
+shapes ``hel bench core`` measures by default.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hel_fpga.host.commands import bench
+from hel_fpga.spec.formats import HelConfig
+
+#: (N, M, K, P) → (cycles per forward step, cycles per centred echo step), the
+#: README's "Speed" table. A deliberate schedule change updates both the README
+#: and this table.
+CYCLES = {
+    (16, 16, 2, 1): (570, 1770),
+    (16, 16, 2, 2): (291, 908),
+    (16, 16, 2, 4): (161, 480),
+    (16, 16, 2, 8): (83, 256),
+    (32, 32, 2, 8): (277, 872),
+    (32, 32, 2, 16): (155, 496),
+}
+
+
+def test_table_covers_the_default_bench_shapes():
+    assert sorted(CYCLES) == sorted(bench.DEFAULT_CONFIGS)
+
+
+@pytest.mark.parametrize("shape", list(CYCLES), ids=lambda s: "n{}m{}k{}p{}".format(*s))
+def test_cycles_per_step_equal_the_readme(shape):
+    n, m, k, p = shape
+    # the configuration `hel bench core` builds for a shape
+    row = bench.measure_core(HelConfig(n=n, m=m, k=k, o=1, lanes=p, t_max=16))
+    assert (row["cycles_forward_step"], row["cycles_echo_step"]) == CYCLES[shape]
