@@ -3,9 +3,11 @@
 The build flow is exercised with :class:`StandInTop`, a small design defined
 here with the constructor and pin usage of ``hel_fpga.rtl.top.Top`` (a UART echo plus
 ``cfg.lanes`` pipelined multiply-accumulate lanes at the board's operand
-width, so the DSP mapping is exercised too). The real top level is built by
-the ``test_real_top_*`` tests (slow: a few minutes each), which require timing
-met at the table's clocks.
+width, so the DSP mapping is exercised too). The placement-seed sweep is
+tested with a fake tool runner that gives each seed a chosen Fmax. The real
+top level is built by the ``test_real_top_*`` tests (slow: a few minutes
+each), which require some seed of the board's default list to meet the
+table's clock.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import json
 import re
 import shutil
+import io as textio
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +333,205 @@ def test_build_key_ignores_source_paths_but_not_the_design():
 
 
 # --------------------------------------------------------------------------------------
+# The placement-seed sweep (a fake tool runner: no Yosys or nextpnr)
+# --------------------------------------------------------------------------------------
+
+def test_parse_seeds_reads_lists_and_ranges():
+    assert B.parse_seeds("3") == (3,)
+    assert B.parse_seeds("1,2,5") == (1, 2, 5)
+    assert B.parse_seeds("1-4") == (1, 2, 3, 4)
+    assert B.parse_seeds(" 7, 1-3 ") == (7, 1, 2, 3)
+    for bad, why in [("", "not N or N-M"), ("1,,2", "not N or N-M"), ("x", "not N or N-M"),
+                     ("-1", "not N or N-M"), ("4-2", "4-2"), ("1,2,1", "twice"),
+                     ("1-3,2", "twice")]:
+        with pytest.raises(ValueError, match=why):
+            B.parse_seeds(bad)
+
+
+def test_default_seed_lists_are_short_and_cover_every_family():
+    families = {b.family for b in BOARDS.values()}
+    assert families <= set(B.DEFAULT_SEEDS)
+    # CI's worst case (a real slowdown tries every seed) stays bounded.
+    assert 2 <= len(B.DEFAULT_SEEDS["ice40"]) <= 4
+    assert 2 <= len(B.DEFAULT_SEEDS["ecp5"]) <= 3
+
+
+class FakeTools:
+    """Stands in for :func:`hel_fpga.boards.build._run_tools`: each seed places at ``fmax[seed]``.
+
+    Writes what the tools would (nextpnr's JSON report and log, a bitstream
+    naming its seed) and records every command line it was given.
+    """
+
+    def __init__(self, board, fmax):
+        self.board, self.fmax, self.calls = board, dict(fmax), []
+
+    def __call__(self, plan_dir, commands, toolchain, progress, label=""):
+        times = {}
+        for argv in commands:
+            tool = argv[0]
+            self.calls.append(list(argv))
+            progress.stage(f"{B._STAGES[tool]}{label if tool != 'yosys' else ''}")
+            if tool == "yosys":
+                (plan_dir / "top.rpt").write_text("yosys\n")
+            elif tool.startswith("nextpnr"):
+                seed = int(argv[argv.index("--seed") + 1])
+                data = _nextpnr({"clk": (self.fmax[seed], self.board.target_mhz)})
+                (plan_dir / B._NEXTPNR_REPORT).write_text(json.dumps(data))
+                (plan_dir / "top.tim").write_text(f"nextpnr seed {seed}\n")
+                self.seed = seed
+            else:
+                (plan_dir / self.board.bitstream).write_bytes(b"bitstream of seed %d" % self.seed
+                                                              + bytes(1000))
+            times[B._STAGES[tool]] = 1.0
+        return times
+
+    def runs(self, tool_prefix):
+        return [argv for argv in self.calls if argv[0].startswith(tool_prefix)]
+
+    def seeds_placed(self):
+        return [int(a[a.index("--seed") + 1]) for a in self.runs("nextpnr")]
+
+
+@pytest.fixture
+def fake_tools(monkeypatch, tmp_path):
+    """``fake_tools(fmax_by_seed)`` → a :class:`FakeTools` wired into the build of the stand-in."""
+    board = BOARDS["icebreaker"]
+    tc = B.Toolchain("yowasp", {t: t for t in ("yosys", "nextpnr-ice40", "icepack")},
+                     {"yosys": "fake", "nextpnr-ice40": "fake"})
+    monkeypatch.setattr(B, "find_toolchain", lambda family, kind=None: tc)
+    monkeypatch.setenv("HEL_BUILD_CACHE", str(tmp_path / "cache"))
+
+    def make(fmax):
+        fake = FakeTools(board, fmax)
+        monkeypatch.setattr(B, "_run_tools", fake)
+        return fake
+    return make
+
+
+def _sweep(tmp_path, seeds, **kw):
+    return B.build(BOARDS["icebreaker"], tmp_path / "out", design_factory=standin, seeds=seeds,
+                   progress=False, **kw)
+
+
+def test_seed_sweep_first_seed_that_meets_costs_one_place_and_route(fake_tools, tmp_path):
+    fake = fake_tools({1: 25.0, 2: 26.0})
+    r = _sweep(tmp_path, (1, 2))
+    assert r.timing_met and r.report["seed"] == 1 and r.report["fmax_mhz"] == 25.0
+    assert fake.seeds_placed() == [1] and len(fake.runs("yosys")) == 1
+    assert r.report["seeds"] == [{"seed": 1, "fmax_mhz": 25.0, "timing_met": True,
+                                  "cached": False}]
+
+
+def test_seed_sweep_stops_at_the_first_seed_that_meets(fake_tools, tmp_path):
+    fake = fake_tools({1: 23.0, 2: 22.5, 3: 24.4, 4: 30.0})
+    r = _sweep(tmp_path, (1, 2, 3, 4))
+    assert fake.seeds_placed() == [1, 2, 3]
+    assert len(fake.runs("yosys")) == 1          # synthesis once for every seed
+    assert len(fake.runs("icepack")) == 3
+    assert r.timing_met and r.report["seed"] == 3 and r.report["fmax_mhz"] == 24.4
+    assert [(t["seed"], t["fmax_mhz"], t["timing_met"]) for t in r.report["seeds"]] == \
+        [(1, 23.0, False), (2, 22.5, False), (3, 24.4, True)]
+    # The files in the output directory are the seed that met.
+    assert r.bitstream.read_bytes().startswith(b"bitstream of seed 3")
+    on_disk = json.loads((r.out_dir / "report.json").read_text())
+    assert on_disk["seed"] == 3 and on_disk["seeds"] == r.report["seeds"]
+    assert (r.out_dir / "top.tim").read_text() == "nextpnr seed 3\n"
+    assert r.report["stage_seconds"] == {"synthesis": 1.0, "place & route": 3.0, "bitstream": 3.0}
+    assert not [p for p in r.out_dir.iterdir() if p.name.startswith(".hel-best")]
+    summary = B.format_summary(r.report, r.out_dir)
+    assert "timing MET: 24.4 MHz" in summary
+    assert "placement seed 3, the first to meet 24 MHz; tried 1 → 23.0, 2 → 22.5, 3 → 24.4 MHz" \
+        in summary
+
+
+def test_seed_sweep_where_no_seed_meets_keeps_the_fastest_and_fails(fake_tools, tmp_path):
+    fake = fake_tools({1: 22.0, 2: 23.5, 3: 21.0})
+    r = _sweep(tmp_path, (1, 2, 3))
+    assert fake.seeds_placed() == [1, 2, 3]
+    assert not r.timing_met and r.report["seed"] == 2 and r.report["fmax_mhz"] == 23.5
+    assert r.bitstream.read_bytes().startswith(b"bitstream of seed 2")
+    assert (r.out_dir / "top.tim").read_text() == "nextpnr seed 2\n"
+    summary = B.format_summary(r.report, r.out_dir)
+    assert "TIMING NOT MET" in summary
+    assert "no placement seed met 24 MHz: tried 1 → 22.0, 2 → 23.5, 3 → 21.0 MHz; kept seed 2" \
+        in summary
+
+
+def test_seed_sweep_caches_each_seed_on_its_own(fake_tools, tmp_path):
+    fake = fake_tools({1: 23.0, 2: 25.0, 3: 26.0})
+    first = _sweep(tmp_path, (1, 2))
+    assert fake.seeds_placed() == [1, 2]
+    # Same list: nothing runs, same result, marked cached.
+    again = _sweep(tmp_path, (1, 2))
+    assert fake.seeds_placed() == [1, 2] and len(fake.runs("yosys")) == 1
+    assert again.cached and again.report["cached"]
+    assert again.report["seed"] == 2 and again.report["seeds"] == \
+        [{**t, "cached": True} for t in first.report["seeds"]]
+    assert again.report["bitstream_sha256"] == first.report["bitstream_sha256"]
+    # A cached seed's entry is that seed's result alone: seed 1 alone still misses.
+    alone = _sweep(tmp_path, (1,))
+    assert alone.cached and not alone.timing_met and alone.report["fmax_mhz"] == 23.0
+    # A new seed runs the tools (synthesis included); the cached seeds do not.
+    mixed = _sweep(tmp_path, (3, 1))
+    assert fake.seeds_placed() == [1, 2, 3] and len(fake.runs("yosys")) == 2
+    assert mixed.report["seed"] == 3 and not mixed.cached
+    # --no-cache runs them again.
+    _sweep(tmp_path, (2,), cache=False)
+    assert fake.seeds_placed() == [1, 2, 3, 2]
+
+
+def test_seed_sweep_reports_each_seed_on_stderr(fake_tools, tmp_path):
+    fake_tools({1: 23.0, 2: 25.0})
+    err = textio.StringIO()
+    B.build(BOARDS["icebreaker"], tmp_path / "out", design_factory=standin, seeds=(1, 2),
+            stream=err)
+    text = err.getvalue()
+    assert "place & route, seed 1 (1 of 2)" in text and "place & route, seed 2 (2 of 2)" in text
+    assert "seed 1: 23.0 MHz, below the 24 MHz clock; trying seed 2" in text
+
+
+def test_seed_sweep_defaults_to_the_family_list(fake_tools, tmp_path):
+    fake = fake_tools({s: 20.0 for s in range(10)})
+    r = _sweep(tmp_path, None)
+    assert fake.seeds_placed() == list(B.DEFAULT_SEEDS["ice40"]) and not r.timing_met
+    fake = fake_tools({5: 30.0})
+    assert B.build(BOARDS["icebreaker"], tmp_path / "o2", design_factory=standin, seed=5,
+                   progress=False).report["seed"] == 5
+    assert fake.seeds_placed() == [5]
+    with pytest.raises(ValueError, match="not both"):
+        _sweep(tmp_path, (1,), seed=1)
+
+
+def test_build_key_depends_on_the_seed():
+    b = BOARDS["icebreaker"]
+    tc = B.Toolchain("yowasp", {}, {"yosys": "1"})
+    plan = B.prepare(b, standin)
+    keys = {B.build_key(plan, b, tc, seed=s) for s in (None, 1, 2)}
+    assert len(keys) == 3
+
+
+def test_hel_build_seeds_option(fake_tools, tmp_path, capsys):
+    fake = fake_tools({1: 22.0, 2: 23.0, 3: 24.5, 4: 23.9, 7: 25.0})
+    base = ["build", "--board", "icebreaker", "--design", f"{__name__}:standin", "--quiet"]
+    assert hel([*base, "--out", str(tmp_path / "a"), "--seeds", "1-4"]) == 0
+    out = capsys.readouterr().out
+    assert fake.seeds_placed() == [1, 2, 3]
+    assert "placement seed 3, the first to meet" in out
+    # No seed meets: exit 1, the report says so.
+    assert hel([*base, "--out", str(tmp_path / "b"), "--seeds", "4,1", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["timing_met"] and report["seed"] == 4
+    assert [t["seed"] for t in report["seeds"]] == [4, 1]
+    assert hel([*base, "--out", str(tmp_path / "c"), "--seed", "7"]) == 0
+    assert fake.seeds_placed()[-1] == 7
+    assert hel([*base, "--out", str(tmp_path / "d"), "--seeds", "2-1"]) == 2
+    assert "--seeds: bad seed range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        hel([*base, "--seeds", "1", "--seed", "2"])
+
+
+# --------------------------------------------------------------------------------------
 # hel program
 # --------------------------------------------------------------------------------------
 
@@ -477,17 +679,21 @@ def test_build_standin_ecp5(name, tmp_path):
 # --------------------------------------------------------------------------------------
 
 def _build_real(name, tmp_path):
+    """The board's default seed sweep: some seed must meet the clock, or the netlist got slower."""
     board = BOARDS[name]
     result = B.build(board, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     _check_report(result.report, board, result.out_dir)
     print(B.format_summary(result.report, result.out_dir))
     assert result.timing_met, B.format_summary(result.report)
+    tried = [t["seed"] for t in result.report["seeds"]]
+    defaults = list(B.DEFAULT_SEEDS[board.family])
+    assert tried == defaults[:len(tried)] and tried[-1] == result.report["seed"]
     return result
 
 
 @pytest.mark.slow
 def test_real_top_icebreaker(tmp_path):
-    """CI's iCEBreaker bitstream: timing met at the table's clock, fits, MACs on the DSPs."""
+    """CI's iCEBreaker bitstream: a default seed meets the table's clock, fits, MACs on the DSPs."""
     result = _build_real("icebreaker", tmp_path)
     assert result.report["utilization"]["DSP"]["used"] >= BOARDS["icebreaker"].config.lanes
 
@@ -495,7 +701,8 @@ def test_real_top_icebreaker(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, b in BOARDS.items() if b.family == "ecp5"])
 def test_real_top_ecp5(name, tmp_path):
-    """The real top level on every ECP5 board: fits, timing met, MAC lanes on MULT18X18D."""
+    """The real top level on every ECP5 board: fits, a default seed meets the clock, MAC lanes
+    on MULT18X18D."""
     result = _build_real(name, tmp_path)
     # P lanes plus the tanh interpolation's multiplier
     assert result.report["utilization"]["MULT18"]["used"] >= BOARDS[name].config.lanes + 1

@@ -1,9 +1,13 @@
 """``hel build``: a bitstream, a report and a summary for one board.
 
 Runs :func:`hel_fpga.boards.build.build` for ``--board`` (the table in
-:mod:`hel_fpga.boards.table`) and prints a short summary. Exit status: 0 when timing
-is met, 1 when it is not (the bitstream and report are still written) or a
-tool fails, 2 for user errors (unknown board, missing toolchain, no top level).
+:mod:`hel_fpga.boards.table`) and prints a short summary. nextpnr tries the
+placement seeds of ``--seeds`` (default: the family's list in
+:data:`hel_fpga.boards.build.DEFAULT_SEEDS`) in order and stops at the first that
+meets the clock. Exit status: 0 when timing is met, 1 when no seed meets it
+(the fastest seed's bitstream and report are still written) or a tool fails,
+2 for user errors (unknown board, bad seed list, missing toolchain, no top
+level).
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ def add_arguments(p):
                    help="yowasp (PyPI, default) or system tools (YOSYS, NEXTPNR_*, ICEPACK/ECPPACK "
                         "or PATH); default from HEL_TOOLCHAIN")
     p.add_argument("--no-cache", action="store_true", help="run the tools even if a cached build matches")
-    p.add_argument("--seed", type=int, default=None, help="nextpnr placement seed")
+    from hel_fpga.boards.build import DEFAULT_SEEDS
+    defaults = "; ".join(f"{fam} {','.join(map(str, s))}" for fam, s in DEFAULT_SEEDS.items())
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", metavar="LIST", default=None,
+                       help="nextpnr placement seeds to try in order until one meets the clock, "
+                            f"e.g. 1,2,3 or 1-4 (default: {defaults})")
+    seeds.add_argument("--seed", type=int, default=None, metavar="N",
+                       help="one placement seed (same as --seeds N)")
     p.add_argument("--design", metavar="MODULE:FACTORY", default=None,
                    help="build another design: a callable taking the board entry and returning an "
                         "Elaboratable (default: hel_fpga.rtl.top.Top with the board's configuration)")
@@ -59,9 +70,19 @@ def run(args) -> int:
     from hel_fpga.boards import build as B
     board = BOARDS[args.board]
     factory = _factory(args.design) if args.design else B.real_top
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = B.parse_seeds(args.seeds)
+        except ValueError as e:
+            raise UsageError(f"--seeds: {e}") from None
+    elif args.seed is not None:
+        if args.seed < 0:
+            raise UsageError(f"--seed: placement seeds are non-negative, got {args.seed}")
+        seeds = (args.seed,)
     try:
         result = B.build(board, args.out, design_factory=factory, toolchain=args.toolchain,
-                         cache=not args.no_cache, seed=args.seed, progress=not args.quiet)
+                         cache=not args.no_cache, seeds=seeds, progress=not args.quiet)
     except B.ToolchainError as e:
         raise UsageError(str(e)) from None
     except B.BuildError as e:
