@@ -179,14 +179,14 @@ _ULX3S_PROGRAMMER = Programmer(
     usual=("fujprog", "{bitstream}"),
     note="SRAM load by default (lost at power-off); --flash writes the SPI flash.")
 
-#: nextpnr-ecp5's default router (router1) had not converged after 15 min on the
-#: HEL top level (its overuse fell by ~2 % a minute); router2 routes it in about a minute.
+#: nextpnr-ecp5's default router (router1) does not converge on the HEL top level in
+#: usable time; router2 routes it (docs/boards.md, "Building").
 _ECP5_NEXTPNR = ("--router", "router2")
 
-#: 12 MHz → 24 MHz: the issue's iCE40 target; 24 clocks per UART bit at 1 Mbaud.
+#: 12 MHz → 24 MHz: the iCE40 target clock; 24 clocks per UART bit at 1 Mbaud.
 _ICEBREAKER_CLK = 24_000_000
-#: 25 MHz → 60 MHz: the issue's ECP5 target, met on both dies at P = 8 (the post-route
-#: figures are in docs/boards.md and the README); 60 clocks per UART bit.
+#: 25 MHz → 60 MHz: the ECP5 target clock, for both dies at P = 8 (post-route
+#: figures per build: docs/boards.md); 60 clocks per UART bit.
 _ULX3S_CLK = 60_000_000
 
 

@@ -149,7 +149,7 @@ class BoardWrapper(wiring.Component):
     The ``sync`` domain's reset comes from a counter inside (as on the real boards,
     whose platforms also generate it), not from a port: a reset input would make
     Verilator re-evaluate every next-state expression on every ``eval()`` (it
-    reads them all), which cost about a third of the simulation time.
+    reads them all), which costs about a third of the simulation time.
 
     Attributes
     ----------

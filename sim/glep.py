@@ -18,10 +18,10 @@ Euler–Lagrange (EL) equations at the inner nodes of::
 
     A(x; θ) = Σ_{k=−1}^{T−1} ½‖x_{k+1} − x_k‖²/δ  −  δ Σ_{k=0}^{T−1} V(x_k, u_k)
 
-(DESIGN.md's trapezoidal action, with the end nodes' half potentials moved into
-the boundary terms; then the boundary momenta ``∂A/∂x_T = p_T`` and
-``∂A/∂x_{−1} = −p_0`` are the leapfrog's own.) The explicit parameter derivative
-is local: ``∂θA = −δ Σ_{k=0}^{T−1} ∂θV(x_k, u_k)``.
+(the trapezoidal discrete action of docs/design.md §1.5, with the end nodes'
+half potentials moved into the boundary terms; then the boundary momenta
+``∂A/∂x_T = p_T`` and ``∂A/∂x_{−1} = −p_0`` are the leapfrog's own.) The explicit
+parameter derivative is local: ``∂θA = −δ Σ_{k=0}^{T−1} ∂θV(x_k, u_k)``.
 
 Nudging
 -------

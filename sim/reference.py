@@ -1,4 +1,4 @@
-"""Float64 references of the HEL model and its learning rules (DESIGN.md §1–2).
+"""Float64 references of the HEL model and its learning rules (docs/design.md §1).
 
 Everything here is plain NumPy in float64, with hand-written derivatives (no
 autograd library), so that it can serve as the independent reference for the
@@ -33,12 +33,12 @@ Learning rules
 
 Sign convention (verified numerically against :func:`bptt`, see
 ``tests/test_reference.py``): the nudge ``+ε g`` is *added* to the flipped
-momenta, and the gradient is ``−δ`` times the ε-derivative of ``G``, as in
-DESIGN.md §2. Why: leapfrog is symplectic and time-reversible, so a momentum
-perturbation ``+ε g`` of the flipped state maps, in forward-time coordinates,
-to the state perturbation ``ε J λ`` where ``λ = (g, 0)`` is the BPTT adjoint;
-propagated backwards this keeps the relation, so the echo's half-step positions
-move by ``ε`` times the adjoint of the momentum after each kick, and
+momenta, and the gradient is ``−δ`` times the ε-derivative of ``G``
+(docs/design.md §1.4). Why: leapfrog is symplectic and time-reversible, so a
+momentum perturbation ``+ε g`` of the flipped state maps, in forward-time
+coordinates, to the state perturbation ``ε J λ`` where ``λ = (g, 0)`` is the BPTT
+adjoint; propagated backwards this keeps the relation, so the echo's half-step
+positions move by ``ε`` times the adjoint of the momentum after each kick, and
 ``∂θ ∂θV · δqh`` reproduces the BPTT sum ``−δ Σ_t (∂θ f)ᵀ λ_p``.
 """
 
@@ -58,8 +58,7 @@ __all__ = [
     "zeros_like_params", "flatten", "unflatten", "cosine", "rel_err",
 ]
 
-#: Parameter arrays in their canonical order.
-
+#: Parameter arrays by name (:data:`hel_fpga.spec.names.PARAM_NAMES`).
 Params = dict[str, np.ndarray]
 
 
@@ -349,7 +348,7 @@ def _contrast(G_plus: Params, G_ref: Params, scale: float) -> Params:
 
 
 def rhel(problem: Problem, eps: float, estimator: str = "centred") -> Params:
-    """RHEL gradient estimate (DESIGN.md §2).
+    """RHEL gradient estimate (docs/design.md §1.4).
 
     ``centred``: three passes (forward, +ε echo, −ε echo),
     ``∇ ≈ −δ (G(+ε) − G(−ε)) / 2ε``, bias O(ε²).

@@ -1,8 +1,9 @@
 """The one definition of hel-fpga's integer formats and core configuration.
 
-Everything that turns the float model of DESIGN.md §1 into integers lives here:
-the golden model (``hel_fpga.sim.golden``), the gateware (``rtl``) and the host (``host``)
-import these numbers and functions and never re-derive them.
+Everything that turns the float model of docs/design.md §1 into integers lives
+here (docs/design.md §2 describes the format): the golden model
+(``hel_fpga.sim.golden``), the gateware (``hel_fpga.rtl``) and the host
+(``hel_fpga.host``) import these numbers and functions and never re-derive them.
 
 The integer model ("w-form")
 ----------------------------
@@ -32,8 +33,8 @@ MULT18X18D) while precision lives in the wide state::
 The activation format has its own, finer scale (|tanh| ≤ 1 needs two integer
 bits, positions need more): the ±ε contrast of ∂V/∂B and ∂V/∂b is the
 difference of two activations, so their resolution sets the gradient's noise
-floor; measured on final-step losses, AF = OW − 2 instead of AF = OF cut the
-worst-case gradient error several-fold at no hardware cost.
+floor. On final-step losses AF = OW − 2 gives a several-fold smaller
+worst-case gradient error than AF = OF, at no hardware cost.
 
 ``rshift`` rounds half up (add half, arithmetic shift): deterministic and
 unbiased enough, and one adder in hardware. ``sat`` saturates; it is allowed
