@@ -76,6 +76,8 @@ sets the sticky flag at the same operations as the golden model.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed,
                           unsigned)
 from amaranth.lib import data, enum, stream, wiring
@@ -129,6 +131,7 @@ DoneLayout = data.StructLayout({
 })
 
 _PH_A, _PH_B, _PH_C, _PH_U = 0, 1, 2, 3
+_FWD_NONE, _FWD_CENTRED, _FWD_ONE = 0, 1, 2
 
 
 def _device(platform) -> str:
@@ -296,6 +299,11 @@ def _wrap(m, expr, width, name):
     return w, ovf
 
 
+class _Shared(SimpleNamespace):
+    """The signals, memory ports and units that one section of :meth:`HELCore.elaborate`
+    makes and later sections use (each builder adds its own)."""
+
+
 class HELCore(wiring.Component):
     """The HEL core (see the module docstring for interface and schedule).
 
@@ -379,27 +387,63 @@ class HELCore(wiring.Component):
 
     # ------------------------------------------------------------------------------
     def elaborate(self, platform):
+        """The core, section by section in datapath order (each builder's docstring
+        says what it makes); the sections share their signals through ``s``."""
         m = Module()
-        cfg, g = self.cfg, self.geometry
-        P, N, M, K, O = g.p, cfg.n, cfg.m, cfg.k, cfg.o
-        ow, sw, aw, of = cfg.operand_width, cfg.state_width, cfg.acc_width, cfg.operand_frac
-        RA, RC, RN, LB, E, RMAX = g.ra, g.rc, g.rn, g.lb, g.elems, g.rmax
-        GL = g.group_lanes
-        seq_depth = cfg.t_max * K
+        s = _Shared(compact=self._is_compact(platform))
+        self._build_memories(m, s, platform)
+        self._build_units(m, s)
+        self._build_nudge_buffer(m, s)
+        self._build_flags(m, s)
+        self._build_command_registers(m, s)
+        self._build_issue_signals(m, s)
+        self._build_operand_select(m, s)
+        self._build_force_controls(m, s)
+        self._build_input_products(m, s)
+        self._build_z_path(m, s)
+        self._build_contrast(m, s)
+        self._build_kick_serializer(m, s)
+        self._build_state_unit(m, s)
+        self._build_input_loader(m, s)
+        self._build_drain_detect(m, s)
+        self._build_stream_counters(m, s)
+        self._build_control(m, s)
 
-        # ---------------------------------------------------------------- memories
-        # None of them needs a defined read of a word in the cycle it is written
-        # (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
-        # row is rewritten after the last read of the old operand and read again only
-        # after the step drains; an activation is read only once its row is counted
-        # finished; the state unit writes an oscillator three (pipelined: four) ops
-        # after reading it (and a step starts only when the previous one has
-        # drained). Where a read and a write do meet, the read is an idle or stalled
-        # one whose data is unused.
+        # After the control FSM, so that these take priority over its assignments.
+        with m.If(s.tanh.a_valid):
+            m.d.sync += s.a_count.eq(s.a_count + 1)
+
+        self.probes.update(pmem=s.pmem, bmem=s.bmem, xmem=s.xmem, amem=s.amem, smem=s.smem,
+                           u=s.u_cur, k_valid=s.k_valid, k_i=s.k_i, k_kick=s.k_kick,
+                           k_slot=s.k_slot, z_valid=s.z_valid, z_out=s.z_out,
+                           a_valid=s.tanh.a_valid, a=s.tanh.a, a_tag=s.a_tag)
+        # the b memory is read ahead of the z adder (the walker owns it in RPARAM)
+        with m.If(s.b_tag.valid & (s.b_tag.phase == _PH_A)):
+            m.d.comb += s.br.addr.eq(s.b_tag.j)
+
+        return m
+
+    # ---------------------------------------------------------------- memories and units
+    def _build_memories(self, m, s, platform):
+        """The parameter (``pmem``, one per lane), b, operand (``xmem``, one per lane),
+        activation, state and sequence memories and their ports.
+
+        None of them needs a defined read of a word in the cycle it is written
+        (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
+        row is rewritten after the last read of the old operand and read again only
+        after the step drains; an activation is read only once its row is counted
+        finished; the state unit writes an oscillator three (pipelined: four) ops
+        after reading it (and a step starts only when the previous one has
+        drained). Where a read and a write do meet, the read is an idle or stalled
+        one whose data is unused.
+        """
+        cfg, g = self.cfg, self.geometry
+        P, N, M, RN = g.p, cfg.n, cfg.m, g.rn
+        ow, sw = cfg.operand_width, cfg.state_width
         pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         bmem = Memory(shape=signed(ow), depth=M, init=[], attrs=NO_RW_CHECK)
-        seqbuf = SequenceBuffer(seq_depth, ow, self._use_spram(platform))
+        seqbuf = SequenceBuffer(cfg.t_max * cfg.k, ow, self._use_spram(platform))
         xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         amem = Memory(shape=signed(ow), depth=2 * M, init=[], attrs=NO_RW_CHECK)
@@ -411,14 +455,21 @@ class HELCore(wiring.Component):
         m.submodules.seqbuf = seqbuf
         m.submodules.amem = amem
         m.submodules.smem = smem
-        pr = [ram_read_port(m, pm, f"pr{p}") for p, pm in enumerate(pmem)]
-        pw = [pm.write_port() for pm in pmem]
+        s.pmem, s.bmem, s.xmem, s.amem, s.smem, s.seqbuf = pmem, bmem, xmem, amem, smem, seqbuf
+        s.pr = [ram_read_port(m, pm, f"pr{p}") for p, pm in enumerate(pmem)]
+        s.pw = [pm.write_port() for pm in pmem]
         br, bw = ram_read_port(m, bmem, "br"), bmem.write_port()
-        xr = [ram_read_port(m, xm, f"xr{p}") for p, xm in enumerate(xmem)]
-        xw = [xm.write_port() for xm in xmem]
+        s.xr = [ram_read_port(m, xm, f"xr{p}") for p, xm in enumerate(xmem)]
+        s.xw = [xm.write_port() for xm in xmem]
         ar, aw_ = ram_read_port(m, amem, "ar"), amem.write_port()
         sr, swp = ram_read_port(m, smem, "sr"), smem.write_port()
+        s.br, s.bw, s.ar, s.aw_, s.sr, s.swp = br, bw, ar, aw_, sr, swp
 
+    def _build_units(self, m, s):
+        """The P MAC lanes, the accumulator groups, the tanh unit, the self-test
+        generator and the outputs FIFO."""
+        cfg, g = self.cfg, self.geometry
+        P, K, O, GL = g.p, cfg.k, cfg.o, g.group_lanes
         # one lane: the serializer takes the force sums straight from the running sums
         # and the kick's rounding half is the force sums' initial value (f_bias)
         ks = cfg.kick_shift
@@ -426,22 +477,25 @@ class HELCore(wiring.Component):
                  for _ in range(P)]
         for p in range(P):
             m.submodules[f"lane{p}"] = lanes[p]
-        compact = self._is_compact(platform)
-        groups = [AccumulatorGroup(cfg, lanes=min(GL, P - q * GL), pipelined=not compact)
+        groups = [AccumulatorGroup(cfg, lanes=min(GL, P - q * GL), pipelined=not s.compact)
                   for q in range(g.groups)]
         for q, grp in enumerate(groups):
             m.submodules[f"accgroup{q}"] = grp
-        tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True)
-        mix = m.submodules.mix = (Mix32Serial if compact else Mix32)(
+        s.lanes, s.groups = lanes, groups
+        s.tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True)
+        s.mix = m.submodules.mix = (Mix32Serial if s.compact else Mix32)(
             tag_width=max(1, ceil_log2(K + 1)))
         # One row of outputs: a single register when O = 1; else O + 1 words, because
         # SyncFIFOBuffered moves a word from its memory to its output register before
         # the memory takes the O-th of O back-to-back writes.
-        fifo_depth = 1 if O == 1 else O + 1
-        ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
-        # Nudges: with O = 1 the row waits in the stream source itself (a stream holds
-        # its payload until ready) and is taken when the state unit has used it for
-        # both banks; else it waits in a FIFO of one row.
+        s.fifo_depth = 1 if O == 1 else O + 1
+        s.ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=cfg.state_width, depth=s.fifo_depth)
+
+    def _build_nudge_buffer(self, m, s):
+        """Nudges: with O = 1 the row waits in the stream source itself (a stream holds
+        its payload until ready) and is taken when the state unit has used it for
+        both banks; else it waits in a FIFO of one row."""
+        O, sw = self.cfg.o, self.cfg.state_width
         n_accept = Signal()          # nudge rows are still to come
         nu_have = Signal()           # a row (O words) is available
         nu_take = Signal()           # the state unit is done with the row's next word
@@ -450,14 +504,18 @@ class HELCore(wiring.Component):
             m.d.comb += [nu.eq(self.nudges.payload), nu_have.eq(self.nudges.valid & n_accept),
                          self.nudges.ready.eq(nu_take & n_accept)]
         else:
-            nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=fifo_depth)
+            nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=s.fifo_depth)
             m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
                          nfifo.w_en.eq(self.nudges.valid & n_accept),
                          self.nudges.ready.eq(nfifo.w_rdy & n_accept),
                          nu.eq(nfifo.r_data.as_signed()), nfifo.r_en.eq(nu_take),
                          nu_have.eq(nfifo.level >= O)]
+        s.n_accept, s.nu_have, s.nu_take, s.nu = n_accept, nu_have, nu_take, nu
 
-        # ---------------------------------------------------------------- status
+    # ---------------------------------------------------------------- status and command
+    def _build_flags(self, m, s):
+        """The sticky wrap flags: set by any wrap of this cycle (``state_ovf_set``,
+        ``acc_ovf_set``), cleared by CLEAR_FLAGS (both) and CLEAR_ACC (accumulators)."""
         state_ovf = Signal()
         acc_ovf = Signal()
         m.d.comb += [self.state_overflow.eq(state_ovf), self.acc_overflow.eq(acc_ovf)]
@@ -474,33 +532,38 @@ class HELCore(wiring.Component):
                 m.d.sync += acc_ovf.eq(0)
             with m.Elif(acc_ovf_set):
                 m.d.sync += acc_ovf.eq(1)
+        s.state_ovf_set, s.acc_ovf_set = state_ovf_set, acc_ovf_set
+        s.clear_flags, s.clear_acc_flag = clear_flags, clear_acc_flag
 
-        # ---------------------------------------------------------------- command latch
-        c_op = Signal(Op)
-        c_len = Signal(32)
-        c_one = Signal()
-        c_kick = Signal()
-        c_bank = Signal(2)
-        c_seed = Signal(32)
-        c_skip = Signal(4)
-        res = Signal(Result)
-        st_pass = Signal()
-        loaded_len = Signal(range(cfg.t_max + 1))
-        seq_last_base = Signal(range(max(seq_depth, 2)))
-        FWD_NONE, FWD_CENTRED, FWD_ONE = 0, 1, 2
-        fwd_mode = Signal(2)
+    def _build_command_registers(self, m, s):
+        """The latched command, the result, what LOAD and FORWARD leave for later
+        commands, the engine's mode and the count of steps still to run."""
+        cfg = self.cfg
+        seq_depth = cfg.t_max * cfg.k
+        s.c_op = Signal(Op)
+        s.c_len = Signal(32)
+        s.c_one = Signal()
+        s.c_kick = Signal()
+        s.c_bank = Signal(2)
+        s.c_seed = Signal(32)
+        s.c_skip = Signal(4)
+        s.res = Signal(Result)
+        s.st_pass = Signal()
+        s.loaded_len = Signal(range(cfg.t_max + 1))
+        s.seq_last_base = Signal(range(max(seq_depth, 2)))
+        s.fwd_mode = Signal(2)
 
         # engine mode
-        e_out = Signal()     # FORWARD: emit outputs
-        e_echo = Signal()    # echo of a FORWARD: pos/neg banks, nudges
-        e_st = Signal()      # SELFTEST
-        e_st_echo = Signal()  # SELFTEST, second half
-        e_nb2 = Signal()     # two working banks (centred echo)
-        e_acc = Signal()     # contrast phase C
-        e_one = Signal()     # one-sided FORWARD (the next echo is one-sided)
-        e_sub = Signal()     # C subtracts (one-sided forward): product in the −ε slot
-        e_kick = Signal()
-        e_flip = Signal()    # pre-step flips (else zeroes) the state
+        s.e_out = Signal()     # FORWARD: emit outputs
+        s.e_echo = Signal()    # echo of a FORWARD: pos/neg banks, nudges
+        s.e_st = Signal()      # SELFTEST
+        s.e_st_echo = Signal()  # SELFTEST, second half
+        s.e_nb2 = Signal()     # two working banks (centred echo)
+        s.e_acc = Signal()     # contrast phase C
+        s.e_one = Signal()     # one-sided FORWARD (the next echo is one-sided)
+        s.e_sub = Signal()     # C subtracts (one-sided forward): product in the −ε slot
+        s.e_kick = Signal()
+        s.e_flip = Signal()    # pre-step flips (else zeroes) the state
         remaining = Signal(32)  # steps after the current one
         has_next = Signal()
         m.d.comb += has_next.eq(remaining != 0)
@@ -509,60 +572,78 @@ class HELCore(wiring.Component):
         rem_load = Signal()
         rem_dec = Signal()
         rem_next = Signal(32)
-        m.d.comb += rem_next.eq(Mux(rem_load, Mux(e_st, c_len, loaded_len), remaining) - 1)
+        m.d.comb += rem_next.eq(Mux(rem_load, Mux(s.e_st, s.c_len, s.loaded_len), remaining) - 1)
         with m.If(rem_load | rem_dec):
             m.d.sync += remaining.eq(rem_next)
+        s.has_next, s.rem_load, s.rem_dec = has_next, rem_load, rem_dec
 
-        # ---------------------------------------------------------------- issue stage (S0)
-        tag_layout = data.StructLayout({
+    # ---------------------------------------------------------------- issue stage (S0)
+    def _build_issue_signals(self, m, s):
+        """The slot tags (``tag0`` issued in S0, ``tag1``…``tag3`` its copies a stage
+        later each), the lane memories' read addresses the control FSM drives in S0,
+        its slot counters, the count of finished activations, and the current inputs
+        ``u_cur``."""
+        cfg, g = self.cfg, self.geometry
+        M, K, RA, LB, RMAX = cfg.m, cfg.k, g.ra, g.lb, g.rmax
+        ow = cfg.operand_width
+        s.tag_layout = data.StructLayout({
             "valid": 1, "phase": 2, "sub": 1, "r": range(max(RMAX, 2)), "j": range(M + 1),
             "first": 1, "last": 1, "jm": 1,
         })
-        tag0 = Signal(tag_layout)
-        tag1 = Signal(tag_layout)
-        tag2 = Signal(tag_layout)
-        tag3 = Signal(tag_layout)
+        tag0 = Signal(s.tag_layout)
+        tag1 = Signal(s.tag_layout)
+        tag2 = Signal(s.tag_layout)
+        tag3 = Signal(s.tag_layout)
         m.d.sync += [tag1.eq(tag0), tag2.eq(tag1), tag3.eq(tag2)]
-        p_addr = Signal(range(max(g.param_depth, 2)))
-        p_en = Signal()
-        x_addr = Signal(range(max(2 * RN, 2)))
-        a_addr = Signal(range(max(2 * M, 2)))
-        issue_mode = Signal()   # the engine drives the lane memories' read ports
-        i_sub = Signal()
-        i_r = Signal(range(max(RMAX, 2)))
-        i_j = Signal(range(M + 1))
-        i_t = Signal(range(LB + 1))
-        i_pbase = Signal(range(g.param_depth + RA + 1))
-        i_bptr = Signal(range(g.param_depth + RA + 1))
+        s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
+        s.p_addr = Signal(range(max(g.param_depth, 2)))
+        s.p_en = Signal()
+        s.x_addr = Signal(range(max(2 * g.rn, 2)))
+        s.a_addr = Signal(range(max(2 * M, 2)))
+        s.issue_mode = Signal()   # the engine drives the lane memories' read ports
+        s.i_sub = Signal()
+        s.i_r = Signal(range(max(RMAX, 2)))
+        s.i_j = Signal(range(M + 1))
+        s.i_t = Signal(range(LB + 1))
+        s.i_pbase = Signal(range(g.param_depth + RA + 1))
+        s.i_bptr = Signal(range(g.param_depth + RA + 1))
         # Activations written this step. They come in issue order — (bank 0, row 0),
         # (bank 1, row 0), (0, 1), … — so the count is also the a memory's address
         # (2j + bank in centred echo, else j) and, halved in centred echo, the
         # number of finished rows the contrast and force phases wait for.
         a_count = Signal(range(2 * M + 1))
         a_rows = Signal(range(M + 1))
-        m.d.comb += a_rows.eq(Mux(e_nb2, a_count >> 1, a_count))
-        u_dec = Signal()     # leaving the U phase starts the next step (not the first)
+        m.d.comb += a_rows.eq(Mux(s.e_nb2, a_count >> 1, a_count))
+        s.a_count, s.a_rows = a_count, a_rows
+        s.u_dec = Signal()     # leaving the U phase starts the next step (not the first)
         nb_last = Signal()   # sub value of the last working bank
-        m.d.comb += nb_last.eq(e_nb2)
+        m.d.comb += nb_last.eq(s.e_nb2)
+        s.nb_last = nb_last
 
-        u_cur = [Signal(signed(ow), name=f"u{k}") for k in range(K)]
+        s.u_cur = [Signal(signed(ow), name=f"u{k}") for k in range(K)]
 
-        # ---------------------------------------------------------------- S1: operands
+    # ---------------------------------------------------------------- S1: operands
+    def _build_operand_select(self, m, s):
+        """S1: each lane's two operands for the slot in ``tag1``, by phase: A weight ×
+        x (qo, u or 0), B weight × qo or activation, U weight × input, C activation ×
+        x (or qo², or zeros for the single bank's unused slot)."""
+        cfg, g = self.cfg, self.geometry
+        P, N, K, RMAX = g.p, cfg.n, cfg.k, g.rmax
+        ow = cfg.operand_width
+        pr, xr, ar, tag1, u_cur = s.pr, s.xr, s.ar, s.tag1, s.u_cur
         for p in range(P):
-            with m.If(issue_mode):
-                m.d.comb += [pr[p].addr.eq(p_addr), pr[p].en.eq(p_en)]
-            m.d.comb += xr[p].addr.eq(x_addr)
-        m.d.comb += ar.addr.eq(a_addr)
+            with m.If(s.issue_mode):
+                m.d.comb += [pr[p].addr.eq(s.p_addr), pr[p].en.eq(s.p_en)]
+            m.d.comb += xr[p].addr.eq(s.x_addr)
+        m.d.comb += ar.addr.eq(s.a_addr)
 
         u_sel = Signal(signed(ow))    # U phase: input k = tag1.r, the same for every lane
         with m.Switch(tag1.r):
             for k in range(K):
                 with m.Case(k):
                     m.d.comb += u_sel.eq(u_cur[k])
-        nq = [max(0, -(-(N - p) // P)) for p in range(P)]          # rows with an oscillator
-        nc = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]  # rows with a contrast column
         for p in range(P):
-            lane = lanes[p]
+            lane = s.lanes[p]
             xq = xr[p].data
             xval = Signal(signed(ow), name=f"xval{p}")
             xq_m = Signal(signed(ow), name=f"xqm{p}")
@@ -583,7 +664,7 @@ class HELCore(wiring.Component):
             # to accumulate −G(0) in a one-sided forward, the +ε slot (diff = −product),
             # so the accumulator only ever adds
             zero_sub = Signal(name=f"zsub{p}")
-            m.d.comb += zero_sub.eq((tag1.phase == _PH_C) & ~e_nb2 & (tag1.sub != e_sub))
+            m.d.comb += zero_sub.eq((tag1.phase == _PH_C) & ~s.e_nb2 & (tag1.sub != s.e_sub))
             with m.Switch(tag1.phase):
                 with m.Case(_PH_A):
                     m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(xval)]
@@ -599,28 +680,43 @@ class HELCore(wiring.Component):
                     with m.Else():
                         m.d.comb += [lane.a.eq(ar.data), lane.b.eq(xval)]
 
-        # ---------------------------------------------------------------- S3: force sums
-        # (the lanes take their controls a stage ahead, from tag2, and register them)
+    # ---------------------------------------------------------------- S3: force sums
+    def _build_force_controls(self, m, s):
+        """The lanes' force-sum controls, for the products of phases B and U (the lanes
+        take them a stage ahead, from ``tag2``, and register them)."""
+        tag2 = s.tag2
         in_b = tag2.phase == _PH_B
-        for p in range(P):
-            m.d.comb += [lanes[p].f_en.eq(tag2.valid & (in_b | (tag2.phase == _PH_U))),
-                         lanes[p].f_first.eq(tag2.first), lanes[p].f_last.eq(tag2.last & in_b),
-                         lanes[p].f_alpha.eq(in_b), lanes[p].f_slot.eq(tag2.sub)]
-        # U phase: c_j = Σ_k B_jk u_k from lane j mod P, one register per row, taken
-        # from the lane's sum register a cycle after the last product, under an
-        # enable per group of P rows decoded in that cycle: the c_j registers are
-        # spread over the die on ECP5, so only register outputs travel to them.
-        # (The A phase that reads them starts after the U products have drained.)
+        for lane in s.lanes:
+            m.d.comb += [lane.f_en.eq(tag2.valid & (in_b | (tag2.phase == _PH_U))),
+                         lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_b),
+                         lane.f_alpha.eq(in_b), lane.f_slot.eq(tag2.sub)]
+
+    def _build_input_products(self, m, s):
+        """U phase: ``c_j = Σ_k B_jk u_k`` from lane j mod P, one register per row
+        (``creg``), taken from the lane's sum register a cycle after the last product,
+        under an enable per group of P rows decoded in that cycle: the c_j registers
+        are spread over the die on ECP5, so only register outputs travel to them.
+        (The A phase that reads them starts after the U products have drained.)"""
+        g, M, P, tag3 = self.geometry, self.cfg.m, self.geometry.p, s.tag3
         creg = [Signal(signed(g.c_width), name=f"c{j}") for j in range(M)] if g.u_mode else []
         c_we = [Signal(name=f"c_we{r}") for r in range(g.ru)] if g.u_mode else []
         for r, we in enumerate(c_we):
             m.d.sync += we.eq(tag3.valid & (tag3.phase == _PH_U) & tag3.last & (tag3.j == r))
         for j, c_j in enumerate(creg):
             with m.If(c_we[j // P]):
-                m.d.sync += c_j.eq(lanes[j % P].sum0)
+                m.d.sync += c_j.eq(s.lanes[j % P].sum0)
+        s.creg = creg
 
-        # ---------------------------------------------------------------- S3+: z path
-        vals = [lanes[p].p for p in range(P)]
+    # ---------------------------------------------------------------- S3+: z path
+    def _build_z_path(self, m, s):
+        """Phase A's sums: a registered adder tree over the lanes' products, then per
+        bank an accumulator over a row's chunks that starts from the row's initial
+        value; the finished ``z_j`` goes to the tanh unit and its activation into
+        the a memory (at the count of activations written)."""
+        cfg, g = self.cfg, self.geometry
+        P, M, of = g.p, cfg.m, cfg.operand_frac
+        tag1, tag2, tag3, br, tanh = s.tag1, s.tag2, s.tag3, s.br, s.tanh
+        vals = [s.lanes[p].p for p in range(P)]
         tag_chain = [tag1, tag2, tag3]
         width = g.prod_width
         lvl = 0
@@ -628,10 +724,10 @@ class HELCore(wiring.Component):
             width += 1
             nv = []
             for i in range(0, len(vals), 2):
-                s = Signal(signed(width), name=f"tree{lvl}_{i // 2}")
-                m.d.sync += s.eq(vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i])
-                nv.append(s)
-            t = Signal(tag_layout, name=f"tagt{lvl}")
+                t_sum = Signal(signed(width), name=f"tree{lvl}_{i // 2}")
+                m.d.sync += t_sum.eq(vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i])
+                nv.append(t_sum)
+            t = Signal(s.tag_layout, name=f"tagt{lvl}")
             m.d.sync += t.eq(tag_chain[-1])
             tag_chain.append(t)
             vals = nv
@@ -640,9 +736,9 @@ class HELCore(wiring.Component):
         tagz = tag_chain[-1]
         tagz_prev = tag_chain[-2]
         tagz_prev2 = tag_chain[-3]
-        z_busy_bits = tag_chain[3:]
+        s.z_busy_bits = tag_chain[3:]
 
-        zacc = [Signal(signed(g.z_width), name=f"zacc{s}") for s in range(2)]
+        zacc = [Signal(signed(g.z_width), name=f"zacc{b}") for b in range(2)]
         zsum = Signal(signed(g.z_width))
         z_valid = Signal()
         z_sub = Signal()
@@ -666,16 +762,17 @@ class HELCore(wiring.Component):
             # tag's row (its decode and spread-out inputs were an ECP5 critical
             # path). The shift enable is decoded a stage ahead; the U phase refills
             # the chain before the next step's A phase.
+            creg = s.creg
             c_shift = Signal()
             m.d.sync += c_shift.eq(tagz_prev2.valid & (tagz_prev2.phase == _PH_A)
-                                   & tagz_prev2.first & (tagz_prev2.sub == nb_last))
+                                   & tagz_prev2.first & (tagz_prev2.sub == s.nb_last))
             with m.If(c_shift):
                 m.d.sync += [creg[j].eq(creg[j + 1]) for j in range(M - 1)]
             m.d.sync += zinit.eq(bterm + creg[0])
-            b_tag = tagz_prev2     # b is read two stages ahead: zinit is a register
+            s.b_tag = tagz_prev2     # b is read two stages ahead: zinit is a register
         else:
             m.d.comb += zinit.eq(bterm)
-            b_tag = tagz_prev      # b_j straight from the RAM's read register
+            s.b_tag = tagz_prev      # b_j straight from the RAM's read register
         m.d.comb += zsum.eq(Mux(tagz.first, zinit, Mux(tagz.sub, zacc[1], zacc[0])) + tree_sum)
         z_in_a = Signal()
         m.d.comb += z_in_a.eq(tagz.valid & (tagz.phase == _PH_A))
@@ -691,11 +788,21 @@ class HELCore(wiring.Component):
         m.d.comb += [z_out.eq(Mux(z_sub, zacc[1], zacc[0])),
                      tanh.z.eq(z_out), tanh.valid.eq(z_valid), tanh.tag.eq(0)]
         # activations into the a memory; count finished rows for the interlocks
-        m.d.comb += [aw_.addr.eq(a_count), aw_.data.eq(tanh.a), aw_.en.eq(tanh.a_valid)]
+        m.d.comb += [s.aw_.addr.eq(s.a_count), s.aw_.data.eq(tanh.a), s.aw_.en.eq(tanh.a_valid)]
         a_tag = Signal(1 + ceil_log2(M + 1))    # bank | row << 1 (probe)
-        m.d.comb += a_tag.eq(Cat(e_nb2 & a_count[0], a_rows))
+        m.d.comb += a_tag.eq(Cat(s.e_nb2 & s.a_count[0], s.a_rows))
+        s.z_valid, s.z_out, s.a_tag = z_valid, z_out, a_tag
 
-        # ---------------------------------------------------------------- S3: contrast
+    # ---------------------------------------------------------------- S3: contrast
+    def _build_contrast(self, m, s):
+        """Phase C: the first product of an element (+ε bank) waits in ``prod0``; with
+        the second the lane's accumulator group adds the difference to the element
+        (``c_elem``, counted here: the updates arrive in element order)."""
+        cfg, g = self.cfg, self.geometry
+        P, N, K, GL = g.p, cfg.n, cfg.k, g.group_lanes
+        tag3, lanes = s.tag3, s.lanes
+        nq = [max(0, -(-(N - p) // P)) for p in range(P)]          # rows with an oscillator
+        nc = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]  # rows with a contrast column
         prod0 = [Signal(signed(g.prod_width), name=f"prod0_{p}") for p in range(P)]
         c_valid = Signal()
         m.d.comb += c_valid.eq(tag3.valid & (tag3.phase == _PH_C))
@@ -704,12 +811,12 @@ class HELCore(wiring.Component):
                 m.d.sync += prod0[p].eq(lanes[p].p)
         # The element index counts at S3 rather than travelling with the tags: the
         # contrast updates arrive in element order, after the step's z slots.
-        c_elem = Signal(range(max(E, 2)))
+        c_elem = Signal(range(max(g.elems, 2)))
         with m.If(tag3.valid & (tag3.phase == _PH_A)):
             m.d.sync += c_elem.eq(0)
         with m.Elif(c_valid & tag3.sub):
             m.d.sync += c_elem.eq(c_elem + 1)
-        for q, grp in enumerate(groups):
+        for q, grp in enumerate(s.groups):
             m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(c_elem)]
             for li in range(grp.lanes):
                 p = q * GL + li
@@ -717,9 +824,15 @@ class HELCore(wiring.Component):
                 m.d.comb += en.eq(Mux(tag3.jm, tag3.r < nq[p], tag3.r < nc[p]))
                 m.d.comb += [getattr(grp, f"en{li}").eq(en),
                              getattr(grp, f"diff{li}").eq(prod0[p] - lanes[p].p)]
-        m.d.comb += acc_ovf_set.eq(sum(grp.overflow for grp in groups) != 0)
+        m.d.comb += s.acc_ovf_set.eq(sum(grp.overflow for grp in s.groups) != 0)
 
-        # ---------------------------------------------------------------- kick serializer
+    # ---------------------------------------------------------------- kick serializer
+    def _build_kick_serializer(self, m, s):
+        """Phase B's finished force sums, one oscillator (and bank) per cycle, as the
+        rounded kick ``k_kick`` of oscillator ``k_i`` for the state unit."""
+        cfg, g = self.cfg, self.geometry
+        P, N, RN, ks = g.p, cfg.n, g.rn, cfg.kick_shift
+        tag3, nb_last = s.tag3, s.nb_last
         ser_active = Signal()
         ser_p = Signal(range(P))
         ser_slot = Signal()
@@ -751,9 +864,9 @@ class HELCore(wiring.Component):
         ser_f = Signal(signed(g.f_width))
         with m.Switch(Cat(ser_slot, ser_p)):
             for p in range(P):
-                for s in range(2):
-                    with m.Case(s | (p << 1)):
-                        m.d.comb += ser_f.eq(lanes[p].kick1 if s else lanes[p].kick0)
+                for b in range(2):
+                    with m.Case(b | (p << 1)):
+                        m.d.comb += ser_f.eq(s.lanes[p].kick1 if b else s.lanes[p].kick0)
         m.d.comb += [k_valid.eq(ser_active & (ser_ibase + ser_p < N)), k_f.eq(ser_f),
                      k_i.eq(ser_ibase + ser_p), k_p.eq(ser_p), k_r.eq(ser_r), k_slot.eq(ser_slot)]
         k_kick = Signal(signed(g.kick_width))
@@ -761,45 +874,66 @@ class HELCore(wiring.Component):
             m.d.comb += k_kick.eq(k_f >> ks)
         else:
             m.d.comb += k_kick.eq(k_f << -ks)
+        s.ser_active = ser_active
+        s.k_valid, s.k_i, s.k_p, s.k_r, s.k_slot, s.k_kick = k_valid, k_i, k_p, k_r, k_slot, k_kick
 
-        # ---------------------------------------------------------------- state unit
+    # ---------------------------------------------------------------- state unit
+    def _state_bank(self, s, slot):
+        """The state bank a working bank (``slot``) uses: fwd (0), or pos (1) / neg (2)
+        in an echo."""
+        return Mux(slot, 2, Mux(s.e_echo, 1, 0))
+
+    def _state_base(self, bank):
+        """The state memory's address of oscillator 0 of ``bank``."""
+        N = self.cfg.n
+        return Mux(bank == 2, 2 * N, Mux(bank == 1, N, 0))
+
+    def _build_state_unit(self, m, s):
+        """The serial state unit: one oscillator op per cycle, from the kick serializer
+        or the pre-step generator (``pre_op``), through the stages U0 (address the
+        state memory), U1 (QH = Q + Wv, Wv' = Wv − kick), U2 (Q' = QH + Wv', the
+        nudge), U3 (write back, outputs, Q' + Wv') and U4 (the next operand qo into
+        the lane's operand memory)."""
+        cfg, g = self.cfg, self.geometry
+        P, N, O, RN = g.p, cfg.n, cfg.o, g.rn
+        ow, sw = cfg.operand_width, cfg.state_width
+        sr, swp, xw, ofifo, nu = s.sr, s.swp, s.xw, s.ofifo, s.nu
         uop_layout = data.StructLayout({
             "valid": 1, "upd": 1, "zero": 1, "src": 2, "dst": 2, "i": range(N + P),
             "p": range(P), "r": range(max(RN, 2)), "slot": 1, "nudge": 1, "next": 1,
             "out": 1, "chk": 1,
         })
+        s.uop_layout = uop_layout
         # U0 (comb): the op, from the serializer or the pre-step generator, addresses
         # the state memory at once; its registers (U1) meet the read data.
         u0 = Signal(uop_layout)
         u0_kick = Signal(signed(g.kick_width))
         pre_op = Signal(uop_layout)     # from the pre-step generator (comb)
+        s.pre_op = pre_op
         lo_out = N - O
 
-        def bank_of(slot):
-            return Mux(slot, 2, Mux(e_echo, 1, 0))
-
-        with m.If(k_valid):
-            m.d.comb += [u0.valid.eq(1), u0.upd.eq(1), u0.zero.eq(0), u0.src.eq(bank_of(k_slot)),
-                         u0.dst.eq(bank_of(k_slot)), u0.i.eq(k_i), u0.p.eq(k_p), u0.r.eq(k_r),
-                         u0.slot.eq(k_slot),
-                         u0.nudge.eq(e_echo & ~e_kick & has_next & (k_i >= lo_out)),
-                         u0.next.eq(has_next), u0.out.eq(e_out & (k_i >= lo_out)),
-                         u0.chk.eq(e_st_echo & ~has_next), u0_kick.eq(k_kick)]
+        with m.If(s.k_valid):
+            k_slot, k_i, has_next = s.k_slot, s.k_i, s.has_next
+            m.d.comb += [u0.valid.eq(1), u0.upd.eq(1), u0.zero.eq(0),
+                         u0.src.eq(self._state_bank(s, k_slot)),
+                         u0.dst.eq(self._state_bank(s, k_slot)), u0.i.eq(k_i), u0.p.eq(s.k_p),
+                         u0.r.eq(s.k_r), u0.slot.eq(k_slot),
+                         u0.nudge.eq(s.e_echo & ~s.e_kick & has_next & (k_i >= lo_out)),
+                         u0.next.eq(has_next), u0.out.eq(s.e_out & (k_i >= lo_out)),
+                         u0.chk.eq(s.e_st_echo & ~has_next), u0_kick.eq(s.k_kick)]
         with m.Else():
             m.d.comb += u0.eq(pre_op)
 
-        def sbase(bank):
-            return Mux(bank == 2, 2 * N, Mux(bank == 1, N, 0))
-
         with m.If(u0.valid):
-            m.d.comb += sr.addr.eq(sbase(u0.src) + u0.i)
+            m.d.comb += sr.addr.eq(self._state_base(u0.src) + u0.i)
         u1 = Signal(uop_layout)
         u1_kick = Signal(signed(g.kick_width))
         # The state word: straight from the memory in the compact form; else its
         # read data is registered first (U1 a cycle later), as on ECP5 the block
         # RAM's clock-to-out, routing and the adders did not fit 60 MHz together.
         s_data = Signal.like(sr.data)
-        if compact:
+        s.s_data = s_data
+        if s.compact:
             m.d.sync += [u1.eq(u0), u1_kick.eq(u0_kick)]
             m.d.comb += s_data.eq(sr.data)
             u_read = []
@@ -822,17 +956,17 @@ class HELCore(wiring.Component):
         m.d.sync += [u2.eq(u1), qh_r.eq(qh), w2_r.eq(w2)]
         q2, q2_ovf = _wrap(m, qh_r + w2_r, sw, "q2")
         wn, wn_ovf = _wrap(m, Mux(u2.slot, w2_r - nu, w2_r + nu), sw, "wn")
-        m.d.comb += nu_take.eq(u2.valid & u2.nudge & (u2.slot == nb_last))
+        m.d.comb += s.nu_take.eq(u2.valid & u2.nudge & (u2.slot == s.nb_last))
         u3 = Signal(uop_layout)
         q3 = Signal(signed(sw))
         w3 = Signal(signed(sw))
         m.d.sync += [u3.eq(u2), q3.eq(Mux(u2.upd, q2, qh_r)), w3.eq(Mux(u2.nudge, wn, w2_r))]
-        m.d.comb += [swp.addr.eq(sbase(u3.dst) + u3.i), swp.data.eq(Cat(q3, w3)),
+        m.d.comb += [swp.addr.eq(self._state_base(u3.dst) + u3.i), swp.data.eq(Cat(q3, w3)),
                      swp.en.eq(u3.valid),
                      ofifo.w_data.eq(q3), ofifo.w_en.eq(u3.valid & u3.out)]
         qn, qn_ovf = _wrap(m, q3 + w3, sw, "qn")
         with m.If(u3.valid & u3.chk & ((q3 != 0) | (w3 != 0))):
-            m.d.sync += st_pass.eq(0)
+            m.d.sync += s.st_pass.eq(0)
         u4 = Signal(uop_layout)
         qn_r = Signal(signed(sw))
         m.d.sync += [u4.eq(u3), qn_r.eq(qn)]
@@ -846,19 +980,29 @@ class HELCore(wiring.Component):
         for p in range(P):
             m.d.comb += [xw[p].addr.eq(Mux(u4.slot, RN + u4.r, u4.r)), xw[p].data.eq(qo),
                          xw[p].en.eq(u4.valid & u4.next & (u4.p == p))]
-        m.d.comb += state_ovf_set.eq(
+        m.d.comb += s.state_ovf_set.eq(
             (u1.valid & ((u1.upd & qh_ovf) | w2_ovf))
             | (u2.valid & ((u2.upd & q2_ovf) | (u2.nudge & wn_ovf)))
             | (u3.valid & u3.next & qn_ovf))
         state_busy = Signal()
         # U4 (the operand memory write) is left out: a step may issue its first read in
         # the cycle after that write
-        m.d.comb += state_busy.eq(Cat(ser_active, *u_read, u1.valid, u2.valid, u3.valid) != 0)
+        m.d.comb += state_busy.eq(Cat(s.ser_active, *u_read, u1.valid, u2.valid, u3.valid) != 0)
+        s.state_busy = state_busy
 
-        # ---------------------------------------------------------------- input loader
-        ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
-        ld_k = Signal(range(K + 1))
+    # ---------------------------------------------------------------- input loader
+    def _build_input_loader(self, m, s):
+        """The inputs of the next step into ``u_cur``: K words read from the sequence
+        buffer (or made by the self-test generator) at the sequence index
+        ``ul_word``; and LOAD's write address ``ld_addr`` of the same buffer."""
+        cfg = self.cfg
+        K, ow, of = cfg.k, cfg.operand_width, cfg.operand_frac
+        seq_depth = cfg.t_max * K
+        mix, seqbuf, u_cur = s.mix, s.seqbuf, s.u_cur
+        s.ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
+        s.ld_k = Signal(range(K + 1))
         ld_addr = Signal(range(seq_depth + 1))
+        s.ld_addr = ld_addr
         ul_busy = Signal()
         ul_issue = Signal()
         ul_k = Signal(range(K + 1))
@@ -875,9 +1019,11 @@ class HELCore(wiring.Component):
         u_adv = Signal()
         u_down = Signal()
         u_ready = Signal()
+        s.ul_init, s.ul_init_val, s.ul_back = ul_init, ul_init_val, ul_back
+        s.u_start, s.u_adv, s.u_down, s.u_ready = u_start, u_adv, u_down, u_ready
         ul_delta = Signal(signed(ceil_log2(2 * K + 1) + 2))
         ul_go = Signal()            # issue a word: the generator takes it (self-test)
-        m.d.comb += ul_go.eq(ul_issue & (~e_st | mix.ready))
+        m.d.comb += ul_go.eq(ul_issue & (~s.e_st | mix.ready))
         m.d.comb += ul_delta.eq(Mux(ul_issue, 1, Mux(ul_back, -K, -2 * K)))
         ul_next = Signal(32)
         m.d.comb += ul_next.eq(ul_word + ul_delta)
@@ -899,16 +1045,17 @@ class HELCore(wiring.Component):
         # iCE40UP5K SPRAM (synth_ice40 -spram) for long sequences.
         seq_addr = Signal(range(max(seq_depth, 2)))
         loading = Signal()
+        s.loading = loading
         m.d.comb += [seq_addr.eq(Mux(loading, ld_addr, ul_word)), seqbuf.addr.eq(seq_addr)]
-        m.d.comb += [mix.x.eq(ul_word ^ c_seed),
-                     mix.valid.eq(ul_go & e_st), mix.tag.eq(ul_k)]
+        m.d.comb += [mix.x.eq(ul_word ^ s.c_seed),
+                     mix.valid.eq(ul_go & s.e_st), mix.tag.eq(ul_k)]
         q_valid = Signal()
         q_k = Signal(range(K + 1))
-        m.d.sync += [q_valid.eq(ul_go & ~e_st), q_k.eq(ul_k)]
+        m.d.sync += [q_valid.eq(ul_go & ~s.e_st), q_k.eq(ul_k)]
         wr_en = Signal()
         wr_k = Signal(range(K + 1))
         wr_val = Signal(signed(ow))
-        with m.If(e_st):
+        with m.If(s.e_st):
             m.d.comb += [wr_en.eq(mix.y_valid), wr_k.eq(mix.y_tag),
                          wr_val.eq(mix.y[:ow].as_signed() >> (ow + 1 - of))]
         with m.Else():
@@ -921,431 +1068,481 @@ class HELCore(wiring.Component):
                 m.d.sync += ul_busy.eq(0)
             m.d.sync += ul_left.eq(ul_left - 1)
 
-        # ---------------------------------------------------------------- drain detection
+    # ---------------------------------------------------------------- drain, streams
+    def _build_drain_detect(self, m, s):
+        """``drained``: no slot, sum, activation or state op of the step in flight."""
         drained = Signal()
-        busy_bits = ([tag1.valid, tag2.valid, tag3.valid, z_valid, tanh.busy, state_busy]
-                     + [t.valid for t in z_busy_bits] + [grp.busy for grp in groups])
+        busy_bits = ([s.tag1.valid, s.tag2.valid, s.tag3.valid, s.z_valid, s.tanh.busy,
+                      s.state_busy]
+                     + [t.valid for t in s.z_busy_bits] + [grp.busy for grp in s.groups])
         m.d.comb += drained.eq(Cat(*busy_bits) == 0)
+        s.drained = drained
 
-        # ---------------------------------------------------------------- streams
+    def _build_stream_counters(self, m, s):
+        """The ``outputs`` stream from the outputs FIFO, and the count of nudge words
+        an ECHO still accepts (``n_rows`` rows of O words)."""
+        cfg, ofifo = self.cfg, s.ofifo
+        O = cfg.o
         m.d.comb += [self.outputs.payload.eq(ofifo.r_data.as_signed()),
                      self.outputs.valid.eq(ofifo.r_rdy), ofifo.r_en.eq(self.outputs.ready)]
         n_rows = Signal(range(cfg.t_max + 1))   # nudge rows still to accept
         n_col = Signal(range(O + 1))
-        m.d.comb += n_accept.eq(n_rows != 0)
+        m.d.comb += s.n_accept.eq(n_rows != 0)
         with m.If(self.nudges.valid & self.nudges.ready):
             with m.If(n_col == O - 1):
                 m.d.sync += [n_col.eq(0), n_rows.eq(n_rows - 1)]
             with m.Else():
                 m.d.sync += n_col.eq(n_col + 1)
+        s.n_rows, s.n_col = n_rows, n_col
 
-        # ---------------------------------------------------------------- walkers
-        pwalk = awalk = _Walker(m, g, "walk")     # one walker for both orders
-        m.d.comb += pwalk.skip.eq(c_skip)
+    # ---------------------------------------------------------------- control
+    def _build_control(self, m, s):
+        """The control FSM ``ctl``: IDLE takes a command, DONE reports its result; the
+        transfer states move parameters, accumulators, state and the sequence; the
+        engine states run the pre-step and then every step's phases."""
+        cfg, g = self.cfg, self.geometry
+        N, RN, ow = cfg.n, g.rn, cfg.operand_width
+        s.pwalk = s.awalk = _Walker(m, g, "walk")     # one walker for both orders
+        m.d.comb += s.pwalk.skip.eq(s.c_skip)
 
-        if not compact:
+        if not s.compact:
             # READ_PARAMS: in the ECP5 form the addressed word comes from a register
             # (a block RAM's clock-to-out, the P-way selection and the reply's bit
             # selection did not fit 60 MHz in one cycle)
             p_word = Signal(signed(ow))
-            m.d.sync += p_word.eq(_param_word(m, pwalk, pr, br, "p_lane"))
+            m.d.sync += p_word.eq(_param_word(m, s.pwalk, s.pr, s.br, "p_lane"))
+            s.p_word = p_word
 
         # readout helper register: index into state / clear address
-        ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
-        ro_w = Signal()   # READ_STATE: Wv pass
+        s.ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
+        s.ro_w = Signal()   # READ_STATE: Wv pass
 
         # pre-step generator
-        pre_i = Signal(range(N + 1))
-        pre_p = Signal(range(P))
-        pre_r = Signal(range(max(RN, 2)))
-        pre_slot = Signal()
+        s.pre_i = Signal(range(N + 1))
+        s.pre_p = Signal(range(g.p))
+        s.pre_r = Signal(range(max(RN, 2)))
+        s.pre_slot = Signal()
 
-        # ---------------------------------------------------------------- control FSM
         m.d.comb += [self.cmd.ready.eq(0), self.busy.eq(1)]
-        m.d.comb += self.done.payload.result.eq(res)
-        m.d.comb += self.done.payload.selftest_pass.eq(st_pass)
+        m.d.comb += self.done.payload.result.eq(s.res)
+        m.d.comb += self.done.payload.selftest_pass.eq(s.st_pass)
 
         with m.FSM(name="ctl"):
-            with m.State("IDLE"):
-                m.d.comb += [self.cmd.ready.eq(1), self.busy.eq(0)]
-                cmd = self.cmd.payload
-                with m.If(self.cmd.valid):
-                    m.d.sync += [c_op.eq(cmd.op), c_len.eq(cmd.length), c_one.eq(cmd.one_sided),
-                                 c_kick.eq(cmd.kick), c_bank.eq(cmd.bank), c_seed.eq(cmd.seed),
-                                 c_skip.eq(cmd.skip),
-                                 res.eq(Result.OK), st_pass.eq(0)]
-                    with m.Switch(cmd.op):
-                        with m.Case(Op.WRITE_PARAMS, Op.READ_PARAMS):
-                            m.next = "PSTART"
-                        with m.Case(Op.LOAD):
-                            tb = cfg.t_max.bit_length()   # > t_max without a 32-bit compare
-                            too_long = (cmd.length[tb:] != 0) | (cmd.length[:tb] > cfg.t_max)
-                            with m.If((cmd.length == 0) | too_long):
-                                m.d.sync += res.eq(Result.BAD_ARG)
-                                m.next = "DONE"
-                            with m.Else():
-                                m.d.sync += [ld_left.eq(cmd.length), ld_k.eq(0), ld_addr.eq(0)]
-                                m.next = "LOAD"
-                        with m.Case(Op.FORWARD):
-                            with m.If(loaded_len == 0):
-                                m.d.sync += res.eq(Result.WRONG_STATE)
-                                m.next = "DONE"
-                            with m.Else():
-                                m.d.comb += [ul_init.eq(1), ul_init_val.eq(0)]
-                                m.d.sync += [e_out.eq(1), e_echo.eq(0), e_st.eq(0), e_st_echo.eq(0),
-                                             e_nb2.eq(0), e_acc.eq(cmd.one_sided & ~cmd.no_acc),
-                                             e_one.eq(cmd.one_sided),
-                                             e_sub.eq(1), e_kick.eq(0), e_flip.eq(0),
-                                             u_down.eq(0),
-                                             fwd_mode.eq(FWD_NONE)]
-                                m.next = "PRE"
-                        with m.Case(Op.ECHO):
-                            with m.If(fwd_mode == FWD_NONE):
-                                m.d.sync += res.eq(Result.WRONG_STATE)
-                                m.next = "DONE"
-                            with m.Else():
-                                m.d.comb += [ul_init.eq(1), ul_init_val.eq(seq_last_base)]
-                                m.d.sync += [e_out.eq(0), e_echo.eq(1), e_st.eq(0), e_st_echo.eq(0),
-                                             e_nb2.eq(fwd_mode == FWD_CENTRED), e_acc.eq(1),
-                                             e_sub.eq(0), e_kick.eq(cmd.kick), e_flip.eq(1),
-                                             u_down.eq(1),
-                                             n_rows.eq(Mux(cmd.kick, 1, loaded_len)), n_col.eq(0),
-                                             fwd_mode.eq(FWD_NONE)]
-                                m.next = "PRE"
-                        with m.Case(Op.READ_ACC):
-                            m.d.comb += [awalk.reset.eq(1), awalk.acc.eq(1)]
-                            m.next = "RACC_ISSUE"
-                        with m.Case(Op.CLEAR_ACC):
-                            m.d.sync += ro_i.eq(0)
-                            m.next = "CLRACC"
-                        with m.Case(Op.READ_STATE):
-                            with m.If(cmd.bank == 3):
-                                m.d.sync += res.eq(Result.BAD_ARG)
-                                m.next = "DONE"
-                            with m.Else():
-                                m.d.sync += [ro_i.eq(0), ro_w.eq(0)]
-                                m.next = "RSTATE_ISSUE"
-                        with m.Case(Op.CLEAR_FLAGS):
-                            m.d.comb += clear_flags.eq(1)
+            self._idle_state(m, s)
+            self._parameter_states(m, s)
+            self._readout_states(m, s)
+            self._load_state(m, s)
+            self._pre_step_states(m, s)
+            self._phase_states(m, s)
+
+    def _idle_state(self, m, s):
+        """IDLE: latch a command, check its arguments and the core's state against
+        GoldenCore's, set the engine's mode; DONE: hand back the result."""
+        cfg = self.cfg
+        with m.State("IDLE"):
+            m.d.comb += [self.cmd.ready.eq(1), self.busy.eq(0)]
+            cmd = self.cmd.payload
+            with m.If(self.cmd.valid):
+                m.d.sync += [s.c_op.eq(cmd.op), s.c_len.eq(cmd.length), s.c_one.eq(cmd.one_sided),
+                             s.c_kick.eq(cmd.kick), s.c_bank.eq(cmd.bank), s.c_seed.eq(cmd.seed),
+                             s.c_skip.eq(cmd.skip),
+                             s.res.eq(Result.OK), s.st_pass.eq(0)]
+                with m.Switch(cmd.op):
+                    with m.Case(Op.WRITE_PARAMS, Op.READ_PARAMS):
+                        m.next = "PSTART"
+                    with m.Case(Op.LOAD):
+                        tb = cfg.t_max.bit_length()   # > t_max without a 32-bit compare
+                        too_long = (cmd.length[tb:] != 0) | (cmd.length[:tb] > cfg.t_max)
+                        with m.If((cmd.length == 0) | too_long):
+                            m.d.sync += s.res.eq(Result.BAD_ARG)
                             m.next = "DONE"
-                        with m.Case(Op.SELFTEST):
-                            with m.If(cmd.length == 0):
-                                m.d.sync += res.eq(Result.BAD_ARG)
-                                m.next = "DONE"
-                            with m.Else():
-                                m.d.comb += [ul_init.eq(1), ul_init_val.eq(0)]
-                                m.d.sync += [e_out.eq(0), e_echo.eq(0), e_st.eq(1), e_st_echo.eq(0),
-                                             e_nb2.eq(0), e_acc.eq(0), e_sub.eq(0), e_kick.eq(0),
-                                             e_flip.eq(0),
-                                             u_down.eq(0),
-                                             fwd_mode.eq(FWD_NONE)]
-                                m.next = "PRE"
-                        with m.Default():
-                            m.d.sync += res.eq(Result.BAD_ARG)
+                        with m.Else():
+                            m.d.sync += [s.ld_left.eq(cmd.length), s.ld_k.eq(0), s.ld_addr.eq(0)]
+                            m.next = "LOAD"
+                    with m.Case(Op.FORWARD):
+                        with m.If(s.loaded_len == 0):
+                            m.d.sync += s.res.eq(Result.WRONG_STATE)
                             m.next = "DONE"
-
-            with m.State("DONE"):
-                m.d.comb += self.done.valid.eq(1)
-                with m.If(self.done.ready):
-                    m.next = "IDLE"
-
-            # ---- parameters in/out: the walker needs the latched skip mask
-            with m.State("PSTART"):
-                m.d.comb += pwalk.reset.eq(1)
-                with m.If(c_skip == 0b1111):
-                    m.next = "DONE"
-                with m.Elif(c_op == Op.WRITE_PARAMS):
-                    m.next = "WPARAM"
-                with m.Else():
-                    m.next = "RPARAM_ISSUE"
-
-            with m.State("WPARAM"):
-                m.d.comb += self.params_in.ready.eq(1)
-                with m.If(self.params_in.valid):
-                    with m.If(pwalk.is_b):
-                        m.d.comb += [bw.addr.eq(pwalk.j), bw.data.eq(self.params_in.payload),
-                                     bw.en.eq(1)]
-                    with m.Else():
-                        for p in range(P):
-                            m.d.comb += [pw[p].addr.eq(pwalk.addr), pw[p].data.eq(self.params_in.payload),
-                                         pw[p].en.eq(pwalk.lane == p)]
-                    m.d.comb += pwalk.step.eq(1)
-                    with m.If(pwalk.last):
+                        with m.Else():
+                            m.d.comb += [s.ul_init.eq(1), s.ul_init_val.eq(0)]
+                            m.d.sync += [s.e_out.eq(1), s.e_echo.eq(0), s.e_st.eq(0),
+                                         s.e_st_echo.eq(0), s.e_nb2.eq(0),
+                                         s.e_acc.eq(cmd.one_sided & ~cmd.no_acc),
+                                         s.e_one.eq(cmd.one_sided),
+                                         s.e_sub.eq(1), s.e_kick.eq(0), s.e_flip.eq(0),
+                                         s.u_down.eq(0),
+                                         s.fwd_mode.eq(_FWD_NONE)]
+                            m.next = "PRE"
+                    with m.Case(Op.ECHO):
+                        with m.If(s.fwd_mode == _FWD_NONE):
+                            m.d.sync += s.res.eq(Result.WRONG_STATE)
+                            m.next = "DONE"
+                        with m.Else():
+                            m.d.comb += [s.ul_init.eq(1), s.ul_init_val.eq(s.seq_last_base)]
+                            m.d.sync += [s.e_out.eq(0), s.e_echo.eq(1), s.e_st.eq(0),
+                                         s.e_st_echo.eq(0),
+                                         s.e_nb2.eq(s.fwd_mode == _FWD_CENTRED), s.e_acc.eq(1),
+                                         s.e_sub.eq(0), s.e_kick.eq(cmd.kick), s.e_flip.eq(1),
+                                         s.u_down.eq(1),
+                                         s.n_rows.eq(Mux(cmd.kick, 1, s.loaded_len)),
+                                         s.n_col.eq(0),
+                                         s.fwd_mode.eq(_FWD_NONE)]
+                            m.next = "PRE"
+                    with m.Case(Op.READ_ACC):
+                        m.d.comb += [s.awalk.reset.eq(1), s.awalk.acc.eq(1)]
+                        m.next = "RACC_ISSUE"
+                    with m.Case(Op.CLEAR_ACC):
+                        m.d.sync += s.ro_i.eq(0)
+                        m.next = "CLRACC"
+                    with m.Case(Op.READ_STATE):
+                        with m.If(cmd.bank == 3):
+                            m.d.sync += s.res.eq(Result.BAD_ARG)
+                            m.next = "DONE"
+                        with m.Else():
+                            m.d.sync += [s.ro_i.eq(0), s.ro_w.eq(0)]
+                            m.next = "RSTATE_ISSUE"
+                    with m.Case(Op.CLEAR_FLAGS):
+                        m.d.comb += s.clear_flags.eq(1)
+                        m.next = "DONE"
+                    with m.Case(Op.SELFTEST):
+                        with m.If(cmd.length == 0):
+                            m.d.sync += s.res.eq(Result.BAD_ARG)
+                            m.next = "DONE"
+                        with m.Else():
+                            m.d.comb += [s.ul_init.eq(1), s.ul_init_val.eq(0)]
+                            m.d.sync += [s.e_out.eq(0), s.e_echo.eq(0), s.e_st.eq(1),
+                                         s.e_st_echo.eq(0), s.e_nb2.eq(0), s.e_acc.eq(0),
+                                         s.e_sub.eq(0), s.e_kick.eq(0), s.e_flip.eq(0),
+                                         s.u_down.eq(0),
+                                         s.fwd_mode.eq(_FWD_NONE)]
+                            m.next = "PRE"
+                    with m.Default():
+                        m.d.sync += s.res.eq(Result.BAD_ARG)
                         m.next = "DONE"
 
-            # ---- parameters out
-            with m.State("RPARAM_ISSUE"):
-                for p in range(P):
-                    m.d.comb += [pr[p].addr.eq(pwalk.addr), pr[p].en.eq(1)]
-                m.d.comb += [br.addr.eq(pwalk.j), br.en.eq(1)]
-                m.next = "RPARAM_HOLD" if compact else "RPARAM_REG"
-            if not compact:
-                with m.State("RPARAM_REG"):     # the word reaches p_word
+        with m.State("DONE"):
+            m.d.comb += self.done.valid.eq(1)
+            with m.If(self.done.ready):
+                m.next = "IDLE"
+
+    def _parameter_states(self, m, s):
+        """WRITE_PARAMS and READ_PARAMS: the walker in canonical order over the lanes'
+        parameter memories and the b memory (it needs the latched skip mask)."""
+        P, compact = self.geometry.p, s.compact
+        pwalk, pr, pw, br, bw = s.pwalk, s.pr, s.pw, s.br, s.bw
+        with m.State("PSTART"):
+            m.d.comb += pwalk.reset.eq(1)
+            with m.If(s.c_skip == 0b1111):
+                m.next = "DONE"
+            with m.Elif(s.c_op == Op.WRITE_PARAMS):
+                m.next = "WPARAM"
+            with m.Else():
+                m.next = "RPARAM_ISSUE"
+
+        with m.State("WPARAM"):
+            m.d.comb += self.params_in.ready.eq(1)
+            with m.If(self.params_in.valid):
+                with m.If(pwalk.is_b):
+                    m.d.comb += [bw.addr.eq(pwalk.j), bw.data.eq(self.params_in.payload),
+                                 bw.en.eq(1)]
+                with m.Else():
                     for p in range(P):
-                        m.d.comb += pr[p].en.eq(0)
-                    m.d.comb += br.en.eq(0)
-                    m.next = "RPARAM_HOLD"
-            with m.State("RPARAM_HOLD"):
+                        m.d.comb += [pw[p].addr.eq(pwalk.addr), pw[p].data.eq(self.params_in.payload),
+                                     pw[p].en.eq(pwalk.lane == p)]
+                m.d.comb += pwalk.step.eq(1)
+                with m.If(pwalk.last):
+                    m.next = "DONE"
+
+        with m.State("RPARAM_ISSUE"):
+            for p in range(P):
+                m.d.comb += [pr[p].addr.eq(pwalk.addr), pr[p].en.eq(1)]
+            m.d.comb += [br.addr.eq(pwalk.j), br.en.eq(1)]
+            m.next = "RPARAM_HOLD" if compact else "RPARAM_REG"
+        if not compact:
+            with m.State("RPARAM_REG"):     # the word reaches p_word
                 for p in range(P):
                     m.d.comb += pr[p].en.eq(0)
                 m.d.comb += br.en.eq(0)
-                if compact:     # the word straight from the memories
-                    p_word = _param_word(m, pwalk, pr, br, "pdata")
-                m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(p_word)]
-                with m.If(self.params_out.ready):
-                    m.d.comb += pwalk.step.eq(1)
-                    with m.If(pwalk.last):
-                        m.next = "DONE"
-                    with m.Else():
-                        m.next = "RPARAM_ISSUE"
-
-            # ---- accumulators out / clear
-            with m.State("RACC_ISSUE"):
-                for grp in groups:
-                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
-                m.next = "RACC_HOLD"
-            with m.State("RACC_HOLD"):
-                adata = Signal(signed(aw))
-                with m.Switch(awalk.group):
-                    for q, grp in enumerate(groups):
-                        with m.Case(q):
-                            m.d.comb += adata.eq(grp.ext_rdata)
-                for grp in groups:   # keep the address so the data stays
-                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
-                m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(adata)]
-                with m.If(self.acc_out.ready):
-                    m.d.comb += awalk.step.eq(1)
-                    with m.If(awalk.last):
-                        m.next = "DONE"
-                    with m.Else():
-                        m.next = "RACC_ISSUE"
-            with m.State("CLRACC"):
-                for grp in groups:
-                    m.d.comb += [grp.ext.eq(1), grp.ext_waddr.eq(ro_i), grp.ext_clear.eq(1)]
-                m.d.sync += ro_i.eq(ro_i + 1)
-                with m.If(ro_i == g.acc_depth - 1):
-                    m.d.comb += clear_acc_flag.eq(1)
+                m.next = "RPARAM_HOLD"
+        with m.State("RPARAM_HOLD"):
+            for p in range(P):
+                m.d.comb += pr[p].en.eq(0)
+            m.d.comb += br.en.eq(0)
+            if compact:     # the word straight from the memories
+                p_word = _param_word(m, pwalk, pr, br, "pdata")
+            else:
+                p_word = s.p_word
+            m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(p_word)]
+            with m.If(self.params_out.ready):
+                m.d.comb += pwalk.step.eq(1)
+                with m.If(pwalk.last):
                     m.next = "DONE"
-
-            # ---- state out
-            with m.State("RSTATE_ISSUE"):
-                m.d.comb += [sr.addr.eq(sbase(c_bank) + ro_i), sr.en.eq(1)]
-                m.next = "RSTATE_HOLD" if compact else "RSTATE_REG"
-            if not compact:
-                with m.State("RSTATE_REG"):     # the word reaches s_data
-                    m.d.comb += sr.en.eq(0)
-                    m.next = "RSTATE_HOLD"
-            with m.State("RSTATE_HOLD"):
-                m.d.comb += [sr.en.eq(0), self.state_out.valid.eq(1),
-                             self.state_out.payload.eq(Mux(ro_w, s_data[sw:], s_data[:sw]))]
-                with m.If(self.state_out.ready):
-                    with m.If(ro_i == N - 1):
-                        m.d.sync += [ro_i.eq(0), ro_w.eq(1)]
-                        with m.If(ro_w):
-                            m.next = "DONE"
-                        with m.Else():
-                            m.next = "RSTATE_ISSUE"
-                    with m.Else():
-                        m.d.sync += ro_i.eq(ro_i + 1)
-                        m.next = "RSTATE_ISSUE"
-
-            # ---- LOAD
-            with m.State("LOAD"):
-                m.d.comb += [self.inputs.ready.eq(1), loading.eq(1),
-                             seqbuf.wdata.eq(self.inputs.payload), seqbuf.we.eq(self.inputs.valid)]
-                with m.If(self.inputs.valid):
-                    m.d.sync += ld_addr.eq(ld_addr + 1)
-                    with m.If(ld_k == 0):
-                        m.d.sync += seq_last_base.eq(ld_addr)
-                    with m.If(ld_k == K - 1):
-                        m.d.sync += [ld_k.eq(0), ld_left.eq(ld_left - 1)]
-                        with m.If(ld_left == 1):
-                            m.d.sync += [loaded_len.eq(c_len), fwd_mode.eq(FWD_NONE)]
-                            m.next = "DONE"
-                    with m.Else():
-                        m.d.sync += ld_k.eq(ld_k + 1)
-
-            # ---- the engine: pre-step (zero or flip every oscillator of every bank)
-            with m.State("PRE"):
-                # the first step's nudge row must be buffered before the flip uses it
-                need_nudge = e_echo & ~nu_have
-                with m.If(~need_nudge):
-                    m.d.comb += [u_start.eq(1), u_adv.eq(0), rem_load.eq(1)]
-                    m.d.sync += [pre_i.eq(0), pre_p.eq(0), pre_r.eq(0), pre_slot.eq(0)]
-                    with m.If(e_st_echo):
-                        m.d.sync += st_pass.eq(1)
-                    m.next = "PRE_RUN"
-            with m.State("PRE_RUN"):
-                m.d.comb += [pre_op.valid.eq(1), pre_op.upd.eq(0), pre_op.zero.eq(~e_flip),
-                             pre_op.src.eq(0), pre_op.dst.eq(bank_of(pre_slot)),
-                             pre_op.i.eq(pre_i), pre_op.p.eq(pre_p), pre_op.r.eq(pre_r),
-                             pre_op.slot.eq(pre_slot),
-                             pre_op.nudge.eq(e_echo & (pre_i >= lo_out)),
-                             pre_op.next.eq(1)]
-                with m.If(pre_slot != nb_last):
-                    m.d.sync += pre_slot.eq(1)
                 with m.Else():
-                    m.d.sync += [pre_slot.eq(0), pre_i.eq(pre_i + 1)]
-                    with m.If(pre_p == P - 1):
-                        m.d.sync += [pre_p.eq(0), pre_r.eq(pre_r + 1)]
+                    m.next = "RPARAM_ISSUE"
+
+    def _readout_states(self, m, s):
+        """READ_ACC (the walker in accumulator order), CLEAR_ACC and READ_STATE."""
+        cfg, g = self.cfg, self.geometry
+        N, aw, sw = cfg.n, cfg.acc_width, cfg.state_width
+        awalk, groups, ro_i, ro_w, sr = s.awalk, s.groups, s.ro_i, s.ro_w, s.sr
+        with m.State("RACC_ISSUE"):
+            for grp in groups:
+                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
+            m.next = "RACC_HOLD"
+        with m.State("RACC_HOLD"):
+            adata = Signal(signed(aw))
+            with m.Switch(awalk.group):
+                for q, grp in enumerate(groups):
+                    with m.Case(q):
+                        m.d.comb += adata.eq(grp.ext_rdata)
+            for grp in groups:   # keep the address so the data stays
+                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
+            m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(adata)]
+            with m.If(self.acc_out.ready):
+                m.d.comb += awalk.step.eq(1)
+                with m.If(awalk.last):
+                    m.next = "DONE"
+                with m.Else():
+                    m.next = "RACC_ISSUE"
+        with m.State("CLRACC"):
+            for grp in groups:
+                m.d.comb += [grp.ext.eq(1), grp.ext_waddr.eq(ro_i), grp.ext_clear.eq(1)]
+            m.d.sync += ro_i.eq(ro_i + 1)
+            with m.If(ro_i == g.acc_depth - 1):
+                m.d.comb += s.clear_acc_flag.eq(1)
+                m.next = "DONE"
+
+        with m.State("RSTATE_ISSUE"):
+            m.d.comb += [sr.addr.eq(self._state_base(s.c_bank) + ro_i), sr.en.eq(1)]
+            m.next = "RSTATE_HOLD" if s.compact else "RSTATE_REG"
+        if not s.compact:
+            with m.State("RSTATE_REG"):     # the word reaches s_data
+                m.d.comb += sr.en.eq(0)
+                m.next = "RSTATE_HOLD"
+        with m.State("RSTATE_HOLD"):
+            s_data = s.s_data
+            m.d.comb += [sr.en.eq(0), self.state_out.valid.eq(1),
+                         self.state_out.payload.eq(Mux(ro_w, s_data[sw:], s_data[:sw]))]
+            with m.If(self.state_out.ready):
+                with m.If(ro_i == N - 1):
+                    m.d.sync += [ro_i.eq(0), ro_w.eq(1)]
+                    with m.If(ro_w):
+                        m.next = "DONE"
                     with m.Else():
-                        m.d.sync += pre_p.eq(pre_p + 1)
-                    with m.If(pre_i == N - 1):
-                        m.next = "STEP_WAIT"
+                        m.next = "RSTATE_ISSUE"
+                with m.Else():
+                    m.d.sync += ro_i.eq(ro_i + 1)
+                    m.next = "RSTATE_ISSUE"
 
-            # ---- wait for the previous step (or pre-step) to drain, then start a step
-            with m.State("STEP_WAIT"):
-                with m.If(drained & u_ready):
-                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
-                    if g.u_mode:
-                        m.d.sync += [i_pbase.eq(g.u_base), u_dec.eq(0)]
-                        m.next = "U"
-                    else:
-                        m.next = "A"
+    def _load_state(self, m, s):
+        """LOAD: T·K words into the sequence buffer; the last row's base is where an
+        echo starts reading."""
+        K, seqbuf, ld_addr, ld_k, ld_left = self.cfg.k, s.seqbuf, s.ld_addr, s.ld_k, s.ld_left
+        with m.State("LOAD"):
+            m.d.comb += [self.inputs.ready.eq(1), s.loading.eq(1),
+                         seqbuf.wdata.eq(self.inputs.payload), seqbuf.we.eq(self.inputs.valid)]
+            with m.If(self.inputs.valid):
+                m.d.sync += ld_addr.eq(ld_addr + 1)
+                with m.If(ld_k == 0):
+                    m.d.sync += s.seq_last_base.eq(ld_addr)
+                with m.If(ld_k == K - 1):
+                    m.d.sync += [ld_k.eq(0), ld_left.eq(ld_left - 1)]
+                    with m.If(ld_left == 1):
+                        m.d.sync += [s.loaded_len.eq(s.c_len), s.fwd_mode.eq(_FWD_NONE)]
+                        m.next = "DONE"
+                with m.Else():
+                    m.d.sync += ld_k.eq(ld_k + 1)
 
-            if g.u_mode:
-                # the next step's input products, issued while the previous step drains
-                with m.State("U"):
-                    m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_U),
-                                 tag0.j.eq(i_j), tag0.r.eq(i_r), tag0.first.eq(i_r == 0),
-                                 tag0.last.eq(i_r == K - 1), p_addr.eq(i_pbase), p_en.eq(1)]
-                    m.d.sync += i_pbase.eq(i_pbase + 1)
-                    with m.If(i_r == K - 1):
+    def _pre_step_states(self, m, s):
+        """PRE and PRE_RUN: the pre-step zeroes (FORWARD, SELFTEST) or flips (ECHO, the
+        self-test's echo) every oscillator of every working bank through the state
+        unit; STEP_WAIT: the first step starts once it has drained."""
+        g, N = self.geometry, self.cfg.n
+        P, lo_out = g.p, N - self.cfg.o
+        pre_op, pre_i, pre_p, pre_r, pre_slot = s.pre_op, s.pre_i, s.pre_p, s.pre_r, s.pre_slot
+        e_echo, nb_last = s.e_echo, s.nb_last
+        with m.State("PRE"):
+            # the first step's nudge row must be buffered before the flip uses it
+            need_nudge = e_echo & ~s.nu_have
+            with m.If(~need_nudge):
+                m.d.comb += [s.u_start.eq(1), s.u_adv.eq(0), s.rem_load.eq(1)]
+                m.d.sync += [pre_i.eq(0), pre_p.eq(0), pre_r.eq(0), pre_slot.eq(0)]
+                with m.If(s.e_st_echo):
+                    m.d.sync += s.st_pass.eq(1)
+                m.next = "PRE_RUN"
+        with m.State("PRE_RUN"):
+            m.d.comb += [pre_op.valid.eq(1), pre_op.upd.eq(0), pre_op.zero.eq(~s.e_flip),
+                         pre_op.src.eq(0), pre_op.dst.eq(self._state_bank(s, pre_slot)),
+                         pre_op.i.eq(pre_i), pre_op.p.eq(pre_p), pre_op.r.eq(pre_r),
+                         pre_op.slot.eq(pre_slot),
+                         pre_op.nudge.eq(e_echo & (pre_i >= lo_out)),
+                         pre_op.next.eq(1)]
+            with m.If(pre_slot != nb_last):
+                m.d.sync += pre_slot.eq(1)
+            with m.Else():
+                m.d.sync += [pre_slot.eq(0), pre_i.eq(pre_i + 1)]
+                with m.If(pre_p == P - 1):
+                    m.d.sync += [pre_p.eq(0), pre_r.eq(pre_r + 1)]
+                with m.Else():
+                    m.d.sync += pre_p.eq(pre_p + 1)
+                with m.If(pre_i == N - 1):
+                    m.next = "STEP_WAIT"
+
+        # ---- wait for the previous step (or pre-step) to drain, then start a step
+        with m.State("STEP_WAIT"):
+            with m.If(s.drained & s.u_ready):
+                m.d.sync += [s.i_sub.eq(0), s.i_r.eq(0), s.i_j.eq(0), s.i_pbase.eq(0),
+                             s.a_count.eq(0)]
+                if g.u_mode:
+                    m.d.sync += [s.i_pbase.eq(g.u_base), s.u_dec.eq(0)]
+                    m.next = "U"
+                else:
+                    m.next = "A"
+
+    def _phase_states(self, m, s):
+        """One step: U (u_mode), A, C (with the contrast), B_GATE, B, STEP_END; FIN
+        after the last step (and the self-test's turn from forward to echo)."""
+        cfg, g = self.cfg, self.geometry
+        N, M, K, O = cfg.n, cfg.m, cfg.k, cfg.o
+        RA, RC, RN, LB = g.ra, g.rc, g.rn, g.lb
+        tag0, issue_mode, p_addr, p_en, x_addr, a_addr = (s.tag0, s.issue_mode, s.p_addr,
+                                                          s.p_en, s.x_addr, s.a_addr)
+        i_sub, i_r, i_j, i_t, i_pbase, i_bptr = s.i_sub, s.i_r, s.i_j, s.i_t, s.i_pbase, s.i_bptr
+        a_count, a_rows, nb_last, e_nb2 = s.a_count, s.a_rows, s.nb_last, s.e_nb2
+        drained, u_ready, u_dec, rem_dec, has_next = (s.drained, s.u_ready, s.u_dec, s.rem_dec,
+                                                      s.has_next)
+        if g.u_mode:
+            # the next step's input products, issued while the previous step drains
+            with m.State("U"):
+                m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_U),
+                             tag0.j.eq(i_j), tag0.r.eq(i_r), tag0.first.eq(i_r == 0),
+                             tag0.last.eq(i_r == K - 1), p_addr.eq(i_pbase), p_en.eq(1)]
+                m.d.sync += i_pbase.eq(i_pbase + 1)
+                with m.If(i_r == K - 1):
+                    m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
+                    with m.If(i_j == g.ru - 1):
+                        m.next = "U_WAIT"
+                with m.Else():
+                    m.d.sync += i_r.eq(i_r + 1)
+            with m.State("U_WAIT"):
+                with m.If(drained):
+                    with m.If(u_dec):
+                        m.d.comb += rem_dec.eq(1)
+                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0),
+                                 a_count.eq(0)]
+                    m.next = "A"
+
+        with m.State("A"):
+            m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_A),
+                         tag0.sub.eq(i_sub), tag0.r.eq(i_r), tag0.j.eq(i_j),
+                         tag0.first.eq(i_r == 0), tag0.last.eq(i_r == RA - 1),
+                         p_addr.eq(i_pbase + i_r), p_en.eq(~i_sub),
+                         x_addr.eq(Mux(i_sub, RN + i_r, i_r))]
+            with m.If((i_r == 0) & (i_j == 0) & ~i_sub):
+                m.d.comb += self.step_strobe.eq(1)
+            with m.If(i_sub != nb_last):
+                m.d.sync += i_sub.eq(1)
+            with m.Else():
+                m.d.sync += i_sub.eq(0)
+                with m.If(i_r == RA - 1):
+                    m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1), i_pbase.eq(i_pbase + RA)]
+                    with m.If(i_j == M - 1):
+                        m.d.sync += i_j.eq(0)
+                        with m.If(s.e_acc):
+                            m.next = "C"
+                        with m.Else():
+                            m.next = "B_GATE"
+                with m.Else():
+                    m.d.sync += i_r.eq(i_r + 1)
+
+        with m.State("C"):
+            jm = Signal()
+            m.d.comb += jm.eq(i_j == M)
+            ok = Signal()
+            m.d.comb += ok.eq(jm | i_sub | (a_rows > i_j))
+            m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_C), tag0.sub.eq(i_sub),
+                         tag0.r.eq(i_r), tag0.j.eq(i_j), tag0.jm.eq(jm),
+                         x_addr.eq(Mux(i_sub & e_nb2, RN + i_r, i_r)),
+                         a_addr.eq(Mux(e_nb2, Cat(i_sub, i_j), i_j))]
+            with m.If(ok):
+                m.d.comb += tag0.valid.eq(1)
+                with m.If(~i_sub):
+                    m.d.sync += i_sub.eq(1)
+                with m.Else():
+                    m.d.sync += i_sub.eq(0)
+                    row_end = Mux(jm, i_r == RN - 1, i_r == RC - 1)
+                    with m.If(row_end):
                         m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
-                        with m.If(i_j == g.ru - 1):
-                            m.next = "U_WAIT"
+                        with m.If(jm):
+                            m.next = "B_GATE"
                     with m.Else():
                         m.d.sync += i_r.eq(i_r + 1)
-                with m.State("U_WAIT"):
-                    with m.If(drained):
-                        with m.If(u_dec):
-                            m.d.comb += rem_dec.eq(1)
-                        m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0),
-                                     a_count.eq(0)]
-                        m.next = "A"
 
-            with m.State("A"):
-                m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_A),
-                             tag0.sub.eq(i_sub), tag0.r.eq(i_r), tag0.j.eq(i_j),
-                             tag0.first.eq(i_r == 0), tag0.last.eq(i_r == RA - 1),
-                             p_addr.eq(i_pbase + i_r), p_en.eq(~i_sub),
-                             x_addr.eq(Mux(i_sub, RN + i_r, i_r))]
-                with m.If((i_r == 0) & (i_j == 0) & ~i_sub):
-                    m.d.comb += self.step_strobe.eq(1)
+        with m.State("B_GATE"):
+            e_echo, e_out = s.e_echo, s.e_out
+            out_ok = ~e_out | (s.ofifo.level <= s.fifo_depth - O)   # room for O words
+            nudge_ok = ~(e_echo & ~s.e_kick & has_next) | s.nu_have
+            with m.If(out_ok & nudge_ok):
+                m.d.comb += [s.u_start.eq(has_next), s.u_adv.eq(1)]
+                m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0)]
+                m.next = "B"
+
+        with m.State("B"):
+            pad = Signal()
+            m.d.comb += pad.eq(i_t > M)
+            ok = Signal()
+            m.d.comb += ok.eq(pad | i_sub | (i_t == 0) | (a_rows >= i_t))
+            t_prev = Signal(range(M + 1))
+            m.d.comb += t_prev.eq(i_t - 1)
+            m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_B), tag0.sub.eq(i_sub),
+                         tag0.r.eq(i_r), tag0.j.eq(i_t),
+                         tag0.first.eq(i_t == 0), tag0.last.eq(i_t == M),
+                         p_addr.eq(Mux(i_t == 0, M * RA + i_r, i_bptr)), p_en.eq(~i_sub),
+                         x_addr.eq(Mux(i_sub, RN + i_r, i_r)),
+                         a_addr.eq(Mux(e_nb2, Cat(i_sub, t_prev), t_prev))]
+            with m.If(ok):
+                m.d.comb += tag0.valid.eq(~pad)
                 with m.If(i_sub != nb_last):
                     m.d.sync += i_sub.eq(1)
                 with m.Else():
                     m.d.sync += i_sub.eq(0)
-                    with m.If(i_r == RA - 1):
-                        m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1), i_pbase.eq(i_pbase + RA)]
-                        with m.If(i_j == M - 1):
-                            m.d.sync += i_j.eq(0)
-                            with m.If(e_acc):
-                                m.next = "C"
-                            with m.Else():
-                                m.next = "B_GATE"
+                    with m.If(i_t == 0):
+                        m.d.sync += i_bptr.eq(i_r)
                     with m.Else():
-                        m.d.sync += i_r.eq(i_r + 1)
-
-            with m.State("C"):
-                jm = Signal()
-                m.d.comb += jm.eq(i_j == M)
-                ok = Signal()
-                m.d.comb += ok.eq(jm | i_sub | (a_rows > i_j))
-                m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_C), tag0.sub.eq(i_sub),
-                             tag0.r.eq(i_r), tag0.j.eq(i_j), tag0.jm.eq(jm),
-                             x_addr.eq(Mux(i_sub & e_nb2, RN + i_r, i_r)),
-                             a_addr.eq(Mux(e_nb2, Cat(i_sub, i_j), i_j))]
-                with m.If(ok):
-                    m.d.comb += tag0.valid.eq(1)
-                    with m.If(~i_sub):
-                        m.d.sync += i_sub.eq(1)
+                        m.d.sync += i_bptr.eq(i_bptr + RA)
+                    with m.If(i_t == LB - 1):
+                        m.d.sync += [i_t.eq(0), i_r.eq(i_r + 1)]
+                        with m.If(i_r == RN - 1):
+                            m.next = "STEP_END"
                     with m.Else():
-                        m.d.sync += i_sub.eq(0)
-                        row_end = Mux(jm, i_r == RN - 1, i_r == RC - 1)
-                        with m.If(row_end):
-                            m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
-                            with m.If(jm):
-                                m.next = "B_GATE"
-                        with m.Else():
-                            m.d.sync += i_r.eq(i_r + 1)
+                        m.d.sync += i_t.eq(i_t + 1)
 
-            with m.State("B_GATE"):
-                out_ok = ~e_out | (ofifo.level <= fifo_depth - O)   # room for O words
-                nudge_ok = ~(e_echo & ~e_kick & has_next) | nu_have
-                with m.If(out_ok & nudge_ok):
-                    m.d.comb += [u_start.eq(has_next), u_adv.eq(1)]
-                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0)]
-                    m.next = "B"
+        with m.State("STEP_END"):
+            if g.u_mode:
+                with m.If(has_next & u_ready):
+                    m.d.sync += [i_r.eq(0), i_j.eq(0), i_pbase.eq(g.u_base), u_dec.eq(1)]
+                    m.next = "U"
+                with m.Elif(~has_next & drained):
+                    m.next = "FIN"
+            with m.If(drained & u_ready & (not g.u_mode)):
+                with m.If(has_next):
+                    m.d.comb += rem_dec.eq(1)
+                    m.d.sync += [i_sub.eq(0), i_r.eq(0),
+                                 i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
+                    m.next = "A"
+                with m.Else():
+                    m.next = "FIN"
 
-            with m.State("B"):
-                pad = Signal()
-                m.d.comb += pad.eq(i_t > M)
-                ok = Signal()
-                m.d.comb += ok.eq(pad | i_sub | (i_t == 0) | (a_rows >= i_t))
-                t_prev = Signal(range(M + 1))
-                m.d.comb += t_prev.eq(i_t - 1)
-                m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_B), tag0.sub.eq(i_sub),
-                             tag0.r.eq(i_r), tag0.j.eq(i_t),
-                             tag0.first.eq(i_t == 0), tag0.last.eq(i_t == M),
-                             p_addr.eq(Mux(i_t == 0, M * RA + i_r, i_bptr)), p_en.eq(~i_sub),
-                             x_addr.eq(Mux(i_sub, RN + i_r, i_r)),
-                             a_addr.eq(Mux(e_nb2, Cat(i_sub, t_prev), t_prev))]
-                with m.If(ok):
-                    m.d.comb += tag0.valid.eq(~pad)
-                    with m.If(i_sub != nb_last):
-                        m.d.sync += i_sub.eq(1)
-                    with m.Else():
-                        m.d.sync += i_sub.eq(0)
-                        with m.If(i_t == 0):
-                            m.d.sync += i_bptr.eq(i_r)
-                        with m.Else():
-                            m.d.sync += i_bptr.eq(i_bptr + RA)
-                        with m.If(i_t == LB - 1):
-                            m.d.sync += [i_t.eq(0), i_r.eq(i_r + 1)]
-                            with m.If(i_r == RN - 1):
-                                m.next = "STEP_END"
-                        with m.Else():
-                            m.d.sync += i_t.eq(i_t + 1)
-
-            with m.State("STEP_END"):
-                if g.u_mode:
-                    with m.If(has_next & u_ready):
-                        m.d.sync += [i_r.eq(0), i_j.eq(0), i_pbase.eq(g.u_base), u_dec.eq(1)]
-                        m.next = "U"
-                    with m.Elif(~has_next & drained):
-                        m.next = "FIN"
-                with m.If(drained & u_ready & (not g.u_mode)):
-                    with m.If(has_next):
-                        m.d.comb += rem_dec.eq(1)
-                        m.d.sync += [i_sub.eq(0), i_r.eq(0),
-                                     i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
-                        m.next = "A"
-                    with m.Else():
-                        m.next = "FIN"
-
-            with m.State("FIN"):
-                with m.If(ofifo.level == 0):
-                    with m.If(e_st & ~e_st_echo):
-                        m.d.comb += ul_back.eq(1)
-                        m.d.sync += [e_st_echo.eq(1), e_flip.eq(1), u_down.eq(1)]
-                        m.next = "PRE"
-                    with m.Else():
-                        with m.If(e_out):
-                            m.d.sync += fwd_mode.eq(Mux(e_one, FWD_ONE, FWD_CENTRED))
-                        m.next = "DONE"
-
-        with m.If(tanh.a_valid):
-            m.d.sync += a_count.eq(a_count + 1)
-
-        self.probes.update(pmem=pmem, bmem=bmem, xmem=xmem, amem=amem, smem=smem, u=u_cur,
-                           k_valid=k_valid, k_i=k_i, k_kick=k_kick, k_slot=k_slot, z_valid=z_valid,
-                           z_out=z_out, a_valid=tanh.a_valid, a=tanh.a, a_tag=a_tag)
-        # the b memory is read ahead of the z adder (the walker owns it in RPARAM)
-        with m.If(b_tag.valid & (b_tag.phase == _PH_A)):
-            m.d.comb += br.addr.eq(b_tag.j)
-
-        return m
+        with m.State("FIN"):
+            with m.If(s.ofifo.level == 0):
+                with m.If(s.e_st & ~s.e_st_echo):
+                    m.d.comb += s.ul_back.eq(1)
+                    m.d.sync += [s.e_st_echo.eq(1), s.e_flip.eq(1), s.u_down.eq(1)]
+                    m.next = "PRE"
+                with m.Else():
+                    with m.If(s.e_out):
+                        m.d.sync += s.fwd_mode.eq(Mux(s.e_one, _FWD_ONE, _FWD_CENTRED))
+                    m.next = "DONE"
 
 
 class _Walker:

@@ -239,20 +239,6 @@ class LaneGeometry:
         secs.append(dict(rows=1, c0=0, c1=n, base0=m * stride, stride=stride, mem="lane"))
         return secs
 
-    # ---- schedule lengths (what the sequencer issues per step) -------------------
-    def slots_forward_step(self, accumulate: bool = False) -> int:
-        """Issue cycles of one single-bank step (U, z, optional contrast, force)."""
-        c = self.cfg
-        u = self.ru * c.k if self.u_mode else 0
-        con = 2 * (c.m * self.rc + self.rn) if accumulate else 0
-        return u + c.m * self.ra + self.rn * self.lb + con
-
-    def slots_centred_echo_step(self) -> int:
-        c = self.cfg
-        u = self.ru * c.k if self.u_mode else 0
-        return (u + 2 * c.m * self.ra + 2 * (c.m * self.rc + self.rn)
-                + 2 * self.rn * self.lb)
-
 
 class MacLane(wiring.Component):
     """One MAC lane: a registered multiplier plus the per-oscillator force sums.
