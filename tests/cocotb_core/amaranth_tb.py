@@ -15,7 +15,8 @@ from amaranth.sim import Simulator
 from hel_fpga.rtl.core import HELCore
 from hel_fpga.spec.formats import HelConfig
 
-from .scenario import SINKS, SOURCES, Step, to_signed, unpack_done
+from .scenario import SINKS, SOURCES, Step
+from .scoreboard import Observed, compare, offered_word_taken, received_word, where
 
 
 def run_scenario(cfg: HelConfig, steps: list[Step], seed: int = 0, idle: float = 0.3,
@@ -23,8 +24,6 @@ def run_scenario(cfg: HelConfig, steps: list[Step], seed: int = 0, idle: float =
                  timeout_cycles: int = 200_000, **core_kwargs) -> list[str]:
     dut = HELCore(cfg, **core_kwargs)
     rng = random.Random(seed)
-    widths = {"params_out": cfg.operand_width, "outputs": cfg.state_width,
-              "acc_out": cfg.acc_width, "state_out": cfg.state_width}
     queues: dict[str, list[int]] = {s: [] for s in SOURCES}
     received: dict[str, list[int]] = {s: [] for s in SINKS}
     errors: list[str] = []
@@ -51,7 +50,7 @@ def run_scenario(cfg: HelConfig, steps: list[Step], seed: int = 0, idle: float =
                 ctx.set(st.ready, int(rng.random() >= backpressure))
                 _, _, valid, ready, payload = await ctx.tick().sample(st.valid, st.ready, st.payload)
                 if valid and ready:
-                    received[name].append(to_signed(int(payload), widths[name]))
+                    received[name].append(received_word(cfg, name, int(payload)))
         return proc
 
     async def main(ctx):
@@ -74,40 +73,26 @@ def run_scenario(cfg: HelConfig, steps: list[Step], seed: int = 0, idle: float =
             while True:
                 for s in offers:
                     if ctx.get(getattr(dut, s).ready):
-                        errors.append(f"step {n} {step.name}: {s} word consumed")
+                        errors.append(offered_word_taken(n, step, s))
                 _, _, dv, dp = await ctx.tick().sample(dut.done.valid, dut.done.payload.as_value())
                 cycles += 1
                 if dv:
                     break
                 if cycles > timeout_cycles:
-                    errors.append(f"step {n} {step.name}: timeout")
+                    errors.append(f"{where(n, step)}: timeout")
                     return
             ctx.set(dut.done.ready, 0)
             for s in offers:
                 ctx.set(getattr(dut, s).valid, 0)
-            result, st_pass = unpack_done(int(dp))
-            if result != step.result.value:
-                errors.append(f"step {n} {step.name}: result {result} != {step.result.value}")
-            if step.selftest_pass is not None and st_pass != step.selftest_pass:
-                errors.append(f"step {n} {step.name}: selftest_pass {st_pass}")
             # let the sinks catch a word handed over in the done cycle
             await ctx.tick()
-            for s in SINKS:
-                exp = step.expect.get(s, [])
-                if received[s] != exp:
-                    bad = [i for i, (a, b) in enumerate(zip(received[s], exp)) if a != b]
-                    errors.append(f"step {n} {step.name}: {s}: got {len(received[s])} words, "
-                                  f"expected {len(exp)}, first mismatches at {bad[:5]}")
+            errors.extend(compare(n, step, Observed(
+                done=int(dp), received={s: list(received[s]) for s in SINKS},
+                untaken={s: len(queues[s]) for s in SOURCES},
+                state_overflow=bool(ctx.get(dut.state_overflow)),
+                acc_overflow=bool(ctx.get(dut.acc_overflow)), busy=bool(ctx.get(dut.busy)))))
             for s in SOURCES:
-                if queues[s]:
-                    errors.append(f"step {n} {step.name}: {len(queues[s])} {s} words not taken")
-                    queues[s].clear()
-            so, ao = ctx.get(dut.state_overflow), ctx.get(dut.acc_overflow)
-            if (bool(so), bool(ao)) != (step.state_overflow, step.acc_overflow):
-                errors.append(f"step {n} {step.name}: flags state={so} acc={ao}, expected "
-                              f"{int(step.state_overflow)} {int(step.acc_overflow)}")
-            if ctx.get(dut.busy):
-                errors.append(f"step {n} {step.name}: busy after done")
+                queues[s].clear()
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)

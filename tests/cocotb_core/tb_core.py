@@ -24,7 +24,8 @@ from cocotb.triggers import FallingEdge, RisingEdge
 
 from hel_fpga.spec.formats import HelConfig
 
-from .scenario import SINKS, SOURCES, Step, build_scenario, to_signed, unpack_done
+from .scenario import SINKS, SOURCES, Step, build_scenario
+from .scoreboard import Observed, compare, offered_word_taken, received_word, where
 
 CFG = HelConfig.from_json(os.environ.get("HEL_CFG", "{}"))
 SEED = int(os.environ.get("HEL_SEED", "1"))
@@ -39,8 +40,6 @@ def _sig(dut, stream, member):
 
 async def run_steps(dut, steps: list[Step], seed: int) -> list[str]:
     rng = random.Random(seed)
-    widths = {"params_out": CFG.operand_width, "outputs": CFG.state_width,
-              "acc_out": CFG.acc_width, "state_out": CFG.state_width}
     clk = dut.clk
     Clock(clk, 10, unit="ns").start()
     dut.rst.value = 1
@@ -54,7 +53,6 @@ async def run_steps(dut, steps: list[Step], seed: int) -> list[str]:
 
     errors: list[str] = []
     for n, step in enumerate(steps):
-        where = f"step {n} ({step.name})"
         queues = {s: list(step.send.get(s, [])) for s in SOURCES}
         received = {s: [] for s in SINKS}
         offering = {s: w[0] for s, w in step.offer.items()}
@@ -73,15 +71,15 @@ async def run_steps(dut, steps: list[Step], seed: int) -> list[str]:
             fired = {s: driving[s] and bool(_sig(dut, s, "ready").value) for s in SOURCES}
             for s in offering:
                 if int(_sig(dut, s, "ready").value):
-                    errors.append(f"{where}: {s} ready while the command must not take it")
+                    errors.append(offered_word_taken(n, step, s))
             for s in SINKS:
                 if sink_ready[s] and int(_sig(dut, s, "valid").value):
-                    received[s].append(to_signed(int(_sig(dut, s, "payload").value), widths[s]))
+                    received[s].append(received_word(CFG, s, int(_sig(dut, s, "payload").value)))
             cmd_fired = cmd_pending and bool(dut.cmd__ready.value)
             if not cmd_pending and int(dut.done__valid.value):
                 done_word = int(dut.done__payload.value)
             if cycles > TIMEOUT_CYCLES:
-                errors.append(f"{where}: timeout")
+                errors.append(f"{where(n, step)}: timeout")
                 return errors
             await RisingEdge(clk)
             # --- drive the next cycle
@@ -107,26 +105,10 @@ async def run_steps(dut, steps: list[Step], seed: int) -> list[str]:
             _sig(dut, s, "valid").value = 0
         await FallingEdge(clk)
         # --- compare with the golden model
-        result, st_pass = unpack_done(done_word)
-        if result != step.result.value:
-            errors.append(f"{where}: result {result}, expected {step.result.value}")
-        if step.selftest_pass is not None and st_pass != step.selftest_pass:
-            errors.append(f"{where}: selftest_pass {st_pass}, expected {step.selftest_pass}")
-        for s in SINKS:
-            exp = step.expect.get(s, [])
-            if received[s] != exp:
-                bad = [i for i, (a, b) in enumerate(zip(received[s], exp)) if a != b]
-                errors.append(f"{where}: {s}: {len(received[s])} words (expected {len(exp)}), "
-                              f"mismatches at {bad[:8]}")
-        for s in SOURCES:
-            if queues[s]:
-                errors.append(f"{where}: {len(queues[s])} {s} words not taken")
-        flags = (bool(int(dut.state_overflow.value)), bool(int(dut.acc_overflow.value)))
-        if flags != (step.state_overflow, step.acc_overflow):
-            errors.append(f"{where}: flags {flags}, expected "
-                          f"{(step.state_overflow, step.acc_overflow)}")
-        if int(dut.busy.value):
-            errors.append(f"{where}: busy after done")
+        errors += compare(n, step, Observed(
+            done=done_word, received=received, untaken={s: len(q) for s, q in queues.items()},
+            state_overflow=bool(int(dut.state_overflow.value)),
+            acc_overflow=bool(int(dut.acc_overflow.value)), busy=bool(int(dut.busy.value))))
         for s in SOURCES:
             _sig(dut, s, "valid").value = 0
         for s in SINKS:
