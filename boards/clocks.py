@@ -152,8 +152,8 @@ def ecp5_pll(f_in_hz: int, f_out_hz: int, tolerance: float = 0.0) -> Ecp5PLL:
 class BoardClocks(Elaboratable):
     """Creates the ``sync`` domain at ``board.clk_hz`` and runs ``design`` in it.
 
-    The domain is defined here, in the design's parent, because Amaranth 0.6
-    no longer lets a domain defined in one submodule reach its siblings.
+    The domain is defined here, in the design's parent, because from Amaranth
+    0.6 on a domain defined in one submodule does not reach its siblings.
 
     Parameters
     ----------

@@ -1,9 +1,11 @@
-"""Host side of the link's frame layer (layout: :mod:`hel_fpga.spec.protocol`).
+"""The link's frame codec in Python (layout: :mod:`hel_fpga.spec.protocol`).
 
-The reference codec: the PyPI ``cobs`` package for byte stuffing and
-:func:`zlib.crc32` for the CRC, wrapped in the frame layout that
-:mod:`hel_fpga.spec.protocol` defines. The gateware (:mod:`hel_fpga.rtl.framing`) is tested
-against these functions, so they are kept as plain as possible.
+The reference codec, used by the host (:mod:`hel_fpga.host.link`) and the
+protocol model (:mod:`hel_fpga.sim.protocol_model`): the PyPI ``cobs`` package
+for byte stuffing and :func:`zlib.crc32` for the CRC, wrapped in the frame
+layout that :mod:`hel_fpga.spec.protocol` defines. The gateware
+(:mod:`hel_fpga.rtl.framing`) is tested against these functions, so they are
+kept as plain as possible.
 
 * :func:`encode_frame` builds the bytes to write to the serial port.
 * :func:`decode_frame` checks and unpacks one frame (delimiter stripped).
