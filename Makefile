@@ -5,6 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (auto: one per CPU)
+JOBS ?= auto
 
 .PHONY: setup test test-fast train compare clean distclean
 
@@ -16,11 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# Everything, on every core: conftest.py puts the place-and-route and Verilator
+# tests first and xdist hands out one test at a time, so the long ones start
+# early on separate workers and the short ones fill in.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist load --maxschedchunk 1 $(PYTEST_ARGS)
 
+# No Verilator build, no place-and-route, nothing marked slow.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not verilator and not pnr and not slow" $(PYTEST_ARGS)
 
 train: $(STAMP)
 	$(BIN)/hel train --overwrite

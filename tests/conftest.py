@@ -9,6 +9,15 @@
 * ``WAVES=1`` makes simulation tests write one waveform per test (FST from
   Verilator, VCD from Amaranth's simulator) under ``build/waves/``; by default
   none are written.
+* Tiers: tests that build or run a Verilator model are marked ``verilator``,
+  bitstream builds ``pnr`` (both registered in pyproject.toml, which rejects
+  unknown markers); ``make test-fast`` leaves them out. With pytest-xdist
+  (``make test``) the ``pnr`` tests are collected first, then the ``verilator``
+  ones, so the longest tests start first and the short ones fill in at the end.
+  Every build these tests make is safe with parallel workers: the cocotb models
+  are built under a file lock (``test_core_cocotb.py``), the simulated board
+  under a lock in its cache (:func:`hel_fpga.sim.board.build`), bitstreams in
+  each test's own ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,21 @@ def _tool_dirs() -> list[str]:
 
 _path = os.environ.get("PATH", "").split(os.pathsep)
 os.environ["PATH"] = os.pathsep.join([d for d in _tool_dirs() if d not in _path] + _path)
+
+
+#: Markers of the longest tests, in the order they should start under pytest-xdist.
+LONGEST_FIRST = ("pnr", "verilator")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return          # not an xdist worker: keep pytest's order (module fixtures set up once)
+
+    def rank(item):
+        return next((i for i, m in enumerate(LONGEST_FIRST) if item.get_closest_marker(m)),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)
 
 
 def waves_enabled() -> bool:

@@ -620,7 +620,7 @@ def _check_report(report, board, out_dir):
         report["bitstream_sha256"]
 
 
-@pytest.mark.slow
+@pytest.mark.pnr
 def test_build_standin_icebreaker(tmp_path, capsys, monkeypatch):
     """The full CLI flow on iCE40 (about 10 s warm, 100 s on the first YoWASP run)."""
     monkeypatch.setenv("HEL_BUILD_CACHE", str(tmp_path / "cache"))
@@ -648,7 +648,7 @@ def test_build_standin_icebreaker(tmp_path, capsys, monkeypatch):
     assert (out2 / "top.bin").read_bytes() == (out / "top.bin").read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.pnr
 def test_build_timing_failure_exits_nonzero(tmp_path, capsys, monkeypatch):
     """An unreachable clock: report and bitstream are written, the exit status is 1."""
     fast = dataclasses.replace(BOARDS["icebreaker"], clk_hz=150_000_000)
@@ -663,7 +663,7 @@ def test_build_timing_failure_exits_nonzero(tmp_path, capsys, monkeypatch):
     assert (out / "top.bin").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.pnr
 @pytest.mark.parametrize("name", [n for n, b in BOARDS.items() if b.family == "ecp5"])
 def test_build_standin_ecp5(name, tmp_path):
     board = BOARDS[name]
@@ -691,14 +691,14 @@ def _build_real(name, tmp_path):
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.pnr
 def test_real_top_icebreaker(tmp_path):
     """CI's iCEBreaker bitstream: a default seed meets the table's clock, fits, MACs on the DSPs."""
     result = _build_real("icebreaker", tmp_path)
     assert result.report["utilization"]["DSP"]["used"] >= BOARDS["icebreaker"].config.lanes
 
 
-@pytest.mark.slow
+@pytest.mark.pnr
 @pytest.mark.parametrize("name", [n for n, b in BOARDS.items() if b.family == "ecp5"])
 def test_real_top_ecp5(name, tmp_path):
     """The real top level on every ECP5 board: fits, a default seed meets the clock, MAC lanes

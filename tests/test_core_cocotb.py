@@ -24,6 +24,8 @@ from hel_fpga.spec.formats import HelConfig
 
 cocotb_tools = pytest.importorskip("cocotb_tools.runner")
 
+pytestmark = pytest.mark.verilator
+
 TOPLEVEL = "hel_core"
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent

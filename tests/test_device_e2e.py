@@ -27,6 +27,8 @@ import pytest
 
 serial = pytest.importorskip("serial")
 
+pytestmark = pytest.mark.verilator
+
 from test_link import assert_same, error_of, make_sample, training_step  # noqa: E402
 from faults import corrupt  # noqa: E402
 from test_sim_board import read_exact  # noqa: E402

@@ -23,6 +23,8 @@ import pytest
 
 serial = pytest.importorskip("serial")
 
+pytestmark = pytest.mark.verilator
+
 from hel_fpga.sim import board  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

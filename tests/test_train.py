@@ -336,6 +336,7 @@ def test_a_board_with_its_own_configuration_sets_the_model_size(small_regression
               device_factory=factory)
 
 
+@pytest.mark.verilator
 def test_short_training_on_the_simulated_board_lowers_the_loss_and_matches_sim(small_regression, tmp_path):
     """``--device sim-board``: the gateware (Verilator, over a pty) trains like the golden model.
 
