@@ -24,7 +24,7 @@ from hel_fpga.spec.formats import ECP5_OPERAND, ICE40_OPERAND, HelConfig
 
 __all__ = [
     "Board", "ClockPlan", "ResourceKind", "Programmer", "BOARDS", "DEFAULT_BAUD",
-    "UnknownBoard", "get_board", "board_names",
+    "UnknownBoard", "get_board",
 ]
 
 #: UART bit rate of every board: 1 Mbaud divides every design clock below
@@ -243,10 +243,6 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
 ]}
-
-
-def board_names() -> list[str]:
-    return list(BOARDS)
 
 
 def get_board(name: str) -> Board:

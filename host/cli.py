@@ -1,8 +1,9 @@
 """The ``hel`` console command: one entry point for the whole flow.
 
 Each subcommand lives in its own module under :mod:`hel_fpga.host.commands` and provides
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules
-are imported only when their command runs, so ``hel --help`` stays fast.
+``add_arguments(parser)`` and ``run(args) -> int``; its one-line help is in
+:data:`COMMANDS`. Modules are imported only when their command runs, so
+``hel --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import argparse
 import importlib
 import sys
 
-#: name → module under hel_fpga.host.commands. Help lines are kept here so that
-#: ``hel --help`` does not import NumPy, Amaranth or the toolchain.
+from hel_fpga.host.errors import UsageError
+
+#: name → (module under hel_fpga.host.commands, help line). The help lines live
+#: here so that ``hel --help`` does not import NumPy, Amaranth or the toolchain.
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"),
     "glep": ("glep", "GLEP variants (boundary conditions) vs their exact gradients: HEL as the special case"),
@@ -23,9 +26,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selftest": ("selftest", "run the device's SELFTEST (forward, flip, echo back to zero) and print pass/fail"),
     "bench": ("bench", "benchmarks: core (cycles per step vs MACs/P) and link (payload efficiency, simulated cycles/s)"),
 }
-
-
-from hel_fpga.host.errors import UsageError  # noqa: E402  (re-exported for the commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,10 +6,11 @@ formats of :mod:`hel_fpga.spec.formats`. Implementations:
 * :class:`GoldenDevice` — the integer golden model in-process (``--device sim``);
   the fastest way to run the exact integer arithmetic of the hardware.
 * ``hel_fpga.host.link.SerialDevice`` — the command protocol over a serial port (a real
-  board, the Verilator-simulated board, or any pyserial URL).
+  board, the Verilator-simulated board, the protocol model, or any pyserial URL).
 
-Everything above this layer (``hel compare``, ``hel train``) is written against
-:class:`Device` only, so the same host code runs on every device.
+:func:`hel_fpga.host.registry.open_device` opens either from a ``--device``
+string. Everything above (``hel compare``, ``hel train``, ``hel selftest``) is
+written against :class:`Device` only, so the same host code runs on every device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from hel_fpga.spec.formats import HelConfig
 from hel_fpga.sim.golden import GoldenCore
 
-__all__ = ["Device", "DeviceError", "GoldenDevice", "Ident", "Status", "open_device"]
+__all__ = ["Device", "DeviceError", "GoldenDevice", "Ident", "Status"]
 
 
 class DeviceError(RuntimeError):
@@ -89,6 +90,11 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def selftest(self, steps: int, seed: int = 1) -> bool: ...
 
+    def cycles(self) -> int | None:
+        """Clock cycles the device has run since it started, read now; None unless the
+        device is simulated (a real board has no counter the host can read)."""
+        return None
+
     def close(self) -> None:
         """Release the device (close ports, stop owned processes)."""
 
@@ -147,17 +153,3 @@ class GoldenDevice(Device):
 
     def selftest(self, steps, seed=1):
         return self.core.selftest(steps, seed)
-
-
-def open_device(spec: str, cfg: HelConfig | None = None) -> Device:
-    """Open a device from a ``--device`` string.
-
-    ``sim`` needs ``cfg`` (the golden model has no configuration of its own);
-    other devices report theirs through IDENT.
-    """
-    if spec == "sim":
-        if cfg is None:
-            raise DeviceError("--device sim needs a configuration")
-        return GoldenDevice(cfg)
-    from hel_fpga.host import link  # noqa: PLC0415 (pyserial is not needed for 'sim')
-    return link.open_serial_device(spec, expect=cfg)

@@ -39,10 +39,8 @@ from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 from hel_fpga.sim.golden import StateError
 from hel_fpga.spec.names import BANKS, ESTIMATORS
 
-__all__ = ["SerialDevice", "RemoteError", "RemoteStateError", "RemoteRangeError",
-           "open_serial_device", "DEFAULT_BAUD"]
+__all__ = ["SerialDevice", "RemoteError", "RemoteStateError", "RemoteRangeError", "check_config"]
 
-DEFAULT_BAUD = 115200
 _LINK_CODES = {ErrorCode.BAD_CRC, ErrorCode.BAD_LENGTH, ErrorCode.OVERRUN}
 
 
@@ -94,14 +92,17 @@ class SerialDevice(Device):
         Retransmissions of a request (or go-backs of a transfer) before giving up.
     expect : HelConfig, optional
         Raise :class:`DeviceError` (naming the fields) if the device's IDENT differs.
+    board : hel_fpga.sim.board.SimBoard, optional
+        The simulated board behind ``port``: :meth:`cycles` reads its clock
+        counter and :meth:`close` stops it.
     """
 
     def __init__(self, port, *, timeout: float = 2.0, retries: int = 4,
-                 expect: HelConfig | None = None, owner=None):
+                 expect: HelConfig | None = None, board=None):
         self.port = port
         self.timeout = timeout
         self.retries = retries
-        self._owner = owner            # e.g. a simulated board process to stop on close
+        self.board = board
         self._reader = FrameReader()
         self._pending: list = []
         self._seq = 0
@@ -246,15 +247,15 @@ class SerialDevice(Device):
         self._request(Command.RESET)
         self._t = None
 
+    def cycles(self) -> int | None:
+        return None if self.board is None else self.board.cycles()
+
     def close(self) -> None:
         try:
             self.port.close()
         finally:
-            owner, self._owner = self._owner, None
-            for meth in ("close", "stop", "terminate"):
-                if owner is not None and hasattr(owner, meth):
-                    getattr(owner, meth)()
-                    break
+            if self.board is not None:
+                self.board.stop()
 
     # ---- link machinery --------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -469,61 +470,3 @@ def check_config(actual: HelConfig, expect: HelConfig) -> None:
     if diff:
         raise DeviceError("the device's configuration differs from the expected one ("
                           + "; ".join(diff) + "); rebuild the bitstream or use its configuration")
-
-
-def open_serial_device(spec: str, expect: HelConfig | None = None, *,
-                       timeout: float = 2.0, retries: int = 4) -> SerialDevice:
-    """Open ``spec`` and check its IDENT against ``expect``.
-
-    ``spec`` is ``sim-board`` (start the Verilator-simulated board), ``model``
-    (the protocol model in-process; needs ``expect``), a pyserial URL
-    (``scheme://…``) or a serial device path; a path may end in ``@BAUD``
-    (default 115200).
-    """
-    owner = None
-    if spec == "model":
-        if expect is None:
-            raise DeviceError("--device model needs a configuration")
-        from hel_fpga.sim.protocol_model import ModelPort, ProtocolModel  # noqa: PLC0415
-        return SerialDevice(ModelPort(ProtocolModel(expect)), timeout=timeout,
-                            retries=retries, expect=expect)
-    import serial  # noqa: PLC0415
-
-    if spec == "sim-board":
-        from hel_fpga.sim import board  # noqa: PLC0415 (Amaranth only when a board is simulated)
-        import sys  # noqa: PLC0415
-
-        def progress(line):  # the first Verilator build of a configuration takes ~30 s
-            print(line, file=sys.stderr, flush=True)
-        try:
-            # A simulated board can take any configuration: build the one expected.
-            cfg = None if expect is None else expect.replace(
-                lanes=min(board.SIM_CONFIG.lanes, max(expect.n, expect.m)))
-            owner = board.start(cfg, progress=progress)
-        except board.SimBoardError as e:
-            raise DeviceError(f"the simulated board did not start: {e}") from None
-        spec = owner.path
-    baud = DEFAULT_BAUD
-    try:
-        if "://" in spec:
-            port = serial.serial_for_url(spec, baudrate=baud, timeout=0.05)
-        else:
-            path, _, b = spec.partition("@")
-            if b:
-                try:
-                    baud = int(b)
-                except ValueError:
-                    raise DeviceError(f"bad baud rate {b!r} in device {spec!r}") from None
-            port = serial.Serial(path, baudrate=baud, timeout=0.05)
-    except (serial.SerialException, ValueError, OSError) as e:
-        raise DeviceError(f"cannot open device {spec!r}: {e}") from None
-    try:
-        return SerialDevice(port, timeout=timeout, retries=retries, expect=expect, owner=owner)
-    except BaseException:
-        port.close()
-        if owner is not None:
-            for meth in ("close", "stop", "terminate"):
-                if hasattr(owner, meth):
-                    getattr(owner, meth)()
-                    break
-        raise

@@ -532,6 +532,12 @@ class SimBoard:
                 time.sleep(0.01)
         return _parse_stats(self.log())
 
+    def cycles(self, timeout: float = 2.0) -> int | None:
+        """Simulated clock cycles since the board started, read now (from :meth:`stats`);
+        None if no report is available."""
+        st = self.stats(timeout)
+        return None if st is None else int(st["cycles"])
+
     def stop(self, timeout: float = 5.0) -> int:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""
         p = self.process

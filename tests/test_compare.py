@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hel_fpga.host.cli import main
-from hel_fpga.host.commands.compare import integer_gradients
+from hel_fpga.host.commands.compare import integer_run
 from hel_fpga.host.device import GoldenDevice
 from hel_fpga.host.learning import config_for, default_eps
 from hel_fpga.sim.problems import load_problem, reference_problem, save_problem
@@ -22,7 +22,8 @@ def rel_norm_ratio(a, b):
 def check_problem(p: Problem, estimator="centred"):
     _, g_ref = bptt(p)
     cfg = config_for(p.n, p.m, p.k, p.o, p.t, p.dt)
-    g, status = integer_gradients(GoldenDevice(cfg), p, default_eps(p.mask, estimator), estimator)
+    run = integer_run(GoldenDevice(cfg), p, default_eps(p.mask, estimator), estimator)
+    g, status = run["gradients"], run["status"]
     assert not status.state_overflow and not status.acc_overflow
     for name in g_ref:
         assert cosine(g[name], g_ref[name]) >= 0.999, name

@@ -15,8 +15,8 @@ import pytest
 from faults import corrupt
 from hel_fpga.host.device import DeviceError, GoldenDevice
 from hel_fpga.spec.framing import Frame, FrameReader, encode_frame
-from hel_fpga.host.link import RemoteRangeError, RemoteStateError, SerialDevice, \
-    open_serial_device
+from hel_fpga.host.link import RemoteRangeError, RemoteStateError, SerialDevice
+from hel_fpga.host.registry import DEVICE_NAMES, device_help, open_device, takes_config
 from hel_fpga.spec.wire import pack_words, split_chunks, unpack_words
 from hel_fpga.spec import protocol as P
 from hel_fpga.spec.formats import FormatError, HelConfig
@@ -357,7 +357,7 @@ def test_fuzz_corrupted_frames(model):
 def test_pty_end_to_end(model):
     pytest.importorskip("serial")
     with PtyServer(model) as server:
-        dev = open_serial_device(server.path, expect=CFG)
+        dev = open_device(server.path, CFG)
         try:
             sample = make_sample(CFG, 300, seed=7)
             assert_same(training_step(dev, *sample), training_step(GoldenDevice(CFG), *sample))
@@ -365,8 +365,28 @@ def test_pty_end_to_end(model):
             dev.close()
 
 
-def test_open_device_specs():
-    with pytest.raises(DeviceError, match="cannot open device"):
-        open_serial_device("/nonexistent/ttyHEL")
-    with open_serial_device("model", expect=CFG) as dev:
-        assert dev.ident().config == CFG
+def test_open_device_opens_every_named_device_and_refuses_the_rest():
+    with open_device("sim", CFG) as dev:
+        assert isinstance(dev, GoldenDevice) and dev.config == CFG and dev.cycles() is None
+    with open_device("model", CFG) as dev:
+        assert isinstance(dev, SerialDevice) and dev.ident().config == CFG
+        assert dev.board is None and dev.cycles() is None
+    for name in ("sim", "model"):
+        with pytest.raises(DeviceError, match=f"--device {name} needs a configuration"):
+            open_device(name)
+    with pytest.raises(DeviceError, match="cannot open device '/nonexistent/ttyHEL'"):
+        open_device("/nonexistent/ttyHEL")
+    with pytest.raises(DeviceError, match="bad baud rate 'fast'"):
+        open_device("/nonexistent/ttyHEL@fast")
+    # A mistyped name is answered with every name the registry knows.
+    with pytest.raises(DeviceError, match="a device is sim, model, sim-board, a serial path"):
+        open_device("sim_board")
+
+
+def test_device_names_help_and_configuration_come_from_one_table():
+    assert DEVICE_NAMES == ("sim", "model", "sim-board")
+    text = device_help(default="sim")
+    assert all(f"{name} (" in text for name in DEVICE_NAMES) and text.endswith("(default: sim)")
+    assert "sim (" not in device_help(exclude=("sim",))
+    assert all(takes_config(name) for name in DEVICE_NAMES)
+    assert not takes_config("/dev/ttyUSB1") and not takes_config("socket://localhost:1")

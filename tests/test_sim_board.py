@@ -198,13 +198,13 @@ def test_cli_runs_until_sigterm(loopback_build):
 
 # ---- the real top level -------------------------------------------------------------------
 def test_real_top_ident():
-    from hel_fpga.host.link import open_serial_device
+    from hel_fpga.host.registry import open_device
 
     t0 = time.monotonic()
     b = board.build(progress=print)
     print(f"real top build: {'cached' if b.cached else 'compiled'} in {b.seconds:.1f} s")
     with board.running() as sb:
-        dev = open_serial_device(sb.path, expect=board.SIM_CONFIG, timeout=10)
+        dev = open_device(sb.path, board.SIM_CONFIG, timeout=10)
         try:
             ident = dev.ident()
         finally:
@@ -217,17 +217,24 @@ def test_real_top_ident():
               f"({time.monotonic() - t0:.1f} s in all)")
 
 
-def test_real_top_via_device_spec():
-    """``--device sim-board``: hel_fpga.host.link starts the board and stops it on close."""
-    from hel_fpga.host.link import open_serial_device
+def test_sim_board_device_reads_its_cycle_counter_and_stops_the_board_on_close():
+    """``--device sim-board``: the registry starts the board, the device reads its cycle
+    counter, and closing the device stops the board."""
+    from hel_fpga.host.registry import open_device
 
-    dev = open_serial_device("sim-board", expect=board.SIM_CONFIG, timeout=10)
-    owner = dev._owner
+    dev = open_device("sim-board", board.SIM_CONFIG, timeout=10)
+    sb = dev.board
     try:
         assert dev.ident().config == board.SIM_CONFIG
+        before = dev.cycles()
+        assert dev.selftest(100) is True
+        after = dev.cycles()
     finally:
         dev.close()
-    assert owner.process.poll() is not None
+    assert sb.process.poll() is not None
+    # 2 × 100 steps of at least MACs/P cycles each happened between the two reads
+    cfg = board.SIM_CONFIG
+    assert after - before >= 200 * cfg.macs_forward_step // cfg.lanes
 
 
 def test_slow_reader_loses_nothing(loopback_build):

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import json
 
-HELP = ("benchmark the HEL core (cycles per step vs MACs/P, by simulation) or the serial "
-        "link (payload efficiency, simulated cycles/s)")
-
-#: (n, m, k, lanes) measured by default: the issue's target is ratio ≤ 1.25 for
-#: P ≥ 2 at N = M = 16.
+#: (n, m, k, lanes) measured by default; the target is ratio ≤ 1.25 for P ≥ 2 at
+#: N = M = 16.
 DEFAULT_CONFIGS = [(16, 16, 2, 1), (16, 16, 2, 2), (16, 16, 2, 4), (16, 16, 2, 8),
                    (32, 32, 2, 8), (32, 32, 2, 16)]
 TARGET_RATIO = 1.25
 
-#: ``hel bench link``: sequence lengths measured by default, and the targets of issue 4.
+#: ``hel bench link``: sequence lengths measured by default, and the link's targets.
 LINK_LENGTHS = (16, 256, 4096)
 TARGET_LINK_EFFICIENCY = 0.90
+#: The phases of one HEL sample, as :func:`hel_fpga.host.learning.hel_sample` names them.
+PHASES = ("LOAD", "FORWARD", "ECHO")
+#: ε that scales ``hel bench link``'s random output gradients into nudges.
+NUDGE_EPS = 0.03
 TARGET_CYCLES_PER_S = 1_000_000
 
 
@@ -49,9 +50,11 @@ def add_arguments(p):
     p.add_argument("--lengths", metavar="T,T,...", default=",".join(map(str, LINK_LENGTHS)),
                    help="link: sequence lengths to measure (default %(default)s); the simulated "
                         "board is built with t_max ≥ the longest")
+    from hel_fpga.host.registry import device_help
     p.add_argument("--device", default="sim-board",
-                   help="link: sim-board (default; time in simulated cycles) or a serial path / "
-                        "pyserial URL (time in wall seconds at the baud rate IDENT reports)")
+                   help="link: " + device_help(default="sim-board", exclude=("sim",))
+                   + "; time in simulated cycles on sim-board, else in wall seconds at the baud "
+                     "rate IDENT reports")
     p.add_argument("--seed", type=int, default=0, help="link: seed of the random data")
 
 
@@ -279,11 +282,13 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
     """Measure LOAD, FORWARD and ECHO over ``dev`` for every sequence length.
 
     ``dev`` is a :class:`hel_fpga.host.link.SerialDevice` whose ``port`` is a
-    :class:`CountingPort`. For each length ``T`` the sample (random parameters,
-    inputs, nudges) runs ``reps`` times (enough for ``min_payload`` bytes per
-    phase, at most ``max_reps``); each phase is timed from just before its
-    request to just after its last reply. The same operations run on the golden
-    model, whose outputs, accumulators and flags must match at every length.
+    :class:`CountingPort`. For each length ``T`` one HEL sample
+    (:func:`hel_fpga.host.learning.hel_sample`: random parameters and inputs,
+    random output gradients in place of a loss) runs ``reps`` times (enough for
+    ``min_payload`` bytes per phase, at most ``max_reps``); each phase is timed
+    from just before its request to just after its last reply. The same samples
+    run on the golden model, whose outputs, accumulators and flags must match at
+    every length.
 
     Time on the line: with ``board`` (a :class:`hel_fpga.sim.board.SimBoard`) each phase
     is bracketed by two reads of the board's cycle counter (:class:`CycleMarks`):
@@ -303,6 +308,7 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
     import numpy as np
 
     from hel_fpga.host.device import GoldenDevice
+    from hel_fpga.host.learning import hel_sample
     from hel_fpga.spec.wire import packed_len
     from hel_fpga.spec.names import PARAM_NAMES
 
@@ -331,47 +337,53 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
             say(f"bench link: T = {t} skipped (the device's t_max is {cfg.t_max})")
             continue
         u = cfg.quantize_inputs(rng.normal(0, 0.5, (t, cfg.k)))
-        nudges = cfg.nudges(rng.normal(0, 0.3, (t, cfg.o)), 0.03)
+        grad = rng.normal(0, 0.3, (t, cfg.o))
+
+        def loss_fn(y_hat):
+            return 0.0, grad
+
         payload = {"LOAD": packed_len(t * cfg.k, cfg.operand_width),
                    "FORWARD": packed_len(t * cfg.o, cfg.state_width),
                    "ECHO": packed_len(t * cfg.o, cfg.state_width)}
         direction = {"LOAD": "tx", "FORWARD": "rx", "ECHO": "tx"}
-        ops = {"LOAD": lambda d: d.load(u), "FORWARD": lambda d: d.forward("centred"),
-               "ECHO": lambda d: d.echo(nudges)}
         reps = max(1, min(max_reps, math.ceil(min_payload / min(payload.values()))))
-        acc = {name: {"wall": 0.0, "tx": 0, "rx": 0, "cycles": 0, "missed": 0} for name in ops}
+        acc = {name: {"wall": 0.0, "tx": 0, "rx": 0, "cycles": 0, "missed": 0} for name in PHASES}
+
+        def timed(name, op):
+            nonlocal first_mark, last_mark
+            a = acc[name]
+            tx0, rx0 = port.tx, port.rx
+            n0 = marks.count() if marks else 0
+            if marks:
+                marks.mark()
+            w0 = time.monotonic()
+            result = op()
+            wall = time.monotonic() - w0
+            if marks:
+                marks.mark()
+            a["wall"] += wall
+            a["tx"] += port.tx - tx0
+            a["rx"] += port.rx - rx0
+            if marks:
+                got = marks.collect(n0, 2)
+                if len(got) == 2:
+                    a["cycles"] += got[1]["cycles"] - got[0]["cycles"]
+                    first_mark = first_mark or got[0]
+                    last_mark = got[1]
+                else:       # should not happen: both marks in one service interval
+                    a["missed"] += 1
+            return result
+
         say(f"bench link: T = {t}, {reps} run(s) of LOAD, FORWARD, ECHO")
         exact = True
         for _ in range(reps):
-            for name, op in ops.items():
-                a = acc[name]
-                tx0, rx0 = port.tx, port.rx
-                n0 = marks.count() if marks else 0
-                if marks:
-                    marks.mark()
-                w0 = time.monotonic()
-                result = op(dev)
-                wall = time.monotonic() - w0
-                if marks:
-                    marks.mark()
-                a["wall"] += wall
-                a["tx"] += port.tx - tx0
-                a["rx"] += port.rx - rx0
-                if marks:
-                    got = marks.collect(n0, 2)
-                    if len(got) == 2:
-                        a["cycles"] += got[1]["cycles"] - got[0]["cycles"]
-                        first_mark = first_mark or got[0]
-                        last_mark = got[1]
-                    else:       # should not happen: both marks in one service interval
-                        a["missed"] += 1
-                gres = op(gold)
-                if name == "FORWARD":
-                    exact = exact and bool(np.array_equal(result, gres))
+            got = hel_sample(dev, u, loss_fn, NUDGE_EPS, "centred", phase=timed)
+            want = hel_sample(gold, u, loss_fn, NUDGE_EPS, "centred")
+            exact = exact and bool(np.array_equal(got.outputs, want.outputs))
         dacc, gacc = dev.read_accumulators(), gold.read_accumulators()
         exact = exact and all(np.array_equal(dacc[k], gacc[k]) for k in PARAM_NAMES)
         exact = exact and dev.status() == gold.status()
-        for name in ops:
+        for name in PHASES:
             a = acc[name]
             pay = payload[name] * reps
             wire = a[direction[name]]
@@ -469,24 +481,27 @@ def run_link(args) -> int:
 
     from hel_fpga.host.device import DeviceError
     from hel_fpga.host.errors import UsageError
-    from hel_fpga.host.link import open_serial_device
+    from hel_fpga.host.link import SerialDevice
+    from hel_fpga.host.registry import open_device, takes_config
 
     lengths = _link_lengths(args.lengths)
 
     def progress(line):
         print(line, file=sys.stderr, flush=True)
 
-    cfg = link_config(lengths) if args.device in ("sim-board", "model") else None
+    cfg = link_config(lengths) if takes_config(args.device) else None
     try:
-        dev = open_serial_device(args.device, cfg, timeout=5.0)
+        dev = open_device(args.device, cfg, timeout=5.0)
     except DeviceError as e:
         raise UsageError(str(e)) from None
-    board = getattr(dev, "_owner", None)
-    board = board if hasattr(board, "stats") else None
+    if not isinstance(dev, SerialDevice):
+        dev.close()
+        raise UsageError(f"--device {args.device} has no serial link to measure")
     try:
         with dev:
             dev.port = CountingPort(dev.port)
-            result = measure_link(dev, lengths, board=board, seed=args.seed, progress=progress)
+            result = measure_link(dev, lengths, board=dev.board, seed=args.seed,
+                                  progress=progress)
     except DeviceError as e:
         raise UsageError(str(e)) from None
     if args.json:

@@ -16,9 +16,7 @@ import importlib
 import json
 import sys
 
-from hel_fpga.host.cli import UsageError
-
-HELP = "build a board's bitstream with the YoWASP (or system) FPGA toolchain; report resources and Fmax"
+from hel_fpga.host.errors import UsageError
 
 
 def add_arguments(p):

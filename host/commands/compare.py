@@ -22,8 +22,6 @@ import numpy as np
 
 from hel_fpga.host.errors import UsageError
 
-HELP = "compare HEL gradients (float RHEL, golden integer model, device) with float BPTT"
-
 
 def add_arguments(p):
     p.add_argument("--problem", metavar="FILE.npz",
@@ -34,8 +32,9 @@ def add_arguments(p):
                    help="two ±ε echoes (O(ε²) bias) or one echo against the forward pass (O(ε))")
     p.add_argument("--config", metavar="FILE.json",
                    help="core configuration (JSON); default: the default format sized to the problem")
+    from hel_fpga.host.registry import device_help
     p.add_argument("--device", default="sim",
-                   help="where the integer path runs: sim (golden model), sim-board, a serial path or URL")
+                   help="where the integer path runs: " + device_help(default="sim"))
     p.add_argument("--save", metavar="OUT.npz", help="write all gradients (bptt_*, rhel_*, golden_*)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
@@ -52,33 +51,22 @@ def norm_ratio(a, ref) -> float:
 
 
 def integer_run(dev, problem, eps, estimator) -> dict:
-    """The hardware flow on one problem: quantise, run, read the raw results.
+    """The hardware flow on one problem: quantise, one HEL sample, read the raw results.
 
     Returns ``outputs`` (the FORWARD outputs, integers, T×O), ``acc`` (the raw
     accumulators by parameter), ``status`` and ``gradients`` (``acc`` scaled
     back to float).
     """
-    from hel_fpga.host.learning import masked_mse
+    from hel_fpga.host.learning import hel_sample, masked_mse, read_batch
     cfg = dev.config
     dev.write_params(cfg.quantize_params(problem.params))
     dev.clear_accumulators()
     dev.clear_flags()
-    loss_fn = masked_mse(problem.y, problem.mask)
-    dev.load(cfg.quantize_inputs(problem.u))
-    outputs = dev.forward(estimator)
-    _, g = loss_fn(cfg.outputs_to_float(outputs))
-    dev.echo(cfg.nudges(g, eps))
-    status = dev.status()
-    acc = dev.read_accumulators()
-    dev.clear_accumulators()
-    grads = cfg.gradients_from_accumulators(acc, eps, centred=(estimator == "centred"))
-    return {"outputs": outputs, "acc": acc, "status": status, "gradients": grads}
-
-
-def integer_gradients(dev, problem, eps, estimator):
-    """The hardware flow on one problem: quantise, run, scale back to float."""
-    r = integer_run(dev, problem, eps, estimator)
-    return r["gradients"], r["status"]
+    sample = hel_sample(dev, cfg.quantize_inputs(problem.u), masked_mse(problem.y, problem.mask),
+                        eps, estimator)
+    batch = read_batch(dev, eps, estimator)
+    return {"outputs": sample.outputs, "acc": batch.acc, "status": batch.status,
+            "gradients": batch.gradients}
 
 
 def bit_exact_diff(got: dict, want: dict) -> list[str]:
@@ -102,8 +90,9 @@ def bit_exact_diff(got: dict, want: dict) -> list[str]:
 
 
 def run(args) -> int:
-    from hel_fpga.host.device import DeviceError, GoldenDevice, open_device
+    from hel_fpga.host.device import DeviceError, GoldenDevice
     from hel_fpga.host.learning import config_for, default_eps
+    from hel_fpga.host.registry import open_device
     from hel_fpga.spec.formats import ConfigError, FormatError, HelConfig
     from hel_fpga.spec.names import PARAM_NAMES
     from hel_fpga.sim import reference

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 
-HELP = "GLEP variants (boundary conditions) vs their exact gradients: HEL as the special case"
-
 
 def add_arguments(p):
     p.add_argument("--json", action="store_true",

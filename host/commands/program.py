@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from hel_fpga.host.cli import UsageError
-
-HELP = "program a board with openFPGALoader (--dry-run prints the command)"
+from hel_fpga.host.errors import UsageError
 
 
 def add_arguments(p):

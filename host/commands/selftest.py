@@ -25,18 +25,16 @@ import time
 
 from hel_fpga.host.errors import UsageError
 
-HELP = "run the device's SELFTEST (forward, flip, echo back to zero) and print pass/fail"
-
 
 def add_arguments(p):
-    p.add_argument("--device", default="sim",
-                   help="sim (golden model), sim-board, a serial path or a pyserial URL (default: sim)")
+    from hel_fpga.host.registry import device_help
+    p.add_argument("--device", default="sim", help=device_help(default="sim"))
     p.add_argument("--steps", type=int, default=1000,
                    help="leapfrog steps each way (default 1000; 1 .. 2^32-1)")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the self-test inputs and of the random parameters (default 1)")
     p.add_argument("--config", metavar="FILE.json",
-                   help="core configuration (JSON): for sim and sim-board the configuration to run "
+                   help="core configuration (JSON): for a named device the configuration to run "
                         "(default: the simulated board's, hel_fpga.sim.board.SIM_CONFIG); for a serial "
                         "device the one it must report")
     p.add_argument("--keep-params", action="store_true",
@@ -67,7 +65,8 @@ def _load_config(path):
 def run(args) -> int:
     import numpy as np
 
-    from hel_fpga.host.device import DeviceError, GoldenDevice, open_device
+    from hel_fpga.host.device import DeviceError, GoldenDevice
+    from hel_fpga.host.registry import open_device, takes_config
     from hel_fpga.spec.formats import FormatError
 
     if not 1 <= args.steps <= 0xFFFFFFFF:
@@ -75,7 +74,7 @@ def run(args) -> int:
     if not 0 <= args.seed <= 0xFFFFFFFF:
         raise UsageError(f"--seed must be in 0 .. 2^32-1, got {args.seed}")
     cfg = _load_config(args.config) if args.config else None
-    if cfg is None and args.device in ("sim", "sim-board", "model"):
+    if cfg is None and takes_config(args.device):
         from hel_fpga.sim.board import SIM_CONFIG
         cfg = SIM_CONFIG
 
@@ -92,12 +91,11 @@ def run(args) -> int:
                 dev.write_params(params)
             else:
                 params = dev.read_params()
-            owner = getattr(dev, "_owner", None)       # a simulated board: cycle counter
-            stats0 = owner.stats() if hasattr(owner, "stats") else None
+            cycles0 = dev.cycles()
             t0 = time.monotonic()
             passed = dev.selftest(args.steps, args.seed)
             seconds = time.monotonic() - t0
-            stats1 = owner.stats() if stats0 is not None else None
+            cycles1 = dev.cycles() if cycles0 is not None else None
             q, w = dev.read_state("fwd")
             state_zero = bool(np.all(q == 0) and np.all(w == 0))
     except FormatError as e:
@@ -111,9 +109,7 @@ def run(args) -> int:
         g.write_params(params)
         golden = g.selftest(args.steps, args.seed)
     ok = passed and state_zero
-    cycles = None
-    if stats0 and stats1:
-        cycles = int(stats1["cycles"] - stats0["cycles"])
+    cycles = None if cycles0 is None or cycles1 is None else cycles1 - cycles0
     result = {"device": args.device, "name": ident.name, "config": cfg.to_dict(),
               "steps": args.steps, "seed": args.seed,
               "params": "device's own" if args.keep_params else f"random (seed {args.seed})",

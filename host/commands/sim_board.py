@@ -13,9 +13,7 @@ SIGTERM, then stops the board and exits 0.
 import signal
 import sys
 
-from hel_fpga.host.cli import UsageError
-
-HELP = "build (if needed) and run the Verilator-simulated board; prints its serial device path first"
+from hel_fpga.host.errors import UsageError
 
 
 class _Stop(Exception):

@@ -11,15 +11,14 @@ import sys
 
 from hel_fpga.host.errors import UsageError
 
-HELP = "train an oscillator network with HEL on a device (or float BPTT/RHEL baselines)"
-
 
 def add_arguments(p):
+    from hel_fpga.host.registry import device_help
+    from hel_fpga.host.train.loop import DEFAULT_DEVICE
     p.add_argument("--task", metavar="NAME|PATH.npz",
                    help="oscillators (default), sine, digits, or a .npz file (u, y[, mask] | labels[, split])")
     p.add_argument("--device", metavar="DEV",
-                   help="where HEL runs: sim (golden model in-process), sim-board (default), a serial "
-                        "path or a pyserial URL")
+                   help="where HEL runs: " + device_help(default=DEFAULT_DEVICE))
     p.add_argument("--algorithm", choices=("hel", "bptt", "rhel-float"),
                    help="hel: integer HEL on the device (default); bptt: exact float BPTT on the CPU; "
                         "rhel-float: float RHEL on the CPU")

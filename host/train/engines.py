@@ -1,13 +1,14 @@
 """The three ways a batch's gradient is obtained: float BPTT, float RHEL, HEL on a device.
 
-Every engine trains the same model (DESIGN.md §1) with the same loss and the
-same batches; only the gradient differs:
+Every engine trains the same model (docs/design.md §1) with the same loss and
+the same batches; only the gradient differs:
 
 * ``bptt`` — exact float64 backpropagation through time (the CPU baseline);
 * ``rhel-float`` — float64 RHEL echoes (what HEL computes, without quantisation);
-* ``hel`` — the hardware flow on a :class:`hel_fpga.host.device.Device`: per sample LOAD,
-  FORWARD, host loss and nudges, ECHO; per batch read and clear the
-  accumulators. Inference (``predict``) is FORWARD only, on the device.
+* ``hel`` — the hardware flow on a :class:`hel_fpga.host.device.Device`: per sample
+  :func:`hel_fpga.host.learning.hel_sample` (LOAD, FORWARD, host loss and nudges,
+  ECHO), per batch :func:`hel_fpga.host.learning.read_batch`. Inference
+  (``predict``) is FORWARD only, on the device.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from hel_fpga.host.device import Device
-from hel_fpga.host.learning import DEFAULT_EPS
+from hel_fpga.host.learning import DEFAULT_EPS, hel_sample, read_batch
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.tasks import Task
 from hel_fpga.spec.formats import HelConfig
@@ -29,9 +30,9 @@ __all__ = ["ALGORITHMS", "BatchResult", "FloatEngine", "DeviceEngine", "default_
 ALGORITHMS = ("hel", "bptt", "rhel-float")
 
 #: ε for a cross-entropy on ŷ_T/τ: its output gradient is up to 1/τ = 10 times
-#: larger than the MSE gradients the DEFAULT_EPS of hel_fpga.host.learning were measured
-#: on, so the same nudge size needs a smaller ε (measured on the digits task:
-#: see docs/train.md).
+#: larger than the MSE gradients the DEFAULT_EPS of hel_fpga.host.learning are
+#: chosen for, so the same nudge size needs a smaller ε (measured on the digits
+#: task: see docs/train.md).
 CLASSIFICATION_EPS = {"centred": 0.03, "one-sided": 0.01}
 
 
@@ -109,32 +110,23 @@ class DeviceEngine:
         self.dev.clear_flags()
 
     def train_batch(self, idx, on_sample: Callable[[int], None] | None = None) -> BatchResult:
-        t, cfg, dev = self.task, self.cfg, self.dev
+        t = self.task
         objs, reports, corrects = [], [], []
         for i in idx:
-            dev.load(self.u_int[i])
-            y_hat = cfg.outputs_to_float(dev.forward(self.estimator))[None]
-            obj, g, report, correct = t.loss(y_hat, np.array([i]))
-            nu = cfg.nudges(g[0], self.eps)
-            if not nu[1:].any():
-                nu = nu[:1]  # a final-step loss is one kick before the echo: send one row, not T
-            dev.echo(nu)
-            objs.append(obj[0])
-            reports.append(report[0])
-            if correct is not None:
-                corrects.append(correct[0])
+            def loss_fn(y_hat, i=i):
+                obj, g, report, correct = t.loss(y_hat[None], np.array([i]))
+                reports.append(report[0])
+                if correct is not None:
+                    corrects.append(correct[0])
+                return obj[0], g[0]
+            objs.append(hel_sample(self.dev, self.u_int[i], loss_fn, self.eps, self.estimator).loss)
             if on_sample:
                 on_sample(1)
-        status = dev.status()
-        acc = dev.read_accumulators()
-        dev.clear_accumulators()
-        overflow = status.state_overflow or status.acc_overflow
-        if overflow:
-            dev.clear_flags()
-        grads = cfg.gradients_from_accumulators(acc, self.eps, centred=(self.estimator == "centred"))
+        batch = read_batch(self.dev, self.eps, self.estimator)
+        overflow = batch.status.state_overflow or batch.status.acc_overflow
         return BatchResult(np.array(objs), np.array(reports),
                            np.array(corrects) if t.classification else None,
-                           {k: v / len(idx) for k, v in grads.items()}, overflow)
+                           {k: v / len(idx) for k, v in batch.gradients.items()}, overflow)
 
     def predict(self, idx) -> np.ndarray:
         out = np.empty((len(idx), self.task.t, self.task.o))

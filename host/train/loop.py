@@ -30,9 +30,10 @@ from typing import Callable
 
 import numpy as np
 
-from hel_fpga.host.device import Device, DeviceError, GoldenDevice, open_device
+from hel_fpga.host.device import Device, DeviceError, GoldenDevice
 from hel_fpga.host.errors import UsageError
 from hel_fpga.host.learning import config_for
+from hel_fpga.host.registry import open_device, takes_config
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
                                    load_checkpoint, save_checkpoint)
@@ -142,12 +143,6 @@ def _check_settings(s: dict, task: Task) -> None:
         raise UsageError(f"--hidden must be ≥ 1, got {s['hidden']}")
 
 
-#: Devices that live in this process and are built from the run's configuration.
-#: Devices built for the run's own configuration: the in-process models, and the
-#: Verilator-simulated board (built and cached per configuration on first use).
-IN_PROCESS_DEVICES = ("sim", "model", "sim-board")
-
-
 def _pad_inputs(task: Task, k: int) -> None:
     """Give the task ``k`` input channels by appending zero channels (a device
     with more inputs than the task: the extra columns of B see u = 0 and stay put)."""
@@ -214,7 +209,7 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
     """Run (or resume) a training run; return the metrics also written to metrics.json.
 
     ``device_factory(spec, cfg)`` opens the device for ``--algorithm hel``
-    (default: :func:`hel_fpga.host.device.open_device`). Raises :class:`UsageError` for
+    (default: :func:`hel_fpga.host.registry.open_device`). Raises :class:`UsageError` for
     bad options or task files and :class:`TrainError` when the device fails
     mid-run (the last checkpoint stays intact).
     """
@@ -265,10 +260,10 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         except TaskError as e:
             raise UsageError(str(e)) from None
         factory = device_factory or open_device
-        # In-process devices and the simulated board take the run's configuration; a
-        # real board has its own, reported by IDENT, and the run adapts to it below.
+        # A named device runs the run's configuration; a board has its own, reported
+        # by IDENT, and the run adapts to it below.
         try:
-            dev = factory(device_spec, cfg if device_spec in IN_PROCESS_DEVICES else None)
+            dev = factory(device_spec, cfg if takes_config(device_spec) else None)
         except Exception as e:  # noqa: BLE001 - any failure to open is reported in one line
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(msg if msg.startswith("cannot open device")
