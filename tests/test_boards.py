@@ -650,16 +650,20 @@ def test_build_standin_icebreaker(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.pnr
 def test_build_timing_failure_exits_nonzero(tmp_path, capsys, monkeypatch):
-    """An unreachable clock: report and bitstream are written, the exit status is 1."""
+    """An unreachable clock: every seed tried, the fastest one's report and bitstream are
+    written, the exit status is 1."""
     fast = dataclasses.replace(BOARDS["icebreaker"], clk_hz=150_000_000)
     monkeypatch.setitem(BOARDS, "icebreaker", fast)
     out = tmp_path / "out"
     rc = hel(["build", "--board", "icebreaker", "--out", str(out), "--design",
-              f"{__name__}:standin", "--quiet", "--no-cache"])
+              f"{__name__}:standin", "--quiet", "--no-cache", "--seeds", "1-2"])
     assert rc == 1
     assert "TIMING NOT MET" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert not report["timing_met"] and report["fmax_mhz"] < 150 and report["target_mhz"] == 150
+    assert [t["seed"] for t in report["seeds"]] == [1, 2]
+    assert report["fmax_mhz"] == max(t["fmax_mhz"] for t in report["seeds"])
+    assert report["seed"] == max(report["seeds"], key=lambda t: t["fmax_mhz"])["seed"]
     assert (out / "top.bin").is_file()
 
 
