@@ -126,19 +126,17 @@ class SerialDevice(Device):
     def ident(self) -> Ident:
         payload = self._request(Command.IDENT)
         try:
-            fields, name = P.unpack_fields(P.IDENT_FIELDS, payload)
+            record = P.unpack_ident(payload)
         except ValueError as e:
             raise DeviceError(f"malformed IDENT reply: {e}") from None
-        if fields["protocol_version"] != P.PROTOCOL_VERSION:
-            raise DeviceError(f"device speaks protocol version {fields['protocol_version']}, "
+        if record.protocol_version != P.PROTOCOL_VERSION:
+            raise DeviceError(f"device speaks protocol version {record.protocol_version}, "
                               f"this host speaks {P.PROTOCOL_VERSION}")
         try:
-            cfg = HelConfig.from_dict({k: v for k, v in fields.items()
-                                       if k not in ("protocol_version", "clock_hz", "baud")})
+            cfg = HelConfig.from_dict(record.config)
         except ConfigError as e:
             raise DeviceError(f"device reports an invalid configuration: {e}") from None
-        return Ident(fields["protocol_version"], cfg, fields["clock_hz"], fields["baud"],
-                     name.decode("ascii", "replace"))
+        return Ident(record.protocol_version, cfg, record.clock_hz, record.baud, record.name)
 
     def write_params(self, params) -> None:
         cfg, shapes = self.config, self.config.param_shapes()

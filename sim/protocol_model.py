@@ -7,7 +7,7 @@ in through :meth:`ProtocolModel.feed`, the reply bytes come out. Inside it runs
   decision for decision (on-the-fly COBS, decoded length counter saturating at
   ``MAX_BODY_LEN + 1``, best-effort ``seq`` = the second decoded byte, verdict
   precedence BAD_LENGTH > BAD_CRC, empty frames ignored), and
-* the command unit of :mod:`hel_fpga.spec.protocol` ("Command layer") around a
+* the command unit of ``docs/protocol.md`` (rules: :mod:`hel_fpga.spec.protocol`) around a
   :class:`hel_fpga.sim.golden.GoldenCore`.
 
 It is the byte-for-byte reference for the gateware's command unit and a fast
@@ -40,16 +40,6 @@ from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 from hel_fpga.sim.golden import GoldenCore, StateError
 
 __all__ = ["ProtocolModel", "ModelPort", "PtyServer", "StreamDecoder"]
-
-#: Exact request payload length of each command (DATA: at least the index).
-REQUEST_LEN = {
-    Command.IDENT: 0, Command.STATUS: 0, Command.CLEAR_FLAGS: 0, Command.RESET: 0,
-    Command.WRITE_PARAMS: 1, Command.READ_PARAMS: 1, Command.LOAD: 4, Command.FORWARD: 1,
-    Command.ECHO: 4, Command.READ_ACC: 0, Command.CLEAR_ACC: 0, Command.READ_STATE: 1,
-    Command.SELFTEST: 8,
-}
-#: Commands accepted while a transfer is open.
-DURING_TRANSFER = frozenset({Command.DATA, Command.STATUS, Command.IDENT, Command.RESET})
 
 
 class _Reject(Exception):
@@ -119,8 +109,7 @@ class ProtocolModel:
     def __init__(self, cfg: HelConfig, *, clock_hz: int = 0, baud: int = 0,
                  name: str = "protocol model"):
         self.cfg = cfg
-        self.clock_hz, self.baud = clock_hz, baud
-        self.name = name.encode("ascii")[:P.IDENT_NAME_MAX]
+        self.ident = P.pack_ident(cfg, clock_hz, baud, name)      # the IDENT reply payload
         self.decoder = StreamDecoder()
         self.frames_in = 0
         self.errors_out = 0
@@ -165,9 +154,13 @@ class ProtocolModel:
     def _reply(self, cmd: int, seq: int, payload: bytes = b"") -> bytes:
         return encode_frame(cmd | P.REPLY_BIT, seq, payload)
 
-    def _data_replies(self, cmd: int, seq: int, words, width: int) -> bytes:
+    def _width(self, cmd: Command) -> int:
+        """The width of the words ``cmd`` moves (:data:`hel_fpga.spec.protocol.WORD_WIDTH`)."""
+        return getattr(self.cfg, P.WORD_WIDTH[cmd])
+
+    def _data_replies(self, cmd: Command, seq: int, words) -> bytes:
         return b"".join(self._reply(cmd, seq, i.to_bytes(2, "little") + chunk)
-                        for i, chunk in enumerate(split_chunks(words, width)))
+                        for i, chunk in enumerate(split_chunks(words, self._width(cmd))))
 
     # ---- the command unit ------------------------------------------------------------------
     def handle(self, cmd: int, seq: int, payload: bytes) -> bytes:
@@ -193,23 +186,19 @@ class ProtocolModel:
             cmd = Command(cmd)
         except ValueError:
             raise _Reject(ErrorCode.UNKNOWN_COMMAND) from None
-        if self.xfer is not None and cmd not in DURING_TRANSFER:
+        if self.xfer is not None and cmd not in P.DURING_TRANSFER:
             if duplicate and cmd == self.xfer["cmd"] and self.xfer["next"] == 0:
                 return self._reply(cmd, seq)        # retransmitted opening: ack again
             raise _Reject(ErrorCode.BUSY)
-        if cmd == Command.DATA:
-            if len(payload) < P.CHUNK_HEADER_LEN:
-                raise _Reject(ErrorCode.OUT_OF_RANGE)
-            return self._data(seq, payload)
-        if len(payload) != REQUEST_LEN[cmd]:
+        if not P.request_len_ok(cmd, len(payload)):
             raise _Reject(ErrorCode.OUT_OF_RANGE)
+        if cmd == Command.DATA:
+            return self._data(seq, payload)
         u8 = payload[0] if payload else 0
         u32 = int.from_bytes(payload[:4], "little")
 
         if cmd == Command.IDENT:
-            values = {"protocol_version": P.PROTOCOL_VERSION, **c.to_dict(),
-                      "clock_hz": self.clock_hz, "baud": self.baud}
-            return self._reply(cmd, seq, P.pack_fields(P.IDENT_FIELDS, values) + self.name)
+            return self._reply(cmd, seq, self.ident)
         if cmd == Command.STATUS:
             return self._reply(cmd, seq, P.pack_fields(P.STATUS_LAYOUT, self.status_fields()))
         if cmd == Command.CLEAR_FLAGS:
@@ -224,17 +213,17 @@ class ProtocolModel:
         if cmd == Command.READ_ACC:
             acc = self.core.read_accumulators()
             words = np.concatenate([acc[k].ravel() for k in PARAM_NAMES])
-            return self._data_replies(cmd, seq, words, c.acc_width)
+            return self._data_replies(cmd, seq, words)
         if cmd == Command.READ_PARAMS:
             names = self._mask(u8)
             params = self.core.read_params()
             words = np.concatenate([params[k].ravel() for k in names])
-            return self._data_replies(cmd, seq, words, c.operand_width)
+            return self._data_replies(cmd, seq, words)
         if cmd == Command.READ_STATE:
             if u8 >= len(BANKS):
                 raise _Reject(ErrorCode.OUT_OF_RANGE)
             bank = self.core.read_state(BANKS[u8])
-            return self._data_replies(cmd, seq, np.concatenate([bank.q, bank.w]), c.state_width)
+            return self._data_replies(cmd, seq, np.concatenate([bank.q, bank.w]))
         if cmd == Command.SELFTEST:
             steps, seed = u32, int.from_bytes(payload[4:8], "little")
             if steps < 1:
@@ -253,16 +242,16 @@ class ProtocolModel:
                 self.core.acc, self.core.acc_overflow = acc, flag
             else:
                 y = self.core.forward(estimator)
-            return self._data_replies(cmd, seq, y.ravel(), c.state_width)
+            return self._data_replies(cmd, seq, y.ravel())
         if cmd == Command.WRITE_PARAMS:
             names = self._mask(u8)
             shapes = c.param_shapes()
             total = sum(int(np.prod(shapes[k])) for k in names)
-            return self._open(cmd, seq, total, c.operand_width, names=names)
+            return self._open(cmd, seq, total, names=names)
         if cmd == Command.LOAD:
             if not 1 <= u32 <= c.t_max:
                 raise _Reject(ErrorCode.OUT_OF_RANGE)
-            reply = self._open(cmd, seq, u32 * c.k, c.operand_width, t=u32)
+            reply = self._open(cmd, seq, u32 * c.k, t=u32)
             # An accepted LOAD invalidates the loaded sequence (and any FORWARD).
             self.core.inputs = np.zeros((0, c.k), dtype=np.int64)
             self.core._forwarded = None  # noqa: SLF001
@@ -272,7 +261,7 @@ class ProtocolModel:
                 raise _Reject(ErrorCode.WRONG_STATE)
             if u32 not in (1, self.loaded):
                 raise _Reject(ErrorCode.OUT_OF_RANGE)
-            return self._open(cmd, seq, u32 * c.o, c.state_width, rows=u32)
+            return self._open(cmd, seq, u32 * c.o, rows=u32)
         raise AssertionError(cmd)  # pragma: no cover
 
     def _mask(self, mask: int) -> list[str]:
@@ -299,10 +288,12 @@ class ProtocolModel:
                 "t_loaded": self.loaded}
 
     # ---- transfers ---------------------------------------------------------------------------
-    def _open(self, cmd: Command, seq: int, total: int, width: int, **info) -> bytes:
-        chunks = P.chunk_count(total, width)
-        if chunks > P.MAX_CHUNKS:
-            raise _Reject(ErrorCode.OUT_OF_RANGE)
+    def _open(self, cmd: Command, seq: int, total: int, **info) -> bytes:
+        width = self._width(cmd)
+        try:
+            chunks = P.block_chunks(total, width)
+        except ValueError:
+            raise _Reject(ErrorCode.OUT_OF_RANGE) from None
         self.xfer = {"cmd": cmd, "total": total, "width": width, "chunks": chunks,
                      "next": 0, "data": [], **info}
         self.xfer_cmd, self.xfer_done = int(cmd), 0

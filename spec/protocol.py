@@ -74,6 +74,10 @@ from __future__ import annotations
 
 import enum
 import zlib
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from hel_fpga.spec.formats import HelConfig
 
 __all__ = [
     "DELIMITER", "HEADER_LEN", "CRC_LEN", "MAX_PAYLOAD", "MIN_BODY_LEN", "MAX_BODY_LEN",
@@ -82,9 +86,12 @@ __all__ = [
     "crc32", "cobs_max_encoded_len", "wire_len",
     "ErrorCode", "FrameError",
     "PROTOCOL_VERSION", "REPLY_BIT", "ERROR_REPLY", "Command", "ERROR_LAYOUT", "IDENT_FIELDS",
-    "IDENT_NAME_MAX", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL", 
+    "IDENT_NAME_MAX", "IDENT_LINK_FIELDS", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL",
     "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "MAX_CHUNKS", "IDEMPOTENT",
-    "chunk_words", "chunk_count", "chunk_bytes", "pack_fields", "unpack_fields",
+    "REQUEST_LEN", "request_len_ok", "DURING_TRANSFER", "WORD_WIDTH", "OPENS_TRANSFER",
+    "DATA_REPLIES", "MAX_WORD_WIDTH", "check_word_width", "packed_len",
+    "chunk_words", "chunk_count", "block_chunks", "chunk_bytes", "pack_fields", "unpack_fields",
+    "IdentRecord", "pack_ident", "unpack_ident",
 ]
 
 
@@ -153,13 +160,10 @@ def crc32(data: bytes) -> int:
 # ---------------------------------------------------------------------------
 # Command codes
 # ---------------------------------------------------------------------------
-# >>> COMMAND CODES (issue 4) <<<
-#
-# The command layer is documented in full in docs/protocol.md and in the
-# "Command layer" section at the end of this module. In short: the host sends
-# a request frame ``cmd, seq``; the device answers every good frame with
-# replies of ``cmd | REPLY_BIT`` and the same ``seq``, or with one ERROR frame
-# (``cmd = ERROR_REPLY``). Bad frames are answered with ERROR frames too.
+# The command layer is documented in full in docs/protocol.md. In short: the
+# host sends a request frame ``cmd, seq``; the device answers every good frame
+# with replies of ``cmd | REPLY_BIT`` and the same ``seq``, or with one ERROR
+# frame (``cmd = ERROR_REPLY``). Bad frames are answered with ERROR frames too.
 
 #: Version of the command layer below; IDENT reports it. Bump on any change.
 PROTOCOL_VERSION = 1
@@ -204,8 +208,6 @@ class Command(enum.IntEnum):
     DATA = 0x20
 
 
-# >>> end of command codes <<<
-
 
 # ---------------------------------------------------------------------------
 # Error codes
@@ -228,7 +230,7 @@ class ErrorCode(enum.IntEnum):
     #: (the host sent faster than the command unit consumed).
     OVERRUN = 0x03
 
-    # >>> COMMAND-UNIT ERROR CODES (0x10 and up, issue 4) <<<
+    # --- command unit ---
     #: The cmd byte is not a :class:`Command` (replies' codes included).
     UNKNOWN_COMMAND = 0x10
     #: Not allowed in the current state (GoldenCore's StateError: FORWARD with
@@ -245,7 +247,6 @@ class ErrorCode(enum.IntEnum):
     #: A DATA chunk whose index is ahead of the next expected one (an earlier
     #: chunk was lost); the error's ``arg`` is the index the device expects.
     SEQUENCE = 0x14
-    # >>> end of command-unit error codes <<<
 
 
 class FrameError(Exception):
@@ -265,112 +266,13 @@ class FrameError(Exception):
         super().__init__(f"{self.code.name}: {reason}")
 
 
-# ---------------------------------------------------------------------------
-# Command layer (issue 4). Full prose with an example exchange: docs/protocol.md
-# ---------------------------------------------------------------------------
-
-COMMAND_LAYER_DOC = """
-Command layer
--------------
-Every multi-byte integer is little-endian and unsigned unless a table says
-otherwise. Request → reply:
-
-==============  ====  ==========================  ==========================================
-command         cmd   request payload             reply (cmd | 0x80, same seq)
-==============  ====  ==========================  ==========================================
-IDENT           0x01  —                           IDENT_FIELDS ‖ name (ASCII, ≤ 32 bytes)
-STATUS          0x02  —                           STATUS_LAYOUT (8 bytes)
-CLEAR_FLAGS     0x03  —                           —
-RESET           0x04  —                           —
-WRITE_PARAMS    0x10  mask:u8                     — (transfer open), DATA chunks follow
-READ_PARAMS     0x11  mask:u8                     data replies (operand words)
-LOAD            0x12  T:u32                       — (transfer open), DATA chunks follow
-FORWARD         0x13  estimator:u8                data replies (T·O state words)
-ECHO            0x14  rows:u32                    — (transfer open), DATA chunks follow
-READ_ACC        0x15  —                           data replies (acc words)
-CLEAR_ACC       0x16  —                           —
-READ_STATE      0x17  bank:u8                     data replies (2·N state words: Q, Wv)
-SELFTEST        0x18  steps:u32 ‖ seed:u32        result:u8 (1 = pass)
-DATA            0x20  index:u16 ‖ packed words    next:u16 (ack)
-(error)         0xFF  —                           ERROR_LAYOUT: code:u8 cmd:u8 arg:u16
-==============  ====  ==========================  ==========================================
-
-Words on the wire: bit-packed
-    A block of words of one width ``w`` (operand_width for parameters and
-    inputs, state_width for outputs, nudges and state, acc_width for
-    accumulators) is packed LSB first into a bit stream: word ``i`` occupies
-    stream bits ``i·w .. i·w + w − 1``, stream bit ``j`` is bit ``j mod 8`` of
-    byte ``j div 8``; the last byte is padded with zero bits (ignored by the
-    receiver). Words are two's complement; the receiver sign-extends bit
-    ``w − 1``. A value outside the format therefore cannot be sent at all.
-    Why: byte-aligned words would cost 36/40 = 90 % for 36-bit state words
-    before framing (89 % after) and 18/24 = 75 % for ECP5's 18-bit operands;
-    bit-packing keeps every stream at ≈ 98.6 % for every width. The hardware
-    cost is one shift register of ``w + 7`` bits per direction (shift in a byte,
-    take ``w`` bits out while ≥ w are held), the same for every width.
-    Reference implementation (host and model): :mod:`hel_fpga.spec.wire`.
-
-Chunks
-    A block longer than one frame is cut into chunks of :func:`chunk_words`
-    words (a multiple of 8 words, so every chunk but the last is a whole number
-    of bytes, at most :data:`CHUNK_DATA_MAX` bytes); each chunk travels in its own
-    frame as ``index:u16 ‖ packed words`` and the bit packing restarts at every
-    chunk. Chunk ``i`` holds words ``i·c .. min((i+1)·c, total) − 1``.
-    Device → host blocks (READ_*, FORWARD) are *data replies*: frames with the
-    request's cmd | 0x80 and seq, indices 0, 1, … in order; the host knows the
-    total from the configuration (and T). Host → device blocks (WRITE_PARAMS,
-    LOAD, ECHO) are *transfers*: the command frame opens the transfer (empty
-    reply = accepted), then DATA frames carry the chunks.
-
-Flow control of transfers (go-back-N, window 2)
-    The device acks a DATA chunk (reply DATA | 0x80, payload ``next:u16``, the
-    index it expects next) once it has consumed the chunk's bytes from its
-    receive ring; the ack of the last chunk is sent when the whole operation
-    has finished (the last echo step accumulated, the sequence stored). The
-    host keeps at most :data:`WINDOW` = 2 chunks un-acked. Since an acked chunk
-    has left the ring, the ring holds at most one unread chunk (≤ 2 + 1018
-    bytes) plus the one arriving (≤ 1024 bytes with CRC): 2044 ≤ 2048, so a
-    2 KiB ring never overruns however slow the core, and the core never
-    starves while the UART is the bottleneck (the next chunk is already in the
-    ring when the current one is finished).
-    A chunk with ``index < next`` is a retransmission: acked again, not applied.
-    ``index > next``: ERROR SEQUENCE with ``arg = next`` (no state change).
-    The host goes back to the first un-acked chunk after an error reply or a
-    timeout; if it gets no ack at all it asks STATUS (``xfer_cmd``,
-    ``xfer_done``) to learn what the device has applied. While a transfer is
-    open only DATA, STATUS, IDENT and RESET are accepted (others: BUSY); RESET
-    is the only way to abort one (it resets everything, so an aborted transfer
-    leaves no half-written state behind).
-
-Errors
-    Any frame the device cannot act on gets exactly one ERROR reply (cmd 0xFF)
-    with the offending frame's seq (for link errors: the second decoded byte,
-    0 if none — best effort, the frame is corrupt), ``code`` an
-    :class:`ErrorCode`, ``cmd`` the offending cmd (0 for link errors) and
-    ``arg`` (SEQUENCE: the expected index; otherwise 0). A rejected frame
-    changes nothing. Checks in order: UNKNOWN_COMMAND; BUSY; request payload
-    length (OUT_OF_RANGE); WRONG_STATE; field ranges (OUT_OF_RANGE).
-
-Retries (seq)
-    The host uses a new seq (+1 mod 256) for each new request and the *same*
-    seq when it retransmits one. Idempotent commands (:data:`IDEMPOTENT`) may
-    simply be repeated. A request whose cmd and seq equal those of the
-    previous good frame, which was executed without error, is a
-    *retransmission*: FORWARD re-runs the pass and streams the same outputs
-    again but does not accumulate (a one-sided FORWARD's −G(0) is applied
-    once); a transfer-opening command whose transfer is open with no chunk
-    applied yet is acked again without reopening. Everything else executes
-    normally (its effect does not depend on repetition).
-"""
-
 #: ERROR reply payload: (field, bytes), little-endian.
 ERROR_LAYOUT = (("code", 1), ("cmd", 1), ("arg", 2))
 
 #: IDENT reply payload: (field, bytes), little-endian unsigned; followed by the
 #: board name in ASCII (0..IDENT_NAME_MAX bytes, the rest of the payload). The
-#: HelConfig fields appear under their HelConfig names (hel_fpga.spec.formats), so a
-#: gateware ROM is ``pack_fields(IDENT_FIELDS, {protocol_version, **cfg.to_dict(),
-#: clock_hz, baud}) + name``.
+#: HelConfig fields appear under their HelConfig names (hel_fpga.spec.formats);
+#: :func:`pack_ident` and :func:`unpack_ident` build and read the whole payload.
 IDENT_FIELDS = (
     ("protocol_version", 1),
     ("n", 2), ("m", 2), ("k", 2), ("o", 2),
@@ -386,6 +288,8 @@ IDENT_FIELDS = (
     ("baud", 4),
 )
 IDENT_NAME_MAX = 32
+#: The IDENT fields that describe the device and link rather than the HelConfig.
+IDENT_LINK_FIELDS = ("protocol_version", "clock_hz", "baud")
 
 #: STATUS reply payload.
 STATUS_LAYOUT = (("flags", 1), ("xfer_cmd", 1), ("xfer_done", 2), ("t_loaded", 4))
@@ -430,11 +334,71 @@ IDEMPOTENT = frozenset({Command.IDENT, Command.STATUS, Command.READ_PARAMS, Comm
                         Command.READ_STATE, Command.CLEAR_FLAGS, Command.CLEAR_ACC,
                         Command.SELFTEST, Command.RESET})
 
+# ---------------------------------------------------------------------------
+# Command rules: the tables the device (gateware and model) checks requests
+# against and the host builds them from.
+# ---------------------------------------------------------------------------
+
+#: Request payload length of each command, in bytes: exact, except for DATA, whose
+#: payload is at least its chunk index (the packed words follow).
+REQUEST_LEN = {
+    Command.IDENT: 0, Command.STATUS: 0, Command.CLEAR_FLAGS: 0, Command.RESET: 0,
+    Command.WRITE_PARAMS: 1, Command.READ_PARAMS: 1, Command.LOAD: 4, Command.FORWARD: 1,
+    Command.ECHO: 4, Command.READ_ACC: 0, Command.CLEAR_ACC: 0, Command.READ_STATE: 1,
+    Command.SELFTEST: 8, Command.DATA: CHUNK_HEADER_LEN,
+}
+
+
+def request_len_ok(cmd: Command, payload_len: int) -> bool:
+    """Whether a ``cmd`` request may carry ``payload_len`` payload bytes (:data:`REQUEST_LEN`)."""
+    if cmd == Command.DATA:
+        return payload_len >= REQUEST_LEN[cmd]
+    return payload_len == REQUEST_LEN[cmd]
+
+
+#: Commands accepted while a transfer is open (any other gets BUSY, except the
+#: retransmission of the opening request while no chunk has been applied).
+DURING_TRANSFER = frozenset({Command.DATA, Command.STATUS, Command.IDENT, Command.RESET})
+
+#: The width of the words a command moves, as the HelConfig field that holds it:
+#: the transfer-opening commands' (their DATA chunks) and the data replies'.
+WORD_WIDTH = {
+    Command.WRITE_PARAMS: "operand_width", Command.LOAD: "operand_width",
+    Command.ECHO: "state_width",
+    Command.READ_PARAMS: "operand_width", Command.FORWARD: "state_width",
+    Command.READ_ACC: "acc_width", Command.READ_STATE: "state_width",
+}
+
+#: Commands that open a transfer (host → device words, in DATA chunks).
+OPENS_TRANSFER = (Command.WRITE_PARAMS, Command.LOAD, Command.ECHO)
+
+#: Commands answered with data replies (device → host words).
+DATA_REPLIES = (Command.READ_PARAMS, Command.FORWARD, Command.READ_ACC, Command.READ_STATE)
+
+assert set(WORD_WIDTH) == set(OPENS_TRANSFER) | set(DATA_REPLIES)
+
+# ---------------------------------------------------------------------------
+# Words and chunks
+# ---------------------------------------------------------------------------
+
+#: Widest word the packing carries (words travel as two's complement in an int64).
+MAX_WORD_WIDTH = 64
+
+
+def check_word_width(width: int) -> None:
+    """Raise ``ValueError`` unless ``width`` is a word width the packing carries (1..64)."""
+    if not 1 <= width <= MAX_WORD_WIDTH:
+        raise ValueError(f"word width must be in 1..{MAX_WORD_WIDTH}, got {width}")
+
+
+def packed_len(count: int, width: int) -> int:
+    """Bytes of ``count`` packed words of ``width`` bits (the last byte zero-padded)."""
+    return -(-count * width // 8)
+
 
 def chunk_words(width: int) -> int:
     """Words of ``width`` bits per full chunk: the largest multiple of 8 in CHUNK_DATA_MAX."""
-    if not 1 <= width <= 64:
-        raise ValueError(f"word width must be in 1..64, got {width}")
+    check_word_width(width)
     return 8 * (CHUNK_DATA_MAX // width)
 
 
@@ -443,13 +407,22 @@ def chunk_count(total_words: int, width: int) -> int:
     return max(1, -(-total_words // chunk_words(width)))
 
 
+def block_chunks(total_words: int, width: int) -> int:
+    """:func:`chunk_count`, raising ``ValueError`` if the block needs more than MAX_CHUNKS."""
+    n = chunk_count(total_words, width)
+    if n > MAX_CHUNKS:
+        raise ValueError(f"a block of {total_words} {width}-bit words needs {n} chunks, "
+                         f"more than the protocol's {MAX_CHUNKS}")
+    return n
+
+
 def chunk_bytes(total_words: int, width: int, index: int) -> int:
     """Packed bytes of chunk ``index`` (its payload is 2 bytes longer)."""
     c = chunk_words(width)
     n = min(c, total_words - index * c)
     if n < 0:
         raise ValueError(f"chunk {index} is beyond {total_words} words")
-    return -(-n * width // 8)
+    return packed_len(n, width)
 
 
 def pack_fields(layout, values) -> bytes:
@@ -473,3 +446,34 @@ def unpack_fields(layout, payload: bytes) -> tuple[dict[str, int], bytes]:
         out[name] = int.from_bytes(payload[pos:pos + size], "little")
         pos += size
     return out, bytes(payload[pos:])
+
+
+class IdentRecord(NamedTuple):
+    """An IDENT reply payload, read by :func:`unpack_ident`."""
+
+    protocol_version: int
+    #: The HelConfig fields, by name (``HelConfig.from_dict`` validates them).
+    config: dict[str, int]
+    clock_hz: int
+    baud: int
+    name: str
+
+
+def pack_ident(cfg: HelConfig, clock_hz: int, baud: int, name: str) -> bytes:
+    """The IDENT reply payload: :data:`IDENT_FIELDS` of this protocol version and ``cfg``,
+    then ``name`` in ASCII, truncated to :data:`IDENT_NAME_MAX` bytes."""
+    values = {"protocol_version": PROTOCOL_VERSION, **cfg.to_dict(),
+              "clock_hz": clock_hz, "baud": baud}
+    return pack_fields(IDENT_FIELDS, values) + name.encode("ascii")[:IDENT_NAME_MAX]
+
+
+def unpack_ident(payload: bytes) -> IdentRecord:
+    """Inverse of :func:`pack_ident`; ``ValueError`` if ``payload`` is too short.
+
+    A name byte outside ASCII reads as U+FFFD; the protocol version is returned as
+    sent (the caller decides whether it speaks it).
+    """
+    fields, name = unpack_fields(IDENT_FIELDS, payload)
+    config = {k: v for k, v in fields.items() if k not in IDENT_LINK_FIELDS}
+    return IdentRecord(fields["protocol_version"], config, fields["clock_hz"], fields["baud"],
+                       name.decode("ascii", "replace"))

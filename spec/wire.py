@@ -18,19 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hel_fpga.spec.protocol import MAX_CHUNKS, chunk_bytes, chunk_count, chunk_words
+from hel_fpga.spec.protocol import (block_chunks, check_word_width, chunk_bytes, chunk_words,
+                                    packed_len)
 
-__all__ = ["pack_words", "unpack_words", "packed_len", "split_chunks", "join_chunks", "check_width"]
-
-
-def check_width(width: int) -> None:
-    if not 1 <= width <= 64:
-        raise ValueError(f"word width must be in 1..64, got {width}")
-
-
-def packed_len(count: int, width: int) -> int:
-    """Bytes of ``count`` packed words of ``width`` bits."""
-    return -(-count * width // 8)
+__all__ = ["pack_words", "unpack_words", "packed_len", "split_chunks", "join_chunks"]
 
 
 def pack_words(values, width: int) -> bytes:
@@ -38,7 +29,7 @@ def pack_words(values, width: int) -> bytes:
 
     Raises ``ValueError`` if a value does not fit ``width`` signed bits.
     """
-    check_width(width)
+    check_word_width(width)
     v = np.asarray(values, dtype=np.int64).ravel()
     if v.size == 0:
         return b""
@@ -55,7 +46,7 @@ def unpack_words(data: bytes, width: int, count: int) -> np.ndarray:
 
     Raises ``ValueError`` if ``data`` is shorter than ``packed_len(count, width)``.
     """
-    check_width(width)
+    check_word_width(width)
     need = packed_len(count, width)
     if len(data) < need:
         raise ValueError(f"{len(data)} bytes hold fewer than {count} words of {width} bits")
@@ -71,9 +62,7 @@ def unpack_words(data: bytes, width: int, count: int) -> np.ndarray:
 def split_chunks(values, width: int) -> list[bytes]:
     """Pack a block of words into its chunks' packed bytes (index header not included)."""
     v = np.asarray(values, dtype=np.int64).ravel()
-    n = chunk_count(v.size, width)
-    if n > MAX_CHUNKS:
-        raise ValueError(f"{v.size} words need {n} chunks, more than {MAX_CHUNKS}")
+    n = block_chunks(v.size, width)
     c = chunk_words(width)
     return [pack_words(v[i * c:(i + 1) * c], width) for i in range(n)]
 

@@ -9,6 +9,8 @@ equal the model's exactly.
 """
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +20,12 @@ from amaranth.sim import Simulator
 from hel_fpga.spec.framing import FrameReader, encode_frame
 from hel_fpga.spec.wire import pack_words, split_chunks
 from hel_fpga.spec import protocol as P
-from hel_fpga.rtl.command import REQUEST_LEN, DataReplier, WordUnpacker, ident_payload
+from hel_fpga.rtl.command import DataReplier, WordUnpacker
 from hel_fpga.spec.formats import ICE40_OPERAND, HelConfig
 from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.rtl.framing import BYTE_CYCLES
 from hel_fpga.spec.protocol import Command
 from hel_fpga.rtl.top import Device, Top
-from hel_fpga.sim import protocol_model
 from hel_fpga.sim.protocol_model import ProtocolModel
 
 CLK_HZ, BAUD, NAME = 12_000_000, 3_000_000, "test-board"
@@ -280,11 +281,19 @@ def test_word_unpacker_inverts_host_packing_and_takes_only_its_bytes(widths):
     sim.run()
 
 
-def test_request_lengths_match_the_model():
-    assert {c: n for c, n in REQUEST_LEN.items() if c != Command.DATA} == \
-        {c: n for c, n in protocol_model.REQUEST_LEN.items()}
-    assert protocol_model.DURING_TRANSFER == {Command.DATA, Command.STATUS, Command.IDENT,
-                                              Command.RESET}
+def test_request_lengths_and_transfer_rule_are_the_documented_ones():
+    """The spec tables the gateware and the model elaborate from, against docs/protocol.md."""
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    documented = {}
+    for name, code, request in re.findall(r"^\| (\w+) \| (0x[0-9A-F]{2}) \| ([^|]+) \|", doc, re.M):
+        assert Command[name] == int(code, 16)
+        documented[Command[name]] = sum(int(b) // 8 for b in re.findall(r":u(\d+)", request))
+    assert documented == P.REQUEST_LEN
+    rule = re.search(r"While\s+a\s+transfer\s+is\s+open,\s+the\s+device\s+accepts\s+only\s+"
+                     r"([A-Z_,\s]+?)\s+and\s+(\w+)\.", doc)
+    assert rule is not None
+    allowed = {Command[n] for n in re.split(r",\s*", rule.group(1)) + [rule.group(2)]}
+    assert allowed == P.DURING_TRANSFER
 
 
 # --- the device against the model ----------------------------------------------------------------
@@ -298,7 +307,7 @@ def test_ident_status_and_the_documented_example_replies():
     s.raw("empty frames", b"\x00\x00\x00")
     s.req(Command.IDENT, seq=0)
     check(s)
-    assert ident_payload(SMALL, CLK_HZ, BAUD, NAME)[0] == P.PROTOCOL_VERSION
+    assert P.pack_ident(SMALL, CLK_HZ, BAUD, NAME)[0] == P.PROTOCOL_VERSION
 
 
 def test_parameters_round_trip_in_both_widths():
@@ -380,7 +389,7 @@ def test_every_error_reply_and_no_state_change():
     for c in (0x00, 0x05, 0x19, 0x21, 0x80, 0x93, 0xFF):
         s.req(c, b"\x01\x02")
     # wrong payload lengths
-    for c, n in REQUEST_LEN.items():
+    for c, n in P.REQUEST_LEN.items():
         if c not in (Command.DATA, Command.RESET):
             s.req(c, bytes(n + 1))
             if n:
