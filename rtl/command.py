@@ -1,7 +1,7 @@
 """The command unit: good frames in, replies out, the HEL core's operations in between.
 
-:class:`CommandUnit` is the device side of the command layer of :mod:`hel_fpga.spec.protocol`
-(prose: ``docs/protocol.md``). Its byte-for-byte reference is
+:class:`CommandUnit` is the device side of the command layer (``docs/protocol.md``; its
+constants and tables: :mod:`hel_fpga.spec.protocol`). Its byte-for-byte reference is
 :class:`hel_fpga.sim.protocol_model.ProtocolModel`: for the same request bytes the gateware
 sends the same reply bytes (``tests/test_command.py`` checks this).
 
@@ -26,12 +26,12 @@ Design decisions
   state, field values) on those registers, registers the verdict (state
   ``VERDICT``) and only then acts on it (``CHECK``). The extra cycle per frame
   keeps the checks' priority chain and the DATA chunk-length arithmetic out of
-  the path into the core's command handshake, which was the ECP5 boards'
-  critical path (18 ns, 55.5 MHz on the 25F) when CHECK acted on them directly. A
-  rejected frame is drained (its remaining bytes read and dropped) and answered
-  with an ERROR; nothing else changes. The decoder's ``length`` field gives the
-  payload length at the first byte, so a DATA chunk of the wrong length is
-  rejected before any of its words reaches the core.
+  the path into the core's command handshake, which would otherwise be the
+  longest path of the ECP5 builds. A rejected frame is drained (its remaining
+  bytes read and dropped) and answered with an ERROR; nothing else changes.
+  The decoder's ``length`` field gives the payload length at the first byte, so
+  a DATA chunk of the wrong length is rejected before any of its words reaches
+  the core.
 * **Reports in wire order.** :class:`hel_fpga.rtl.framing.FrameDecoder` queues bad-frame
   reports behind the frames before them, and the unit takes a report only
   between frames, so replies leave in the order the model sends them.
@@ -67,6 +67,14 @@ Design decisions
   runs again with the core's ``no_acc`` bit (same outputs, nothing
   accumulated, one-sided mode kept); a duplicate transfer-opening command whose
   transfer is open with no chunk applied is acked again.
+* **Small.** The IDENT reply is a ROM in a block RAM (registered read); counters
+  are as wide as the configuration's chunk counts, not the wire's u16; the
+  replier's word input is multiplexed only over the bits each stream has and
+  reads the unit's frame registers instead of copies; the unpacker takes bits
+  straight from its input stream and leaves words at bit 0 (no output
+  multiplexer per width); a frame's body length is kept as the decoder gives it
+  (the chunk-length check folds the header into its rounding). The unit needs
+  no multiplier. Measured sizes: ``docs/boards.md``.
 
 Timing differences from the model (allowed by the protocol): the model never
 overruns and updates STATUS's overflow bits of an ECHO at its end, the gateware
@@ -75,56 +83,65 @@ sent out of order (see :class:`hel_fpga.rtl.framing.FrameDecoder`). While the co
 FORWARD, SELFTEST, a read-out or a transfer's last chunk, the unit reads no
 further frame (frames wait in the receive ring), so a SELFTEST of very many
 steps keeps the device deaf until it ends; the model answers at once.
-
-Resources (the iCEBreaker's configuration of ``boards/table.py``, ``synth_ice40
--dsp -noflatten``): about 960 LUT4 (control 730, :class:`DataReplier` 170,
-:class:`WordUnpacker` 55), 340 flip-flops, one block RAM (the IDENT ROM), no
-multiplier. What kept it there, from 1150 LUT4 and 400 flip-flops: the IDENT ROM
-in a block RAM (a registered read, ~30 LUTs less); counters as wide as the
-configuration's chunk counts, not the wire's u16; the replier's words multiplexed
-only over the bits each stream has; the replier using the unit's frame registers
-instead of copies; the unpacker taking bits straight from its input stream and
-leaving words at bit 0 (no output multiplexer per width); a frame's body length
-kept as the decoder gives it (the chunk check folds the header into its rounding).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, signed
-from amaranth.lib import fifo, memory, stream, wiring
+from amaranth.lib import enum, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hel_fpga.spec import protocol as P
 from hel_fpga.rtl.core import HELCore, Op
 from hel_fpga.spec.formats import HelConfig
-from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec.names import BANKS, ESTIMATORS, PARAM_NAMES
 from hel_fpga.rtl.framing import LENGTH_BITS, FrameByte, LinkError
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 
-__all__ = ["CommandUnit", "DataReplier", "WordUnpacker", "REQUEST_LEN", "DURING_TRANSFER",
-           "ident_payload", "mul_const"]
+__all__ = ["CommandUnit", "DataReplier", "WordUnpacker", "ReplyKind", "mul_const"]
 
-#: Exact request payload length of each command (DATA: at least its index).
-REQUEST_LEN = {
-    Command.IDENT: 0, Command.STATUS: 0, Command.CLEAR_FLAGS: 0, Command.RESET: 0,
-    Command.WRITE_PARAMS: 1, Command.READ_PARAMS: 1, Command.LOAD: 4, Command.FORWARD: 1,
-    Command.ECHO: 4, Command.READ_ACC: 0, Command.CLEAR_ACC: 0, Command.READ_STATE: 1,
-    Command.SELFTEST: 8, Command.DATA: P.CHUNK_HEADER_LEN,
+#: The word widths the unit moves, as HelConfig fields. The replier's ``width`` is an
+#: index into all three, the unpacker's into the first two (transfers carry no
+#: accumulators).
+WORD_WIDTHS = ("operand_width", "state_width", "acc_width")
+assert set(P.WORD_WIDTH.values()) == set(WORD_WIDTHS)
+assert all(WORD_WIDTHS.index(P.WORD_WIDTH[c]) < 2 for c in P.OPENS_TRANSFER)
+
+#: The core operation of each command that needs the core.
+CORE_OP = {
+    Command.CLEAR_FLAGS: Op.CLEAR_FLAGS, Command.CLEAR_ACC: Op.CLEAR_ACC,
+    Command.READ_ACC: Op.READ_ACC, Command.READ_PARAMS: Op.READ_PARAMS,
+    Command.READ_STATE: Op.READ_STATE, Command.SELFTEST: Op.SELFTEST,
+    Command.FORWARD: Op.FORWARD, Command.WRITE_PARAMS: Op.WRITE_PARAMS,
+    Command.LOAD: Op.LOAD, Command.ECHO: Op.ECHO,
 }
+
 #: The core operations that zero the core's memories after its local reset (see RESET).
 RESET_OPS = (Op.WRITE_PARAMS, Op.LOAD, Op.FORWARD, Op.ECHO, Op.CLEAR_ACC)
 
-#: Commands accepted while a transfer is open.
-DURING_TRANSFER = frozenset({Command.DATA, Command.STATUS, Command.IDENT, Command.RESET})
+
+class ReplyKind(enum.Enum, shape=3):
+    """The payload of a small reply (after ``cmd | 0x80`` or ERROR_REPLY, and ``seq``)."""
+
+    EMPTY = 0       #: none
+    IDENT = 1       #: the IDENT record and name, from the ROM
+    STATUS = 2      #: :data:`hel_fpga.spec.protocol.STATUS_LAYOUT`
+    ERROR = 3       #: :data:`hel_fpga.spec.protocol.ERROR_LAYOUT`
+    ACK = 4         #: a DATA chunk's ack: ``next:u16``
+    RESULT = 5      #: SELFTEST's ``result:u8``
 
 
-def ident_payload(cfg: HelConfig, clk_hz: int, baud: int, name: str) -> bytes:
-    """The IDENT reply payload: ``IDENT_FIELDS`` of the configuration, then the name."""
-    values = {"protocol_version": P.PROTOCOL_VERSION, **cfg.to_dict(),
-              "clock_hz": clk_hz, "baud": baud}
-    return P.pack_fields(P.IDENT_FIELDS, values) + name.encode("ascii")[:P.IDENT_NAME_MAX]
+#: The small reply of each command that has a non-empty one.
+COMMAND_REPLY = {Command.IDENT: ReplyKind.IDENT, Command.STATUS: ReplyKind.STATUS,
+                 Command.SELFTEST: ReplyKind.RESULT, Command.DATA: ReplyKind.ACK}
+
+
+def _layout_len(layout) -> int:
+    return sum(size for _, size in layout)
 
 
 def mul_const(x, c: int):
@@ -181,22 +198,22 @@ class DataReplier(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        W = self.wmax
-        cws = [P.chunk_words(w) for w in self.widths]
+        wmax = self.wmax
+        chunk_words_of = [P.chunk_words(w) for w in self.widths]
 
         width, cmd, seq = self.width, self.cmd, self.seq
         total_left = Signal.like(self.total)
-        chunk_left = Signal(range(max(cws) + 1))
+        chunk_left = Signal(range(max(chunk_words_of) + 1))
         # chunk indices up to the most chunks ``total`` words can make (sent as u16)
         index = Signal(range(P.chunk_count((1 << len(self.total)) - 1, min(self.widths)) + 1))
-        index16 = Cat(index, Const(0, 16 - len(index)))
-        wreg = Signal(W)
-        wbits = Signal(range(W + 1))
-        breg = Signal(8)
-        bbits = Signal(range(9))
-        w_sel = _select(m, width, self.widths, "w_sel")
-        c_sel = _select(m, width, cws, "c_sel")
-        src = self.source
+        index_u16 = Cat(index, Const(0, 16 - len(index)))
+        word_reg = Signal(wmax)
+        word_bits = Signal(range(wmax + 1))
+        byte_reg = Signal(8)
+        byte_bits = Signal(range(9))
+        word_width = _select(m, width, self.widths, "word_width")
+        words_per_chunk = _select(m, width, chunk_words_of, "words_per_chunk")
+        source = self.source
 
         with m.FSM(name="replier"):
             with m.State("IDLE"):
@@ -205,39 +222,39 @@ class DataReplier(wiring.Component):
                     m.next = "NEXT"
             with m.State("NEXT"):
                 m.d.comb += self.busy.eq(1)
-                # a chunk ends after c_sel words or with the block, whichever comes first
-                m.d.sync += [chunk_left.eq(c_sel), wbits.eq(0), bbits.eq(0)]
+                # a chunk ends after words_per_chunk words or with the block, whichever comes first
+                m.d.sync += [chunk_left.eq(words_per_chunk), word_bits.eq(0), byte_bits.eq(0)]
                 m.next = "H0"
             for i, (state, value) in enumerate([("H0", cmd | P.REPLY_BIT), ("H1", seq),
-                                                ("H2", index16[:8]), ("H3", index16[8:])]):
+                                                ("H2", index_u16[:8]), ("H3", index_u16[8:])]):
                 with m.State(state):
-                    m.d.comb += [self.busy.eq(1), src.valid.eq(1),
-                                 src.payload.data.eq(value), src.payload.first.eq(i == 0)]
-                    with m.If(src.ready):
+                    m.d.comb += [self.busy.eq(1), source.valid.eq(1),
+                                 source.payload.data.eq(value), source.payload.first.eq(i == 0)]
+                    with m.If(source.ready):
                         m.next = ["H1", "H2", "H3", "BODY"][i]
             with m.State("BODY"):
                 m.d.comb += self.busy.eq(1)
                 more = (chunk_left != 0) & (total_left != 0)     # words left in this chunk
-                last = ~more & (wbits == 0)
-                with m.If(bbits == 8):
-                    m.d.comb += [src.valid.eq(1), src.payload.data.eq(breg),
-                                 src.payload.last.eq(last)]
-                    with m.If(src.ready):
-                        m.d.sync += bbits.eq(0)
+                last = ~more & (word_bits == 0)
+                with m.If(byte_bits == 8):
+                    m.d.comb += [source.valid.eq(1), source.payload.data.eq(byte_reg),
+                                 source.payload.last.eq(last)]
+                    with m.If(source.ready):
+                        m.d.sync += byte_bits.eq(0)
                         with m.If(last):
                             m.d.sync += index.eq(index + 1)
                             m.next = "CHUNK_END"
-                with m.Elif(wbits != 0):
-                    m.d.sync += [breg.eq(Cat(breg[1:], wreg[0])), wreg.eq(wreg >> 1),
-                                 wbits.eq(wbits - 1), bbits.eq(bbits + 1)]
+                with m.Elif(word_bits != 0):
+                    m.d.sync += [byte_reg.eq(Cat(byte_reg[1:], word_reg[0])), word_reg.eq(word_reg >> 1),
+                                 word_bits.eq(word_bits - 1), byte_bits.eq(byte_bits + 1)]
                 with m.Elif(more):
                     m.d.comb += self.words.ready.eq(1)
                     with m.If(self.words.valid):
-                        m.d.sync += [wreg.eq(self.words.payload), wbits.eq(w_sel),
+                        m.d.sync += [word_reg.eq(self.words.payload), word_bits.eq(word_width),
                                      chunk_left.eq(chunk_left - 1),
                                      total_left.eq(total_left - 1)]
                 with m.Else():      # pad the chunk's last byte with zeros
-                    m.d.sync += [breg.eq(Cat(breg[1:], 0)), bbits.eq(bbits + 1)]
+                    m.d.sync += [byte_reg.eq(Cat(byte_reg[1:], 0)), byte_bits.eq(byte_bits + 1)]
             with m.State("CHUNK_END"):
                 m.d.comb += self.busy.eq(1)
                 with m.If(total_left == 0):
@@ -276,42 +293,43 @@ class WordUnpacker(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        W = self.wmax
+        wmax = self.wmax
         width = Signal.like(self.width)
         left = Signal.like(self.count)
-        wreg = Signal(W)            # bits enter at bit w-1: a w-bit word ends in wreg[:w]
-        wbits = Signal(range(W + 1))
-        bpos = Signal(3)            # the bit of the byte on ``sink`` taken next
-        w_sel = _select(m, width, self.widths, "w_sel")
-        shifted = Signal(W)         # wreg one bit down, the next bit entering at w-1
-        m.d.comb += shifted.eq(wreg >> 1)
+        word_reg = Signal(wmax)            # bits enter at bit w-1: a w-bit word ends in word_reg[:w]
+        word_bits = Signal(range(wmax + 1))
+        bit_pos = Signal(3)            # the bit of the byte on ``sink`` taken next
+        word_width = _select(m, width, self.widths, "word_width")
+        shifted = Signal(wmax)         # word_reg one bit down, the next bit entering at w-1
+        m.d.comb += shifted.eq(word_reg >> 1)
         for i, w in enumerate(self.widths):
             with m.If(width == i):
-                m.d.comb += shifted[w - 1].eq(self.sink.payload.bit_select(bpos, 1))
-        m.d.comb += self.words.payload.eq(wreg)
+                m.d.comb += shifted[w - 1].eq(self.sink.payload.bit_select(bit_pos, 1))
+        m.d.comb += self.words.payload.eq(word_reg)
 
         with m.FSM(name="unpacker"):
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [width.eq(self.width), left.eq(self.count), wbits.eq(0),
-                                 bpos.eq(0)]
+                    m.d.sync += [width.eq(self.width), left.eq(self.count), word_bits.eq(0),
+                                 bit_pos.eq(0)]
                     m.next = "RUN"
             with m.State("RUN"):
                 # The bits are taken straight from ``sink`` (a stream holds its payload
                 # until accepted); a byte is accepted with its last bit, or, the last
                 # byte, with the last word (its pad bits are dropped).
                 m.d.comb += self.busy.eq(1)
-                with m.If(wbits == w_sel):
+                with m.If(word_bits == word_width):
                     m.d.comb += self.words.valid.eq(1)
                     with m.If(self.words.ready):
-                        m.d.sync += [wbits.eq(0), left.eq(left - 1)]
+                        m.d.sync += [word_bits.eq(0), left.eq(left - 1)]
                         with m.If(left == 1):
-                            m.d.comb += self.sink.ready.eq(bpos != 0)
+                            m.d.comb += self.sink.ready.eq(bit_pos != 0)
                             m.next = "IDLE"
                 with m.Elif(self.sink.valid):
-                    m.d.comb += self.sink.ready.eq(bpos == 7)
-                    m.d.sync += [wreg.eq(shifted), wbits.eq(wbits + 1), bpos.eq(bpos + 1)]
+                    m.d.comb += self.sink.ready.eq(bit_pos == 7)
+                    m.d.sync += [word_reg.eq(shifted), word_bits.eq(word_bits + 1), bit_pos.eq(bit_pos + 1)]
         return m
+
 
 
 class CommandUnit(wiring.Component):
@@ -347,23 +365,23 @@ class CommandUnit(wiring.Component):
     def __init__(self, cfg: HelConfig, *, clk_hz: int, baud: int, name: str = "hel-fpga",
                  core_signature: wiring.Signature | None = None):
         self.cfg = cfg
-        self.ident = ident_payload(cfg, clk_hz, baud, name)
-        ow, sw = cfg.operand_width, cfg.state_width
+        self.ident = P.pack_ident(cfg, clk_hz, baud, name)
+        self.widths = tuple(getattr(cfg, f) for f in WORD_WIDTHS)
         shapes = cfg.param_shapes()
         self.param_sizes = [math.prod(shapes[k]) for k in PARAM_NAMES]
         self.n_params = sum(self.param_sizes)
-        # the largest blocks each direction can carry, and their chunk counts
-        self.max_in = max(self.n_params, cfg.t_max * cfg.k, cfg.t_max * cfg.o)
+        # The words of every block each direction carries, with their widths.
+        ow, sw = cfg.operand_width, cfg.state_width
+        blocks_in = [(self.n_params, ow), (cfg.t_max * cfg.k, ow), (cfg.t_max * cfg.o, sw)]
+        blocks_out = [(self.n_params, ow), (cfg.t_max * cfg.o, sw),
+                      (self.n_params, cfg.acc_width), (2 * cfg.n, sw)]
+        self.max_in = max(total for total, _ in blocks_in)
         self.max_out = max(self.n_params, cfg.t_max * cfg.o, 2 * cfg.n)
-        # the most chunks a transfer can have (xfer_done counts up to it)
-        self.max_in_chunks = max(P.chunk_count(self.n_params, ow),
-                                 P.chunk_count(cfg.t_max * cfg.k, ow),
-                                 P.chunk_count(cfg.t_max * cfg.o, sw))
-        for total, w in [(self.n_params, ow), (cfg.t_max * cfg.k, ow), (cfg.t_max * cfg.o, sw),
-                         (self.n_params, cfg.acc_width), (2 * cfg.n, sw)]:
-            if P.chunk_count(total, w) > P.MAX_CHUNKS:
-                raise ValueError(f"a block of {total} {w}-bit words needs more than "
-                                 f"{P.MAX_CHUNKS} chunks: the protocol cannot carry it")
+        # the most chunks a transfer can have (xfer_done counts up to it); every block
+        # must fit the protocol's chunk indices
+        self.max_in_chunks = max(P.block_chunks(total, w) for total, w in blocks_in)
+        for total, w in blocks_out:
+            P.block_chunks(total, w)
         super().__init__({
             "rx": In(stream.Signature(FrameByte)),
             "rx_error": In(stream.Signature(LinkError)),
@@ -379,226 +397,295 @@ class CommandUnit(wiring.Component):
         return core.signature
 
     def elaborate(self, platform):
-        m = Module()
-        cfg = self.cfg
-        N, K, O = cfg.n, cfg.k, cfg.o
-        ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
-        core = self.core
-        rx, rxp = self.rx, self.rx.payload
-        tx = self.tx
+        return _CommandUnitBuilder(self).build()
 
-        # ---------------------------------------------------------------- helpers
-        m.submodules.replier = replier = DataReplier(
-            (ow, sw, aw), len(Signal(range(self.max_out + 1))))
-        chunk_words = range(max(P.chunk_words(ow), P.chunk_words(sw)) + 1)  # a DATA chunk's words
-        m.submodules.unpacker = unpacker = WordUnpacker((ow, sw), len(Signal(chunk_words)))
-        R_OP, R_ST, R_ACC = 0, 1, 2          # replier widths
 
-        rom = self.ident
-        # A block RAM (Yosys keeps so small a ROM in LUTs, ~65 iCE40 LUTs, unless told):
-        # its read is registered, so REPLY addresses the byte of the next cycle.
-        m.submodules.rom = rom_mem = memory.Memory(shape=8, depth=len(rom), init=list(rom),
-                                                   attrs={"ram_style": "block"})
-        rom_rd = rom_mem.read_port()
+class _CommandUnitBuilder:
+    """The netlist of one :class:`CommandUnit`, built section by section.
 
-        # ---------------------------------------------------------------- registers
-        f_cmd = Signal(8)                  # the current frame (0 for a link error report)
-        f_seq = Signal(8)
-        f_len = Signal(LENGTH_BITS)        # its body length: HEADER_LEN + payload bytes
-        f_done = Signal()                  # its last byte has been consumed
-        pbuf = Signal(64)                  # its first 8 payload bytes
-        pcount = Signal(range(9))
+    Each method adds one part of the unit to ``self.m`` and keeps the signals other
+    parts use as attributes: :meth:`registers` (the state kept between frames and
+    between the FSM's states), :meth:`decode` (the current frame's command and
+    fields), :meth:`checks` (the verdict of the protocol's checks),
+    :meth:`accepted` (what an accepted command does), :meth:`core_command`,
+    :meth:`core_streams` and :meth:`control` (the FSM, one method per group of
+    states).
+    """
 
-        last_valid = Signal()              # the retransmission rule
-        last_cmd = Signal(8)
-        last_seq = Signal(8)
+    def __init__(self, unit: CommandUnit):
+        self.unit = unit
+        self.cfg = unit.cfg
+        self.m = Module()
 
-        t_loaded = Signal(range(cfg.t_max + 1))
-        forwarded = Signal()
-        one_sided = Signal()
+    def build(self) -> Module:
+        self.helpers()
+        self.registers()
+        self.decode()
+        self.checks()
+        self.accepted()
+        self.core_command()
+        self.core_streams()
+        self.control()
+        return self.m
 
-        xfer_open = Signal()
-        xfer_cmd = Signal(8)               # the STATUS field: open or last transfer
-        xfer_done = Signal(range(self.max_in_chunks + 1))  # chunks applied = the next index
-        xfer_done16 = Cat(xfer_done, Const(0, 16 - len(xfer_done)))   # as the wire has it
-        xfer_left = Signal(range(self.max_in + 1))   # words not yet received
-        xfer_w = Signal()                  # the transfer's words: 0 operands, 1 state
-        xfer_t = Signal(range(cfg.t_max + 1))        # LOAD: its T
-        done_seen = Signal()
+    # ------------------------------------------------------------------ helpers
+    def helpers(self):
+        """The data replier, the DATA unpacker and the IDENT ROM."""
+        m, unit, cfg = self.m, self.unit, self.cfg
+        m.submodules.replier = self.replier = DataReplier(
+            unit.widths, len(Signal(range(unit.max_out + 1))))
+        self.chunk_words_range = range(max(P.chunk_words(w) for w in unit.widths[:2]) + 1)
+        m.submodules.unpacker = self.unpacker = WordUnpacker(
+            unit.widths[:2], len(Signal(self.chunk_words_range)))
+        # A block RAM, which Yosys does not infer for so small a ROM unless told: its
+        # read is registered, so REPLY addresses the byte of the next cycle.
+        m.submodules.rom = ident_rom = memory.Memory(
+            shape=8, depth=len(unit.ident), init=list(unit.ident), attrs={"ram_style": "block"})
+        self.ident_read = ident_rom.read_port()
 
-        # VERDICT → CHECK: the checks' result, registered (it is the longest path otherwise)
-        v_code = Signal(8)                 # the ErrorCode, 0 = accepted
-        v_again = Signal()                 # accepted, but only acked again (a duplicate)
-        v_core = Signal()                  # the command needs the core
-        v_words = Signal(chunk_words)      # DATA: the chunk's words (held until unpacked)
+    # ------------------------------------------------------------------ registers
+    def registers(self):
+        """The registers: the current frame, the protocol state, the verdict, the reply."""
+        cfg, unit = self.cfg, self.unit
+        # the current frame (cmd 0 for a link error report)
+        self.frame_cmd = Signal(8)
+        self.frame_seq = Signal(8)
+        self.frame_len = Signal(LENGTH_BITS)    # its body length: HEADER_LEN + payload bytes
+        self.frame_done = Signal()              # its last byte has been consumed
+        self.payload = Signal(64)               # its first 8 payload bytes
+        self.payload_count = Signal(range(9))
 
-        # the small reply: cmd|0x80 (0xFF for ERROR), f_seq, a payload of one kind
-        KINDS = {"EMPTY": 0, "ROM": len(rom), "STATUS": 8, "ERROR": 4, "ACK": 2, "RESULT": 1}
-        kind_code = {k: i for i, k in enumerate(KINDS)}
-        r_kind = Signal(range(len(KINDS)))
-        r_code = Signal(8)                 # ERROR: code
-        r_arg_next = Signal()              # ERROR: arg = the next chunk index (else 0)
-        r_pass = Signal()                  # RESULT: SELFTEST passed
-        r_i = Signal(range(len(rom) + 3))
-        rst_step = Signal(range(len(RESET_OPS)))
+        # the retransmission rule: the last good, executed frame
+        self.last_valid = Signal()
+        self.last_cmd = Signal(8)
+        self.last_seq = Signal(8)
 
-        # ---------------------------------------------------------------- decode
-        cmd = f_cmd
-        is_ = {c: Signal(name=f"is_{c.name.lower()}") for c in Command}
-        for c, sig in is_.items():
+        self.t_loaded = Signal(range(cfg.t_max + 1))
+        self.forwarded = Signal()
+        self.one_sided = Signal()
+
+        self.xfer_open = Signal()
+        self.xfer_cmd = Signal(8)               # the STATUS field: open or last transfer
+        self.xfer_done = Signal(range(unit.max_in_chunks + 1))   # chunks applied = the next index
+        self.xfer_done_u16 = Cat(self.xfer_done, Const(0, 16 - len(self.xfer_done)))
+        self.xfer_words_left = Signal(range(unit.max_in + 1))   # words not yet received
+        self.xfer_state_words = Signal()        # the transfer's words: 0 operands, 1 state
+        self.load_t = Signal(range(cfg.t_max + 1))      # an open LOAD's T
+        self.done_seen = Signal()
+
+        # VERDICT → CHECK: the checks' result, registered (the longest path otherwise)
+        self.verdict_code = Signal(8)           # the ErrorCode, 0 = accepted
+        self.verdict_ack_again = Signal()       # accepted, but only acked again (a duplicate)
+        self.verdict_needs_core = Signal()      # the command needs the core
+        self.verdict_chunk_words = Signal(self.chunk_words_range)   # DATA: the chunk's words
+
+        # the small reply: cmd|0x80 (ERROR_REPLY for ERROR), frame_seq, a payload of one kind
+        self.reply_len = {
+            ReplyKind.EMPTY: 0, ReplyKind.IDENT: len(unit.ident),
+            ReplyKind.STATUS: _layout_len(P.STATUS_LAYOUT),
+            ReplyKind.ERROR: _layout_len(P.ERROR_LAYOUT),
+            ReplyKind.ACK: P.CHUNK_HEADER_LEN, ReplyKind.RESULT: 1,
+        }
+        self.reply_kind = Signal(ReplyKind)
+        self.reply_code = Signal(8)             # ERROR: code
+        self.reply_arg_next = Signal()          # ERROR: arg = the next chunk index (else 0)
+        self.selftest_pass = Signal()           # RESULT
+        self.reply_index = Signal(range(len(unit.ident) + 3))   # the reply byte being sent
+        self.reset_step = Signal(range(len(RESET_OPS)))
+
+    # ------------------------------------------------------------------ decode
+    def decode(self):
+        """The frame's command, its fields and the retransmission and in-transfer rules."""
+        m = self.m
+        cmd, frame_len = self.frame_cmd, self.frame_len
+        self.is_cmd = {c: Signal(name=f"is_{c.name.lower()}") for c in Command}
+        for c, sig in self.is_cmd.items():
             m.d.comb += sig.eq(cmd == c)
-        known = Signal()
-        m.d.comb += known.eq(Cat(*is_.values()).any())
-        dup = Signal()
-        m.d.comb += dup.eq(last_valid & (last_cmd == cmd) & (last_seq == f_seq))
-        in_xfer_ok = Signal()
-        m.d.comb += in_xfer_ok.eq(Cat(*(is_[c] for c in DURING_TRANSFER)).any())
-        len_ok = Signal()
+        self.known = Signal()
+        m.d.comb += self.known.eq(Cat(*self.is_cmd.values()).any())
+        self.duplicate = Signal()
+        m.d.comb += self.duplicate.eq(self.last_valid & (self.last_cmd == cmd)
+                                      & (self.last_seq == self.frame_seq))
+        self.allowed_in_transfer = Signal()
+        m.d.comb += self.allowed_in_transfer.eq(
+            Cat(*(self.is_cmd[c] for c in P.DURING_TRANSFER)).any())
+        self.length_ok = Signal()
         with m.Switch(cmd):
-            for c, n in REQUEST_LEN.items():
+            for c, n in P.REQUEST_LEN.items():
                 with m.Case(c):
                     n += P.HEADER_LEN
-                    m.d.comb += len_ok.eq(f_len >= n if c == Command.DATA else f_len == n)
-        u8 = pbuf[:8]
-        u32 = pbuf[:32]
-        index = pbuf[:16]
-        mask_ok = (u8 != 0) & (u8 <= P.PARAM_MASK_ALL)
-        masked_total = Signal(range(self.n_params + 1))
-        m.d.comb += masked_total.eq(sum(Mux(u8[i], size, 0)
-                                        for i, size in enumerate(self.param_sizes)))
-        # DATA: words and bytes of the chunk expected next. Registers, two stages: the
-        # compare, multiply and add were the iCEBreaker's critical path into the verdict.
-        # xfer_left and xfer_w change only in CHECK and UNPACK, and the next DATA frame
-        # reaches VERDICT at least four cycles later (DRAIN, IDLE, SEQ, two PAYLOAD bytes),
-        # when both stages have long settled.
-        cw_op, cw_st = P.chunk_words(ow), P.chunk_words(sw)
-        c_w = Mux(xfer_w, cw_st, cw_op)
-        exp_words = Signal.like(v_words)
-        m.d.sync += exp_words.eq(Mux(xfer_left > c_w, c_w, xfer_left))
-        # its frame's body length: cmd, seq, index and the packed words, rounded up
-        exp_len = Signal(LENGTH_BITS + 1)
-        pad = 7 + 8 * (P.HEADER_LEN + P.CHUNK_HEADER_LEN)
-        m.d.sync += exp_len.eq(Mux(xfer_w, (mul_const(exp_words, sw) + pad) >> 3,
-                                   (mul_const(exp_words, ow) + pad) >> 3))
+                    m.d.comb += self.length_ok.eq(frame_len >= n if c == Command.DATA
+                                                  else frame_len == n)
+        # the request fields by type (a command has at most one u8 and one u32)
+        self.u8 = self.payload[:8]
+        self.u32 = self.payload[:32]
+        self.index = self.payload[:16]          # DATA: the chunk index
+        self.mask_ok = (self.u8 != 0) & (self.u8 <= P.PARAM_MASK_ALL)
+        self.masked_total = Signal(range(self.unit.n_params + 1))
+        m.d.comb += self.masked_total.eq(sum(Mux(self.u8[i], size, 0)
+                                             for i, size in enumerate(self.unit.param_sizes)))
+        self._expected_chunk()
 
-        # ---------------------------------------------------------------- verdict
-        # The checks of CHECK, in the protocol's order, as one priority chain.
-        is_rp, is_wp = is_[Command.READ_PARAMS], is_[Command.WRITE_PARAMS]
-        is_fw, is_echo, is_data = is_[Command.FORWARD], is_[Command.ECHO], is_[Command.DATA]
-        is_load = is_[Command.LOAD]
-        dup_open = Signal()         # a retransmitted transfer opening: ack again
-        m.d.comb += dup_open.eq(xfer_open & ~in_xfer_ok & dup & (f_cmd == xfer_cmd)
-                                & (xfer_done == 0))
+    def _expected_chunk(self):
+        """DATA: the words and the body length of the chunk expected next.
+
+        Registers, two stages, out of the path into the verdict: xfer_words_left and
+        xfer_state_words change only in CHECK and UNPACK, and the next DATA frame
+        reaches VERDICT at least four cycles later (DRAIN, IDLE, SEQ, two PAYLOAD
+        bytes), when both stages have long settled.
+        """
+        m, cfg = self.m, self.cfg
+        ow, sw = cfg.operand_width, cfg.state_width
+        chunk_words = Mux(self.xfer_state_words, P.chunk_words(sw), P.chunk_words(ow))
+        self.expected_chunk_words = Signal.like(self.verdict_chunk_words)
+        m.d.sync += self.expected_chunk_words.eq(
+            Mux(self.xfer_words_left > chunk_words, chunk_words, self.xfer_words_left))
+        # its frame's body length: cmd, seq, index and the packed words, rounded up
+        self.expected_chunk_len = Signal(LENGTH_BITS + 1)
+        pad = 7 + 8 * (P.HEADER_LEN + P.CHUNK_HEADER_LEN)
+        words = self.expected_chunk_words
+        m.d.sync += self.expected_chunk_len.eq(Mux(self.xfer_state_words,
+                                                   (mul_const(words, sw) + pad) >> 3,
+                                                   (mul_const(words, ow) + pad) >> 3))
+
+    # ------------------------------------------------------------------ checks
+    def checks(self):
+        """The checks of CHECK, in the protocol's order, as one priority chain."""
+        m, cfg, is_cmd = self.m, self.cfg, self.is_cmd
+        u8, u32 = self.u8, self.u32
+        is_forward, is_echo, is_data = (is_cmd[Command.FORWARD], is_cmd[Command.ECHO],
+                                        is_cmd[Command.DATA])
+        self.duplicate_opening = Signal()       # a retransmitted transfer opening: ack again
+        m.d.comb += self.duplicate_opening.eq(
+            self.xfer_open & ~self.allowed_in_transfer & self.duplicate
+            & (self.frame_cmd == self.xfer_cmd) & (self.xfer_done == 0))
         wrong_state = Signal()
-        m.d.comb += wrong_state.eq((is_fw & (t_loaded == 0)) | (is_echo & ~forwarded)
-                                   | (is_data & ~xfer_open))
+        m.d.comb += wrong_state.eq((is_forward & (self.t_loaded == 0))
+                                   | (is_echo & ~self.forwarded)
+                                   | (is_data & ~self.xfer_open))
         bad_value = Signal()
-        m.d.comb += bad_value.eq(((is_rp | is_wp) & ~mask_ok)
-                                 | (is_[Command.READ_STATE] & (u8 > 2))
-                                 | (is_[Command.SELFTEST] & (u32 == 0))
-                                 | (is_fw & (u8 > 1))
-                                 | (is_load & ((u32 == 0) | (u32 > cfg.t_max)))
-                                 | (is_echo & (u32 != 1) & (u32 != t_loaded)))
-        data_old = Signal()         # DATA: a chunk already applied
-        m.d.comb += data_old.eq(index < xfer_done)
-        verdict = Signal(8)         # an ErrorCode, 0 = accepted
-        with m.If(~known):
+        m.d.comb += bad_value.eq(
+            ((is_cmd[Command.READ_PARAMS] | is_cmd[Command.WRITE_PARAMS]) & ~self.mask_ok)
+            | (is_cmd[Command.READ_STATE] & (u8 > len(BANKS) - 1))
+            | (is_cmd[Command.SELFTEST] & (u32 == 0))
+            | (is_forward & (u8 > len(ESTIMATORS) - 1))
+            | (is_cmd[Command.LOAD] & ((u32 == 0) | (u32 > cfg.t_max)))
+            | (is_echo & (u32 != 1) & (u32 != self.t_loaded)))
+        self.data_old = Signal()                # DATA: a chunk already applied
+        m.d.comb += self.data_old.eq(self.index < self.xfer_done)
+        self.verdict = Signal(8)                # an ErrorCode, 0 = accepted
+        verdict = self.verdict
+        with m.If(~self.known):
             m.d.comb += verdict.eq(ErrorCode.UNKNOWN_COMMAND)
-        with m.Elif(xfer_open & ~in_xfer_ok):
-            m.d.comb += verdict.eq(Mux(dup_open, 0, ErrorCode.BUSY))
-        with m.Elif(~len_ok):
+        with m.Elif(self.xfer_open & ~self.allowed_in_transfer):
+            m.d.comb += verdict.eq(Mux(self.duplicate_opening, 0, ErrorCode.BUSY))
+        with m.Elif(~self.length_ok):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
         with m.Elif(wrong_state):
             m.d.comb += verdict.eq(ErrorCode.WRONG_STATE)
         with m.Elif(bad_value):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
-        with m.Elif(is_data & ~data_old & (index != xfer_done)):
+        with m.Elif(is_data & ~self.data_old & (self.index != self.xfer_done)):
             m.d.comb += verdict.eq(ErrorCode.SEQUENCE)
-        with m.Elif(is_data & ~data_old & (f_len != exp_len)):
+        with m.Elif(is_data & ~self.data_old & (self.frame_len != self.expected_chunk_len)):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
 
-        # what an accepted command does
-        cmd_kind = Signal.like(r_kind)      # its small reply
-        m.d.comb += cmd_kind.eq(kind_code["EMPTY"])
-        for c, k in [(Command.IDENT, "ROM"), (Command.STATUS, "STATUS"),
-                     (Command.SELFTEST, "RESULT"), (Command.DATA, "ACK")]:
-            with m.If(is_[c]):
-                m.d.comb += cmd_kind.eq(kind_code[k])
-        needs_core = Cat(*(is_[c] for c in (
-            Command.CLEAR_FLAGS, Command.CLEAR_ACC, Command.READ_ACC, Command.READ_PARAMS,
-            Command.READ_STATE, Command.SELFTEST, Command.FORWARD, Command.WRITE_PARAMS,
-            Command.LOAD, Command.ECHO))).any()
-        opens = is_wp | is_load | is_echo
-        xfer_total = Signal.like(xfer_left)
-        with m.If(is_wp):
-            m.d.comb += xfer_total.eq(masked_total)
-        with m.Elif(is_load):
-            m.d.comb += xfer_total.eq(mul_const(u32[:len(xfer_t)], K))
+    # ------------------------------------------------------------------ accepted
+    def accepted(self):
+        """What an accepted command does: its reply, its core use, its transfer or stream."""
+        m, cfg, is_cmd = self.m, self.cfg, self.is_cmd
+        u32, replier = self.u32, self.replier
+        self.command_reply = Signal(ReplyKind)
+        m.d.comb += self.command_reply.eq(ReplyKind.EMPTY)
+        for c, kind in COMMAND_REPLY.items():
+            with m.If(is_cmd[c]):
+                m.d.comb += self.command_reply.eq(kind)
+        self.needs_core = Cat(*(is_cmd[c] for c in CORE_OP)).any()
+        self.opens = functools.reduce(operator.or_, (is_cmd[c] for c in P.OPENS_TRANSFER))
+        self.xfer_total = Signal.like(self.xfer_words_left)
+        with m.If(is_cmd[Command.WRITE_PARAMS]):
+            m.d.comb += self.xfer_total.eq(self.masked_total)
+        with m.Elif(is_cmd[Command.LOAD]):
+            m.d.comb += self.xfer_total.eq(mul_const(u32[:len(self.load_t)], cfg.k))
         with m.Else():
-            m.d.comb += xfer_total.eq(Mux(u32 == 1, O, mul_const(t_loaded, O)))
-        # data replies
-        streams = is_rp | is_fw | is_[Command.READ_ACC] | is_[Command.READ_STATE]
-        m.d.comb += [replier.cmd.eq(f_cmd), replier.seq.eq(f_seq)]
-        with m.If(is_rp):
-            m.d.comb += [replier.width.eq(R_OP), replier.total.eq(masked_total)]
-        with m.Elif(is_fw):
-            m.d.comb += [replier.width.eq(R_ST), replier.total.eq(mul_const(t_loaded, O))]
-        with m.Elif(is_[Command.READ_ACC]):
-            m.d.comb += [replier.width.eq(R_ACC), replier.total.eq(self.n_params)]
-        with m.Else():
-            m.d.comb += [replier.width.eq(R_ST), replier.total.eq(2 * N)]
-        m.d.comb += [unpacker.width.eq(xfer_w), unpacker.count.eq(v_words)]
+            m.d.comb += self.xfer_total.eq(Mux(u32 == 1, cfg.o, mul_const(self.t_loaded, cfg.o)))
+        # data replies: each command's word width and total
+        self.streams = functools.reduce(operator.or_, (is_cmd[c] for c in P.DATA_REPLIES))
+        totals = {Command.READ_PARAMS: self.masked_total,
+                  Command.FORWARD: mul_const(self.t_loaded, cfg.o),
+                  Command.READ_ACC: self.unit.n_params, Command.READ_STATE: 2 * cfg.n}
+        m.d.comb += [replier.cmd.eq(self.frame_cmd), replier.seq.eq(self.frame_seq)]
+        for i, c in enumerate(P.DATA_REPLIES):
+            if i == 0:
+                branch = m.If(is_cmd[c])
+            elif i < len(P.DATA_REPLIES) - 1:
+                branch = m.Elif(is_cmd[c])
+            else:
+                branch = m.Else()
+            with branch:
+                m.d.comb += [replier.width.eq(WORD_WIDTHS.index(P.WORD_WIDTH[c])),
+                             replier.total.eq(totals[c])]
+        m.d.comb += [self.unpacker.width.eq(self.xfer_state_words),
+                     self.unpacker.count.eq(self.verdict_chunk_words)]
 
         # The core's reset is a register (high in the RESET state): it reaches every
-        # flip-flop of the core, so no logic may sit in front of it (on ECP5 its
-        # decode from the state plus a net across the die exceeded 60 MHz's period).
-        core_rst = Signal()
-        m.d.comb += self.core_rst.eq(core_rst)
+        # flip-flop of the core, so no logic may sit in front of it (its decode from
+        # the state plus a net across an ECP5 die does not fit a 60 MHz period).
+        self.core_rst = Signal()
+        m.d.comb += self.unit.core_rst.eq(self.core_rst)
 
-        # ---------------------------------------------------------------- core commands
-        # The fields come straight from the payload registers whatever the operation
-        # (the core ignores those its operation does not use), so the command needs no
-        # register and almost no multiplexers. RESET's zeroing steps set pbuf = 1:
-        # LOAD of one step, ECHO with a single (kick) row.
-        in_rst = Signal()
-        rst_op = Signal(Op)
-        frame_op = Signal(Op)
-        for c, op in [(Command.CLEAR_FLAGS, Op.CLEAR_FLAGS), (Command.CLEAR_ACC, Op.CLEAR_ACC),
-                      (Command.READ_ACC, Op.READ_ACC), (Command.READ_PARAMS, Op.READ_PARAMS),
-                      (Command.READ_STATE, Op.READ_STATE), (Command.SELFTEST, Op.SELFTEST),
-                      (Command.FORWARD, Op.FORWARD), (Command.WRITE_PARAMS, Op.WRITE_PARAMS),
-                      (Command.LOAD, Op.LOAD), (Command.ECHO, Op.ECHO)]:
-            with m.If(is_[c]):
-                m.d.comb += frame_op.eq(op)
-        with m.Switch(rst_step):
+    # ------------------------------------------------------------------ core command
+    def core_command(self):
+        """The core's command: the frame's operation, or RESET's zeroing steps.
+
+        The fields come straight from the payload registers whatever the operation
+        (the core ignores those its operation does not use), so the command needs no
+        register and almost no multiplexers. RESET's zeroing steps set payload = 1:
+        LOAD of one step, ECHO with a single (kick) row, and never a retransmission.
+        """
+        m, core, is_cmd = self.m, self.unit.core, self.is_cmd
+        u8, u32 = self.u8, self.u32
+        self.in_reset = Signal()
+        reset_op = Signal(Op)
+        self.frame_op = Signal(Op)
+        for c, op in CORE_OP.items():
+            with m.If(is_cmd[c]):
+                m.d.comb += self.frame_op.eq(op)
+        with m.Switch(self.reset_step):
             for i, op in enumerate(RESET_OPS):
                 with m.Case(i):
-                    m.d.comb += rst_op.eq(op)
+                    m.d.comb += reset_op.eq(op)
         # The decoded fields (operation, kick, retransmission) are registered in VERDICT
-        # with the verdict: decoding them in CHECK put the command decode, the core's
-        # command decode and its enables on one path (the iCEBreaker's critical path).
-        # During RESET, pbuf = 1: a kick, and never a retransmission.
-        v_op = Signal(Op)
-        v_kick = Signal()
-        v_no_acc = Signal()
-        cp = core.cmd.payload
-        m.d.comb += [cp.op.eq(Mux(in_rst, rst_op, v_op)), cp.length.eq(u32),
-                     cp.seed.eq(pbuf[32:]), cp.bank.eq(u8[:2]),
-                     cp.one_sided.eq(u8[0] & ~in_rst), cp.kick.eq(in_rst | v_kick),
-                     cp.skip.eq(Mux(in_rst, 0, ~u8[:4])),      # bit i set: leave array i out
-                     cp.no_acc.eq(v_no_acc & ~in_rst)]         # a retransmitted FORWARD
+        # with the verdict, which keeps the command decode off the path through the
+        # core's command decode into its enables.
+        self.verdict_op = Signal(Op)
+        self.verdict_kick = Signal()
+        self.verdict_no_acc = Signal()
+        in_reset = self.in_reset
+        command = core.cmd.payload
+        m.d.comb += [command.op.eq(Mux(in_reset, reset_op, self.verdict_op)),
+                     command.length.eq(u32),
+                     command.seed.eq(self.payload[32:]), command.bank.eq(u8[:2]),
+                     command.one_sided.eq(u8[0] & ~in_reset),
+                     command.kick.eq(in_reset | self.verdict_kick),
+                     command.skip.eq(Mux(in_reset, 0, ~u8[:4])),   # bit i set: leave array i out
+                     command.no_acc.eq(self.verdict_no_acc & ~in_reset)]  # a retransmitted FORWARD
 
-        # ---------------------------------------------------------------- core streams
+    # ------------------------------------------------------------------ core streams
+    def core_streams(self):
+        """The core's output streams into the replier, the unpacker into its input streams."""
+        m, core, is_cmd = self.m, self.unit.core, self.is_cmd
+        replier, unpacker = self.replier, self.unpacker
         # outputs of the core → the replier (it sends only a word's low ``w`` bits)
-        outs = [(core.params_out, Command.READ_PARAMS), (core.outputs, Command.FORWARD),
-                (core.acc_out, Command.READ_ACC), (core.state_out, Command.READ_STATE)]
-        for st, c in outs:
-            with m.If(is_[c]):
+        self.outs = [(core.params_out, Command.READ_PARAMS), (core.outputs, Command.FORWARD),
+                     (core.acc_out, Command.READ_ACC), (core.state_out, Command.READ_STATE)]
+        for st, c in self.outs:
+            with m.If(is_cmd[c]):
                 m.d.comb += [replier.words.valid.eq(st.valid), st.ready.eq(replier.words.ready)]
         # The payload bit by bit from the streams wide enough to have that bit, the widest
         # one by default: a bit only the accumulators have needs no multiplexer at all.
-        by_width = sorted(((len(st.payload), st.payload.as_unsigned(), is_[c]) for st, c in outs),
-                          key=lambda t: t[0])
+        by_width = sorted(((len(st.payload), st.payload.as_unsigned(), is_cmd[c])
+                           for st, c in self.outs), key=lambda t: t[0])
         bits = []
         for b in range(len(replier.words.payload)):
             have = [(p, sel) for w, p, sel in by_width if w > b]
@@ -610,239 +697,291 @@ class CommandUnit(wiring.Component):
         # the unpacker → the core's input of the open transfer
         ins = [(core.params_in, Command.WRITE_PARAMS), (core.inputs, Command.LOAD),
                (core.nudges, Command.ECHO)]
-        # One word waits between them: otherwise the core's ready reached the decoder
-        # through the unpacker and rx.ready in one cycle (the iCEBreaker's critical path).
-        # The unpacker is bit-serial, so a one-word buffer keeps its pace. It is emptied
-        # with the core's reset: a RESET may arrive while the core still holds off a word.
+        # One word waits between them, which keeps the core's ready off a path through
+        # the unpacker into rx.ready; the unpacker is bit-serial, so a one-word buffer
+        # keeps its pace. It is emptied with the core's reset: a RESET may arrive while
+        # the core still holds off a word.
         word_buf = fifo.SyncFIFO(width=len(unpacker.words.payload), depth=1)
-        m.submodules.word_buf = ResetInserter({"sync": self.core_rst})(word_buf)
+        m.submodules.word_buf = ResetInserter({"sync": self.unit.core_rst})(word_buf)
         m.d.comb += [word_buf.w_data.eq(unpacker.words.payload),
                      word_buf.w_en.eq(unpacker.words.valid),
                      unpacker.words.ready.eq(word_buf.w_rdy)]
         for st, c in ins:
             m.d.comb += st.payload.eq(word_buf.r_data)
-            with m.If(xfer_cmd == c):
+            with m.If(self.xfer_cmd == c):
                 m.d.comb += [st.valid.eq(word_buf.r_rdy), word_buf.r_en.eq(st.ready)]
 
-        # ---------------------------------------------------------------- control
+
+    # ------------------------------------------------------------------ control
+    def control(self):
+        """The unit's FSM: receive a frame, check it, act, reply."""
+        m, core = self.m, self.unit.core
         assert [int(f) for f in (StatusFlag.STATE_OVERFLOW, StatusFlag.ACC_OVERFLOW,
                                  StatusFlag.LOADED, StatusFlag.FORWARDED, StatusFlag.ONE_SIDED,
                                  StatusFlag.XFER_OPEN)] == [1, 2, 4, 8, 16, 32]
-        status = Cat(core.state_overflow, core.acc_overflow, t_loaded != 0, forwarded,
-                     forwarded & one_sided, xfer_open, Const(0, 2),
-                     xfer_cmd, xfer_done16, t_loaded, Const(0, 32 - len(t_loaded)))
+        self.status = Cat(core.state_overflow, core.acc_overflow, self.t_loaded != 0,
+                          self.forwarded, self.forwarded & self.one_sided, self.xfer_open,
+                          Const(0, 2), self.xfer_cmd, self.xfer_done_u16, self.t_loaded,
+                          Const(0, 32 - len(self.t_loaded)))
 
         # CHECK hands a command to the core only while the core is idle, and nothing else
         # can give it work, so it still accepts the command in the next cycle: the valid
         # is registered, which keeps the command unit's decode and the core's command
         # decode on separate paths.
-        issue = Signal()
-        issued = Signal()
-        m.d.sync += issued.eq(issue)
-        m.d.comb += core.cmd.valid.eq(issued)
+        self.core_issue = Signal()
+        core_issued = Signal()
+        m.d.sync += core_issued.eq(self.core_issue)
+        m.d.comb += core.cmd.valid.eq(core_issued)
 
         with m.FSM(name="cu"):
-            with m.State("IDLE"):
-                m.d.comb += rx.ready.eq(1)
-                with m.If(rx.valid):
-                    with m.If(rxp.first):
-                        m.d.sync += [f_cmd.eq(rxp.data), f_len.eq(rxp.length),
-                                     f_done.eq(0), pcount.eq(0)]
-                        m.next = "SEQ"
-                with m.Elif(self.rx_error.valid):       # a link error: ERROR(code, 0, 0)
-                    m.d.comb += self.rx_error.ready.eq(1)
-                    m.d.sync += [f_cmd.eq(0), f_seq.eq(self.rx_error.payload.seq), f_done.eq(1),
-                                 r_kind.eq(kind_code["ERROR"]), r_code.eq(self.rx_error.payload.code),
-                                 r_arg_next.eq(0)]
-                    m.next = "DRAIN"
+            self._receive_states()
+            self._check_states()
+            self._operation_states()
+            self._reset_states()
+            self._reply_states()
 
-            with m.State("SEQ"):
-                m.d.comb += rx.ready.eq(1)
-                with m.If(rx.valid):
-                    m.d.sync += f_seq.eq(rxp.data)
-                    with m.If(rxp.last):
-                        m.d.sync += f_done.eq(1)
-                        m.next = "VERDICT"
-                    with m.Else():
-                        m.next = "PAYLOAD"
+    def _receive_states(self):
+        """IDLE, SEQ, PAYLOAD: a frame's header and first payload bytes, or a link error."""
+        m = self.m
+        rx, rxp = self.unit.rx, self.unit.rx.payload
+        rx_error = self.unit.rx_error
+        with m.State("IDLE"):
+            m.d.comb += rx.ready.eq(1)
+            with m.If(rx.valid):
+                with m.If(rxp.first):
+                    m.d.sync += [self.frame_cmd.eq(rxp.data), self.frame_len.eq(rxp.length),
+                                 self.frame_done.eq(0), self.payload_count.eq(0)]
+                    m.next = "SEQ"
+            with m.Elif(rx_error.valid):       # a link error: ERROR(code, 0, 0)
+                m.d.comb += rx_error.ready.eq(1)
+                m.d.sync += [self.frame_cmd.eq(0), self.frame_seq.eq(rx_error.payload.seq),
+                             self.frame_done.eq(1), self.reply_kind.eq(ReplyKind.ERROR),
+                             self.reply_code.eq(rx_error.payload.code),
+                             self.reply_arg_next.eq(0)]
+                m.next = "DRAIN"
 
-            with m.State("PAYLOAD"):
-                # all of a command's payload (only the first 8 bytes are kept);
-                # of a DATA frame only the index
-                m.d.comb += rx.ready.eq(1)
-                with m.If(rx.valid):
-                    with m.Switch(pcount):
-                        for i in range(8):
-                            with m.Case(i):
-                                m.d.sync += pbuf[8 * i:8 * i + 8].eq(rxp.data)
-                    with m.If(pcount != 8):
-                        m.d.sync += pcount.eq(pcount + 1)
-                    with m.If(rxp.last):
-                        m.d.sync += f_done.eq(1)
-                        m.next = "VERDICT"
-                    with m.Elif(is_[Command.DATA] & (pcount == 1)):
-                        m.next = "VERDICT"
-
-            with m.State("VERDICT"):
-                # Register the verdict and what CHECK needs of the chunk arithmetic: its
-                # inputs are registers, stable from here until CHECK has acted.
-                m.d.sync += [v_code.eq(verdict), v_again.eq(dup_open | (is_data & data_old)),
-                             v_core.eq(needs_core), v_words.eq(exp_words),
-                             v_op.eq(frame_op), v_kick.eq(u32 == 1), v_no_acc.eq(dup)]
-                m.next = "CHECK"
-
-            with m.State("CHECK"):
-                # Without an open transfer the core is idle (or about to be: wait for it),
-                # so a command that needs it is handed over in this very cycle.
-                with m.If(xfer_open | core.cmd.ready):
-                    m.d.sync += [r_kind.eq(Mux(v_code != 0, kind_code["ERROR"], cmd_kind)),
-                                 r_code.eq(v_code),
-                                 r_arg_next.eq(v_code == ErrorCode.SEQUENCE),
-                                 last_valid.eq(v_code == 0), last_cmd.eq(f_cmd),
-                                 last_seq.eq(f_seq), done_seen.eq(0)]
-                    with m.If(v_code != 0):
-                        m.next = "DRAIN"
-                    with m.Elif(v_again):
-                        m.next = "DRAIN"        # ack again
-                    with m.Else():
-                        m.d.comb += [issue.eq(v_core), replier.start.eq(streams)]
-                        with m.If(is_[Command.FORWARD]):
-                            m.d.sync += [forwarded.eq(1), one_sided.eq(u8[0])]
-                        with m.If(is_[Command.SELFTEST] | is_[Command.LOAD]):
-                            m.d.sync += [forwarded.eq(0), one_sided.eq(0)]
-                        with m.If(is_[Command.LOAD]):
-                            m.d.sync += [t_loaded.eq(0), xfer_t.eq(u32)]
-                        with m.If(opens):
-                            m.d.sync += [xfer_open.eq(1), xfer_cmd.eq(f_cmd), xfer_done.eq(0),
-                                         xfer_left.eq(xfer_total), xfer_w.eq(is_[Command.ECHO])]
-                        with m.If(is_[Command.DATA]):
-                            m.d.comb += unpacker.start.eq(1)
-                        m.next = "DRAIN"
-                        with m.If(is_[Command.RESET]):
-                            m.d.sync += core_rst.eq(1)
-                            m.next = "RESET"
-                        with m.If(is_[Command.CLEAR_FLAGS] | is_[Command.CLEAR_ACC]
-                                  | is_[Command.SELFTEST]):
-                            m.next = "CORE_WAIT"
-                        with m.If(streams):
-                            m.next = "STREAM"
-                        with m.If(is_[Command.DATA]):
-                            m.next = "UNPACK"
-
-            # ---- core operations
-            with m.State("CORE_WAIT"):
-                m.d.comb += core.done.ready.eq(1)
-                with m.If(core.done.valid):
-                    m.d.sync += r_pass.eq(core.done.payload.selftest_pass)
-                    m.next = "DRAIN"
-            with m.State("STREAM"):
-                wiring.connect(m, replier.source, wiring.flipped(tx))
-                m.d.comb += core.done.ready.eq(1)
-                with m.If(core.done.valid):
-                    m.d.sync += done_seen.eq(1)
-                with m.If(~replier.busy & (done_seen | core.done.valid)):
-                    m.next = "IDLE"
-
-            # ---- transfers
-            with m.State("UNPACK"):
-                m.d.comb += [unpacker.sink.valid.eq(rx.valid), unpacker.sink.payload.eq(rxp.data),
-                             rx.ready.eq(unpacker.sink.ready)]
-                with m.If(rx.valid & rx.ready & rxp.last):
-                    m.d.sync += f_done.eq(1)
-                with m.If(~unpacker.busy):
-                    m.d.sync += [xfer_done.eq(xfer_done + 1), xfer_left.eq(xfer_left - v_words)]
-                    with m.If(xfer_left == v_words):
-                        m.next = "XFER_END"
-                    with m.Else():
-                        m.next = "DRAIN"
-            with m.State("XFER_END"):
-                m.d.comb += core.done.ready.eq(1)
-                with m.If(core.done.valid):
-                    m.d.sync += xfer_open.eq(0)
-                    with m.If(xfer_cmd == Command.LOAD):
-                        m.d.sync += t_loaded.eq(xfer_t)
-                    with m.If(xfer_cmd == Command.ECHO):
-                        m.d.sync += [forwarded.eq(0), one_sided.eq(0)]
-                    m.next = "DRAIN"
-
-            # ---- RESET: local reset of the core, then zero its memories
-            with m.State("RESET"):
-                m.d.sync += core_rst.eq(0)
-                m.d.sync += [xfer_open.eq(0), xfer_cmd.eq(0), xfer_done.eq(0), t_loaded.eq(0),
-                             forwarded.eq(0), one_sided.eq(0), rst_step.eq(0), pbuf.eq(1)]
-                m.next = "RST_ISSUE"
-            with m.State("RST_ISSUE"):
-                m.d.comb += [in_rst.eq(1), core.cmd.valid.eq(1)]
-                with m.If(core.cmd.ready):
-                    m.next = "RST_WAIT"
-            with m.State("RST_WAIT"):
-                for st in (core.params_in, core.inputs, core.nudges):
-                    m.d.comb += [st.valid.eq(1), st.payload.eq(0)]
-                for st, _ in outs:
-                    m.d.comb += st.ready.eq(1)
-                m.d.comb += core.done.ready.eq(1)
-                with m.If(core.done.valid):
-                    m.d.sync += rst_step.eq(rst_step + 1)
-                    with m.If(rst_step == len(RESET_OPS) - 1):
-                        m.next = "DRAIN"
-                    with m.Else():
-                        m.next = "RST_ISSUE"
-
-            # ---- the rest of the frame, then the small reply
-            with m.State("DRAIN"):
-                with m.If(f_done):
-                    m.d.sync += r_i.eq(0)
-                    m.next = "REPLY"
+        with m.State("SEQ"):
+            m.d.comb += rx.ready.eq(1)
+            with m.If(rx.valid):
+                m.d.sync += self.frame_seq.eq(rxp.data)
+                with m.If(rxp.last):
+                    m.d.sync += self.frame_done.eq(1)
+                    m.next = "VERDICT"
                 with m.Else():
-                    m.d.comb += rx.ready.eq(1)
-                    with m.If(rx.valid & rxp.last):
-                        m.d.sync += f_done.eq(1)
-            with m.State("REPLY"):
-                i = Signal.like(r_i)
-                m.d.comb += [i.eq(r_i - 2), rom_rd.addr.eq(Mux(tx.ready, r_i - 1, i))]
-                is_error = r_kind == kind_code["ERROR"]
-                r_len = Signal(range(max(KINDS.values()) + 1))
-                with m.Switch(r_kind):
-                    for k, n in KINDS.items():
-                        with m.Case(kind_code[k]):
-                            m.d.comb += r_len.eq(n)
-                # The payload bytes of every kind but ROM, merged by position (a byte past
-                # a kind's length is never sent, so only positions kinds share need a
-                # multiplexer): STATUS flags xfer_cmd xfer_done:u16 t_loaded:u32;
-                # ERROR code cmd arg:u16 (arg = xfer_done or 0); ACK next:u16; RESULT.
-                def kind_is(*ks):
-                    return Cat(*(r_kind == kind_code[k] for k in ks)).any()
-                done_lo, done_hi = xfer_done16[:8], xfer_done16[8:]
-                arg_zero = is_error & ~r_arg_next
-                small = [
-                    Mux(kind_is("STATUS"), status[:8],
-                        Mux(is_error, r_code, Mux(kind_is("ACK"), done_lo, r_pass))),
-                    Mux(kind_is("STATUS"), xfer_cmd, Mux(is_error, f_cmd, done_hi)),
-                    Mux(arg_zero, 0, done_lo),
-                    Mux(arg_zero, 0, done_hi),
-                    *(status[32 + 8 * j:40 + 8 * j] for j in range(4)),
-                ]
-                assert len(status) == 64 and KINDS["STATUS"] == 8
-                body = Signal(8)
-                with m.Switch(i[:3]):
-                    for j, byte in enumerate(small):
-                        with m.Case(j):
-                            m.d.comb += body.eq(byte)
-                with m.If(r_kind == kind_code["ROM"]):
-                    m.d.comb += body.eq(rom_rd.data)
-                with m.Switch(r_i):
-                    with m.Case(0):
-                        m.d.comb += tx.payload.data.eq(Mux(is_error, P.ERROR_REPLY,
-                                                           f_cmd | P.REPLY_BIT))
-                    with m.Case(1):
-                        m.d.comb += tx.payload.data.eq(f_seq)
-                    with m.Default():
-                        m.d.comb += tx.payload.data.eq(body)
-                last = r_i == r_len + 1
-                m.d.comb += [tx.valid.eq(1), tx.payload.first.eq(r_i == 0),
-                             tx.payload.last.eq(last)]
-                with m.If(tx.ready):
-                    m.d.sync += r_i.eq(r_i + 1)
-                    with m.If(last):
-                        m.next = "IDLE"
-        return m
+                    m.next = "PAYLOAD"
+
+        with m.State("PAYLOAD"):
+            # all of a command's payload (only the first 8 bytes are kept);
+            # of a DATA frame only the index
+            m.d.comb += rx.ready.eq(1)
+            with m.If(rx.valid):
+                with m.Switch(self.payload_count):
+                    for i in range(8):
+                        with m.Case(i):
+                            m.d.sync += self.payload[8 * i:8 * i + 8].eq(rxp.data)
+                with m.If(self.payload_count != 8):
+                    m.d.sync += self.payload_count.eq(self.payload_count + 1)
+                with m.If(rxp.last):
+                    m.d.sync += self.frame_done.eq(1)
+                    m.next = "VERDICT"
+                with m.Elif(self.is_cmd[Command.DATA] & (self.payload_count == 1)):
+                    m.next = "VERDICT"
+
+    def _check_states(self):
+        """VERDICT registers the checks' result, CHECK acts on it."""
+        m, core, is_cmd = self.m, self.unit.core, self.is_cmd
+        with m.State("VERDICT"):
+            # Register the verdict and what CHECK needs of the chunk arithmetic: its
+            # inputs are registers, stable from here until CHECK has acted.
+            m.d.sync += [self.verdict_code.eq(self.verdict),
+                         self.verdict_ack_again.eq(self.duplicate_opening
+                                                   | (is_cmd[Command.DATA] & self.data_old)),
+                         self.verdict_needs_core.eq(self.needs_core),
+                         self.verdict_chunk_words.eq(self.expected_chunk_words),
+                         self.verdict_op.eq(self.frame_op),
+                         self.verdict_kick.eq(self.u32 == 1),
+                         self.verdict_no_acc.eq(self.duplicate)]
+            m.next = "CHECK"
+
+        with m.State("CHECK"):
+            # Without an open transfer the core is idle (or about to be: wait for it),
+            # so a command that needs it is handed over in this very cycle.
+            code = self.verdict_code
+            with m.If(self.xfer_open | core.cmd.ready):
+                m.d.sync += [self.reply_kind.eq(Mux(code != 0, ReplyKind.ERROR,
+                                                    self.command_reply)),
+                             self.reply_code.eq(code),
+                             self.reply_arg_next.eq(code == ErrorCode.SEQUENCE),
+                             self.last_valid.eq(code == 0), self.last_cmd.eq(self.frame_cmd),
+                             self.last_seq.eq(self.frame_seq), self.done_seen.eq(0)]
+                with m.If(code != 0):
+                    m.next = "DRAIN"
+                with m.Elif(self.verdict_ack_again):
+                    m.next = "DRAIN"        # ack again
+                with m.Else():
+                    self._execute()
+
+    def _execute(self):
+        """CHECK, an accepted command: start it and go to the state that waits for it."""
+        m, is_cmd, u8, u32 = self.m, self.is_cmd, self.u8, self.u32
+        m.d.comb += [self.core_issue.eq(self.verdict_needs_core),
+                     self.replier.start.eq(self.streams)]
+        with m.If(is_cmd[Command.FORWARD]):
+            m.d.sync += [self.forwarded.eq(1), self.one_sided.eq(u8[0])]
+        with m.If(is_cmd[Command.SELFTEST] | is_cmd[Command.LOAD]):
+            m.d.sync += [self.forwarded.eq(0), self.one_sided.eq(0)]
+        with m.If(is_cmd[Command.LOAD]):
+            m.d.sync += [self.t_loaded.eq(0), self.load_t.eq(u32)]
+        with m.If(self.opens):
+            m.d.sync += [self.xfer_open.eq(1), self.xfer_cmd.eq(self.frame_cmd),
+                         self.xfer_done.eq(0), self.xfer_words_left.eq(self.xfer_total),
+                         self.xfer_state_words.eq(is_cmd[Command.ECHO])]
+        with m.If(is_cmd[Command.DATA]):
+            m.d.comb += self.unpacker.start.eq(1)
+        m.next = "DRAIN"
+        with m.If(is_cmd[Command.RESET]):
+            m.d.sync += self.core_rst.eq(1)
+            m.next = "RESET"
+        with m.If(is_cmd[Command.CLEAR_FLAGS] | is_cmd[Command.CLEAR_ACC]
+                  | is_cmd[Command.SELFTEST]):
+            m.next = "CORE_WAIT"
+        with m.If(self.streams):
+            m.next = "STREAM"
+        with m.If(is_cmd[Command.DATA]):
+            m.next = "UNPACK"
+
+    def _operation_states(self):
+        """CORE_WAIT, STREAM (core operations); UNPACK, XFER_END (transfers)."""
+        m, core = self.m, self.unit.core
+        rx, rxp, tx = self.unit.rx, self.unit.rx.payload, self.unit.tx
+        replier, unpacker = self.replier, self.unpacker
+        with m.State("CORE_WAIT"):
+            m.d.comb += core.done.ready.eq(1)
+            with m.If(core.done.valid):
+                m.d.sync += self.selftest_pass.eq(core.done.payload.selftest_pass)
+                m.next = "DRAIN"
+        with m.State("STREAM"):
+            wiring.connect(m, replier.source, wiring.flipped(tx))
+            m.d.comb += core.done.ready.eq(1)
+            with m.If(core.done.valid):
+                m.d.sync += self.done_seen.eq(1)
+            with m.If(~replier.busy & (self.done_seen | core.done.valid)):
+                m.next = "IDLE"
+
+        with m.State("UNPACK"):
+            m.d.comb += [unpacker.sink.valid.eq(rx.valid), unpacker.sink.payload.eq(rxp.data),
+                         rx.ready.eq(unpacker.sink.ready)]
+            with m.If(rx.valid & rx.ready & rxp.last):
+                m.d.sync += self.frame_done.eq(1)
+            with m.If(~unpacker.busy):
+                m.d.sync += [self.xfer_done.eq(self.xfer_done + 1),
+                             self.xfer_words_left.eq(self.xfer_words_left
+                                                     - self.verdict_chunk_words)]
+                with m.If(self.xfer_words_left == self.verdict_chunk_words):
+                    m.next = "XFER_END"
+                with m.Else():
+                    m.next = "DRAIN"
+        with m.State("XFER_END"):
+            m.d.comb += core.done.ready.eq(1)
+            with m.If(core.done.valid):
+                m.d.sync += self.xfer_open.eq(0)
+                with m.If(self.xfer_cmd == Command.LOAD):
+                    m.d.sync += self.t_loaded.eq(self.load_t)
+                with m.If(self.xfer_cmd == Command.ECHO):
+                    m.d.sync += [self.forwarded.eq(0), self.one_sided.eq(0)]
+                m.next = "DRAIN"
+
+    def _reset_states(self):
+        """RESET: the core's local reset, then the operations that zero its memories."""
+        m, core = self.m, self.unit.core
+        with m.State("RESET"):
+            m.d.sync += self.core_rst.eq(0)
+            m.d.sync += [self.xfer_open.eq(0), self.xfer_cmd.eq(0), self.xfer_done.eq(0),
+                         self.t_loaded.eq(0), self.forwarded.eq(0), self.one_sided.eq(0),
+                         self.reset_step.eq(0), self.payload.eq(1)]
+            m.next = "RESET_ISSUE"
+        with m.State("RESET_ISSUE"):
+            m.d.comb += [self.in_reset.eq(1), core.cmd.valid.eq(1)]
+            with m.If(core.cmd.ready):
+                m.next = "RESET_WAIT"
+        with m.State("RESET_WAIT"):
+            for st in (core.params_in, core.inputs, core.nudges):
+                m.d.comb += [st.valid.eq(1), st.payload.eq(0)]
+            for st, _ in self.outs:
+                m.d.comb += st.ready.eq(1)
+            m.d.comb += core.done.ready.eq(1)
+            with m.If(core.done.valid):
+                m.d.sync += self.reset_step.eq(self.reset_step + 1)
+                with m.If(self.reset_step == len(RESET_OPS) - 1):
+                    m.next = "DRAIN"
+                with m.Else():
+                    m.next = "RESET_ISSUE"
+
+    def _reply_states(self):
+        """DRAIN (the rest of the frame), then REPLY (the small reply)."""
+        m = self.m
+        rx, rxp, tx = self.unit.rx, self.unit.rx.payload, self.unit.tx
+        with m.State("DRAIN"):
+            with m.If(self.frame_done):
+                m.d.sync += self.reply_index.eq(0)
+                m.next = "REPLY"
+            with m.Else():
+                m.d.comb += rx.ready.eq(1)
+                with m.If(rx.valid & rxp.last):
+                    m.d.sync += self.frame_done.eq(1)
+        with m.State("REPLY"):
+            self._reply()
+
+    def _reply(self):
+        """REPLY: header (cmd|0x80 or ERROR_REPLY, seq), then the payload of its kind."""
+        m, tx = self.m, self.unit.tx
+        kind, reply_index = self.reply_kind, self.reply_index
+        ident_read = self.ident_read
+        i = Signal.like(reply_index)            # the payload byte
+        m.d.comb += [i.eq(reply_index - 2),
+                     ident_read.addr.eq(Mux(tx.ready, reply_index - 1, i))]
+        is_error = kind == ReplyKind.ERROR
+        reply_len = Signal(range(max(self.reply_len.values()) + 1))
+        with m.Switch(kind):
+            for k, n in self.reply_len.items():
+                with m.Case(k):
+                    m.d.comb += reply_len.eq(n)
+        # The payload bytes of every kind but IDENT, merged by position (a byte past
+        # a kind's length is never sent, so only positions kinds share need a
+        # multiplexer): STATUS flags xfer_cmd xfer_done:u16 t_loaded:u32;
+        # ERROR code cmd arg:u16 (arg = xfer_done or 0); ACK next:u16; RESULT.
+        is_status, is_ack = kind == ReplyKind.STATUS, kind == ReplyKind.ACK
+        done_lo, done_hi = self.xfer_done_u16[:8], self.xfer_done_u16[8:]
+        status = self.status
+        arg_zero = is_error & ~self.reply_arg_next
+        small = [
+            Mux(is_status, status[:8],
+                Mux(is_error, self.reply_code, Mux(is_ack, done_lo, self.selftest_pass))),
+            Mux(is_status, self.xfer_cmd, Mux(is_error, self.frame_cmd, done_hi)),
+            Mux(arg_zero, 0, done_lo),
+            Mux(arg_zero, 0, done_hi),
+            *(status[32 + 8 * j:40 + 8 * j] for j in range(4)),
+        ]
+        assert len(status) == 64 and self.reply_len[ReplyKind.STATUS] == 8
+        body = Signal(8)
+        with m.Switch(i[:3]):
+            for j, byte in enumerate(small):
+                with m.Case(j):
+                    m.d.comb += body.eq(byte)
+        with m.If(kind == ReplyKind.IDENT):
+            m.d.comb += body.eq(ident_read.data)
+        with m.Switch(reply_index):
+            with m.Case(0):
+                m.d.comb += tx.payload.data.eq(Mux(is_error, P.ERROR_REPLY,
+                                                   self.frame_cmd | P.REPLY_BIT))
+            with m.Case(1):
+                m.d.comb += tx.payload.data.eq(self.frame_seq)
+            with m.Default():
+                m.d.comb += tx.payload.data.eq(body)
+        last = reply_index == reply_len + 1
+        m.d.comb += [tx.valid.eq(1), tx.payload.first.eq(reply_index == 0),
+                     tx.payload.last.eq(last)]
+        with m.If(tx.ready):
+            m.d.sync += reply_index.eq(reply_index + 1)
+            with m.If(last):
+                m.next = "IDLE"

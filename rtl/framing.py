@@ -91,11 +91,10 @@ class BlockRAMQueue(wiring.Component):
     in the read port's output register, which is ``r_data``. Why not
     ``amaranth.lib.fifo.SyncFIFOBuffered``: that keeps a level counter (up/down, and
     a wrap-around compare for its ``depth − 1`` entries in memory) beside its two
-    pointers; here the pointers carry a wrap bit and full/empty are equalities
-    (Yosys, iCE40: the encoder's block queue 74 → 52 LUT4, 55 → 49 FF, 24 → 14
-    carries; the decoder's frame queue 46 → 37, 44 → 41, 10 → 6). Throughput is the
-    same (one entry per cycle each way), and so is the latency: an entry written in
-    one cycle is on ``r_data`` two cycles later. No level output.
+    pointers; here the pointers carry a wrap bit and full/empty are equalities,
+    which takes fewer LUTs, flip-flops and carries. Throughput is the same (one
+    entry per cycle each way), and so is the latency: an entry written in one
+    cycle is on ``r_data`` two cycles later. No level output.
     """
 
     @staticmethod
@@ -471,11 +470,10 @@ class FrameEncoder(wiring.Component):
     of long and short blocks. That matters when the producer is only a little
     faster than the line (a FORWARD reply: one output word per core step):
     while a long block fills at the producer's rate, the line keeps sending
-    the blocks already complete. With a 4-entry queue, a run of short blocks
-    filled the queue, the producer stalled with little data buffered, and the
-    line then idled waiting for the next long block; ``hel bench link``
-    measured FORWARD at 84.7 % of the line rate that way, 98.3 % with this
-    queue. On the worst mix of content (alternating zero-free and zero-heavy
+    the blocks already complete. A shallow queue would fill with a run of short
+    blocks and stall the producer with little data buffered, and the line would
+    then idle waiting for the next long block (measured line use: ``docs/link.md``).
+    On the worst mix of content (alternating zero-free and zero-heavy
     1024-byte bodies, output always ready) the input side keeps its full rate
     and the line side keeps pace with it. The first byte of a frame leaves
     after its first zero byte or its 254th byte, whichever comes first.
