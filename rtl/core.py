@@ -130,8 +130,21 @@ DoneLayout = data.StructLayout({
     "selftest_pass": unsigned(1),
 })
 
-_PH_A, _PH_B, _PH_C, _PH_U = 0, 1, 2, 3
-_FWD_NONE, _FWD_CENTRED, _FWD_ONE = 0, 1, 2
+
+class Phase(enum.Enum, shape=2):
+    """The phase of an issued slot (the module docstring's schedule: A, B, C, U)."""
+    Z = 0           # A: z sums
+    FORCE = 1       # B: force sums
+    CONTRAST = 2    # C: contrast accumulation
+    INPUT = 3       # U: input products c_j
+
+
+class ForwardMode(enum.Enum, shape=2):
+    """What the last FORWARD left for an ECHO: nothing to echo (no FORWARD of the
+    loaded sequence, or it was consumed), a centred or a one-sided forward pass."""
+    NONE = 0
+    CENTRED = 1
+    ONE_SIDED = 2
 
 
 def _device(platform) -> str:
@@ -411,15 +424,15 @@ class HELCore(wiring.Component):
 
         # After the control FSM, so that these take priority over its assignments.
         with m.If(s.tanh.a_valid):
-            m.d.sync += s.a_count.eq(s.a_count + 1)
+            m.d.sync += s.activation_count.eq(s.activation_count + 1)
 
         self.probes.update(pmem=s.pmem, bmem=s.bmem, xmem=s.xmem, amem=s.amem, smem=s.smem,
-                           u=s.u_cur, k_valid=s.k_valid, k_i=s.k_i, k_kick=s.k_kick,
-                           k_slot=s.k_slot, z_valid=s.z_valid, z_out=s.z_out,
+                           u=s.u_current, k_valid=s.kick_valid, k_i=s.kick_osc, k_kick=s.kick,
+                           k_slot=s.kick_bank, z_valid=s.z_valid, z_out=s.z_out,
                            a_valid=s.tanh.a_valid, a=s.tanh.a, a_tag=s.a_tag)
         # the b memory is read ahead of the z adder (the walker owns it in RPARAM)
-        with m.If(s.b_tag.valid & (s.b_tag.phase == _PH_A)):
-            m.d.comb += s.br.addr.eq(s.b_tag.j)
+        with m.If(s.b_tag.valid & (s.b_tag.phase == Phase.Z)):
+            m.d.comb += s.b_rd.addr.eq(s.b_tag.row)
 
         return m
 
@@ -456,20 +469,22 @@ class HELCore(wiring.Component):
         m.submodules.amem = amem
         m.submodules.smem = smem
         s.pmem, s.bmem, s.xmem, s.amem, s.smem, s.seqbuf = pmem, bmem, xmem, amem, smem, seqbuf
-        s.pr = [ram_read_port(m, pm, f"pr{p}") for p, pm in enumerate(pmem)]
-        s.pw = [pm.write_port() for pm in pmem]
-        br, bw = ram_read_port(m, bmem, "br"), bmem.write_port()
-        s.xr = [ram_read_port(m, xm, f"xr{p}") for p, xm in enumerate(xmem)]
-        s.xw = [xm.write_port() for xm in xmem]
-        ar, aw_ = ram_read_port(m, amem, "ar"), amem.write_port()
-        sr, swp = ram_read_port(m, smem, "sr"), smem.write_port()
-        s.br, s.bw, s.ar, s.aw_, s.sr, s.swp = br, bw, ar, aw_, sr, swp
+        s.param_rd = [ram_read_port(m, pm, f"param_rd{p}") for p, pm in enumerate(pmem)]
+        s.param_wr = [pm.write_port() for pm in pmem]
+        b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), bmem.write_port()
+        s.operand_rd = [ram_read_port(m, om, f"operand_rd{p}") for p, om in enumerate(xmem)]
+        s.operand_wr = [om.write_port() for om in xmem]
+        activation_rd, activation_wr = ram_read_port(m, amem, "activation_rd"), amem.write_port()
+        state_rd, state_wr = ram_read_port(m, smem, "state_rd"), smem.write_port()
+        s.b_rd, s.b_wr = b_rd, b_wr
+        s.activation_rd, s.activation_wr = activation_rd, activation_wr
+        s.state_rd, s.state_wr = state_rd, state_wr
 
     def _build_units(self, m, s):
         """The P MAC lanes, the accumulator groups, the tanh unit, the self-test
         generator and the outputs FIFO."""
         cfg, g = self.cfg, self.geometry
-        P, K, O, GL = g.p, cfg.k, cfg.o, g.group_lanes
+        P, K, O, group_lanes = g.p, cfg.k, cfg.o, g.group_lanes
         # one lane: the serializer takes the force sums straight from the running sums
         # and the kick's rounding half is the force sums' initial value (f_bias)
         ks = cfg.kick_shift
@@ -477,7 +492,8 @@ class HELCore(wiring.Component):
                  for _ in range(P)]
         for p in range(P):
             m.submodules[f"lane{p}"] = lanes[p]
-        groups = [AccumulatorGroup(cfg, lanes=min(GL, P - q * GL), pipelined=not s.compact)
+        groups = [AccumulatorGroup(cfg, lanes=min(group_lanes, P - q * group_lanes),
+                                   pipelined=not s.compact)
                   for q in range(g.groups)]
         for q, grp in enumerate(groups):
             m.submodules[f"accgroup{q}"] = grp
@@ -489,28 +505,31 @@ class HELCore(wiring.Component):
         # SyncFIFOBuffered moves a word from its memory to its output register before
         # the memory takes the O-th of O back-to-back writes.
         s.fifo_depth = 1 if O == 1 else O + 1
-        s.ofifo = m.submodules.ofifo = SyncFIFOBuffered(width=cfg.state_width, depth=s.fifo_depth)
+        s.output_fifo = m.submodules.ofifo = SyncFIFOBuffered(width=cfg.state_width,
+                                                              depth=s.fifo_depth)
 
     def _build_nudge_buffer(self, m, s):
         """Nudges: with O = 1 the row waits in the stream source itself (a stream holds
         its payload until ready) and is taken when the state unit has used it for
         both banks; else it waits in a FIFO of one row."""
         O, sw = self.cfg.o, self.cfg.state_width
-        n_accept = Signal()          # nudge rows are still to come
-        nu_have = Signal()           # a row (O words) is available
-        nu_take = Signal()           # the state unit is done with the row's next word
-        nu = Signal(signed(sw))
+        nudge_accept = Signal()       # nudge rows are still to come
+        nudge_row_ready = Signal()    # a row (O words) is available
+        nudge_take = Signal()         # the state unit is done with the row's next word
+        nudge = Signal(signed(sw))
         if O == 1:
-            m.d.comb += [nu.eq(self.nudges.payload), nu_have.eq(self.nudges.valid & n_accept),
-                         self.nudges.ready.eq(nu_take & n_accept)]
+            m.d.comb += [nudge.eq(self.nudges.payload),
+                         nudge_row_ready.eq(self.nudges.valid & nudge_accept),
+                         self.nudges.ready.eq(nudge_take & nudge_accept)]
         else:
-            nfifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=s.fifo_depth)
-            m.d.comb += [nfifo.w_data.eq(self.nudges.payload),
-                         nfifo.w_en.eq(self.nudges.valid & n_accept),
-                         self.nudges.ready.eq(nfifo.w_rdy & n_accept),
-                         nu.eq(nfifo.r_data.as_signed()), nfifo.r_en.eq(nu_take),
-                         nu_have.eq(nfifo.level >= O)]
-        s.n_accept, s.nu_have, s.nu_take, s.nu = n_accept, nu_have, nu_take, nu
+            nudge_fifo = m.submodules.nfifo = SyncFIFOBuffered(width=sw, depth=s.fifo_depth)
+            m.d.comb += [nudge_fifo.w_data.eq(self.nudges.payload),
+                         nudge_fifo.w_en.eq(self.nudges.valid & nudge_accept),
+                         self.nudges.ready.eq(nudge_fifo.w_rdy & nudge_accept),
+                         nudge.eq(nudge_fifo.r_data.as_signed()), nudge_fifo.r_en.eq(nudge_take),
+                         nudge_row_ready.eq(nudge_fifo.level >= O)]
+        s.nudge_accept, s.nudge_row_ready = nudge_accept, nudge_row_ready
+        s.nudge_take, s.nudge = nudge_take, nudge
 
     # ---------------------------------------------------------------- status and command
     def _build_flags(self, m, s):
@@ -540,55 +559,60 @@ class HELCore(wiring.Component):
         commands, the engine's mode and the count of steps still to run."""
         cfg = self.cfg
         seq_depth = cfg.t_max * cfg.k
-        s.c_op = Signal(Op)
-        s.c_len = Signal(32)
-        s.c_one = Signal()
-        s.c_kick = Signal()
-        s.c_bank = Signal(2)
-        s.c_seed = Signal(32)
-        s.c_skip = Signal(4)
-        s.res = Signal(Result)
-        s.st_pass = Signal()
-        s.loaded_len = Signal(range(cfg.t_max + 1))
-        s.seq_last_base = Signal(range(max(seq_depth, 2)))
-        s.fwd_mode = Signal(2)
+        s.cmd_op = Signal(Op)
+        s.cmd_length = Signal(32)
+        s.cmd_bank = Signal(2)
+        s.cmd_seed = Signal(32)
+        s.cmd_skip = Signal(4)
+        s.result = Signal(Result)
+        s.selftest_pass = Signal()
+        s.loaded_length = Signal(range(cfg.t_max + 1))
+        s.last_row_base = Signal(range(max(seq_depth, 2)))   # LOAD: the last row's t·K
+        s.forward_mode = Signal(ForwardMode)
 
-        # engine mode
-        s.e_out = Signal()     # FORWARD: emit outputs
-        s.e_echo = Signal()    # echo of a FORWARD: pos/neg banks, nudges
-        s.e_st = Signal()      # SELFTEST
-        s.e_st_echo = Signal()  # SELFTEST, second half
-        s.e_nb2 = Signal()     # two working banks (centred echo)
-        s.e_acc = Signal()     # contrast phase C
-        s.e_one = Signal()     # one-sided FORWARD (the next echo is one-sided)
-        s.e_sub = Signal()     # C subtracts (one-sided forward): product in the −ε slot
-        s.e_kick = Signal()
-        s.e_flip = Signal()    # pre-step flips (else zeroes) the state
-        remaining = Signal(32)  # steps after the current one
+        # The engine's mode, set by IDLE for a FORWARD, ECHO or SELFTEST pass.
+        s.emit_outputs = Signal()     # FORWARD: stream the outputs
+        s.echo = Signal()             # echo of a FORWARD: pos/neg banks, nudges
+        s.selftest = Signal()         # SELFTEST
+        s.selftest_echo = Signal()    # SELFTEST, second half
+        s.two_banks = Signal()        # two working banks (centred echo)
+        s.accumulate = Signal()       # phase C runs (contrast into the accumulators)
+        s.one_sided = Signal()        # one-sided FORWARD (the next echo is one-sided)
+        s.negate_contrast = Signal()  # C subtracts (one-sided forward): product in the −ε slot
+        s.kick_only = Signal()        # ECHO with one nudge row (HEB)
+        s.flip_state = Signal()       # the pre-step flips (else zeroes) the state
+        steps_left = Signal(32)       # steps after the current one
         has_next = Signal()
-        m.d.comb += has_next.eq(remaining != 0)
+        m.d.comb += has_next.eq(steps_left != 0)
         # one decrementer: a pass starts with (SELFTEST length or loaded T) − 1 steps
         # to follow (set when PRE hands over), and each step takes one off
-        rem_load = Signal()
-        rem_dec = Signal()
-        rem_next = Signal(32)
-        m.d.comb += rem_next.eq(Mux(rem_load, Mux(s.e_st, s.c_len, s.loaded_len), remaining) - 1)
-        with m.If(rem_load | rem_dec):
-            m.d.sync += remaining.eq(rem_next)
-        s.has_next, s.rem_load, s.rem_dec = has_next, rem_load, rem_dec
+        steps_left_load = Signal()
+        steps_left_dec = Signal()
+        steps_left_next = Signal(32)
+        first = Mux(s.selftest, s.cmd_length, s.loaded_length)
+        m.d.comb += steps_left_next.eq(Mux(steps_left_load, first, steps_left) - 1)
+        with m.If(steps_left_load | steps_left_dec):
+            m.d.sync += steps_left.eq(steps_left_next)
+        s.has_next, s.steps_left_load, s.steps_left_dec = has_next, steps_left_load, steps_left_dec
 
     # ---------------------------------------------------------------- issue stage (S0)
     def _build_issue_signals(self, m, s):
         """The slot tags (``tag0`` issued in S0, ``tag1``…``tag3`` its copies a stage
         later each), the lane memories' read addresses the control FSM drives in S0,
         its slot counters, the count of finished activations, and the current inputs
-        ``u_cur``."""
+        ``u_current``.
+
+        A tag says what a slot's products are for: ``phase``; ``bank`` (0: the fwd or
+        +ε bank, 1: the −ε bank); ``row`` (j; in B the slot number t, 0 for α and
+        j + 1 for W_ji) and ``chunk`` (r, a group of P columns; the input k in U);
+        ``first``/``last`` product of a sum; ``alpha_row``: the contrast's row M.
+        """
         cfg, g = self.cfg, self.geometry
-        M, K, RA, LB, RMAX = cfg.m, cfg.k, g.ra, g.lb, g.rmax
+        M, K, RA, LB, max_chunks = cfg.m, cfg.k, g.ra, g.lb, g.rmax
         ow = cfg.operand_width
         s.tag_layout = data.StructLayout({
-            "valid": 1, "phase": 2, "sub": 1, "r": range(max(RMAX, 2)), "j": range(M + 1),
-            "first": 1, "last": 1, "jm": 1,
+            "valid": 1, "phase": Phase, "bank": 1, "chunk": range(max(max_chunks, 2)),
+            "row": range(M + 1), "first": 1, "last": 1, "alpha_row": 1,
         })
         tag0 = Signal(s.tag_layout)
         tag1 = Signal(s.tag_layout)
@@ -596,31 +620,31 @@ class HELCore(wiring.Component):
         tag3 = Signal(s.tag_layout)
         m.d.sync += [tag1.eq(tag0), tag2.eq(tag1), tag3.eq(tag2)]
         s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
-        s.p_addr = Signal(range(max(g.param_depth, 2)))
-        s.p_en = Signal()
-        s.x_addr = Signal(range(max(2 * g.rn, 2)))
-        s.a_addr = Signal(range(max(2 * M, 2)))
+        s.param_addr = Signal(range(max(g.param_depth, 2)))
+        s.param_en = Signal()
+        s.operand_addr = Signal(range(max(2 * g.rn, 2)))
+        s.activation_addr = Signal(range(max(2 * M, 2)))
         s.issue_mode = Signal()   # the engine drives the lane memories' read ports
-        s.i_sub = Signal()
-        s.i_r = Signal(range(max(RMAX, 2)))
-        s.i_j = Signal(range(M + 1))
-        s.i_t = Signal(range(LB + 1))
-        s.i_pbase = Signal(range(g.param_depth + RA + 1))
-        s.i_bptr = Signal(range(g.param_depth + RA + 1))
+        s.issue_bank = Signal()
+        s.issue_chunk = Signal(range(max(max_chunks, 2)))
+        s.issue_row = Signal(range(M + 1))
+        s.issue_slot = Signal(range(LB + 1))     # B: 0 for α, j + 1 for W_ji
+        s.issue_row_base = Signal(range(g.param_depth + RA + 1))
+        s.issue_weight_addr = Signal(range(g.param_depth + RA + 1))   # B: W_ji's address
         # Activations written this step. They come in issue order — (bank 0, row 0),
         # (bank 1, row 0), (0, 1), … — so the count is also the a memory's address
         # (2j + bank in centred echo, else j) and, halved in centred echo, the
         # number of finished rows the contrast and force phases wait for.
-        a_count = Signal(range(2 * M + 1))
-        a_rows = Signal(range(M + 1))
-        m.d.comb += a_rows.eq(Mux(s.e_nb2, a_count >> 1, a_count))
-        s.a_count, s.a_rows = a_count, a_rows
-        s.u_dec = Signal()     # leaving the U phase starts the next step (not the first)
-        nb_last = Signal()   # sub value of the last working bank
-        m.d.comb += nb_last.eq(s.e_nb2)
-        s.nb_last = nb_last
+        activation_count = Signal(range(2 * M + 1))
+        activation_rows = Signal(range(M + 1))
+        m.d.comb += activation_rows.eq(Mux(s.two_banks, activation_count >> 1, activation_count))
+        s.activation_count, s.activation_rows = activation_count, activation_rows
+        s.step_after_input = Signal()   # leaving the U phase starts the next step (not the first)
+        last_bank = Signal()            # the bank of the last working bank's slot
+        m.d.comb += last_bank.eq(s.two_banks)
+        s.last_bank = last_bank
 
-        s.u_cur = [Signal(signed(ow), name=f"u{k}") for k in range(K)]
+        s.u_current = [Signal(signed(ow), name=f"u{k}") for k in range(K)]
 
     # ---------------------------------------------------------------- S1: operands
     def _build_operand_select(self, m, s):
@@ -628,84 +652,90 @@ class HELCore(wiring.Component):
         x (qo, u or 0), B weight × qo or activation, U weight × input, C activation ×
         x (or qo², or zeros for the single bank's unused slot)."""
         cfg, g = self.cfg, self.geometry
-        P, N, K, RMAX = g.p, cfg.n, cfg.k, g.rmax
+        P, N, K, max_chunks = g.p, cfg.n, cfg.k, g.rmax
         ow = cfg.operand_width
-        pr, xr, ar, tag1, u_cur = s.pr, s.xr, s.ar, s.tag1, s.u_cur
+        param_rd, operand_rd, activation_rd = s.param_rd, s.operand_rd, s.activation_rd
+        tag1, u_current = s.tag1, s.u_current
         for p in range(P):
             with m.If(s.issue_mode):
-                m.d.comb += [pr[p].addr.eq(s.p_addr), pr[p].en.eq(s.p_en)]
-            m.d.comb += xr[p].addr.eq(s.x_addr)
-        m.d.comb += ar.addr.eq(s.a_addr)
+                m.d.comb += [param_rd[p].addr.eq(s.param_addr), param_rd[p].en.eq(s.param_en)]
+            m.d.comb += operand_rd[p].addr.eq(s.operand_addr)
+        m.d.comb += activation_rd.addr.eq(s.activation_addr)
 
-        u_sel = Signal(signed(ow))    # U phase: input k = tag1.r, the same for every lane
-        with m.Switch(tag1.r):
+        u_selected = Signal(signed(ow))    # U phase: input k = tag1.chunk, the same for every lane
+        with m.Switch(tag1.chunk):
             for k in range(K):
                 with m.Case(k):
-                    m.d.comb += u_sel.eq(u_cur[k])
+                    m.d.comb += u_selected.eq(u_current[k])
+        in_contrast = tag1.phase == Phase.CONTRAST
         for p in range(P):
             lane = s.lanes[p]
-            xq = xr[p].data
-            xval = Signal(signed(ow), name=f"xval{p}")
-            xq_m = Signal(signed(ow), name=f"xqm{p}")
-            with m.Switch(tag1.r):
-                for r in range(RMAX):
+            qo_read = operand_rd[p].data
+            x_value = Signal(signed(ow), name=f"x_value{p}")    # x_c of column c = rP + p
+            qo_alpha = Signal(signed(ow), name=f"qo_alpha{p}")  # qo_c for the α row (qo²)
+            with m.Switch(tag1.chunk):
+                for r in range(max_chunks):
                     c = r * P + p
                     with m.Case(r):
                         if c < N:
-                            m.d.comb += [xval.eq(xq), xq_m.eq(xq)]
+                            m.d.comb += [x_value.eq(qo_read), qo_alpha.eq(qo_read)]
                         elif c < N + K:
                             if g.u_mode:   # the z rows have no input columns then
-                                m.d.comb += xval.eq(Mux(tag1.phase == _PH_C, u_cur[c - N], 0))
+                                m.d.comb += x_value.eq(Mux(in_contrast, u_current[c - N], 0))
                             else:
-                                m.d.comb += xval.eq(u_cur[c - N])
+                                m.d.comb += x_value.eq(u_current[c - N])
                         elif c == N + K:
-                            m.d.comb += xval.eq(tag1.phase == _PH_C)
+                            m.d.comb += x_value.eq(in_contrast)
             # single bank: one contrast slot is zero — the −ε slot (diff = +product), or,
             # to accumulate −G(0) in a one-sided forward, the +ε slot (diff = −product),
             # so the accumulator only ever adds
-            zero_sub = Signal(name=f"zsub{p}")
-            m.d.comb += zero_sub.eq((tag1.phase == _PH_C) & ~s.e_nb2 & (tag1.sub != s.e_sub))
+            zero_slot = Signal(name=f"zero_slot{p}")
+            m.d.comb += zero_slot.eq(in_contrast & ~s.two_banks
+                                     & (tag1.bank != s.negate_contrast))
             with m.Switch(tag1.phase):
-                with m.Case(_PH_A):
-                    m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(xval)]
-                with m.Case(_PH_B):
-                    m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(Mux(tag1.first, xq, ar.data))]
-                with m.Case(_PH_U):
-                    m.d.comb += [lane.a.eq(pr[p].data), lane.b.eq(u_sel)]
-                with m.Case(_PH_C):
-                    with m.If(zero_sub):
+                with m.Case(Phase.Z):
+                    m.d.comb += [lane.a.eq(param_rd[p].data), lane.b.eq(x_value)]
+                with m.Case(Phase.FORCE):
+                    m.d.comb += [lane.a.eq(param_rd[p].data),
+                                 lane.b.eq(Mux(tag1.first, qo_read, activation_rd.data))]
+                with m.Case(Phase.INPUT):
+                    m.d.comb += [lane.a.eq(param_rd[p].data), lane.b.eq(u_selected)]
+                with m.Case(Phase.CONTRAST):
+                    with m.If(zero_slot):
                         m.d.comb += [lane.a.eq(0), lane.b.eq(0)]
-                    with m.Elif(tag1.jm):
-                        m.d.comb += [lane.a.eq(xq_m), lane.b.eq(xq_m)]
+                    with m.Elif(tag1.alpha_row):
+                        m.d.comb += [lane.a.eq(qo_alpha), lane.b.eq(qo_alpha)]
                     with m.Else():
-                        m.d.comb += [lane.a.eq(ar.data), lane.b.eq(xval)]
+                        m.d.comb += [lane.a.eq(activation_rd.data), lane.b.eq(x_value)]
 
     # ---------------------------------------------------------------- S3: force sums
     def _build_force_controls(self, m, s):
         """The lanes' force-sum controls, for the products of phases B and U (the lanes
         take them a stage ahead, from ``tag2``, and register them)."""
         tag2 = s.tag2
-        in_b = tag2.phase == _PH_B
+        in_force = tag2.phase == Phase.FORCE
         for lane in s.lanes:
-            m.d.comb += [lane.f_en.eq(tag2.valid & (in_b | (tag2.phase == _PH_U))),
-                         lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_b),
-                         lane.f_alpha.eq(in_b), lane.f_slot.eq(tag2.sub)]
+            m.d.comb += [lane.f_en.eq(tag2.valid & (in_force | (tag2.phase == Phase.INPUT))),
+                         lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_force),
+                         lane.f_alpha.eq(in_force), lane.f_slot.eq(tag2.bank)]
 
     def _build_input_products(self, m, s):
         """U phase: ``c_j = Σ_k B_jk u_k`` from lane j mod P, one register per row
-        (``creg``), taken from the lane's sum register a cycle after the last product,
-        under an enable per group of P rows decoded in that cycle: the c_j registers
-        are spread over the die on ECP5, so only register outputs travel to them.
-        (The A phase that reads them starts after the U products have drained.)"""
+        (``c_regs``), taken from the lane's sum register a cycle after the last
+        product, under an enable per group of P rows decoded in that cycle: the c_j
+        registers are spread over the die on ECP5, so only register outputs travel to
+        them. (The A phase that reads them starts after the U products have drained.)"""
         g, M, P, tag3 = self.geometry, self.cfg.m, self.geometry.p, s.tag3
-        creg = [Signal(signed(g.c_width), name=f"c{j}") for j in range(M)] if g.u_mode else []
-        c_we = [Signal(name=f"c_we{r}") for r in range(g.ru)] if g.u_mode else []
-        for r, we in enumerate(c_we):
-            m.d.sync += we.eq(tag3.valid & (tag3.phase == _PH_U) & tag3.last & (tag3.j == r))
-        for j, c_j in enumerate(creg):
-            with m.If(c_we[j // P]):
+        c_regs = ([Signal(signed(g.c_width), name=f"c{j}") for j in range(M)]
+                  if g.u_mode else [])
+        c_write = [Signal(name=f"c_write{r}") for r in range(g.ru)] if g.u_mode else []
+        for r, we in enumerate(c_write):
+            m.d.sync += we.eq(tag3.valid & (tag3.phase == Phase.INPUT) & tag3.last
+                              & (tag3.row == r))
+        for j, c_j in enumerate(c_regs):
+            with m.If(c_write[j // P]):
                 m.d.sync += c_j.eq(s.lanes[j % P].sum0)
-        s.creg = creg
+        s.c_regs = c_regs
 
     # ---------------------------------------------------------------- S3+: z path
     def _build_z_path(self, m, s):
@@ -715,261 +745,290 @@ class HELCore(wiring.Component):
         the a memory (at the count of activations written)."""
         cfg, g = self.cfg, self.geometry
         P, M, of = g.p, cfg.m, cfg.operand_frac
-        tag1, tag2, tag3, br, tanh = s.tag1, s.tag2, s.tag3, s.br, s.tanh
-        vals = [s.lanes[p].p for p in range(P)]
-        tag_chain = [tag1, tag2, tag3]
+        tag1, tag2, tag3, b_rd, tanh = s.tag1, s.tag2, s.tag3, s.b_rd, s.tanh
+        sums = [s.lanes[p].p for p in range(P)]
+        tag_chain = [tag1, tag2, tag3]     # the tags a stage of the tree later each
         width = g.prod_width
-        lvl = 0
-        while len(vals) > 1:
+        level = 0
+        while len(sums) > 1:
             width += 1
-            nv = []
-            for i in range(0, len(vals), 2):
-                t_sum = Signal(signed(width), name=f"tree{lvl}_{i // 2}")
-                m.d.sync += t_sum.eq(vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i])
-                nv.append(t_sum)
-            t = Signal(s.tag_layout, name=f"tagt{lvl}")
+            next_sums = []
+            for i in range(0, len(sums), 2):
+                pair = Signal(signed(width), name=f"tree{level}_{i // 2}")
+                m.d.sync += pair.eq(sums[i] + sums[i + 1] if i + 1 < len(sums) else sums[i])
+                next_sums.append(pair)
+            t = Signal(s.tag_layout, name=f"tagt{level}")
             m.d.sync += t.eq(tag_chain[-1])
             tag_chain.append(t)
-            vals = nv
-            lvl += 1
-        tree_sum = vals[0]
-        tagz = tag_chain[-1]
-        tagz_prev = tag_chain[-2]
-        tagz_prev2 = tag_chain[-3]
+            sums = next_sums
+            level += 1
+        tree_sum = sums[0]
+        tag_z = tag_chain[-1]
+        tag_z_before = tag_chain[-2]
+        tag_z_before2 = tag_chain[-3]
         s.z_busy_bits = tag_chain[3:]
 
-        zacc = [Signal(signed(g.z_width), name=f"zacc{b}") for b in range(2)]
-        zsum = Signal(signed(g.z_width))
+        z_acc = [Signal(signed(g.z_width), name=f"z_acc{b}") for b in range(2)]
+        z_sum = Signal(signed(g.z_width))
         z_valid = Signal()
-        z_sub = Signal()
+        z_bank = Signal()
         # The row's initial value b_j·2^OF (+ c_j; then formed one stage ahead), plus the
         # tanh unit's rounding half 2^(z_shift−1) (z_biased): below the b term's
         # zero bits it is one constant bit, not an adder. The z width has room for
         # it (|z| stays far below 2^(z_width−2)).
-        zinit = Signal(signed(g.z_width))
+        z_init = Signal(signed(g.z_width))
         zs = cfg.z_shift
-        bterm = Signal(signed(g.z_width))
+        b_term = Signal(signed(g.z_width))
         if zs <= 0:
-            m.d.comb += bterm.eq(br.data << of)
+            m.d.comb += b_term.eq(b_rd.data << of)
         elif zs - 1 < of:
-            m.d.comb += bterm.eq((br.data << of) | (1 << (zs - 1)))
+            m.d.comb += b_term.eq((b_rd.data << of) | (1 << (zs - 1)))
         else:
-            m.d.comb += bterm.eq((br.data << of) + (1 << (zs - 1)))
+            m.d.comb += b_term.eq((b_rd.data << of) + (1 << (zs - 1)))
         if g.u_mode:
             # The rows take c_j in order (the first chunk of row j in each working
             # bank), so the c_j registers form a shift chain read at its head, which
             # moves on after the last bank's first chunk: no M-way selection by the
-            # tag's row (its decode and spread-out inputs were an ECP5 critical
-            # path). The shift enable is decoded a stage ahead; the U phase refills
+            # tag's row (its decode and spread-out inputs are too slow for 60 MHz on
+            # ECP5). The shift enable is decoded a stage ahead; the U phase refills
             # the chain before the next step's A phase.
-            creg = s.creg
+            c_regs = s.c_regs
             c_shift = Signal()
-            m.d.sync += c_shift.eq(tagz_prev2.valid & (tagz_prev2.phase == _PH_A)
-                                   & tagz_prev2.first & (tagz_prev2.sub == s.nb_last))
+            m.d.sync += c_shift.eq(tag_z_before2.valid & (tag_z_before2.phase == Phase.Z)
+                                   & tag_z_before2.first & (tag_z_before2.bank == s.last_bank))
             with m.If(c_shift):
-                m.d.sync += [creg[j].eq(creg[j + 1]) for j in range(M - 1)]
-            m.d.sync += zinit.eq(bterm + creg[0])
-            s.b_tag = tagz_prev2     # b is read two stages ahead: zinit is a register
+                m.d.sync += [c_regs[j].eq(c_regs[j + 1]) for j in range(M - 1)]
+            m.d.sync += z_init.eq(b_term + c_regs[0])
+            s.b_tag = tag_z_before2     # b is read two stages ahead: z_init is a register
         else:
-            m.d.comb += zinit.eq(bterm)
-            s.b_tag = tagz_prev      # b_j straight from the RAM's read register
-        m.d.comb += zsum.eq(Mux(tagz.first, zinit, Mux(tagz.sub, zacc[1], zacc[0])) + tree_sum)
-        z_in_a = Signal()
-        m.d.comb += z_in_a.eq(tagz.valid & (tagz.phase == _PH_A))
-        m.d.sync += z_valid.eq(z_in_a & tagz.last)
-        with m.If(z_in_a):
-            with m.If(tagz.sub):
-                m.d.sync += zacc[1].eq(zsum)
+            m.d.comb += z_init.eq(b_term)
+            s.b_tag = tag_z_before      # b_j straight from the RAM's read register
+        m.d.comb += z_sum.eq(Mux(tag_z.first, z_init, Mux(tag_z.bank, z_acc[1], z_acc[0]))
+                             + tree_sum)
+        z_in_phase = Signal()
+        m.d.comb += z_in_phase.eq(tag_z.valid & (tag_z.phase == Phase.Z))
+        m.d.sync += z_valid.eq(z_in_phase & tag_z.last)
+        with m.If(z_in_phase):
+            with m.If(tag_z.bank):
+                m.d.sync += z_acc[1].eq(z_sum)
             with m.Else():
-                m.d.sync += zacc[0].eq(zsum)
-            m.d.sync += z_sub.eq(tagz.sub)
+                m.d.sync += z_acc[0].eq(z_sum)
+            m.d.sync += z_bank.eq(tag_z.bank)
         # the finished sum is still in its accumulator when the tanh unit takes it
         z_out = Signal(signed(g.z_width))
-        m.d.comb += [z_out.eq(Mux(z_sub, zacc[1], zacc[0])),
+        m.d.comb += [z_out.eq(Mux(z_bank, z_acc[1], z_acc[0])),
                      tanh.z.eq(z_out), tanh.valid.eq(z_valid), tanh.tag.eq(0)]
         # activations into the a memory; count finished rows for the interlocks
-        m.d.comb += [s.aw_.addr.eq(s.a_count), s.aw_.data.eq(tanh.a), s.aw_.en.eq(tanh.a_valid)]
+        activation_wr = s.activation_wr
+        m.d.comb += [activation_wr.addr.eq(s.activation_count), activation_wr.data.eq(tanh.a),
+                     activation_wr.en.eq(tanh.a_valid)]
         a_tag = Signal(1 + ceil_log2(M + 1))    # bank | row << 1 (probe)
-        m.d.comb += a_tag.eq(Cat(s.e_nb2 & s.a_count[0], s.a_rows))
+        m.d.comb += a_tag.eq(Cat(s.two_banks & s.activation_count[0], s.activation_rows))
         s.z_valid, s.z_out, s.a_tag = z_valid, z_out, a_tag
 
     # ---------------------------------------------------------------- S3: contrast
     def _build_contrast(self, m, s):
-        """Phase C: the first product of an element (+ε bank) waits in ``prod0``; with
-        the second the lane's accumulator group adds the difference to the element
-        (``c_elem``, counted here: the updates arrive in element order)."""
+        """Phase C: the first product of an element (+ε bank) waits in
+        ``plus_product``; with the second the lane's accumulator group adds the
+        difference to the element (``contrast_elem``)."""
         cfg, g = self.cfg, self.geometry
-        P, N, K, GL = g.p, cfg.n, cfg.k, g.group_lanes
+        P, N, K, group_lanes = g.p, cfg.n, cfg.k, g.group_lanes
         tag3, lanes = s.tag3, s.lanes
-        nq = [max(0, -(-(N - p) // P)) for p in range(P)]          # rows with an oscillator
-        nc = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]  # rows with a contrast column
-        prod0 = [Signal(signed(g.prod_width), name=f"prod0_{p}") for p in range(P)]
-        c_valid = Signal()
-        m.d.comb += c_valid.eq(tag3.valid & (tag3.phase == _PH_C))
+        # chunks in which lane p has an oscillator column / a contrast column
+        osc_rows = [max(0, -(-(N - p) // P)) for p in range(P)]
+        contrast_rows = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]
+        plus_product = [Signal(signed(g.prod_width), name=f"plus_product{p}") for p in range(P)]
+        contrast_valid = Signal()
+        m.d.comb += contrast_valid.eq(tag3.valid & (tag3.phase == Phase.CONTRAST))
         for p in range(P):
-            with m.If(c_valid & ~tag3.sub):
-                m.d.sync += prod0[p].eq(lanes[p].p)
+            with m.If(contrast_valid & ~tag3.bank):
+                m.d.sync += plus_product[p].eq(lanes[p].p)
         # The element index counts at S3 rather than travelling with the tags: the
         # contrast updates arrive in element order, after the step's z slots.
-        c_elem = Signal(range(max(g.elems, 2)))
-        with m.If(tag3.valid & (tag3.phase == _PH_A)):
-            m.d.sync += c_elem.eq(0)
-        with m.Elif(c_valid & tag3.sub):
-            m.d.sync += c_elem.eq(c_elem + 1)
+        contrast_elem = Signal(range(max(g.elems, 2)))
+        with m.If(tag3.valid & (tag3.phase == Phase.Z)):
+            m.d.sync += contrast_elem.eq(0)
+        with m.Elif(contrast_valid & tag3.bank):
+            m.d.sync += contrast_elem.eq(contrast_elem + 1)
         for q, grp in enumerate(s.groups):
-            m.d.comb += [grp.valid.eq(c_valid & tag3.sub), grp.elem.eq(c_elem)]
+            m.d.comb += [grp.valid.eq(contrast_valid & tag3.bank), grp.elem.eq(contrast_elem)]
             for li in range(grp.lanes):
-                p = q * GL + li
-                en = Signal(name=f"cen{p}")
-                m.d.comb += en.eq(Mux(tag3.jm, tag3.r < nq[p], tag3.r < nc[p]))
+                p = q * group_lanes + li
+                en = Signal(name=f"contrast_en{p}")
+                m.d.comb += en.eq(Mux(tag3.alpha_row, tag3.chunk < osc_rows[p],
+                                      tag3.chunk < contrast_rows[p]))
                 m.d.comb += [getattr(grp, f"en{li}").eq(en),
-                             getattr(grp, f"diff{li}").eq(prod0[p] - lanes[p].p)]
+                             getattr(grp, f"diff{li}").eq(plus_product[p] - lanes[p].p)]
         m.d.comb += s.acc_ovf_set.eq(sum(grp.overflow for grp in s.groups) != 0)
 
     # ---------------------------------------------------------------- kick serializer
     def _build_kick_serializer(self, m, s):
         """Phase B's finished force sums, one oscillator (and bank) per cycle, as the
-        rounded kick ``k_kick`` of oscillator ``k_i`` for the state unit."""
+        rounded kick ``kick`` of oscillator ``kick_osc`` for the state unit."""
         cfg, g = self.cfg, self.geometry
         P, N, RN, ks = g.p, cfg.n, g.rn, cfg.kick_shift
-        tag3, nb_last = s.tag3, s.nb_last
-        ser_active = Signal()
-        ser_p = Signal(range(P))
-        ser_slot = Signal()
-        ser_r = Signal(range(max(RN, 2)))
-        ser_ibase = Signal(range(N + P))
-        ser_start = Signal()
+        tag3, last_bank = s.tag3, s.last_bank
+        serial_active = Signal()
+        serial_lane = Signal(range(P))
+        serial_bank = Signal()
+        serial_row = Signal(range(max(RN, 2)))
+        serial_osc_base = Signal(range(N + P))
+        serial_start = Signal()
         # start with the +ε bank's last product: its sums are final one cycle before the
         # −ε bank's, which the serializer reaches a cycle later anyway
-        m.d.comb += ser_start.eq(tag3.valid & (tag3.phase == _PH_B) & tag3.last & ~tag3.sub)
-        ser_done = Signal()
-        m.d.comb += ser_done.eq((ser_p == P - 1) & (ser_slot == nb_last))
-        with m.If(ser_start):
-            m.d.sync += [ser_active.eq(1), ser_p.eq(0), ser_slot.eq(0), ser_r.eq(tag3.r),
-                         ser_ibase.eq(tag3.r * P)]
-        with m.Elif(ser_active):
-            with m.If(ser_done):
-                m.d.sync += ser_active.eq(0)
-            with m.Elif(ser_slot != nb_last):
-                m.d.sync += ser_slot.eq(1)
+        m.d.comb += serial_start.eq(tag3.valid & (tag3.phase == Phase.FORCE) & tag3.last
+                                    & ~tag3.bank)
+        serial_done = Signal()
+        m.d.comb += serial_done.eq((serial_lane == P - 1) & (serial_bank == last_bank))
+        with m.If(serial_start):
+            m.d.sync += [serial_active.eq(1), serial_lane.eq(0), serial_bank.eq(0),
+                         serial_row.eq(tag3.chunk), serial_osc_base.eq(tag3.chunk * P)]
+        with m.Elif(serial_active):
+            with m.If(serial_done):
+                m.d.sync += serial_active.eq(0)
+            with m.Elif(serial_bank != last_bank):
+                m.d.sync += serial_bank.eq(1)
             with m.Else():
-                m.d.sync += [ser_slot.eq(0), ser_p.eq(ser_p + 1)]
-        # the selected force sum (comb; the kick is rounded into the U0 register)
-        k_valid = Signal()
-        k_f = Signal(signed(g.f_width))
-        k_i = Signal(range(N + P))
-        k_p = Signal(range(P))
-        k_r = Signal(range(max(RN, 2)))
-        k_slot = Signal()
-        ser_f = Signal(signed(g.f_width))
-        with m.Switch(Cat(ser_slot, ser_p)):
+                m.d.sync += [serial_bank.eq(0), serial_lane.eq(serial_lane + 1)]
+        # the selected force sum (comb; the kick is rounded into the state unit's op1)
+        kick_valid = Signal()
+        kick_sum = Signal(signed(g.f_width))
+        kick_osc = Signal(range(N + P))
+        kick_lane = Signal(range(P))
+        kick_row = Signal(range(max(RN, 2)))
+        kick_bank = Signal()
+        serial_sum = Signal(signed(g.f_width))
+        with m.Switch(Cat(serial_bank, serial_lane)):
             for p in range(P):
                 for b in range(2):
                     with m.Case(b | (p << 1)):
-                        m.d.comb += ser_f.eq(s.lanes[p].kick1 if b else s.lanes[p].kick0)
-        m.d.comb += [k_valid.eq(ser_active & (ser_ibase + ser_p < N)), k_f.eq(ser_f),
-                     k_i.eq(ser_ibase + ser_p), k_p.eq(ser_p), k_r.eq(ser_r), k_slot.eq(ser_slot)]
-        k_kick = Signal(signed(g.kick_width))
+                        m.d.comb += serial_sum.eq(s.lanes[p].kick1 if b else s.lanes[p].kick0)
+        m.d.comb += [kick_valid.eq(serial_active & (serial_osc_base + serial_lane < N)),
+                     kick_sum.eq(serial_sum), kick_osc.eq(serial_osc_base + serial_lane),
+                     kick_lane.eq(serial_lane), kick_row.eq(serial_row),
+                     kick_bank.eq(serial_bank)]
+        kick = Signal(signed(g.kick_width))
         if ks > 0:      # the sums carry the rounding half (f_bias)
-            m.d.comb += k_kick.eq(k_f >> ks)
+            m.d.comb += kick.eq(kick_sum >> ks)
         else:
-            m.d.comb += k_kick.eq(k_f << -ks)
-        s.ser_active = ser_active
-        s.k_valid, s.k_i, s.k_p, s.k_r, s.k_slot, s.k_kick = k_valid, k_i, k_p, k_r, k_slot, k_kick
+            m.d.comb += kick.eq(kick_sum << -ks)
+        s.serial_active = serial_active
+        s.kick_valid, s.kick_osc, s.kick_lane = kick_valid, kick_osc, kick_lane
+        s.kick_row, s.kick_bank, s.kick = kick_row, kick_bank, kick
 
     # ---------------------------------------------------------------- state unit
-    def _state_bank(self, s, slot):
-        """The state bank a working bank (``slot``) uses: fwd (0), or pos (1) / neg (2)
-        in an echo."""
-        return Mux(slot, 2, Mux(s.e_echo, 1, 0))
+    def _state_bank(self, s, bank):
+        """The state bank that working bank ``bank`` uses: fwd (0), or in an echo
+        pos (1) and neg (2)."""
+        return Mux(bank, 2, Mux(s.echo, 1, 0))
 
-    def _state_base(self, bank):
-        """The state memory's address of oscillator 0 of ``bank``."""
+    def _state_base(self, state_bank):
+        """The state memory's address of oscillator 0 of ``state_bank``."""
         N = self.cfg.n
-        return Mux(bank == 2, 2 * N, Mux(bank == 1, N, 0))
+        return Mux(state_bank == 2, 2 * N, Mux(state_bank == 1, N, 0))
 
     def _build_state_unit(self, m, s):
         """The serial state unit: one oscillator op per cycle, from the kick serializer
-        or the pre-step generator (``pre_op``), through the stages U0 (address the
-        state memory), U1 (QH = Q + Wv, Wv' = Wv − kick), U2 (Q' = QH + Wv', the
-        nudge), U3 (write back, outputs, Q' + Wv') and U4 (the next operand qo into
-        the lane's operand memory)."""
+        or the pre-step generator (``pre_op``), through five stages; ``opN`` is the
+        op in stage N:
+
+        * 0 (comb): address the state memory (Q, Wv) of the op's source bank;
+        * 1: QH = Q + Wv (``qh``), Wv' = Wv − kick (``w2``); a pre-step op keeps Q
+          and gives −Wv (flip) or zeroes both;
+        * 2: Q' = QH + Wv' (``q2``), Wv' ± ν with the next step's nudge (``wn``);
+        * 3: write (Q', Wv') back to the destination bank, emit Q' as an output,
+          form Q' + Wv' (``qn``); the self-test checks for zero here;
+        * 4: the next step's operand qo = sat(rshift(Q' + Wv')) into the operand
+          memory of the oscillator's lane.
+
+        The ECP5 form registers the state word after the memory (``op0_reg``): then
+        stage 1 is a cycle later.
+        """
         cfg, g = self.cfg, self.geometry
         P, N, O, RN = g.p, cfg.n, cfg.o, g.rn
         ow, sw = cfg.operand_width, cfg.state_width
-        sr, swp, xw, ofifo, nu = s.sr, s.swp, s.xw, s.ofifo, s.nu
-        uop_layout = data.StructLayout({
-            "valid": 1, "upd": 1, "zero": 1, "src": 2, "dst": 2, "i": range(N + P),
-            "p": range(P), "r": range(max(RN, 2)), "slot": 1, "nudge": 1, "next": 1,
-            "out": 1, "chk": 1,
+        state_rd, state_wr, operand_wr = s.state_rd, s.state_wr, s.operand_wr
+        output_fifo, nudge = s.output_fifo, s.nudge
+        op_layout = data.StructLayout({
+            "valid": 1,
+            "update": 1,        # kick update (else a pre-step op)
+            "zero": 1,          # pre-step: zero the state (else flip)
+            "src_bank": 2, "dst_bank": 2,   # state banks read and written
+            "osc": range(N + P), "lane": range(P), "row": range(max(RN, 2)),   # osc = row·P + lane
+            "bank": 1,          # working bank: the operand row and the nudge's sign
+            "nudge": 1,         # add the next step's nudge
+            "next": 1,          # there is a next step: write its operand
+            "emit": 1,          # FORWARD output
+            "check": 1,         # the self-test's last step: the state must be zero
         })
-        s.uop_layout = uop_layout
-        # U0 (comb): the op, from the serializer or the pre-step generator, addresses
-        # the state memory at once; its registers (U1) meet the read data.
-        u0 = Signal(uop_layout)
-        u0_kick = Signal(signed(g.kick_width))
-        pre_op = Signal(uop_layout)     # from the pre-step generator (comb)
+        op0 = Signal(op_layout)
+        op0_kick = Signal(signed(g.kick_width))
+        pre_op = Signal(op_layout)     # from the pre-step generator (comb)
         s.pre_op = pre_op
-        lo_out = N - O
+        first_output = N - O
 
-        with m.If(s.k_valid):
-            k_slot, k_i, has_next = s.k_slot, s.k_i, s.has_next
-            m.d.comb += [u0.valid.eq(1), u0.upd.eq(1), u0.zero.eq(0),
-                         u0.src.eq(self._state_bank(s, k_slot)),
-                         u0.dst.eq(self._state_bank(s, k_slot)), u0.i.eq(k_i), u0.p.eq(s.k_p),
-                         u0.r.eq(s.k_r), u0.slot.eq(k_slot),
-                         u0.nudge.eq(s.e_echo & ~s.e_kick & has_next & (k_i >= lo_out)),
-                         u0.next.eq(has_next), u0.out.eq(s.e_out & (k_i >= lo_out)),
-                         u0.chk.eq(s.e_st_echo & ~has_next), u0_kick.eq(s.k_kick)]
+        with m.If(s.kick_valid):
+            kick_bank, kick_osc, has_next = s.kick_bank, s.kick_osc, s.has_next
+            output_osc = kick_osc >= first_output
+            m.d.comb += [op0.valid.eq(1), op0.update.eq(1), op0.zero.eq(0),
+                         op0.src_bank.eq(self._state_bank(s, kick_bank)),
+                         op0.dst_bank.eq(self._state_bank(s, kick_bank)), op0.osc.eq(kick_osc),
+                         op0.lane.eq(s.kick_lane), op0.row.eq(s.kick_row),
+                         op0.bank.eq(kick_bank),
+                         op0.nudge.eq(s.echo & ~s.kick_only & has_next & output_osc),
+                         op0.next.eq(has_next), op0.emit.eq(s.emit_outputs & output_osc),
+                         op0.check.eq(s.selftest_echo & ~has_next), op0_kick.eq(s.kick)]
         with m.Else():
-            m.d.comb += u0.eq(pre_op)
+            m.d.comb += op0.eq(pre_op)
 
-        with m.If(u0.valid):
-            m.d.comb += sr.addr.eq(self._state_base(u0.src) + u0.i)
-        u1 = Signal(uop_layout)
-        u1_kick = Signal(signed(g.kick_width))
+        with m.If(op0.valid):
+            m.d.comb += state_rd.addr.eq(self._state_base(op0.src_bank) + op0.osc)
+        op1 = Signal(op_layout)
+        op1_kick = Signal(signed(g.kick_width))
         # The state word: straight from the memory in the compact form; else its
-        # read data is registered first (U1 a cycle later), as on ECP5 the block
-        # RAM's clock-to-out, routing and the adders did not fit 60 MHz together.
-        s_data = Signal.like(sr.data)
-        s.s_data = s_data
+        # read data is registered first (stage 1 a cycle later), as on ECP5 the block
+        # RAM's clock-to-out, routing and the adders do not fit 60 MHz together.
+        state_word = Signal.like(state_rd.data)
+        s.state_word = state_word
         if s.compact:
-            m.d.sync += [u1.eq(u0), u1_kick.eq(u0_kick)]
-            m.d.comb += s_data.eq(sr.data)
-            u_read = []
+            m.d.sync += [op1.eq(op0), op1_kick.eq(op0_kick)]
+            m.d.comb += state_word.eq(state_rd.data)
+            op_reading = []
         else:
-            u0r = Signal(uop_layout)
-            u0r_kick = Signal(signed(g.kick_width))
-            m.d.sync += [u0r.eq(u0), u0r_kick.eq(u0_kick), u1.eq(u0r), u1_kick.eq(u0r_kick),
-                         s_data.eq(sr.data)]
-            u_read = [u0r.valid]
+            op0_reg = Signal(op_layout)
+            op0_reg_kick = Signal(signed(g.kick_width))
+            m.d.sync += [op0_reg.eq(op0), op0_reg_kick.eq(op0_kick),
+                         op1.eq(op0_reg), op1_kick.eq(op0_reg_kick),
+                         state_word.eq(state_rd.data)]
+            op_reading = [op0_reg.valid]
         Q = Signal(signed(sw))
-        W = Signal(signed(sw))
-        m.d.comb += [Q.eq(Mux(u1.zero, 0, s_data[:sw].as_signed())),
-                     W.eq(Mux(u1.zero, 0, s_data[sw:].as_signed()))]
+        Wv = Signal(signed(sw))
+        m.d.comb += [Q.eq(Mux(op1.zero, 0, state_word[:sw].as_signed())),
+                     Wv.eq(Mux(op1.zero, 0, state_word[sw:].as_signed()))]
         # a pre-step op keeps Q: its qh is Q itself (no separate copy of Q)
-        qh, qh_ovf = _wrap(m, Q + Mux(u1.upd, W, 0), sw, "qh")
-        w2, w2_ovf = _wrap(m, Mux(u1.upd, W - u1_kick, -W), sw, "w2")
-        u2 = Signal(uop_layout)
+        qh, qh_ovf = _wrap(m, Q + Mux(op1.update, Wv, 0), sw, "qh")
+        w2, w2_ovf = _wrap(m, Mux(op1.update, Wv - op1_kick, -Wv), sw, "w2")
+        op2 = Signal(op_layout)
         qh_r = Signal(signed(sw))
         w2_r = Signal(signed(sw))
-        m.d.sync += [u2.eq(u1), qh_r.eq(qh), w2_r.eq(w2)]
+        m.d.sync += [op2.eq(op1), qh_r.eq(qh), w2_r.eq(w2)]
         q2, q2_ovf = _wrap(m, qh_r + w2_r, sw, "q2")
-        wn, wn_ovf = _wrap(m, Mux(u2.slot, w2_r - nu, w2_r + nu), sw, "wn")
-        m.d.comb += s.nu_take.eq(u2.valid & u2.nudge & (u2.slot == s.nb_last))
-        u3 = Signal(uop_layout)
+        wn, wn_ovf = _wrap(m, Mux(op2.bank, w2_r - nudge, w2_r + nudge), sw, "wn")
+        m.d.comb += s.nudge_take.eq(op2.valid & op2.nudge & (op2.bank == s.last_bank))
+        op3 = Signal(op_layout)
         q3 = Signal(signed(sw))
         w3 = Signal(signed(sw))
-        m.d.sync += [u3.eq(u2), q3.eq(Mux(u2.upd, q2, qh_r)), w3.eq(Mux(u2.nudge, wn, w2_r))]
-        m.d.comb += [swp.addr.eq(self._state_base(u3.dst) + u3.i), swp.data.eq(Cat(q3, w3)),
-                     swp.en.eq(u3.valid),
-                     ofifo.w_data.eq(q3), ofifo.w_en.eq(u3.valid & u3.out)]
+        m.d.sync += [op3.eq(op2), q3.eq(Mux(op2.update, q2, qh_r)),
+                     w3.eq(Mux(op2.nudge, wn, w2_r))]
+        m.d.comb += [state_wr.addr.eq(self._state_base(op3.dst_bank) + op3.osc),
+                     state_wr.data.eq(Cat(q3, w3)), state_wr.en.eq(op3.valid),
+                     output_fifo.w_data.eq(q3), output_fifo.w_en.eq(op3.valid & op3.emit)]
         qn, qn_ovf = _wrap(m, q3 + w3, sw, "qn")
-        with m.If(u3.valid & u3.chk & ((q3 != 0) | (w3 != 0))):
-            m.d.sync += s.st_pass.eq(0)
-        u4 = Signal(uop_layout)
+        with m.If(op3.valid & op3.check & ((q3 != 0) | (w3 != 0))):
+            m.d.sync += s.selftest_pass.eq(0)
+        op4 = Signal(op_layout)
         qn_r = Signal(signed(sw))
-        m.d.sync += [u4.eq(u3), qn_r.eq(qn)]
+        m.d.sync += [op4.eq(op3), qn_r.eq(qn)]
         osh = cfg.operand_shift
         qo_wide = Signal(signed(sw + 1))
         if osh > 0:
@@ -978,95 +1037,106 @@ class HELCore(wiring.Component):
             m.d.comb += qo_wide.eq(qn_r)
         qo = saturate_signed(m, qo_wide, ow, "qo")
         for p in range(P):
-            m.d.comb += [xw[p].addr.eq(Mux(u4.slot, RN + u4.r, u4.r)), xw[p].data.eq(qo),
-                         xw[p].en.eq(u4.valid & u4.next & (u4.p == p))]
+            m.d.comb += [operand_wr[p].addr.eq(Mux(op4.bank, RN + op4.row, op4.row)),
+                         operand_wr[p].data.eq(qo),
+                         operand_wr[p].en.eq(op4.valid & op4.next & (op4.lane == p))]
         m.d.comb += s.state_ovf_set.eq(
-            (u1.valid & ((u1.upd & qh_ovf) | w2_ovf))
-            | (u2.valid & ((u2.upd & q2_ovf) | (u2.nudge & wn_ovf)))
-            | (u3.valid & u3.next & qn_ovf))
+            (op1.valid & ((op1.update & qh_ovf) | w2_ovf))
+            | (op2.valid & ((op2.update & q2_ovf) | (op2.nudge & wn_ovf)))
+            | (op3.valid & op3.next & qn_ovf))
         state_busy = Signal()
-        # U4 (the operand memory write) is left out: a step may issue its first read in
-        # the cycle after that write
-        m.d.comb += state_busy.eq(Cat(s.ser_active, *u_read, u1.valid, u2.valid, u3.valid) != 0)
+        # stage 4 (the operand memory write) is left out: a step may issue its first
+        # read in the cycle after that write
+        m.d.comb += state_busy.eq(Cat(s.serial_active, *op_reading,
+                                      op1.valid, op2.valid, op3.valid) != 0)
         s.state_busy = state_busy
 
     # ---------------------------------------------------------------- input loader
     def _build_input_loader(self, m, s):
-        """The inputs of the next step into ``u_cur``: K words read from the sequence
-        buffer (or made by the self-test generator) at the sequence index
-        ``ul_word``; and LOAD's write address ``ld_addr`` of the same buffer."""
+        """The inputs of the next step into ``u_current``: K words read from the
+        sequence buffer (or made by the self-test generator) at the sequence index
+        ``seq_index``; and LOAD's write address ``load_addr`` of the same buffer.
+
+        ``loader_start`` (comb) starts a row; ``loader_advance`` marks a start for the
+        next step (rather than the pass's first), which in an echo
+        (``loader_down``) also moves the index back two rows."""
         cfg = self.cfg
         K, ow, of = cfg.k, cfg.operand_width, cfg.operand_frac
         seq_depth = cfg.t_max * K
-        mix, seqbuf, u_cur = s.mix, s.seqbuf, s.u_cur
-        s.ld_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
-        s.ld_k = Signal(range(K + 1))
-        ld_addr = Signal(range(seq_depth + 1))
-        s.ld_addr = ld_addr
-        ul_busy = Signal()
-        ul_issue = Signal()
-        ul_k = Signal(range(K + 1))
-        ul_left = Signal(range(K + 1))     # words still to be written
-        # ul_word: the sequence index t·K + k of the next word, one counter with one
+        mix, seqbuf, u_current = s.mix, s.seqbuf, s.u_current
+        s.load_rows_left = Signal(range(cfg.t_max + 1))   # LOAD rows still to come
+        s.load_col = Signal(range(K + 1))
+        load_addr = Signal(range(seq_depth + 1))
+        s.load_addr = load_addr
+        loader_busy = Signal()
+        loader_issue = Signal()
+        loader_col = Signal(range(K + 1))
+        loader_words_left = Signal(range(K + 1))   # words still to be written
+        # seq_index: the sequence index t·K + k of the next word, one counter with one
         # adder. Issuing a row leaves it at the next row (t+1)·K, which is where a
         # forward pass goes next; an echo goes back two rows (−2K), and the
-        # self-test's echo starts one row back (−K, ul_back).
-        ul_word = Signal(32)
-        ul_init = Signal()          # comb: load ul_word with ul_init_val
-        ul_init_val = Signal(32)
-        ul_back = Signal()          # comb: step back one row
-        u_start = Signal()
-        u_adv = Signal()
-        u_down = Signal()
-        u_ready = Signal()
-        s.ul_init, s.ul_init_val, s.ul_back = ul_init, ul_init_val, ul_back
-        s.u_start, s.u_adv, s.u_down, s.u_ready = u_start, u_adv, u_down, u_ready
-        ul_delta = Signal(signed(ceil_log2(2 * K + 1) + 2))
-        ul_go = Signal()            # issue a word: the generator takes it (self-test)
-        m.d.comb += ul_go.eq(ul_issue & (~s.e_st | mix.ready))
-        m.d.comb += ul_delta.eq(Mux(ul_issue, 1, Mux(ul_back, -K, -2 * K)))
-        ul_next = Signal(32)
-        m.d.comb += ul_next.eq(ul_word + ul_delta)
-        with m.If(ul_init):
-            m.d.sync += ul_word.eq(ul_init_val)
-        with m.Elif(u_start):
-            m.d.sync += [ul_busy.eq(1), ul_issue.eq(1), ul_k.eq(0), ul_left.eq(K)]
-            with m.If(u_adv & u_down):
-                m.d.sync += ul_word.eq(ul_next)
-        with m.Elif(ul_go | ul_back):
-            m.d.sync += ul_word.eq(ul_next)
-        with m.If(ul_go & ~u_start):
-            m.d.sync += ul_k.eq(ul_k + 1)
-            with m.If(ul_k == K - 1):
-                m.d.sync += ul_issue.eq(0)
-        m.d.comb += u_ready.eq(~ul_busy)
+        # self-test's echo starts one row back (−K, seq_index_back).
+        seq_index = Signal(32)
+        seq_index_init = Signal()        # comb: load seq_index with seq_index_init_value
+        seq_index_init_value = Signal(32)
+        seq_index_back = Signal()        # comb: step back one row
+        loader_start = Signal()
+        loader_advance = Signal()
+        loader_down = Signal()
+        loader_ready = Signal()
+        s.seq_index_init, s.seq_index_init_value = seq_index_init, seq_index_init_value
+        s.seq_index_back = seq_index_back
+        s.loader_start, s.loader_advance = loader_start, loader_advance
+        s.loader_down, s.loader_ready = loader_down, loader_ready
+        seq_index_delta = Signal(signed(ceil_log2(2 * K + 1) + 2))
+        loader_go = Signal()           # issue a word: the generator takes it (self-test)
+        m.d.comb += loader_go.eq(loader_issue & (~s.selftest | mix.ready))
+        m.d.comb += seq_index_delta.eq(Mux(loader_issue, 1, Mux(seq_index_back, -K, -2 * K)))
+        seq_index_next = Signal(32)
+        m.d.comb += seq_index_next.eq(seq_index + seq_index_delta)
+        with m.If(seq_index_init):
+            m.d.sync += seq_index.eq(seq_index_init_value)
+        with m.Elif(loader_start):
+            m.d.sync += [loader_busy.eq(1), loader_issue.eq(1), loader_col.eq(0),
+                         loader_words_left.eq(K)]
+            with m.If(loader_advance & loader_down):
+                m.d.sync += seq_index.eq(seq_index_next)
+        with m.Elif(loader_go | seq_index_back):
+            m.d.sync += seq_index.eq(seq_index_next)
+        with m.If(loader_go & ~loader_start):
+            m.d.sync += loader_col.eq(loader_col + 1)
+            with m.If(loader_col == K - 1):
+                m.d.sync += loader_issue.eq(0)
+        m.d.comb += loader_ready.eq(~loader_busy)
         # One address for both ports of the sequence buffer (LOAD writes, the loader
         # reads, never at once): a single-port memory, which Yosys can place in an
         # iCE40UP5K SPRAM (synth_ice40 -spram) for long sequences.
         seq_addr = Signal(range(max(seq_depth, 2)))
         loading = Signal()
         s.loading = loading
-        m.d.comb += [seq_addr.eq(Mux(loading, ld_addr, ul_word)), seqbuf.addr.eq(seq_addr)]
-        m.d.comb += [mix.x.eq(ul_word ^ s.c_seed),
-                     mix.valid.eq(ul_go & s.e_st), mix.tag.eq(ul_k)]
-        q_valid = Signal()
-        q_k = Signal(range(K + 1))
-        m.d.sync += [q_valid.eq(ul_go & ~s.e_st), q_k.eq(ul_k)]
-        wr_en = Signal()
-        wr_k = Signal(range(K + 1))
-        wr_val = Signal(signed(ow))
-        with m.If(s.e_st):
-            m.d.comb += [wr_en.eq(mix.y_valid), wr_k.eq(mix.y_tag),
-                         wr_val.eq(mix.y[:ow].as_signed() >> (ow + 1 - of))]
+        m.d.comb += [seq_addr.eq(Mux(loading, load_addr, seq_index)),
+                     seqbuf.addr.eq(seq_addr)]
+        m.d.comb += [mix.x.eq(seq_index ^ s.cmd_seed),
+                     mix.valid.eq(loader_go & s.selftest), mix.tag.eq(loader_col)]
+        read_valid = Signal()
+        read_col = Signal(range(K + 1))
+        m.d.sync += [read_valid.eq(loader_go & ~s.selftest), read_col.eq(loader_col)]
+        u_write = Signal()
+        u_write_col = Signal(range(K + 1))
+        u_write_value = Signal(signed(ow))
+        with m.If(s.selftest):
+            m.d.comb += [u_write.eq(mix.y_valid), u_write_col.eq(mix.y_tag),
+                         u_write_value.eq(mix.y[:ow].as_signed() >> (ow + 1 - of))]
         with m.Else():
-            m.d.comb += [wr_en.eq(q_valid), wr_k.eq(q_k), wr_val.eq(seqbuf.rdata)]
-        with m.If(wr_en):
+            m.d.comb += [u_write.eq(read_valid), u_write_col.eq(read_col),
+                         u_write_value.eq(seqbuf.rdata)]
+        with m.If(u_write):
             for k in range(K):
-                with m.If(wr_k == k):
-                    m.d.sync += u_cur[k].eq(wr_val)
-            with m.If(ul_left == 1):
-                m.d.sync += ul_busy.eq(0)
-            m.d.sync += ul_left.eq(ul_left - 1)
+                with m.If(u_write_col == k):
+                    m.d.sync += u_current[k].eq(u_write_value)
+            with m.If(loader_words_left == 1):
+                m.d.sync += loader_busy.eq(0)
+            m.d.sync += loader_words_left.eq(loader_words_left - 1)
 
     # ---------------------------------------------------------------- drain, streams
     def _build_drain_detect(self, m, s):
@@ -1080,20 +1150,21 @@ class HELCore(wiring.Component):
 
     def _build_stream_counters(self, m, s):
         """The ``outputs`` stream from the outputs FIFO, and the count of nudge words
-        an ECHO still accepts (``n_rows`` rows of O words)."""
-        cfg, ofifo = self.cfg, s.ofifo
+        an ECHO still accepts (``nudge_rows_left`` rows of O words)."""
+        cfg, output_fifo = self.cfg, s.output_fifo
         O = cfg.o
-        m.d.comb += [self.outputs.payload.eq(ofifo.r_data.as_signed()),
-                     self.outputs.valid.eq(ofifo.r_rdy), ofifo.r_en.eq(self.outputs.ready)]
-        n_rows = Signal(range(cfg.t_max + 1))   # nudge rows still to accept
-        n_col = Signal(range(O + 1))
-        m.d.comb += s.n_accept.eq(n_rows != 0)
+        m.d.comb += [self.outputs.payload.eq(output_fifo.r_data.as_signed()),
+                     self.outputs.valid.eq(output_fifo.r_rdy),
+                     output_fifo.r_en.eq(self.outputs.ready)]
+        nudge_rows_left = Signal(range(cfg.t_max + 1))   # nudge rows still to accept
+        nudge_col = Signal(range(O + 1))
+        m.d.comb += s.nudge_accept.eq(nudge_rows_left != 0)
         with m.If(self.nudges.valid & self.nudges.ready):
-            with m.If(n_col == O - 1):
-                m.d.sync += [n_col.eq(0), n_rows.eq(n_rows - 1)]
+            with m.If(nudge_col == O - 1):
+                m.d.sync += [nudge_col.eq(0), nudge_rows_left.eq(nudge_rows_left - 1)]
             with m.Else():
-                m.d.sync += n_col.eq(n_col + 1)
-        s.n_rows, s.n_col = n_rows, n_col
+                m.d.sync += nudge_col.eq(nudge_col + 1)
+        s.nudge_rows_left, s.nudge_col = nudge_rows_left, nudge_col
 
     # ---------------------------------------------------------------- control
     def _build_control(self, m, s):
@@ -1102,30 +1173,31 @@ class HELCore(wiring.Component):
         engine states run the pre-step and then every step's phases."""
         cfg, g = self.cfg, self.geometry
         N, RN, ow = cfg.n, g.rn, cfg.operand_width
-        s.pwalk = s.awalk = _Walker(m, g, "walk")     # one walker for both orders
-        m.d.comb += s.pwalk.skip.eq(s.c_skip)
+        s.param_walker = s.acc_walker = _Walker(m, g, "walk")     # one walker for both orders
+        m.d.comb += s.param_walker.skip.eq(s.cmd_skip)
 
         if not s.compact:
             # READ_PARAMS: in the ECP5 form the addressed word comes from a register
             # (a block RAM's clock-to-out, the P-way selection and the reply's bit
-            # selection did not fit 60 MHz in one cycle)
-            p_word = Signal(signed(ow))
-            m.d.sync += p_word.eq(_param_word(m, s.pwalk, s.pr, s.br, "p_lane"))
-            s.p_word = p_word
+            # selection do not fit 60 MHz in one cycle)
+            param_word = Signal(signed(ow))
+            m.d.sync += param_word.eq(_param_word(m, s.param_walker, s.param_rd, s.b_rd,
+                                                  "param_lane_word"))
+            s.param_word = param_word
 
         # readout helper register: index into state / clear address
-        s.ro_i = Signal(range(max(2 * N, g.acc_depth) + 1))
-        s.ro_w = Signal()   # READ_STATE: Wv pass
+        s.readout_index = Signal(range(max(2 * N, g.acc_depth) + 1))
+        s.readout_wv = Signal()   # READ_STATE: Wv pass
 
         # pre-step generator
-        s.pre_i = Signal(range(N + 1))
-        s.pre_p = Signal(range(g.p))
-        s.pre_r = Signal(range(max(RN, 2)))
-        s.pre_slot = Signal()
+        s.pre_osc = Signal(range(N + 1))
+        s.pre_lane = Signal(range(g.p))
+        s.pre_row = Signal(range(max(RN, 2)))
+        s.pre_bank = Signal()
 
         m.d.comb += [self.cmd.ready.eq(0), self.busy.eq(1)]
-        m.d.comb += self.done.payload.result.eq(s.res)
-        m.d.comb += self.done.payload.selftest_pass.eq(s.st_pass)
+        m.d.comb += self.done.payload.result.eq(s.result)
+        m.d.comb += self.done.payload.selftest_pass.eq(s.selftest_pass)
 
         with m.FSM(name="ctl"):
             self._idle_state(m, s)
@@ -1135,89 +1207,98 @@ class HELCore(wiring.Component):
             self._pre_step_states(m, s)
             self._phase_states(m, s)
 
+    @staticmethod
+    def _set_mode(s, *, emit_outputs, echo, selftest, two_banks, accumulate, negate_contrast,
+                  kick_only, flip_state, loader_down):
+        """The assignments that set the engine's mode for a FORWARD, ECHO or SELFTEST
+        pass; each consumes the forward (``forward_mode`` NONE)."""
+        return [s.emit_outputs.eq(emit_outputs), s.echo.eq(echo), s.selftest.eq(selftest),
+                s.selftest_echo.eq(0), s.two_banks.eq(two_banks), s.accumulate.eq(accumulate),
+                s.negate_contrast.eq(negate_contrast), s.kick_only.eq(kick_only),
+                s.flip_state.eq(flip_state), s.loader_down.eq(loader_down),
+                s.forward_mode.eq(ForwardMode.NONE)]
+
     def _idle_state(self, m, s):
-        """IDLE: latch a command, check its arguments and the core's state against
-        GoldenCore's, set the engine's mode; DONE: hand back the result."""
+        """IDLE: latch a command, check its arguments and the core's state as GoldenCore
+        does, set the engine's mode; DONE: hand back the result."""
         cfg = self.cfg
         with m.State("IDLE"):
             m.d.comb += [self.cmd.ready.eq(1), self.busy.eq(0)]
             cmd = self.cmd.payload
             with m.If(self.cmd.valid):
-                m.d.sync += [s.c_op.eq(cmd.op), s.c_len.eq(cmd.length), s.c_one.eq(cmd.one_sided),
-                             s.c_kick.eq(cmd.kick), s.c_bank.eq(cmd.bank), s.c_seed.eq(cmd.seed),
-                             s.c_skip.eq(cmd.skip),
-                             s.res.eq(Result.OK), s.st_pass.eq(0)]
+                m.d.sync += [s.cmd_op.eq(cmd.op), s.cmd_length.eq(cmd.length),
+                             s.cmd_bank.eq(cmd.bank), s.cmd_seed.eq(cmd.seed),
+                             s.cmd_skip.eq(cmd.skip),
+                             s.result.eq(Result.OK), s.selftest_pass.eq(0)]
                 with m.Switch(cmd.op):
                     with m.Case(Op.WRITE_PARAMS, Op.READ_PARAMS):
-                        m.next = "PSTART"
+                        m.next = "PARAMS_START"
                     with m.Case(Op.LOAD):
                         tb = cfg.t_max.bit_length()   # > t_max without a 32-bit compare
                         too_long = (cmd.length[tb:] != 0) | (cmd.length[:tb] > cfg.t_max)
                         with m.If((cmd.length == 0) | too_long):
-                            m.d.sync += s.res.eq(Result.BAD_ARG)
+                            m.d.sync += s.result.eq(Result.BAD_ARG)
                             m.next = "DONE"
                         with m.Else():
-                            m.d.sync += [s.ld_left.eq(cmd.length), s.ld_k.eq(0), s.ld_addr.eq(0)]
+                            m.d.sync += [s.load_rows_left.eq(cmd.length), s.load_col.eq(0),
+                                         s.load_addr.eq(0)]
                             m.next = "LOAD"
                     with m.Case(Op.FORWARD):
-                        with m.If(s.loaded_len == 0):
-                            m.d.sync += s.res.eq(Result.WRONG_STATE)
+                        with m.If(s.loaded_length == 0):
+                            m.d.sync += s.result.eq(Result.WRONG_STATE)
                             m.next = "DONE"
                         with m.Else():
-                            m.d.comb += [s.ul_init.eq(1), s.ul_init_val.eq(0)]
-                            m.d.sync += [s.e_out.eq(1), s.e_echo.eq(0), s.e_st.eq(0),
-                                         s.e_st_echo.eq(0), s.e_nb2.eq(0),
-                                         s.e_acc.eq(cmd.one_sided & ~cmd.no_acc),
-                                         s.e_one.eq(cmd.one_sided),
-                                         s.e_sub.eq(1), s.e_kick.eq(0), s.e_flip.eq(0),
-                                         s.u_down.eq(0),
-                                         s.fwd_mode.eq(_FWD_NONE)]
-                            m.next = "PRE"
+                            m.d.comb += [s.seq_index_init.eq(1), s.seq_index_init_value.eq(0)]
+                            m.d.sync += self._set_mode(
+                                s, emit_outputs=1, echo=0, selftest=0, two_banks=0,
+                                accumulate=cmd.one_sided & ~cmd.no_acc, negate_contrast=1,
+                                kick_only=0, flip_state=0, loader_down=0)
+                            m.d.sync += s.one_sided.eq(cmd.one_sided)
+                            m.next = "PRE_STEP_START"
                     with m.Case(Op.ECHO):
-                        with m.If(s.fwd_mode == _FWD_NONE):
-                            m.d.sync += s.res.eq(Result.WRONG_STATE)
+                        with m.If(s.forward_mode == ForwardMode.NONE):
+                            m.d.sync += s.result.eq(Result.WRONG_STATE)
                             m.next = "DONE"
                         with m.Else():
-                            m.d.comb += [s.ul_init.eq(1), s.ul_init_val.eq(s.seq_last_base)]
-                            m.d.sync += [s.e_out.eq(0), s.e_echo.eq(1), s.e_st.eq(0),
-                                         s.e_st_echo.eq(0),
-                                         s.e_nb2.eq(s.fwd_mode == _FWD_CENTRED), s.e_acc.eq(1),
-                                         s.e_sub.eq(0), s.e_kick.eq(cmd.kick), s.e_flip.eq(1),
-                                         s.u_down.eq(1),
-                                         s.n_rows.eq(Mux(cmd.kick, 1, s.loaded_len)),
-                                         s.n_col.eq(0),
-                                         s.fwd_mode.eq(_FWD_NONE)]
-                            m.next = "PRE"
+                            m.d.comb += [s.seq_index_init.eq(1),
+                                         s.seq_index_init_value.eq(s.last_row_base)]
+                            m.d.sync += self._set_mode(
+                                s, emit_outputs=0, echo=1, selftest=0,
+                                two_banks=s.forward_mode == ForwardMode.CENTRED, accumulate=1,
+                                negate_contrast=0, kick_only=cmd.kick, flip_state=1,
+                                loader_down=1)
+                            m.d.sync += [s.nudge_rows_left.eq(Mux(cmd.kick, 1, s.loaded_length)),
+                                         s.nudge_col.eq(0)]
+                            m.next = "PRE_STEP_START"
                     with m.Case(Op.READ_ACC):
-                        m.d.comb += [s.awalk.reset.eq(1), s.awalk.acc.eq(1)]
-                        m.next = "RACC_ISSUE"
+                        m.d.comb += [s.acc_walker.reset.eq(1), s.acc_walker.acc.eq(1)]
+                        m.next = "READ_ACC_ISSUE"
                     with m.Case(Op.CLEAR_ACC):
-                        m.d.sync += s.ro_i.eq(0)
-                        m.next = "CLRACC"
+                        m.d.sync += s.readout_index.eq(0)
+                        m.next = "CLEAR_ACC"
                     with m.Case(Op.READ_STATE):
                         with m.If(cmd.bank == 3):
-                            m.d.sync += s.res.eq(Result.BAD_ARG)
+                            m.d.sync += s.result.eq(Result.BAD_ARG)
                             m.next = "DONE"
                         with m.Else():
-                            m.d.sync += [s.ro_i.eq(0), s.ro_w.eq(0)]
-                            m.next = "RSTATE_ISSUE"
+                            m.d.sync += [s.readout_index.eq(0), s.readout_wv.eq(0)]
+                            m.next = "READ_STATE_ISSUE"
                     with m.Case(Op.CLEAR_FLAGS):
                         m.d.comb += s.clear_flags.eq(1)
                         m.next = "DONE"
                     with m.Case(Op.SELFTEST):
                         with m.If(cmd.length == 0):
-                            m.d.sync += s.res.eq(Result.BAD_ARG)
+                            m.d.sync += s.result.eq(Result.BAD_ARG)
                             m.next = "DONE"
                         with m.Else():
-                            m.d.comb += [s.ul_init.eq(1), s.ul_init_val.eq(0)]
-                            m.d.sync += [s.e_out.eq(0), s.e_echo.eq(0), s.e_st.eq(1),
-                                         s.e_st_echo.eq(0), s.e_nb2.eq(0), s.e_acc.eq(0),
-                                         s.e_sub.eq(0), s.e_kick.eq(0), s.e_flip.eq(0),
-                                         s.u_down.eq(0),
-                                         s.fwd_mode.eq(_FWD_NONE)]
-                            m.next = "PRE"
+                            m.d.comb += [s.seq_index_init.eq(1), s.seq_index_init_value.eq(0)]
+                            m.d.sync += self._set_mode(
+                                s, emit_outputs=0, echo=0, selftest=1, two_banks=0,
+                                accumulate=0, negate_contrast=0, kick_only=0, flip_state=0,
+                                loader_down=0)
+                            m.next = "PRE_STEP_START"
                     with m.Default():
-                        m.d.sync += s.res.eq(Result.BAD_ARG)
+                        m.d.sync += s.result.eq(Result.BAD_ARG)
                         m.next = "DONE"
 
         with m.State("DONE"):
@@ -1229,321 +1310,376 @@ class HELCore(wiring.Component):
         """WRITE_PARAMS and READ_PARAMS: the walker in canonical order over the lanes'
         parameter memories and the b memory (it needs the latched skip mask)."""
         P, compact = self.geometry.p, s.compact
-        pwalk, pr, pw, br, bw = s.pwalk, s.pr, s.pw, s.br, s.bw
-        with m.State("PSTART"):
-            m.d.comb += pwalk.reset.eq(1)
-            with m.If(s.c_skip == 0b1111):
+        param_walker, param_rd, param_wr = s.param_walker, s.param_rd, s.param_wr
+        b_rd, b_wr, word_in = s.b_rd, s.b_wr, self.params_in.payload
+        with m.State("PARAMS_START"):
+            m.d.comb += param_walker.reset.eq(1)
+            with m.If(s.cmd_skip == 0b1111):
                 m.next = "DONE"
-            with m.Elif(s.c_op == Op.WRITE_PARAMS):
-                m.next = "WPARAM"
+            with m.Elif(s.cmd_op == Op.WRITE_PARAMS):
+                m.next = "WRITE_PARAMS"
             with m.Else():
-                m.next = "RPARAM_ISSUE"
+                m.next = "READ_PARAMS_ISSUE"
 
-        with m.State("WPARAM"):
+        with m.State("WRITE_PARAMS"):
             m.d.comb += self.params_in.ready.eq(1)
             with m.If(self.params_in.valid):
-                with m.If(pwalk.is_b):
-                    m.d.comb += [bw.addr.eq(pwalk.j), bw.data.eq(self.params_in.payload),
-                                 bw.en.eq(1)]
+                with m.If(param_walker.is_b):
+                    m.d.comb += [b_wr.addr.eq(param_walker.j), b_wr.data.eq(word_in),
+                                 b_wr.en.eq(1)]
                 with m.Else():
                     for p in range(P):
-                        m.d.comb += [pw[p].addr.eq(pwalk.addr), pw[p].data.eq(self.params_in.payload),
-                                     pw[p].en.eq(pwalk.lane == p)]
-                m.d.comb += pwalk.step.eq(1)
-                with m.If(pwalk.last):
+                        m.d.comb += [param_wr[p].addr.eq(param_walker.addr),
+                                     param_wr[p].data.eq(word_in),
+                                     param_wr[p].en.eq(param_walker.lane == p)]
+                m.d.comb += param_walker.step.eq(1)
+                with m.If(param_walker.last):
                     m.next = "DONE"
 
-        with m.State("RPARAM_ISSUE"):
+        with m.State("READ_PARAMS_ISSUE"):
             for p in range(P):
-                m.d.comb += [pr[p].addr.eq(pwalk.addr), pr[p].en.eq(1)]
-            m.d.comb += [br.addr.eq(pwalk.j), br.en.eq(1)]
-            m.next = "RPARAM_HOLD" if compact else "RPARAM_REG"
+                m.d.comb += [param_rd[p].addr.eq(param_walker.addr), param_rd[p].en.eq(1)]
+            m.d.comb += [b_rd.addr.eq(param_walker.j), b_rd.en.eq(1)]
+            m.next = "READ_PARAMS_HOLD" if compact else "READ_PARAMS_REG"
         if not compact:
-            with m.State("RPARAM_REG"):     # the word reaches p_word
+            with m.State("READ_PARAMS_REG"):     # the word reaches param_word
                 for p in range(P):
-                    m.d.comb += pr[p].en.eq(0)
-                m.d.comb += br.en.eq(0)
-                m.next = "RPARAM_HOLD"
-        with m.State("RPARAM_HOLD"):
+                    m.d.comb += param_rd[p].en.eq(0)
+                m.d.comb += b_rd.en.eq(0)
+                m.next = "READ_PARAMS_HOLD"
+        with m.State("READ_PARAMS_HOLD"):
             for p in range(P):
-                m.d.comb += pr[p].en.eq(0)
-            m.d.comb += br.en.eq(0)
+                m.d.comb += param_rd[p].en.eq(0)
+            m.d.comb += b_rd.en.eq(0)
             if compact:     # the word straight from the memories
-                p_word = _param_word(m, pwalk, pr, br, "pdata")
+                param_word = _param_word(m, param_walker, param_rd, b_rd, "param_word")
             else:
-                p_word = s.p_word
-            m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(p_word)]
+                param_word = s.param_word
+            m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(param_word)]
             with m.If(self.params_out.ready):
-                m.d.comb += pwalk.step.eq(1)
-                with m.If(pwalk.last):
+                m.d.comb += param_walker.step.eq(1)
+                with m.If(param_walker.last):
                     m.next = "DONE"
                 with m.Else():
-                    m.next = "RPARAM_ISSUE"
+                    m.next = "READ_PARAMS_ISSUE"
 
     def _readout_states(self, m, s):
         """READ_ACC (the walker in accumulator order), CLEAR_ACC and READ_STATE."""
         cfg, g = self.cfg, self.geometry
         N, aw, sw = cfg.n, cfg.acc_width, cfg.state_width
-        awalk, groups, ro_i, ro_w, sr = s.awalk, s.groups, s.ro_i, s.ro_w, s.sr
-        with m.State("RACC_ISSUE"):
+        acc_walker, groups, state_rd = s.acc_walker, s.groups, s.state_rd
+        readout_index, readout_wv = s.readout_index, s.readout_wv
+        with m.State("READ_ACC_ISSUE"):
             for grp in groups:
-                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
-            m.next = "RACC_HOLD"
-        with m.State("RACC_HOLD"):
-            adata = Signal(signed(aw))
-            with m.Switch(awalk.group):
+                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+            m.next = "READ_ACC_HOLD"
+        with m.State("READ_ACC_HOLD"):
+            acc_word = Signal(signed(aw))
+            with m.Switch(acc_walker.group):
                 for q, grp in enumerate(groups):
                     with m.Case(q):
-                        m.d.comb += adata.eq(grp.ext_rdata)
+                        m.d.comb += acc_word.eq(grp.ext_rdata)
             for grp in groups:   # keep the address so the data stays
-                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(awalk.acc_addr)]
-            m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(adata)]
+                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+            m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(acc_word)]
             with m.If(self.acc_out.ready):
-                m.d.comb += awalk.step.eq(1)
-                with m.If(awalk.last):
+                m.d.comb += acc_walker.step.eq(1)
+                with m.If(acc_walker.last):
                     m.next = "DONE"
                 with m.Else():
-                    m.next = "RACC_ISSUE"
-        with m.State("CLRACC"):
+                    m.next = "READ_ACC_ISSUE"
+        with m.State("CLEAR_ACC"):
             for grp in groups:
-                m.d.comb += [grp.ext.eq(1), grp.ext_waddr.eq(ro_i), grp.ext_clear.eq(1)]
-            m.d.sync += ro_i.eq(ro_i + 1)
-            with m.If(ro_i == g.acc_depth - 1):
+                m.d.comb += [grp.ext.eq(1), grp.ext_waddr.eq(readout_index),
+                             grp.ext_clear.eq(1)]
+            m.d.sync += readout_index.eq(readout_index + 1)
+            with m.If(readout_index == g.acc_depth - 1):
                 m.d.comb += s.clear_acc_flag.eq(1)
                 m.next = "DONE"
 
-        with m.State("RSTATE_ISSUE"):
-            m.d.comb += [sr.addr.eq(self._state_base(s.c_bank) + ro_i), sr.en.eq(1)]
-            m.next = "RSTATE_HOLD" if s.compact else "RSTATE_REG"
+        with m.State("READ_STATE_ISSUE"):
+            m.d.comb += [state_rd.addr.eq(self._state_base(s.cmd_bank) + readout_index),
+                         state_rd.en.eq(1)]
+            m.next = "READ_STATE_HOLD" if s.compact else "READ_STATE_REG"
         if not s.compact:
-            with m.State("RSTATE_REG"):     # the word reaches s_data
-                m.d.comb += sr.en.eq(0)
-                m.next = "RSTATE_HOLD"
-        with m.State("RSTATE_HOLD"):
-            s_data = s.s_data
-            m.d.comb += [sr.en.eq(0), self.state_out.valid.eq(1),
-                         self.state_out.payload.eq(Mux(ro_w, s_data[sw:], s_data[:sw]))]
+            with m.State("READ_STATE_REG"):     # the word reaches state_word
+                m.d.comb += state_rd.en.eq(0)
+                m.next = "READ_STATE_HOLD"
+        with m.State("READ_STATE_HOLD"):
+            state_word = s.state_word
+            m.d.comb += [state_rd.en.eq(0), self.state_out.valid.eq(1),
+                         self.state_out.payload.eq(Mux(readout_wv, state_word[sw:],
+                                                       state_word[:sw]))]
             with m.If(self.state_out.ready):
-                with m.If(ro_i == N - 1):
-                    m.d.sync += [ro_i.eq(0), ro_w.eq(1)]
-                    with m.If(ro_w):
+                with m.If(readout_index == N - 1):
+                    m.d.sync += [readout_index.eq(0), readout_wv.eq(1)]
+                    with m.If(readout_wv):
                         m.next = "DONE"
                     with m.Else():
-                        m.next = "RSTATE_ISSUE"
+                        m.next = "READ_STATE_ISSUE"
                 with m.Else():
-                    m.d.sync += ro_i.eq(ro_i + 1)
-                    m.next = "RSTATE_ISSUE"
+                    m.d.sync += readout_index.eq(readout_index + 1)
+                    m.next = "READ_STATE_ISSUE"
 
     def _load_state(self, m, s):
         """LOAD: T·K words into the sequence buffer; the last row's base is where an
         echo starts reading."""
-        K, seqbuf, ld_addr, ld_k, ld_left = self.cfg.k, s.seqbuf, s.ld_addr, s.ld_k, s.ld_left
+        K, seqbuf = self.cfg.k, s.seqbuf
+        load_addr, load_col, load_rows_left = s.load_addr, s.load_col, s.load_rows_left
         with m.State("LOAD"):
             m.d.comb += [self.inputs.ready.eq(1), s.loading.eq(1),
                          seqbuf.wdata.eq(self.inputs.payload), seqbuf.we.eq(self.inputs.valid)]
             with m.If(self.inputs.valid):
-                m.d.sync += ld_addr.eq(ld_addr + 1)
-                with m.If(ld_k == 0):
-                    m.d.sync += s.seq_last_base.eq(ld_addr)
-                with m.If(ld_k == K - 1):
-                    m.d.sync += [ld_k.eq(0), ld_left.eq(ld_left - 1)]
-                    with m.If(ld_left == 1):
-                        m.d.sync += [s.loaded_len.eq(s.c_len), s.fwd_mode.eq(_FWD_NONE)]
+                m.d.sync += load_addr.eq(load_addr + 1)
+                with m.If(load_col == 0):
+                    m.d.sync += s.last_row_base.eq(load_addr)
+                with m.If(load_col == K - 1):
+                    m.d.sync += [load_col.eq(0), load_rows_left.eq(load_rows_left - 1)]
+                    with m.If(load_rows_left == 1):
+                        m.d.sync += [s.loaded_length.eq(s.cmd_length),
+                                     s.forward_mode.eq(ForwardMode.NONE)]
                         m.next = "DONE"
                 with m.Else():
-                    m.d.sync += ld_k.eq(ld_k + 1)
+                    m.d.sync += load_col.eq(load_col + 1)
 
     def _pre_step_states(self, m, s):
-        """PRE and PRE_RUN: the pre-step zeroes (FORWARD, SELFTEST) or flips (ECHO, the
-        self-test's echo) every oscillator of every working bank through the state
-        unit; STEP_WAIT: the first step starts once it has drained."""
+        """PRE_STEP_START and PRE_STEP: the pre-step zeroes (FORWARD, SELFTEST) or
+        flips (ECHO, the self-test's echo) every oscillator of every working bank
+        through the state unit, reading the fwd bank; STEP_WAIT: the first step
+        starts once the pre-step has drained."""
         g, N = self.geometry, self.cfg.n
-        P, lo_out = g.p, N - self.cfg.o
-        pre_op, pre_i, pre_p, pre_r, pre_slot = s.pre_op, s.pre_i, s.pre_p, s.pre_r, s.pre_slot
-        e_echo, nb_last = s.e_echo, s.nb_last
-        with m.State("PRE"):
+        P, first_output = g.p, N - self.cfg.o
+        pre_op, pre_osc, pre_lane, pre_row = s.pre_op, s.pre_osc, s.pre_lane, s.pre_row
+        pre_bank = s.pre_bank
+        echo, last_bank = s.echo, s.last_bank
+        with m.State("PRE_STEP_START"):
             # the first step's nudge row must be buffered before the flip uses it
-            need_nudge = e_echo & ~s.nu_have
+            need_nudge = echo & ~s.nudge_row_ready
             with m.If(~need_nudge):
-                m.d.comb += [s.u_start.eq(1), s.u_adv.eq(0), s.rem_load.eq(1)]
-                m.d.sync += [pre_i.eq(0), pre_p.eq(0), pre_r.eq(0), pre_slot.eq(0)]
-                with m.If(s.e_st_echo):
-                    m.d.sync += s.st_pass.eq(1)
-                m.next = "PRE_RUN"
-        with m.State("PRE_RUN"):
-            m.d.comb += [pre_op.valid.eq(1), pre_op.upd.eq(0), pre_op.zero.eq(~s.e_flip),
-                         pre_op.src.eq(0), pre_op.dst.eq(self._state_bank(s, pre_slot)),
-                         pre_op.i.eq(pre_i), pre_op.p.eq(pre_p), pre_op.r.eq(pre_r),
-                         pre_op.slot.eq(pre_slot),
-                         pre_op.nudge.eq(e_echo & (pre_i >= lo_out)),
+                m.d.comb += [s.loader_start.eq(1), s.loader_advance.eq(0),
+                             s.steps_left_load.eq(1)]
+                m.d.sync += [pre_osc.eq(0), pre_lane.eq(0), pre_row.eq(0), pre_bank.eq(0)]
+                with m.If(s.selftest_echo):
+                    m.d.sync += s.selftest_pass.eq(1)
+                m.next = "PRE_STEP"
+        with m.State("PRE_STEP"):
+            m.d.comb += [pre_op.valid.eq(1), pre_op.update.eq(0), pre_op.zero.eq(~s.flip_state),
+                         pre_op.src_bank.eq(0),
+                         pre_op.dst_bank.eq(self._state_bank(s, pre_bank)),
+                         pre_op.osc.eq(pre_osc), pre_op.lane.eq(pre_lane), pre_op.row.eq(pre_row),
+                         pre_op.bank.eq(pre_bank),
+                         pre_op.nudge.eq(echo & (pre_osc >= first_output)),
                          pre_op.next.eq(1)]
-            with m.If(pre_slot != nb_last):
-                m.d.sync += pre_slot.eq(1)
+            with m.If(pre_bank != last_bank):
+                m.d.sync += pre_bank.eq(1)
             with m.Else():
-                m.d.sync += [pre_slot.eq(0), pre_i.eq(pre_i + 1)]
-                with m.If(pre_p == P - 1):
-                    m.d.sync += [pre_p.eq(0), pre_r.eq(pre_r + 1)]
+                m.d.sync += [pre_bank.eq(0), pre_osc.eq(pre_osc + 1)]
+                with m.If(pre_lane == P - 1):
+                    m.d.sync += [pre_lane.eq(0), pre_row.eq(pre_row + 1)]
                 with m.Else():
-                    m.d.sync += pre_p.eq(pre_p + 1)
-                with m.If(pre_i == N - 1):
+                    m.d.sync += pre_lane.eq(pre_lane + 1)
+                with m.If(pre_osc == N - 1):
                     m.next = "STEP_WAIT"
 
-        # ---- wait for the previous step (or pre-step) to drain, then start a step
+        # ---- wait for the pre-step to drain, then start the first step
         with m.State("STEP_WAIT"):
-            with m.If(s.drained & s.u_ready):
-                m.d.sync += [s.i_sub.eq(0), s.i_r.eq(0), s.i_j.eq(0), s.i_pbase.eq(0),
-                             s.a_count.eq(0)]
+            with m.If(s.drained & s.loader_ready):
+                m.d.sync += self._restart_issue(s)
                 if g.u_mode:
-                    m.d.sync += [s.i_pbase.eq(g.u_base), s.u_dec.eq(0)]
-                    m.next = "U"
+                    m.d.sync += [s.issue_row_base.eq(g.u_base), s.step_after_input.eq(0)]
+                    m.next = "INPUT_PRODUCTS"
                 else:
-                    m.next = "A"
+                    m.next = "Z_SUMS"
+
+    @staticmethod
+    def _restart_issue(s):
+        """The assignments that set the issue counters to phase A's first slot."""
+        return [s.issue_bank.eq(0), s.issue_chunk.eq(0), s.issue_row.eq(0),
+                s.issue_row_base.eq(0), s.activation_count.eq(0)]
 
     def _phase_states(self, m, s):
-        """One step: U (u_mode), A, C (with the contrast), B_GATE, B, STEP_END; FIN
-        after the last step (and the self-test's turn from forward to echo)."""
-        cfg, g = self.cfg, self.geometry
-        N, M, K, O = cfg.n, cfg.m, cfg.k, cfg.o
-        RA, RC, RN, LB = g.ra, g.rc, g.rn, g.lb
-        tag0, issue_mode, p_addr, p_en, x_addr, a_addr = (s.tag0, s.issue_mode, s.p_addr,
-                                                          s.p_en, s.x_addr, s.a_addr)
-        i_sub, i_r, i_j, i_t, i_pbase, i_bptr = s.i_sub, s.i_r, s.i_j, s.i_t, s.i_pbase, s.i_bptr
-        a_count, a_rows, nb_last, e_nb2 = s.a_count, s.a_rows, s.nb_last, s.e_nb2
-        drained, u_ready, u_dec, rem_dec, has_next = (s.drained, s.u_ready, s.u_dec, s.rem_dec,
-                                                      s.has_next)
-        if g.u_mode:
-            # the next step's input products, issued while the previous step drains
-            with m.State("U"):
-                m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_U),
-                             tag0.j.eq(i_j), tag0.r.eq(i_r), tag0.first.eq(i_r == 0),
-                             tag0.last.eq(i_r == K - 1), p_addr.eq(i_pbase), p_en.eq(1)]
-                m.d.sync += i_pbase.eq(i_pbase + 1)
-                with m.If(i_r == K - 1):
-                    m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
-                    with m.If(i_j == g.ru - 1):
-                        m.next = "U_WAIT"
-                with m.Else():
-                    m.d.sync += i_r.eq(i_r + 1)
-            with m.State("U_WAIT"):
-                with m.If(drained):
-                    with m.If(u_dec):
-                        m.d.comb += rem_dec.eq(1)
-                    m.d.sync += [i_sub.eq(0), i_r.eq(0), i_j.eq(0), i_pbase.eq(0),
-                                 a_count.eq(0)]
-                    m.next = "A"
+        """One step: INPUT_PRODUCTS and INPUT_DRAIN (phase U, in u_mode), Z_SUMS (A),
+        CONTRAST (C, when accumulating), FORCE_GATE and FORCE_SUMS (B), STEP_END;
+        PASS_END after the last step. Each issue state drives ``tag0`` and the lane
+        memories' read addresses for one slot a cycle, with the issue counters
+        ``issue_bank`` (working bank), ``issue_row`` (j), ``issue_chunk`` (r) and
+        ``issue_slot`` (B: t)."""
+        if self.geometry.u_mode:
+            self._input_phase_states(m, s)
+        self._z_state(m, s)
+        self._contrast_state(m, s)
+        self._force_states(m, s)
+        self._step_end_states(m, s)
 
-        with m.State("A"):
-            m.d.comb += [issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(_PH_A),
-                         tag0.sub.eq(i_sub), tag0.r.eq(i_r), tag0.j.eq(i_j),
-                         tag0.first.eq(i_r == 0), tag0.last.eq(i_r == RA - 1),
-                         p_addr.eq(i_pbase + i_r), p_en.eq(~i_sub),
-                         x_addr.eq(Mux(i_sub, RN + i_r, i_r))]
-            with m.If((i_r == 0) & (i_j == 0) & ~i_sub):
-                m.d.comb += self.step_strobe.eq(1)
-            with m.If(i_sub != nb_last):
-                m.d.sync += i_sub.eq(1)
+    def _input_phase_states(self, m, s):
+        """Phase U: the next step's input products, ``⌈M/P⌉·K`` slots issued while the
+        previous step drains; then the A phase starts once they have drained."""
+        g, K = self.geometry, self.cfg.k
+        tag0, chunk, row, row_base = s.tag0, s.issue_chunk, s.issue_row, s.issue_row_base
+        with m.State("INPUT_PRODUCTS"):
+            m.d.comb += [s.issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(Phase.INPUT),
+                         tag0.row.eq(row), tag0.chunk.eq(chunk), tag0.first.eq(chunk == 0),
+                         tag0.last.eq(chunk == K - 1), s.param_addr.eq(row_base),
+                         s.param_en.eq(1)]
+            m.d.sync += row_base.eq(row_base + 1)
+            with m.If(chunk == K - 1):
+                m.d.sync += [chunk.eq(0), row.eq(row + 1)]
+                with m.If(row == g.ru - 1):
+                    m.next = "INPUT_DRAIN"
             with m.Else():
-                m.d.sync += i_sub.eq(0)
-                with m.If(i_r == RA - 1):
-                    m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1), i_pbase.eq(i_pbase + RA)]
-                    with m.If(i_j == M - 1):
-                        m.d.sync += i_j.eq(0)
-                        with m.If(s.e_acc):
-                            m.next = "C"
+                m.d.sync += chunk.eq(chunk + 1)
+        with m.State("INPUT_DRAIN"):
+            with m.If(s.drained):
+                with m.If(s.step_after_input):
+                    m.d.comb += s.steps_left_dec.eq(1)
+                m.d.sync += self._restart_issue(s)
+                m.next = "Z_SUMS"
+
+    def _z_state(self, m, s):
+        """Phase A: ``M·RA`` slots (per working bank), row j chunk r of ``[W|B]``
+        times ``[qo|u]``; a weight read serves both banks on consecutive cycles."""
+        g, M = self.geometry, self.cfg.m
+        RA, RN = g.ra, g.rn
+        tag0, bank, chunk, row = s.tag0, s.issue_bank, s.issue_chunk, s.issue_row
+        row_base = s.issue_row_base
+        with m.State("Z_SUMS"):
+            m.d.comb += [s.issue_mode.eq(1), tag0.valid.eq(1), tag0.phase.eq(Phase.Z),
+                         tag0.bank.eq(bank), tag0.chunk.eq(chunk), tag0.row.eq(row),
+                         tag0.first.eq(chunk == 0), tag0.last.eq(chunk == RA - 1),
+                         s.param_addr.eq(row_base + chunk), s.param_en.eq(~bank),
+                         s.operand_addr.eq(Mux(bank, RN + chunk, chunk))]
+            with m.If((chunk == 0) & (row == 0) & ~bank):
+                m.d.comb += self.step_strobe.eq(1)
+            with m.If(bank != s.last_bank):
+                m.d.sync += bank.eq(1)
+            with m.Else():
+                m.d.sync += bank.eq(0)
+                with m.If(chunk == RA - 1):
+                    m.d.sync += [chunk.eq(0), row.eq(row + 1), row_base.eq(row_base + RA)]
+                    with m.If(row == M - 1):
+                        m.d.sync += row.eq(0)
+                        with m.If(s.accumulate):
+                            m.next = "CONTRAST"
                         with m.Else():
-                            m.next = "B_GATE"
+                            m.next = "FORCE_GATE"
                 with m.Else():
-                    m.d.sync += i_r.eq(i_r + 1)
+                    m.d.sync += chunk.eq(chunk + 1)
 
-        with m.State("C"):
-            jm = Signal()
-            m.d.comb += jm.eq(i_j == M)
-            ok = Signal()
-            m.d.comb += ok.eq(jm | i_sub | (a_rows > i_j))
-            m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_C), tag0.sub.eq(i_sub),
-                         tag0.r.eq(i_r), tag0.j.eq(i_j), tag0.jm.eq(jm),
-                         x_addr.eq(Mux(i_sub & e_nb2, RN + i_r, i_r)),
-                         a_addr.eq(Mux(e_nb2, Cat(i_sub, i_j), i_j))]
-            with m.If(ok):
+    def _contrast_state(self, m, s):
+        """Phase C: ``2·(M·RC + RN)`` slots, two per accumulator element (the two
+        banks, or the one bank and a zero); row j may issue once ``a_j`` exists, row
+        M (α: qo²) at once."""
+        g, M = self.geometry, self.cfg.m
+        RC, RN = g.rc, g.rn
+        tag0, bank, chunk, row = s.tag0, s.issue_bank, s.issue_chunk, s.issue_row
+        two_banks = s.two_banks
+        with m.State("CONTRAST"):
+            alpha_row = Signal()
+            m.d.comb += alpha_row.eq(row == M)
+            can_issue = Signal()
+            m.d.comb += can_issue.eq(alpha_row | bank | (s.activation_rows > row))
+            m.d.comb += [s.issue_mode.eq(1), tag0.phase.eq(Phase.CONTRAST), tag0.bank.eq(bank),
+                         tag0.chunk.eq(chunk), tag0.row.eq(row), tag0.alpha_row.eq(alpha_row),
+                         s.operand_addr.eq(Mux(bank & two_banks, RN + chunk, chunk)),
+                         s.activation_addr.eq(Mux(two_banks, Cat(bank, row), row))]
+            with m.If(can_issue):
                 m.d.comb += tag0.valid.eq(1)
-                with m.If(~i_sub):
-                    m.d.sync += i_sub.eq(1)
+                with m.If(~bank):
+                    m.d.sync += bank.eq(1)
                 with m.Else():
-                    m.d.sync += i_sub.eq(0)
-                    row_end = Mux(jm, i_r == RN - 1, i_r == RC - 1)
+                    m.d.sync += bank.eq(0)
+                    row_end = Mux(alpha_row, chunk == RN - 1, chunk == RC - 1)
                     with m.If(row_end):
-                        m.d.sync += [i_r.eq(0), i_j.eq(i_j + 1)]
-                        with m.If(jm):
-                            m.next = "B_GATE"
+                        m.d.sync += [chunk.eq(0), row.eq(row + 1)]
+                        with m.If(alpha_row):
+                            m.next = "FORCE_GATE"
                     with m.Else():
-                        m.d.sync += i_r.eq(i_r + 1)
+                        m.d.sync += chunk.eq(chunk + 1)
 
-        with m.State("B_GATE"):
-            e_echo, e_out = s.e_echo, s.e_out
-            out_ok = ~e_out | (s.ofifo.level <= s.fifo_depth - O)   # room for O words
-            nudge_ok = ~(e_echo & ~s.e_kick & has_next) | s.nu_have
+    def _force_states(self, m, s):
+        """Phase B: FORCE_GATE waits for room for the step's outputs and for the next
+        nudge row, and starts loading the next step's inputs; FORCE_SUMS issues
+        ``RN·LB`` slots (per working bank): for oscillator row r, slot t = 0 is
+        ``α_i·qo_i``, slot t = j + 1 is ``W_ji·a_j`` (once ``a_j`` exists), slots
+        beyond M pad the row to P for the serial state unit."""
+        cfg, g = self.cfg, self.geometry
+        M, O = cfg.m, cfg.o
+        RA, RN, LB = g.ra, g.rn, g.lb
+        tag0, bank, chunk, slot = s.tag0, s.issue_bank, s.issue_chunk, s.issue_slot
+        weight_addr, two_banks, has_next = s.issue_weight_addr, s.two_banks, s.has_next
+        with m.State("FORCE_GATE"):
+            out_ok = ~s.emit_outputs | (s.output_fifo.level <= s.fifo_depth - O)  # room for O
+            nudge_ok = ~(s.echo & ~s.kick_only & has_next) | s.nudge_row_ready
             with m.If(out_ok & nudge_ok):
-                m.d.comb += [s.u_start.eq(has_next), s.u_adv.eq(1)]
-                m.d.sync += [i_sub.eq(0), i_r.eq(0), i_t.eq(0), i_bptr.eq(0)]
-                m.next = "B"
+                m.d.comb += [s.loader_start.eq(has_next), s.loader_advance.eq(1)]
+                m.d.sync += [bank.eq(0), chunk.eq(0), slot.eq(0), weight_addr.eq(0)]
+                m.next = "FORCE_SUMS"
 
-        with m.State("B"):
-            pad = Signal()
-            m.d.comb += pad.eq(i_t > M)
-            ok = Signal()
-            m.d.comb += ok.eq(pad | i_sub | (i_t == 0) | (a_rows >= i_t))
-            t_prev = Signal(range(M + 1))
-            m.d.comb += t_prev.eq(i_t - 1)
-            m.d.comb += [issue_mode.eq(1), tag0.phase.eq(_PH_B), tag0.sub.eq(i_sub),
-                         tag0.r.eq(i_r), tag0.j.eq(i_t),
-                         tag0.first.eq(i_t == 0), tag0.last.eq(i_t == M),
-                         p_addr.eq(Mux(i_t == 0, M * RA + i_r, i_bptr)), p_en.eq(~i_sub),
-                         x_addr.eq(Mux(i_sub, RN + i_r, i_r)),
-                         a_addr.eq(Mux(e_nb2, Cat(i_sub, t_prev), t_prev))]
-            with m.If(ok):
-                m.d.comb += tag0.valid.eq(~pad)
-                with m.If(i_sub != nb_last):
-                    m.d.sync += i_sub.eq(1)
+        with m.State("FORCE_SUMS"):
+            padding = Signal()
+            m.d.comb += padding.eq(slot > M)
+            can_issue = Signal()
+            m.d.comb += can_issue.eq(padding | bank | (slot == 0) | (s.activation_rows >= slot))
+            weight_row = Signal(range(M + 1))
+            m.d.comb += weight_row.eq(slot - 1)
+            m.d.comb += [s.issue_mode.eq(1), tag0.phase.eq(Phase.FORCE), tag0.bank.eq(bank),
+                         tag0.chunk.eq(chunk), tag0.row.eq(slot),
+                         tag0.first.eq(slot == 0), tag0.last.eq(slot == M),
+                         s.param_addr.eq(Mux(slot == 0, M * RA + chunk, weight_addr)),
+                         s.param_en.eq(~bank),
+                         s.operand_addr.eq(Mux(bank, RN + chunk, chunk)),
+                         s.activation_addr.eq(Mux(two_banks, Cat(bank, weight_row), weight_row))]
+            with m.If(can_issue):
+                m.d.comb += tag0.valid.eq(~padding)
+                with m.If(bank != s.last_bank):
+                    m.d.sync += bank.eq(1)
                 with m.Else():
-                    m.d.sync += i_sub.eq(0)
-                    with m.If(i_t == 0):
-                        m.d.sync += i_bptr.eq(i_r)
+                    m.d.sync += bank.eq(0)
+                    with m.If(slot == 0):
+                        m.d.sync += weight_addr.eq(chunk)
                     with m.Else():
-                        m.d.sync += i_bptr.eq(i_bptr + RA)
-                    with m.If(i_t == LB - 1):
-                        m.d.sync += [i_t.eq(0), i_r.eq(i_r + 1)]
-                        with m.If(i_r == RN - 1):
+                        m.d.sync += weight_addr.eq(weight_addr + RA)
+                    with m.If(slot == LB - 1):
+                        m.d.sync += [slot.eq(0), chunk.eq(chunk + 1)]
+                        with m.If(chunk == RN - 1):
                             m.next = "STEP_END"
                     with m.Else():
-                        m.d.sync += i_t.eq(i_t + 1)
+                        m.d.sync += slot.eq(slot + 1)
 
+    def _step_end_states(self, m, s):
+        """STEP_END: the next step starts when this one has drained (in u_mode with
+        its input products, at once); PASS_END: once the outputs are out, the
+        self-test turns from forward to echo, or the command is done (a FORWARD
+        leaves its mode for the ECHO)."""
+        g = self.geometry
+        has_next, drained, loader_ready = s.has_next, s.drained, s.loader_ready
         with m.State("STEP_END"):
             if g.u_mode:
-                with m.If(has_next & u_ready):
-                    m.d.sync += [i_r.eq(0), i_j.eq(0), i_pbase.eq(g.u_base), u_dec.eq(1)]
-                    m.next = "U"
+                with m.If(has_next & loader_ready):
+                    m.d.sync += [s.issue_chunk.eq(0), s.issue_row.eq(0),
+                                 s.issue_row_base.eq(g.u_base), s.step_after_input.eq(1)]
+                    m.next = "INPUT_PRODUCTS"
                 with m.Elif(~has_next & drained):
-                    m.next = "FIN"
-            with m.If(drained & u_ready & (not g.u_mode)):
+                    m.next = "PASS_END"
+            with m.If(drained & loader_ready & (not g.u_mode)):
                 with m.If(has_next):
-                    m.d.comb += rem_dec.eq(1)
-                    m.d.sync += [i_sub.eq(0), i_r.eq(0),
-                                 i_j.eq(0), i_pbase.eq(0), a_count.eq(0)]
-                    m.next = "A"
+                    m.d.comb += s.steps_left_dec.eq(1)
+                    m.d.sync += self._restart_issue(s)
+                    m.next = "Z_SUMS"
                 with m.Else():
-                    m.next = "FIN"
+                    m.next = "PASS_END"
 
-        with m.State("FIN"):
-            with m.If(s.ofifo.level == 0):
-                with m.If(s.e_st & ~s.e_st_echo):
-                    m.d.comb += s.ul_back.eq(1)
-                    m.d.sync += [s.e_st_echo.eq(1), s.e_flip.eq(1), s.u_down.eq(1)]
-                    m.next = "PRE"
+        with m.State("PASS_END"):
+            with m.If(s.output_fifo.level == 0):
+                with m.If(s.selftest & ~s.selftest_echo):
+                    m.d.comb += s.seq_index_back.eq(1)
+                    m.d.sync += [s.selftest_echo.eq(1), s.flip_state.eq(1), s.loader_down.eq(1)]
+                    m.next = "PRE_STEP_START"
                 with m.Else():
-                    with m.If(s.e_out):
-                        m.d.sync += s.fwd_mode.eq(Mux(s.e_one, _FWD_ONE, _FWD_CENTRED))
+                    with m.If(s.emit_outputs):
+                        m.d.sync += s.forward_mode.eq(Mux(s.one_sided, ForwardMode.ONE_SIDED,
+                                                          ForwardMode.CENTRED))
                     m.next = "DONE"
-
 
 class _Walker:
     """Canonical-order address generator over the sections of :meth:`LaneGeometry.walk_sections`,
