@@ -390,3 +390,60 @@ def test_device_names_help_and_configuration_come_from_one_table():
     assert "sim (" not in device_help(exclude=("sim",))
     assert all(takes_config(name) for name in DEVICE_NAMES)
     assert not takes_config("/dev/ttyUSB1") and not takes_config("socket://localhost:1")
+
+
+@pytest.mark.parametrize("estimator", ["centred", "one-sided"])
+def test_hel_sample_sends_a_final_step_loss_as_one_kick_with_the_same_result(dev, estimator):
+    """One HEL sample over the protocol: a loss on the final step only goes out as a
+    single nudge row, and outputs, accumulators and the echo's end state equal the
+    golden model's after the full T-row echo of the same nudges."""
+    from hel_fpga.host.learning import hel_sample
+    params, u, _ = make_sample(CFG, 40, seed=11)
+    target = np.zeros((40, CFG.o))
+    mask = np.zeros(40)
+    mask[-1] = 1
+
+    def final_step_loss(y_hat):
+        r = (y_hat - target) * mask[:, None]
+        return 0.5 * float(np.sum(r * r)), r
+
+    eps = 0.3
+    dev.write_params(params)
+    sample = hel_sample(dev, u, final_step_loss, eps, estimator)
+    assert sample.nudges.shape == (1, CFG.o)
+
+    gold = GoldenDevice(CFG)
+    gold.write_params(params)
+    gold.load(u)
+    y = gold.forward(estimator)
+    full = CFG.nudges(final_step_loss(CFG.outputs_to_float(y))[1], eps)
+    assert full.shape == (40, CFG.o) and not full[1:].any() and full[0].any()
+    gold.echo(full)
+    assert np.array_equal(sample.outputs, y)
+    acc, want = dev.read_accumulators(), gold.read_accumulators()
+    for k in PARAM_NAMES:
+        assert np.array_equal(acc[k], want[k]), k
+    for a, b in zip(dev.read_state("pos"), gold.read_state("pos")):
+        assert np.array_equal(a, b)
+
+
+def test_bench_link_over_the_protocol_model_counts_the_bytes_of_one_hel_sample(capsys):
+    """``hel bench link --device model``: every phase of the shared HEL sample is
+    measured, and the device's outputs and accumulators equal the golden model's."""
+    import json
+
+    from hel_fpga.host.cli import main
+    from hel_fpga.spec.wire import packed_len
+    assert main(["bench", "link", "--device", "model", "--lengths", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = HelConfig.from_dict(result["config"])
+    assert [r["phase"] for r in result["phases"]] == ["LOAD", "FORWARD", "ECHO"]
+    assert result["bit_exact"] and result["stats"]["retries"] == 0
+    expect = {"LOAD": packed_len(16 * cfg.k, cfg.operand_width),
+              "FORWARD": packed_len(16 * cfg.o, cfg.state_width),
+              "ECHO": packed_len(16 * cfg.o, cfg.state_width)}
+    for r in result["phases"]:
+        assert r["payload_bytes"] == expect[r["phase"]] * r["reps"]
+        assert r["payload_bytes"] < r["wire_bytes"]
+    assert main(["bench", "link", "--device", "sim", "--lengths", "16"]) == 2
+    assert "--device sim has no serial link to measure" in capsys.readouterr().err
