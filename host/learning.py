@@ -15,7 +15,7 @@ times each device operation of a sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,13 +64,12 @@ class Sample:
     nudges: np.ndarray      #: the integer nudge rows ECHO sent, in echo order
 
 
-_R = TypeVar("_R")
 #: Runs one device operation of a sample: ``phase(name, op)`` calls ``op()`` and
 #: returns its result; ``name`` is ``"LOAD"``, ``"FORWARD"`` or ``"ECHO"``.
-Phase = Callable[[str, Callable[[], _R]], _R]
+Phase = Callable[[str, Callable[[], Any]], Any]
 
 
-def _run(name: str, op: Callable[[], _R]) -> _R:
+def _run(name: str, op: Callable[[], Any]) -> Any:
     return op()
 
 
