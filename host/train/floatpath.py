@@ -120,7 +120,7 @@ def _echo_G(params: Params, u: np.ndarray, q_T, p_T, nudges, dt) -> Params:
 
 def rhel_grads(params: Params, u: np.ndarray, dt: float, traj: BatchTrajectory,
                g: np.ndarray, eps: float, estimator: str = "centred") -> Params:
-    """Float RHEL (DESIGN.md §2) given ``g = ∂L/∂ŷ`` (S, T, O), summed over samples.
+    """Float RHEL (docs/design.md §1.4) given ``g = ∂L/∂ŷ`` (S, T, O), summed over samples.
 
     Centred: a +ε and a −ε echo of every sample,
     ``∇ ≈ −δ (G(+ε) − G(−ε)) / 2ε``. One-sided: ``G(0)`` from the forward
