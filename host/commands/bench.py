@@ -5,8 +5,8 @@ simulator: random parameters are written, a short sequence is loaded, then a
 centred FORWARD and a centred ECHO run with the output stream always ready and
 the nudges always valid. The core's ``step_strobe`` marks the first product of
 every step; the cycles between two strobes of the same pass are the cycles of
-one step (steady state, the pass's first and last step excluded from nothing:
-every step of a pass has the same schedule). The MACs per step are
+one step (every step of a pass has the same schedule; the largest gap is
+reported). The MACs per step are
 ``cfg.macs_forward_step`` / ``cfg.macs_echo_step`` (:mod:`hel_fpga.spec.formats`) and the
 ratio is ``cycles / (MACs / P)`` with ``P`` = the core's multipliers.
 
