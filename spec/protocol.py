@@ -1,8 +1,10 @@
-"""The one definition of hel-fpga's serial link: frame layer constants and codes.
+"""The one definition of hel-fpga's serial link: frames, commands, codes and tables.
 
-This module is pure Python (no Amaranth import) so that the gateware (``rtl``),
-the host (``host``) and any third-party host can share it. Nothing here may be
-re-derived elsewhere: import it.
+This module is pure Python (no Amaranth import) so that the gateware
+(``hel_fpga.rtl``), the reference device (``hel_fpga.sim.protocol_model``), the
+host (``hel_fpga.host``) and any third-party host can share it. Nothing here may
+be re-derived elsewhere: import it. docs/protocol.md is the prose for
+implementers; docs/design.md §4 summarises the link.
 
 Physical layer
 --------------
@@ -54,8 +56,7 @@ Why ``MAX_PAYLOAD = 1024``
 --------------------------
 * Efficiency: per frame the link spends 2 (cmd, seq) + 4 (CRC) + 1 (delimiter)
   bytes plus one COBS byte per 254, i.e. 12 bytes for a full frame: 98.8 %
-  payload efficiency, far above the 90 % target for long LOAD/ECHO streams.
-  Larger frames gain < 1 %.
+  payload efficiency for long LOAD/ECHO streams. Larger frames gain < 1 %.
 * Retry cost: a full frame takes 89 ms at 115 200 baud (8.9 ms at 1 Mbaud),
   so resending one after a CRC error costs little.
 * Gateware buffers: the receive ring (:class:`hel_fpga.rtl.framing.FrameDecoder`) of
@@ -309,7 +310,7 @@ class StatusFlag(enum.IntFlag):
     # updates them when the echo completes).
 
 
-#: Bits of WRITE_PARAMS/READ_PARAMS ``mask``: bit i = hel_fpga.spec.formats.PARAM_NAMES[i]
+#: Bits of WRITE_PARAMS/READ_PARAMS ``mask``: bit i = hel_fpga.spec.names.PARAM_NAMES[i]
 #: (W, B, b, alpha); the selected arrays travel in that order, each row-major.
 PARAM_MASK_ALL = 0x0F
 
@@ -319,8 +320,8 @@ PARAM_MASK_ALL = 0x0F
 #: Bytes before the packed words of a chunk (``index:u16``).
 CHUNK_HEADER_LEN = 2
 
-#: Most packed bytes in one chunk (see the flow-control note: 2 + 2 + 1016 + CRC
-#: fits twice in the 2 KiB receive ring).
+#: Most packed bytes in one chunk: a chunk frame (2 + 2 + 1016 + CRC) fits twice in
+#: the 2 KiB receive ring, which the window of 2 relies on (docs/protocol.md §4).
 CHUNK_DATA_MAX = 1016
 
 #: Un-acked DATA chunks the host may have in flight.

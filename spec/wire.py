@@ -3,7 +3,9 @@
 The one implementation of how integer words travel in the link's payloads, used
 by the host (:mod:`hel_fpga.host.link`) and by the reference device model
 (:mod:`hel_fpga.sim.protocol_model`), and the reference for the gateware's pack/unpack
-shift registers.
+shift registers. ``tests/test_wire_reference.py`` holds it against an independent
+implementation of docs/protocol.md §3 with ``bitstring``, so the host and the model,
+which share this code, cannot share a packing bug unnoticed.
 
 Words of one width ``w`` are packed LSB first into a bit stream (word ``i`` at
 stream bits ``i·w … i·w+w−1``; stream bit ``j`` = bit ``j mod 8`` of byte
