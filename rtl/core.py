@@ -1,18 +1,19 @@
 """The HEL core: forward and echo dynamics as fixed-point hardware, bit-exact with
-:class:`hel_fpga.sim.golden.GoldenCore`.
+:class:`hel_fpga.sim.golden.GoldenCore` (docs/design.md §3; docs/core.md).
 
 Interface
 ---------
-:class:`HELCore` is a ``wiring.Component`` built from a :class:`hel_fpga.spec.formats.HelConfig`
-(``P = cfg.lanes`` MAC lanes). Commands arrive on ``cmd`` (one at a time, accepted
-only while idle); each produces exactly one ``done`` word. Data moves on
-``amaranth.lib.stream`` streams with full handshakes in both directions:
+:class:`HELCore` is a ``wiring.Component`` built from a
+:class:`hel_fpga.spec.formats.HelConfig` (``P = cfg.lanes`` MAC lanes). Commands
+arrive on ``cmd`` (one at a time, accepted only while idle); each produces exactly
+one ``done`` word. Data moves on ``amaranth.lib.stream`` streams with full
+handshakes in both directions:
 
 ========== ===== ======================= =====================================================
 member     dir   payload                 use
 ========== ===== ======================= =====================================================
-cmd        In    :data:`CmdLayout`       ``op`` (:class:`Op`), ``length``, ``one_sided``, ``kick``,
-                                         ``bank``, ``seed``
+cmd        In    :data:`CmdLayout`       ``op`` (:class:`Op`), ``length``, ``one_sided``,
+                                         ``kick``, ``bank``, ``seed``, ``skip``, ``no_acc``
 done       Out   :data:`DoneLayout`      ``result`` (:class:`Result`), ``selftest_pass``
 params_in  In    signed(operand_width)   WRITE_PARAMS: W (M×N), B (M×K), b (M), α (N)
 params_out Out   signed(operand_width)   READ_PARAMS, same order
@@ -25,45 +26,50 @@ busy       Out   1                       a command is being executed
 state_overflow, acc_overflow  Out 1      sticky wrap flags (as GoldenCore's)
 ========== ===== ======================= =====================================================
 
-Two fields go beyond the brief's interface, for the command unit: ``skip``
-transfers a subset of the parameter arrays (WRITE/READ_PARAMS of the remaining
-arrays in canonical order; GoldenCore.write_params takes any subset), and
-``no_acc`` repeats a one-sided FORWARD (same outputs, fwd bank and one-sided
-mode) without subtracting G(0) a second time, for protocol retransmissions.
+Two fields serve the command unit: ``skip`` transfers a subset of the parameter
+arrays (WRITE/READ_PARAMS of the remaining arrays in canonical order;
+GoldenCore.write_params takes any subset), and ``no_acc`` repeats a one-sided
+FORWARD (same outputs, fwd bank and one-sided mode) without subtracting G(0) a
+second time, for protocol retransmissions.
 
 Results: ``OK``; ``WRONG_STATE`` exactly where GoldenCore raises StateError
 (FORWARD with nothing loaded; ECHO without a FORWARD of the loaded sequence);
 ``BAD_ARG`` where GoldenCore raises FormatError/KeyError on a command argument
 (LOAD length outside 1..t_max, SELFTEST with 0 steps, READ_STATE bank 3, an
-unknown op). On any error nothing changes and no stream word is consumed.
-(``BAD_ARG`` is an addition to the two results of the brief: without it a bad
-LOAD length would have to be silently clamped or hang waiting for words.)
+unknown op), so that a bad LOAD length is rejected rather than clamped or left
+waiting for words. On any error nothing changes and no stream word is consumed.
 
 Schedule of one step
 --------------------
-The step is three phases on the P multiplier lanes (see :mod:`hel_fpga.rtl.mac` for the
-banking); in centred echo every weight read serves both banks on two
-consecutive cycles (the read port holds its data), so each phase takes twice
-as long with the same P multipliers:
+The step is three or four phases (:class:`Phase`) on the P multiplier lanes (see
+:mod:`hel_fpga.rtl.mac` for the banking), with the chunk counts of
+:class:`hel_fpga.rtl.mac.LaneGeometry`: ``RA = ⌈(N+K)/P⌉`` chunks of P columns per
+z row (``⌈N/P⌉`` with the U phase), ``RC = ⌈(N+K+1)/P⌉`` per contrast row,
+``RN = ⌈N/P⌉`` oscillator rows, ``LB = max(M+1, P)`` slots per oscillator row of
+the force, ``nb`` working banks (2 in a centred echo, else 1). In a centred echo
+every weight read serves both banks on two consecutive cycles (the read port
+holds its data), so each phase takes twice as long with the same P multipliers:
 
-* **U** (inputs, only for ``P ≥ 8`` when the K input columns would add a
-  mostly empty chunk to every z row — :attr:`LaneGeometry.u_mode`):
+* **U** (:attr:`Phase.INPUT`; only for ``P ≥ 8`` when the K input columns would
+  add a mostly empty chunk to every z row — :attr:`LaneGeometry.u_mode`):
   ``⌈M/P⌉·K`` slots, lane ``p`` sums ``c_j = Σ_k B_jk u_k`` for rows ``j ≡ p``;
   ``c_j`` waits in a register per row. Issued while the previous step drains.
-* **A** (z): ``M·RA`` slots. All lanes multiply row ``j`` chunk ``r`` of ``[W|B]``
-  (of ``W`` in u_mode) by ``[qo|u]``; a pipelined adder tree and an accumulator
-  (initialised with ``b_j·2^OF`` (+ ``c_j``)) form ``z_j``; the tanh unit turns it
-  into ``a_j`` (a small memory, one word per bank).
-* **C** (contrast, one-sided forward and echo only): ``2·(M·RC + RN)`` slots, two
-  products per accumulator element (the ±ε banks, or the one bank and a zero).
-  Starts as soon as ``a_0`` exists (interlock on the count of finished ``a``).
-* **B** (force): ``RN·LB`` slots. Lane ``p`` sums ``F_i = α_i qo_i + Σ_j W_ji a_j``
-  for its oscillator ``i = rP + p`` over ``j`` — again reading only its bank.
-  Finished sums go to a per-lane kick register and from there, one oscillator
-  per cycle, through the serial **state unit**, which reads ``(Q, Wv)``, applies
-  the kick and both half drifts, adds the next step's nudge, writes the state
-  back, emits outputs and computes the next step's operand ``qo`` — so the
-  state of all three banks lives in one block RAM, never in registers.
+* **A** (:attr:`Phase.Z`): ``M·RA`` slots. All lanes multiply row ``j`` chunk
+  ``r`` of ``[W|B]`` (of ``W`` in u_mode) by ``[qo|u]``; a pipelined adder tree
+  and an accumulator (initialised with ``b_j·2^OF`` (+ ``c_j``)) form ``z_j``; the
+  tanh unit turns it into ``a_j`` (a small memory, one word per bank).
+* **C** (:attr:`Phase.CONTRAST`; one-sided forward and echo only):
+  ``2·(M·RC + RN)`` slots, two products per accumulator element (the ±ε banks, or
+  the one bank and a zero). Starts as soon as ``a_0`` exists (interlock on the
+  count of finished ``a``).
+* **B** (:attr:`Phase.FORCE`): ``RN·LB`` slots. Lane ``p`` sums
+  ``F_i = α_i qo_i + Σ_j W_ji a_j`` for its oscillator ``i = rP + p`` over ``j`` —
+  again reading only its bank. Finished sums go to a per-lane kick register and
+  from there, one oscillator per cycle, through the serial **state unit**, which
+  reads ``(Q, Wv)``, applies the kick and both half drifts, adds the next step's
+  nudge, writes the state back, emits outputs and computes the next step's
+  operand ``qo`` — so the state of all three banks lives in one block RAM, never
+  in registers.
 
 A step waits for the previous one to drain (its last oscillators' new ``qo``);
 that fixed drain of about ``nb·P + 9`` cycles plus unused lanes in the last
@@ -72,6 +78,37 @@ chunk of a row is the overhead over ``MACs / P``. Multiplier count is exactly
 
 Every wrap of the state (half drifts, kick, nudge, flip) and of an accumulator
 sets the sticky flag at the same operations as the golden model.
+
+Where each part is built
+------------------------
+:meth:`HELCore.elaborate` calls one builder per section, in datapath order; the
+pipeline stages are S0 (issue: the control FSM drives ``tag0`` and the lane
+memories' addresses), S1 (operands), S2, S3 (products, as in
+:class:`hel_fpga.rtl.mac.MacLane`):
+
+============================== ================================================================
+builder                        section
+============================== ================================================================
+``_build_memories``            parameter, b, operand, activation, state and sequence memories
+``_build_units``               MAC lanes, accumulator groups, tanh unit, self-test generator
+``_build_nudge_buffer``        the nudge row (stream source or FIFO)
+``_build_flags``               sticky wrap flags
+``_build_command_registers``   latched command, engine mode, steps left
+``_build_issue_signals``       S0: slot tags, read addresses, issue counters
+``_build_operand_select``      S1: the lanes' operands by phase
+``_build_force_controls``      S2: the lanes' force-sum controls
+``_build_input_products``      U: the ``c_j`` registers
+``_build_z_path``              A: adder tree, z accumulators, tanh, activation memory
+``_build_contrast``            C: the ±ε difference into the accumulator groups
+``_build_kick_serializer``     B: finished force sums one oscillator per cycle
+``_build_state_unit``          the serial state unit (stages ``op0``…``op4``)
+``_build_input_loader``        the next step's inputs, LOAD's write address
+``_build_drain_detect``        ``drained``: nothing of the step in flight
+``_build_stream_counters``     ``outputs`` stream, nudge words still accepted
+``_build_control``             control FSM: ``_idle_state``, ``_parameter_states``,
+                               ``_readout_states``, ``_load_state``, ``_pre_step_states``,
+                               ``_phase_states`` (one method per phase)
+============================== ================================================================
 """
 
 from __future__ import annotations
@@ -92,7 +129,8 @@ from hel_fpga.rtl.mac import AccumulatorGroup, LaneGeometry, MacLane
 from hel_fpga.rtl.tanh import TanhUnit, saturate_signed
 from hel_fpga.spec.names import MIX32_FINAL_SHIFT, MIX32_ROUNDS
 
-__all__ = ["HELCore", "Op", "Result", "CmdLayout", "DoneLayout", "Mix32", "Mix32Serial", "SequenceBuffer"]
+__all__ = ["HELCore", "Op", "Result", "Phase", "ForwardMode", "CmdLayout", "DoneLayout", "Mix32",
+           "Mix32Serial", "SequenceBuffer"]
 
 
 class Op(enum.Enum, shape=4):
@@ -287,15 +325,16 @@ class SequenceBuffer(wiring.Component):
         return m
 
 
-def _param_word(m, walk, pr, br, name):
-    """READ_PARAMS: the word ``walk`` addresses, from its lane's parameter memory
-    (read port ``pr[lane]``, selected into a signal called ``name``) or from b's (``br``)."""
-    lane_word = Signal.like(pr[0].data, name=name)
-    with m.Switch(walk.lane):
-        for p, port in enumerate(pr):
+def _param_word(m, walker, param_rd, b_rd, name):
+    """READ_PARAMS: the word ``walker`` addresses, from its lane's parameter memory
+    (read port ``param_rd[lane]``, selected into a signal called ``name``) or from
+    the b memory's (``b_rd``)."""
+    lane_word = Signal.like(param_rd[0].data, name=name)
+    with m.Switch(walker.lane):
+        for p, port in enumerate(param_rd):
             with m.Case(p):
                 m.d.comb += lane_word.eq(port.data)
-    return Mux(walk.is_b, br.data, lane_word)
+    return Mux(walker.is_b, b_rd.data, lane_word)
 
 
 def _wrap(m, expr, width, name):
@@ -351,8 +390,9 @@ class HELCore(wiring.Component):
         Pulses when a step's first product is issued (for benchmarks; not a port).
     probes : dict
         Internal memories and signals for simulation tests, filled by ``elaborate``
-        (``pmem``, ``bmem``, ``xmem``, ``amem``, ``smem``, ``u``, ``k_valid``/``k_i``/``k_kick``/``k_slot``:
-        rounded kicks (finished force sums) entering the state unit, ``z_valid``/``z_out``,
+        (``pmem``, ``bmem``, ``xmem``, ``amem``, ``smem``, ``u``;
+        ``k_valid``/``k_i``/``k_kick``/``k_slot``: rounded kicks (finished force sums)
+        entering the state unit, with oscillator and bank; ``z_valid``/``z_out``;
         ``a_valid``/``a``/``a_tag``: activations written, tag = bank | j << 1).
     """
 
@@ -430,7 +470,7 @@ class HELCore(wiring.Component):
                            u=s.u_current, k_valid=s.kick_valid, k_i=s.kick_osc, k_kick=s.kick,
                            k_slot=s.kick_bank, z_valid=s.z_valid, z_out=s.z_out,
                            a_valid=s.tanh.a_valid, a=s.tanh.a, a_tag=s.a_tag)
-        # the b memory is read ahead of the z adder (the walker owns it in RPARAM)
+        # the b memory is read ahead of the z adder (the walker owns it in READ_PARAMS_ISSUE)
         with m.If(s.b_tag.valid & (s.b_tag.phase == Phase.Z)):
             m.d.comb += s.b_rd.addr.eq(s.b_tag.row)
 
@@ -585,7 +625,7 @@ class HELCore(wiring.Component):
         has_next = Signal()
         m.d.comb += has_next.eq(steps_left != 0)
         # one decrementer: a pass starts with (SELFTEST length or loaded T) − 1 steps
-        # to follow (set when PRE hands over), and each step takes one off
+        # to follow (set when PRE_STEP_START hands over), and each step takes one off
         steps_left_load = Signal()
         steps_left_dec = Signal()
         steps_left_next = Signal(32)
@@ -1695,33 +1735,34 @@ class _Walker:
 
     def __init__(self, m: Module, g: LaneGeometry, name: str):
         kinds = [g.walk_sections("param"), g.walk_sections("acc")]
-        ns = len(kinds[0])
-        assert len(kinds[1]) == ns
+        n_sections = len(kinds[0])
+        assert len(kinds[1]) == n_sections
         P = g.p
         self.reset = Signal(name=f"{name}_reset")
         self.step = Signal(name=f"{name}_step")
         self.acc = Signal(name=f"{name}_acc")
-        self.skip = Signal(ns, name=f"{name}_skip")
+        self.skip = Signal(n_sections, name=f"{name}_skip")
         allsecs = kinds[0] + kinds[1]
         maxrows = max(s["rows"] for s in allsecs)
         maxcols = max(s["c1"] - s["c0"] for s in allsecs)
         maxaddr = max(s["base0"] + s["rows"] * s["stride"] for s in allsecs) + g.rmax + 1
         self.kind = Signal(name=f"{name}_kind")   # 1: accumulators
-        self.sec = Signal(range(ns), name=f"{name}_sec")
+        self.section = Signal(range(n_sections), name=f"{name}_section")
         self.j = Signal(range(maxrows + 1), name=f"{name}_j")
-        self.cc = Signal(range(maxcols + 1), name=f"{name}_cc")
+        self.col = Signal(range(maxcols + 1), name=f"{name}_col")
         self.lane = Signal(range(P), name=f"{name}_lane")
         self.chunk = Signal(range(g.rmax + 1), name=f"{name}_chunk")
         self.base = Signal(range(maxaddr), name=f"{name}_base")
         self.addr = Signal(range(maxaddr), name=f"{name}_addr")
-        self.is_b = Signal(name=f"{name}_isb")
+        self.is_b = Signal(name=f"{name}_is_b")
         self.last = Signal(name=f"{name}_last")
         self.group = Signal(range(g.groups), name=f"{name}_group")
-        self.acc_addr = Signal(range(max(g.acc_depth, 2)), name=f"{name}_accaddr")
+        self.acc_addr = Signal(range(max(g.acc_depth, 2)), name=f"{name}_acc_addr")
 
         m.d.comb += self.addr.eq(self.base + self.chunk)
         if g.group_lanes == 2:
-            m.d.comb += [self.group.eq(self.lane >> 1), self.acc_addr.eq(Cat(self.lane[0], self.addr))]
+            m.d.comb += [self.group.eq(self.lane >> 1),
+                         self.acc_addr.eq(Cat(self.lane[0], self.addr))]
         else:
             m.d.comb += [self.group.eq(0), self.acc_addr.eq(self.addr)]
 
@@ -1733,9 +1774,9 @@ class _Walker:
         def start(s, kind):
             lane = field(s, lambda d: 0 if d["mem"] == "row" else d["c0"] % P, kind)
             chunk = field(s, lambda d: 0 if d["mem"] == "row" else d["c0"] // P, kind)
-            return [self.sec.eq(s), self.lane.eq(lane), self.chunk.eq(chunk),
+            return [self.section.eq(s), self.lane.eq(lane), self.chunk.eq(chunk),
                     self.base.eq(field(s, lambda d: d["base0"], kind)),
-                    self.cc.eq(0), self.j.eq(0)]
+                    self.col.eq(0), self.j.eq(0)]
 
         def first_of(candidates, kind, skip):
             """Go to the first section of ``candidates`` not skipped (priority chain)."""
@@ -1745,14 +1786,14 @@ class _Walker:
 
         def step_lane(s):        # banked by column: lane, then chunk, then row
             ncols = field(s, lambda d: d["c1"] - d["c0"], self.kind)
-            with m.If(self.cc != ncols - 1):
-                m.d.sync += self.cc.eq(self.cc + 1)
+            with m.If(self.col != ncols - 1):
+                m.d.sync += self.col.eq(self.col + 1)
                 with m.If(self.lane == P - 1):
                     m.d.sync += [self.lane.eq(0), self.chunk.eq(self.chunk + 1)]
                 with m.Else():
                     m.d.sync += self.lane.eq(self.lane + 1)
             with m.Elif(self.j != kinds[0][s]["rows"] - 1):
-                m.d.sync += [self.cc.eq(0),
+                m.d.sync += [self.col.eq(0),
                              self.lane.eq(field(s, lambda d: d["c0"] % P, self.kind)),
                              self.chunk.eq(field(s, lambda d: d["c0"] // P, self.kind)),
                              self.j.eq(self.j + 1),
@@ -1760,10 +1801,10 @@ class _Walker:
 
         def step_row(s, sd):     # banked by row (u_mode B): column, then row, lane = row mod P
             ncols = sd["c1"] - sd["c0"]
-            with m.If(self.cc != ncols - 1):
-                m.d.sync += [self.cc.eq(self.cc + 1), self.chunk.eq(self.chunk + 1)]
+            with m.If(self.col != ncols - 1):
+                m.d.sync += [self.col.eq(self.col + 1), self.chunk.eq(self.chunk + 1)]
             with m.Elif(self.j != sd["rows"] - 1):
-                m.d.sync += [self.cc.eq(0), self.chunk.eq(0), self.j.eq(self.j + 1)]
+                m.d.sync += [self.col.eq(0), self.chunk.eq(0), self.j.eq(self.j + 1)]
                 with m.If(self.lane == P - 1):
                     m.d.sync += [self.lane.eq(0), self.base.eq(self.base + sd["stride"])]
                 with m.Else():
@@ -1773,10 +1814,10 @@ class _Walker:
         skip_now = Mux(self.kind, 0, self.skip)
         with m.If(self.reset):
             m.d.sync += self.kind.eq(self.acc)
-            first_of(range(ns), self.acc, Mux(self.acc, 0, self.skip))
+            first_of(range(n_sections), self.acc, Mux(self.acc, 0, self.skip))
         with m.Elif(self.step):
-            with m.Switch(self.sec):
-                for s in range(ns):
+            with m.Switch(self.section):
+                for s in range(n_sections):
                     with m.Case(s):
                         assert kinds[0][s]["rows"] == kinds[1][s]["rows"]
                         mems = [kinds[0][s]["mem"], kinds[1][s]["mem"]]
@@ -1787,16 +1828,17 @@ class _Walker:
                                 step_lane(s)
                         else:
                             step_lane(s)
-                        if s + 1 < ns:
-                            with m.If((self.cc == field(s, lambda d: d["c1"] - d["c0"], self.kind) - 1)
+                        if s + 1 < n_sections:
+                            ncols = field(s, lambda d: d["c1"] - d["c0"], self.kind)
+                            with m.If((self.col == ncols - 1)
                                       & (self.j == kinds[0][s]["rows"] - 1)):
-                                first_of(range(s + 1, ns), self.kind, skip_now)
-        with m.Switch(self.sec):
-            for s in range(ns):
+                                first_of(range(s + 1, n_sections), self.kind, skip_now)
+        with m.Switch(self.section):
+            for s in range(n_sections):
                 with m.Case(s):
                     m.d.comb += self.is_b.eq(field(s, lambda d: d["mem"] == "b", self.kind))
-                    later_skipped = ((skip_now[s + 1:] == (1 << (ns - s - 1)) - 1)
-                                     if s + 1 < ns else 1)
+                    later_skipped = ((skip_now[s + 1:] == (1 << (n_sections - s - 1)) - 1)
+                                     if s + 1 < n_sections else 1)
                     m.d.comb += self.last.eq(
                         later_skipped & (self.j == kinds[0][s]["rows"] - 1)
-                        & (self.cc == field(s, lambda d: d["c1"] - d["c0"], self.kind) - 1))
+                        & (self.col == field(s, lambda d: d["c1"] - d["c0"], self.kind) - 1))

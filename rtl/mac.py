@@ -321,8 +321,8 @@ class MacLane(wiring.Component):
         total = Signal(signed(self._fw))     # the running sum with this cycle's product
         m.d.comb += self.sum0.eq(facc[0])
         # The controls arrive in S2 and are decoded into registers here, so only
-        # register outputs fan out to the adder's bits (on ECP5, a decode behind the
-        # distant tag register, then the fan-out to eight lanes, exceeded 60 MHz).
+        # register outputs fan out to the adder's bits (on ECP5 a decode behind the
+        # distant tag register plus the fan-out to eight lanes does not fit 60 MHz).
         take = [Signal(name=f"take{s}") for s in range(2)]      # add to facc[s]
         shifted = Signal()      # an oscillator's first product: f_bias + (α·qo << alpha_shift)
         write = [Signal(name=f"write{s}") for s in range(2)]
@@ -372,7 +372,7 @@ class AccumulatorGroup(wiring.Component):
         registered first (the block RAM's output register, or a fabric register
         right at the RAM), so the adder starts from a register — on ECP5 the
         DP16KD's clock-to-out (5.6 ns) plus a 56-bit carry chain plus the
-        write-back did not fit 60 MHz in one cycle. The add's operand, enable and
+        write-back do not fit 60 MHz in one cycle. The add's operand, enable and
         address are selected a cycle ahead (registers), and the overflow pulse is
         registered, so a stage holds just the carry chain. A word is then written
         two cycles after its read; a read in the same cycle as a write to the

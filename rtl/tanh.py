@@ -13,9 +13,9 @@ The knots are odd-symmetric (``K[2^s − i] = −K[i]``: the knot positions are
 symmetric and rounding to nearest commutes with negation), so the ROM holds only
 the upper half of the segments: a lower segment ``idx`` uses the entry of its
 mirror ``2^s − 1 − idx`` (same ``d``, ``lo = −(K + d)``). This halves the largest
-ROM of the core (1024 segments: 8 → 4 iCE40 block RAMs). :func:`tanh_rom`
-checks the symmetry and falls back to the full table if a table ever lacks it;
-the interpolation itself is unchanged, so the result is bit-exact either way.
+ROM of the core (1024 segments: 4 iCE40 block RAMs instead of 8). :func:`tanh_rom`
+checks the symmetry and falls back to the full table if a table lacks it; the
+interpolation is the same for both tables, so the result is bit-exact either way.
 
 Pipeline (``LATENCY`` = 4 registers): round; saturate + ROM address (the
 ROM's output register); interpolation product; sum. The interpolation multiplier is small
