@@ -5,7 +5,8 @@ the serial protocol carries): write/read parameters, load an input sequence,
 forward, echo, read/clear accumulators, read state, status flags and self-test.
 All arithmetic is NumPy ``int64`` on the formats of :mod:`hel_fpga.spec.formats`; no float
 enters the integer path (floats appear only in :mod:`hel_fpga.spec.formats`'s table builder
-and the host-side conversions).
+and the host-side conversions). docs/design.md §2 describes the format and why
+it is reversible.
 
 Operation semantics (shared with the gateware)
 ----------------------------------------------
