@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist load --maxschedchunk 1 $(PYTEST_ARGS)
 
-# No Verilator build, no place-and-route, nothing marked slow.
+# No Verilator build, no place-and-route, nothing marked slow; also on every core.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not verilator and not pnr and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist load --maxschedchunk 1 \
+	    -m "not verilator and not pnr and not slow" $(PYTEST_ARGS)
 
 train: $(STAMP)
 	$(BIN)/hel train --overwrite

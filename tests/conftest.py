@@ -13,7 +13,8 @@
   bitstream builds ``pnr`` (both registered in pyproject.toml, which rejects
   unknown markers); ``make test-fast`` leaves them out. With pytest-xdist
   (``make test``) the ``pnr`` tests are collected first, then the ``verilator``
-  ones, so the longest tests start first and the short ones fill in at the end.
+  ones, each tier ordered by the last run's durations (pytest's cache), so the
+  longest tests start first and the short ones fill in at the end.
   Every build these tests make is safe with parallel workers: the cocotb models
   are built under a file lock (``test_core_cocotb.py``), the simulated board
   under a lock in its cache (:func:`hel_fpga.sim.board.build`), bitstreams in
@@ -48,17 +49,35 @@ os.environ["PATH"] = os.pathsep.join([d for d in _tool_dirs() if d not in _path]
 
 #: Markers of the longest tests, in the order they should start under pytest-xdist.
 LONGEST_FIRST = ("pnr", "verilator")
+#: pytest cache key of each test's duration in the last run (seconds, by node id)
+DURATIONS = "hel-fpga/durations"
+_durations: dict[str, float] = {}
 
 
 def pytest_collection_modifyitems(config, items):
+    """Under xdist, the longest tests first: by marker, then by the last run's duration
+    (every worker reads the same cache, so all collect the same order)."""
     if not hasattr(config, "workerinput"):
         return          # not an xdist worker: keep pytest's order (module fixtures set up once)
+    cache = getattr(config, "cache", None)
+    last = cache.get(DURATIONS, {}) if cache is not None else {}
 
     def rank(item):
-        return next((i for i, m in enumerate(LONGEST_FIRST) if item.get_closest_marker(m)),
+        tier = next((i for i, m in enumerate(LONGEST_FIRST) if item.get_closest_marker(m)),
                     len(LONGEST_FIRST))
+        return tier, -last.get(item.nodeid, 0.0)
 
     items.sort(key=rank)
+
+
+def pytest_runtest_logreport(report):
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    cache = getattr(session.config, "cache", None)
+    if cache is not None and _durations and not hasattr(session.config, "workerinput"):
+        cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_durations})
 
 
 def waves_enabled() -> bool:

@@ -491,6 +491,7 @@ def test_transfers_of_several_chunks_with_go_back_n():
     check(s, gap_prob=0.01, seed=8)
 
 
+@pytest.mark.slow
 def test_window_of_two_chunks_in_flight_and_go_back_n_after_a_corrupted_one():
     """The host's pipelining: two chunks sent back to back while the core works on the
     first (ECHO of 300 steps, 2 chunks of 36-bit nudges); replies in wire order."""
@@ -544,6 +545,7 @@ def test_reset_clears_everything_even_inside_a_transfer():
     check(s)
 
 
+@pytest.mark.slow
 def test_random_request_streams_equal_the_model():
     """Random mixes of good and bad requests (wrong states, wrong lengths, duplicates,
     corrupted frames), with random gaps and back-pressure."""

@@ -31,7 +31,12 @@ def test_table_covers_the_default_bench_shapes():
     assert sorted(CYCLES) == sorted(bench.DEFAULT_CONFIGS)
 
 
-@pytest.mark.parametrize("shape", list(CYCLES), ids=lambda s: "n{}m{}k{}p{}".format(*s))
+#: the N = M = 32 shapes take longer to simulate than the four N = M = 16 ones together
+SHAPES = [pytest.param(s, id="n{}m{}k{}p{}".format(*s),
+                       marks=[pytest.mark.slow] if s[0] > 16 else []) for s in CYCLES]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_cycles_per_step_equal_the_readme(shape):
     n, m, k, p = shape
     # the configuration `hel bench core` builds for a shape
