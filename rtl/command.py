@@ -102,7 +102,8 @@ from hel_fpga.spec.names import BANKS, ESTIMATORS, PARAM_NAMES
 from hel_fpga.rtl.framing import LENGTH_BITS, FrameByte, LinkError
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 
-__all__ = ["CommandUnit", "DataReplier", "WordUnpacker", "ReplyKind", "mul_const"]
+__all__ = ["CommandUnit", "DataReplier", "WordUnpacker", "ReplyKind", "WORD_WIDTHS", "CORE_OP",
+           "RESET_OPS", "COMMAND_REPLY", "mul_const"]
 
 #: The word widths the unit moves, as HelConfig fields. The replier's ``width`` is an
 #: index into all three, the unpacker's into the first two (transfers carry no
@@ -127,12 +128,12 @@ RESET_OPS = (Op.WRITE_PARAMS, Op.LOAD, Op.FORWARD, Op.ECHO, Op.CLEAR_ACC)
 class ReplyKind(enum.Enum, shape=3):
     """The payload of a small reply (after ``cmd | 0x80`` or ERROR_REPLY, and ``seq``)."""
 
-    EMPTY = 0       #: none
-    IDENT = 1       #: the IDENT record and name, from the ROM
-    STATUS = 2      #: :data:`hel_fpga.spec.protocol.STATUS_LAYOUT`
-    ERROR = 3       #: :data:`hel_fpga.spec.protocol.ERROR_LAYOUT`
-    ACK = 4         #: a DATA chunk's ack: ``next:u16``
-    RESULT = 5      #: SELFTEST's ``result:u8``
+    EMPTY = 0       # none
+    IDENT = 1       # the IDENT record and name, from the ROM
+    STATUS = 2      # STATUS_LAYOUT
+    ERROR = 3       # ERROR_LAYOUT
+    ACK = 4         # a DATA chunk's ack: next:u16
+    RESULT = 5      # SELFTEST's result:u8
 
 
 #: The small reply of each command that has a non-empty one.
@@ -184,21 +185,21 @@ class DataReplier(wiring.Component):
 
     def __init__(self, widths, total_bits: int):
         self.widths = tuple(widths)
-        self.wmax = max(self.widths)
+        self.max_width = max(self.widths)
         super().__init__({
             "start": In(1),
             "width": In(range(len(self.widths))),
             "total": In(total_bits),
             "cmd": In(8),
             "seq": In(8),
-            "words": In(stream.Signature(signed(self.wmax))),
+            "words": In(stream.Signature(signed(self.max_width))),
             "source": Out(stream.Signature(FrameByte)),
             "busy": Out(1),
         })
 
     def elaborate(self, platform):
         m = Module()
-        wmax = self.wmax
+        max_width = self.max_width
         chunk_words_of = [P.chunk_words(w) for w in self.widths]
 
         width, cmd, seq = self.width, self.cmd, self.seq
@@ -207,8 +208,8 @@ class DataReplier(wiring.Component):
         # chunk indices up to the most chunks ``total`` words can make (sent as u16)
         index = Signal(range(P.chunk_count((1 << len(self.total)) - 1, min(self.widths)) + 1))
         index_u16 = Cat(index, Const(0, 16 - len(index)))
-        word_reg = Signal(wmax)
-        word_bits = Signal(range(wmax + 1))
+        word_reg = Signal(max_width)
+        word_bits = Signal(range(max_width + 1))
         byte_reg = Signal(8)
         byte_bits = Signal(range(9))
         word_width = _select(m, width, self.widths, "word_width")
@@ -245,7 +246,8 @@ class DataReplier(wiring.Component):
                             m.d.sync += index.eq(index + 1)
                             m.next = "CHUNK_END"
                 with m.Elif(word_bits != 0):
-                    m.d.sync += [byte_reg.eq(Cat(byte_reg[1:], word_reg[0])), word_reg.eq(word_reg >> 1),
+                    m.d.sync += [byte_reg.eq(Cat(byte_reg[1:], word_reg[0])),
+                                 word_reg.eq(word_reg >> 1),
                                  word_bits.eq(word_bits - 1), byte_bits.eq(byte_bits + 1)]
                 with m.Elif(more):
                     m.d.comb += self.words.ready.eq(1)
@@ -281,26 +283,26 @@ class WordUnpacker(wiring.Component):
 
     def __init__(self, widths, count_bits: int):
         self.widths = tuple(widths)
-        self.wmax = max(self.widths)
+        self.max_width = max(self.widths)
         super().__init__({
             "start": In(1),
             "width": In(range(len(self.widths))),
             "count": In(count_bits),
             "sink": In(stream.Signature(8)),
-            "words": Out(stream.Signature(signed(self.wmax))),
+            "words": Out(stream.Signature(signed(self.max_width))),
             "busy": Out(1),
         })
 
     def elaborate(self, platform):
         m = Module()
-        wmax = self.wmax
+        max_width = self.max_width
         width = Signal.like(self.width)
         left = Signal.like(self.count)
-        word_reg = Signal(wmax)            # bits enter at bit w-1: a w-bit word ends in word_reg[:w]
-        word_bits = Signal(range(wmax + 1))
-        bit_pos = Signal(3)            # the bit of the byte on ``sink`` taken next
+        word_reg = Signal(max_width)    # bits enter at bit w-1: a w-bit word ends in word_reg[:w]
+        word_bits = Signal(range(max_width + 1))
+        bit_pos = Signal(3)             # the bit of the byte on ``sink`` taken next
         word_width = _select(m, width, self.widths, "word_width")
-        shifted = Signal(wmax)         # word_reg one bit down, the next bit entering at w-1
+        shifted = Signal(max_width)     # word_reg one bit down, the next bit entering at w-1
         m.d.comb += shifted.eq(word_reg >> 1)
         for i, w in enumerate(self.widths):
             with m.If(width == i):
@@ -327,9 +329,9 @@ class WordUnpacker(wiring.Component):
                             m.next = "IDLE"
                 with m.Elif(self.sink.valid):
                     m.d.comb += self.sink.ready.eq(bit_pos == 7)
-                    m.d.sync += [word_reg.eq(shifted), word_bits.eq(word_bits + 1), bit_pos.eq(bit_pos + 1)]
+                    m.d.sync += [word_reg.eq(shifted), word_bits.eq(word_bits + 1),
+                                 bit_pos.eq(bit_pos + 1)]
         return m
-
 
 
 class CommandUnit(wiring.Component):
@@ -376,7 +378,7 @@ class CommandUnit(wiring.Component):
         blocks_out = [(self.n_params, ow), (cfg.t_max * cfg.o, sw),
                       (self.n_params, cfg.acc_width), (2 * cfg.n, sw)]
         self.max_in = max(total for total, _ in blocks_in)
-        self.max_out = max(self.n_params, cfg.t_max * cfg.o, 2 * cfg.n)
+        self.max_out = max(total for total, _ in blocks_out)
         # the most chunks a transfer can have (xfer_done counts up to it); every block
         # must fit the protocol's chunk indices
         self.max_in_chunks = max(P.block_chunks(total, w) for total, w in blocks_in)
@@ -733,7 +735,7 @@ class _CommandUnitBuilder:
         m.d.sync += core_issued.eq(self.core_issue)
         m.d.comb += core.cmd.valid.eq(core_issued)
 
-        with m.FSM(name="cu"):
+        with m.FSM(name="control"):
             self._receive_states()
             self._check_states()
             self._operation_states()
@@ -832,10 +834,12 @@ class _CommandUnitBuilder:
             m.d.sync += [self.forwarded.eq(0), self.one_sided.eq(0)]
         with m.If(is_cmd[Command.LOAD]):
             m.d.sync += [self.t_loaded.eq(0), self.load_t.eq(u32)]
+        state_words = functools.reduce(operator.or_, (
+            is_cmd[c] for c in P.OPENS_TRANSFER if P.WORD_WIDTH[c] == "state_width"))
         with m.If(self.opens):
             m.d.sync += [self.xfer_open.eq(1), self.xfer_cmd.eq(self.frame_cmd),
                          self.xfer_done.eq(0), self.xfer_words_left.eq(self.xfer_total),
-                         self.xfer_state_words.eq(is_cmd[Command.ECHO])]
+                         self.xfer_state_words.eq(state_words)]
         with m.If(is_cmd[Command.DATA]):
             m.d.comb += self.unpacker.start.eq(1)
         m.next = "DRAIN"

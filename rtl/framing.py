@@ -29,7 +29,8 @@ from hel_fpga.spec import protocol
 from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
 from hel_fpga.spec.protocol import ErrorCode
 
-__all__ = ["BlockRAMQueue", "CRC_PARAMETERS", "CRC_BIT_PARAMETERS", "BYTE_CYCLES", "LENGTH_BITS", "less_than", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
+__all__ = ["BlockRAMQueue", "CRC_PARAMETERS", "CRC_BIT_PARAMETERS", "BYTE_CYCLES", "LENGTH_BITS",
+           "less_than", "FrameByte", "FrameDecoder", "FrameEncoder", "LinkError"]
 
 
 #: The link CRC (CRC-32/ISO-HDLC) over bytes, built from :mod:`hel_fpga.spec.protocol`'s numbers.
@@ -179,10 +180,10 @@ class FrameDecoder(wiring.Component):
     full (the host has overrun the device) goes to a one-entry side register
     instead and is presented at once, out of order; a further report while that
     register is still occupied is dropped. The consumer must take reports: one
-    left on ``error`` holds back the frames behind it. The default ring of 2048 bytes holds one maximal
-    incoming frame (1030 bytes with CRC) while up to 1018 bytes of earlier
-    frames are still unread; a host that waits for each reply before sending
-    the next request never overruns it.
+    left on ``error`` holds back the frames behind it. The default ring of 2048
+    bytes holds one maximal incoming frame (1030 bytes with CRC) while up to 1018
+    bytes of earlier frames are still unread; a host that waits for each reply
+    before sending the next request never overruns it.
 
     ``sink`` is always ready: a UART receiver cannot be paused, so the decoder
     accepts every byte, unconditionally, and never back-pressures it. Bytes must
