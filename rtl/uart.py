@@ -49,7 +49,21 @@ def divisor_for(clk_freq: float, baudrate: float, *, tolerance: float = 0.015) -
     return divisor
 
 
-class UARTTx(wiring.Component):
+class _FixedRate(wiring.Component):
+    """A component whose bit rate is fixed at elaboration: ``divisor`` clock cycles per bit."""
+
+    def __init__(self, divisor):
+        _check_divisor(divisor)
+        self._divisor = divisor
+        super().__init__()
+
+    @property
+    def divisor(self):
+        """Clock cycles per bit."""
+        return self._divisor
+
+
+class UARTTx(_FixedRate):
     """UART transmitter, 8N1.
 
     A byte is accepted from ``sink`` whenever the transmitter is idle *or* in the last
@@ -72,15 +86,6 @@ class UARTTx(wiring.Component):
 
     sink: In(stream.Signature(8))
     tx: Out(1, init=1)
-
-    def __init__(self, divisor):
-        _check_divisor(divisor)
-        self._divisor = divisor
-        super().__init__()
-
-    @property
-    def divisor(self):
-        return self._divisor
 
     def elaborate(self, platform):
         m = Module()
@@ -121,7 +126,7 @@ RxError = data.StructLayout({
 })
 
 
-class UARTRx(wiring.Component):
+class UARTRx(_FixedRate):
     """UART receiver, 8N1, sampling each bit in its middle.
 
     The line passes a two-flip-flop synchroniser (it is asynchronous to the clock).
@@ -163,15 +168,6 @@ class UARTRx(wiring.Component):
     rx: In(1, init=1)
     source: Out(stream.Signature(8))
     error: Out(RxError)
-
-    def __init__(self, divisor):
-        _check_divisor(divisor)
-        self._divisor = divisor
-        super().__init__()
-
-    @property
-    def divisor(self):
-        return self._divisor
 
     def elaborate(self, platform):
         m = Module()
@@ -230,7 +226,7 @@ class UARTRx(wiring.Component):
         return m
 
 
-class UART(wiring.Component):
+class UART(_FixedRate):
     """8N1 UART: a :class:`UARTTx` and a :class:`UARTRx` with one ``divisor``.
 
     Parameters
@@ -257,15 +253,6 @@ class UART(wiring.Component):
     tx: Out(1, init=1)
     rx: In(1, init=1)
     rx_error: Out(RxError)
-
-    def __init__(self, divisor):
-        _check_divisor(divisor)
-        self._divisor = divisor
-        super().__init__()
-
-    @property
-    def divisor(self):
-        return self._divisor
 
     def elaborate(self, platform):
         m = Module()
