@@ -433,7 +433,7 @@ class _CommandUnitBuilder:
     # ------------------------------------------------------------------ helpers
     def helpers(self):
         """The data replier, the DATA unpacker and the IDENT ROM."""
-        m, unit, cfg = self.m, self.unit, self.cfg
+        m, unit = self.m, self.unit
         m.submodules.replier = self.replier = DataReplier(
             unit.widths, len(Signal(range(unit.max_out + 1))))
         self.chunk_words_range = range(max(P.chunk_words(w) for w in unit.widths[:2]) + 1)
@@ -516,7 +516,7 @@ class _CommandUnitBuilder:
             for c, n in P.REQUEST_LEN.items():
                 with m.Case(c):
                     n += P.HEADER_LEN
-                    m.d.comb += self.length_ok.eq(frame_len >= n if c == Command.DATA
+                    m.d.comb += self.length_ok.eq(frame_len >= n if c in P.VARIABLE_LENGTH
                                                   else frame_len == n)
         # the request fields by type (a command has at most one u8 and one u32)
         self.u8 = self.payload[:8]
@@ -786,8 +786,9 @@ class _CommandUnitBuilder:
                 with m.If(rxp.last):
                     m.d.sync += self.frame_done.eq(1)
                     m.next = "VERDICT"
-                with m.Elif(self.is_cmd[Command.DATA] & (self.payload_count == 1)):
-                    m.next = "VERDICT"
+                with m.Elif(self.is_cmd[Command.DATA]
+                            & (self.payload_count == P.REQUEST_LEN[Command.DATA] - 1)):
+                    m.next = "VERDICT"           # the index: the unpacker takes the rest
 
     def _check_states(self):
         """VERDICT registers the checks' result, CHECK acts on it."""

@@ -89,7 +89,7 @@ __all__ = [
     "PROTOCOL_VERSION", "REPLY_BIT", "ERROR_REPLY", "Command", "ERROR_LAYOUT", "IDENT_FIELDS",
     "IDENT_NAME_MAX", "IDENT_LINK_FIELDS", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL",
     "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "MAX_CHUNKS", "IDEMPOTENT",
-    "REQUEST_LEN", "request_len_ok", "DURING_TRANSFER", "WORD_WIDTH", "OPENS_TRANSFER",
+    "REQUEST_LEN", "VARIABLE_LENGTH", "request_len_ok", "DURING_TRANSFER", "WORD_WIDTH", "OPENS_TRANSFER",
     "DATA_REPLIES", "MAX_WORD_WIDTH", "check_word_width", "packed_len",
     "chunk_words", "chunk_count", "block_chunks", "chunk_bytes", "pack_fields", "unpack_fields",
     "IdentRecord", "pack_ident", "unpack_ident",
@@ -350,9 +350,13 @@ REQUEST_LEN = {
 }
 
 
+#: Commands whose :data:`REQUEST_LEN` is a least length (packed words follow it).
+VARIABLE_LENGTH = frozenset({Command.DATA})
+
+
 def request_len_ok(cmd: Command, payload_len: int) -> bool:
     """Whether a ``cmd`` request may carry ``payload_len`` payload bytes (:data:`REQUEST_LEN`)."""
-    if cmd == Command.DATA:
+    if cmd in VARIABLE_LENGTH:
         return payload_len >= REQUEST_LEN[cmd]
     return payload_len == REQUEST_LEN[cmd]
 
