@@ -5,7 +5,7 @@ a real board (``/dev/ttyUSB1``), the Verilator-simulated board's pty, a
 pyserial URL, or :class:`hel_fpga.sim.protocol_model.ModelPort` (the reference model
 in-process).
 
-Reliability (see "Command layer" in :mod:`hel_fpga.spec.protocol`):
+Reliability (see docs/protocol.md, "Flow control and retries"):
 
 * every wait has a deadline; a device that stays silent raises
   :class:`~hel_fpga.host.device.DeviceError` saying which command, how long, how often;
