@@ -153,13 +153,12 @@ class SerialDevice(Device):
             return
         mask = sum(1 << PARAM_NAMES.index(n) for n in names)
         words = np.concatenate([checked[n].ravel() for n in names])
-        self._transfer(Command.WRITE_PARAMS, bytes([mask]), words, cfg.operand_width)
+        self._transfer(Command.WRITE_PARAMS, bytes([mask]), words)
 
     def read_params(self) -> dict[str, np.ndarray]:
         shapes = self.config.param_shapes()
         total = sum(int(np.prod(s)) for s in shapes.values())
-        words = self._read_block(Command.READ_PARAMS, bytes([P.PARAM_MASK_ALL]), total,
-                                 self.config.operand_width)
+        words = self._read_block(Command.READ_PARAMS, bytes([P.PARAM_MASK_ALL]), total)
         return _split(words, shapes)
 
     def load(self, u) -> None:
@@ -171,7 +170,7 @@ class SerialDevice(Device):
         t = arr.shape[0]
         if t > 0xFFFFFFFF:
             raise FormatError(f"sequence length {t} does not fit the protocol")
-        self._transfer(Command.LOAD, t.to_bytes(4, "little"), arr, cfg.operand_width,
+        self._transfer(Command.LOAD, t.to_bytes(4, "little"), arr,
                        on_open=lambda: setattr(self, "_t", None))
         self._t = t
 
@@ -182,7 +181,7 @@ class SerialDevice(Device):
         t = self._t if self._t is not None else self.status_fields()["t_loaded"]
         cycles = max(t, 1) * cfg.macs_forward_step * 2 // cfg.lanes
         words = self._read_block(Command.FORWARD, bytes([ESTIMATORS.index(estimator)]),
-                                 t * cfg.o, cfg.state_width, cycles=cycles)
+                                 t * cfg.o, cycles=cycles)
         return words.reshape(t, cfg.o)
 
     def echo(self, nudges) -> None:
@@ -193,13 +192,12 @@ class SerialDevice(Device):
         nu = cfg.state.check_int(nu, "nudges")
         t = self._t if self._t is not None else len(nu)
         cycles = t * cfg.macs_echo_step // cfg.lanes
-        self._transfer(Command.ECHO, len(nu).to_bytes(4, "little"), nu, cfg.state_width,
-                       cycles=cycles)
+        self._transfer(Command.ECHO, len(nu).to_bytes(4, "little"), nu, cycles=cycles)
 
     def read_accumulators(self) -> dict[str, np.ndarray]:
         shapes = self.config.param_shapes()
         total = sum(int(np.prod(s)) for s in shapes.values())
-        words = self._read_block(Command.READ_ACC, b"", total, self.config.acc_width)
+        words = self._read_block(Command.READ_ACC, b"", total)
         return _split(words, shapes)
 
     def clear_accumulators(self) -> None:
@@ -209,8 +207,7 @@ class SerialDevice(Device):
         if bank not in BANKS:
             raise ValueError(f"bank must be one of {BANKS}, got {bank!r}")
         n = self.config.n
-        words = self._read_block(Command.READ_STATE, bytes([BANKS.index(bank)]), 2 * n,
-                                 self.config.state_width)
+        words = self._read_block(Command.READ_STATE, bytes([BANKS.index(bank)]), 2 * n)
         return words[:n].copy(), words[n:].copy()
 
     def status_fields(self) -> dict[str, int]:
@@ -339,9 +336,11 @@ class SerialDevice(Device):
 
         return self._attempts(cmd, seq, payload, collect)
 
-    def _read_block(self, cmd: Command, payload: bytes, total: int, width: int, *,
+    def _read_block(self, cmd: Command, payload: bytes, total: int, *,
                     cycles: int = 0) -> np.ndarray:
-        """A request answered by data replies carrying ``total`` words of ``width`` bits."""
+        """A request answered by data replies carrying ``total`` words (of the width
+        :data:`hel_fpga.spec.protocol.WORD_WIDTH` gives ``cmd``)."""
+        width = self._word_width(cmd)
         self._flush_input()
         seq = self._next_seq()
         n = P.chunk_count(total, width)
@@ -373,9 +372,14 @@ class SerialDevice(Device):
 
         return self._attempts(cmd, seq, payload, collect)
 
-    def _transfer(self, cmd: Command, payload: bytes, words, width: int, *, cycles: int = 0,
+    def _word_width(self, cmd: Command) -> int:
+        return getattr(self.config, P.WORD_WIDTH[cmd])
+
+    def _transfer(self, cmd: Command, payload: bytes, words, *, cycles: int = 0,
                   on_open=None) -> None:
-        """Open a transfer with ``cmd`` and send ``words`` as DATA chunks (go-back-N)."""
+        """Open a transfer with ``cmd`` and send ``words`` as DATA chunks (go-back-N) of
+        the width :data:`hel_fpga.spec.protocol.WORD_WIDTH` gives ``cmd``."""
+        width = self._word_width(cmd)
         chunks = split_chunks(np.asarray(words).ravel(), width)
         n = len(chunks)
         self._request(cmd, payload)
