@@ -25,7 +25,8 @@ from hel_fpga.spec.formats import ConfigError, HelConfig
 
 def ref_pack(values, w: int) -> bytes:
     stream = Bits().join(Bits(int=int(v), length=w)[::-1] for v in values)  # bit 0 of a word first
-    stream += Bits.from_zeros(-len(stream) % 8)
+    pad = -len(stream) % 8                                    # zero bits up to a whole byte
+    stream += Bits(bytes(1))[:pad]
     return bytes(stream[8 * k:8 * k + 8][::-1].uint for k in range(len(stream) // 8))
 
 
