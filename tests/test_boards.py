@@ -5,7 +5,7 @@ here with the constructor and pin usage of ``hel_fpga.rtl.top.Top`` (a UART echo
 ``cfg.lanes`` pipelined multiply-accumulate lanes at the board's operand
 width, so the DSP mapping is exercised too). The placement-seed sweep is
 tested with a fake tool runner that gives each seed a chosen Fmax. The real
-top level is built by the ``test_real_top_*`` tests (slow: a few minutes
+top level is built by the ``test_real_top_*`` tests (marked ``pnr``: a few minutes
 each), which require some seed of the board's default list to meet the
 table's clock.
 """
