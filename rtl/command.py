@@ -76,10 +76,12 @@ Design decisions
   (the chunk-length check folds the header into its rounding). The unit needs
   no multiplier. Measured sizes: ``docs/boards.md``.
 
-Timing differences from the model (allowed by the protocol): the model never
-overruns and updates STATUS's overflow bits of an ECHO at its end, the gateware
-as the echo runs; a bad frame's report that finds the decoder's queue full is
-sent out of order (see :class:`hel_fpga.rtl.framing.FrameDecoder`). While the core runs
+Timing differences from the model (allowed by the protocol): the model answers
+every frame at once, so it never overruns by itself (a frame the decoder could not
+take in reaches the unit as an ``OVERRUN`` report in the frame's place, see
+:class:`hel_fpga.rtl.framing.FrameDecoder`, and is answered like any link error), and
+it updates STATUS's overflow bits of an ECHO at its end, the gateware as the echo
+runs. While the core runs
 FORWARD, SELFTEST, a read-out or a transfer's last chunk, the unit reads no
 further frame (frames wait in the receive ring), so a SELFTEST of very many
 steps keeps the device deaf until it ends; the model answers at once.

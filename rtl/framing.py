@@ -21,7 +21,7 @@ looped straight into an encoder (an echo server, as in the tests).
 """
 
 from amaranth import *
-from amaranth.lib import crc, data, memory, stream, wiring
+from amaranth.lib import crc, data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
@@ -160,30 +160,47 @@ class FrameDecoder(wiring.Component):
     as it reads it (write a parameter, store an input) and never sees garbage.
     The CRC bytes are not passed on.
 
-    Frame lengths are queued in a FIFO (one block RAM, 12-bit entries), so
-    ``frames + 1`` good frames (one at the reader, ``frames`` queued) may wait in
-    the ring while the consumer is busy, as long as their bytes fit: a frame that
-    finds the ring (or the length FIFO) full is dropped and reported as
-    ``OVERRUN``. The consumer frees space
-    byte by byte as it reads. Every byte on ``source`` carries its frame's body
-    length (``length``), so the consumer knows the payload length at ``cmd``.
+    Every frame the decoder takes in gets one entry in a frame queue (one block
+    RAM, 16-bit entries, :attr:`Entry`): a good frame's body length, or a bad
+    frame's report. ``frames`` frames may wait (one in the queue's output
+    register, the rest in its memory) besides the one the reader presents, as long
+    as the good ones' bytes fit the ring. The consumer frees ring space byte by
+    byte as it reads. Every byte on ``source`` carries its frame's body length
+    (``length``), so the consumer knows the payload length at ``cmd``.
 
-    Reports in wire order
-    ---------------------
-    Bad-frame reports travel through the same FIFO as the good frames' lengths
-    (an entry is either a length or a report), so ``error`` presents a report
-    only after every good frame that preceded the bad one on the wire has been
-    read completely (its last byte accepted). A consumer that takes a report
-    only between frames therefore sees frames and reports exactly in wire
-    order and can answer them in that order, as the reference device
-    :class:`hel_fpga.sim.protocol_model.ProtocolModel` does. A report that finds the FIFO
-    full (the host has overrun the device) goes to a one-entry side register
-    instead and is presented at once, out of order; a further report while that
-    register is still occupied is dropped. The consumer must take reports: one
-    left on ``error`` holds back the frames behind it. The default ring of 2048
-    bytes holds one maximal incoming frame (1030 bytes with CRC) while up to 1018
-    bytes of earlier frames are still unread; a host that waits for each reply
-    before sending the next request never overruns it.
+    One answer per frame, in wire order
+    -----------------------------------
+    Reports travel through the same queue as the good frames' lengths, so
+    ``error`` presents a report only after every good frame that preceded the bad
+    one on the wire has been read completely (its last byte accepted). A consumer
+    that takes a report only between frames therefore sees frames and reports
+    exactly in wire order and can answer them in that order, as the reference
+    device :class:`hel_fpga.sim.protocol_model.ProtocolModel` does.
+
+    A frame the decoder cannot take in (the queue is full, or a good frame's body
+    does not fit the ring) needs an answer too, but storing one per frame would
+    need unbounded memory: a flood of 2-byte garbage frames is answered with
+    12-byte ERROR frames, so answers can fall behind without limit. Such frames are
+    *counted* instead (``dropped``, :attr:`MAX_DROPPED` at most), and the count goes
+    into the queue as one ``RUN`` entry as soon as a slot is free; a frame that
+    arrives while the count is not yet queued is counted too, so it cannot overtake
+    the run. At the head of the queue a run becomes that many ``OVERRUN`` reports
+    on ``error`` (seq :data:`hel_fpga.spec.protocol.OVERRUN_SEQ`: nothing of the
+    frames was kept), each in the place of its frame. So every frame gets exactly
+    one report or one frame on ``source``, in wire order, whatever the traffic,
+    as long as at most :attr:`MAX_DROPPED` frames are counted at once: the count
+    saturates there, and a frame that finds it saturated is lost (a host that keeps
+    at most :data:`~hel_fpga.spec.protocol.MAX_UNANSWERED` frames unanswered never
+    gets there).
+    Why runs in the queue rather than a count in every entry: the entry stays 16
+    bits (one iCE40 block RAM), and the counter belongs to the writer alone (the
+    reader counts a run down in its own register), so no count is shared between
+    the two sides.
+
+    The consumer must take reports: one left on ``error`` holds back the frames
+    behind it. The default ring of 2048 bytes holds one maximal incoming frame
+    (1030 bytes with CRC) while up to 1018 bytes of earlier frames are still
+    unread, or two 1024-byte DATA frames (:data:`hel_fpga.spec.protocol.WINDOW`).
 
     ``sink`` is always ready: a UART receiver cannot be paused, so the decoder
     accepts every byte, unconditionally, and never back-pressures it. Bytes must
@@ -207,15 +224,18 @@ class FrameDecoder(wiring.Component):
     * ``BAD_LENGTH``: decoded body shorter than ``MIN_BODY_LEN``, longer than
       ``max_body``, or cut short inside a COBS block;
     * ``BAD_CRC``: CRC mismatch;
-    * ``OVERRUN``: a good frame that did not fit;
-    * otherwise the frame is committed and appears on ``source``.
+    * otherwise the frame is committed and appears on ``source``;
+
+    unless the frame is not taken in (above): then it is counted, and reported as
+    ``OVERRUN`` whatever its verdict.
 
     Timing: a committed frame's first byte is on ``source`` 4 cycles after its
-    delimiter was accepted (one for the length FIFO's block RAM read); ``source``
+    delimiter was accepted (one for the queue's block RAM read); ``source``
     then delivers one byte per cycle while ready, with one idle cycle between
     frames. A report is on ``error`` 2 cycles after its delimiter if nothing was
-    waiting before it (it is presented straight from the FIFO's output register),
-    and holds until taken.
+    waiting before it (it is presented straight from the queue's output register),
+    and holds until taken; a run's first OVERRUN comes one cycle after the run
+    reaches the head, the following ones one per cycle while ``error`` is ready.
 
     Parameters
     ----------
@@ -224,9 +244,10 @@ class FrameDecoder(wiring.Component):
     max_body : int
         Longest accepted decoded body, CRC included (:data:`hel_fpga.spec.protocol.MAX_BODY_LEN`).
     frames : int
-        Depth of the frame length FIFO: how many committed frames may wait behind
+        Entries of the frame queue: how many frames (good or bad) may wait behind
         the one the reader is presenting: a power of two plus one (a
-        :class:`BlockRAMQueue`, 16 entries in memory and its output register).
+        :class:`BlockRAMQueue`: 256 entries in memory and its output register by
+        default, :data:`hel_fpga.spec.protocol.RX_QUEUE_FRAMES`).
 
     Attributes
     ----------
@@ -236,10 +257,26 @@ class FrameDecoder(wiring.Component):
         Good frames: ``cmd``, ``seq``, payload; ``first`` on ``cmd``, ``last`` on the final byte,
         ``length`` (body length without CRC) on every byte.
     error : Out(stream.Signature(LinkError))
-        One report per bad frame, in wire order with the frames on ``source``.
+        One report per bad frame and per frame not taken in (``OVERRUN``), in wire
+        order with the frames on ``source``.
     """
 
-    def __init__(self, *, depth=2048, max_body=protocol.MAX_BODY_LEN, frames=17):
+    class EntryKind(enum.Enum, shape=2):
+        """What a frame queue entry holds in its ``value``."""
+        FRAME = 0     # a good frame's body length without the CRC (in the ring)
+        REPORT = 1    # a bad frame's report: seq (bits 0..7), code (bits 8..9)
+        RUN = 2       # a count of consecutive frames not taken in (OVERRUN each)
+
+    #: A frame queue entry.
+    Entry = data.StructLayout({"value": 14, "kind": EntryKind})
+
+    #: Most frames counted as not taken in and not yet queued; further frames are lost
+    #: (:data:`hel_fpga.spec.protocol.MAX_UNANSWERED`: a host keeps fewer unanswered).
+    MAX_DROPPED = (1 << 14) - 1
+    assert MAX_DROPPED == protocol.MAX_UNANSWERED
+
+    def __init__(self, *, depth=protocol.RX_RING_BYTES, max_body=protocol.MAX_BODY_LEN,
+                 frames=protocol.RX_QUEUE_FRAMES):
         if depth & (depth - 1) or depth <= max_body:
             raise ValueError(f"depth must be a power of two larger than max_body={max_body}, "
                              f"not {depth}")
@@ -275,14 +312,15 @@ class FrameDecoder(wiring.Component):
                                                  attrs=NO_RW_CHECK)
         wr_port = ring.write_port()
         rd_port = ram_read_port(m, ring, "rd")
-        # An entry is a good frame's body length or a bad frame's report (code, seq).
-        # Entries are 12 bits wide (a report's code is 1..3), so one 256 × 16 iCE40 block
-        # RAM holds the queue (a BlockRAMQueue: memory plus its output register).
-        entry_layout = data.StructLayout({"is_error": 1, "value": max(LENGTH_BITS, 10)})
-        m.submodules.lengths = lengths = BlockRAMQueue(entry_layout.size, self._frames - 1)
-        w_entry = Signal(entry_layout)
-        r_entry = entry_layout(lengths.r_data)
-        m.d.comb += lengths.w_data.eq(w_entry)
+        # One queue entry per frame taken in (a good frame's body length, a bad frame's
+        # report) or per run of frames not taken in (their count). 16 bits: one 256 × 16
+        # iCE40 block RAM holds the default queue (a BlockRAMQueue: memory plus its
+        # output register), one DP16KD on ECP5.
+        Entry = self.Entry
+        m.submodules.queue = queue = BlockRAMQueue(Entry.size, self._frames - 1)
+        w_entry = Signal(Entry)
+        r_entry = Entry(queue.r_data)
+        m.d.comb += queue.w_data.eq(w_entry)
         m.submodules.crc = crc_check = CRC_BIT_PARAMETERS.create()
 
         # Ring pointers carry one extra bit so that full and empty differ.
@@ -353,35 +391,33 @@ class FrameDecoder(wiring.Component):
         # --- verdict at the delimiter ------------------------------------------------
         m.d.comb += crc_check.start.eq(delimiter)
         bad_length = less_than(n, protocol.MIN_BODY_LEN) | n_over | (cobs_left != 0)
-        verdict = Signal(8)
-        assert max(ErrorCode.BAD_LENGTH, ErrorCode.BAD_CRC, ErrorCode.OVERRUN) < 4  # 2 bits
+        verdict = Signal(2)
+        assert max(ErrorCode.BAD_LENGTH, ErrorCode.BAD_CRC) < 4  # 2 bits
         with m.If(bad_length):
             m.d.comb += verdict.eq(ErrorCode.BAD_LENGTH)
         with m.Elif(~crc_check.match_detected):
             m.d.comb += verdict.eq(ErrorCode.BAD_CRC)
-        with m.Elif(overrun | ~lengths.w_rdy):
-            m.d.comb += verdict.eq(ErrorCode.OVERRUN)
 
-        # Reports normally queue behind the frames before them; the side register
-        # takes one when the queue is full (only when the host overran the device).
-        side_valid = Signal()
-        side = Signal(LinkError)
-        side_taken = Signal()
-        report = Signal(LinkError)
-        m.d.comb += [report.code.eq(verdict), report.seq.eq(Mux(n[1:] != 0, seq, 0))]
-        with m.If(side_taken):
-            m.d.sync += side_valid.eq(0)
+        # Frames not taken in are counted in ``dropped`` and queued as one RUN entry as
+        # soon as the queue has room. While the count is non-zero, a frame is counted
+        # too, even if a slot has just come free: it must not overtake the run.
+        dropped = Signal(range(self.MAX_DROPPED + 1))
+        take_in = queue.w_rdy & (dropped == 0)
         with m.If(delimiter & in_frame):
-            with m.If(verdict == 0):
+            with m.If(take_in & (verdict != 0)):
+                m.d.comb += [queue.w_en.eq(1), w_entry.kind.eq(self.EntryKind.REPORT),
+                             w_entry.value.eq(Cat(Mux(n[1:] != 0, seq, 0), verdict))]
+            with m.Elif(take_in & ~overrun):
                 body_len = n - protocol.CRC_LEN
-                m.d.comb += [lengths.w_en.eq(1), w_entry.is_error.eq(0),
+                m.d.comb += [queue.w_en.eq(1), w_entry.kind.eq(self.EntryKind.FRAME),
                              w_entry.value.eq(body_len)]
                 m.d.sync += commit.eq(commit + body_len)
-            with m.Elif(lengths.w_rdy):
-                m.d.comb += [lengths.w_en.eq(1), w_entry.is_error.eq(1),
-                             w_entry.value.eq(Cat(report.seq, report.code[:2]))]
-            with m.Elif(~side_valid | side_taken):
-                m.d.sync += [side_valid.eq(1), side.eq(report)]
+            with m.Elif(dropped != self.MAX_DROPPED):
+                m.d.sync += dropped.eq(dropped + 1)
+        with m.Elif((dropped != 0) & queue.w_rdy):
+            m.d.comb += [queue.w_en.eq(1), w_entry.kind.eq(self.EntryKind.RUN),
+                         w_entry.value.eq(dropped)]
+            m.d.sync += dropped.eq(0)
         with m.If(delimiter):
             m.d.sync += [n.eq(0), overrun.eq(0)]
 
@@ -414,23 +450,33 @@ class FrameDecoder(wiring.Component):
             with m.Else():
                 m.d.sync += self.source.valid.eq(0)
 
-        # A report waits at the queue's head (its output register holds it, no copy)
-        # until the frames before it have been read completely. A frame's entry is
-        # taken once the previous frame's last byte has been accepted (or is being
-        # accepted), so ``length`` needs no copy for the presented byte either.
-        queued = Signal(LinkError)
-        m.d.comb += [queued.seq.eq(r_entry.value[:8]), queued.code.eq(r_entry.value[8:10])]
-        head_report = lengths.r_rdy & r_entry.is_error & (remaining == 0) & ~self.source.valid
-        with m.If((remaining == 0) & advance & lengths.r_rdy & ~r_entry.is_error):
-            m.d.comb += lengths.r_en.eq(1)
+        # A report or a run waits at the queue's head (its output register holds it, no
+        # copy) until the frames before it have been read completely; a run is then
+        # taken into ``overruns``, which presents one OVERRUN report per frame and holds
+        # back everything behind it. A frame's entry is taken once the previous frame's
+        # last byte has been accepted (or is being accepted), so ``length`` needs no
+        # copy for the presented byte either.
+        overruns = Signal.like(dropped)
+        head = queue.r_rdy & (overruns == 0)
+        between = (remaining == 0) & ~self.source.valid
+        head_report = head & (r_entry.kind == self.EntryKind.REPORT) & between
+        with m.If(head & (r_entry.kind == self.EntryKind.FRAME) & (remaining == 0) & advance):
+            m.d.comb += queue.r_en.eq(1)
             m.d.sync += [remaining.eq(r_entry.value), length.eq(r_entry.value), first.eq(1)]
-        m.d.comb += [
-            self.error.valid.eq(side_valid | head_report),
-            self.error.payload.eq(Mux(side_valid, side, queued)),
-            side_taken.eq(side_valid & self.error.ready),
-        ]
-        with m.If(~side_valid & head_report & self.error.ready):
-            m.d.comb += lengths.r_en.eq(1)
+        with m.If(head & (r_entry.kind == self.EntryKind.RUN) & between):
+            m.d.comb += queue.r_en.eq(1)
+            m.d.sync += overruns.eq(r_entry.value)
+        with m.If(overruns != 0):
+            m.d.comb += [self.error.valid.eq(1), self.error.payload.code.eq(ErrorCode.OVERRUN),
+                         self.error.payload.seq.eq(protocol.OVERRUN_SEQ)]
+            with m.If(self.error.ready):
+                m.d.sync += overruns.eq(overruns - 1)
+        with m.Else():
+            m.d.comb += [self.error.valid.eq(head_report),
+                         self.error.payload.code.eq(r_entry.value[8:10]),
+                         self.error.payload.seq.eq(r_entry.value[:8])]
+            with m.If(head_report & self.error.ready):
+                m.d.comb += queue.r_en.eq(1)
 
         return m
 

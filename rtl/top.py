@@ -19,6 +19,7 @@ from amaranth.lib.wiring import In, Out
 from hel_fpga.rtl.command import CommandUnit
 from hel_fpga.rtl.core import HELCore
 from hel_fpga.spec.formats import HelConfig
+from hel_fpga.spec.protocol import RX_RING_BYTES
 from hel_fpga.rtl.framing import FrameDecoder, FrameEncoder
 from hel_fpga.rtl.uart import UART, divisor_for
 
@@ -33,8 +34,8 @@ class Device(wiring.Component):
     cfg, clk_hz, baud, name :
         As for :class:`Top` (``clk_hz``/``baud`` are only reported by IDENT here).
     rx_depth : int
-        The decoder's receive ring in bytes (2048: one maximal frame plus one unread
-        chunk, see :mod:`hel_fpga.spec.protocol`).
+        The decoder's receive ring in bytes (:data:`hel_fpga.spec.protocol.RX_RING_BYTES`:
+        one maximal frame plus one unread chunk, the capacity the protocol states).
 
     Attributes
     ----------
@@ -45,7 +46,7 @@ class Device(wiring.Component):
     """
 
     def __init__(self, cfg: HelConfig, clk_hz: int, baud: int, name: str = "hel-fpga", *,
-                 rx_depth: int = 2048):
+                 rx_depth: int = RX_RING_BYTES):
         self.cfg = cfg
         self.clk_hz, self.baud, self.name = clk_hz, baud, name
         self.rx_depth = rx_depth

@@ -15,8 +15,11 @@ device for host tests (:class:`ModelPort` makes it look like a pyserial port,
 :class:`PtyServer` puts it behind a real pseudo-terminal).
 
 Deliberate simplifications (not observable through the protocol except as noted):
-the model has an unbounded receive buffer (never OVERRUN) and applies a
-transfer's words when its last chunk arrives; STATUS's overflow bits during an
+the model answers every frame as soon as its delimiter arrives, so it never runs out
+of room by itself; which frames a real device cannot take in depends on its timing,
+and ``feed(data, overrun=True)`` answers the frames of ``data`` as such a device does
+(ERROR OVERRUN, seq :data:`hel_fpga.spec.protocol.OVERRUN_SEQ`, nothing else changes).
+The model applies a transfer's words when its last chunk arrives; STATUS's overflow bits during an
 open ECHO transfer therefore lag the gateware's (the protocol leaves them
 unspecified until the transfer completes).
 """
@@ -132,19 +135,31 @@ class ProtocolModel:
         return self.core._forwarded  # noqa: SLF001 (the model is the core's state machine)
 
     # ---- bytes in, bytes out -------------------------------------------------------------
-    def feed(self, data: bytes) -> bytes:
-        """Consume raw line bytes; return every reply byte they cause, in order."""
+    def feed(self, data: bytes, *, overrun: bool = False) -> bytes:
+        """Consume raw line bytes; return every reply byte they cause, in order.
+
+        With ``overrun``, every frame that ends in ``data`` is one the device could not
+        take in: whatever it holds, it is answered with :meth:`overrun_reply` and
+        changes nothing else (the decoder still reads its bytes to stay in step).
+        """
         out = bytearray()
         for b in bytes(data):
             r = self.decoder.push(b)
             if r is None:
                 continue
-            if r[0] == "error":
+            if overrun:
+                out += self.overrun_reply()
+            elif r[0] == "error":
                 out += self._error(r[2], r[1], 0)
             else:
                 self.frames_in += 1
                 out += self.handle(r[1], r[2], r[3])
         return bytes(out)
+
+    def overrun_reply(self) -> bytes:
+        """The answer to a frame the device could not take in: ERROR OVERRUN with seq
+        :data:`~hel_fpga.spec.protocol.OVERRUN_SEQ`, cmd 0, arg 0."""
+        return self._error(P.OVERRUN_SEQ, ErrorCode.OVERRUN, 0)
 
     def _error(self, seq: int, code: ErrorCode, cmd: int, arg: int = 0) -> bytes:
         self.errors_out += 1

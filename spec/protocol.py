@@ -27,8 +27,10 @@ byte ``0x00``::
   stands for an implied ``0x00`` after them, except when ``c == 0xFF`` (a full
   254-byte run, no implied zero) and after the last block of a frame. The
   encoding is canonical: a final 254-byte run is *not* followed by an empty
-  ``0x01`` block (this is what the PyPI ``cobs`` package produces; decoders
-  accept both forms). Overhead: at most one byte per 254 body bytes, at least
+  ``0x01`` block (this is what the PyPI ``cobs`` package produces). Decoders
+  accept the other form too (``0xFF`` run ‖ ``0x01`` at the end of a frame, as
+  encoders with a trailing phantom zero write it): it decodes to the same body,
+  which the CRC checks. Overhead: at most one byte per 254 body bytes, at least
   one.
 * **Resynchronisation** is free: a receiver that lost its place (noise, a
   reset, a partial frame) discards everything up to the next ``0x00``, and
@@ -88,7 +90,8 @@ __all__ = [
     "ErrorCode", "FrameError",
     "PROTOCOL_VERSION", "REPLY_BIT", "ERROR_REPLY", "Command", "ERROR_LAYOUT", "IDENT_FIELDS",
     "IDENT_NAME_MAX", "IDENT_LINK_FIELDS", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL",
-    "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "MAX_CHUNKS", "IDEMPOTENT",
+    "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "RX_RING_BYTES", "RX_QUEUE_FRAMES",
+    "MAX_UNANSWERED", "OVERRUN_SEQ", "body_len", "pipelining_fits", "MAX_CHUNKS", "IDEMPOTENT",
     "REQUEST_LEN", "VARIABLE_LENGTH", "request_len_ok", "DURING_TRANSFER", "WORD_WIDTH", "OPENS_TRANSFER",
     "DATA_REPLIES", "MAX_WORD_WIDTH", "check_word_width", "packed_len",
     "chunk_words", "chunk_count", "block_chunks", "chunk_bytes", "pack_fields", "unpack_fields",
@@ -227,8 +230,9 @@ class ErrorCode(enum.IntEnum):
     #: Decoded body shorter than MIN_BODY_LEN or longer than MAX_BODY_LEN,
     #: or a COBS block cut short by the delimiter (a truncated frame).
     BAD_LENGTH = 0x02
-    #: A good frame was dropped because the device's receive buffer was full
-    #: (the host sent faster than the command unit consumed).
+    #: A frame the device could not take in (its frame queue was full, or a good
+    #: frame's body did not fit the receive ring): the host sent faster than the
+    #: command unit consumed. Its seq is :data:`OVERRUN_SEQ`.
     OVERRUN = 0x03
 
     # --- command unit ---
@@ -324,8 +328,46 @@ CHUNK_HEADER_LEN = 2
 #: the 2 KiB receive ring, which the window of 2 relies on (docs/protocol.md §4).
 CHUNK_DATA_MAX = 1016
 
-#: Un-acked DATA chunks the host may have in flight.
+#: Un-acked DATA chunks the host may have in flight: two full chunk frames fill
+#: :data:`RX_RING_BYTES` exactly (:func:`pipelining_fits`).
 WINDOW = 2
+
+# ---------------------------------------------------------------------------
+# Receive capacity and OVERRUN (docs/protocol.md §4): what a host may pipeline.
+# ---------------------------------------------------------------------------
+
+#: The device's receive ring: the decoded bodies of frames taken in and not yet read
+#: by the command unit (without their CRC), plus the body of the frame arriving
+#: (with its CRC).
+RX_RING_BYTES = 2048
+
+#: The device's frame queue: one entry per frame taken in (good or bad) and not yet
+#: read by the command unit.
+RX_QUEUE_FRAMES = 257
+
+#: A frame the device cannot take in (its queue full, or a good frame's body does not
+#: fit the ring) is not stored but counted, and answered ERROR OVERRUN in its place
+#: in wire order. The count saturates here: while a host keeps at most this many
+#: frames unanswered, every frame gets exactly one answer, in order.
+MAX_UNANSWERED = 16383
+
+#: seq of every OVERRUN reply: the device keeps nothing of a frame it could not take
+#: in, so a host pairs an OVERRUN with its frame by order.
+OVERRUN_SEQ = 0
+
+
+def body_len(payload_len: int) -> int:
+    """Decoded body length (cmd, seq, payload, CRC) of a frame with ``payload_len`` bytes."""
+    return HEADER_LEN + payload_len + CRC_LEN
+
+
+def pipelining_fits(bodies) -> bool:
+    """Whether frames whose decoded body lengths are ``bodies`` (every frame sent and
+    not yet answered, the one about to be sent included) are certain to be taken in:
+    at most :data:`RX_QUEUE_FRAMES` of them, their bodies adding up to at most
+    :data:`RX_RING_BYTES`. A host that keeps this never sees OVERRUN."""
+    bodies = list(bodies)
+    return len(bodies) <= RX_QUEUE_FRAMES and sum(bodies) <= RX_RING_BYTES
 
 #: Chunk indices are u16.
 MAX_CHUNKS = 0xFFFF

@@ -8,6 +8,7 @@ pins). Every request's wire bytes go to both the gateware and
 equal the model's exactly.
 """
 
+import copy
 import random
 import re
 from pathlib import Path
@@ -590,6 +591,149 @@ def test_random_request_streams_equal_the_model():
                 s.req(Command.READ_PARAMS, bytes([rng.choice([0, 15, 16])]))
         s.reads()
         check(s, ready_prob=0.7, gap_prob=0.02, seed=trial)
+
+
+# --- floods: every frame answered once, in wire order ------------------------------------------
+
+def frames_of(session: Session) -> list[bytes]:
+    """The session's bytes cut into frames, each ending at the delimiter of a non-empty
+    frame (empty frames stay with the frame before them)."""
+    pieces, current = [], bytearray()
+    for _, wire in session.items:
+        for byte in wire:
+            current.append(byte)
+            if byte == P.DELIMITER and len(current.rstrip(b"\x00")):
+                pieces.append(bytes(current))
+                current.clear()
+    if current:
+        pieces[-1] += current
+    return pieces
+
+
+def run_flood(session: Session, *, line_cycles: int = BYTE_CYCLES, max_cycles: int = 3_000_000):
+    """Every frame of ``session`` into ``Device`` back to back, one byte per
+    ``BYTE_CYCLES`` cycles, without waiting for answers; the line side takes one byte
+    per ``line_cycles`` cycles. Returns everything the device sent, once it has sent
+    as many frames as it got and then been silent for 5 000 cycles."""
+    dut = Device(session.cfg, CLK_HZ, BAUD, NAME)
+    frames = len(frames_of(session))
+    got = bytearray()
+    wire = b"".join(w for _, w in session.items)
+
+    async def line(ctx):
+        cycle = 0
+        async for _, _, valid, ready, byte in ctx.tick().sample(
+                dut.source.valid, dut.source.ready, dut.source.payload):
+            if valid and ready:
+                got.append(byte)
+            cycle += 1
+            ctx.set(dut.source.ready, cycle % line_cycles == 0)
+
+    async def main(ctx):
+        for byte in wire:
+            ctx.set(dut.sink.payload, byte)
+            ctx.set(dut.sink.valid, 1)
+            await ctx.tick()
+            ctx.set(dut.sink.valid, 0)
+            await ctx.tick().repeat(BYTE_CYCLES - 1)
+        # at least one answer frame per frame, then silence
+        quiet, cycles, seen = 0, 0, len(got)
+        while (got.count(0) < frames or quiet < 5_000) and cycles < max_cycles:
+            await ctx.tick().repeat(100)
+            cycles += 100
+            quiet = 0 if len(got) != seen else quiet + 100
+            seen = len(got)
+
+    sim = Simulator(dut)
+    sim.add_clock(1 / CLK_HZ)
+    sim.add_testbench(line, background=True)
+    sim.add_testbench(main)
+    sim.run()
+    return bytes(got)
+
+
+def match_model(session: Session, got: bytes) -> list[int]:
+    """Walk the device's bytes frame by frame with the model: each frame's answer must
+    be the model's or, where the device could not take the frame in, OVERRUN (the
+    model then answers it as such and changes nothing). Returns the OVERRUN frames."""
+    model = ProtocolModel(session.cfg, clock_hz=CLK_HZ, baud=BAUD, name=NAME)
+    overrun_reply = model.overrun_reply()
+    pos, overrun = 0, []
+    for i, frame in enumerate(frames_of(session)):
+        trial = copy.deepcopy(model)
+        want = trial.feed(frame)
+        if got.startswith(want, pos):
+            model, pos = trial, pos + len(want)
+        elif got.startswith(overrun_reply, pos):
+            model.feed(frame, overrun=True)
+            pos += len(overrun_reply)
+            overrun.append(i)
+        else:
+            raise AssertionError(f"frame {i} ({describe(frame)}): device sent "
+                                 f"{describe(got[pos:pos + 300])}, model {describe(want)} "
+                                 f"or OVERRUN")
+    assert pos == len(got), f"{describe(got[pos:])} beyond the last answer"
+    return overrun
+
+
+@pytest.mark.slow
+def test_a_flood_of_every_kind_is_answered_frame_for_frame_like_the_model():
+    """Transfers, training steps, reads, rejected requests and bad frames, all sent back
+    to back with no wait for any answer, and a line four times slower than the input
+    (so that answers fall behind and frames overrun): the device answers every frame
+    once, in wire order, byte for byte the model's, with OVERRUN wherever it could not
+    take a frame in (the model then drops that frame too: a lost DATA chunk, say, makes
+    the later chunks SEQUENCE errors on both)."""
+    cfg = SMALL
+    s = Session(cfg, 31)
+    rng = random.Random(31)
+    s.write_params(s.params())
+    for _ in range(8):
+        s.load(s.inputs(rng.randrange(1, cfg.t_max + 1)))
+        s.req(Command.FORWARD, bytes([rng.randrange(2)]))
+        s.echo(s.nudges(rng.choice([1, len(s.inputs(1))])))
+        s.reads()
+        for _ in range(30):
+            r = rng.random()
+            if r < 0.3:
+                s.req(Command.STATUS)
+            elif r < 0.4:
+                s.req(Command.IDENT)
+            elif r < 0.5:
+                s.req(rng.choice([0x42, Command.READ_STATE]), b"\x07")
+            elif r < 0.6:
+                bad = bytearray(encode_frame(Command.STATUS, rng.randrange(256)))
+                bad[3] ^= 0x20
+                s.raw("bad CRC", bytes(bad))
+            elif r < 0.7:
+                s.raw("01 00", b"\x01\x00")
+            elif r < 0.8:
+                s.raw("garbage", bytes(rng.choice([0, rng.randrange(256)])
+                                       for _ in range(rng.randrange(2, 30))) + b"\x00")
+            else:
+                s.req(Command.READ_PARAMS, bytes([rng.randrange(1, 16)]))
+    got = run_flood(s, line_cycles=4 * BYTE_CYCLES)
+    overrun = match_model(s, got)
+    assert len(frames_of(s)) > P.RX_QUEUE_FRAMES
+    assert overrun
+
+
+def test_frames_beyond_the_queue_behind_a_selftest_are_overruns_in_their_places():
+    """A SELFTEST keeps the command unit busy while 320 STATUS frames arrive: the first
+    RX_QUEUE_FRAMES − 1 (the SELFTEST is the other unanswered frame) are taken in, the
+    rest answered OVERRUN in order, and the frames sent afterwards are answered again."""
+    cfg = SMALL
+    s = Session(cfg, 32)
+    s.req(Command.SELFTEST, (3000).to_bytes(4, "little") + (5).to_bytes(4, "little"))
+    for _ in range(320):
+        s.req(Command.STATUS)
+    got = run_flood(s)
+    overrun = match_model(s, got)
+    assert overrun and min(overrun) >= P.RX_QUEUE_FRAMES
+    assert overrun == list(range(min(overrun), 321))
+    s2 = Session(cfg, 33)
+    s2.req(Command.IDENT)
+    check(s2)
 
 
 # --- the top level -------------------------------------------------------------------------------

@@ -25,8 +25,12 @@ from hel_fpga.rtl.framing import BYTE_CYCLES, CRC_BIT_PARAMETERS, CRC_PARAMETERS
     FrameDecoder, FrameEncoder
 from hel_fpga.spec.protocol import MAX_PAYLOAD, ErrorCode
 from hel_fpga.rtl.uart import UART
+from hel_fpga.sim.protocol_model import StreamDecoder
 
 from amaranth_sim import simulate  # noqa: E402
+
+#: An OVERRUN report as the protocol defines it (seq: spec OVERRUN_SEQ).
+OVERRUN = (ErrorCode.OVERRUN, protocol.OVERRUN_SEQ)
 
 #: Payload lengths around the COBS block boundaries (body = payload + 6 bytes).
 EDGE_LENGTHS = [0, 1, 2, 247, 248, 249, 253, 254, 255, 502, 508, MAX_PAYLOAD]
@@ -127,8 +131,8 @@ def run_decoder(stream, *, ready_prob=1.0, gap_prob=0.0, seed=0, dut=None, betwe
                 await ctx.tick().repeat(rng.randrange(1, 40))
         ctx.set(dut.sink.valid, 0)
         idle = 0
-        while idle < 12:                       # drained: no beat offered for 12 cycles
-            idle = 0 if ctx.get(dut.source.valid) else idle + 1
+        while idle < 12:               # drained: no beat or report offered for 12 cycles
+            idle = 0 if ctx.get(dut.source.valid) or ctx.get(dut.error.valid) else idle + 1
             await ctx.tick()
 
     simulate(dut, feed, max_cycles=2_000_000, background=[body_collector(dut.source, frames, ready_prob=ready_prob,
@@ -307,6 +311,26 @@ def test_decoder_resynchronises_after_random_garbage():
         assert [code for code, _ in errors] == codes
 
 
+@pytest.mark.parametrize("runs", [1, 4])
+def test_a_final_full_run_followed_by_an_empty_block_is_accepted_everywhere(runs):
+    """The non-canonical COBS form the spec accepts: a body ending in a full 254-byte run,
+    encoded with an extra ``01`` block before the delimiter, is the same frame to the
+    reference codec, the protocol model's decoder and the gateware decoder."""
+    rng = random.Random(runs)
+    while True:                      # a body of ``runs`` full runs: no zero, CRC included
+        frame = Frame(0x11, 0x22, payload_bytes(rng, 254 * runs - 6, "nonzero"))
+        canonical = encode_frame(*frame)
+        if len(canonical) == 255 * runs + 1:
+            break
+    assert canonical[-256] == 0xFF
+    extra = canonical[:-1] + b"\x01\x00"
+    assert decode_frame(extra) == frame
+    assert FrameReader().feed(extra + canonical) == [frame, frame]
+    decoder = StreamDecoder()
+    assert [r for r in map(decoder.push, extra) if r] == [("frame", *frame)]
+    assert run_decoder(extra + canonical) == ([frame, frame], [])
+
+
 def test_decoder_ignores_empty_frames_between_delimiters():
     frames = [Frame(1, 1, b""), Frame(2, 2, b"\x00\x00"), Frame(3, 3, b"z")]
     stream = (b"\x00\x00\x00" + encode_frame(*frames[0]) + b"\x00" * 5
@@ -401,10 +425,12 @@ def test_decoder_drops_frames_that_do_not_fit_with_overrun_and_recovers():
     # 0 + 606, 602 + 606, 1204 + 606 <= 2048; 1806 + 606 > 2048: the last two overrun.
     kept = frames[:3] + [later]
     assert bytes(got) == b"".join(bytes([f.cmd, f.seq]) + f.payload for f in kept)
-    assert errors == [(ErrorCode.OVERRUN, frames[3].seq), (ErrorCode.OVERRUN, frames[4].seq)]
+    assert errors == [OVERRUN, OVERRUN]
 
 
 def test_decoder_holds_at_most_frames_plus_one_frames_and_overruns_the_rest():
+    """Nobody reads while 8 frames arrive: a queue of 5 entries plus the frame at the
+    reader take 6, the other two are answered OVERRUN (seq OVERRUN_SEQ)."""
     frames = [Frame(i, i, b"") for i in range(8)]
     dut = FrameDecoder(frames=5)
     stream = b"".join(encode_frame(*f) for f in frames)
@@ -430,7 +456,100 @@ def test_decoder_holds_at_most_frames_plus_one_frames_and_overruns_the_rest():
 
     simulate(dut, feed, background=[read, error_collector(dut.error, errors)])
     assert got == frames[:6]
-    assert errors == [(ErrorCode.OVERRUN, 6), (ErrorCode.OVERRUN, 7)]
+    assert errors == [OVERRUN, OVERRUN]
+
+
+def flood(rng, count):
+    """``count`` back-to-back frames of every kind, what the host reader makes of each,
+    and their wire lengths: good frames of random lengths (a few long ones), bad CRCs, cut-short and
+    too-short bodies, bare ``01 00`` garbage; empty frames (ignored) in between."""
+    stream, expect, sizes = bytearray(), [], []
+    for i in range(count):
+        kind = rng.choice(["good"] * 4 + ["long", "crc", "short", "garbage", "cut"])
+        if kind in ("good", "long"):
+            wire = encode_frame(rng.randrange(256), i & 0xFF,
+                                payload_bytes(rng, rng.randrange(300, 700) if kind == "long"
+                                              else rng.randrange(9), "random"))
+        elif kind == "crc":
+            wire = bytearray(encode_frame(0x02, i & 0xFF, bytes([i & 0xFF])))
+            wire[-2] ^= 0x40                           # a CRC byte
+        elif kind == "short":
+            wire = cobs_codec.encode(bytes([0x02, i & 0xFF, 1])) + b"\x00"
+        elif kind == "garbage":
+            wire = b"\x01\x00"
+        else:
+            wire = encode_frame(0x11, i & 0xFF, b"\x0f")[:-3] + b"\x00"
+        items = FrameReader().feed(bytes(wire))
+        assert len(items) == 1
+        # a bad frame's seq: its second decoded byte (every bad kind but garbage has one)
+        expect.append(items[0] if isinstance(items[0], Frame)
+                      else (items[0].code, 0 if kind == "garbage" else i & 0xFF))
+        stream += wire
+        sizes.append(len(wire))
+        if rng.random() < 0.1:
+            stream += b"\x00"
+    return bytes(stream), expect, sizes
+
+
+def assert_one_answer_each_in_order(log, expect):
+    """``log`` answers ``expect``'s frames one for one, in order: each its expected item
+    or OVERRUN. Returns the number of OVERRUNs."""
+    assert len(log) == len(expect), f"{len(log)} answers to {len(expect)} frames"
+    for i, (got, want) in enumerate(zip(log, expect)):
+        assert got in (want, OVERRUN), f"frame {i}: {got!r}, expected {want!r} or OVERRUN"
+    return log.count(OVERRUN)
+
+
+@pytest.mark.parametrize("frames, count, ready_prob", [(5, 300, 0.05), (257, 420, 0.02)])
+def test_decoder_answers_every_frame_of_a_flood_once_in_wire_order(frames, count, ready_prob):
+    """Back-to-back frames of every kind, read far slower than they arrive: every frame
+    comes out once, as itself, its report or OVERRUN, in wire order; none of the
+    frames that fit the spec's receive capacity together (as if none were read) is
+    an OVERRUN."""
+    rng = random.Random(frames)
+    stream, expect, sizes = flood(rng, count)
+    log = []
+    run_decoder(stream, ready_prob=ready_prob, seed=frames, dut=FrameDecoder(frames=frames),
+                log=log)
+    overruns = assert_one_answer_each_in_order(log, expect)
+    assert overruns > 0
+    # ``frames`` queued plus the one at the reader (the spec's RX_QUEUE_FRAMES at 257)
+    fit = max(k for k in range(len(sizes) + 1)
+              if k <= frames + 1 and sum(sizes[:k]) <= protocol.RX_RING_BYTES)
+    assert OVERRUN not in log[:fit]
+
+
+def test_decoder_reports_a_run_of_overruns_before_the_frames_after_it():
+    """Nobody reads while 400 ``01 00`` frames arrive: the queue and the reader keep 6
+    of them (BAD_LENGTH), the next 394 are counted; a good frame sent after the reader
+    starts again comes after all 394 OVERRUNs."""
+    dut = FrameDecoder(frames=5)
+    late = Frame(0x02, 0x33, b"")
+    log = []
+
+    async def feed(ctx):
+        for byte in encode_frame(0x01, 1, b"") + b"\x01\x00" * 399:
+            await send_byte(ctx, dut.sink, byte)
+        await ctx.tick().repeat(20)
+        ctx.set(dut.source.ready, 1)
+        for byte in encode_frame(*late):
+            await send_byte(ctx, dut.sink, byte)
+        await ctx.tick().repeat(600)           # 400 reports at one per cycle
+
+    async def read(ctx):
+        body = bytearray()
+        async for _, _, valid, ready, beat in ctx.tick().sample(
+                dut.source.valid, dut.source.ready, dut.source.payload):
+            if valid and ready:
+                body.append(beat.data)
+                if beat.last:
+                    log.append(Frame(body[0], body[1], bytes(body[2:])))
+                    body = bytearray()
+
+    simulate(dut, feed, background=[read, error_collector(dut.error, [], log=log)],
+             max_cycles=200_000)
+    assert log == ([Frame(0x01, 1, b"")] + [(ErrorCode.BAD_LENGTH, 0)] * 5 + [OVERRUN] * 394
+                   + [late])
 
 
 @pytest.mark.parametrize("depth", [2, 16])
