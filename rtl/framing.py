@@ -181,14 +181,14 @@ class FrameDecoder(wiring.Component):
     does not fit the ring) needs an answer too, but storing one per frame would
     need unbounded memory: a flood of 2-byte garbage frames is answered with
     12-byte ERROR frames, so answers can fall behind without limit. Such frames are
-    *counted* instead (``dropped``, :attr:`MAX_DROPPED` at most), and the count goes
+    *counted* instead (``dropped``, ``max_dropped`` at most), and the count goes
     into the queue as one ``RUN`` entry as soon as a slot is free; a frame that
     arrives while the count is not yet queued is counted too, so it cannot overtake
     the run. At the head of the queue a run becomes that many ``OVERRUN`` reports
     on ``error`` (seq :data:`hel_fpga.spec.protocol.OVERRUN_SEQ`: nothing of the
     frames was kept), each in the place of its frame. So every frame gets exactly
     one report or one frame on ``source``, in wire order, whatever the traffic,
-    as long as at most :attr:`MAX_DROPPED` frames are counted at once: the count
+    as long as at most ``max_dropped`` frames are counted at once: the count
     saturates there, and a frame that finds it saturated is lost (a host that keeps
     at most :data:`~hel_fpga.spec.protocol.MAX_UNANSWERED` frames unanswered never
     gets there).
@@ -248,6 +248,10 @@ class FrameDecoder(wiring.Component):
         the one the reader is presenting: a power of two plus one (a
         :class:`BlockRAMQueue`: 256 entries in memory and its output register by
         default, :data:`hel_fpga.spec.protocol.RX_QUEUE_FRAMES`).
+    max_dropped : int
+        Most frames counted as not taken in before the count is queued (at most
+        :attr:`MAX_RUN`; the protocol's :data:`hel_fpga.spec.protocol.MAX_UNANSWERED`
+        by default).
 
     Attributes
     ----------
@@ -270,13 +274,11 @@ class FrameDecoder(wiring.Component):
     #: A frame queue entry.
     Entry = data.StructLayout({"value": 14, "kind": EntryKind})
 
-    #: Most frames counted as not taken in and not yet queued; further frames are lost
-    #: (:data:`hel_fpga.spec.protocol.MAX_UNANSWERED`: a host keeps fewer unanswered).
-    MAX_DROPPED = (1 << 14) - 1
-    assert MAX_DROPPED == protocol.MAX_UNANSWERED
+    #: Most frames an entry's ``value`` can count.
+    MAX_RUN = (1 << 14) - 1
 
     def __init__(self, *, depth=protocol.RX_RING_BYTES, max_body=protocol.MAX_BODY_LEN,
-                 frames=protocol.RX_QUEUE_FRAMES):
+                 frames=protocol.RX_QUEUE_FRAMES, max_dropped=protocol.MAX_UNANSWERED):
         if depth & (depth - 1) or depth <= max_body:
             raise ValueError(f"depth must be a power of two larger than max_body={max_body}, "
                              f"not {depth}")
@@ -287,6 +289,9 @@ class FrameDecoder(wiring.Component):
         self._max_body = max_body
         BlockRAMQueue.check_entries("frames", frames)
         self._frames = frames
+        if not 1 <= max_dropped <= self.MAX_RUN:
+            raise ValueError(f"max_dropped must be in 1..{self.MAX_RUN}, not {max_dropped}")
+        self._max_dropped = max_dropped
         super().__init__({
             "sink": In(stream.Signature(8, always_ready=True)),
             "source": Out(stream.Signature(FrameByte)),
@@ -401,7 +406,7 @@ class FrameDecoder(wiring.Component):
         # Frames not taken in are counted in ``dropped`` and queued as one RUN entry as
         # soon as the queue has room. While the count is non-zero, a frame is counted
         # too, even if a slot has just come free: it must not overtake the run.
-        dropped = Signal(range(self.MAX_DROPPED + 1))
+        dropped = Signal(range(self._max_dropped + 1))
         take_in = queue.w_rdy & (dropped == 0)
         with m.If(delimiter & in_frame):
             with m.If(take_in & (verdict != 0)):
@@ -412,7 +417,7 @@ class FrameDecoder(wiring.Component):
                 m.d.comb += [queue.w_en.eq(1), w_entry.kind.eq(self.EntryKind.FRAME),
                              w_entry.value.eq(body_len)]
                 m.d.sync += commit.eq(commit + body_len)
-            with m.Elif(dropped != self.MAX_DROPPED):
+            with m.Elif(dropped != self._max_dropped):
                 m.d.sync += dropped.eq(dropped + 1)
         with m.Elif((dropped != 0) & queue.w_rdy):
             m.d.comb += [queue.w_en.eq(1), w_entry.kind.eq(self.EntryKind.RUN),

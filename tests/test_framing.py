@@ -552,6 +552,38 @@ def test_decoder_reports_a_run_of_overruns_before_the_frames_after_it():
                    + [late])
 
 
+def test_decoder_count_of_frames_not_taken_in_saturates_and_loses_only_beyond_it():
+    """The stated limit, exactly, with a count of at most 3: nobody reads while 11
+    frames arrive; 6 are held, 3 counted, and the 2 that find the count saturated get
+    no answer; the frame sent once the reader runs again is answered after the 3."""
+    dut = FrameDecoder(frames=5, max_dropped=3)
+    first, late = Frame(0x01, 1, b""), Frame(0x02, 0x33, b"")
+    log = []
+
+    async def feed(ctx):
+        for byte in encode_frame(*first) + b"\x01\x00" * 10:
+            await send_byte(ctx, dut.sink, byte)
+        await ctx.tick().repeat(20)
+        ctx.set(dut.source.ready, 1)
+        await ctx.tick().repeat(40)
+        for byte in encode_frame(*late):
+            await send_byte(ctx, dut.sink, byte)
+        await ctx.tick().repeat(40)
+
+    async def read(ctx):
+        body = bytearray()
+        async for _, _, valid, ready, beat in ctx.tick().sample(
+                dut.source.valid, dut.source.ready, dut.source.payload):
+            if valid and ready:
+                body.append(beat.data)
+                if beat.last:
+                    log.append(Frame(body[0], body[1], bytes(body[2:])))
+                    body = bytearray()
+
+    simulate(dut, feed, background=[read, error_collector(dut.error, [], log=log)])
+    assert log == [first] + [(ErrorCode.BAD_LENGTH, 0)] * 5 + [OVERRUN] * 3 + [late]
+
+
 @pytest.mark.parametrize("depth", [2, 16])
 def test_block_ram_queue_is_a_fifo_of_depth_plus_one_entries(depth):
     """Random writes and reads against a Python deque: same order, ``w_rdy`` exactly
