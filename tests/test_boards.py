@@ -667,17 +667,6 @@ def test_build_timing_failure_exits_nonzero(tmp_path, capsys, monkeypatch):
     assert (out / "top.bin").is_file()
 
 
-@pytest.mark.pnr
-@pytest.mark.parametrize("name", [n for n, b in BOARDS.items() if b.family == "ecp5"])
-def test_build_standin_ecp5(name, tmp_path):
-    board = BOARDS[name]
-    result = B.build(board, tmp_path / "out", design_factory=standin, cache_dir=tmp_path / "c",
-                     progress=False)
-    _check_report(result.report, board, result.out_dir)
-    assert result.timing_met
-    assert result.report["utilization"]["MULT18"]["used"] >= board.config.lanes
-
-
 # --------------------------------------------------------------------------------------
 # The real top level (rtl/top.py)
 # --------------------------------------------------------------------------------------
