@@ -718,6 +718,7 @@ def test_a_flood_of_every_kind_is_answered_frame_for_frame_like_the_model():
     assert overrun
 
 
+@pytest.mark.slow   # fills the 257-frame queue in Amaranth's simulator (~70 s)
 def test_frames_beyond_the_queue_behind_a_selftest_are_overruns_in_their_places():
     """A SELFTEST keeps the command unit busy while 320 STATUS frames arrive: the first
     RX_QUEUE_FRAMES − 1 (the SELFTEST is the other unanswered frame) are taken in, the
