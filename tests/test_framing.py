@@ -104,6 +104,21 @@ def error_collector(stream, errors, log=None):
     return collect
 
 
+def frame_collector(dut, frames):
+    """Collect the decoder's good frames (``source`` beats taken by whoever drives
+    ``ready``) as :class:`Frame` objects into ``frames``."""
+    async def collect(ctx):
+        body = bytearray()
+        async for _, _, valid, ready, beat in ctx.tick().sample(
+                dut.source.valid, dut.source.ready, dut.source.payload):
+            if valid and ready:
+                body.append(beat.data)
+                if beat.last:
+                    frames.append(Frame(body[0], body[1], bytes(body[2:])))
+                    body = bytearray()
+    return collect
+
+
 async def send_byte(ctx, sink, byte):
     """One byte into a FrameDecoder, then idle until the next may come: its bit-serial
     CRC takes ``BYTE_CYCLES`` cycles a byte (a UART byte takes at least 40)."""
@@ -444,17 +459,7 @@ def test_decoder_holds_at_most_frames_plus_one_frames_and_overruns_the_rest():
         ctx.set(dut.source.ready, 1)
         await ctx.tick().repeat(40)
 
-    async def read(ctx):
-        body = bytearray()
-        async for _, _, valid, ready, beat in ctx.tick().sample(
-                dut.source.valid, dut.source.ready, dut.source.payload):
-            if valid and ready:
-                body.append(beat.data)
-                if beat.last:
-                    got.append(Frame(body[0], body[1], bytes(body[2:])))
-                    body = bytearray()
-
-    simulate(dut, feed, background=[read, error_collector(dut.error, errors)])
+    simulate(dut, feed, background=[frame_collector(dut, got), error_collector(dut.error, errors)])
     assert got == frames[:6]
     assert errors == [OVERRUN, OVERRUN]
 
@@ -539,17 +544,8 @@ def test_decoder_reports_a_run_of_overruns_before_the_frames_after_it():
             await send_byte(ctx, dut.sink, byte)
         await ctx.tick().repeat(600)           # 400 reports at one per cycle
 
-    async def read(ctx):
-        body = bytearray()
-        async for _, _, valid, ready, beat in ctx.tick().sample(
-                dut.source.valid, dut.source.ready, dut.source.payload):
-            if valid and ready:
-                body.append(beat.data)
-                if beat.last:
-                    log.append(Frame(body[0], body[1], bytes(body[2:])))
-                    body = bytearray()
-
-    simulate(dut, feed, background=[read, error_collector(dut.error, [], log=log)],
+    simulate(dut, feed,
+             background=[frame_collector(dut, log), error_collector(dut.error, [], log=log)],
              max_cycles=200_000)
     assert log == ([Frame(0x01, 1, b"")] + [(ErrorCode.BAD_LENGTH, 0)] * 5 + [OVERRUN] * 394
                    + [late])
@@ -573,17 +569,8 @@ def test_decoder_count_of_frames_not_taken_in_saturates_and_loses_only_beyond_it
             await send_byte(ctx, dut.sink, byte)
         await ctx.tick().repeat(40)
 
-    async def read(ctx):
-        body = bytearray()
-        async for _, _, valid, ready, beat in ctx.tick().sample(
-                dut.source.valid, dut.source.ready, dut.source.payload):
-            if valid and ready:
-                body.append(beat.data)
-                if beat.last:
-                    log.append(Frame(body[0], body[1], bytes(body[2:])))
-                    body = bytearray()
-
-    simulate(dut, feed, background=[read, error_collector(dut.error, [], log=log)])
+    simulate(dut, feed,
+             background=[frame_collector(dut, log), error_collector(dut.error, [], log=log)])
     assert log == [first] + [(ErrorCode.BAD_LENGTH, 0)] * 5 + [OVERRUN] * 3 + [late]
 
 
