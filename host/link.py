@@ -340,7 +340,7 @@ class SerialDevice(Device):
                     cycles: int = 0) -> np.ndarray:
         """A request answered by data replies carrying ``total`` words (of the width
         :data:`hel_fpga.spec.protocol.WORD_WIDTH` gives ``cmd``)."""
-        width = self._word_width(cmd)
+        width = P.word_width(self.config, cmd)
         self._flush_input()
         seq = self._next_seq()
         n = P.chunk_count(total, width)
@@ -372,14 +372,11 @@ class SerialDevice(Device):
 
         return self._attempts(cmd, seq, payload, collect)
 
-    def _word_width(self, cmd: Command) -> int:
-        return getattr(self.config, P.WORD_WIDTH[cmd])
-
     def _transfer(self, cmd: Command, payload: bytes, words, *, cycles: int = 0,
                   on_open=None) -> None:
         """Open a transfer with ``cmd`` and send ``words`` as DATA chunks (go-back-N) of
         the width :data:`hel_fpga.spec.protocol.WORD_WIDTH` gives ``cmd``."""
-        width = self._word_width(cmd)
+        width = P.word_width(self.config, cmd)
         chunks = split_chunks(np.asarray(words).ravel(), width)
         n = len(chunks)
         self._request(cmd, payload)

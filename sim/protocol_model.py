@@ -169,13 +169,9 @@ class ProtocolModel:
     def _reply(self, cmd: int, seq: int, payload: bytes = b"") -> bytes:
         return encode_frame(cmd | P.REPLY_BIT, seq, payload)
 
-    def _width(self, cmd: Command) -> int:
-        """The width of the words ``cmd`` moves (:data:`hel_fpga.spec.protocol.WORD_WIDTH`)."""
-        return getattr(self.cfg, P.WORD_WIDTH[cmd])
-
     def _data_replies(self, cmd: Command, seq: int, words) -> bytes:
         return b"".join(self._reply(cmd, seq, i.to_bytes(2, "little") + chunk)
-                        for i, chunk in enumerate(split_chunks(words, self._width(cmd))))
+                        for i, chunk in enumerate(split_chunks(words, P.word_width(self.cfg, cmd))))
 
     # ---- the command unit ------------------------------------------------------------------
     def handle(self, cmd: int, seq: int, payload: bytes) -> bytes:
@@ -304,7 +300,7 @@ class ProtocolModel:
 
     # ---- transfers ---------------------------------------------------------------------------
     def _open(self, cmd: Command, seq: int, total: int, **info) -> bytes:
-        width = self._width(cmd)
+        width = P.word_width(self.cfg, cmd)
         try:
             chunks = P.block_chunks(total, width)
         except ValueError:

@@ -93,7 +93,7 @@ __all__ = [
     "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "RX_RING_BYTES", "RX_QUEUE_FRAMES",
     "MAX_UNANSWERED", "OVERRUN_SEQ", "body_len", "pipelining_fits", "MAX_CHUNKS", "IDEMPOTENT",
     "REQUEST_LEN", "VARIABLE_LENGTH", "request_len_ok", "DURING_TRANSFER", "WORD_WIDTH", "OPENS_TRANSFER",
-    "DATA_REPLIES", "MAX_WORD_WIDTH", "check_word_width", "packed_len",
+    "DATA_REPLIES", "word_width", "MAX_WORD_WIDTH", "check_word_width", "packed_len",
     "chunk_words", "chunk_count", "block_chunks", "chunk_bytes", "pack_fields", "unpack_fields",
     "IdentRecord", "pack_ident", "unpack_ident",
 ]
@@ -415,6 +415,11 @@ WORD_WIDTH = {
     Command.READ_PARAMS: "operand_width", Command.FORWARD: "state_width",
     Command.READ_ACC: "acc_width", Command.READ_STATE: "state_width",
 }
+
+
+def word_width(cfg: HelConfig, cmd: Command) -> int:
+    """The width in bits of the words ``cmd`` moves under ``cfg`` (:data:`WORD_WIDTH`)."""
+    return getattr(cfg, WORD_WIDTH[cmd])
 
 #: Commands that open a transfer (host → device words, in DATA chunks).
 OPENS_TRANSFER = (Command.WRITE_PARAMS, Command.LOAD, Command.ECHO)

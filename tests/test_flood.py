@@ -86,7 +86,7 @@ def link_error(wire: bytes) -> bytes:
 
 def zero_words(cmd: Command, seq: int, total: int) -> bytes:
     """The data replies carrying ``total`` zero words of ``cmd``'s word width."""
-    width = getattr(CFG, P.WORD_WIDTH[cmd])
+    width = P.word_width(CFG, cmd)
     return b"".join(encode_frame(cmd | P.REPLY_BIT, seq, i.to_bytes(2, "little") + chunk)
                     for i, chunk in enumerate(split_chunks(np.zeros(total, np.int64), width)))
 
