@@ -237,16 +237,16 @@ class UARTPins(Elaboratable):
         return m
 
 
-def prepare(board: Board, design_factory: Callable[[Board], Elaboratable] = real_top, *,
-            seed: int | None = None):
-    """Amaranth's build plan for ``board`` (files and command lines; nothing runs)."""
+def prepare(board: Board, design_factory: Callable[[Board], Elaboratable] = real_top):
+    """Amaranth's build plan for ``board`` (files and command lines; nothing runs).
+
+    The plan carries no placement seed: :func:`build` adds ``--seed`` to nextpnr's
+    command line for each seed it tries."""
     design = design_factory(board)
     platform = board.make_platform()
     nextpnr_opts = [*board.nextpnr_opts, "--report", _NEXTPNR_REPORT,
                     # Always finish place & route: the report decides, and says by how much.
                     "--timing-allow-fail"]
-    if seed is not None:
-        nextpnr_opts += ["--seed", str(seed)]
     return platform.prepare(BoardClocks(board, design), "top",
                             synth_opts=" ".join(board.synth_opts),
                             nextpnr_opts=" ".join(nextpnr_opts))
@@ -280,7 +280,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def build_key(plan, board: Board, toolchain: Toolchain, seed: int | None = None) -> str:
     """SHA-256 over the design, the board's facts and configuration, the tool versions
-    and the placement seed (``None``: the one in the plan's nextpnr options, if any)."""
+    and the placement seed (``None``: nextpnr's own default placement)."""
     h = hashlib.sha256()
 
     def put(tag: str, data: bytes | str):
