@@ -39,6 +39,9 @@ def add_arguments(p):
     p.add_argument("--design", metavar="MODULE:FACTORY", default=None,
                    help="build another design: a callable taking the board entry and returning an "
                         "Elaboratable (default: hel_fpga.rtl.top.Top with the board's configuration)")
+    p.add_argument("--config", metavar="KEY=VALUE,...", default=None,
+                   help="build the board with its core configuration changed, e.g. n=64,m=64 "
+                        "(fields of HelConfig; for exploring what fits: docs/boards.md)")
     p.add_argument("--quiet", action="store_true", help="no progress indication")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
     p.add_argument("--list", action="store_true", help="list the boards and their configurations")
@@ -55,6 +58,29 @@ def _factory(spec: str):
     return obj
 
 
+def parse_config_overrides(text: str, base) -> object:
+    """``base`` (a :class:`~hel_fpga.spec.formats.HelConfig`) with the ``KEY=VALUE,...`` of
+    ``--config`` applied; :class:`UsageError` names an unknown field or a bad value."""
+    from dataclasses import fields
+
+    from hel_fpga.spec.formats import ConfigError
+    names = {f.name for f in fields(base)}
+    changes = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in names:
+            raise UsageError(f"--config: {item!r} is not KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+        try:
+            changes[key] = int(value)
+        except ValueError:
+            raise UsageError(f"--config: {key} must be an integer, got {value.strip()!r}") from None
+    try:
+        return base.replace(**changes)
+    except ConfigError as e:
+        raise UsageError(f"--config: {e}") from None
+
+
 def run(args) -> int:
     from hel_fpga.boards.table import BOARDS
     if args.list:
@@ -67,6 +93,9 @@ def run(args) -> int:
         raise UsageError(f"--board is required (one of: {', '.join(BOARDS)})")
     from hel_fpga.boards import build as B
     board = BOARDS[args.board]
+    if args.config:
+        import dataclasses
+        board = dataclasses.replace(board, config=parse_config_overrides(args.config, board.config))
     factory = _factory(args.design) if args.design else B.real_top
     seeds = None
     if args.seeds is not None:
@@ -79,7 +108,11 @@ def run(args) -> int:
             raise UsageError(f"--seed: placement seeds are non-negative, got {args.seed}")
         seeds = (args.seed,)
     try:
-        result = B.build(board, args.out, design_factory=factory, toolchain=args.toolchain,
+        out = args.out
+        if out is None and args.config:
+            import re
+            out = f"build/{board.name}+{re.sub(r'[^A-Za-z0-9]+', '-', args.config).strip('-')}"
+        result = B.build(board, out, design_factory=factory, toolchain=args.toolchain,
                          cache=not args.no_cache, seeds=seeds, progress=not args.quiet)
     except B.ToolchainError as e:
         raise UsageError(str(e)) from None

@@ -16,7 +16,8 @@ def add_arguments(p):
     from hel_fpga.host.registry import device_help
     from hel_fpga.host.train.loop import DEFAULT_DEVICE
     p.add_argument("--task", metavar="NAME|PATH.npz",
-                   help="oscillators (default), sine, digits, or a .npz file (u, y[, mask] | labels[, split])")
+                   help="oscillators (default), sine, digits, aeon:NAME (a time-series archive data set bundled "
+                        "with aeon, e.g. aeon:GunPoint), or a .npz file (u, y[, mask] | labels[, split])")
     p.add_argument("--device", metavar="DEV",
                    help="where HEL runs: " + device_help(default=DEFAULT_DEVICE))
     p.add_argument("--algorithm", choices=("hel", "bptt", "rhel-float"),
@@ -34,6 +35,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, metavar="S", help="initialisation and batch order (default 0)")
     p.add_argument("--oscillators", type=int, metavar="N", help="oscillators N (default: the task's)")
     p.add_argument("--hidden", type=int, metavar="M", help="hidden units M (default: the task's)")
+    p.add_argument("--validation", type=float, metavar="FRAC",
+                   help="model selection: hold out FRAC of the training split (per class) and report "
+                        "it in place of the test split, which is not read")
     p.add_argument("--out", metavar="DIR",
                    help="run directory (default runs/<task>-<algorithm>[-<device>])")
     p.add_argument("--resume", action="store_true",
@@ -49,11 +53,12 @@ def _summary(m: dict) -> str:
              + (f" ({m['samples_per_second']:.1f} training samples/s)" if m.get("samples_per_second") else "")]
     def f(x):
         return "n/a" if x is None else f"{x:.4g}"
-    lines.append(f"  test loss {f(m['initial_test_loss'])} (initial) → {f(m['final_test_loss'])}; "
+    split = m.get("evaluated_on", "test")
+    lines.append(f"  {split} loss {f(m['initial_test_loss'])} (initial) → {f(m['final_test_loss'])}; "
                  f"train loss {f(m['final_train_loss'])}")
     if "test_accuracy" in m:
         ta = m["test_accuracy"]
-        lines.append(f"  accuracy: train {m['train_accuracy']:.1%}, test "
+        lines.append(f"  accuracy: train {m['train_accuracy']:.1%}, {split} "
                      + ("n/a" if ta is None else f"{ta:.1%}")
                      + (f" (initial {m['initial_test_accuracy']:.1%})" if m.get("initial_test_accuracy") is not None else ""))
     if m.get("gradient_cosine"):
@@ -73,7 +78,7 @@ def run(args) -> int:
     opts = TrainOptions(task=args.task, device=args.device, algorithm=args.algorithm, epochs=args.epochs,
                         batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, eps=args.eps,
                         estimator=args.estimator, seed=args.seed, oscillators=args.oscillators,
-                        hidden=args.hidden, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                        hidden=args.hidden, validation=args.validation, out=args.out, resume=args.resume, overwrite=args.overwrite,
                         plots=not args.no_plots, progress=not args.json)
     try:
         metrics = train(opts)

@@ -49,7 +49,7 @@ __all__ = ["TrainOptions", "TrainError", "train", "SETTINGS", "DEFAULT_DEVICE", 
 DEFAULT_DEVICE = "sim-board"
 #: The settings that decide a run's result (stored in the checkpoint; --resume keeps them).
 SETTINGS = ("task", "algorithm", "oscillators", "hidden", "epochs", "batch", "lr", "lr_schedule",
-            "eps", "estimator", "seed")
+            "eps", "estimator", "seed", "validation")
 #: Errors a device (or its link) raises when it fails or stops answering.
 DEVICE_FAILURES = (DeviceError, TimeoutError, OSError)
 
@@ -75,6 +75,7 @@ class TrainOptions:
     seed: int | None = None
     oscillators: int | None = None
     hidden: int | None = None
+    validation: float | None = None
     out: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -97,8 +98,8 @@ def _resolve_settings(opts: TrainOptions, task: Task, ck: Checkpoint | None) -> 
     if ck is not None:
         s = dict(ck.settings)
         s.pop("device", None)
-        conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s[k]})" for k, v in explicit.items()
-                     if k != "epochs" and v != s[k]]
+        conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s.get(k)})" for k, v in explicit.items()
+                     if k != "epochs" and v != s.get(k)]
         if conflicts:
             raise UsageError("--resume continues the checkpoint's run; these options differ from it: "
                              + ", ".join(conflicts))
@@ -116,9 +117,10 @@ def _resolve_settings(opts: TrainOptions, task: Task, ck: Checkpoint | None) -> 
         "batch": explicit.get("batch", d["batch"]),
         "lr": explicit.get("lr", d["lr"]),
         "lr_schedule": explicit.get("lr_schedule", "cosine"),
-        "eps": explicit.get("eps", default_eps_for(task, estimator)),
+        "eps": explicit.get("eps", d.get("eps", default_eps_for(task, estimator))),
         "estimator": estimator,
         "seed": explicit.get("seed", 0),
+        "validation": explicit.get("validation"),
     }
 
 
@@ -138,7 +140,10 @@ def _check_settings(s: dict, task: Task) -> None:
     if not 0 < s["eps"] <= 1:
         raise UsageError(f"--eps must be in (0, 1], got {s['eps']}")
     if s["oscillators"] < task.o:
-        raise UsageError(f"--oscillators {s['oscillators']} is fewer than the task's {task.o} outputs")
+        raise UsageError(f"--oscillators {s['oscillators']} is fewer than the task's {task.o} outputs "
+                         f"(pass --oscillators {task.o} or more)")
+    if s.get("validation") is not None and not 0 < s["validation"] < 1:
+        raise UsageError(f"--validation must be a fraction in (0, 1), got {s['validation']}")
     if s["hidden"] < 1:
         raise UsageError(f"--hidden must be ≥ 1, got {s['hidden']}")
 
@@ -160,7 +165,7 @@ def _adapt_to_device(dc: HelConfig, spec: str, task: Task, settings: dict, fixed
     sequence length to fit.
     """
     problems = []
-    if dc.o != task.o:
+    if dc.o < task.o or (dc.o != task.o and not task.classification):
         problems.append(f"{dc.o} outputs (the task has {task.o})")
     if dc.k < task.k:
         problems.append(f"{dc.k} inputs (the task has {task.k})")
@@ -172,10 +177,26 @@ def _adapt_to_device(dc: HelConfig, spec: str, task: Task, settings: dict, fixed
         problems.append(f"N = {dc.n}, M = {dc.m} (this run: N = {settings['oscillators']}, "
                         f"M = {settings['hidden']})")
     if problems:
-        raise UsageError(f"device {spec} does not fit this run: it has " + "; ".join(problems))
+        raise UsageError(f"device {spec} does not fit this run: it has " + "; ".join(problems)
+                         + _boards_that_fit(task, settings if fixed_size else None))
     settings["oscillators"], settings["hidden"] = dc.n, dc.m
     _pad_inputs(task, dc.k)
+    if dc.o > task.o:
+        # A classifier with more outputs than classes: the extra outputs are classes
+        # that never occur, which the cross-entropy learns to keep low.
+        task.o = dc.o
     return dc
+
+
+def _boards_that_fit(task: Task, settings: dict | None) -> str:
+    """A hint naming the board entries whose configuration takes ``task``."""
+    from hel_fpga.boards.table import BOARDS
+    fit = [b.name for b in BOARDS.values()
+           if b.config.k >= task.k and b.config.t_max >= task.t and b.config.dt == task.dt
+           and (b.config.o == task.o or (task.classification and b.config.o > task.o))
+           and (settings is None or (b.config.n, b.config.m) == (settings["oscillators"], settings["hidden"]))]
+    return (f"; boards whose entry fits: {', '.join(fit)}" if fit
+            else "; no board entry fits (docs/boards.md: a table entry with larger K, O or t_max)")
 
 
 def _evaluate(engine, task: Task, idx: np.ndarray) -> tuple[float | None, float | None]:
@@ -237,6 +258,12 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         raise UsageError(str(e)) from None
     settings = _resolve_settings(opts, task, ck)
     _check_settings(settings, task)
+    if settings.get("validation"):
+        # Model selection: the test split is dropped and never read.
+        try:
+            task = task.holdout(settings["validation"])
+        except TaskError as e:
+            raise UsageError(str(e)) from None
     # The device does not decide the result (every device computes the same integers),
     # so a resumed run may move to another one; without --device it keeps its own.
     settings["device"] = device_spec
@@ -324,7 +351,8 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
     ck_epoch = start_epoch
     base_metrics = {"task": settings["task"], "device": device_label, "algorithm": algorithm,
                     "settings": settings, "config": cfg.to_dict(), "loss": loss_name,
-                    "description": task.description, "out": str(out)}
+                    "description": task.description, "out": str(out),
+                    "evaluated_on": "validation" if settings.get("validation") else "test"}
 
     def snapshot(epoch: int) -> None:
         save_checkpoint(out, Checkpoint(

@@ -40,112 +40,15 @@ classification on the final step; O = max label + 1), and optionally ``split``
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Task", "TaskError", "TASKS", "load_task", "DEFAULT_TASK"]
+from hel_fpga.host.train.dataset import INPUT_LIMIT, Task, TaskError
+
+__all__ = ["Task", "TaskError", "TASKS", "load_task", "DEFAULT_TASK", "INPUT_LIMIT"]
 
 DEFAULT_TASK = "oscillators"
-#: Inputs must fit the device's operand format (16-bit, 13 fractional bits: |u| < 4).
-INPUT_LIMIT = 3.99
-
-
-class TaskError(ValueError):
-    """A task that cannot be built or a malformed task file (one-line message)."""
-
-
-@dataclass
-class Task:
-    """A data set and its loss.
-
-    Attributes
-    ----------
-    name : task name (or the file's stem for user tasks).
-    kind : ``"regression"`` (masked MSE) or ``"classification"`` (final-step CE).
-    u : (S, T, K) float inputs.
-    split : (S,) int, 0 = train, 1 = test.
-    o : number of outputs (the last ``o`` oscillators).
-    y, mask : regression targets (S, T, O) and loss steps (S, T) bool.
-    labels : classification labels (S,) int in 0..o−1.
-    tau : temperature of the cross-entropy (logits = ŷ_T/τ).
-    dt : leapfrog step δ.
-    defaults : suggested ``oscillators``, ``hidden``, ``epochs``, ``batch``, ``lr``.
-    description : one line for the report.
-    """
-
-    name: str
-    kind: str
-    u: np.ndarray
-    split: np.ndarray
-    o: int
-    y: np.ndarray | None = None
-    mask: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    tau: float = 0.1
-    dt: float = 1 / 8
-    defaults: dict = field(default_factory=dict)
-    description: str = ""
-
-    @property
-    def k(self) -> int:
-        return self.u.shape[2]
-
-    @property
-    def t(self) -> int:
-        return self.u.shape[1]
-
-    @property
-    def train_idx(self) -> np.ndarray:
-        return np.flatnonzero(self.split == 0)
-
-    @property
-    def test_idx(self) -> np.ndarray:
-        return np.flatnonzero(self.split == 1)
-
-    @property
-    def classification(self) -> bool:
-        return self.kind == "classification"
-
-    @property
-    def loss_kind(self) -> str:
-        """``"final"`` when every sample's loss sits on one step, else ``"all"``."""
-        if self.classification:
-            return "final"
-        return "final" if int(self.mask.sum(1).max()) <= 1 else "all"
-
-    def loss(self, y_hat: np.ndarray, idx: np.ndarray):
-        """Per-sample objective and output gradients for samples ``idx``.
-
-        Returns ``(obj, g, report, correct)``: the objective each sample's
-        gradient is taken of (S,), ``g = ∂obj/∂ŷ`` (S, T, O), the reported loss
-        (S,) and, for classification, whether the prediction is right (S,) bool
-        (else None). Regression: ``obj = Σ_t mask·½‖ŷ − y‖²`` and the report is
-        the mean squared error over the loss steps and outputs. Classification:
-        ``obj = report = −log softmax(ŷ_T/τ)[label]``.
-        """
-        y_hat = np.asarray(y_hat, dtype=np.float64)
-        if self.classification:
-            z = y_hat[:, -1] / self.tau
-            z = z - z.max(1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            lab = self.labels[idx]
-            obj = -logp[np.arange(len(idx)), lab]
-            g = np.zeros_like(y_hat)
-            g[:, -1] = (np.exp(logp) - np.eye(self.o)[lab]) / self.tau
-            return obj, g, obj, logp.argmax(1) == lab
-        m = self.mask[idx][:, :, None]
-        r = np.where(m, y_hat - self.y[idx], 0.0)
-        obj = 0.5 * np.sum(r * r, axis=(1, 2))
-        report = 2 * obj / (np.maximum(self.mask[idx].sum(1), 1) * self.o)
-        return obj, r, report, None
-
-    def validate_for_device(self) -> None:
-        worst = float(np.abs(self.u).max()) if self.u.size else 0.0
-        if worst > INPUT_LIMIT:
-            raise TaskError(f"task {self.name}: inputs reach |u| = {worst:.4g}, beyond the "
-                            f"device's input range ±{INPUT_LIMIT} (scale them down)")
 
 
 # --------------------------------------------------------------------------- built-in tasks
@@ -302,10 +205,14 @@ def load_npz_task(path) -> Task:
 
 
 def load_task(spec: str) -> Task:
-    """A built-in task by name, or a user task from a ``.npz`` path."""
+    """A built-in task by name, an archive data set (``aeon:NAME``) or a user task
+    from a ``.npz`` path."""
+    from hel_fpga.host.train import archive  # noqa: PLC0415 (aeon loads only for archive tasks)
     if spec in TASKS:
         return TASKS[spec]()
+    if spec.startswith(archive.AEON_PREFIX):
+        return archive.load_aeon_task(spec[len(archive.AEON_PREFIX):])
     if spec.endswith(".npz") or "/" in spec or Path(spec).exists():
         return load_npz_task(spec)
-    raise TaskError(f"unknown task {spec!r} (built-in: {', '.join(TASKS)}; or a PATH.npz)")
+    raise TaskError(f"unknown task {spec!r} (built-in: {', '.join(TASKS)}; aeon:NAME; or a PATH.npz)")
 

@@ -1,0 +1,226 @@
+"""``hel archive``: the time-series archive benchmark behind the README's table.
+
+Two stages, both on the data sets of ``--datasets`` (default: the README's four,
+:data:`hel_fpga.host.train.archive.BENCHMARK_DATASETS`):
+
+``--select``
+    Model selection on the training split only. A stratified quarter of it is
+    held out as a validation split (``hel train --validation``; the test split
+    is not read). Float BPTT runs every point of :data:`GRID` (model size,
+    learning rate, epochs) with :data:`SELECT_SEEDS`; the point with the best
+    mean validation accuracy wins (ties: lower validation loss, then the
+    smaller, shorter, slower point). Float RHEL then picks ε from :data:`EPS_GRID`
+    at that point, the same way. The chosen settings are printed as the
+    :data:`~hel_fpga.host.train.archive.DATASET_DEFAULTS` entry they become.
+
+default (the table)
+    Every algorithm of ``--algorithms`` (float BPTT, float RHEL, integer HEL on
+    ``--device``) trains every data set with its default settings for every seed
+    of ``--seeds``, on the archive's train split, and is scored on its test
+    split. Prints a Markdown table (mean ± standard deviation over seeds, and the
+    range) with the published accuracies of
+    :data:`~hel_fpga.host.train.archive.REFERENCES` beside it; ``--json FILE``
+    writes every run's figures.
+
+Runs go to ``--out`` (default ``runs/archive``), one directory per run; a
+complete run whose settings match is reused rather than repeated, so an
+interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from hel_fpga.host.errors import UsageError
+
+#: ``--select``: the grid float BPTT searches (every combination) and the seeds
+#: each point is averaged over.
+GRID = {"oscillators": (32, 64), "lr": (0.005, 0.01, 0.02), "epochs": (20, 40, 80)}
+SELECT_SEEDS = (0, 1)
+#: ``--select``: ε candidates, tried with float RHEL at the chosen point.
+EPS_GRID = (0.01, 0.03, 0.1)
+#: ``--select``: the fraction of the training split held out for validation.
+VALIDATION = 0.25
+ALGORITHMS = ("bptt", "rhel-float", "hel")
+COLUMN = {"bptt": "float BPTT", "rhel-float": "float RHEL", "hel": "HEL, integer"}
+
+
+def add_arguments(p):
+    from hel_fpga.host.registry import device_help
+    from hel_fpga.host.train.archive import BENCHMARK_DATASETS
+    p.add_argument("--datasets", metavar="A,B,...", default=",".join(BENCHMARK_DATASETS),
+                   help="archive data sets bundled with aeon (default: %(default)s)")
+    p.add_argument("--seeds", metavar="S,S,...", default="0,1,2",
+                   help="seeds of the table's runs (default: %(default)s)")
+    p.add_argument("--algorithms", metavar="A,B,...", default=",".join(ALGORITHMS),
+                   help=f"algorithms of the table (default: %(default)s)")
+    p.add_argument("--device", default="sim",
+                   help="where the hel runs go: " + device_help(default="sim"))
+    p.add_argument("--select", action="store_true",
+                   help="choose each data set's settings on a validation split of its training split "
+                        "(float BPTT grid, then ε with float RHEL) instead of running the table")
+    p.add_argument("--out", metavar="DIR", default="runs/archive",
+                   help="directory of the individual runs (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write every run's figures to FILE")
+
+
+def _list(text: str, what: str, cast=str) -> list:
+    try:
+        items = [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{what}: expected a comma-separated list, got {text!r}") from None
+    if not items:
+        raise UsageError(f"--{what} is empty")
+    return items
+
+
+def _slug(*parts) -> str:
+    return "-".join(str(p).replace(":", "_").replace("/", "_") for p in parts)
+
+
+def _run(out: Path, say, **options) -> dict:
+    """One ``hel train`` run (quiet, no plots); reuses a complete run with the same settings."""
+    from hel_fpga.host.train.loop import TrainOptions, train
+    metrics_file = out / "metrics.json"
+    if metrics_file.exists():
+        old = json.loads(metrics_file.read_text())
+        if old.get("complete") and all(old["settings"].get(k) == v for k, v in options.items()):
+            say(f"  reused {out}")
+            return old
+    t0 = time.perf_counter()
+    metrics = train(TrainOptions(out=str(out), overwrite=True, plots=False, progress=False, **options))
+    say(f"  {out.name}: {metrics.get('test_accuracy', float('nan')):.3f} "
+        f"({metrics['evaluated_on']}) in {time.perf_counter() - t0:.0f} s")
+    return metrics
+
+
+def select(datasets, out: Path, say) -> dict:
+    """Model selection per data set on a validation split (module docstring)."""
+    chosen = {}
+    for ds in datasets:
+        task = f"aeon:{ds}"
+        say(f"{ds}: float BPTT over {len(list(itertools.product(*GRID.values())))} settings × "
+            f"{len(SELECT_SEEDS)} seeds, validation {VALIDATION:g} of the training split")
+        scores = []
+        for n, lr, epochs in itertools.product(*GRID.values()):
+            runs = [_run(out / "select" / _slug(ds, "bptt", f"n{n}", f"lr{lr}", f"e{epochs}", f"s{s}"), say,
+                         task=task, algorithm="bptt", oscillators=n, hidden=n, lr=lr, epochs=epochs,
+                         seed=s, validation=VALIDATION)
+                    for s in SELECT_SEEDS]
+            acc = statistics.mean(r["test_accuracy"] for r in runs)
+            loss = statistics.mean(r["final_test_loss"] for r in runs)
+            scores.append(((-acc, loss, n, epochs, lr), dict(oscillators=n, hidden=n, lr=lr, epochs=epochs),
+                           acc))
+        scores.sort(key=lambda x: x[0])
+        _, best, best_acc = scores[0]
+        say(f"{ds}: BPTT chose N = M = {best['oscillators']}, lr {best['lr']}, {best['epochs']} epochs "
+            f"(validation accuracy {best_acc:.3f}); now ε with float RHEL")
+        eps_scores = []
+        for eps in EPS_GRID:
+            runs = [_run(out / "select" / _slug(ds, "rhel", f"n{best['oscillators']}", f"lr{best['lr']}",
+                                                f"e{best['epochs']}", f"eps{eps}", f"s{s}"), say,
+                         task=task, algorithm="rhel-float", eps=eps, seed=s, validation=VALIDATION, **best)
+                    for s in SELECT_SEEDS]
+            acc = statistics.mean(r["test_accuracy"] for r in runs)
+            loss = statistics.mean(r["final_test_loss"] for r in runs)
+            eps_scores.append(((-acc, loss, -eps), eps, acc))
+        eps_scores.sort(key=lambda x: x[0])
+        _, eps, eps_acc = eps_scores[0]
+        chosen[ds] = dict(best, eps=eps, batch=8, validation_accuracy_bptt=best_acc,
+                          validation_accuracy_rhel=eps_acc)
+        say(f"{ds}: ε = {eps} (validation accuracy {eps_acc:.3f})")
+    return chosen
+
+
+def table_runs(datasets, algorithms, seeds, device: str, out: Path, say) -> list[dict]:
+    from hel_fpga.host.train.tasks import load_task
+    rows = []
+    defaults = {ds: load_task(f"aeon:{ds}").defaults for ds in datasets}
+    for ds, alg, seed in itertools.product(datasets, algorithms, seeds):
+        # The settings are explicit so that a reused run is one with these settings.
+        opts = dict(task=f"aeon:{ds}", algorithm=alg, seed=seed, **defaults[ds])
+        if alg == "hel":
+            opts["device"] = device
+        m = _run(out / _slug(ds, alg, *([device] if alg == "hel" else []), f"s{seed}"), say, **opts)
+        rows.append({"dataset": ds, "algorithm": alg, "device": m["device"], "seed": seed,
+                     "test_accuracy": m["test_accuracy"], "final_test_loss": m["final_test_loss"],
+                     "train_accuracy": m["train_accuracy"], "settings": m["settings"],
+                     "wall_seconds": m["wall_seconds"], "history": m["history"]})
+    return rows
+
+
+def _cell(values) -> str:
+    if not values:
+        return "–"
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def format_table(rows: list[dict], datasets, algorithms) -> list[str]:
+    from hel_fpga.host.train.archive import REFERENCES
+    refs = ("1-NN DTW", "ROCKET", "InceptionTime")
+    head = (["data set", "N = M, epochs, lr, ε"] + [COLUMN[a] for a in algorithms] + list(refs))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ds in datasets:
+        mine = [r for r in rows if r["dataset"] == ds]
+        if not mine:
+            continue
+        s = mine[0]["settings"]
+        cells = [ds, f"{s['oscillators']}, {s['epochs']}, {s['lr']:g}, {s['eps']:g}"]
+        for a in algorithms:
+            cells.append(_cell([r["test_accuracy"] for r in mine if r["algorithm"] == a]))
+        for ref in refs:
+            r = REFERENCES.get(ds, {}).get(ref)
+            cells.append("–" if r is None or r.accuracy is None else f"{r.accuracy:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def run(args) -> int:
+    from hel_fpga.host.train.archive import bundled_datasets
+    from hel_fpga.host.train.tasks import TaskError
+    try:
+        known = {n.lower(): n for n in bundled_datasets()}
+    except TaskError as e:
+        raise UsageError(str(e)) from None
+    datasets = []
+    for d in _list(args.datasets, "datasets"):
+        if d.lower() not in known:
+            raise UsageError(f"--datasets: unknown archive data set {d!r}; aeon bundles: "
+                             f"{', '.join(known.values())}")
+        datasets.append(known[d.lower()])
+    seeds = _list(args.seeds, "seeds", int)
+    algorithms = _list(args.algorithms, "algorithms")
+    bad = [a for a in algorithms if a not in ALGORITHMS]
+    if bad:
+        raise UsageError(f"--algorithms: unknown {', '.join(bad)} (choose from {', '.join(ALGORITHMS)})")
+    out = Path(args.out)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    if args.select:
+        chosen = select(datasets, out, say)
+        print("DATASET_DEFAULTS = {")
+        for ds, c in chosen.items():
+            entry = {k: c[k] for k in ("oscillators", "hidden", "epochs", "batch", "lr", "eps")}
+            print(f"    {ds!r}: dict({', '.join(f'{k}={v!r}' for k, v in entry.items())}),")
+        print("}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(chosen, indent=2) + "\n")
+        say(f"selection took {time.perf_counter() - t0:.0f} s")
+        return 0
+    rows = table_runs(datasets, algorithms, seeds, args.device, out, say)
+    print("\n".join(format_table(rows, datasets, algorithms)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    say(f"{len(rows)} runs in {time.perf_counter() - t0:.0f} s")
+    return 0

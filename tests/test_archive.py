@@ -1,0 +1,185 @@
+"""Archive tasks (``--task aeon:NAME``), validation hold-outs and ``hel archive``.
+
+The reference for every data check is aeon's own loader, read here directly
+and normalised with plain NumPy, independent of :mod:`hel_fpga.host.train.archive`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+aeon_datasets = pytest.importorskip("aeon.datasets")
+
+from hel_fpga.host.cli import main  # noqa: E402
+from hel_fpga.host.errors import UsageError  # noqa: E402
+from hel_fpga.host.train.archive import REFERENCES, bundled_datasets, load_aeon_task  # noqa: E402
+from hel_fpga.host.train.loop import _adapt_to_device  # noqa: E402
+from hel_fpga.host.train.tasks import INPUT_LIMIT, TaskError, load_task, make_oscillators  # noqa: E402
+from hel_fpga.spec.formats import HelConfig  # noqa: E402
+
+
+def _raw(name):
+    """aeon's arrays for both splits: list of (T_i, K) series, label strings."""
+    out = {}
+    for split in ("train", "test"):
+        x, y = aeon_datasets.load_classification(name, split=split)
+        out[split] = ([np.asarray(s, float).T for s in x], [str(v).lower() for v in y])
+    return out
+
+
+def test_bundled_datasets_are_the_classification_sets_aeon_loads_offline():
+    names = bundled_datasets()
+    assert {"JapaneseVowels", "GunPoint", "ItalyPowerDemand", "BasicMotions"} <= set(names)
+    # Regression and forecasting folders of the wheel are not offered.
+    assert "Covid3Month" not in names and "Airline" not in names
+    for name in names:
+        x, y = aeon_datasets.load_classification(name, split="test")
+        assert len(x) == len(y) > 0
+
+
+def test_archive_split_labels_and_normalisation_follow_the_training_split_only():
+    raw = _raw("BasicMotions")
+    task = load_task("aeon:BasicMotions")
+    train_x, train_y = raw["train"]
+    test_x, test_y = raw["test"]
+    assert (task.split == 0).sum() == len(train_x) and (task.split == 1).sum() == len(test_x)
+    # Labels: one output per class, the same class always the same output.
+    names = train_y + test_y
+    assert task.o == len(set(names))
+    for c in set(names):
+        assert len(set(task.labels[[i for i, v in enumerate(names) if v == c]])) == 1
+    # Per-channel z-score with the training split's statistics, clipped to the input range.
+    steps = np.concatenate(train_x)
+    mean, std = steps.mean(0), steps.std(0)
+    want = np.clip((np.stack(train_x + test_x) - mean) / std, -INPUT_LIMIT, INPUT_LIMIT)
+    np.testing.assert_allclose(task.u, want, rtol=0, atol=1e-12)
+    assert np.abs(task.u).max() <= INPUT_LIMIT
+
+
+def test_variable_length_series_are_front_padded_so_each_ends_on_the_final_step():
+    raw = _raw("JapaneseVowels")
+    task = load_task("aeon:JapaneseVowels")
+    series = raw["train"][0] + raw["test"][0]
+    lengths = {len(s) for s in series}
+    assert len(lengths) > 1 and task.t == max(lengths)
+    steps = np.concatenate(raw["train"][0])
+    mean, std = steps.mean(0), steps.std(0)
+    for i in (0, 1, len(raw["train"][0]), len(series) - 1):
+        s = series[i]
+        pad = task.t - len(s)
+        assert np.all(task.u[i, :pad] == 0)
+        np.testing.assert_allclose(task.u[i, pad:], np.clip((s - mean) / std, -INPUT_LIMIT, INPUT_LIMIT),
+                                   atol=1e-12)
+
+
+def test_unknown_archive_name_is_one_line_naming_the_bundled_sets():
+    with pytest.raises(TaskError) as e:
+        load_task("aeon:NoSuchSet")
+    msg = str(e.value)
+    assert "\n" not in msg and "NoSuchSet" in msg and "GunPoint" in msg and "JapaneseVowels" in msg
+    # Names are matched without regard to case.
+    assert load_aeon_task("gunpoint").name == "aeon:GunPoint"
+
+
+def test_holdout_takes_a_stratified_part_of_the_training_split_and_no_test_sample():
+    task = load_task("aeon:JapaneseVowels")
+    val = task.holdout(0.25, seed=3)
+    train_u = task.u[task.split == 0]
+    # Every sample of the hold-out task is a training sample of the original.
+    flat = {u.tobytes() for u in train_u}
+    assert all(u.tobytes() in flat for u in val.u)
+    assert len(val.u) == len(train_u)
+    per_class = np.bincount(val.labels[val.split == 1], minlength=task.o)
+    totals = np.bincount(task.labels[task.split == 0], minlength=task.o)
+    np.testing.assert_array_equal(per_class, np.round(0.25 * totals).astype(int))
+    # Same seed, same split; the regression path keeps targets and masks aligned.
+    np.testing.assert_array_equal(task.holdout(0.25, seed=3).split, val.split)
+    osc = make_oscillators()
+    v = osc.holdout(0.5)
+    i = int(np.flatnonzero(v.split == 1)[0])
+    j = int(np.flatnonzero((osc.u == v.u[i]).all(axis=(1, 2)))[0])
+    np.testing.assert_array_equal(v.y[i], osc.y[j])
+    with pytest.raises(TaskError, match="fraction"):
+        task.holdout(1.0)
+
+
+def _device(**kw):
+    return HelConfig(**{**dict(n=64, m=64, k=12, o=9, t_max=256, dt_log2=3), **kw})
+
+
+def test_a_classifier_runs_on_a_device_with_more_outputs_and_inputs():
+    task = load_task("aeon:GunPoint")
+    settings = {"oscillators": 64, "hidden": 64}
+    _adapt_to_device(_device(), "board", task, settings, fixed_size=False)
+    assert task.o == 9 and task.k == 12
+    assert np.all(task.u[:, :, 1:] == 0)
+    # Labels stay where they were: the extra outputs are classes that never occur.
+    assert task.labels.max() == 1
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(o=4), ["4 outputs", "9"]),
+    (dict(k=2), ["2 inputs", "12"]),
+    (dict(t_max=16), ["t_max 16", "29 steps"]),
+])
+def test_a_device_too_small_for_the_data_set_says_what_does_not_fit(kw, words):
+    task = load_task("aeon:JapaneseVowels")
+    with pytest.raises(UsageError) as e:
+        _adapt_to_device(_device(**kw), "/dev/ttyUSB1", task, {"oscillators": 64, "hidden": 64},
+                         fixed_size=False)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words) and "board" in msg
+
+
+def test_a_regression_task_still_needs_exactly_the_device_outputs():
+    task = make_oscillators()
+    with pytest.raises(UsageError, match=r"2 outputs \(the task has 1\)"):
+        _adapt_to_device(_device(o=2, k=2), "board", task, {"oscillators": 64, "hidden": 64},
+                         fixed_size=False)
+
+
+def test_every_reference_figure_names_its_source():
+    for ds, refs in REFERENCES.items():
+        assert ds in bundled_datasets()
+        for name, ref in refs.items():
+            assert ref.source
+            assert ref.accuracy is None or 0 < ref.accuracy <= 1
+
+
+def test_hel_train_on_an_archive_task_with_validation_reports_the_validation_split(tmp_path, capsys):
+    rc = main(["train", "--task", "aeon:UnitTest", "--algorithm", "bptt", "--epochs", "1",
+               "--oscillators", "8", "--hidden", "8", "--validation", "0.3", "--no-plots", "--json",
+               "--out", str(tmp_path / "run")])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["evaluated_on"] == "validation" and m["settings"]["validation"] == 0.3
+    train_n = int((load_task("aeon:UnitTest").split == 0).sum())
+    # The validation samples come out of the training split (none of the 22 test series).
+    assert m["history"][-1]["test_accuracy"] is not None
+    assert round(m["train_seconds"] * m["samples_per_second"]) < train_n
+
+
+def test_hel_archive_rejects_unknown_data_sets_and_algorithms(capsys):
+    assert main(["archive", "--datasets", "GunPoint,Nope"]) == 2
+    assert "unknown archive data set 'Nope'" in capsys.readouterr().err
+    assert main(["archive", "--algorithms", "sgd"]) == 2
+    assert "unknown sgd" in capsys.readouterr().err
+
+
+def test_hel_archive_table_reuses_complete_runs_and_prints_references(tmp_path, capsys, monkeypatch):
+    from hel_fpga.host.train import archive
+    monkeypatch.setitem(archive.DATASET_DEFAULTS, "ItalyPowerDemand",
+                        dict(oscillators=8, hidden=8, epochs=1, batch=8, lr=0.01, eps=0.03))
+    args = ["archive", "--datasets", "ItalyPowerDemand", "--seeds", "0", "--algorithms", "bptt",
+            "--out", str(tmp_path), "--json", str(tmp_path / "rows.json")]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert len(rows) == 1 and rows[0]["algorithm"] == "bptt"
+    assert "| ItalyPowerDemand |" in first.out and "0.950" in first.out  # 1-NN DTW beside ours
+    assert main(args) == 0
+    assert "reused" in capsys.readouterr().err
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["test_accuracy"] == rows[0]["test_accuracy"]
