@@ -31,8 +31,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
 
 #: name → (configuration, scenarios). Small shapes keep the runs short; together
-#: they cover P = 1, 2, 3 (not dividing N), 4, 8 (U phase), N ≠ M, K = 1..3,
-#: O = 1..3, 16/18-bit operands, a state/accumulator that wrap, SPRAM.
+#: they cover P = 1, 2, 3 (not dividing N), 4, 8 (U phase), N ≠ M, K = 1..3 and 12,
+#: O = 1..3 and 9, 16/18-bit operands, a state/accumulator that wrap, SPRAM, and
+#: one large shape (N = M = 64).
 CONFIGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "p1_n5m3": (dict(n=5, m=3, k=2, o=2, t_max=8, lanes=1, acc_width=46),
                 ("protocol", "centred", "one_sided", "kick", "selftest")),
@@ -44,6 +45,11 @@ CONFIGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "p2_narrow": (dict(n=6, m=5, k=2, o=2, t_max=16, lanes=2, state_width=20, state_frac=15,
                        dt_log2=2, acc_width=38),
                   ("overflow", "centred")),
+    # The archive board entry's shape (N = M = 64, K = 12, O = 9, 18-bit operands):
+    # the W memory at its largest and every operand address at full width.
+    "p8_n64_k12_o9": (dict(n=64, m=64, k=12, o=9, t_max=16, lanes=8, operand_width=18,
+                           operand_frac=15, act_frac=16, param_frac=14, z_frac=14),
+                      ("centred", "one_sided")),
     # P = 8 with the U phase (u_mode), and the input sequence in an iCE40UP
     # SB_SPRAM256KA (Yosys' simulation model)
     "p8_u_spram": (dict(n=8, m=6, k=3, o=2, t_max=12, lanes=8, acc_width=46),
