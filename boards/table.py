@@ -190,11 +190,12 @@ _ICEBREAKER_CLK = 24_000_000
 _ULX3S_CLK = 60_000_000
 
 
-def _ulx3s(die: str, *, resources, config: HelConfig) -> Board:
-    """A ULX3S board entry: the dies differ in resources and core only."""
+def _ulx3s(die: str, *, resources, config: HelConfig, variant: str = "", purpose: str = "") -> Board:
+    """A ULX3S board entry: the dies differ in resources and core only; a ``variant``
+    is a second core for the same board (its name gets ``-variant``)."""
     return Board(
-        name=f"ulx3s-{die.lower()}",
-        title=f"ULX3S with LFE5U-{die} (ECP5)",
+        name=f"ulx3s-{die.lower()}" + (f"-{variant}" if variant else ""),
+        title=f"ULX3S with LFE5U-{die} (ECP5)" + (f", {purpose}" if purpose else ""),
         platform=_ulx3s_platform(die),
         family="ecp5",
         device=f"LFE5U-{die}-6BG381C",
@@ -242,6 +243,13 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
+    # The time-series archive's core: N = M = 64 and the widest of the benchmark
+    # sets (JapaneseVowels: K = 12 channels, O = 9 classes). t_max = 512 keeps the
+    # sequence buffer (t_max·K words) six block RAMs deep: at 2048 its read
+    # multiplexer was the critical path and missed 60 MHz (docs/boards.md).
+    _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
+           config=HelConfig(n=64, m=64, k=12, o=9, t_max=512, lanes=8, **ECP5_OPERAND),
+           variant="n64", purpose="N = M = 64 for the time-series archive"),
 ]}
 
 

@@ -539,6 +539,7 @@ EXPECTED_PROGRAM = {
     "icebreaker": (["-b", "ice40_generic"], "build/icebreaker/top.bin"),
     "ulx3s-85f": (["-b", "ulx3s", "-m"], "build/ulx3s-85f/top.bit"),
     "ulx3s-25f": (["-b", "ulx3s", "-m"], "build/ulx3s-25f/top.bit"),
+    "ulx3s-85f-n64": (["-b", "ulx3s", "-m"], "build/ulx3s-85f-n64/top.bit"),
 }
 
 

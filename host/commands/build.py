@@ -84,9 +84,10 @@ def parse_config_overrides(text: str, base) -> object:
 def run(args) -> int:
     from hel_fpga.boards.table import BOARDS
     if args.list:
+        width = max(len(name) for name in BOARDS)
         for b in BOARDS.values():
             c = b.config
-            print(f"{b.name:<11} {b.device:<18} {b.target_mhz:g} MHz  N={c.n} M={c.m} P={c.lanes} "
+            print(f"{b.name:<{width}} {b.device:<18} {b.target_mhz:g} MHz  N={c.n} M={c.m} P={c.lanes} "
                   f"{c.operand_width}-bit T_max={c.t_max}  {b.baud} baud  {b.title}")
         return 0
     if not args.board:
