@@ -207,8 +207,10 @@ class DataReplier(wiring.Component):
         width, cmd, seq = self.width, self.cmd, self.seq
         total_left = Signal.like(self.total)
         chunk_left = Signal(range(max(chunk_words_of) + 1))
-        # chunk indices up to the most chunks ``total`` words can make (sent as u16)
-        index = Signal(range(P.chunk_count((1 << len(self.total)) - 1, min(self.widths)) + 1))
+        # chunk indices up to the most chunks ``total`` words can make (sent as u16): the
+        # widest words have the fewest per chunk, so they make the most chunks
+        most_chunks = max(P.chunk_count((1 << len(self.total)) - 1, w) for w in self.widths)
+        index = Signal(range(most_chunks + 1))
         index_u16 = Cat(index, Const(0, 16 - len(index)))
         word_reg = Signal(max_width)
         word_bits = Signal(range(max_width + 1))

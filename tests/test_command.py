@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from amaranth.back import verilog
+from amaranth.hdl import Signal
 from amaranth.sim import Simulator
 
 from hel_fpga.spec.framing import FrameReader, encode_frame
@@ -226,6 +227,50 @@ def test_data_replier_frames_equal_the_host_wire_format(widths):
         for i, chunk in enumerate(split_chunks(words, w)):
             expect.append(bytes([cmd | 0x80, seq]) + i.to_bytes(2, "little") + chunk)
     assert out == expect
+
+
+def test_data_replier_numbers_every_chunk_of_the_longest_block_at_the_widest_width():
+    """The chunk index counts up to the most chunks a block can make, which is at
+    the widest word (fewest words per chunk), with ``total`` only as wide as the
+    largest block, as the command unit sizes it."""
+    widths, total = (16, 63), 600
+    words = [(-1) ** i * (i * 2654435761 % (1 << 62)) for i in range(total)]
+    dut = DataReplier(widths, len(Signal(range(total + 1))))
+    out = []
+
+    async def producer(ctx):
+        ctx.set(dut.width, 1)
+        ctx.set(dut.total, total)
+        ctx.set(dut.cmd, 0x05)
+        ctx.set(dut.seq, 9)
+        ctx.set(dut.start, 1)
+        await ctx.tick()
+        ctx.set(dut.start, 0)
+        ctx.set(dut.words.valid, 1)
+        for word in words:
+            ctx.set(dut.words.payload, word)
+            await ctx.tick().until(dut.words.ready)
+        ctx.set(dut.words.valid, 0)
+        await ctx.tick().until(~dut.busy)
+
+    async def consumer(ctx):
+        ctx.set(dut.source.ready, 1)
+        body = bytearray()
+        async for _, _, valid, beat in ctx.tick().sample(dut.source.valid, dut.source.payload):
+            if valid:
+                body.append(beat.data)
+                if beat.last:
+                    out.append(bytes(body))
+                    body = bytearray()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(producer)
+    sim.add_testbench(consumer, background=True)
+    sim.run()
+    chunks = split_chunks(words, 63)
+    assert len(chunks) > P.chunk_count((1 << len(dut.total)) - 1, 16) + 1  # the case that wrapped
+    assert out == [bytes([0x85, 9]) + i.to_bytes(2, "little") + c for i, c in enumerate(chunks)]
 
 
 @pytest.mark.parametrize("widths", [(16, 36), (4, 48), (25, 9)])
