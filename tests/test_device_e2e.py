@@ -473,3 +473,19 @@ def test_compare_reports_a_difference_with_exit_1(monkeypatch, capsys):
     assert main(["compare", "--device", "model"]) == 1
     out = capsys.readouterr().out
     assert "NOT bit-exact (W accumulators: 1 of 256 differ)" in out
+
+
+def test_the_archive_boards_configuration_trains_golden_exact_on_the_simulated_board():
+    """The ``ulx3s-85f-n64`` core (N = M = 64, K = 12, O = 9) over the real protocol: its
+    parameter and accumulator blocks are the longest any board sends (35 chunks of
+    56-bit words), and a training step equals the golden model bit for bit."""
+    from hel_fpga.boards.table import BOARDS
+    cfg = BOARDS["ulx3s-85f-n64"].config
+    sample = make_sample(cfg, 24, seed=11)
+    assert P.chunk_count(sum(int(np.prod(s)) for s in cfg.param_shapes().values()), cfg.acc_width) > 32
+    from hel_fpga.host.registry import open_device
+    dev = open_device("sim-board", cfg)   # closing it stops the board
+    try:
+        assert_same(training_step(dev, *sample), training_step(GoldenDevice(cfg), *sample))
+    finally:
+        dev.close()
