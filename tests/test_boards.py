@@ -700,3 +700,24 @@ def test_real_top_ecp5(name, tmp_path):
     result = _build_real(name, tmp_path)
     # P lanes plus the tanh interpolation's multiplier
     assert result.report["utilization"]["MULT18"]["used"] >= BOARDS[name].config.lanes + 1
+
+
+def test_build_config_overrides_change_only_the_named_fields():
+    from hel_fpga.host.commands.build import parse_config_overrides
+    base = BOARDS["ulx3s-85f"].config
+    got = parse_config_overrides("n=64, m=64,k=12", base)
+    assert (got.n, got.m, got.k) == (64, 64, 12)
+    assert got.replace(n=base.n, m=base.m, k=base.k) == base
+
+
+@pytest.mark.parametrize("text, words", [
+    ("n=64,q=3", ["'q=3'", "KEY=VALUE"]),
+    ("n", ["'n'"]),
+    ("n=sixty", ["n must be an integer", "'sixty'"]),
+    ("n=0", ["n"]),
+])
+def test_build_config_overrides_refuse_bad_fields_in_one_line(text, words, capsys):
+    assert hel(["build", "--board", "ulx3s-85f", "--config", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("hel build: error: --config")
+    assert all(w in err for w in words)
