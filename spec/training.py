@@ -1,0 +1,308 @@
+"""The one definition of on-chip training: formats, loss kinds, rates and schedules.
+
+On-chip training moves the loss, the nudges, the batches, the optimiser and the
+metrics from the host into the device. The golden model of that loop is
+``hel_fpga.sim.onchip``; docs/onchip.md describes it for the gateware. This
+module holds only what every layer must agree on: the number formats the loop
+adds to the core's (:class:`TrainFormats`), the hyperparameters the host
+writes to the device (:class:`TrainConfig`), the shift amounts derived from
+them, and the per-epoch order of the samples.
+
+Design rules, and why
+---------------------
+* **Powers of two only.** ε, the batch size, the learning rate and the
+  momentum constants (β = 1 − 2^−s) are powers of two, so every scale in the
+  loop is a shift: the nudge ``ν = (δ/2)·ε·(ŷ − y)`` is a subtraction and a
+  rounded right shift, the centred estimator's ``−δ/(2ε)`` and the batch mean
+  ``1/B`` fold into one shift per parameter array (:meth:`TrainFormats.grad_shift`),
+  and the optimiser needs adders, shifts, compares and sign logic, no
+  multiplier, divider or square root.
+* **Master weights wider than the operands.** The optimiser updates
+  ``master_width``-bit master weights with ``MASTER_EXTRA_FRAC`` more
+  fractional bits than the core's parameters; the core's parameter memories get
+  a rounded copy after every step. Without the extra bits an update smaller
+  than half a parameter LSB (2^−12 at 16-bit operands) would round to nothing.
+  The master range equals the parameter range (the extra bits are all below
+  the LSB), so master weights saturate exactly where the host's float master
+  weights are clipped, and re-quantisation can never overflow.
+* **Rounding** everywhere is ``rshift_round`` of :mod:`hel_fpga.spec.formats`
+  (add half, arithmetic shift), and every value that can leave its range
+  saturates; nothing in the training loop wraps (the core's state and
+  accumulators keep their own wrap-and-flag rule).
+* **Classification is MSE to a one-hot target**, not softmax cross-entropy.
+  Softmax needs an exponential per output, a division by their sum and, for the
+  reported loss, a logarithm: an exp table, a divider and a log table that
+  exist only for one step of each sample, and whose roundings would all have
+  to be specified bit for bit. MSE to a one-hot target uses the regression
+  datapath unchanged (subtract, shift, square), has a bounded output gradient
+  (|ŷ − y|, where cross-entropy on ŷ/τ reaches 1/τ), and on the digits task
+  comes within a fraction of a point of host-driven cross-entropy's test
+  accuracy (docs/onchip.md, results).
+* **Centred estimator only.** Its bias is O(ε²), so ε can be a coarse power
+  of two (2^−5 ≈ 0.03 on every step, 2^−2 for a single final-step kick); the
+  one-sided estimator's O(ε) bias needs a small ε that is not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from hel_fpga.spec.formats import Fixed, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES, mix32
+
+__all__ = [
+    "TrainingError", "LOSS_KINDS", "OPTIMIZERS", "SCHEDULES", "DEFAULT_OPTIMIZER",
+    "DEFAULT_LR_LOG2", "DEFAULT_EPS_LOG2", "MASTER_EXTRA_FRAC", "MOMENT_EXTRA_INT",
+    "LOSS_SUM_WIDTH", "COUNT_WIDTH", "ONEHOT_ON_LOG2", "TrainFormats", "TrainConfig",
+    "lr_shift_at", "epoch_order", "order_bits",
+]
+
+
+class TrainingError(ValueError):
+    """A training set or training configuration the device cannot take (one-line message)."""
+
+
+#: Loss kinds: masked MSE on any steps (regression, sequence targets) and MSE of
+#: the final step's outputs to a one-hot target (classification).
+LOSS_KINDS = ("mse", "onehot")
+
+#: Optimisers: SGD with (EMA) momentum, and Lion (sign of an interpolated momentum).
+OPTIMIZERS = ("sgdm", "lion")
+
+#: Learning-rate schedules: constant, or halvings at fixed fractions of the run.
+SCHEDULES = ("constant", "halving")
+
+#: The default optimiser, picked on the built-in tasks (docs/onchip.md, results).
+DEFAULT_OPTIMIZER = "lion"
+
+#: Default learning rates as −log2(lr), per optimiser and loss kind. Lion's step is
+#: ±lr whatever the gradient's scale, so one rate serves both losses; sgdm's step
+#: scales with the gradient, and the one-hot loss (one kick, ε = 2^−2) needs a
+#: rate 16 times larger than every-step MSE (measured: docs/onchip.md, results).
+DEFAULT_LR_LOG2 = {("lion", "mse"): 7, ("lion", "onehot"): 7,
+                   ("sgdm", "mse"): 2, ("sgdm", "onehot"): -2}
+
+#: Default −log2(ε) by loss kind: every-step nudges 2^−5 ≈ 0.031 (the host's 0.03),
+#: one final-step kick 2^−2 (a single kick perturbs far less than T nudges).
+DEFAULT_EPS_LOG2 = {"all": 5, "final": 2}
+
+#: Fractional bits the master weights carry beyond the core's parameters.
+MASTER_EXTRA_FRAC = 16
+
+#: Integer bits the optimiser's moment carries beyond the master weights' range:
+#: a batch gradient may exceed the parameter range; beyond 2^MOMENT_EXTRA_INT
+#: times it, it saturates (a clip that only sgdm can notice).
+MOMENT_EXTRA_INT = 8
+
+#: Width of the per-epoch loss sum (saturating) and of the sample counters.
+LOSS_SUM_WIDTH = 64
+COUNT_WIDTH = 32
+
+#: One-hot target of the true class: 2^−ONEHOT_ON_LOG2 (the others 0). A target of
+#: 1.0 trained digits better than 0.5 and 0.25 (docs/onchip.md, results).
+ONEHOT_ON_LOG2 = 0
+
+
+@dataclass(frozen=True)
+class TrainFormats:
+    """The integer formats on-chip training adds to a core configuration.
+
+    ======== ========================================= =====================================
+    quantity format                                    why
+    ======== ========================================= =====================================
+    master   OW + X bits, PF + X fractional (X = 16)   range of the parameters, 2^−X finer
+    moment   master width + 8 bits, same fraction      a gradient may exceed the range
+    target   the operand format (OW, OF)               the input words' width; |y| < 2^(OW−OF−1)
+    error    the operand format, saturated             e² fits one core multiplier
+    loss sum 64 bits of 2·OF fractional bits, saturating
+    ======== ========================================= =====================================
+    """
+
+    cfg: HelConfig
+
+    @property
+    def master_extra(self) -> int:
+        return MASTER_EXTRA_FRAC
+
+    @property
+    def master(self) -> Fixed:
+        c = self.cfg
+        return Fixed(c.operand_width + MASTER_EXTRA_FRAC, c.param_frac + MASTER_EXTRA_FRAC)
+
+    @property
+    def moment(self) -> Fixed:
+        m = self.master
+        return Fixed(m.width + MOMENT_EXTRA_INT, m.frac)
+
+    @property
+    def target(self) -> Fixed:
+        return self.cfg.operand
+
+    @property
+    def error(self) -> Fixed:
+        return self.cfg.operand
+
+    @property
+    def target_shift(self) -> int:
+        """Left shift taking a target to the state format of the outputs."""
+        return self.cfg.state_frac - self.target.frac
+
+    @property
+    def error_shift(self) -> int:
+        """Right shift taking an output − target difference (state format) to the error format."""
+        return self.cfg.state_frac - self.error.frac
+
+    @property
+    def loss_frac(self) -> int:
+        """Fractional bits of a squared error and of the loss sums."""
+        return 2 * self.error.frac
+
+    def nudge_shift(self, eps_log2: int) -> int:
+        """ν = rshift_round(ŷ − y, ·): (δ/2)·ε = 2^−(dt_log2 + 1 + eps_log2) in state units."""
+        return self.cfg.dt_log2 + 1 + eps_log2
+
+    def grad_frac(self, name: str) -> int:
+        """Fractional bits of an accumulated contrast element of ``name``, with the
+        ½ of ∂V/∂α = ½·α·q² counted as one more bit (``HelConfig.gradients_from_accumulators``)."""
+        c = self.cfg
+        return {"W": c.operand_frac + c.act_frac, "B": c.operand_frac + c.act_frac,
+                "b": c.act_frac, "alpha": 2 * c.operand_frac + 1}[name]
+
+    def grad_shift(self, name: str, eps_log2: int, batch_log2: int) -> int:
+        """Right shift (negative: left) taking a batch's accumulator to the mean gradient
+        in master units: g = rshift_round(−acc, s) = −δ·acc·scale/(2ε·B)·2^MF."""
+        if name not in PARAM_NAMES:
+            raise TrainingError(f"unknown parameter {name!r}")
+        return (self.cfg.dt_log2 + self.grad_frac(name) + 1 - eps_log2 + batch_log2
+                - self.master.frac)
+
+    def onehot_on(self) -> int:
+        """The true class's target in the target format."""
+        return 1 << (self.target.frac - ONEHOT_ON_LOG2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The hyperparameters of one on-chip run, as the host writes them to the device.
+
+    Every rate is a power of two, given by its negated log2: ε = 2^−eps_log2,
+    B = 2^batch_log2, lr = 2^−lr_log2, β = 1 − 2^−beta_log2. ``lr_log2`` may be
+    negative for sgdm (rates above 1). ``halvings`` applies to the ``halving``
+    schedule (:func:`lr_shift_at`).
+    """
+
+    loss: str = "mse"
+    optimizer: str = DEFAULT_OPTIMIZER
+    eps_log2: int = 5
+    batch_log2: int = 3
+    lr_log2: int = 7
+    beta_log2: int = 3           #: sgdm's momentum, and Lion's β1 (interpolation)
+    beta2_log2: int = 7          #: Lion's β2 (the momentum it keeps)
+    schedule: str = "halving"
+    halvings: int = 3
+    epochs: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(f.default, str):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TrainingError(f"training setting {f.name} must be an integer, got {v!r}")
+        if self.loss not in LOSS_KINDS:
+            raise TrainingError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        checks = [("eps_log2", 0, 16), ("batch_log2", 0, 12), ("beta_log2", 1, 16),
+                  ("beta2_log2", 1, 16), ("halvings", 0, 8), ("epochs", 1, 1 << 16),
+                  ("seed", 0, (1 << 32) - 1)]
+        lo_lr = -8 if self.optimizer == "sgdm" else 0
+        checks.append(("lr_log2", lo_lr, 24))
+        for name, lo, hi in checks:
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise TrainingError(f"training setting {name} = {v} is outside {lo}..{hi}")
+
+    @property
+    def batch(self) -> int:
+        return 1 << self.batch_log2
+
+    @property
+    def eps(self) -> float:
+        return 2.0 ** -self.eps_log2
+
+    @property
+    def lr(self) -> float:
+        return 2.0 ** -self.lr_log2
+
+    def check_for(self, cfg: HelConfig) -> None:
+        """Refuse settings whose shifts the core's formats cannot carry."""
+        fm = TrainFormats(cfg)
+        worst = self.lr_log2 + (self.halvings if self.schedule == "halving" else 0)
+        if self.optimizer == "lion" and worst > fm.master.frac:
+            raise TrainingError(f"Lion's smallest step 2^-{worst} is below the master weights' "
+                                f"LSB 2^-{fm.master.frac}")
+        if fm.nudge_shift(self.eps_log2) >= cfg.state_width:
+            raise TrainingError(f"eps = 2^-{self.eps_log2} shifts every nudge out of the "
+                                f"{cfg.state_width}-bit state")
+
+
+def lr_shift_at(tc: TrainConfig, epoch: int) -> int:
+    """−log2 of the learning rate in ``epoch`` (0-based): ``lr_log2`` plus the halvings so far.
+
+    The ``halving`` schedule halves the rate when the epoch counter reaches
+    ``E − (E ≫ h)`` for h = 1..halvings (E = epochs): at 1/2, 3/4, 7/8 … of the
+    run. For E = 10 and 3 halvings: epochs 0–4 at lr, 5–7 at lr/2, 8 at lr/4,
+    9 at lr/8 — a staircase under the host's cosine decay to lr/20, found with
+    shifts and compares only.
+    """
+    if tc.schedule == "constant":
+        return tc.lr_log2
+    e = tc.epochs
+    return tc.lr_log2 + sum(1 for h in range(1, tc.halvings + 1) if epoch >= e - (e >> h))
+
+
+def order_bits(count: int) -> int:
+    """Bits of the index space the epoch order permutes: ⌈log2 count⌉, at least 1."""
+    return max(1, math.ceil(math.log2(count))) if count > 1 else 1
+
+
+def _permute(i: int, keys: tuple[int, int, int], bits: int) -> int:
+    mask = (1 << bits) - 1
+    s1, s2 = max(1, (bits + 1) // 2), max(1, bits // 3)
+    x = i
+    for key in keys:
+        x = (x + key) & mask            # add a key: a rotation of the index space
+        x ^= x >> s1                    # xorshift: invertible for s1 ≥ 1
+        x = (x + (x << s2)) & mask      # times the odd 1 + 2^s2: invertible
+    return x
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The order in which ``epoch`` visits samples 0..count−1.
+
+    A keyed bijection of the ``order_bits(count)``-bit index space, made of
+    additions, xorshifts and multiplications by 1 + 2^s (all invertible mod
+    2^bits, all shifts and adds), applied to 0, 1, … 2^bits − 1; indices ≥ count
+    are skipped. Each epoch gets its own three round keys from ``mix32``, so the
+    device walks a fresh permutation with a counter and no stored table.
+    """
+    if count < 1:
+        raise TrainingError("the training set is empty")
+    bits = order_bits(count)
+    mask = (1 << bits) - 1
+    base = mix32(seed & 0xFFFF_FFFF)
+    keys = tuple(mix32(base ^ (((epoch << 2) + r) & 0xFFFF_FFFF)) & mask for r in range(3))
+    out = []
+    for i in range(1 << bits):
+        j = _permute(i, keys, bits)
+        if j < count:
+            out.append(j)
+    return out
