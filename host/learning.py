@@ -127,17 +127,10 @@ def read_gradients(dev: Device, eps: float, estimator: str = "centred") -> dict[
     return read_batch(dev, eps, estimator).gradients
 
 
-#: MAC lanes of a run's configuration when no base gives them: the ECP5 boards' P,
-#: so a simulated board built for a run has their schedule. The arithmetic, and
-#: so every result, does not depend on P (docs/design.md §3); only the cycles do.
-RUN_LANES = 8
-
-
 def config_for(n: int, m: int, k: int, o: int, t: int, dt: float, base: HelConfig | None = None) -> HelConfig:
     """The default configuration resized to a problem's shape (t_max ≥ T)."""
     import math
-    lanes = base.lanes if base is not None else RUN_LANES
     base = base or HelConfig()
     t_max = max(base.t_max, 1 << max(0, math.ceil(math.log2(t))))
     return base.replace(n=n, m=m, k=k, o=o, t_max=t_max, dt_log2=int(round(-math.log2(dt))),
-                        lanes=min(lanes, max(n, m)))
+                        lanes=min(base.lanes, max(n, m)))
