@@ -54,11 +54,11 @@ from amaranth.utils import bits_for
 from hel_fpga.rtl.tanh import saturate_signed
 from hel_fpga.spec.formats import HelConfig
 from hel_fpga.spec.names import PARAM_NAMES
-from hel_fpga.spec.training import (COUNT_WIDTH, LOSS_KINDS, LOSS_SUM_WIDTH, OPTIMIZERS,
+from hel_fpga.spec.training import (BATCH_LOG2_RANGE, BETA_LOG2_RANGE, COUNT_WIDTH, EPS_LOG2_RANGE,
+                                    LOSS_KINDS, LOSS_SUM_WIDTH, LR_SHIFT_RANGE, OPTIMIZERS,
                                     TrainFormats)
 
-__all__ = ["Optimizer", "LossKind", "ParamArray", "OptimiserUnit", "LossUnit", "shift_right_saturate",
-           "EPS_LOG2_RANGE", "BATCH_LOG2_RANGE", "BETA_LOG2_RANGE", "LR_SHIFT_RANGE"]
+__all__ = ["Optimizer", "LossKind", "ParamArray", "OptimiserUnit", "LossUnit", "shift_right_saturate"]
 
 
 class Optimizer(enum.Enum, shape=1):
@@ -85,14 +85,9 @@ assert [o.lower() for o in OPTIMIZERS] == [o.name.lower() for o in Optimizer]
 assert [k.lower() for k in LOSS_KINDS] == [k.name.lower() for k in LossKind]
 assert list(PARAM_NAMES) == [a.name for a in ParamArray]
 
-#: The ranges of the run's settings the units accept: those ``TrainConfig.validate``
-#: accepts (a test holds them to it). ``LR_SHIFT_RANGE`` is ``lr_log2`` (sgdm down
-#: to −8) plus up to 8 halvings; Lion additionally needs ``lr_shift ≤ MF``
-#: (``TrainConfig.check_for``).
-EPS_LOG2_RANGE = (0, 16)
-BATCH_LOG2_RANGE = (0, 12)
-BETA_LOG2_RANGE = (1, 16)
-LR_SHIFT_RANGE = (-8, 24 + 8)
+# The units' shifters are sized for the setting ranges of hel_fpga.spec.training
+# (EPS_LOG2_RANGE, BATCH_LOG2_RANGE, BETA_LOG2_RANGE, LR_SHIFT_RANGE); Lion also
+# needs lr_shift ≤ MF, which TrainConfig.check_for enforces.
 
 
 def _pipeline(m: Module, sink, source, depth: int):

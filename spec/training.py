@@ -55,6 +55,8 @@ __all__ = [
     "TrainingError", "LOSS_KINDS", "OPTIMIZERS", "SCHEDULES", "DEFAULT_OPTIMIZER",
     "DEFAULT_LR_LOG2", "DEFAULT_EPS_LOG2", "MASTER_EXTRA_FRAC", "MOMENT_EXTRA_INT",
     "LOSS_SUM_WIDTH", "COUNT_WIDTH", "ONEHOT_ON_LOG2", "TrainFormats", "TrainConfig",
+    "EPS_LOG2_RANGE", "BATCH_LOG2_RANGE", "BETA_LOG2_RANGE", "HALVINGS_RANGE", "LR_LOG2_RANGE",
+    "SGDM_LR_LOG2_MIN", "LR_SHIFT_RANGE",
     "lr_shift_at", "epoch_order", "order_bits",
 ]
 
@@ -182,6 +184,20 @@ class TrainFormats:
         return 1 << (self.target.frac - ONEHOT_ON_LOG2)
 
 
+#: The ranges of the run's settings (inclusive), checked by :meth:`TrainConfig.validate`
+#: and the ranges the gateware's shifters are sized for. ``LR_LOG2_RANGE`` holds for
+#: Lion; sgdm may go down to ``SGDM_LR_LOG2_MIN`` (rates above 1). ``LR_SHIFT_RANGE``
+#: is the learning-rate shift a schedule can reach: ``lr_log2`` plus up to
+#: ``HALVINGS_RANGE[1]`` halvings.
+EPS_LOG2_RANGE = (0, 16)
+BATCH_LOG2_RANGE = (0, 12)
+BETA_LOG2_RANGE = (1, 16)
+HALVINGS_RANGE = (0, 8)
+LR_LOG2_RANGE = (0, 24)
+SGDM_LR_LOG2_MIN = -8
+LR_SHIFT_RANGE = (SGDM_LR_LOG2_MIN, LR_LOG2_RANGE[1] + HALVINGS_RANGE[1])
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The hyperparameters of one on-chip run, as the host writes them to the device.
@@ -220,11 +236,12 @@ class TrainConfig:
             raise TrainingError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        checks = [("eps_log2", 0, 16), ("batch_log2", 0, 12), ("beta_log2", 1, 16),
-                  ("beta2_log2", 1, 16), ("halvings", 0, 8), ("epochs", 1, 1 << 16),
+        checks = [("eps_log2", *EPS_LOG2_RANGE), ("batch_log2", *BATCH_LOG2_RANGE),
+                  ("beta_log2", *BETA_LOG2_RANGE), ("beta2_log2", *BETA_LOG2_RANGE),
+                  ("halvings", *HALVINGS_RANGE), ("epochs", 1, 1 << 16),
                   ("seed", 0, (1 << 32) - 1)]
-        lo_lr = -8 if self.optimizer == "sgdm" else 0
-        checks.append(("lr_log2", lo_lr, 24))
+        lo_lr = SGDM_LR_LOG2_MIN if self.optimizer == "sgdm" else LR_LOG2_RANGE[0]
+        checks.append(("lr_log2", lo_lr, LR_LOG2_RANGE[1]))
         for name, lo, hi in checks:
             v = getattr(self, name)
             if not lo <= v <= hi:

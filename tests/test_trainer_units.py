@@ -34,8 +34,8 @@ from amaranth.hdl import Module, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from hel_fpga.rtl.trainer import (BATCH_LOG2_RANGE, BETA_LOG2_RANGE, EPS_LOG2_RANGE,
-                                  LR_SHIFT_RANGE, LossKind, LossUnit, OptimiserUnit, Optimizer,
+from hel_fpga.spec.training import BATCH_LOG2_RANGE, BETA_LOG2_RANGE, EPS_LOG2_RANGE, LR_SHIFT_RANGE
+from hel_fpga.rtl.trainer import (LossKind, LossUnit, OptimiserUnit, Optimizer,
                                   ParamArray, shift_right_saturate)
 from hel_fpga.sim.onchip import (SampleStore, gradient_from_acc, lion_step, requantize,
                                  sample_nudges, sgdm_step)
