@@ -23,13 +23,23 @@ def add_arguments(p):
     p.add_argument("--algorithm", choices=("hel", "bptt", "rhel-float"),
                    help="hel: integer HEL on the device (default); bptt: exact float BPTT on the CPU; "
                         "rhel-float: float RHEL on the CPU")
+    p.add_argument("--on-chip", action="store_true",
+                   help="the device trains on its own (data, loss, batches, optimiser on chip; "
+                        "docs/train.md); today --device sim only, which is then the default")
+    p.add_argument("--optimizer", choices=("lion", "sgdm"),
+                   help="--on-chip only: the device's optimiser (default lion)")
     p.add_argument("--epochs", type=int, metavar="E", help="epochs (default: the task's)")
-    p.add_argument("--batch", type=int, metavar="B", help="samples per optimiser step (default: the task's)")
-    p.add_argument("--lr", type=float, metavar="LR", help="Adam learning rate (default: the task's)")
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"),
-                   help="cosine decay from LR to LR/20 over the epochs (default) or constant")
+    p.add_argument("--batch", type=int, metavar="B",
+                   help="samples per optimiser step (default: the task's; a power of two with --on-chip)")
+    p.add_argument("--lr", type=float, metavar="LR",
+                   help="Adam learning rate (default: the task's); with --on-chip the device "
+                        "optimiser's, a power of two (default 2^-7 for lion)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant", "halving"),
+                   help="cosine decay from LR to LR/20 over the epochs (default) or constant; with "
+                        "--on-chip halving (default: halves at 1/2, 3/4, 7/8 of the run) or constant")
     p.add_argument("--eps", type=float, metavar="E",
-                   help="nudge strength ε (default: 0.03 centred; see docs/train.md)")
+                   help="nudge strength ε (default: 0.03 centred; with --on-chip a power of two, "
+                        "default 2^-5, or 2^-2 for a final-step loss; see docs/train.md)")
     p.add_argument("--estimator", choices=("centred", "one-sided"),
                    help="two ±ε echoes, bias O(ε²) (default), or one echo against the forward pass")
     p.add_argument("--seed", type=int, metavar="S", help="initialisation and batch order (default 0)")
@@ -39,7 +49,8 @@ def add_arguments(p):
                    help="model selection: hold out FRAC of the training split (per class) and report "
                         "it in place of the test split, which is not read")
     p.add_argument("--out", metavar="DIR",
-                   help="run directory (default runs/<task>-<algorithm>[-<device>])")
+                   help="run directory (default runs/<task>-<algorithm>[-<device>]; runs/<task>-onchip-<device> "
+                        "with --on-chip)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in DIR from its last checkpoint (--epochs may extend it)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if DIR holds a run")
@@ -48,7 +59,9 @@ def add_arguments(p):
 
 
 def _summary(m: dict) -> str:
-    lines = [f"task {m['task']} ({m['loss']}), algorithm {m['algorithm']}, device {m['device']}, "
+    on_chip = m.get("mode") == "on-chip"
+    lines = [f"task {m['task']} ({m['loss']}), algorithm {m['algorithm']}"
+             + (" on-chip" if on_chip else "") + f", device {m['device']}, "
              f"{m['epochs']} epochs in {m['wall_seconds']:.1f} s"
              + (f" ({m['samples_per_second']:.1f} training samples/s)" if m.get("samples_per_second") else "")]
     def f(x):
@@ -61,6 +74,14 @@ def _summary(m: dict) -> str:
         lines.append(f"  accuracy: train {m['train_accuracy']:.1%}, {split} "
                      + ("n/a" if ta is None else f"{ta:.1%}")
                      + (f" (initial {m['initial_test_accuracy']:.1%})" if m.get("initial_test_accuracy") is not None else ""))
+    if on_chip:
+        tc = m["train_config"]
+        line = (f"  on-chip ({tc['optimizer']}, lr 2^-{tc['lr_log2']}, ε 2^-{tc['eps_log2']}, "
+                f"batch {tc['batch']}): device loss {f(m['onchip_final_test_loss'])} ({split}), "
+                f"{f(m['onchip_final_train_loss'])} (train)")
+        if m.get("onchip_final_test_accuracy") is not None:
+            line += f", {split} accuracy {m['onchip_final_test_accuracy']:.1%}"
+        lines.append(line)
     if m.get("gradient_cosine"):
         worst = {k: min(v.values()) for k, v in m["gradient_cosine"].items()}
         lines.append("  gradient cosine vs BPTT (worst parameter): "
@@ -79,7 +100,8 @@ def run(args) -> int:
                         batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, eps=args.eps,
                         estimator=args.estimator, seed=args.seed, oscillators=args.oscillators,
                         hidden=args.hidden, validation=args.validation, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                        plots=not args.no_plots, progress=not args.json)
+                        plots=not args.no_plots, progress=not args.json, on_chip=args.on_chip,
+                        optimizer=args.optimizer)
     try:
         metrics = train(opts)
     except TrainError as e:

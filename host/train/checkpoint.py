@@ -10,6 +10,12 @@ Atomicity: the file is written to a temporary name in the same directory,
 flushed to disk, then moved over the old one with :func:`os.replace`, so a run
 killed at any instant leaves either the previous checkpoint or the new one,
 never a torn file. A killed run therefore loses at most the epoch in progress.
+
+On-chip runs (``hel train --on-chip``) keep their optimiser in the device: their
+checkpoint has no Adam arrays but the device's training state, integer arrays
+``onchip_master_<name>`` and ``onchip_moment_<name>`` (master units), and a
+``meta["onchip"]`` document (the TrainConfig and the epoch the state is at);
+``param_<name>`` then holds the float values of the re-quantised parameters.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ class Checkpoint:
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     train_samples: int = 0
+    #: On-chip runs only: the device's training state (integer arrays by name, without
+    #: the ``onchip_`` prefix) and what describes it (JSON); None for host-driven runs.
+    onchip_state: dict[str, np.ndarray] | None = None
+    onchip: dict | None = None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,8 +77,12 @@ def save_checkpoint(directory, ck: Checkpoint) -> Path:
             "settings": ck.settings, "config": ck.config, "history": ck.history,
             "wall_seconds": ck.wall_seconds, "train_seconds": ck.train_seconds,
             "train_samples": ck.train_samples}
+    if ck.onchip is not None:
+        meta["onchip"] = ck.onchip
     arrays = {f"param_{k}": np.asarray(ck.params[k], dtype=np.float64) for k in PARAM_NAMES}
     arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in ck.adam.items()})
+    for k, v in (ck.onchip_state or {}).items():
+        arrays[f"onchip_{k}"] = np.asarray(v, dtype=np.int64)
     arrays["meta"] = np.array(json.dumps(meta))
     tmp = d / f".{CHECKPOINT_NAME}.tmp"
     with open(tmp, "wb") as f:
@@ -88,12 +102,24 @@ def load_checkpoint(directory) -> Checkpoint:
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported")
         params = {k: data[f"param_{k}"] for k in PARAM_NAMES}
-        adam = {f"{s}_{k}": data[f"{s}_{k}"] for s in ("m", "v") for k in PARAM_NAMES}
+        onchip = meta.get("onchip")
+        if onchip is None:
+            adam = {f"{s}_{k}": data[f"{s}_{k}"] for s in ("m", "v") for k in PARAM_NAMES}
+            onchip_state = None
+        else:
+            adam = {}
+            onchip_state = {k[len("onchip_"):]: data[k].astype(np.int64)
+                            for k in data if k.startswith("onchip_")}
+            missing = [f"onchip_{p}_{k}" for p in ("master", "moment") for k in PARAM_NAMES
+                       if f"{p}_{k}" not in onchip_state]
+            if missing:
+                raise CheckpointError(f"{path}: on-chip checkpoint without {', '.join(missing)}")
         return Checkpoint(params=params, adam=adam, adam_t=int(meta["adam_t"]), epoch=int(meta["epoch"]),
                           rng_state=meta["rng_state"], settings=meta["settings"], config=meta["config"],
                           history=meta["history"], wall_seconds=float(meta["wall_seconds"]),
                           train_seconds=float(meta.get("train_seconds", 0.0)),
-                          train_samples=int(meta.get("train_samples", 0)))
+                          train_samples=int(meta.get("train_samples", 0)),
+                          onchip_state=onchip_state, onchip=onchip)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint to resume in {directory} ({CHECKPOINT_NAME} not found)") from None
     except CheckpointError:

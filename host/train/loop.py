@@ -14,6 +14,12 @@ Determinism: the initial weights and every batch order come from one
 the checkpoint; the engines are deterministic (the golden model is bit-exact,
 the float paths are plain NumPy), so a resumed run reproduces an uninterrupted
 one bit for bit.
+
+On-chip training (``--on-chip``, :func:`_train_on_chip`) hands the loop to the
+device instead: the host writes the sets, the ``TrainConfig`` and the initial
+master weights (``hel_fpga.host.train.onchip``), then per epoch starts the
+epoch, follows its progress, runs EVAL on the test set and reads the training
+state back for the checkpoint; the outputs are the same files.
 """
 
 from __future__ import annotations
@@ -37,16 +43,21 @@ from hel_fpga.host.registry import open_device, takes_config
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
                                    load_checkpoint, save_checkpoint)
+from hel_fpga.host.train import onchip as oc
 from hel_fpga.host.train.engines import ALGORITHMS, DeviceEngine, FloatEngine, default_eps_for
 from hel_fpga.host.train.optim import Adam, init_params, lr_at
 from hel_fpga.host.train.progress import EpochProgress
 from hel_fpga.host.train.tasks import DEFAULT_TASK, Task, TaskError, load_task
 from hel_fpga.spec.formats import ConfigError, FormatError, HelConfig
 from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec.training import TrainingError, lr_shift_at
 
-__all__ = ["TrainOptions", "TrainError", "train", "SETTINGS", "DEFAULT_DEVICE", "default_out_dir"]
+__all__ = ["TrainOptions", "TrainError", "train", "SETTINGS", "DEFAULT_DEVICE", "ONCHIP_DEFAULT_DEVICE",
+           "default_out_dir"]
 
 DEFAULT_DEVICE = "sim-board"
+#: --on-chip's default device: the only one with a training mode today.
+ONCHIP_DEFAULT_DEVICE = "sim"
 #: The settings that decide a run's result (stored in the checkpoint; --resume keeps them).
 SETTINGS = ("task", "algorithm", "oscillators", "hidden", "epochs", "batch", "lr", "lr_schedule",
             "eps", "estimator", "seed", "validation")
@@ -81,6 +92,8 @@ class TrainOptions:
     overwrite: bool = False
     plots: bool = True
     progress: bool = True
+    on_chip: bool = False
+    optimizer: str | None = None
 
 
 def _slug(s: str) -> str:
@@ -88,7 +101,9 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "device"
 
 
-def default_out_dir(task: str, algorithm: str, device: str) -> Path:
+def default_out_dir(task: str, algorithm: str, device: str, on_chip: bool = False) -> Path:
+    if on_chip:
+        return Path("runs") / f"{_slug(task)}-onchip-{_slug(device)}"
     parts = [_slug(task), algorithm] + ([_slug(device)] if algorithm == "hel" else [])
     return Path("runs") / "-".join(parts)
 
@@ -226,13 +241,15 @@ def _json_default(o):
 
 
 def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device] | None = None,
-          stream=None) -> dict:
+          stream=None, onchip_factory: Callable[[str, HelConfig], oc.OnChipDevice] | None = None) -> dict:
     """Run (or resume) a training run; return the metrics also written to metrics.json.
 
     ``device_factory(spec, cfg)`` opens the device for ``--algorithm hel``
-    (default: :func:`hel_fpga.host.registry.open_device`). Raises :class:`UsageError` for
-    bad options or task files and :class:`TrainError` when the device fails
-    mid-run (the last checkpoint stays intact).
+    (default: :func:`hel_fpga.host.registry.open_device`), ``onchip_factory(spec,
+    cfg)`` the training device for ``--on-chip`` (default:
+    :func:`hel_fpga.host.train.onchip.open_onchip_device`). Raises
+    :class:`UsageError` for bad options or task files and :class:`TrainError`
+    when the device fails mid-run (the last checkpoint stays intact).
     """
     t_start = time.perf_counter()
     prog = EpochProgress(opts.progress, stream)
@@ -241,21 +258,28 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
     ck = None
     task_spec = opts.task or DEFAULT_TASK
     algorithm = opts.algorithm or "hel"
-    device_spec = opts.device or DEFAULT_DEVICE
+    device_spec = opts.device or (ONCHIP_DEFAULT_DEVICE if opts.on_chip else DEFAULT_DEVICE)
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if opts.resume:
-        out = Path(opts.out) if opts.out else default_out_dir(task_spec, algorithm, device_spec)
+        out = Path(opts.out) if opts.out else default_out_dir(task_spec, algorithm, device_spec, opts.on_chip)
         try:
             ck = load_checkpoint(out)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
+        if opts.on_chip and ck.onchip is None:
+            raise UsageError(f"{out} holds a host-driven run; resume it without --on-chip")
         task_spec = ck.settings["task"]
         device_spec = opts.device or ck.settings.get("device", device_spec)
+    on_chip = opts.on_chip or (ck is not None and ck.onchip is not None)
+    if opts.optimizer is not None and not on_chip:
+        raise UsageError("--optimizer applies to --on-chip only (host-driven training steps Adam on the host)")
     try:
         task = load_task(task_spec)
     except TaskError as e:
         raise UsageError(str(e)) from None
+    if on_chip:
+        return _train_on_chip(opts, task, ck, device_spec, onchip_factory, prog, t_start)
     settings = _resolve_settings(opts, task, ck)
     _check_settings(settings, task)
     if settings.get("validation"):
@@ -471,16 +495,249 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         engine.close()
 
 
+# --------------------------------------------------------------------------- on-chip training
+
+
+def _train_on_chip(opts: TrainOptions, task: Task, ck: Checkpoint | None, device_spec: str,
+                   onchip_factory, prog: EpochProgress, t_start: float) -> dict:
+    """``hel train --on-chip``: the device runs the loop (docs/onchip.md); the host
+    writes the sets, the TrainConfig and the initial state, then per epoch starts
+    it, follows its progress, runs EVAL and checkpoints the state it reads back.
+
+    Every usage error (settings, data, a device without a training mode) is
+    raised before anything is written.
+    """
+    explicit = {k: getattr(opts, k) for k in SETTINGS + ("optimizer",) if getattr(opts, k) is not None}
+    settings = oc.resolve_onchip_settings(explicit, task, ck.settings if ck is not None else None)
+    tc = oc.train_config_for(settings, task)
+    if settings["oscillators"] < task.o:
+        raise UsageError(f"--oscillators {settings['oscillators']} is fewer than the task's {task.o} outputs "
+                         f"(pass --oscillators {task.o} or more)")
+    if settings["hidden"] < 1:
+        raise UsageError(f"--hidden must be ≥ 1, got {settings['hidden']}")
+    if settings.get("validation") is not None:
+        if not 0 < settings["validation"] < 1:
+            raise UsageError(f"--validation must be a fraction in (0, 1), got {settings['validation']}")
+        try:
+            task = task.holdout(settings["validation"])
+        except TaskError as e:
+            raise UsageError(str(e)) from None
+    settings["device"] = device_spec
+    out = Path(opts.out) if opts.out else default_out_dir(settings["task"], "hel", device_spec, True)
+    if ck is None and (out / CHECKPOINT_NAME).exists() and not opts.overwrite:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, "
+                         f"--overwrite to start afresh, or another --out")
+    if ck is not None and settings["epochs"] < ck.epoch:
+        raise UsageError(f"--epochs {settings['epochs']} is below the {ck.epoch} epochs the checkpoint has done")
+    try:
+        task.validate_for_device()
+        cfg = config_for(settings["oscillators"], settings["hidden"], task.k, task.o, task.t, task.dt)
+    except (TaskError, ConfigError) as e:
+        raise UsageError(str(e)) from None
+
+    factory = onchip_factory or oc.open_onchip_device
+    try:
+        dev = factory(device_spec, cfg)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to open is reported in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot open device {device_spec!r} for on-chip training: {msg}") from None
+    try:
+        return _run_on_chip(opts, task, ck, device_spec, dev, settings, tc, out, prog, t_start)
+    finally:
+        prog.close()
+        dev.close()
+
+
+def _run_on_chip(opts, task, ck, device_spec, dev, settings, tc, out, prog, t_start) -> dict:
+    cfg = _adapt_to_device(dev.config, device_spec, task, settings,
+                           fixed_size=opts.oscillators is not None or opts.hidden is not None or ck is not None)
+    n, m = settings["oscillators"], settings["hidden"]
+    try:
+        tc.check_for(cfg)
+    except TrainingError as e:
+        raise UsageError(f"--on-chip: {e}") from None
+    train_idx, test_idx = task.train_idx, task.test_idx
+    train_store = oc.task_store(task, train_idx, cfg)
+    test_store = oc.task_store(task, test_idx, cfg) if len(test_idx) else None
+    if ck is not None:
+        if ck.onchip_state is None:
+            raise UsageError(f"{out} holds a host-driven run; resume it without --on-chip")
+        want = {k: tuple(np.shape(ck.onchip_state[f"master_{k}"])) for k in PARAM_NAMES}
+        have = {k: tuple(v) for k, v in cfg.param_shapes().items()}
+        if want != have:
+            raise UsageError(f"the checkpoint's parameters have shapes {want}; this run's are {have}")
+        state = oc.TrainState.from_arrays(ck.onchip_state, ck.epoch)
+    else:
+        # The host's initialisation for the seed (as host-driven runs), clipped, in master format.
+        clip = cfg.param.max_value
+        params = init_params(np.random.default_rng(settings["seed"]), n, m, cfg.k)
+        state = oc.initial_state({k: np.clip(v, -clip, clip) for k, v in params.items()}, cfg)
+
+    history: list[dict] = list(ck.history) if ck is not None else []
+    wall_before = ck.wall_seconds if ck is not None else 0.0
+    train_seconds = ck.train_seconds if ck is not None else 0.0
+    train_samples = ck.train_samples if ck is not None else 0
+    epochs = settings["epochs"]
+    ck_epoch = state.epoch
+    task_loss = "cross-entropy" if task.classification else "MSE"
+    base_metrics = {"task": settings["task"], "device": device_spec, "algorithm": "hel", "mode": "on-chip",
+                    "settings": settings, "config": cfg.to_dict(), "train_config": oc.train_config_dict(tc),
+                    "loss": task_loss, "onchip_loss": oc.LOSS_DEFINITIONS[tc.loss],
+                    "loss_definitions": {
+                        "final_train_loss, final_test_loss, initial_test_loss":
+                            f"the task's own {task_loss} on the host from FORWARD outputs (as host-driven runs)",
+                        "history train_loss, test_loss; onchip_*": oc.LOSS_DEFINITIONS[tc.loss]},
+                    "description": task.description, "out": str(out),
+                    "evaluated_on": "validation" if settings.get("validation") else "test"}
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - t_start
+
+    def fail(e: BaseException, where: str) -> TrainError:
+        last = f"epoch {ck_epoch}" if ck_epoch else "none yet"
+        return TrainError(f"device {device_spec} failed {where}: {e}. The last checkpoint ({last}) in "
+                          f"{out} is intact; continue with: hel train --resume --out {out}")
+
+    def task_eval(which: str, idx) -> tuple[float | None, float | None]:
+        """The task's own loss and accuracy from the device's FORWARD outputs."""
+        if len(idx) == 0:
+            return None, None
+        y = cfg.outputs_to_float(dev.forward_outputs(which))
+        _, _, report, correct = task.loss(y, idx)
+        return float(np.mean(report)), (float(np.mean(correct)) if correct is not None else None)
+
+    def snapshot(st: oc.TrainState) -> None:
+        save_checkpoint(out, Checkpoint(
+            params=cfg.params_to_float(oc.params_of(st, cfg)), adam={}, adam_t=0, epoch=st.epoch,
+            rng_state={}, settings=settings, config=cfg.to_dict(), history=history, wall_seconds=wall(),
+            train_seconds=train_seconds, train_samples=train_samples,
+            onchip_state=st.arrays(), onchip={"train_config": oc.train_config_dict(tc), "epoch": st.epoch}))
+        atomic_write_text(out / "metrics.json", json.dumps(
+            {**base_metrics, "epochs": st.epoch, "complete": False, "history": history},
+            indent=2, default=_json_default))
+        _write_log(out, history)
+
+    # ---- the device gets the run ------------------------------------------------------------
+    try:
+        dev.write_train_config(tc)
+        dev.write_set("train", train_store)
+        if test_store is not None:
+            dev.write_set("test", test_store)
+        dev.write_state(state)
+    except TrainingError as e:
+        raise UsageError(f"--on-chip: {e}") from None
+    except DEVICE_FAILURES as e:
+        raise fail(e, "while receiving the training set and settings") from None
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not history:
+        try:
+            me = dev.evaluate("test") if test_store is not None else None
+            tl, ta = task_eval("test", test_idx)
+        except DEVICE_FAILURES as e:
+            raise fail(e, "during the initial evaluation") from None
+        history.append({"epoch": 0, "lr": None, "train_loss": None, "train_accuracy": None,
+                        "test_loss": me.mse if me else None, "test_accuracy": me.accuracy if me else None,
+                        "seconds": 0.0, "samples_per_second": None, "overflow_batches": 0,
+                        "task_test_loss": tl, "task_test_accuracy": ta,
+                        "test_metrics": oc.metrics_dict(me) if me else None})
+
+    for epoch in range(state.epoch, epochs):
+        lr_shift = lr_shift_at(tc, epoch)
+        prog.start(epoch + 1, epochs, train_store.count)
+        done = [0]
+
+        def progress(k: int) -> None:
+            done[0] += k
+            prog.update(k)
+        t_ep = time.perf_counter()
+        try:
+            mt = dev.run_epoch(progress)
+        except DEVICE_FAILURES as e:
+            prog.close()
+            raise fail(e, f"in epoch {epoch + 1}, sample {done[0]}/{train_store.count}") from None
+        ep_train = time.perf_counter() - t_ep
+        train_seconds += ep_train
+        train_samples += mt.samples
+        prog.show(loss=mt.mse, acc=mt.accuracy)
+        try:
+            me = dev.evaluate("test") if test_store is not None else None
+            st = dev.read_state()
+        except DEVICE_FAILURES as e:
+            prog.close()
+            raise fail(e, f"after epoch {epoch + 1} (EVAL and reading the training state)") from None
+        if st.epoch != epoch + 1:
+            prog.close()
+            raise TrainError(f"device {device_spec} reports epoch {st.epoch} after epoch {epoch + 1}; "
+                             f"the last checkpoint in {out} is intact")
+        row = {"epoch": epoch + 1, "lr": 2.0 ** -lr_shift, "train_loss": mt.mse,
+               "train_accuracy": mt.accuracy, "test_loss": me.mse if me else None,
+               "test_accuracy": me.accuracy if me else None, "seconds": time.perf_counter() - t_ep,
+               "samples_per_second": mt.samples / ep_train if ep_train > 0 else None,
+               "overflow_batches": mt.overflow_batches, "lr_shift": lr_shift,
+               "train_metrics": oc.metrics_dict(mt), "test_metrics": oc.metrics_dict(me) if me else None}
+        history.append(row)
+        prog.show(loss=row["train_loss"], acc=row["train_accuracy"], test_loss=row["test_loss"],
+                  test_acc=row["test_accuracy"])
+        prog.close()
+        if mt.overflow_batches:
+            prog.message(f"warning: {mt.overflow_batches} batch(es) of epoch {epoch + 1} raised the device's "
+                         "overflow flag and were skipped")
+        snapshot(st)
+        ck_epoch, state = st.epoch, st
+
+    # ---- final evaluation: the device's metrics and the task's own loss ----------------------
+    try:
+        mtr = dev.evaluate("train")
+        trl, tra = task_eval("train", train_idx)
+        tel, tea = task_eval("test", test_idx)
+    except DEVICE_FAILURES as e:
+        raise fail(e, "during the final evaluation") from None
+    last_test = history[-1].get("test_metrics")
+    metrics = {
+        **base_metrics, "epochs": epochs, "complete": True,
+        "final_train_loss": trl, "final_test_loss": tel,
+        "initial_test_loss": history[0].get("task_test_loss"),
+        "onchip_final_train_loss": mtr.mse,
+        "onchip_final_test_loss": last_test["loss"] if last_test else None,
+        "onchip_initial_test_loss": history[0]["test_loss"],
+        "onchip_final_train": oc.metrics_dict(mtr), "onchip_final_test": last_test,
+        "wall_seconds": wall(), "train_seconds": train_seconds,
+        "samples_per_second": train_samples / train_seconds if train_seconds > 0 else None,
+        "overflow_batches": int(sum(h.get("overflow_batches") or 0 for h in history)),
+        "history": history,
+    }
+    if task.classification:
+        metrics.update(train_accuracy=tra, test_accuracy=tea,
+                       initial_test_accuracy=history[0].get("task_test_accuracy"),
+                       onchip_final_train_accuracy=mtr.accuracy,
+                       onchip_final_test_accuracy=last_test["accuracy"] if last_test else None)
+    if opts.plots:
+        # The loss curves (the device's per-epoch metrics) and the forward-vs-echo picture
+        # at the final parameters; no gradient plot (it measures the host-driven gradient).
+        pm = {**metrics, "loss": "on-chip MSE to one-hot" if tc.loss == "onehot" else "MSE (on-chip)"}
+        metrics["plots"] = _make_plots(out, task, {**settings, "eps": tc.eps}, cfg,
+                                       cfg.params_to_float(oc.params_of(state, cfg)), None, pm,
+                                       gradients=False)
+        metrics["echo_retrace_max_abs"] = pm["echo_retrace_max_abs"]
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    _write_log(out, history)
+    return metrics
+
+
 # --------------------------------------------------------------------------- plots
 
 
-def _make_plots(out: Path, task: Task, settings: dict, cfg: HelConfig, params, engine, metrics) -> dict:
+def _make_plots(out: Path, task: Task, settings: dict, cfg: HelConfig, params, engine, metrics,
+                gradients: bool = True) -> dict:
     from hel_fpga.host.train import plots
     from hel_fpga.sim import reference
     from hel_fpga.sim.golden import GoldenCore
 
     algorithm, eps, est = settings["algorithm"], settings["eps"], settings["estimator"]
-    title = (f"{task.name}: {algorithm}"
+    title = (f"{task.name}: {algorithm}" + (" on-chip" if settings.get("on_chip") else "")
              + (f" on {metrics['device']}" if algorithm == "hel" else " (float64, CPU)")
              + f", N={settings['oscillators']}, M={settings['hidden']}, {settings['epochs']} epochs")
     files = {}
@@ -534,6 +791,8 @@ def _make_plots(out: Path, task: Task, settings: dict, cfg: HelConfig, params, e
                     f"{task.name}, sample {i}: forward and echoes of the outputs ({label})")
     files["echo"] = "echo.png"
     metrics["echo_retrace_max_abs"] = float(np.max(np.abs(to_time(retr) - fwd)))
+    if not gradients:
+        return files
 
     # Gradient agreement on one batch at the final (quantised) parameters.
     idx = task.train_idx[: min(16, settings["batch"] * 2, len(task.train_idx))]

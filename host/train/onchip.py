@@ -1,0 +1,421 @@
+"""The host side of on-chip training (``hel train --on-chip``).
+
+On-chip training (docs/onchip.md) keeps the whole loop in the device: the
+training and test sets sit in device memory, the device forms the loss and the
+nudges from FORWARD's outputs, accumulates B samples' contrasts, steps its own
+optimiser on integer master weights and counts the metrics. The host writes the
+sets and the settings (a :class:`~hel_fpga.spec.training.TrainConfig`), starts
+one epoch at a time, watches the progress, reads the metrics, and reads back the
+training state for a checkpoint after every epoch.
+
+This module holds what the training loop (``hel_fpga.host.train.loop``) needs
+for that and nothing of the loop itself:
+
+* :class:`OnChipDevice` — the interface of "a device that trains on its own";
+  :class:`GoldenOnChipDevice` implements it with the golden model
+  (:class:`hel_fpga.sim.onchip.OnChipTrainer`, ``--device sim``). A board or the
+  simulated board will implement it over the protocol once the gateware has a
+  training controller and the protocol its commands; until then
+  :func:`open_onchip_device` refuses every other device with one line.
+* :func:`task_store` — a :class:`~hel_fpga.host.train.dataset.Task`'s samples as
+  the integer :class:`~hel_fpga.sim.onchip.SampleStore` (inputs and targets in
+  the core's operand format, labels, loss masks), checked against the core.
+* :func:`resolve_onchip_settings` and :func:`train_config_for` — the command
+  line's settings as a ``TrainConfig``: ε, lr and the batch must be powers of
+  two; the defaults are ``TrainConfig``'s (Lion, lr 2^−7, ε 2^−5 on every-step
+  losses and 2^−2 on a final-step loss).
+
+Every problem with the data or the settings is a one-line
+:class:`~hel_fpga.host.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from hel_fpga.host.device import DeviceError
+from hel_fpga.host.errors import UsageError
+from hel_fpga.host.registry import DEVICE_NAMES
+from hel_fpga.host.train.dataset import Task
+from hel_fpga.sim.onchip import Metrics, OnChipTrainer, SampleStore, master_from_float, requantize
+from hel_fpga.spec.formats import FormatError, HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec.training import (
+    DEFAULT_EPS_LOG2, DEFAULT_LR_LOG2, DEFAULT_OPTIMIZER, OPTIMIZERS, TrainConfig, TrainFormats,
+    TrainingError)
+
+__all__ = ["OnChipDevice", "GoldenOnChipDevice", "TrainState", "open_onchip_device",
+           "ONCHIP_DEVICES", "SETS", "task_store", "loss_kind_for", "resolve_onchip_settings",
+           "train_config_for", "pow2_log2", "metrics_dict", "initial_state", "LOSS_DEFINITIONS"]
+
+#: The stored sets a device holds.
+SETS = ("train", "test")
+
+#: ``--device`` values that train on their own today.
+ONCHIP_DEVICES = ("sim",)
+
+#: What each loss figure of an on-chip run means (written into metrics.json).
+LOSS_DEFINITIONS = {
+    "mse": "on-chip loss: mean squared error per loss step and output, Σ e² / (Σ mask · O) with "
+           "e the output minus the target rounded to the operand format (the device's integer metric)",
+    "onehot": "on-chip loss: mean squared error of the final step's O outputs to the one-hot target "
+              "(1.0 for the label, 0 elsewhere), Σ e² / (S · O) (the device's integer metric); "
+              "not the task's cross-entropy",
+}
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs from a training device: integer master weights and
+    optimiser moments (master units, by parameter name) and the completed epochs."""
+
+    master: dict[str, np.ndarray]
+    moment: dict[str, np.ndarray]
+    epoch: int
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {f"master_{k}": np.asarray(self.master[k], dtype=np.int64) for k in PARAM_NAMES}
+        out.update({f"moment_{k}": np.asarray(self.moment[k], dtype=np.int64) for k in PARAM_NAMES})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, epoch: int) -> "TrainState":
+        return cls({k: np.asarray(arrays[f"master_{k}"], dtype=np.int64) for k in PARAM_NAMES},
+                   {k: np.asarray(arrays[f"moment_{k}"], dtype=np.int64) for k in PARAM_NAMES},
+                   int(epoch))
+
+
+class OnChipDevice(abc.ABC):
+    """A device that trains on its own (docs/onchip.md).
+
+    The host's sequence: :meth:`write_train_config`, :meth:`write_set` for
+    ``"train"`` (and ``"test"``), :meth:`write_state` (the initial master
+    weights with zero moments and epoch 0, or a checkpoint's), then per epoch
+    :meth:`run_epoch`, :meth:`evaluate` and :meth:`read_state`. A device that
+    fails or stops answering raises :class:`~hel_fpga.host.device.DeviceError`
+    (or ``TimeoutError``/``OSError``); bad sets or settings raise
+    :class:`~hel_fpga.spec.training.TrainingError`.
+    """
+
+    #: A one-line description for reports.
+    name: str = "on-chip training device"
+
+    @property
+    @abc.abstractmethod
+    def config(self) -> HelConfig:
+        """The core's configuration (a board's is fixed by its bitstream)."""
+
+    @abc.abstractmethod
+    def write_train_config(self, tc: TrainConfig) -> None:
+        """The run's hyperparameters (refused if the core's formats cannot carry them)."""
+
+    @abc.abstractmethod
+    def write_set(self, which: str, store: SampleStore) -> None:
+        """Write the training (``"train"``) or test (``"test"``) set into device memory."""
+
+    @abc.abstractmethod
+    def write_state(self, state: TrainState) -> None:
+        """Master weights, moments and the epoch counter; the parameters follow (re-quantised)."""
+
+    @abc.abstractmethod
+    def read_state(self) -> TrainState:
+        """Master weights, moments and the completed epochs, for a checkpoint."""
+
+    @abc.abstractmethod
+    def run_epoch(self, progress: Callable[[int], None] | None = None) -> Metrics:
+        """Train one epoch (the device's own order, batches and schedule); ``progress(n)``
+        is called as samples complete, with the number completed since the last call."""
+
+    @abc.abstractmethod
+    def evaluate(self, which: str) -> Metrics:
+        """EVAL: a stored set forward only; the device's loss sum and correct count."""
+
+    @abc.abstractmethod
+    def forward_outputs(self, which: str) -> np.ndarray:
+        """FORWARD every sample of a stored set and return the outputs (S, T, O),
+        state-format integers, for losses the device does not compute."""
+
+    def close(self) -> None:
+        """Release the device."""
+
+
+class GoldenOnChipDevice(OnChipDevice):
+    """The golden model of on-chip training in-process (``--device sim``):
+    :class:`~hel_fpga.sim.onchip.OnChipTrainer` behind :class:`OnChipDevice`."""
+
+    name = "golden model (in-process)"
+
+    def __init__(self, cfg: HelConfig):
+        self._cfg = cfg
+        self._tc: TrainConfig | None = None
+        self._sets: dict[str, SampleStore] = {}
+        self._pending: TrainState | None = None
+        self._trainer: OnChipTrainer | None = None
+
+    @property
+    def config(self) -> HelConfig:
+        return self._cfg
+
+    def _retire(self) -> None:
+        # Settings or the training set change: keep the state, rebuild the trainer on use.
+        if self._trainer is not None:
+            self._pending = self.read_state()
+            self._trainer = None
+
+    def write_train_config(self, tc: TrainConfig) -> None:
+        tc.check_for(self._cfg)
+        self._retire()
+        self._tc = tc
+
+    def write_set(self, which: str, store: SampleStore) -> None:
+        if which not in SETS:
+            raise TrainingError(f"no stored set {which!r} (sets: {', '.join(SETS)})")
+        if which == "train":
+            self._retire()
+        self._sets[which] = store
+
+    def write_state(self, state: TrainState) -> None:
+        if self._trainer is not None:
+            self._trainer.load_state({**state.arrays(), "epoch": state.epoch})
+        else:
+            self._pending = state
+
+    def _ready(self) -> OnChipTrainer:
+        if self._trainer is None:
+            missing = [w for w, ok in (("training settings", self._tc is not None),
+                                       ("training set", "train" in self._sets),
+                                       ("training state", self._pending is not None)) if not ok]
+            if missing:
+                raise DeviceError(f"the device has no {' and no '.join(missing)} yet")
+            st = self._pending
+            tr = OnChipTrainer(self._cfg, self._tc, self._sets["train"], st.master)
+            tr.load_state({**st.arrays(), "epoch": st.epoch})
+            self._trainer, self._pending = tr, None
+        return self._trainer
+
+    def read_state(self) -> TrainState:
+        if self._trainer is None:
+            if self._pending is None:
+                raise DeviceError("the device has no training state yet")
+            return self._pending
+        s = self._trainer.state()
+        return TrainState.from_arrays(s, s["epoch"])
+
+    def run_epoch(self, progress=None) -> Metrics:
+        tr = self._ready()
+        if progress is None:
+            return tr.train_epoch()
+        # The golden loop itself (train_epoch), with a count after every sample.
+        sample = tr.train_sample
+
+        def counted(i):
+            r = sample(i)
+            progress(1)
+            return r
+        tr.train_sample = counted
+        try:
+            return tr.train_epoch()
+        finally:
+            del tr.train_sample
+
+    def _set(self, which: str) -> SampleStore:
+        if which not in self._sets:
+            raise DeviceError(f"the device holds no {which} set")
+        return self._sets[which]
+
+    def evaluate(self, which: str) -> Metrics:
+        return self._ready().evaluate(self._set(which))
+
+    def forward_outputs(self, which: str) -> np.ndarray:
+        tr, st = self._ready(), self._set(which)
+        out = np.empty((st.count, st.steps, self._cfg.o), dtype=np.int64)
+        for i in range(st.count):
+            tr.core.load(st.inputs[i])
+            out[i] = tr.core.forward("centred")  # centred: nothing accumulates
+        return out
+
+
+def open_onchip_device(spec: str, cfg: HelConfig) -> OnChipDevice:
+    """The training device behind ``--device spec`` (``cfg``: the run's configuration),
+    or a one-line :class:`UsageError` for a device with no training mode yet."""
+    if spec == "sim":
+        return GoldenOnChipDevice(cfg)
+    if spec == "model":
+        what = ("the protocol model (--device model) has no training mode yet: spec/protocol.py "
+                "defines no commands to write a training set or TrainConfig, run an epoch, EVAL, "
+                "or read the training state")
+    elif spec == "sim-board":
+        what = ("the simulated board (--device sim-board) has no training mode yet: its gateware has "
+                "the loss and optimiser units (rtl/trainer.py) but no training controller, and the "
+                "protocol no training commands")
+    else:
+        what = (f"device {spec} has no training mode yet: the board gateware has no training "
+                "controller and the protocol no training commands")
+    names = ", ".join(ONCHIP_DEVICES)
+    raise UsageError(f"--on-chip: {what}; train on-chip with --device {names}, or host-driven "
+                     f"on {spec} without --on-chip")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def loss_kind_for(task: Task) -> str:
+    """The on-chip loss of a task: masked MSE (regression) or MSE to one-hot (classification)."""
+    return "onehot" if task.classification else "mse"
+
+
+def task_store(task: Task, idx, cfg: HelConfig) -> SampleStore:
+    """Samples ``idx`` of ``task`` as an integer store for a core ``cfg``.
+
+    Inputs (zero channels appended up to K) and regression targets are rounded
+    to the operand format; classification keeps the labels. Raises a one-line
+    :class:`UsageError` when the samples do not fit: T > t_max, more input
+    channels than K, another number of outputs (regression), labels beyond
+    0..O−1, values beyond the operand range.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    name = task.name
+    if task.t > cfg.t_max:
+        raise UsageError(f"task {name}: sequences of T = {task.t} steps exceed the device's "
+                         f"t_max = {cfg.t_max}")
+    if task.k > cfg.k:
+        raise UsageError(f"task {name}: {task.k} input channels, the device has K = {cfg.k}")
+    if task.classification:
+        lab = np.asarray(task.labels)[idx]
+        if lab.size and (lab.min() < 0 or lab.max() >= cfg.o):
+            raise UsageError(f"task {name}: labels must be in 0..{cfg.o - 1} (the device has O = "
+                             f"{cfg.o} outputs), got {int(lab.min())}..{int(lab.max())}")
+    elif task.o != cfg.o:
+        raise UsageError(f"task {name}: {task.o} regression outputs, the device has O = {cfg.o}")
+    u = np.asarray(task.u, dtype=np.float64)[idx]
+    if task.k < cfg.k:
+        u = np.concatenate([u, np.zeros(u.shape[:2] + (cfg.k - task.k,))], axis=2)
+    try:
+        ui = cfg.operand.quantize(u, f"task {name}: inputs")
+        if task.classification:
+            return SampleStore.classification(cfg, ui, lab)
+        yi = TrainFormats(cfg).target.quantize(np.asarray(task.y)[idx], f"task {name}: targets")
+        return SampleStore.regression(cfg, ui, yi, np.asarray(task.mask)[idx])
+    except (FormatError, TrainingError) as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith("task ") else f"task {name}: {msg}") from None
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def pow2_log2(value, option: str, *, what: str = "a power of two") -> int:
+    """log2 of ``value`` if it is an exact power of two, else a one-line UsageError
+    naming the nearest powers of two."""
+    v = float(value)
+    if not (v > 0 and math.isfinite(v)):
+        raise UsageError(f"{option} must be a positive power of two for --on-chip, got {value}")
+    m, e = math.frexp(v)  # v = m · 2^e, m in [0.5, 1)
+    if m == 0.5:
+        return e - 1
+    lo, hi = e - 1, e
+
+    def show(k):
+        return f"{2 ** k}" if k >= 0 else f"{2.0 ** k:g} (2^{k})"
+    raise UsageError(f"{option} {value} is not {what} (on-chip rates and batches are shifts); "
+                     f"the nearest are {show(lo)} and {show(hi)}")
+
+
+def resolve_onchip_settings(explicit: dict, task: Task, ck_settings: dict | None = None) -> dict:
+    """The settings of an on-chip run: the checkpoint's (``ck_settings``), or the
+    explicit options over the on-chip defaults.
+
+    Defaults: the task's model size, epochs and batch; Lion; lr and ε from
+    :mod:`hel_fpga.spec.training` (``DEFAULT_LR_LOG2`` per optimiser and loss,
+    ``DEFAULT_EPS_LOG2`` per loss kind: every step or the final step); the
+    ``halving`` schedule; the centred estimator (the only one on chip).
+    """
+    if ck_settings is not None:
+        s = dict(ck_settings)
+        s.pop("device", None)
+        conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s.get(k)})" for k, v in explicit.items()
+                     if k != "epochs" and v != s.get(k)]
+        if conflicts:
+            raise UsageError("--resume continues the checkpoint's run; these options differ from it: "
+                             + ", ".join(conflicts))
+        if "epochs" in explicit:
+            s["epochs"] = explicit["epochs"]
+        return s
+    d = task.defaults
+    loss = loss_kind_for(task)
+    optimizer = explicit.get("optimizer", DEFAULT_OPTIMIZER)
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+    return {
+        "task": explicit.get("task", task.name),
+        "algorithm": explicit.get("algorithm", "hel"),
+        "on_chip": True,
+        "optimizer": optimizer,
+        "oscillators": explicit.get("oscillators", d["oscillators"]),
+        "hidden": explicit.get("hidden", d["hidden"]),
+        "epochs": explicit.get("epochs", d["epochs"]),
+        "batch": explicit.get("batch", d["batch"]),
+        "lr": explicit.get("lr", 2.0 ** -DEFAULT_LR_LOG2[(optimizer, loss)]),
+        "lr_schedule": explicit.get("lr_schedule", "halving"),
+        "eps": explicit.get("eps", 2.0 ** -DEFAULT_EPS_LOG2[task.loss_kind]),
+        "estimator": explicit.get("estimator", "centred"),
+        "seed": explicit.get("seed", 0),
+        "validation": explicit.get("validation"),
+    }
+
+
+def train_config_for(s: dict, task: Task) -> TrainConfig:
+    """The run's settings as the ``TrainConfig`` the host writes to the device."""
+    if s.get("algorithm", "hel") != "hel":
+        raise UsageError(f"--on-chip trains integer HEL on the device; --algorithm {s['algorithm']} "
+                         "runs on the CPU (drop one of them)")
+    if s["estimator"] != "centred":
+        raise UsageError(f"--on-chip uses the centred estimator only (got --estimator {s['estimator']})")
+    if s["lr_schedule"] not in ("halving", "constant"):
+        raise UsageError(f"--on-chip schedules are halving (default) and constant, not {s['lr_schedule']}")
+    if not isinstance(s["epochs"], int) or s["epochs"] < 1:
+        raise UsageError(f"--epochs must be ≥ 1, got {s['epochs']}")
+    if not isinstance(s["batch"], int) or s["batch"] < 1:
+        raise UsageError(f"--batch must be ≥ 1, got {s['batch']}")
+    batch_log2 = pow2_log2(s["batch"], "--batch")
+    lr_log2 = -pow2_log2(s["lr"], "--lr")
+    eps_log2 = -pow2_log2(s["eps"], "--eps")
+    try:
+        return TrainConfig(loss=loss_kind_for(task), optimizer=s["optimizer"], eps_log2=eps_log2,
+                           batch_log2=batch_log2, lr_log2=lr_log2, schedule=s["lr_schedule"],
+                           epochs=s["epochs"], seed=s["seed"])
+    except TrainingError as e:
+        raise UsageError(f"--on-chip: {e}") from None
+
+
+def initial_state(params: dict[str, np.ndarray], cfg: HelConfig) -> TrainState:
+    """The host's float initialisation as master weights (rounded, clamped), zero moments."""
+    fm = TrainFormats(cfg)
+    master = master_from_float(params, fm)
+    return TrainState(master, {k: np.zeros_like(master[k]) for k in PARAM_NAMES}, 0)
+
+
+def params_of(state: TrainState, cfg: HelConfig) -> dict[str, np.ndarray]:
+    """The core's integer parameters for a state (the re-quantised master weights)."""
+    fm = TrainFormats(cfg)
+    return {k: requantize(state.master[k], fm) for k in PARAM_NAMES}
+
+
+def metrics_dict(m: Metrics) -> dict:
+    """A device's metrics as JSON: the integers and their float meaning."""
+    return {"samples": m.samples, "loss_sum": int(m.loss_sum), "loss_elements": m.loss_elements,
+            "loss_frac": m.loss_frac, "correct": m.correct, "overflow_batches": m.overflow_batches,
+            "loss": m.mse, "accuracy": m.accuracy}
+
+
+def train_config_dict(tc: TrainConfig) -> dict:
+    """A TrainConfig as JSON, with the rates it stands for."""
+    return {**asdict(tc), "lr": tc.lr, "eps": tc.eps, "batch": tc.batch}
