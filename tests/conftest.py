@@ -109,3 +109,30 @@ def wave_file(test: str) -> Path:
 def waves_path(request, waves) -> Path | None:
     """Where this test's waveform goes (``build/waves/<test>.<ext>``), or None."""
     return wave_file(request.node.name) if waves else None
+
+
+# ---- small task files shared by the training tests (host-driven and on-chip) ---------------
+
+@pytest.fixture(scope="module")
+def small_regression(tmp_path_factory) -> Path:
+    """A small oscillators-style task file: 24 train + 8 test sequences of 32 steps."""
+    import numpy as np
+    from hel_fpga.host.train.tasks import make_oscillators
+    t = make_oscillators(n_train=24, n_test=8, t=32)
+    path = tmp_path_factory.mktemp("tasks") / "small.npz"
+    np.savez(path, u=t.u, y=t.y, split=t.split)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_classification(tmp_path_factory) -> Path:
+    """Three well-separated classes of 12-step sequences, 36 train + 12 test."""
+    import numpy as np
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), 16)
+    centres = np.array([[0.8, 0.0], [-0.8, 0.4], [0.0, -0.8]])
+    u = centres[labels][:, None, :] + rng.normal(0, 0.15, (48, 12, 2))
+    split = (np.arange(48) % 4 == 0).astype(int)
+    path = tmp_path_factory.mktemp("tasks") / "cls.npz"
+    np.savez(path, u=u, labels=labels, split=split)
+    return path

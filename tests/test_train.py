@@ -2,7 +2,6 @@
 resume, a device that stops answering, and user task files."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,34 +13,12 @@ from hel_fpga.host.learning import config_for
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from hel_fpga.host.train.loop import TrainError, TrainOptions, train
-from hel_fpga.host.train.tasks import Task, TaskError, load_task, make_oscillators
+from hel_fpga.host.train.tasks import Task, TaskError, load_task
 from hel_fpga.sim import reference
 from hel_fpga.spec.names import PARAM_NAMES
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def small_regression(tmp_path_factory) -> Path:
-    """A small oscillators-style task file: 24 train + 8 test sequences of 32 steps."""
-    t = make_oscillators(n_train=24, n_test=8, t=32)
-    path = tmp_path_factory.mktemp("tasks") / "small.npz"
-    np.savez(path, u=t.u, y=t.y, split=t.split)
-    return path
-
-
-@pytest.fixture(scope="module")
-def small_classification(tmp_path_factory) -> Path:
-    """Three well-separated classes of 12-step sequences."""
-    rng = np.random.default_rng(3)
-    labels = np.repeat(np.arange(3), 16)
-    centres = np.array([[0.8, 0.0], [-0.8, 0.4], [0.0, -0.8]])
-    u = centres[labels][:, None, :] + rng.normal(0, 0.15, (48, 12, 2))
-    split = (np.arange(48) % 4 == 0).astype(int)
-    path = tmp_path_factory.mktemp("tasks") / "cls.npz"
-    np.savez(path, u=u, labels=labels, split=split)
-    return path
 
 
 def opts(path, out, **kw) -> TrainOptions:

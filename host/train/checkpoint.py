@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hel_fpga.host.errors import UsageError
 from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint",
-           "CHECKPOINT_NAME", "atomic_write_text"]
+           "CHECKPOINT_NAME", "atomic_write_text", "resumed_settings"]
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -58,6 +59,23 @@ class Checkpoint:
     #: the ``onchip_`` prefix) and what describes it (JSON); None for host-driven runs.
     onchip_state: dict[str, np.ndarray] | None = None
     onchip: dict | None = None
+
+
+def resumed_settings(ck_settings: dict, explicit: dict) -> dict:
+    """The settings a resumed run continues with: the checkpoint's, of which only
+    ``epochs`` may be changed (extended) by an explicit option; any other
+    explicit setting that differs is a :class:`UsageError` naming each. The
+    device is not a setting (every device computes the same integers)."""
+    s = dict(ck_settings)
+    s.pop("device", None)
+    conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s.get(k)})" for k, v in explicit.items()
+                 if k != "epochs" and v != s.get(k)]
+    if conflicts:
+        raise UsageError("--resume continues the checkpoint's run; these options differ from it: "
+                         + ", ".join(conflicts))
+    if "epochs" in explicit:
+        s["epochs"] = explicit["epochs"]
+    return s
 
 
 def atomic_write_text(path: Path, text: str) -> None:

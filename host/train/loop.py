@@ -42,7 +42,7 @@ from hel_fpga.host.learning import config_for
 from hel_fpga.host.registry import open_device, takes_config
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
-                                   load_checkpoint, save_checkpoint)
+                                            load_checkpoint, resumed_settings, save_checkpoint)
 from hel_fpga.host.train import onchip as oc
 from hel_fpga.host.train.engines import ALGORITHMS, DeviceEngine, FloatEngine, default_eps_for
 from hel_fpga.host.train.optim import Adam, init_params, lr_at
@@ -111,16 +111,7 @@ def default_out_dir(task: str, algorithm: str, device: str, on_chip: bool = Fals
 def _resolve_settings(opts: TrainOptions, task: Task, ck: Checkpoint | None) -> dict:
     explicit = {k: getattr(opts, k) for k in SETTINGS if getattr(opts, k) is not None}
     if ck is not None:
-        s = dict(ck.settings)
-        s.pop("device", None)
-        conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s.get(k)})" for k, v in explicit.items()
-                     if k != "epochs" and v != s.get(k)]
-        if conflicts:
-            raise UsageError("--resume continues the checkpoint's run; these options differ from it: "
-                             + ", ".join(conflicts))
-        if "epochs" in explicit:
-            s["epochs"] = explicit["epochs"]
-        return s
+        return resumed_settings(ck.settings, explicit)
     d = task.defaults
     estimator = explicit.get("estimator", "centred")
     return {
@@ -212,6 +203,13 @@ def _boards_that_fit(task: Task, settings: dict | None) -> str:
            and (settings is None or (b.config.n, b.config.m) == (settings["oscillators"], settings["hidden"]))]
     return (f"; boards whose entry fits: {', '.join(fit)}" if fit
             else "; no board entry fits (docs/boards.md: a table entry with larger K, O or t_max)")
+
+
+def _device_failed(device_spec: str, out: Path, ck_epoch: int, e: BaseException, where: str) -> TrainError:
+    """The one-line error of a device that failed mid-run: where, why, and how to resume."""
+    last = f"epoch {ck_epoch}" if ck_epoch else "none yet"
+    return TrainError(f"device {device_spec} failed {where}: {e}. The last checkpoint ({last}) in "
+                      f"{out} is intact; continue with: hel train --resume --out {out}")
 
 
 def _evaluate(engine, task: Task, idx: np.ndarray) -> tuple[float | None, float | None]:
@@ -368,9 +366,7 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         return wall_before + time.perf_counter() - t_start
 
     def fail(e: BaseException, where: str) -> TrainError:
-        last = f"epoch {ck_epoch}" if ck_epoch else "none yet"
-        return TrainError(f"device {device_spec} failed {where}: {e}. The last checkpoint ({last}) in "
-                          f"{out} is intact; continue with: hel train --resume --out {out}")
+        return _device_failed(device_spec, out, ck_epoch, e, where)
 
     ck_epoch = start_epoch
     base_metrics = {"task": settings["task"], "device": device_label, "algorithm": algorithm,
@@ -596,9 +592,7 @@ def _run_on_chip(opts, task, ck, device_spec, dev, settings, tc, out, prog, t_st
         return wall_before + time.perf_counter() - t_start
 
     def fail(e: BaseException, where: str) -> TrainError:
-        last = f"epoch {ck_epoch}" if ck_epoch else "none yet"
-        return TrainError(f"device {device_spec} failed {where}: {e}. The last checkpoint ({last}) in "
-                          f"{out} is intact; continue with: hel train --resume --out {out}")
+        return _device_failed(device_spec, out, ck_epoch, e, where)
 
     def task_eval(which: str, idx) -> tuple[float | None, float | None]:
         """The task's own loss and accuracy from the device's FORWARD outputs."""

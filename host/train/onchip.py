@@ -40,7 +40,7 @@ import numpy as np
 
 from hel_fpga.host.device import DeviceError
 from hel_fpga.host.errors import UsageError
-from hel_fpga.host.registry import DEVICE_NAMES
+from hel_fpga.host.train.checkpoint import resumed_settings
 from hel_fpga.host.train.dataset import Task
 from hel_fpga.sim.onchip import Metrics, OnChipTrainer, SampleStore, master_from_float, requantize
 from hel_fpga.spec.formats import FormatError, HelConfig
@@ -339,16 +339,7 @@ def resolve_onchip_settings(explicit: dict, task: Task, ck_settings: dict | None
     ``halving`` schedule; the centred estimator (the only one on chip).
     """
     if ck_settings is not None:
-        s = dict(ck_settings)
-        s.pop("device", None)
-        conflicts = [f"--{k.replace('_', '-')} {v} (checkpoint: {s.get(k)})" for k, v in explicit.items()
-                     if k != "epochs" and v != s.get(k)]
-        if conflicts:
-            raise UsageError("--resume continues the checkpoint's run; these options differ from it: "
-                             + ", ".join(conflicts))
-        if "epochs" in explicit:
-            s["epochs"] = explicit["epochs"]
-        return s
+        return resumed_settings(ck_settings, explicit)
     d = task.defaults
     loss = loss_kind_for(task)
     optimizer = explicit.get("optimizer", DEFAULT_OPTIMIZER)
