@@ -183,3 +183,21 @@ def test_hel_archive_table_reuses_complete_runs_and_prints_references(tmp_path, 
     assert main(args) == 0
     assert "reused" in capsys.readouterr().err
     assert json.loads((tmp_path / "rows.json").read_text())[0]["test_accuracy"] == rows[0]["test_accuracy"]
+
+
+def test_hel_archive_on_chip_column_equals_hel_train_on_chip(tmp_path, capsys, monkeypatch):
+    """``--algorithms onchip`` is ``hel train --on-chip`` with the set's model size,
+    epochs and batch and the device's own rates: the same accuracy as that run."""
+    from hel_fpga.host.train import archive
+    monkeypatch.setitem(archive.DATASET_DEFAULTS, "UnitTest",
+                        dict(oscillators=8, hidden=8, epochs=2, batch=8, lr=0.01, eps=0.03))
+    assert main(["archive", "--datasets", "UnitTest", "--seeds", "0", "--algorithms", "onchip",
+                 "--out", str(tmp_path / "a"), "--json", str(tmp_path / "rows.json")]) == 0
+    assert "HEL, on chip" in capsys.readouterr().out
+    row, = json.loads((tmp_path / "rows.json").read_text())
+    assert main(["train", "--task", "aeon:UnitTest", "--on-chip", "--device", "sim", "--seed", "0",
+                 "--oscillators", "8", "--hidden", "8", "--epochs", "2", "--batch", "8", "--no-plots",
+                 "--json", "--out", str(tmp_path / "direct")]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert row["settings"]["on_chip"] is True
+    assert (row["test_accuracy"], row["final_test_loss"]) == (direct["test_accuracy"], direct["final_test_loss"])

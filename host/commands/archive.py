@@ -15,7 +15,9 @@ Two stages, both on the data sets of ``--datasets`` (default: the README's four,
 
 default (the table)
     Every algorithm of ``--algorithms`` (float BPTT, float RHEL, integer HEL on
-    ``--device``) trains every data set with its default settings for every seed
+    ``--device``; and ``onchip``, ``hel train --on-chip`` on ``--device`` with the
+    device's own power-of-two rates) trains every data set with its default
+    settings for every seed
     of ``--seeds``, on the archive's train split, and is scored on its test
     split. Prints a Markdown table (mean ± standard deviation over seeds, and the
     range) with the published accuracies of
@@ -46,8 +48,12 @@ SELECT_SEEDS = (0, 1)
 EPS_GRID = (0.01, 0.03, 0.1)
 #: ``--select``: the fraction of the training split held out for validation.
 VALIDATION = 0.25
-ALGORITHMS = ("bptt", "rhel-float", "hel")
-COLUMN = {"bptt": "float BPTT", "rhel-float": "float RHEL", "hel": "HEL, integer"}
+#: What ``--algorithms`` may name: the three host-side algorithms of ``hel train``, and
+#: ``onchip`` (``hel train --on-chip`` on ``--device``, with the on-chip defaults for
+#: the optimiser, learning rate and ε; the data set's model size, epochs and batch).
+ALGORITHMS = ("bptt", "rhel-float", "hel", "onchip")
+DEFAULT_ALGORITHMS = ("bptt", "rhel-float", "hel")
+COLUMN = {"bptt": "float BPTT", "rhel-float": "float RHEL", "hel": "HEL, integer", "onchip": "HEL, on chip"}
 
 
 def add_arguments(p):
@@ -57,8 +63,8 @@ def add_arguments(p):
                    help="archive data sets bundled with aeon (default: %(default)s)")
     p.add_argument("--seeds", metavar="S,S,...", default="0,1,2",
                    help="seeds of the table's runs (default: %(default)s)")
-    p.add_argument("--algorithms", metavar="A,B,...", default=",".join(ALGORITHMS),
-                   help=f"algorithms of the table (default: %(default)s)")
+    p.add_argument("--algorithms", metavar="A,B,...", default=",".join(DEFAULT_ALGORITHMS),
+                   help=f"algorithms of the table, of {', '.join(ALGORITHMS)} (default: %(default)s)")
     p.add_argument("--device", default="sim",
                    help="where the hel runs go: " + device_help(default="sim"))
     p.add_argument("--select", action="store_true",
@@ -143,10 +149,16 @@ def table_runs(datasets, algorithms, seeds, device: str, out: Path, say) -> list
     defaults = {ds: load_task(f"aeon:{ds}").defaults for ds in datasets}
     for ds, alg, seed in itertools.product(datasets, algorithms, seeds):
         # The settings are explicit so that a reused run is one with these settings.
-        opts = dict(task=f"aeon:{ds}", algorithm=alg, seed=seed, **defaults[ds])
+        if alg == "onchip":
+            # On chip, the rates are the device's powers of two (its own defaults).
+            size = {k: defaults[ds][k] for k in ("oscillators", "hidden", "epochs", "batch")}
+            opts = dict(task=f"aeon:{ds}", on_chip=True, device=device, seed=seed, **size)
+        else:
+            opts = dict(task=f"aeon:{ds}", algorithm=alg, seed=seed, **defaults[ds])
         if alg == "hel":
             opts["device"] = device
-        m = _run(out / _slug(ds, alg, *([device] if alg == "hel" else []), f"s{seed}"), say, **opts)
+        on_device = alg in ("hel", "onchip")
+        m = _run(out / _slug(ds, alg, *([device] if on_device else []), f"s{seed}"), say, **opts)
         rows.append({"dataset": ds, "algorithm": alg, "device": m["device"], "seed": seed,
                      "test_accuracy": m["test_accuracy"], "final_test_loss": m["final_test_loss"],
                      "train_accuracy": m["train_accuracy"], "settings": m["settings"],
@@ -172,7 +184,8 @@ def format_table(rows: list[dict], datasets, algorithms) -> list[str]:
         mine = [r for r in rows if r["dataset"] == ds]
         if not mine:
             continue
-        s = mine[0]["settings"]
+        # the data set's settings (an on-chip run has the device's rates instead)
+        s = next((r["settings"] for r in mine if r["algorithm"] != "onchip"), mine[0]["settings"])
         cells = [ds, f"{s['oscillators']}, {s['epochs']}, {s['lr']:g}, {s['eps']:g}"]
         for a in algorithms:
             cells.append(_cell([r["test_accuracy"] for r in mine if r["algorithm"] == a]))
