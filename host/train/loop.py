@@ -145,13 +145,40 @@ def _check_settings(s: dict, task: Task) -> None:
         raise UsageError(f"--lr must be a positive number, got {s['lr']}")
     if not 0 < s["eps"] <= 1:
         raise UsageError(f"--eps must be in (0, 1], got {s['eps']}")
+    _check_model_settings(s, task)
+
+
+def _check_model_settings(s: dict, task: Task) -> None:
+    """The checks host-driven and on-chip runs share: model size and validation fraction."""
     if s["oscillators"] < task.o:
         raise UsageError(f"--oscillators {s['oscillators']} is fewer than the task's {task.o} outputs "
                          f"(pass --oscillators {task.o} or more)")
-    if s.get("validation") is not None and not 0 < s["validation"] < 1:
-        raise UsageError(f"--validation must be a fraction in (0, 1), got {s['validation']}")
     if s["hidden"] < 1:
         raise UsageError(f"--hidden must be ≥ 1, got {s['hidden']}")
+    if s.get("validation") is not None and not 0 < s["validation"] < 1:
+        raise UsageError(f"--validation must be a fraction in (0, 1), got {s['validation']}")
+
+
+def _run_directory(opts: TrainOptions, settings: dict, task: Task, ck: Checkpoint | None,
+                   device_spec: str, algorithm: str, on_chip: bool) -> tuple[Task, Path]:
+    """The task as the run sees it (with ``--validation``, the hold-out) and the run
+    directory, refusing to overwrite a run or to resume to fewer epochs than done."""
+    if settings.get("validation"):
+        # Model selection: the test split is dropped and never read.
+        try:
+            task = task.holdout(settings["validation"])
+        except TaskError as e:
+            raise UsageError(str(e)) from None
+    # The device does not decide the result (every device computes the same integers),
+    # so a resumed run may move to another one; without --device it keeps its own.
+    settings["device"] = device_spec
+    out = Path(opts.out) if opts.out else default_out_dir(settings["task"], algorithm, device_spec, on_chip)
+    if ck is None and (out / CHECKPOINT_NAME).exists() and not opts.overwrite:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, "
+                         f"--overwrite to start afresh, or another --out")
+    if ck is not None and settings["epochs"] < ck.epoch:
+        raise UsageError(f"--epochs {settings['epochs']} is below the {ck.epoch} epochs the checkpoint has done")
+    return task, out
 
 
 def _pad_inputs(task: Task, k: int) -> None:
@@ -280,22 +307,8 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         return _train_on_chip(opts, task, ck, device_spec, onchip_factory, prog, t_start)
     settings = _resolve_settings(opts, task, ck)
     _check_settings(settings, task)
-    if settings.get("validation"):
-        # Model selection: the test split is dropped and never read.
-        try:
-            task = task.holdout(settings["validation"])
-        except TaskError as e:
-            raise UsageError(str(e)) from None
-    # The device does not decide the result (every device computes the same integers),
-    # so a resumed run may move to another one; without --device it keeps its own.
-    settings["device"] = device_spec
     algorithm = settings["algorithm"]
-    out = Path(opts.out) if opts.out else default_out_dir(settings["task"], algorithm, device_spec)
-    if ck is None and (out / CHECKPOINT_NAME).exists() and not opts.overwrite:
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, "
-                         f"--overwrite to start afresh, or another --out")
-    if ck is not None and settings["epochs"] < ck.epoch:
-        raise UsageError(f"--epochs {settings['epochs']} is below the {ck.epoch} epochs the checkpoint has done")
+    task, out = _run_directory(opts, settings, task, ck, device_spec, algorithm, on_chip=False)
     try:
         cfg = config_for(settings["oscillators"], settings["hidden"], task.k, task.o, task.t, task.dt)
     except ConfigError as e:
@@ -506,25 +519,8 @@ def _train_on_chip(opts: TrainOptions, task: Task, ck: Checkpoint | None, device
     explicit = {k: getattr(opts, k) for k in SETTINGS + ("optimizer",) if getattr(opts, k) is not None}
     settings = oc.resolve_onchip_settings(explicit, task, ck.settings if ck is not None else None)
     tc = oc.train_config_for(settings, task)
-    if settings["oscillators"] < task.o:
-        raise UsageError(f"--oscillators {settings['oscillators']} is fewer than the task's {task.o} outputs "
-                         f"(pass --oscillators {task.o} or more)")
-    if settings["hidden"] < 1:
-        raise UsageError(f"--hidden must be ≥ 1, got {settings['hidden']}")
-    if settings.get("validation") is not None:
-        if not 0 < settings["validation"] < 1:
-            raise UsageError(f"--validation must be a fraction in (0, 1), got {settings['validation']}")
-        try:
-            task = task.holdout(settings["validation"])
-        except TaskError as e:
-            raise UsageError(str(e)) from None
-    settings["device"] = device_spec
-    out = Path(opts.out) if opts.out else default_out_dir(settings["task"], "hel", device_spec, True)
-    if ck is None and (out / CHECKPOINT_NAME).exists() and not opts.overwrite:
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, "
-                         f"--overwrite to start afresh, or another --out")
-    if ck is not None and settings["epochs"] < ck.epoch:
-        raise UsageError(f"--epochs {settings['epochs']} is below the {ck.epoch} epochs the checkpoint has done")
+    _check_model_settings(settings, task)
+    task, out = _run_directory(opts, settings, task, ck, device_spec, "hel", on_chip=True)
     try:
         task.validate_for_device()
         cfg = config_for(settings["oscillators"], settings["hidden"], task.k, task.o, task.t, task.dt)
