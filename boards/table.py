@@ -240,15 +240,18 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
         synth_opts=("-dsp",),
     ),
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, **ECP5_OPERAND)),
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=65536,
+                            **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
-           config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, store_words=8192,
+                            **ECP5_OPERAND)),
     # The time-series archive's core: N = M = 64 and the widest of the benchmark
     # sets (JapaneseVowels: K = 12 channels, O = 9 classes). t_max = 512 keeps the
     # sequence buffer (t_max·K words) six block RAMs deep: at 2048 its read
     # multiplexer was the critical path and missed 60 MHz (docs/boards.md).
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-           config=HelConfig(n=64, m=64, k=12, o=9, t_max=512, lanes=8, **ECP5_OPERAND),
+           config=HelConfig(n=64, m=64, k=12, o=9, t_max=512, lanes=8, store_words=65536,
+                            **ECP5_OPERAND),
            variant="n64", purpose="N = M = 64 for the time-series archive"),
 ]}
 

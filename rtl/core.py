@@ -144,6 +144,14 @@ class Op(enum.Enum, shape=4):
     READ_STATE = 7
     CLEAR_FLAGS = 8
     SELFTEST = 9
+    # The on-chip training operations: :class:`hel_fpga.rtl.training.TrainingCore`
+    # executes them around the core; the core itself answers them BAD_ARG.
+    TRAIN_SETUP = 10
+    STORE = 11
+    WRITE_MASTER = 12
+    READ_MASTER = 13
+    TRAIN = 14
+    EVAL = 15
 
 
 class Result(enum.Enum, shape=2):

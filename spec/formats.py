@@ -185,6 +185,9 @@ class HelConfig:
         Width of the contrast accumulators (wrapping, sticky flag).
     lanes:
         MAC lanes of the gateware (P); not used by the golden model's arithmetic.
+    store_words:
+        Operand words of the on-chip training store (docs/onchip.md); 0 = the
+        device has no on-chip training. Not used by the core's arithmetic.
     """
 
     n: int = 16
@@ -204,6 +207,7 @@ class HelConfig:
     z_frac: int = 12
     acc_width: int = 56
     lanes: int = 1
+    store_words: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -248,6 +252,11 @@ class HelConfig:
             problems.append(f"lanes = {self.lanes} exceeds max(n, m) = {max(self.n, self.m)}")
         if self.t_max > 1 << 20:
             problems.append(f"t_max must be ≤ 2^20 (got {self.t_max})")
+        if not 0 <= self.store_words <= 1 << 24:
+            problems.append(f"store_words must be in 0..2^24 (got {self.store_words})")
+        elif self.store_words and self.operand_width < 16:
+            problems.append("on-chip training (store_words > 0) needs operand_width ≥ 16 "
+                            "(its setup words are 16 bits)")
         need = self.acc_min_width
         if not need <= self.acc_width <= 63:
             problems.append(

@@ -89,7 +89,8 @@ __all__ = [
     "crc32", "cobs_max_encoded_len", "wire_len",
     "ErrorCode", "FrameError",
     "PROTOCOL_VERSION", "REPLY_BIT", "ERROR_REPLY", "Command", "ERROR_LAYOUT", "IDENT_FIELDS",
-    "IDENT_NAME_MAX", "IDENT_LINK_FIELDS", "STATUS_LAYOUT", "StatusFlag", "PARAM_MASK_ALL",
+    "IDENT_NAME_MAX", "IDENT_LINK_FIELDS", "STATUS_LAYOUT", "METRICS_LAYOUT", "Pass",
+    "TRAINING_COMMANDS", "DURING_PASS", "StatusFlag", "PARAM_MASK_ALL",
     "CHUNK_HEADER_LEN", "CHUNK_DATA_MAX", "WINDOW", "RX_RING_BYTES", "RX_QUEUE_FRAMES",
     "MAX_UNANSWERED", "OVERRUN_SEQ", "body_len", "pipelining_fits", "MAX_CHUNKS", "IDEMPOTENT",
     "REQUEST_LEN", "VARIABLE_LENGTH", "request_len_ok", "DURING_TRANSFER", "WORD_WIDTH", "OPENS_TRANSFER",
@@ -170,7 +171,7 @@ def crc32(data: bytes) -> int:
 # frame (``cmd = ERROR_REPLY``). Bad frames are answered with ERROR frames too.
 
 #: Version of the command layer below; IDENT reports it. Bump on any change.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: A reply's cmd is the request's cmd with this bit set.
 REPLY_BIT = 0x80
@@ -210,6 +211,24 @@ class Command(enum.IntEnum):
     SELFTEST = 0x18
     #: index:u16 ‖ packed words: one chunk of a host → device transfer. → ack next:u16.
     DATA = 0x20
+
+    # --- on-chip training (devices with store_words > 0; docs/onchip.md) ---
+    #: → empty reply, then DATA chunks of the SETUP_WORDS setup words (operand words).
+    TRAIN_SETUP = 0x30
+    #: count:u32 ‖ start:u32 → empty reply, then DATA chunks of count store words
+    #: (operand words) for addresses start … start + count − 1.
+    STORE = 0x31
+    #: which:u8 (0 master weights, 1 moment) → empty reply, then DATA chunks of the
+    #: parameters' master weights or moments (acc words, W, B, b, alpha order).
+    WRITE_MASTER = 0x32
+    #: which:u8 → data replies of the master weights or moments (acc words).
+    READ_MASTER = 0x33
+    #: epoch:u32 → empty reply; the epoch then runs in the device (METRICS).
+    TRAIN = 0x34
+    #: set:u8 (0 training set, 1 test set) → empty reply; the pass then runs (METRICS).
+    EVAL = 0x35
+    #: → METRICS_LAYOUT reply: the running or last pass's metrics.
+    METRICS = 0x36
 
 
 
@@ -289,12 +308,29 @@ IDENT_FIELDS = (
     ("tanh_range_log2", 1), ("tanh_segments_log2", 1), ("z_frac", 1),
     ("acc_width", 1),
     ("lanes", 2),
+    ("store_words", 4),
     ("clock_hz", 4),
     ("baud", 4),
 )
 IDENT_NAME_MAX = 32
 #: The IDENT fields that describe the device and link rather than the HelConfig.
 IDENT_LINK_FIELDS = ("protocol_version", "clock_hz", "baud")
+
+#: METRICS reply payload: ``running`` (:class:`Pass`: the pass in progress, NONE
+#: when none is), ``samples`` done in it so far (or in the last pass), the sum of
+#: squared errors (``2·OF`` fractional bits, saturating), the correct count
+#: (classification) and the updates skipped after an overflow flag.
+METRICS_LAYOUT = (("running", 1), ("samples", 4), ("loss_sum", 8), ("correct", 4),
+                  ("skipped", 4))
+
+
+class Pass(enum.IntEnum):
+    """METRICS ``running``: the pass in progress."""
+
+    NONE = 0
+    TRAIN = 1
+    EVAL = 2
+
 
 #: STATUS reply payload.
 STATUS_LAYOUT = (("flags", 1), ("xfer_cmd", 1), ("xfer_done", 2), ("t_loaded", 4))
@@ -375,7 +411,8 @@ MAX_CHUNKS = 0xFFFF
 #: Commands a host may repeat freely after a timeout or a bad reply.
 IDEMPOTENT = frozenset({Command.IDENT, Command.STATUS, Command.READ_PARAMS, Command.READ_ACC,
                         Command.READ_STATE, Command.CLEAR_FLAGS, Command.CLEAR_ACC,
-                        Command.SELFTEST, Command.RESET})
+                        Command.SELFTEST, Command.RESET, Command.READ_MASTER,
+                        Command.METRICS})
 
 # ---------------------------------------------------------------------------
 # Command rules: the tables the device (gateware and model) checks requests
@@ -389,7 +426,18 @@ REQUEST_LEN = {
     Command.WRITE_PARAMS: 1, Command.READ_PARAMS: 1, Command.LOAD: 4, Command.FORWARD: 1,
     Command.ECHO: 4, Command.READ_ACC: 0, Command.CLEAR_ACC: 0, Command.READ_STATE: 1,
     Command.SELFTEST: 8, Command.DATA: CHUNK_HEADER_LEN,
+    Command.TRAIN_SETUP: 0, Command.STORE: 8, Command.WRITE_MASTER: 1, Command.READ_MASTER: 1,
+    Command.TRAIN: 4, Command.EVAL: 1, Command.METRICS: 0,
 }
+
+#: The on-chip training commands: a device whose IDENT reports ``store_words = 0``
+#: answers them UNKNOWN_COMMAND.
+TRAINING_COMMANDS = frozenset({Command.TRAIN_SETUP, Command.STORE, Command.WRITE_MASTER,
+                               Command.READ_MASTER, Command.TRAIN, Command.EVAL,
+                               Command.METRICS})
+
+#: Commands accepted while a TRAIN or EVAL pass runs (any other gets BUSY).
+DURING_PASS = frozenset({Command.STATUS, Command.IDENT, Command.RESET, Command.METRICS})
 
 
 #: Commands whose :data:`REQUEST_LEN` is a least length (packed words follow it).
@@ -414,6 +462,8 @@ WORD_WIDTH = {
     Command.ECHO: "state_width",
     Command.READ_PARAMS: "operand_width", Command.FORWARD: "state_width",
     Command.READ_ACC: "acc_width", Command.READ_STATE: "state_width",
+    Command.TRAIN_SETUP: "operand_width", Command.STORE: "operand_width",
+    Command.WRITE_MASTER: "acc_width", Command.READ_MASTER: "acc_width",
 }
 
 
@@ -422,10 +472,12 @@ def word_width(cfg: HelConfig, cmd: Command) -> int:
     return getattr(cfg, WORD_WIDTH[cmd])
 
 #: Commands that open a transfer (host → device words, in DATA chunks).
-OPENS_TRANSFER = (Command.WRITE_PARAMS, Command.LOAD, Command.ECHO)
+OPENS_TRANSFER = (Command.WRITE_PARAMS, Command.LOAD, Command.ECHO, Command.TRAIN_SETUP,
+                  Command.STORE, Command.WRITE_MASTER)
 
 #: Commands answered with data replies (device → host words).
-DATA_REPLIES = (Command.READ_PARAMS, Command.FORWARD, Command.READ_ACC, Command.READ_STATE)
+DATA_REPLIES = (Command.READ_PARAMS, Command.FORWARD, Command.READ_ACC, Command.READ_STATE,
+                Command.READ_MASTER)
 
 assert set(WORD_WIDTH) == set(OPENS_TRANSFER) | set(DATA_REPLIES)
 

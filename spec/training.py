@@ -58,6 +58,8 @@ __all__ = [
     "EPS_LOG2_RANGE", "BATCH_LOG2_RANGE", "BETA_LOG2_RANGE", "HALVINGS_RANGE", "LR_LOG2_RANGE",
     "SGDM_LR_LOG2_MIN", "LR_SHIFT_RANGE",
     "lr_shift_at", "epoch_order", "order_bits",
+    "SETUP_FIELDS", "SETUP_WORDS", "SETUP_WORD_BITS", "SETUP_WORD_MAX", "StoreLayout",
+    "pack_setup", "unpack_setup", "record_words",
 ]
 
 
@@ -238,7 +240,7 @@ class TrainConfig:
             raise TrainingError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         checks = [("eps_log2", *EPS_LOG2_RANGE), ("batch_log2", *BATCH_LOG2_RANGE),
                   ("beta_log2", *BETA_LOG2_RANGE), ("beta2_log2", *BETA_LOG2_RANGE),
-                  ("halvings", *HALVINGS_RANGE), ("epochs", 1, 1 << 16),
+                  ("halvings", *HALVINGS_RANGE), ("epochs", 1, SETUP_WORD_MAX),
                   ("seed", 0, (1 << 32) - 1)]
         lo_lr = SGDM_LR_LOG2_MIN if self.optimizer == "sgdm" else LR_LOG2_RANGE[0]
         checks.append(("lr_log2", lo_lr, LR_LOG2_RANGE[1]))
@@ -323,3 +325,119 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
         if j < count:
             out.append(j)
     return out
+
+
+# ---------------------------------------------------------------------------
+# The device's view: the setup words and the sample store's layout
+# ---------------------------------------------------------------------------
+
+#: The words of TRAIN_SETUP, in order (docs/protocol.md). Each is an unsigned
+#: ``SETUP_WORD_BITS``-bit value carried in an operand word: ``loss`` and
+#: ``optimizer`` are indices into :data:`LOSS_KINDS` and :data:`OPTIMIZERS`;
+#: ``lr_log2`` is two's complement; ``halvings`` is 0 for the constant schedule;
+#: the seed is split into its low and high halves; ``steps`` is the T of every
+#: stored sample; the training set occupies the first ``train_count`` records of
+#: the store and the test set the ``test_count`` records after it.
+SETUP_FIELDS = ("loss", "optimizer", "eps_log2", "batch_log2", "lr_log2", "beta_log2",
+                "beta2_log2", "halvings", "epochs", "seed_lo", "seed_hi", "steps",
+                "train_count", "test_count")
+SETUP_WORDS = len(SETUP_FIELDS)
+SETUP_WORD_BITS = 16
+SETUP_WORD_MAX = (1 << SETUP_WORD_BITS) - 1
+
+
+def record_words(cfg: HelConfig, loss: str, steps: int) -> int:
+    """Store words of one sample: its T·K inputs, then for ``mse`` its T·O targets and
+    T mask words, for ``onehot`` one label word."""
+    if loss == "onehot":
+        return steps * cfg.k + 1
+    return steps * (cfg.k + cfg.o + 1)
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where a setup's samples sit in the store (word addresses).
+
+    Sample ``i`` of the training set starts at ``i·record``, sample ``i`` of the
+    test set at ``(train_count + i)·record``. Inside a record: the inputs
+    row-major (T×K), then (``mse``) the targets row-major (T×O) and one mask word
+    per step (non-zero: a loss step), or (``onehot``) the label (a label outside
+    0..O−1 is the target of no output: its sample is never correct).
+    """
+
+    loss: str
+    steps: int
+    train_count: int
+    test_count: int
+    record: int
+
+    @property
+    def words(self) -> int:
+        return (self.train_count + self.test_count) * self.record
+
+    def base(self, test: bool, i: int) -> int:
+        return ((self.train_count if test else 0) + i) * self.record
+
+
+def pack_setup(cfg: HelConfig, tc: TrainConfig, steps: int, train_count: int,
+               test_count: int) -> list[int]:
+    """The TRAIN_SETUP words of a run; :class:`TrainingError` if the device could not take it."""
+    tc.check_for(cfg)
+    layout = _check_layout(cfg, tc.loss, steps, train_count, test_count)
+    values = {
+        "loss": LOSS_KINDS.index(tc.loss), "optimizer": OPTIMIZERS.index(tc.optimizer),
+        "eps_log2": tc.eps_log2, "batch_log2": tc.batch_log2,
+        "lr_log2": tc.lr_log2 & SETUP_WORD_MAX, "beta_log2": tc.beta_log2,
+        "beta2_log2": tc.beta2_log2,
+        "halvings": tc.halvings if tc.schedule == "halving" else 0,
+        "epochs": tc.epochs, "seed_lo": tc.seed & SETUP_WORD_MAX, "seed_hi": tc.seed >> 16,
+        "steps": layout.steps, "train_count": layout.train_count,
+        "test_count": layout.test_count}
+    return [values[f] for f in SETUP_FIELDS]
+
+
+def unpack_setup(cfg: HelConfig, words) -> tuple[TrainConfig, StoreLayout]:
+    """The run and store layout TRAIN_SETUP's words describe (as the device reads them).
+
+    Raises :class:`TrainingError` when the device would refuse them (its
+    ``setup_ok`` low): a field out of range, or a layout that does not fit.
+    """
+    words = [int(w) & SETUP_WORD_MAX for w in words]
+    if len(words) != SETUP_WORDS:
+        raise TrainingError(f"a training setup has {SETUP_WORDS} words, got {len(words)}")
+    v = dict(zip(SETUP_FIELDS, words))
+    if v["loss"] >= len(LOSS_KINDS) or v["optimizer"] >= len(OPTIMIZERS):
+        raise TrainingError("the setup's loss or optimizer code is unknown")
+    lr = v["lr_log2"] - (1 << SETUP_WORD_BITS) if v["lr_log2"] >> (SETUP_WORD_BITS - 1) else v["lr_log2"]
+    try:
+        tc = TrainConfig(loss=LOSS_KINDS[v["loss"]], optimizer=OPTIMIZERS[v["optimizer"]],
+                         eps_log2=v["eps_log2"], batch_log2=v["batch_log2"], lr_log2=lr,
+                         beta_log2=v["beta_log2"], beta2_log2=v["beta2_log2"],
+                         schedule="halving" if v["halvings"] else "constant",
+                         halvings=v["halvings"] or HALVINGS_RANGE[0], epochs=v["epochs"],
+                         seed=v["seed_lo"] | (v["seed_hi"] << 16))
+    except TypeError as e:          # pragma: no cover - fields are ints by construction
+        raise TrainingError(str(e)) from None
+    tc.check_for(cfg)
+    return tc, _check_layout(cfg, tc.loss, v["steps"], v["train_count"], v["test_count"])
+
+
+def _check_layout(cfg: HelConfig, loss: str, steps: int, train_count: int,
+                  test_count: int) -> StoreLayout:
+    if cfg.store_words == 0:
+        raise TrainingError("this device has no on-chip training (its store_words is 0)")
+    if loss == "onehot" and cfg.o < 2:
+        raise TrainingError(f"classification needs at least 2 outputs, the core has O = {cfg.o}")
+    if not 1 <= steps <= cfg.t_max:
+        raise TrainingError(f"sequence length T = {steps} is outside 1..t_max = {cfg.t_max}")
+    if not 1 <= train_count <= SETUP_WORD_MAX:
+        raise TrainingError(f"the training set must have 1..{SETUP_WORD_MAX} samples, "
+                            f"got {train_count}")
+    if not 0 <= test_count <= SETUP_WORD_MAX:
+        raise TrainingError(f"the test set must have 0..{SETUP_WORD_MAX} samples, got {test_count}")
+    layout = StoreLayout(loss, steps, train_count, test_count, record_words(cfg, loss, steps))
+    if layout.words > cfg.store_words:
+        raise TrainingError(
+            f"the sets need {layout.words} store words ({train_count} + {test_count} samples of "
+            f"{layout.record}), the device has {cfg.store_words}")
+    return layout
