@@ -345,7 +345,9 @@ class LossUnit(wiring.Component):
     -----
     sink : In(stream of :attr:`in_layout`)
         ``output`` ŷ (state format), ``target`` (target format; mse), ``mask`` (the
-        step's loss bit; mse), ``last`` (final step), ``label`` (onehot).
+        step's loss bit; mse), ``last`` (final step), ``label`` (onehot; one bit
+        wider than an output index: a label ≥ O is the target of no output and
+        never correct).
     source : Out(stream of :attr:`out_layout`)
         ``nudge`` (state format), ``sq`` = e² (unsigned 2·OW bits, 2·OF fractional),
         ``end``, ``argmax``, ``correct``.
@@ -389,12 +391,14 @@ class LossUnit(wiring.Component):
         if self.d_width - 1 > sw:
             raise ValueError(f"nudges of a {ow}-bit target shifted by {self.ts} do not fit the "
                              f"{sw}-bit state")
-        label = unsigned(max(1, (cfg.o - 1).bit_length()))
+        index = unsigned(max(1, (cfg.o - 1).bit_length()))
+        # One bit wider than an output index, so that "no class" (any value ≥ O) fits.
+        label = unsigned(index.width + 1)
         self.in_layout = data.StructLayout({
             "output": signed(sw), "target": signed(ow), "mask": 1, "last": 1,
             "label": label})
         self.out_layout = data.StructLayout({
-            "nudge": signed(sw), "sq": unsigned(2 * ow), "end": 1, "argmax": label,
+            "nudge": signed(sw), "sq": unsigned(2 * ow), "end": 1, "argmax": index,
             "correct": 1})
         super().__init__({
             "sink": In(stream.Signature(self.in_layout)),
