@@ -27,10 +27,11 @@ __all__ = [
     "UnknownBoard", "get_board",
 ]
 
-#: UART bit rate of every board: 1 Mbaud divides every design clock below
-#: exactly (24 and 60 clocks per bit) and both FTDI bridges (FT2232H on the
-#: iCEBreaker, FT231X on the ULX3S) run it; a 1 KiB frame takes ~10 ms.
-DEFAULT_BAUD = 1_000_000
+#: The rate the host opens a serial path at when no ``@BAUD`` is given: every
+#: board's ``baud`` (each entry says why; ``tests/test_boards.py`` checks they
+#: agree), so IDENT answers on any board's port at once. 3 Mbaud = 300 000 bytes/s:
+#: a 1 KiB frame takes ~3.4 ms.
+DEFAULT_BAUD = 3_000_000
 
 
 class UnknownBoard(KeyError):
@@ -183,10 +184,10 @@ _ULX3S_PROGRAMMER = Programmer(
 #: usable time; router2 routes it (docs/boards.md, "Building").
 _ECP5_NEXTPNR = ("--router", "router2")
 
-#: 12 MHz → 24 MHz: the iCE40 target clock; 24 clocks per UART bit at 1 Mbaud.
+#: 12 MHz → 24 MHz: the iCE40 target clock; 8 clocks per UART bit at 3 Mbaud.
 _ICEBREAKER_CLK = 24_000_000
 #: 25 MHz → 60 MHz: the ECP5 target clock, for both dies at P = 8 (post-route
-#: figures per build: docs/boards.md); 60 clocks per UART bit.
+#: figures per build: docs/boards.md); 20 clocks per UART bit at 3 Mbaud.
 _ULX3S_CLK = 60_000_000
 
 
@@ -203,7 +204,7 @@ def _ulx3s(die: str, *, resources, config: HelConfig, variant: str = "", purpose
         uart=("uart", 0),
         clock=ClockPlan("clk25", 25_000_000, "EHXPLLL"),
         clk_hz=_ULX3S_CLK,
-        baud=DEFAULT_BAUD,
+        baud=3_000_000,   # the FT231X's maximum (3 MHz/1), 20 clocks/bit: exact
         config=config,
         bitstream="top.bit",
         programmer=_ULX3S_PROGRAMMER,
@@ -222,7 +223,7 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
         uart=("uart", 0),
         clock=ClockPlan("clk12", 12_000_000, "SB_PLL40_PAD"),
         clk_hz=_ICEBREAKER_CLK,
-        baud=DEFAULT_BAUD,
+        baud=3_000_000,   # FT2232H 12 MHz/4, 8 clocks/bit: exact; faster, the 1-lane core paces
         # The UP5K's 5280 LCs, not its DSPs, set this core (docs/boards.md):
         # one MAC lane (SB_MAC16; a second one does the tanh interpolation),
         # 48-bit accumulators (acc_safe_samples = 16 samples of t_max steps)

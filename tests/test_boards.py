@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 import shutil
 import io as textio
@@ -32,6 +33,8 @@ from hel_fpga.boards import program as P
 from hel_fpga.boards.clocks import PLLError, ecp5_pll, ice40_pll
 from hel_fpga.boards.table import BOARDS, DEFAULT_BAUD, UnknownBoard, get_board
 from hel_fpga.host.cli import main as hel
+from hel_fpga.rtl.uart import divisor_for
+from hel_fpga.spec.protocol import Command, word_width
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -228,6 +231,116 @@ def test_board_table_has_the_issue_boards():
     assert len(BOARDS) >= 3
     with pytest.raises(UnknownBoard, match="icebreaker"):
         get_board("nexys")
+
+
+
+# --------------------------------------------------------------------------------------
+# UART rates against the USB bridges' datasheets
+# --------------------------------------------------------------------------------------
+
+#: Each family's USB-serial bridge: its baud generators' base clocks and its maximum
+#: rate. FTDI generators divide a base by n + k/8 (n >= 2), or by 1 or 1.5 (the
+#: special divisors 0 and 1). FT231X (FT-X, datasheet §"Baud rate generator"):
+#: 3 MHz base, 3 Mbaud at most. FT2232H: 12 MHz base in its high-speed mode (up to
+#: 12 Mbaud) and the 3 MHz base of the older parts.
+BRIDGES = {
+    "ice40": ("FT2232H", (12_000_000, 3_000_000), 12_000_000),
+    "ecp5": ("FT231X", (3_000_000,), 3_000_000),
+}
+
+#: Worst-case clock tolerance of each end, as a fraction: the FT231X has no crystal,
+#: and its clock meets USB full speed's ±0.25 %; the FT2232H and both boards' FPGA
+#: oscillators are crystals (≤ 100 ppm allowed here).
+CLOCK_TOLERANCE = {"FT231X": 0.0025, "FT2232H": 1e-4, "fpga": 1e-4}
+
+#: The link's error budget: nominal rate mismatch of the two ends plus both clock
+#: tolerances (``hel_fpga.rtl.uart.divisor_for``'s default tolerance; the mid-bit
+#: sampler's own window is wider, tests/test_uart.py).
+ERROR_BUDGET = 0.015
+
+#: Fewest clocks per bit a board's rate may use: the receiver samples once mid-bit,
+#: so 8 keeps the sample at least 3 clocks from either edge of a bit.
+MIN_CLOCKS_PER_BIT = 8
+
+
+def bridge_rate(family: str, baud: float) -> float:
+    """The rate the family's bridge makes nearest ``baud`` (the datasheet formula)."""
+    _, bases, _ = BRIDGES[family]
+    made = []
+    for base in bases:
+        x = base / baud
+        divisors = [1.0, 1.5] + [max(2.0, f(8 * x) / 8) for f in (math.floor, math.ceil)]
+        made += [base / d for d in divisors]
+    return min(made, key=lambda r: abs(r - baud))
+
+
+def link_error(board) -> float:
+    """Worst-case mismatch of the two ends' bit rates: the bridge's nominal error, the
+    FPGA divisor's, and both clocks' tolerances."""
+    bridge = BRIDGES[board.family][0]
+    fpga_rate = board.clk_hz / round(board.clk_hz / board.baud)
+    nominal = abs(bridge_rate(board.family, board.baud) - fpga_rate) / board.baud
+    return nominal + CLOCK_TOLERANCE[bridge] + CLOCK_TOLERANCE["fpga"]
+
+
+@pytest.mark.parametrize("name", list(BOARDS))
+def test_board_baud_is_exact_at_both_ends_within_the_budget(name):
+    b = BOARDS[name]
+    _, _, bridge_max = BRIDGES[b.family]
+    assert b.baud <= bridge_max
+    assert bridge_rate(b.family, b.baud) == b.baud                   # the bridge: exact
+    assert b.clk_hz % b.baud == 0                                     # the FPGA: exact
+    divisor = b.clk_hz // b.baud
+    assert divisor_for(b.clk_hz, b.baud) == divisor >= MIN_CLOCKS_PER_BIT
+    assert link_error(b) <= ERROR_BUDGET
+
+
+@pytest.mark.parametrize("name", list(BOARDS))
+def test_board_baud_is_the_fastest_exact_rate_with_eight_clocks_per_bit(name):
+    """Each board's rate is the highest its bridge carries that divides its clock
+    exactly in at least MIN_CLOCKS_PER_BIT clocks per bit."""
+    b = BOARDS[name]
+    _, _, bridge_max = BRIDGES[b.family]
+    rates = [b.clk_hz // d for d in range(MIN_CLOCKS_PER_BIT, 10_000)
+             if b.clk_hz % d == 0 and b.clk_hz // d <= bridge_max
+             and bridge_rate(b.family, b.clk_hz // d) == b.clk_hz // d]
+    assert max(rates) == b.baud
+
+
+def test_bridge_formula_reference_points():
+    """The reference formula reproduces the datasheets' example rates."""
+    assert bridge_rate("ecp5", 3_000_000) == 3_000_000        # divisor 0
+    assert bridge_rate("ecp5", 2_000_000) == 2_000_000        # divisor 1
+    assert bridge_rate("ecp5", 1_000_000) == 1_000_000        # 3
+    assert bridge_rate("ecp5", 115_200) == pytest.approx(3e6 / 26.0, rel=1e-9)  # 26.0: −0.16 %
+    assert bridge_rate("ecp5", 2_500_000) in (3_000_000, 2_000_000)  # 1.2 is not a divisor
+    assert bridge_rate("ice40", 6_000_000) == 6_000_000       # 12 MHz / 2
+    assert bridge_rate("ice40", 12_000_000) == 12_000_000     # 12 MHz / 1
+
+
+def test_icebreaker_core_not_the_line_paces_forward_and_echo_at_its_rate():
+    """Why the iCEBreaker stops at 8 clocks per bit: its one-lane core takes longer
+    per step than the line needs for a step's words, so FORWARD and ECHO run at the
+    core's pace; 6 Mbaud (4 clocks per bit, the receiver's floor) would only shorten
+    LOAD, about 6 % of a training step."""
+    b = BOARDS["icebreaker"]
+    c = b.config
+    byte_cycles = 10 * b.clk_hz // b.baud
+
+    def line(cmd, words, per_byte=byte_cycles):       # cycles of line time per step
+        return words * word_width(c, cmd) / 8 * per_byte
+
+    assert line(Command.FORWARD, c.o) < c.macs_forward_step / c.lanes
+    assert line(Command.ECHO, c.o) < c.macs_echo_step / c.lanes
+    step = line(Command.LOAD, c.k) + (c.macs_forward_step + c.macs_echo_step) / c.lanes
+    faster = line(Command.LOAD, c.k, byte_cycles // 2) + \
+        (c.macs_forward_step + c.macs_echo_step) / c.lanes
+    assert step / faster < 1.07
+
+
+def test_every_board_runs_the_default_baud():
+    """A serial path without @BAUD is opened at DEFAULT_BAUD, which is every board's rate."""
+    assert {b.baud for b in BOARDS.values()} == {DEFAULT_BAUD}
 
 
 @pytest.mark.parametrize("f_mhz", [24, 30, 36, 48, 33, 16.5])

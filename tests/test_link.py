@@ -365,6 +365,22 @@ def test_pty_end_to_end(model):
             dev.close()
 
 
+def test_a_serial_path_opens_at_every_boards_rate_unless_at_baud_is_given(model):
+    """``PATH`` opens at DEFAULT_BAUD, which every board in the table runs; ``PATH@BAUD``
+    at BAUD (a pty carries any rate, so both reach the model)."""
+    pytest.importorskip("serial")
+    from hel_fpga.boards.table import BOARDS, DEFAULT_BAUD
+    assert {b.baud for b in BOARDS.values()} == {DEFAULT_BAUD} == {3_000_000}
+    with PtyServer(model) as server:
+        for spec, baud in ((server.path, DEFAULT_BAUD), (f"{server.path}@115200", 115200)):
+            dev = open_device(spec, CFG)
+            try:
+                assert dev.port.baudrate == baud
+                assert dev.ident().config == CFG
+            finally:
+                dev.close()
+
+
 def test_open_device_opens_every_named_device_and_refuses_the_rest():
     with open_device("sim", CFG) as dev:
         assert isinstance(dev, GoldenDevice) and dev.config == CFG and dev.cycles() is None

@@ -11,11 +11,15 @@ import random
 
 import pytest
 
+from hel_fpga.boards.table import BOARDS
 from hel_fpga.rtl.uart import UART, UARTRx, UARTTx, divisor_for
 
 from amaranth_sim import simulate as run  # noqa: E402
 
 DIVISOR = 8
+
+#: Every board's clocks per bit (boards/table.py: clk_hz / baud).
+BOARD_DIVISORS = sorted({divisor_for(b.clk_hz, b.baud) for b in BOARDS.values()})
 
 
 # --- bit-level reference -----------------------------------------------------------------------
@@ -30,6 +34,20 @@ async def drive_char(ctx, line, byte, cycles_per_bit, *, stop=1):
     for level in char_bits(byte, stop):
         ctx.set(line, level)
         await ctx.tick().repeat(cycles_per_bit)
+    ctx.set(line, 1)
+
+
+async def drive_chars_at_rate(ctx, line, payload, cycles_per_bit):
+    """Drive ``payload`` back to back at a non-integer ``cycles_per_bit``: bit ``j`` of
+    the stream ends at cycle round((j + 1) · cycles_per_bit), as a sender whose clock
+    differs from the receiver's would place it."""
+    levels = [level for byte in payload for level in char_bits(byte)]
+    now = 0
+    for j, level in enumerate(levels):
+        ctx.set(line, level)
+        end = round((j + 1) * cycles_per_bit)
+        await ctx.tick().repeat(end - now)
+        now = end
     ctx.set(line, 1)
 
 
@@ -191,6 +209,25 @@ def test_rx_tolerates_a_three_percent_baud_mismatch(sender_cycles_per_bit):
     assert counts == {"framing": 0, "overrun": 0}
 
 
+@pytest.mark.parametrize("error", [-0.015, 0.015])
+@pytest.mark.parametrize("divisor", BOARD_DIVISORS)
+def test_rx_at_each_boards_divisor_takes_a_sender_off_by_the_error_budget(divisor, error):
+    """A back-to-back stream from a sender 1.5 % fast or slow (the link's whole error
+    budget, tests/test_boards.py) is received exactly at every board's divisor."""
+    rng = random.Random(divisor)
+    payload = [rng.randrange(256) for _ in range(24)] + [0x00, 0xFF, 0x55, 0xAA]
+    dut = UARTRx(divisor)
+
+    async def line(ctx):
+        await ctx.tick().repeat(3)
+        await drive_chars_at_rate(ctx, dut.rx, payload, divisor * (1 + error))
+        await ctx.tick().repeat(4 * divisor)
+
+    got, counts = rx_bench(dut, line)
+    assert got == payload
+    assert counts == {"framing": 0, "overrun": 0}
+
+
 def test_rx_drops_byte_with_bad_stop_bit_and_resynchronises_after_a_break():
     dut = UARTRx(DIVISOR)
     before, after = [0x12, 0x00], [0xFE, 0x01, 0x80]
@@ -281,16 +318,17 @@ def test_rx_holds_unconsumed_byte_and_reports_overrun_for_the_next():
 
 # --- both ----------------------------------------------------------------------------------------
 
-def test_uart_loopback_delivers_every_byte_of_a_saturating_stream():
+@pytest.mark.parametrize("divisor", sorted({5, *BOARD_DIVISORS}))
+def test_uart_loopback_delivers_every_byte_of_a_saturating_stream(divisor):
     rng = random.Random(3)
     payload = [rng.randrange(256) for _ in range(32)]
-    dut = UART(5)
+    dut = UART(divisor)
     levels, got = [], []
 
     async def producer(ctx):
         for byte in payload:
             await stream_put(ctx, dut.sink, byte)
-        await ctx.tick().repeat(12 * 5)
+        await ctx.tick().repeat(12 * divisor)
 
     async def wire(ctx):                                      # tx → rx, one cycle of delay
         async for _, _, level in ctx.tick().sample(dut.tx):
@@ -298,7 +336,7 @@ def test_uart_loopback_delivers_every_byte_of_a_saturating_stream():
 
     run(dut, producer, background=[wire, line_recorder(dut.tx, levels),
                                    stream_collector(dut.source, got)])
-    assert [b for _, b in decode_line(levels, 5)] == payload
+    assert [b for _, b in decode_line(levels, divisor)] == payload
     assert got == payload
 
 
