@@ -10,9 +10,9 @@ A named device runs the configuration the host gives it:
   built and cached per configuration; its clock counter is ``Device.cycles()``.
 
 Anything else is a board with a configuration of its own, reported through
-IDENT: a serial device path, optionally ending in ``@BAUD`` (default: the
-boards' :data:`hel_fpga.boards.table.DEFAULT_BAUD`), or a pyserial URL
-(``scheme://…``).
+IDENT: a serial device path, optionally ending in ``@BAUD`` (default:
+:data:`hel_fpga.boards.table.DEFAULT_BAUD`, 3 Mbaud, the rate every board in the
+table runs), or a pyserial URL (``scheme://…``).
 
 Every command that takes ``--device`` builds its help from :func:`device_help`
 and opens the device with :func:`open_device`, so a new kind of device is added

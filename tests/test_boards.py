@@ -259,7 +259,7 @@ CLOCK_TOLERANCE = {"FT231X": 0.0025, "FT2232H": 1e-4, "fpga": 1e-4}
 ERROR_BUDGET = 0.015
 
 #: Fewest clocks per bit a board's rate may use: the receiver samples once mid-bit,
-#: so 8 keeps the sample at least 3 clocks from either edge of a bit.
+#: so 8 keeps the sample more than 3 clocks from either edge of a bit (4: more than 1).
 MIN_CLOCKS_PER_BIT = 8
 
 
