@@ -38,6 +38,7 @@ from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 from hel_fpga.sim.golden import StateError
 from hel_fpga.spec.names import BANKS, ESTIMATORS
+from hel_fpga.spec.training import SETUP_WORD_MAX, SETUP_WORDS
 
 __all__ = ["SerialDevice", "RemoteError", "RemoteStateError", "RemoteRangeError", "check_config"]
 
@@ -241,6 +242,61 @@ class SerialDevice(Device):
         """RESET: abort any transfer; parameters, accumulators, state, flags to zero."""
         self._request(Command.RESET)
         self._t = None
+
+    # ---- on-chip training (docs/protocol.md "On-chip training") ----------------------------
+    def train_setup(self, words) -> None:
+        """TRAIN_SETUP: the SETUP_WORDS words of :func:`hel_fpga.spec.training.pack_setup`."""
+        words = np.asarray(words, dtype=np.int64)
+        if words.shape != (SETUP_WORDS,) or words.min() < 0 or words.max() > SETUP_WORD_MAX:
+            raise FormatError(f"a training setup is {SETUP_WORDS} words of 0..{SETUP_WORD_MAX}")
+        # an operand word carries the setup word's 16 bits (two's complement when narrower)
+        ow = self.config.operand_width
+        signed = np.where(words >> (ow - 1) & 1, words - (1 << ow), words)
+        self._transfer(Command.TRAIN_SETUP, b"", signed)
+
+    def store(self, start: int, words) -> None:
+        """STORE: operand words into the training store from address ``start``."""
+        cfg = self.config
+        words = cfg.operand.check_int(np.asarray(words).ravel(), "store words")
+        if len(words) == 0:
+            return
+        if not 0 <= start or start + len(words) > cfg.store_words:
+            raise FormatError(f"store words {start}..{start + len(words) - 1} do not fit the "
+                              f"device's store of {cfg.store_words} words")
+        payload = len(words).to_bytes(4, "little") + start.to_bytes(4, "little")
+        self._transfer(Command.STORE, payload, words)
+
+    def write_master(self, which: int, words) -> None:
+        """WRITE_MASTER: master weights (``which`` 0; the parameters follow) or moments (1)."""
+        self._transfer(Command.WRITE_MASTER, bytes([which]), np.asarray(words, dtype=np.int64),
+                       cycles=2 * self._n_params())
+
+    def read_master(self, which: int) -> np.ndarray:
+        """READ_MASTER: the master weights (0) or the moments (1), PARAM_NAMES order."""
+        return self._read_block(Command.READ_MASTER, bytes([which]), self._n_params())
+
+    def start_pass(self, cmd: Command, arg: int) -> None:
+        """TRAIN (``arg`` = epoch) or EVAL (``arg`` = set): the pass then runs in the device."""
+        if cmd == Command.TRAIN:
+            self._request(cmd, (arg & 0xFFFFFFFF).to_bytes(4, "little"))
+        elif cmd == Command.EVAL:
+            self._request(cmd, bytes([arg]))
+        else:
+            raise ValueError(f"{cmd!r} does not start a pass")
+
+    def metrics(self) -> dict[str, int]:
+        """METRICS: the running or last pass's counters (:data:`~hel_fpga.spec.protocol.METRICS_LAYOUT`)."""
+        payload = self._request(Command.METRICS)
+        try:
+            fields, rest = P.unpack_fields(P.METRICS_LAYOUT, payload)
+        except ValueError as e:
+            raise DeviceError(f"malformed METRICS reply: {e}") from None
+        if rest:
+            raise DeviceError(f"malformed METRICS reply: {len(rest)} bytes too many")
+        return fields
+
+    def _n_params(self) -> int:
+        return sum(int(np.prod(s)) for s in self.config.param_shapes().values())
 
     def cycles(self) -> int | None:
         return None if self.board is None else self.board.cycles()

@@ -96,9 +96,11 @@ import operator
 from amaranth.hdl import Cat, Const, Module, Mux, ResetInserter, Signal, signed
 from amaranth.lib import enum, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
 
 from hel_fpga.spec import protocol as P
 from hel_fpga.rtl.core import HELCore, Op
+from hel_fpga.spec.training import SETUP_WORDS
 from hel_fpga.spec.formats import HelConfig
 from hel_fpga.spec.names import BANKS, ESTIMATORS, PARAM_NAMES
 from hel_fpga.rtl.framing import LENGTH_BITS, FrameByte, LinkError
@@ -108,11 +110,12 @@ __all__ = ["CommandUnit", "DataReplier", "WordUnpacker", "ReplyKind", "WORD_WIDT
            "RESET_OPS", "COMMAND_REPLY", "mul_const"]
 
 #: The word widths the unit moves, as HelConfig fields. The replier's ``width`` is an
-#: index into all three, the unpacker's into the first two (transfers carry no
-#: accumulators).
+#: index into all three, the unpacker's into the first two, or all three on a device
+#: with on-chip training (WRITE_MASTER's words are acc words).
 WORD_WIDTHS = ("operand_width", "state_width", "acc_width")
 assert set(P.WORD_WIDTH.values()) == set(WORD_WIDTHS)
-assert all(WORD_WIDTHS.index(P.WORD_WIDTH[c]) < 2 for c in P.OPENS_TRANSFER)
+assert all(WORD_WIDTHS.index(P.WORD_WIDTH[c]) < 2 for c in P.OPENS_TRANSFER
+           if c not in P.TRAINING_COMMANDS)
 
 #: The core operation of each command that needs the core.
 CORE_OP = {
@@ -121,6 +124,9 @@ CORE_OP = {
     Command.READ_STATE: Op.READ_STATE, Command.SELFTEST: Op.SELFTEST,
     Command.FORWARD: Op.FORWARD, Command.WRITE_PARAMS: Op.WRITE_PARAMS,
     Command.LOAD: Op.LOAD, Command.ECHO: Op.ECHO,
+    Command.TRAIN_SETUP: Op.TRAIN_SETUP, Command.STORE: Op.STORE,
+    Command.WRITE_MASTER: Op.WRITE_MASTER, Command.READ_MASTER: Op.READ_MASTER,
+    Command.TRAIN: Op.TRAIN, Command.EVAL: Op.EVAL,
 }
 
 #: The core operations that zero the core's memories after its local reset (see RESET).
@@ -136,11 +142,13 @@ class ReplyKind(enum.Enum, shape=3):
     ERROR = 3       # ERROR_LAYOUT
     ACK = 4         # a DATA chunk's ack: next:u16
     RESULT = 5      # SELFTEST's result:u8
+    METRICS = 6     # METRICS_LAYOUT, latched from the training core when accepted
 
 
 #: The small reply of each command that has a non-empty one.
 COMMAND_REPLY = {Command.IDENT: ReplyKind.IDENT, Command.STATUS: ReplyKind.STATUS,
-                 Command.SELFTEST: ReplyKind.RESULT, Command.DATA: ReplyKind.ACK}
+                 Command.SELFTEST: ReplyKind.RESULT, Command.DATA: ReplyKind.ACK,
+                 Command.METRICS: ReplyKind.METRICS}
 
 
 def _layout_len(layout) -> int:
@@ -371,6 +379,8 @@ class CommandUnit(wiring.Component):
     def __init__(self, cfg: HelConfig, *, clk_hz: int, baud: int, name: str = "hel-fpga",
                  core_signature: wiring.Signature | None = None):
         self.cfg = cfg
+        #: the device has on-chip training: ``core`` is a TrainingCore's signature
+        self.training = cfg.store_words > 0
         self.ident = P.pack_ident(cfg, clk_hz, baud, name)
         self.widths = tuple(getattr(cfg, f) for f in WORD_WIDTHS)
         shapes = cfg.param_shapes()
@@ -381,6 +391,9 @@ class CommandUnit(wiring.Component):
         blocks_in = [(self.n_params, ow), (cfg.t_max * cfg.k, ow), (cfg.t_max * cfg.o, sw)]
         blocks_out = [(self.n_params, ow), (cfg.t_max * cfg.o, sw),
                       (self.n_params, cfg.acc_width), (2 * cfg.n, sw)]
+        if self.training:
+            blocks_in += [(SETUP_WORDS, ow), (cfg.store_words, ow),
+                          (self.n_params, cfg.acc_width)]
         self.max_in = max(total for total, _ in blocks_in)
         self.max_out = max(total for total, _ in blocks_out)
         # the most chunks a transfer can have (xfer_done counts up to it); every block
@@ -398,7 +411,8 @@ class CommandUnit(wiring.Component):
 
     @staticmethod
     def _core_signature(cfg: HelConfig) -> wiring.Signature:
-        core = HELCore(cfg)
+        from hel_fpga.rtl.training import TrainingCore
+        core = TrainingCore(cfg) if cfg.store_words else HELCore(cfg)
         core._MustUse__silence = True      # built only for its signature
         return core.signature
 
@@ -440,9 +454,10 @@ class _CommandUnitBuilder:
         m, unit = self.m, self.unit
         m.submodules.replier = self.replier = DataReplier(
             unit.widths, len(Signal(range(unit.max_out + 1))))
-        self.chunk_words_range = range(max(P.chunk_words(w) for w in unit.widths[:2]) + 1)
+        self.in_widths = unit.widths if unit.training else unit.widths[:2]
+        self.chunk_words_range = range(max(P.chunk_words(w) for w in self.in_widths) + 1)
         m.submodules.unpacker = self.unpacker = WordUnpacker(
-            unit.widths[:2], len(Signal(self.chunk_words_range)))
+            self.in_widths, len(Signal(self.chunk_words_range)))
         # A block RAM, which Yosys does not infer for so small a ROM unless told: its
         # read is registered, so REPLY addresses the byte of the next cycle.
         m.submodules.rom = ident_rom = memory.Memory(
@@ -475,7 +490,7 @@ class _CommandUnitBuilder:
         self.xfer_done = Signal(range(unit.max_in_chunks + 1))   # chunks applied = the next index
         self.xfer_done_u16 = Cat(self.xfer_done, Const(0, 16 - len(self.xfer_done)))
         self.xfer_words_left = Signal(range(unit.max_in + 1))   # words not yet received
-        self.xfer_state_words = Signal()        # the transfer's words: 0 operands, 1 state
+        self.xfer_width = Signal(range(3))      # the transfer's words: a WORD_WIDTHS index
         self.load_t = Signal(range(cfg.t_max + 1))      # an open LOAD's T
         self.done_seen = Signal()
 
@@ -497,6 +512,10 @@ class _CommandUnitBuilder:
         self.reply_arg_next = Signal()          # ERROR: arg = the next chunk index (else 0)
         self.selftest_pass = Signal()           # RESULT
         self.reply_index = Signal(range(len(unit.ident) + 3))   # the reply byte being sent
+        assert len(unit.ident) > _layout_len(P.METRICS_LAYOUT)
+        self.reply_len[ReplyKind.METRICS] = _layout_len(P.METRICS_LAYOUT)
+        # the training core's metrics as METRICS was accepted (a pass updates them)
+        self.metrics_latched = Signal(8 * _layout_len(P.METRICS_LAYOUT))
         self.reset_step = Signal(range(len(RESET_OPS)))
 
     # ------------------------------------------------------------------ decode
@@ -508,13 +527,21 @@ class _CommandUnitBuilder:
         for c, sig in self.is_cmd.items():
             m.d.comb += sig.eq(cmd == c)
         self.known = Signal()
-        m.d.comb += self.known.eq(Cat(*self.is_cmd.values()).any())
+        m.d.comb += self.known.eq(Cat(*(sig for c, sig in self.is_cmd.items()
+                                        if self.unit.training
+                                        or c not in P.TRAINING_COMMANDS)).any())
         self.duplicate = Signal()
         m.d.comb += self.duplicate.eq(self.last_valid & (self.last_cmd == cmd)
                                       & (self.last_seq == self.frame_seq))
         self.allowed_in_transfer = Signal()
         m.d.comb += self.allowed_in_transfer.eq(
             Cat(*(self.is_cmd[c] for c in P.DURING_TRANSFER)).any())
+        self.allowed_in_pass = Signal()
+        m.d.comb += self.allowed_in_pass.eq(Cat(*(self.is_cmd[c] for c in P.DURING_PASS)).any())
+        # the training core's state (constant on a device without it)
+        core = self.unit.core
+        self.in_pass = core.training if self.unit.training else Const(0)
+        self.setup_ok = core.setup_ok if self.unit.training else Const(0)
         self.length_ok = Signal()
         with m.Switch(cmd):
             for c, n in P.REQUEST_LEN.items():
@@ -536,13 +563,17 @@ class _CommandUnitBuilder:
         """DATA: the words and the body length of the chunk expected next.
 
         Registers, two stages, out of the path into the verdict: xfer_words_left and
-        xfer_state_words change only in CHECK and UNPACK, and the next DATA frame
+        xfer_width change only in CHECK and UNPACK, and the next DATA frame
         reaches VERDICT at least four cycles later (DRAIN, IDLE, SEQ, two PAYLOAD
         bytes), when both stages have long settled.
         """
         m, cfg = self.m, self.cfg
-        ow, sw = cfg.operand_width, cfg.state_width
-        chunk_words = Mux(self.xfer_state_words, P.chunk_words(sw), P.chunk_words(ow))
+        widths = self.in_widths
+        chunk_words = Signal(self.chunk_words_range)
+        with m.Switch(self.xfer_width):
+            for i, w in enumerate(widths):
+                with m.Case(i):
+                    m.d.comb += chunk_words.eq(P.chunk_words(w))
         self.expected_chunk_words = Signal.like(self.verdict_chunk_words)
         m.d.sync += self.expected_chunk_words.eq(
             Mux(self.xfer_words_left > chunk_words, chunk_words, self.xfer_words_left))
@@ -550,9 +581,10 @@ class _CommandUnitBuilder:
         self.expected_chunk_len = Signal(LENGTH_BITS + 1)
         pad = 7 + 8 * (P.HEADER_LEN + P.CHUNK_HEADER_LEN)
         words = self.expected_chunk_words
-        m.d.sync += self.expected_chunk_len.eq(Mux(self.xfer_state_words,
-                                                   (mul_const(words, sw) + pad) >> 3,
-                                                   (mul_const(words, ow) + pad) >> 3))
+        with m.Switch(self.xfer_width):
+            for i, w in enumerate(widths):
+                with m.Case(i):
+                    m.d.sync += self.expected_chunk_len.eq((mul_const(words, w) + pad) >> 3)
 
     # ------------------------------------------------------------------ checks
     def checks(self):
@@ -568,7 +600,14 @@ class _CommandUnitBuilder:
         wrong_state = Signal()
         m.d.comb += wrong_state.eq((is_forward & (self.t_loaded == 0))
                                    | (is_echo & ~self.forwarded)
-                                   | (is_data & ~self.xfer_open))
+                                   | (is_data & ~self.xfer_open)
+                                   | ((is_cmd[Command.TRAIN] | is_cmd[Command.EVAL])
+                                      & ~self.setup_ok))
+        # STORE: count ≥ 1 and start + count ≤ store_words (start is the second u32)
+        store_words = cfg.store_words
+        store_end = Signal(34)
+        m.d.comb += store_end.eq(u32 + self.payload[32:64])
+        store_bad = (u32 == 0) | (store_end > store_words)
         bad_value = Signal()
         m.d.comb += bad_value.eq(
             ((is_cmd[Command.READ_PARAMS] | is_cmd[Command.WRITE_PARAMS]) & ~self.mask_ok)
@@ -576,7 +615,10 @@ class _CommandUnitBuilder:
             | (is_cmd[Command.SELFTEST] & (u32 == 0))
             | (is_forward & (u8 > len(ESTIMATORS) - 1))
             | (is_cmd[Command.LOAD] & ((u32 == 0) | (u32 > cfg.t_max)))
-            | (is_echo & (u32 != 1) & (u32 != self.t_loaded)))
+            | (is_echo & (u32 != 1) & (u32 != self.t_loaded))
+            | ((is_cmd[Command.WRITE_MASTER] | is_cmd[Command.READ_MASTER]
+                | is_cmd[Command.EVAL]) & (u8 > 1))
+            | (is_cmd[Command.STORE] & store_bad))
         self.data_old = Signal()                # DATA: a chunk already applied
         m.d.comb += self.data_old.eq(self.index < self.xfer_done)
         self.verdict = Signal(8)                # an ErrorCode, 0 = accepted
@@ -585,6 +627,8 @@ class _CommandUnitBuilder:
             m.d.comb += verdict.eq(ErrorCode.UNKNOWN_COMMAND)
         with m.Elif(self.xfer_open & ~self.allowed_in_transfer):
             m.d.comb += verdict.eq(Mux(self.duplicate_opening, 0, ErrorCode.BUSY))
+        with m.Elif(self.in_pass & ~self.allowed_in_pass):
+            m.d.comb += verdict.eq(ErrorCode.BUSY)
         with m.Elif(~self.length_ok):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
         with m.Elif(wrong_state):
@@ -613,13 +657,20 @@ class _CommandUnitBuilder:
             m.d.comb += self.xfer_total.eq(self.masked_total)
         with m.Elif(is_cmd[Command.LOAD]):
             m.d.comb += self.xfer_total.eq(mul_const(u32[:len(self.load_t)], cfg.k))
+        with m.Elif(is_cmd[Command.TRAIN_SETUP]):
+            m.d.comb += self.xfer_total.eq(SETUP_WORDS)
+        with m.Elif(is_cmd[Command.STORE]):
+            m.d.comb += self.xfer_total.eq(u32)
+        with m.Elif(is_cmd[Command.WRITE_MASTER]):
+            m.d.comb += self.xfer_total.eq(self.unit.n_params)
         with m.Else():
             m.d.comb += self.xfer_total.eq(Mux(u32 == 1, cfg.o, mul_const(self.t_loaded, cfg.o)))
         # data replies: each command's word width and total
         self.streams = functools.reduce(operator.or_, (is_cmd[c] for c in P.DATA_REPLIES))
         totals = {Command.READ_PARAMS: self.masked_total,
                   Command.FORWARD: mul_const(self.t_loaded, cfg.o),
-                  Command.READ_ACC: self.unit.n_params, Command.READ_STATE: 2 * cfg.n}
+                  Command.READ_ACC: self.unit.n_params, Command.READ_STATE: 2 * cfg.n,
+                  Command.READ_MASTER: self.unit.n_params}
         m.d.comb += [replier.cmd.eq(self.frame_cmd), replier.seq.eq(self.frame_seq)]
         for i, c in enumerate(P.DATA_REPLIES):
             if i == 0:
@@ -631,7 +682,7 @@ class _CommandUnitBuilder:
             with branch:
                 m.d.comb += [replier.width.eq(WORD_WIDTHS.index(P.WORD_WIDTH[c])),
                              replier.total.eq(totals[c])]
-        m.d.comb += [self.unpacker.width.eq(self.xfer_state_words),
+        m.d.comb += [self.unpacker.width.eq(self.xfer_width),
                      self.unpacker.count.eq(self.verdict_chunk_words)]
 
         # The core's reset is a register (high in the RESET state): it reaches every
@@ -683,15 +734,18 @@ class _CommandUnitBuilder:
         m, core, is_cmd = self.m, self.unit.core, self.is_cmd
         replier, unpacker = self.replier, self.unpacker
         # outputs of the core → the replier (it sends only a word's low ``w`` bits)
-        self.outs = [(core.params_out, Command.READ_PARAMS), (core.outputs, Command.FORWARD),
-                     (core.acc_out, Command.READ_ACC), (core.state_out, Command.READ_STATE)]
-        for st, c in self.outs:
-            with m.If(is_cmd[c]):
+        # (READ_MASTER's words come on acc_out too: the training core sends them there)
+        acc_reply = is_cmd[Command.READ_ACC] | is_cmd[Command.READ_MASTER]
+        self.outs = [(core.params_out, is_cmd[Command.READ_PARAMS]),
+                     (core.outputs, is_cmd[Command.FORWARD]), (core.acc_out, acc_reply),
+                     (core.state_out, is_cmd[Command.READ_STATE])]
+        for st, sel in self.outs:
+            with m.If(sel):
                 m.d.comb += [replier.words.valid.eq(st.valid), st.ready.eq(replier.words.ready)]
         # The payload bit by bit from the streams wide enough to have that bit, the widest
         # one by default: a bit only the accumulators have needs no multiplexer at all.
-        by_width = sorted(((len(st.payload), st.payload.as_unsigned(), is_cmd[c])
-                           for st, c in self.outs), key=lambda t: t[0])
+        by_width = sorted(((len(st.payload), st.payload.as_unsigned(), sel)
+                           for st, sel in self.outs), key=lambda t: t[0])
         bits = []
         for b in range(len(replier.words.payload)):
             have = [(p, sel) for w, p, sel in by_width if w > b]
@@ -701,8 +755,11 @@ class _CommandUnitBuilder:
             bits.append(bit)
         m.d.comb += replier.words.payload.eq(Cat(*bits))
         # the unpacker → the core's input of the open transfer
-        ins = [(core.params_in, Command.WRITE_PARAMS), (core.inputs, Command.LOAD),
-               (core.nudges, Command.ECHO)]
+        ins = [(core.params_in, (Command.WRITE_PARAMS,)),
+               (core.inputs, (Command.LOAD, Command.TRAIN_SETUP, Command.STORE)),
+               (core.nudges, (Command.ECHO,))]
+        if self.unit.training:
+            ins.append((core.wide_in, (Command.WRITE_MASTER,)))
         # One word waits between them, which keeps the core's ready off a path through
         # the unpacker into rx.ready; the unpacker is bit-serial, so a one-word buffer
         # keeps its pace. It is emptied with the core's reset: a RESET may arrive while
@@ -712,9 +769,9 @@ class _CommandUnitBuilder:
         m.d.comb += [word_buf.w_data.eq(unpacker.words.payload),
                      word_buf.w_en.eq(unpacker.words.valid),
                      unpacker.words.ready.eq(word_buf.w_rdy)]
-        for st, c in ins:
+        for st, cmds in ins:
             m.d.comb += st.payload.eq(word_buf.r_data)
-            with m.If(self.xfer_cmd == c):
+            with m.If(functools.reduce(operator.or_, (self.xfer_cmd == c for c in cmds))):
                 m.d.comb += [st.valid.eq(word_buf.r_rdy), word_buf.r_en.eq(st.ready)]
 
 
@@ -814,7 +871,7 @@ class _CommandUnitBuilder:
             # Without an open transfer the core is idle (or about to be: wait for it),
             # so a command that needs it is handed over in this very cycle.
             code = self.verdict_code
-            with m.If(self.xfer_open | core.cmd.ready):
+            with m.If(self.xfer_open | core.cmd.ready | self.in_pass):
                 m.d.sync += [self.reply_kind.eq(Mux(code != 0, ReplyKind.ERROR,
                                                     self.command_reply)),
                              self.reply_code.eq(code),
@@ -839,12 +896,24 @@ class _CommandUnitBuilder:
             m.d.sync += [self.forwarded.eq(0), self.one_sided.eq(0)]
         with m.If(is_cmd[Command.LOAD]):
             m.d.sync += [self.t_loaded.eq(0), self.load_t.eq(u32)]
-        state_words = functools.reduce(operator.or_, (
-            is_cmd[c] for c in P.OPENS_TRANSFER if P.WORD_WIDTH[c] == "state_width"))
+        xfer_width = Signal.like(self.xfer_width)
+        for c in P.OPENS_TRANSFER:
+            if self.unit.training or c not in P.TRAINING_COMMANDS:
+                with m.If(is_cmd[c]):
+                    m.d.comb += xfer_width.eq(WORD_WIDTHS.index(P.WORD_WIDTH[c]))
         with m.If(self.opens):
             m.d.sync += [self.xfer_open.eq(1), self.xfer_cmd.eq(self.frame_cmd),
                          self.xfer_done.eq(0), self.xfer_words_left.eq(self.xfer_total),
-                         self.xfer_state_words.eq(state_words)]
+                         self.xfer_width.eq(xfer_width)]
+        # a pass leaves nothing loaded and nothing to echo
+        with m.If(is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]):
+            m.d.sync += [self.t_loaded.eq(0), self.forwarded.eq(0), self.one_sided.eq(0)]
+        if self.unit.training:
+            with m.If(is_cmd[Command.METRICS]):
+                mt = self.unit.core.metrics
+                m.d.sync += self.metrics_latched.eq(Cat(
+                    mt.running, Const(0, 8 - len(mt.running)), mt.samples, mt.loss_sum,
+                    mt.correct, mt.skipped))
         with m.If(is_cmd[Command.DATA]):
             m.d.comb += self.unpacker.start.eq(1)
         m.next = "DRAIN"
@@ -852,7 +921,7 @@ class _CommandUnitBuilder:
             m.d.sync += self.core_rst.eq(1)
             m.next = "RESET"
         with m.If(is_cmd[Command.CLEAR_FLAGS] | is_cmd[Command.CLEAR_ACC]
-                  | is_cmd[Command.SELFTEST]):
+                  | is_cmd[Command.SELFTEST] | is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]):
             m.next = "CORE_WAIT"
         with m.If(self.streams):
             m.next = "STREAM"
@@ -979,6 +1048,10 @@ class _CommandUnitBuilder:
                     m.d.comb += body.eq(byte)
         with m.If(kind == ReplyKind.IDENT):
             m.d.comb += body.eq(ident_read.data)
+        if self.unit.training:
+            with m.If(kind == ReplyKind.METRICS):
+                m.d.comb += body.eq(self.metrics_latched.word_select(
+                    i[:ceil_log2(len(self.metrics_latched) // 8)], 8))
         with m.Switch(reply_index):
             with m.Case(0):
                 m.d.comb += tx.payload.data.eq(Mux(is_error, P.ERROR_REPLY,

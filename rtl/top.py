@@ -7,6 +7,10 @@ pins, ``rx`` and ``tx``, everything in the default ``sync`` domain, no
     rx ─► UART ─► FrameDecoder ─► CommandUnit ◄─► ResetInserter(HELCore)
     tx ◄─ UART ◄─ FrameEncoder ◄─ 2-byte queue ◄─┘
 
+On a configuration with on-chip training (``store_words > 0``) the command unit's
+core is a :class:`hel_fpga.rtl.training.TrainingCore`: the HEL core with the
+training controller and its memories around it, behind the same interface.
+
 :class:`Device` is the same without the UART (byte streams in and out), for
 tests and for anything that brings its own byte transport.
 """
@@ -59,7 +63,11 @@ class Device(wiring.Component):
         m = Module()
         m.submodules.decoder = decoder = FrameDecoder(depth=self.rx_depth)
         m.submodules.encoder = encoder = FrameEncoder()
-        core = HELCore(self.cfg)
+        if self.cfg.store_words:
+            from hel_fpga.rtl.training import TrainingCore
+            core = TrainingCore(self.cfg)
+        else:
+            core = HELCore(self.cfg)
         m.submodules.command = cu = CommandUnit(self.cfg, clk_hz=self.clk_hz, baud=self.baud,
                                                 name=self.name, core_signature=core.signature)
         m.submodules.core = ResetInserter({"sync": cu.core_rst})(core)

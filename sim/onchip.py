@@ -45,9 +45,10 @@ from hel_fpga.sim.golden import GoldenCore
 from hel_fpga.spec.formats import HelConfig, rshift_round, saturate
 from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.spec.training import (
-    LOSS_SUM_WIDTH, TrainConfig, TrainFormats, TrainingError, epoch_order, lr_shift_at)
+    LOSS_SUM_WIDTH, StoreLayout, TrainConfig, TrainFormats, TrainingError, epoch_order, lr_shift_at,
+    unpack_setup)
 
-__all__ = ["SampleStore", "Metrics", "OnChipTrainer", "shift_saturate", "gradient_from_acc",
+__all__ = ["SampleStore", "Metrics", "OnChipTrainer", "TrainingUnit", "shift_saturate", "gradient_from_acc",
            "sgdm_step", "lion_step", "requantize", "clamp_master", "master_from_float",
            "sample_nudges"]
 
@@ -218,6 +219,35 @@ class SampleStore:
             raise TrainingError(f"labels must be in 0..{cfg.o - 1}, got {int(lab.min())}..{int(lab.max())}")
         return cls("onehot", u, labels=lab.astype(np.int64))
 
+    @classmethod
+    def from_image(cls, cfg: HelConfig, image, layout: StoreLayout, test: bool) -> "SampleStore":
+        """The training (or test) set as the device reads it from its store image
+        (operand words, :class:`hel_fpga.spec.training.StoreLayout`): mask words count
+        when non-zero, label words are read unsigned (one outside 0..O−1 is no
+        output's target). No range check: the device takes what was written."""
+        count = layout.test_count if test else layout.train_count
+        t, k, o = layout.steps, cfg.k, cfg.o
+        base = layout.base(test, 0)
+        recs = np.asarray(image[base:base + count * layout.record], dtype=np.int64)
+        recs = recs.reshape(count, layout.record)
+        u = recs[:, :t * k].reshape(count, t, k)
+        if layout.loss == "onehot":
+            labels = recs[:, t * k] & ((1 << cfg.operand_width) - 1)
+            return cls("onehot", u, labels=labels)
+        y = recs[:, t * k:t * (k + o)].reshape(count, t, o)
+        mask = recs[:, t * (k + o):] != 0
+        return cls("mse", u, targets=y, mask=mask)
+
+    def image(self, cfg: HelConfig) -> np.ndarray:
+        """This set's records as store words (:class:`hel_fpga.spec.training.StoreLayout`)."""
+        s = self.count
+        parts = [self.inputs.reshape(s, -1)]
+        if self.kind == "onehot":
+            parts.append(self.labels.reshape(s, 1))
+        else:
+            parts += [self.targets.reshape(s, -1), self.mask.reshape(s, -1).astype(np.int64)]
+        return np.concatenate(parts, axis=1).ravel()
+
     def loss_elements(self, cfg: HelConfig) -> int:
         """Squared errors one pass over the store sums (Σ mask · O, or S · O)."""
         if self.kind == "onehot":
@@ -230,7 +260,8 @@ class SampleStore:
             return self.targets[i], self.mask[i]
         fm = TrainFormats(cfg)
         y = np.zeros((self.steps, cfg.o), dtype=np.int64)
-        y[-1, self.labels[i]] = fm.onehot_on()
+        if 0 <= self.labels[i] < cfg.o:        # a label out of range is no output's target
+            y[-1, self.labels[i]] = fm.onehot_on()
         mask = np.zeros(self.steps, dtype=bool)
         mask[-1] = True
         return y, mask
@@ -290,10 +321,13 @@ class OnChipTrainer:
         The training set (its kind must be ``tc.loss``).
     master:
         Initial master weights (integers, master format), by parameter name.
+    core:
+        Drive this core as it is (a device's: :class:`TrainingUnit`) instead of a
+        fresh one loaded with the re-quantised master weights.
     """
 
     def __init__(self, cfg: HelConfig, tc: TrainConfig, train: SampleStore,
-                 master: dict[str, np.ndarray]):
+                 master: dict[str, np.ndarray], *, core: GoldenCore | None = None):
         tc.check_for(cfg)
         if train.kind != tc.loss:
             raise TrainingError(f"the training set is for loss {train.kind!r}, the run uses {tc.loss!r}")
@@ -312,6 +346,9 @@ class OnChipTrainer:
             self.master[k] = clamp_master(a.astype(np.int64), self.fm)
         self.moment = {k: np.zeros(shapes[k], dtype=np.int64) for k in PARAM_NAMES}
         self.epoch = 0
+        if core is not None:        # a device's core: its parameters are the device's
+            self.core = core
+            return
         self.core = GoldenCore(cfg)
         self._write_params()
         self.core.clear_accumulators()
@@ -427,3 +464,110 @@ class OnChipTrainer:
                                       self.fm.moment.width)
         self.epoch = int(state["epoch"])
         self._write_params()
+
+
+# --------------------------------------------------------------------------- the device's unit
+
+class TrainingUnit:
+    """The device's on-chip training unit beside a :class:`GoldenCore`, command by command.
+
+    This is what the protocol commands of docs/protocol.md (TRAIN_SETUP, STORE,
+    WRITE_MASTER, READ_MASTER, TRAIN, EVAL, METRICS) act on: the store of
+    ``cfg.store_words`` operand words, the master weights and moments, the
+    latched setup and the last pass's metrics. A pass is the same loop as
+    :class:`OnChipTrainer` (which it drives on the shared core), with the device's
+    extras: TRAIN starts by clearing the core's accumulators and flags, and the
+    store is read as written (:meth:`SampleStore.from_image`).
+
+    :meth:`reset` is the device's RESET: the setup and the metrics are
+    forgotten, the memories (store, master weights, moments) keep their contents.
+    """
+
+    def __init__(self, cfg: HelConfig, core: GoldenCore):
+        if cfg.store_words < 1:
+            raise TrainingError("this configuration has no on-chip training (store_words = 0)")
+        self.cfg, self.core = cfg, core
+        self.fm = TrainFormats(cfg)
+        shapes = cfg.param_shapes()
+        self.store = np.zeros(cfg.store_words, dtype=np.int64)
+        self.master = {k: np.zeros(shapes[k], dtype=np.int64) for k in PARAM_NAMES}
+        self.moment = {k: np.zeros(shapes[k], dtype=np.int64) for k in PARAM_NAMES}
+        self.reset()
+
+    def reset(self) -> None:
+        self.setup: tuple[TrainConfig, StoreLayout] | None = None
+        self.running = 0                        # spec.protocol.Pass of the pass in progress
+        self.metrics = (0, 0, 0, 0)             # samples, loss sum, correct, skipped
+
+    def attach(self, core: GoldenCore) -> None:
+        self.core = core
+
+    def write_setup(self, words) -> None:
+        """TRAIN_SETUP: latch the words; a setup the device refuses leaves none."""
+        try:
+            self.setup = unpack_setup(self.cfg, words)
+        except TrainingError:
+            self.setup = None
+
+    def write_store(self, start: int, words) -> None:
+        words = np.asarray(words, dtype=np.int64)
+        if start < 0 or start + len(words) > self.cfg.store_words:
+            raise TrainingError(f"store words {start}..{start + len(words) - 1} are outside "
+                                f"0..{self.cfg.store_words - 1}")
+        self.store[start:start + len(words)] = words
+
+    def _split(self, words) -> dict[str, np.ndarray]:
+        shapes, out, pos = self.cfg.param_shapes(), {}, 0
+        words = np.asarray(words, dtype=np.int64)
+        for k in PARAM_NAMES:
+            size = int(np.prod(shapes[k]))
+            out[k] = words[pos:pos + size].reshape(shapes[k])
+            pos += size
+        return out
+
+    def write_master(self, which: int, words) -> None:
+        """WRITE_MASTER: master weights (clamped; the core gets their re-quantised copy)
+        or moments (saturated), in PARAM_NAMES order."""
+        arrays = self._split(words)
+        if which == 0:
+            self.master = {k: clamp_master(v, self.fm) for k, v in arrays.items()}
+            self.core.write_params(**{k: requantize(v, self.fm) for k, v in self.master.items()})
+        else:
+            self.moment = {k: saturate(v, self.fm.moment.width) for k, v in arrays.items()}
+
+    def read_master(self, which: int) -> np.ndarray:
+        src = self.master if which == 0 else self.moment
+        return np.concatenate([src[k].ravel() for k in PARAM_NAMES])
+
+    def _trainer(self, store: SampleStore) -> OnChipTrainer:
+        t = OnChipTrainer(self.cfg, self.setup[0], store, self.master, core=self.core)
+        t.master, t.moment = self.master, self.moment     # exactly as stored (no clamp)
+        return t
+
+    def _store(self, test: bool) -> SampleStore:
+        return SampleStore.from_image(self.cfg, self.store, self.setup[1], test)
+
+    def train(self, epoch: int) -> Metrics:
+        """TRAIN: one epoch of the latched setup (``TrainingError`` without one)."""
+        if self.setup is None:
+            raise TrainingError("no training setup")
+        t = self._trainer(self._store(False))
+        t.epoch = epoch
+        self.core.clear_accumulators()
+        self.core.clear_flags()
+        m = t.train_epoch()
+        self.master, self.moment = t.master, t.moment
+        self.metrics = (m.samples, m.loss_sum, m.correct or 0, m.overflow_batches)
+        return m
+
+    def evaluate(self, test: bool) -> Metrics:
+        """EVAL: the training or the test set, forward only."""
+        if self.setup is None:
+            raise TrainingError("no training setup")
+        _, layout = self.setup
+        if test and layout.test_count == 0:
+            self.metrics = (0, 0, 0, 0)
+            return Metrics(0, 0, 0, self.fm.loss_frac, 0 if layout.loss == "onehot" else None)
+        m = self._trainer(self._store(False)).evaluate(self._store(test))
+        self.metrics = (m.samples, m.loss_sum, m.correct or 0, 0)
+        return m

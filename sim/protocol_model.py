@@ -41,6 +41,8 @@ from hel_fpga.spec.formats import FormatError, HelConfig
 from hel_fpga.spec.names import BANKS, ESTIMATORS, PARAM_NAMES
 from hel_fpga.spec.protocol import Command, ErrorCode, StatusFlag
 from hel_fpga.sim.golden import GoldenCore, StateError
+from hel_fpga.sim.onchip import TrainingUnit
+from hel_fpga.spec.training import SETUP_WORDS
 
 __all__ = ["ProtocolModel", "ModelPort", "PtyServer", "StreamDecoder"]
 
@@ -116,11 +118,17 @@ class ProtocolModel:
         self.decoder = StreamDecoder()
         self.frames_in = 0
         self.errors_out = 0
+        self.core = GoldenCore(cfg)
+        # on-chip training: its memories outlive RESET (only the setup and metrics go)
+        self.trainer = TrainingUnit(cfg, self.core) if cfg.store_words else None
         self._reset()
 
     # ---- state -----------------------------------------------------------------------
     def _reset(self) -> None:
         self.core = GoldenCore(self.cfg)
+        if self.trainer is not None:
+            self.trainer.reset()
+            self.trainer.attach(self.core)
         self.xfer: dict | None = None       # the open transfer
         self.xfer_cmd = 0                   # cmd of the open / last completed transfer
         self.xfer_done = 0                  # chunks applied in it
@@ -197,6 +205,8 @@ class ProtocolModel:
             cmd = Command(cmd)
         except ValueError:
             raise _Reject(ErrorCode.UNKNOWN_COMMAND) from None
+        if cmd in P.TRAINING_COMMANDS and self.trainer is None:
+            raise _Reject(ErrorCode.UNKNOWN_COMMAND)
         if self.xfer is not None and cmd not in P.DURING_TRANSFER:
             if duplicate and cmd == self.xfer["cmd"] and self.xfer["next"] == 0:
                 return self._reply(cmd, seq)        # retransmitted opening: ack again
@@ -273,7 +283,45 @@ class ProtocolModel:
             if u32 not in (1, self.loaded):
                 raise _Reject(ErrorCode.OUT_OF_RANGE)
             return self._open(cmd, seq, u32 * c.o, rows=u32)
-        raise AssertionError(cmd)  # pragma: no cover
+        return self._training(cmd, seq, payload)
+
+    def _training(self, cmd: Command, seq: int, payload: bytes) -> bytes:
+        """The on-chip training commands. A pass (TRAIN, EVAL) runs to its end before
+        the reply, so METRICS never finds one running; a device answers at once and
+        BUSY until the pass ends. A pass leaves nothing loaded."""
+        c, tu = self.cfg, self.trainer
+        u8 = payload[0] if payload else 0
+        u32 = int.from_bytes(payload[:4], "little")
+        n_params = sum(int(np.prod(s)) for s in c.param_shapes().values())
+        if cmd == Command.TRAIN_SETUP:
+            return self._open(cmd, seq, SETUP_WORDS)
+        if cmd == Command.STORE:
+            start = int.from_bytes(payload[4:8], "little")
+            if u32 == 0 or start + u32 > c.store_words:
+                raise _Reject(ErrorCode.OUT_OF_RANGE)
+            return self._open(cmd, seq, u32, start=start)
+        if cmd in (Command.WRITE_MASTER, Command.READ_MASTER):
+            if u8 > 1:
+                raise _Reject(ErrorCode.OUT_OF_RANGE)
+            if cmd == Command.WRITE_MASTER:
+                return self._open(cmd, seq, n_params, which=u8)
+            return self._data_replies(cmd, seq, tu.read_master(u8))
+        if cmd == Command.METRICS:
+            samples, loss, correct, skipped = tu.metrics
+            return self._reply(cmd, seq, P.pack_fields(P.METRICS_LAYOUT, {
+                "running": tu.running, "samples": samples, "loss_sum": loss,
+                "correct": correct, "skipped": skipped}))
+        if tu.setup is None:
+            raise _Reject(ErrorCode.WRONG_STATE)
+        if cmd == Command.EVAL and u8 > 1:
+            raise _Reject(ErrorCode.OUT_OF_RANGE)
+        if cmd == Command.TRAIN:
+            tu.train(u32)
+        else:
+            tu.evaluate(bool(u8))
+        self.core.inputs = np.zeros((0, c.k), dtype=np.int64)
+        self.core._forwarded = None  # noqa: SLF001
+        return self._reply(cmd, seq)
 
     def _mask(self, mask: int) -> list[str]:
         if not 1 <= mask <= P.PARAM_MASK_ALL:
@@ -344,6 +392,12 @@ class ProtocolModel:
             self.core.load(words.reshape(x["t"], c.k))
         elif x["cmd"] == Command.ECHO:
             self.core.echo(words.reshape(x["rows"], c.o))
+        elif x["cmd"] == Command.TRAIN_SETUP:
+            self.trainer.write_setup(words)
+        elif x["cmd"] == Command.STORE:
+            self.trainer.write_store(x["start"], words)
+        elif x["cmd"] == Command.WRITE_MASTER:
+            self.trainer.write_master(x["which"], words)
 
 
 class ModelPort:

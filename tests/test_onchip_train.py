@@ -201,9 +201,7 @@ def test_an_archive_task_trains_on_chip_with_the_final_step_defaults(tmp_path, c
     (["--estimator", "one-sided"], "centred estimator only"),
     (["--lr-schedule", "cosine"], "halving (default) and constant"),
     (["--lr", "2"], "lr_log2 = -1 is outside 0..24"),
-    (["--device", "model"], "--on-chip: the protocol model (--device model) has no training mode yet"),
-    (["--device", "sim-board"], "no training controller"),
-    (["--device", "/dev/ttyUSB9"], "device /dev/ttyUSB9 has no training mode yet"),
+    (["--device", "/dev/ttyUSB9"], "cannot open device '/dev/ttyUSB9' for on-chip training"),
 ])
 def test_bad_settings_and_devices_are_one_line_errors_that_write_nothing(
         extra, message, small_regression, tmp_path, capsys):

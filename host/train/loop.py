@@ -528,6 +528,7 @@ def _train_on_chip(opts: TrainOptions, task: Task, ck: Checkpoint | None, device
         raise UsageError(str(e)) from None
 
     factory = onchip_factory or oc.open_onchip_device
+    cfg = cfg.replace(store_words=oc.store_words_for(task, task.train_idx, task.test_idx, cfg))
     try:
         dev = factory(device_spec, cfg)
     except UsageError:

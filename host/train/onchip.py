@@ -13,10 +13,10 @@ for that and nothing of the loop itself:
 
 * :class:`OnChipDevice` — the interface of "a device that trains on its own";
   :class:`GoldenOnChipDevice` implements it with the golden model
-  (:class:`hel_fpga.sim.onchip.OnChipTrainer`, ``--device sim``). A board or the
-  simulated board will implement it over the protocol once the gateware has a
-  training controller and the protocol its commands; until then
-  :func:`open_onchip_device` refuses every other device with one line.
+  (:class:`hel_fpga.sim.onchip.OnChipTrainer`, ``--device sim``),
+  :class:`ProtocolOnChipDevice` over the serial protocol's training commands
+  (a board, the simulated board, the protocol model). :func:`open_onchip_device`
+  picks one, and refuses a device without the training mode in one line.
 * :func:`task_store` — a :class:`~hel_fpga.host.train.dataset.Task`'s samples as
   the integer :class:`~hel_fpga.sim.onchip.SampleStore` (inputs and targets in
   the core's operand format, labels, loss masks), checked against the core.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -45,19 +46,24 @@ from hel_fpga.host.train.dataset import Task
 from hel_fpga.sim.onchip import Metrics, OnChipTrainer, SampleStore, master_from_float, requantize
 from hel_fpga.spec.formats import FormatError, HelConfig
 from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec.protocol import Command, Pass
 from hel_fpga.spec.training import (
     DEFAULT_EPS_LOG2, DEFAULT_LR_LOG2, DEFAULT_OPTIMIZER, OPTIMIZERS, TrainConfig, TrainFormats,
-    TrainingError)
+    TrainingError, pack_setup, record_words)
 
-__all__ = ["OnChipDevice", "GoldenOnChipDevice", "TrainState", "open_onchip_device",
+__all__ = ["OnChipDevice", "GoldenOnChipDevice", "ProtocolOnChipDevice", "store_words_for", "TrainState", "open_onchip_device",
            "ONCHIP_DEVICES", "SETS", "task_store", "loss_kind_for", "resolve_onchip_settings",
            "train_config_for", "pow2_log2", "metrics_dict", "initial_state", "LOSS_DEFINITIONS"]
 
 #: The stored sets a device holds.
 SETS = ("train", "test")
 
-#: ``--device`` values that train on their own today.
-ONCHIP_DEVICES = ("sim",)
+#: Named ``--device`` values that train on their own (and any board whose IDENT
+#: reports a training store).
+ONCHIP_DEVICES = ("sim", "model", "sim-board")
+
+#: Seconds a pass may go without a sample finishing before the host gives up.
+PASS_STALL_SECONDS = 120.0
 
 #: What each loss figure of an on-chip run means (written into metrics.json).
 LOSS_DEFINITIONS = {
@@ -243,25 +249,156 @@ class GoldenOnChipDevice(OnChipDevice):
         return out
 
 
+class ProtocolOnChipDevice(OnChipDevice):
+    """On-chip training over the serial protocol (docs/protocol.md, "On-chip training"):
+    a board, the simulated board or the protocol model behind a
+    :class:`~hel_fpga.host.link.SerialDevice` whose IDENT reports a store.
+
+    The sets and the settings are kept on the host until the state is written
+    (or a pass starts): then the store gets both sets (STORE) and the device the
+    setup words (TRAIN_SETUP). An epoch is TRAIN followed by METRICS polls, which
+    feed the progress callback; the epoch counter lives on the host (the device
+    takes it with each TRAIN).
+    """
+
+    def __init__(self, dev, *, poll_seconds: float = 0.02):
+        if dev.config.store_words < 1:
+            raise DeviceError("the device has no on-chip training (IDENT store_words = 0)")
+        self.dev = dev
+        self.name = dev.ident().name
+        self.poll_seconds = poll_seconds
+        self._tc: TrainConfig | None = None
+        self._sets: dict[str, SampleStore] = {}
+        self._uploaded = False
+        self._epoch: int | None = None
+
+    @property
+    def config(self) -> HelConfig:
+        return self.dev.config
+
+    def write_train_config(self, tc: TrainConfig) -> None:
+        tc.check_for(self.config)
+        self._tc, self._uploaded = tc, False
+
+    def write_set(self, which: str, store: SampleStore) -> None:
+        if which not in SETS:
+            raise TrainingError(f"no stored set {which!r} (sets: {', '.join(SETS)})")
+        self._sets[which], self._uploaded = store, False
+
+    def _upload(self) -> None:
+        if self._uploaded:
+            return
+        if self._tc is None or "train" not in self._sets:
+            raise DeviceError("the device has no training settings or no training set yet")
+        cfg, tc, train = self.config, self._tc, self._sets["train"]
+        test = self._sets.get("test")
+        for st in (train, test):
+            if st is not None and st.kind != tc.loss:
+                raise TrainingError(f"a set is for loss {st.kind!r}, the run uses {tc.loss!r}")
+        if test is not None and test.steps != train.steps:
+            raise TrainingError(f"the test set's T = {test.steps} differs from the training set's "
+                                f"{train.steps}: the store holds one T")
+        words = pack_setup(cfg, tc, train.steps, train.count, test.count if test else 0)
+        self.dev.store(0, train.image(cfg))
+        if test is not None:
+            self.dev.store(train.count * record_words(cfg, tc.loss, train.steps), test.image(cfg))
+        self.dev.train_setup(words)
+        self._uploaded = True
+
+    def write_state(self, state: TrainState) -> None:
+        self._upload()
+        for which, arrays in ((1, state.moment), (0, state.master)):
+            self.dev.write_master(which, np.concatenate(
+                [np.asarray(arrays[k], dtype=np.int64).ravel() for k in PARAM_NAMES]))
+        self._epoch = state.epoch
+
+    def read_state(self) -> TrainState:
+        if self._epoch is None:
+            raise DeviceError("the device has no training state yet")
+        shapes = self.config.param_shapes()
+
+        def split(words):
+            out, pos = {}, 0
+            for k in PARAM_NAMES:
+                size = int(np.prod(shapes[k]))
+                out[k] = words[pos:pos + size].reshape(shapes[k]).copy()
+                pos += size
+            return out
+        return TrainState(split(self.dev.read_master(0)), split(self.dev.read_master(1)), self._epoch)
+
+    def _pass(self, cmd, arg: int, store: SampleStore, progress) -> Metrics:
+        self.dev.start_pass(cmd, arg)
+        done, last_change = 0, time.monotonic()
+        while True:
+            f = self.dev.metrics()
+            if f["samples"] > done:
+                if progress is not None:
+                    progress(f["samples"] - done)
+                done, last_change = f["samples"], time.monotonic()
+            if f["running"] == Pass.NONE:
+                break
+            if time.monotonic() - last_change > PASS_STALL_SECONDS:
+                raise DeviceError(f"the device's {cmd.name} pass made no progress for "
+                                  f"{PASS_STALL_SECONDS:.0f} s (at sample {done} of {store.count})")
+            time.sleep(self.poll_seconds)
+        if f["samples"] != store.count:
+            raise DeviceError(f"the device's {cmd.name} pass ended after {f['samples']} of "
+                              f"{store.count} samples")
+        return Metrics(f["samples"], f["loss_sum"], store.loss_elements(self.config),
+                       TrainFormats(self.config).loss_frac,
+                       f["correct"] if store.kind == "onehot" else None, f["skipped"])
+
+    def run_epoch(self, progress=None) -> Metrics:
+        self._upload()
+        if self._epoch is None:
+            raise DeviceError("the device has no training state yet")
+        m = self._pass(Command.TRAIN, self._epoch, self._sets["train"], progress)
+        self._epoch += 1
+        return m
+
+    def _set(self, which: str) -> SampleStore:
+        if which not in self._sets:
+            raise DeviceError(f"the device holds no {which} set")
+        return self._sets[which]
+
+    def evaluate(self, which: str) -> Metrics:
+        self._upload()
+        return self._pass(Command.EVAL, SETS.index(which), self._set(which), None)
+
+    def forward_outputs(self, which: str) -> np.ndarray:
+        st, cfg = self._set(which), self.config
+        out = np.empty((st.count, st.steps, cfg.o), dtype=np.int64)
+        for i in range(st.count):
+            self.dev.load(st.inputs[i])
+            out[i] = self.dev.forward("centred")      # centred: nothing accumulates
+        return out
+
+    def close(self) -> None:
+        self.dev.close()
+
+
+def store_words_for(task: Task, idx_train, idx_test, cfg: HelConfig) -> int:
+    """The store a simulated device needs for a task's sets: the records of both,
+    rounded up to a power of two (at least 1024 words)."""
+    need = (len(idx_train) + len(idx_test)) * record_words(cfg, loss_kind_for(task), task.t)
+    return max(1024, 1 << max(0, need - 1).bit_length())
+
+
 def open_onchip_device(spec: str, cfg: HelConfig) -> OnChipDevice:
-    """The training device behind ``--device spec`` (``cfg``: the run's configuration),
-    or a one-line :class:`UsageError` for a device with no training mode yet."""
+    """The training device behind ``--device spec`` (``cfg``: the run's configuration,
+    with the store a named device should have), or a one-line :class:`UsageError`
+    for a device without the training mode."""
     if spec == "sim":
         return GoldenOnChipDevice(cfg)
-    if spec == "model":
-        what = ("the protocol model (--device model) has no training mode yet: spec/protocol.py "
-                "defines no commands to write a training set or TrainConfig, run an epoch, EVAL, "
-                "or read the training state")
-    elif spec == "sim-board":
-        what = ("the simulated board (--device sim-board) has no training mode yet: its gateware has "
-                "the loss and optimiser units (rtl/trainer.py) but no training controller, and the "
-                "protocol no training commands")
-    else:
-        what = (f"device {spec} has no training mode yet: the board gateware has no training "
-                "controller and the protocol no training commands")
-    names = ", ".join(ONCHIP_DEVICES)
-    raise UsageError(f"--on-chip: {what}; train on-chip with --device {names}, or host-driven "
-                     f"on {spec} without --on-chip")
+    from hel_fpga.host.registry import open_device  # noqa: PLC0415 (pyserial on demand)
+    dev = open_device(spec, cfg if spec in ("model", "sim-board") else None)
+    if dev.config.store_words < 1:
+        name = dev.ident().name
+        dev.close()
+        raise UsageError(f"--on-chip: device {spec} ({name}) has no on-chip training: its IDENT "
+                         f"reports store_words = 0 (the iCEBreaker's UP5K has no room for it); "
+                         f"train host-driven on it without --on-chip, or on-chip on an ECP5 board")
+    return ProtocolOnChipDevice(dev)
 
 
 # --------------------------------------------------------------------------- data

@@ -1,0 +1,147 @@
+"""On-chip training over the protocol: the seven training commands of the protocol
+model, and ``hel train --on-chip`` through them.
+
+The references are the golden trainer (:class:`hel_fpga.sim.onchip.OnChipTrainer`
+run directly on the same integer stores) and the protocol's documented error codes.
+The gateware's command unit is held to the model byte for byte in
+``tests/test_command.py``; the simulated board trains in ``tests/test_device_e2e.py``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from hel_fpga.host.cli import main
+from hel_fpga.host.device import DeviceError
+from hel_fpga.host.errors import UsageError
+from hel_fpga.host.link import RemoteError, SerialDevice
+from hel_fpga.host.train import onchip as oc
+from hel_fpga.sim.onchip import OnChipTrainer, SampleStore
+from hel_fpga.sim.protocol_model import ModelPort, ProtocolModel
+from hel_fpga.spec import protocol as P
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec.protocol import Command, ErrorCode
+from hel_fpga.spec.training import TrainConfig, pack_setup
+
+CFG = HelConfig(n=6, m=5, k=2, o=3, t_max=16, store_words=4096)
+
+
+def stores(kind, rng, s=20, t=8):
+    u = rng.integers(-8000, 8000, (s, t, CFG.k))
+    if kind == "mse":
+        return (SampleStore.regression(CFG, u, rng.integers(-4000, 4000, (s, t, CFG.o)),
+                                       rng.integers(0, 2, (s, t))),
+                SampleStore.regression(CFG, u[:7], rng.integers(-4000, 4000, (7, t, CFG.o))))
+    return (SampleStore.classification(CFG, u, rng.integers(0, CFG.o, s)),
+            SampleStore.classification(CFG, u[:7], rng.integers(0, CFG.o, 7)))
+
+
+@pytest.mark.parametrize("kind", ["mse", "onehot"])
+@pytest.mark.parametrize("optimizer", ["lion", "sgdm"])
+def test_training_over_the_protocol_model_equals_the_golden_trainer(kind, optimizer):
+    rng = np.random.default_rng(7)
+    train, test = stores(kind, rng)
+    tc = TrainConfig(loss=kind, optimizer=optimizer, batch_log2=2, eps_log2=4, epochs=3, seed=5,
+                     lr_log2=5 if optimizer == "lion" else 0)
+    shapes = CFG.param_shapes()
+    master = {k: rng.integers(-2 ** 27, 2 ** 27, shapes[k]) for k in PARAM_NAMES}
+    ref = OnChipTrainer(CFG, tc, train, master)
+    dev = oc.open_onchip_device("model", CFG)
+    assert isinstance(dev, oc.ProtocolOnChipDevice)
+    dev.write_train_config(tc)
+    dev.write_set("train", train)
+    dev.write_set("test", test)
+    dev.write_state(oc.TrainState({k: ref.master[k].copy() for k in PARAM_NAMES},
+                                  {k: ref.moment[k].copy() for k in PARAM_NAMES}, 0))
+    seen = []
+    for _ in range(tc.epochs):
+        assert dev.run_epoch(seen.append) == ref.train_epoch()
+        assert dev.evaluate("test") == ref.evaluate(test)
+    assert sum(seen) == tc.epochs * train.count
+    st = dev.read_state()
+    assert st.epoch == tc.epochs
+    for k in PARAM_NAMES:
+        np.testing.assert_array_equal(st.master[k], ref.master[k])
+        np.testing.assert_array_equal(st.moment[k], ref.moment[k])
+    params = dev.dev.read_params()      # the core holds the re-quantised master weights
+    for k in PARAM_NAMES:
+        np.testing.assert_array_equal(params[k], ref.params()[k])
+
+
+def model_device(cfg=CFG) -> SerialDevice:
+    return SerialDevice(ModelPort(ProtocolModel(cfg)), retries=0)
+
+
+def error_code(call) -> int:
+    with pytest.raises(RemoteError) as e:
+        call()
+    return e.value.code
+
+
+def test_training_commands_are_unknown_on_a_device_without_a_store():
+    dev = model_device(CFG.replace(store_words=0))
+    for cmd, payload in ((Command.METRICS, b""), (Command.TRAIN, bytes(4)),
+                         (Command.READ_MASTER, b"\0"), (Command.TRAIN_SETUP, b"")):
+        assert error_code(lambda: dev._request(cmd, payload)) == ErrorCode.UNKNOWN_COMMAND
+    with pytest.raises(DeviceError, match="store_words = 0"):
+        oc.ProtocolOnChipDevice(dev)
+
+
+def test_open_onchip_device_refuses_a_board_without_the_training_mode(monkeypatch):
+    import hel_fpga.host.registry as registry
+    monkeypatch.setattr(registry, "open_device", lambda spec, cfg=None: model_device(
+        CFG.replace(store_words=0)))
+    with pytest.raises(UsageError, match="has no on-chip training: its IDENT reports store_words = 0"):
+        oc.open_onchip_device("/dev/ttyUSB0", CFG)
+
+
+def test_passes_need_a_setup_and_stores_must_fit():
+    dev = model_device()
+    assert error_code(lambda: dev.start_pass(Command.TRAIN, 0)) == ErrorCode.WRONG_STATE
+    assert error_code(lambda: dev.start_pass(Command.EVAL, 0)) == ErrorCode.WRONG_STATE
+    for count, start in ((0, 0), (1, CFG.store_words), (CFG.store_words, 1)):
+        payload = count.to_bytes(4, "little") + start.to_bytes(4, "little")
+        assert error_code(lambda: dev._request(Command.STORE, payload)) == ErrorCode.OUT_OF_RANGE
+    assert error_code(lambda: dev.read_master(2)) == ErrorCode.OUT_OF_RANGE
+    # a setup the device refuses (T > t_max) leaves no setup: TRAIN stays WRONG_STATE
+    words = pack_setup(CFG, TrainConfig(), 8, 4, 0)
+    words[11] = CFG.t_max + 1
+    dev.train_setup(words)
+    assert error_code(lambda: dev.start_pass(Command.TRAIN, 0)) == ErrorCode.WRONG_STATE
+    dev.train_setup(pack_setup(CFG, TrainConfig(), 8, 4, 0))
+    dev.start_pass(Command.EVAL, 1)                      # an empty test set: done at once
+    assert dev.metrics() == {"running": 0, "samples": 0, "loss_sum": 0, "correct": 0, "skipped": 0}
+
+
+def test_reset_forgets_the_setup_and_keeps_the_master_weights():
+    dev = model_device()
+    n = sum(int(np.prod(s)) for s in CFG.param_shapes().values())
+    master = np.arange(n) * 1000 - 5000
+    dev.write_master(0, master)
+    dev.train_setup(pack_setup(CFG, TrainConfig(), 8, 4, 0))
+    dev.reset()
+    np.testing.assert_array_equal(dev.read_master(0), master)
+    assert error_code(lambda: dev.start_pass(Command.TRAIN, 0)) == ErrorCode.WRONG_STATE
+
+
+def test_metrics_and_ident_report_the_layouts_of_the_spec():
+    dev = model_device()
+    assert dev.config.store_words == CFG.store_words
+    assert set(dev.metrics()) == {name for name, _ in P.METRICS_LAYOUT}
+
+
+def test_hel_train_on_chip_on_the_protocol_model_equals_the_golden_model(tmp_path, capsys):
+    runs = {}
+    for device in ("sim", "model"):
+        rc = main(["train", "--on-chip", "--task", "oscillators", "--oscillators", "8", "--hidden", "8",
+                   "--epochs", "2", "--device", device, "--out", str(tmp_path / device), "--json",
+                   "--no-plots"])
+        assert rc == 0, capsys.readouterr().err
+        runs[device] = json.loads(capsys.readouterr().out)
+    strip = ("seconds", "samples_per_second")
+    for a, b in zip(runs["sim"]["history"], runs["model"]["history"], strict=True):
+        assert {k: v for k, v in a.items() if k not in strip} == \
+               {k: v for k, v in b.items() if k not in strip}
+    assert runs["sim"]["final_test_loss"] == runs["model"]["final_test_loss"]
