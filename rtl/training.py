@@ -1,0 +1,988 @@
+"""The training core: :class:`HELCore` plus the on-chip training loop (docs/onchip.md).
+
+:class:`TrainingCore` wraps one :class:`hel_fpga.rtl.core.HELCore` and executes the
+training operations of :class:`hel_fpga.rtl.core.Op` (TRAIN_SETUP … EVAL) around it,
+bit-exact with :class:`hel_fpga.sim.onchip.OnChipTrainer`. The loop drives the core
+only through its own commands (LOAD, FORWARD, ECHO, READ_ACC, WRITE_PARAMS,
+CLEAR_ACC, CLEAR_FLAGS), exactly as the golden model drives ``GoldenCore``.
+
+Ports
+-----
+Every member of :class:`HELCore` with the same name and shape, plus
+
+========== ===== ============================== =============================================
+member     dir   payload                        use
+========== ===== ============================== =============================================
+wide_in    In    signed(acc_width)              WRITE_MASTER: master weights or moments
+metrics    Out   :data:`MetricsLayout`          running pass (:class:`~hel_fpga.spec.protocol.Pass`),
+                                                samples, loss_sum, correct, skipped
+training   Out   1                              a TRAIN or EVAL pass runs (``running != NONE``)
+setup_ok   Out   1                              the last TRAIN_SETUP is one the device accepts
+========== ===== ============================== =============================================
+
+Operations 0 … 9 pass straight through: ``cmd`` goes to the core combinationally
+while this unit is idle, the core's ``done`` comes back combinationally, and a
+mode register (``ext``) connects the outer streams to the core's (a 2:1
+multiplexer per inward payload, an AND per handshake). The training operations:
+
+* **TRAIN_SETUP** takes :data:`~hel_fpga.spec.training.SETUP_WORDS` words from
+  ``inputs`` (low 16 bits each), checks each field's range as it arrives, derives
+  the layout (record length, the offsets inside a record, the order generator's
+  bit count and shifts) and multiplies (train + test samples) × record with the
+  serial multiplier to check that the sets fit; ``setup_ok`` is exactly "
+  :func:`~hel_fpga.spec.training.unpack_setup` does not raise".
+* **STORE** writes ``length`` words from ``inputs`` at ``seed`` … (BAD_ARG for an
+  empty or out-of-range span).
+* **WRITE_MASTER** / **READ_MASTER** move the master weights (``bank`` 0, clamped to
+  the master range) or moments (1, saturated) between ``wide_in`` / ``acc_out``
+  and their memories; after master weights, the core gets ``requantize`` of them.
+* **TRAIN** (``length`` = epoch e) and **EVAL** (``bank`` = set) answer OK at once,
+  with ``training`` already high, and run the pass in the background (WRONG_STATE
+  without an accepted setup; EVAL of a ``bank`` > 1 is BAD_ARG).
+
+Memories
+--------
+============ ========================== =====================================================
+memory       words × bits               read by
+============ ========================== =====================================================
+store        store_words × OW           LOAD's inputs, labels, masks, targets
+nudge buffer t_max·O × SW               ECHO (written by the loss unit)
+master       P × (OW + 16)              optimiser, requantisation, READ_MASTER
+moment       P × (OW + 24)              optimiser, READ_MASTER
+============ ========================== =====================================================
+
+(P = M·N + M·K + M + N.) Each memory is read through a *prefetch* stream: an
+address register, the block RAM's own read register, a data register after the
+RAMs' output multiplexer, and a 6-word FIFO, with a credit counter that issues
+an address only when the FIFO has room for it. The store may be 64 block RAMs
+(65 536 words on ECP5): its address fan-out and its 64-way read multiplexer get a
+cycle each, and no ``ready`` reaches a RAM's clock enable (the credit counter is a
+register), so the consumer's handshake never sits in a RAM path. Six words of
+credit cover the four cycles from issue to FIFO output, so a stream delivers one
+word per cycle.
+
+Sequencing of a training epoch
+------------------------------
+CLEAR_ACC, CLEAR_FLAGS; then for each sample, from the order generator (below):
+
+1. The store prefetch is given the record's base and walks it: the T·K inputs
+   (to the core's ``inputs`` while LOAD runs), then for one-hot the label word (to
+   a register), for mse per step t the mask word (to a register) and the O
+   targets. LOAD is issued at once, so the inputs flow one per cycle.
+2. FORWARD (centred): each output word joins the next target (mse) or the label
+   (one-hot) into :class:`~hel_fpga.rtl.trainer.LossUnit`; its nudges go to the
+   nudge buffer at row T−1−t (forward step t), its metrics accumulate.
+3. Once the loss unit has delivered the sample's last word: ECHO (T rows; one-hot:
+   ``kick`` and row 0, the last step's nudges), streamed from the nudge buffer.
+4. After B samples, and after the last sample if a batch is open: if the core's
+   ``state_overflow`` or ``acc_overflow`` is set, ``skipped`` counts it; else
+   READ_ACC's words join the master and moment of the same element (prefetched in
+   the same canonical order, tagged with their array) into
+   :class:`~hel_fpga.rtl.trainer.OptimiserUnit`, whose θ' and m' are written back;
+   then WRITE_PARAMS streams the master memory through the requantiser
+   (``sat(rshift_round(θ, 16), OW)``) into the core. Then CLEAR_ACC, CLEAR_FLAGS.
+
+The re-quantised parameters come from a second pass over the master memory
+rather than from the optimiser's ``param`` output: the core takes WRITE_PARAMS
+only after READ_ACC has finished, so ``param`` would need a P-word buffer, while
+the second pass reuses the master prefetch and costs one adder and a
+saturation; WRITE_MASTER needs the same pass anyway. It costs P cycles per
+batch, the length of the WRITE_PARAMS the core needs in any case.
+
+EVAL runs steps 1 and 2 for samples 0 … count−1 of the set (no echo; the core's
+centred FORWARD accumulates nothing). ``metrics.samples`` counts finished samples
+(after the ECHO in training, after FORWARD in EVAL); ``loss_sum`` and ``correct``
+are the loss unit's; ``running`` returns to NONE when the pass is over, and the
+counts stay until the next pass or a reset.
+
+Order generator and addresses
+-----------------------------
+:func:`~hel_fpga.spec.training.epoch_order` in hardware: at TRAIN, the bit-serial
+:class:`~hel_fpga.rtl.core.Mix32Serial` (about 80 logic cells, 97 cycles per
+word) derives ``mix32(seed)`` and the three round keys (about 400 cycles, once
+per epoch, while CLEAR_ACC runs); then each candidate index takes one
+add–xorshift–multiply round per cycle and a compare with the set size. A
+sample's base address is its record index × record length, from a shift-add
+serial multiplier (≤ 17 cycles). Both run one sample ahead, during the current
+sample, so neither adds to a sample's time. ``lr_shift_at(tc, e)`` is computed
+serially at TRAIN (one compare per halving).
+
+A label word (one-hot) outside 0 … O−1, as a signed operand word, is passed to
+the loss unit as "no class": it is the target of no output and never correct.
+
+Reset: every register resets to idle (``setup_ok`` low, ``running`` NONE, counters
+0); memory contents survive.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import math
+from types import SimpleNamespace
+
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for, ceil_log2
+
+from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
+from hel_fpga.rtl.core import CmdLayout, HELCore, Mix32Serial, Op, Result
+from hel_fpga.rtl.tanh import saturate_signed
+from hel_fpga.rtl.trainer import LossKind, LossUnit, OptimiserUnit, Optimizer, ParamArray
+from hel_fpga.spec.formats import HelConfig
+from hel_fpga.spec.protocol import Pass
+from hel_fpga.spec.training import (BATCH_LOG2_RANGE, BETA_LOG2_RANGE, COUNT_WIDTH,
+                                    EPS_LOG2_RANGE, HALVINGS_RANGE, LOSS_SUM_WIDTH,
+                                    LR_LOG2_RANGE, SETUP_FIELDS, SETUP_WORD_BITS,
+                                    SGDM_LR_LOG2_MIN, TrainFormats)
+
+__all__ = ["TrainingCore", "MetricsLayout"]
+
+#: ``metrics``: the running pass (:class:`hel_fpga.spec.protocol.Pass`) and its counts.
+MetricsLayout = data.StructLayout({
+    "running": unsigned(2),
+    "samples": unsigned(COUNT_WIDTH),
+    "loss_sum": unsigned(LOSS_SUM_WIDTH),
+    "correct": unsigned(COUNT_WIDTH),
+    "skipped": unsigned(COUNT_WIDTH),
+})
+
+assert SETUP_WORD_BITS == 16
+
+
+class _Word(enum.Enum, shape=2):
+    """What a store word read during a pass is for."""
+    INPUT = 0
+    LABEL = 1
+    MASK = 2
+    TARGET = 3
+
+
+class _Su(enum.Enum, shape=3):
+    """The sample unit's state."""
+    IDLE = 0
+    KEYS = 1
+    ROUND = 2
+    CHECK = 3
+    COUNT = 4
+    MUL = 5
+    HAVE = 6
+
+
+def _times(x, c: int):
+    """``x · c`` for a constant ``c`` as shifts and adds (no multiplier block)."""
+    terms = [x << i for i in range(c.bit_length()) if (c >> i) & 1]
+    return reduce(lambda a, b: a + b, terms) if terms else Const(0)
+
+
+class _Prefetch:
+    """A read stream from block RAM(s) sharing one address (module docstring).
+
+    The user drives ``issue`` (only while ``can_issue``), ``addr`` and ``tag`` in the
+    same cycle; the words leave in order on ``valid``/``ready`` with ``data`` (one
+    per memory) and ``tag``. ``can_issue`` is a function of registers only.
+    """
+
+    DEPTH = 6
+
+    def __init__(self, m: Module, name: str, mems, tag_width: int = 1):
+        depth_max = max(mem.depth for mem in mems)
+        self.issue = Signal(name=f"{name}_issue")
+        self.addr = Signal(range(max(depth_max, 2)), name=f"{name}_addr")
+        self.tag = Signal(tag_width, name=f"{name}_tag")
+        self.can_issue = Signal(name=f"{name}_can_issue")
+        self.ready = Signal(name=f"{name}_ready")
+        self.valid = Signal(name=f"{name}_valid")
+        ports = [ram_read_port(m, mem, f"{name}_rd{i}") for i, mem in enumerate(mems)]
+        widths = [Shape.cast(mem.shape).width for mem in mems]
+
+        a_addr = Signal.like(self.addr, name=f"{name}_a_addr", reset_less=True)
+        a_valid, m_valid, d_valid = (Signal(name=f"{name}_{s}_valid") for s in "amd")
+        a_tag, m_tag, d_tag = (Signal(tag_width, name=f"{name}_{s}_tag", reset_less=True)
+                               for s in "amd")
+        d_data = [Signal(mem.shape, name=f"{name}_d_data{i}", reset_less=True)
+                  for i, mem in enumerate(mems)]
+        with m.If(self.issue):
+            m.d.sync += [a_addr.eq(self.addr), a_tag.eq(self.tag)]
+        m.d.sync += [a_valid.eq(self.issue), m_valid.eq(a_valid), m_tag.eq(a_tag),
+                     d_valid.eq(m_valid), d_tag.eq(m_tag)]
+        for port, d in zip(ports, d_data):
+            m.d.comb += port.addr.eq(a_addr)
+            m.d.sync += d.eq(port.data)       # after the RAMs' output multiplexer
+
+        fifo = m.submodules[f"{name}_fifo"] = SyncFIFO(width=sum(widths) + tag_width,
+                                                       depth=self.DEPTH)
+        m.d.comb += [fifo.w_en.eq(d_valid), fifo.w_data.eq(Cat(*d_data, d_tag)),
+                     self.valid.eq(fifo.r_rdy), fifo.r_en.eq(self.ready)]
+        self.data, pos = [], 0
+        for w, mem in zip(widths, mems):
+            sig = Signal(mem.shape, name=f"{name}_data{len(self.data)}")
+            m.d.comb += sig.eq(fifo.r_data[pos:pos + w])
+            self.data.append(sig)
+            pos += w
+        self.tag_out = Signal(tag_width, name=f"{name}_tag_out")
+        m.d.comb += self.tag_out.eq(fifo.r_data[pos:])
+
+        used = Signal(range(self.DEPTH + 1), name=f"{name}_used")  # issued, not yet read
+        m.d.sync += used.eq(used + self.issue - (fifo.r_rdy & fifo.r_en))
+        m.d.comb += self.can_issue.eq(used < self.DEPTH)
+
+
+class TrainingCore(wiring.Component):
+    """:class:`HELCore` with the on-chip training loop (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : HelConfig
+        The core's configuration; ``store_words`` must be > 0.
+    core_kwargs
+        Passed to :class:`HELCore` (``seq_ram``, ``compact``).
+
+    Attributes
+    ----------
+    core : HELCore
+        The wrapped core (a submodule).
+    n_params : int
+        P, the parameter elements.
+    """
+
+    def __init__(self, cfg: HelConfig, **core_kwargs):
+        if cfg.store_words <= 0:
+            raise ValueError("TrainingCore needs cfg.store_words > 0")
+        self.cfg = cfg
+        self.fm = TrainFormats(cfg)
+        self.core = HELCore(cfg, **core_kwargs)
+        self.n_params = sum(math.prod(s) for s in cfg.param_shapes().values())
+        members = dict(self.core.signature.members)
+        members.update({
+            "wide_in": In(stream.Signature(signed(cfg.acc_width))),
+            "metrics": Out(MetricsLayout),
+            "training": Out(1),
+            "setup_ok": Out(1),
+        })
+        super().__init__(members)
+
+    # ------------------------------------------------------------------------------
+    def elaborate(self, platform):
+        m = Module()
+        cfg, fm, core = self.cfg, self.fm, self.core
+        m.submodules.core = core
+        m.submodules.loss = loss = LossUnit(cfg)
+        m.submodules.opt = opt = OptimiserUnit(cfg)
+        m.submodules.mix = mix = Mix32Serial(1)
+
+        N, M, K, O, T_MAX = cfg.n, cfg.m, cfg.k, cfg.o, cfg.t_max
+        ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
+        mw, gw, mf = fm.master.width, fm.moment.width, fm.master.frac
+        P = self.n_params
+        SWORDS = cfg.store_words
+        abits = max(1, ceil_log2(SWORDS + 1))       # a store address or a word count
+        rec_max = T_MAX * (K + O + 1)
+        pw = max(abits, 17 + bits_for(rec_max))     # serial multiplier's product
+
+        # ---------------------------------------------------------------- memories
+        store = m.submodules.store = Memory(shape=signed(ow), depth=SWORDS, init=[],
+                                            attrs=NO_RW_CHECK)   # STORE and passes never overlap
+        nbuf = m.submodules.nbuf = Memory(shape=signed(sw), depth=T_MAX * O, init=[],
+                                          attrs=NO_RW_CHECK)     # ECHO reads after the last write
+        mmem = m.submodules.master = Memory(shape=signed(mw), depth=P, init=[],
+                                            attrs=NO_RW_CHECK)   # reads run ahead of writes
+        gmem = m.submodules.moment = Memory(shape=signed(gw), depth=P, init=[],
+                                            attrs=NO_RW_CHECK)
+        store_wr, nbuf_wr = store.write_port(), nbuf.write_port()
+        mmem_wr, gmem_wr = mmem.write_port(), gmem.write_port()
+        spf = _Prefetch(m, "spf", [store], tag_width=2)
+        npf = _Prefetch(m, "npf", [nbuf])
+        ppf = _Prefetch(m, "ppf", [mmem, gmem], tag_width=2)
+
+        # ---------------------------------------------------------------- registers
+        ext = Signal(init=1)            # the outer streams are the core's
+        op = Signal(Op)
+        length = Signal(32)
+        bank = Signal(2)
+        start = Signal(32)
+        result = Signal(Result)
+
+        # setup (one register per SETUP_FIELDS entry, seed_lo/hi in one)
+        st = SimpleNamespace(
+            loss=Signal(LossKind, name="s_loss"), optimizer=Signal(Optimizer, name="s_opt"),
+            eps_log2=Signal(5, name="s_eps"), batch_log2=Signal(4, name="s_batch"),
+            lr_log2=Signal(signed(7), name="s_lr"), beta_log2=Signal(5, name="s_beta"),
+            beta2_log2=Signal(5, name="s_beta2"), halvings=Signal(4, name="s_halv"),
+            epochs=Signal(16, name="s_epochs"), seed=Signal(32, name="s_seed"),
+            steps=Signal(range(T_MAX + 1), name="s_steps"), train_count=Signal(16, name="s_train"),
+            test_count=Signal(16, name="s_test"))
+        s_loss, s_opt, s_eps, s_batch = st.loss, st.optimizer, st.eps_log2, st.batch_log2
+        s_lr, s_beta, s_beta2, s_halv = st.lr_log2, st.beta_log2, st.beta2_log2, st.halvings
+        s_epochs, s_seed, s_steps = st.epochs, st.seed, st.steps
+        s_train, s_test = st.train_count, st.test_count
+        s_bad = Signal()
+        s_index = Signal(range(len(SETUP_FIELDS)))
+        setup_ok = Signal()
+        m.d.comb += self.setup_ok.eq(setup_ok)
+        # derived from the setup
+        d_tk = Signal(range(T_MAX * K + 1))                 # T·K
+        d_to = Signal(range(T_MAX * O + 1))                 # T·O
+        d_mask_off = Signal(range(T_MAX * (K + O) + 1))     # T·(K + O)
+        d_row_last = Signal(range(T_MAX * O + 1))           # (T − 1)·O
+        d_record = Signal(range(rec_max + 1))
+        d_bits = Signal(range(17))
+        d_omask = Signal(16)
+        d_s1 = Signal(range(9))
+        d_s2 = Signal(range(6))
+
+        onehot = s_loss == LossKind.ONEHOT
+
+        # metrics
+        running = Signal(2)
+        samples = Signal(COUNT_WIDTH)
+        skipped = Signal(COUNT_WIDTH)
+        m.d.comb += [self.metrics.running.eq(running), self.metrics.samples.eq(samples),
+                     self.metrics.loss_sum.eq(loss.loss_sum),
+                     self.metrics.correct.eq(loss.correct_count),
+                     self.metrics.skipped.eq(skipped),
+                     self.training.eq(running != Pass.NONE)]
+
+        # pass
+        epoch = Signal(32)
+        lr_shift = Signal(signed(7))
+        lr_left = Signal(4)                     # halvings still to compare
+        lr_sh = Signal(16)                      # E >> h
+        left = Signal(17)                       # samples still to run
+        in_batch = Signal(BATCH_LOG2_RANGE[1] + 2)
+        loss_end = Signal()                     # the loss unit delivered the sample's last word
+        pass_start = Signal()                   # comb: a TRAIN or EVAL starts
+        is_train = running == Pass.TRAIN
+
+        # ---------------------------------------------------------------- units' settings
+        m.d.comb += [loss.kind.eq(s_loss), loss.eps_log2.eq(s_eps), loss.clear.eq(pass_start),
+                     opt.optimizer.eq(s_opt), opt.eps_log2.eq(s_eps), opt.batch_log2.eq(s_batch),
+                     opt.lr_shift.eq(lr_shift), opt.beta_log2.eq(s_beta),
+                     opt.beta2_log2.eq(s_beta2)]
+
+        # ---------------------------------------------------------------- serial multiplier
+        mul_start = Signal()
+        mul_a_in = Signal(17)
+        mul_b_in = Signal(pw)
+        mul_a = Signal(17)
+        mul_b = Signal(pw)
+        mul_p = Signal(pw)
+        mul_busy = Signal()
+        with m.If(mul_start):
+            m.d.sync += [mul_a.eq(mul_a_in), mul_b.eq(mul_b_in), mul_p.eq(0), mul_busy.eq(1)]
+        with m.Elif(mul_busy):
+            m.d.sync += [mul_p.eq(mul_p + Mux(mul_a[0], mul_b, 0)), mul_a.eq(mul_a >> 1),
+                         mul_b.eq(mul_b << 1), mul_busy.eq(mul_a[1:] != 0)]
+
+        # ---------------------------------------------------------------- learning-rate shift
+        lr_start = Signal()
+        with m.If(lr_start):
+            m.d.sync += [lr_shift.eq(s_lr), lr_left.eq(s_halv), lr_sh.eq(s_epochs)]
+        with m.Elif(lr_left != 0):
+            sh_next = lr_sh >> 1
+            thr = Signal(16)
+            m.d.comb += thr.eq(s_epochs - sh_next)
+            m.d.sync += [lr_sh.eq(sh_next), lr_left.eq(lr_left - 1)]
+            with m.If((epoch[16:] != 0) | (epoch[:16] >= thr)):
+                m.d.sync += lr_shift.eq(lr_shift + 1)
+
+        # ---------------------------------------------------------------- sample unit
+        # Produces the next sample's base address one sample ahead: epoch_order
+        # (TRAIN) or offset + 0, 1, … (EVAL), times the record length.
+        su_start = Signal()             # comb, with su_train and su_offset
+        su_train = Signal()
+        su_offset = Signal(16)
+        su_take = Signal()              # comb: the FSM takes next_base
+        su_mode_train = Signal()
+        su_off = Signal(16)
+        su_ctr = Signal(18)
+        su_x = Signal(16)
+        su_rnd = Signal(2)
+        su_kstep = Signal(2)
+        su_wait = Signal()
+        su_base = Signal(32)
+        keys = [Signal(16, name=f"key{r}") for r in range(3)]
+        next_base = Signal(abits)
+        next_valid = Signal()
+
+        su_end = Signal(17)              # 2^bits: one past the last candidate
+        m.d.comb += su_end.eq(Const(1, 17) << d_bits)
+        key = Signal(16)
+        with m.Switch(su_rnd):
+            for r in range(3):
+                with m.Case(r):
+                    m.d.comb += key.eq(keys[r])
+        x_in = Mux(su_rnd == 0, su_ctr[:16], su_x)
+        r_a = Signal(16)
+        r_b = Signal(16)
+        r_c = Signal(16)
+        m.d.comb += [r_a.eq((x_in + key) & d_omask),
+                     r_b.eq(r_a ^ (r_a >> d_s1)),
+                     r_c.eq((r_b + (r_b << d_s2)) & d_omask)]
+        m.d.comb += mix.tag.eq(0)
+
+        su = Signal(_Su)
+        with m.Switch(su):
+            with m.Case(_Su.KEYS):      # mix32(seed), then the three round keys
+                mix_x = Mux(su_kstep == 0, s_seed,
+                            su_base ^ Cat((su_kstep - 1)[:2], epoch[:30]))
+                m.d.comb += [mix.x.eq(mix_x), mix.valid.eq(~su_wait)]
+                with m.If(mix.valid & mix.ready):
+                    m.d.sync += su_wait.eq(1)
+                with m.If(mix.y_valid):
+                    m.d.sync += [su_wait.eq(0), su_kstep.eq(su_kstep + 1)]
+                    with m.Switch(su_kstep):
+                        with m.Case(0):
+                            m.d.sync += su_base.eq(mix.y)
+                        for r in range(3):
+                            with m.Case(r + 1):
+                                m.d.sync += keys[r].eq(mix.y[:16] & d_omask)
+                    with m.If(su_kstep == 3):
+                        m.d.sync += [su_ctr.eq(0), su_rnd.eq(0), su.eq(_Su.ROUND)]
+            with m.Case(_Su.ROUND):     # one round of _permute per cycle
+                m.d.sync += [su_x.eq(r_c), su_rnd.eq(su_rnd + 1)]
+                with m.If(su_rnd == 2):
+                    m.d.sync += [su_rnd.eq(0), su.eq(_Su.CHECK)]
+            with m.Case(_Su.CHECK):
+                m.d.sync += su_ctr.eq(su_ctr + 1)
+                with m.If(su_x < s_train):
+                    m.d.comb += [mul_start.eq(1), mul_a_in.eq(su_x), mul_b_in.eq(d_record)]
+                    m.d.sync += su.eq(_Su.MUL)
+                with m.Elif(su_ctr == su_end - 1):
+                    m.d.sync += su.eq(_Su.IDLE)
+                with m.Else():
+                    m.d.sync += su.eq(_Su.ROUND)
+            with m.Case(_Su.COUNT):     # EVAL: offset + ctr
+                m.d.comb += [mul_start.eq(1), mul_a_in.eq(su_off + su_ctr[:16]),
+                             mul_b_in.eq(d_record)]
+                m.d.sync += [su_ctr.eq(su_ctr + 1), su.eq(_Su.MUL)]
+            with m.Case(_Su.MUL):
+                with m.If(~mul_busy):
+                    m.d.sync += [next_base.eq(mul_p[:abits]), next_valid.eq(1), su.eq(_Su.HAVE)]
+            with m.Case(_Su.HAVE):
+                with m.If(su_take):
+                    m.d.sync += next_valid.eq(0)
+                    with m.If(~su_mode_train):
+                        m.d.sync += su.eq(_Su.COUNT)
+                    with m.Elif(su_ctr == su_end):
+                        m.d.sync += su.eq(_Su.IDLE)
+                    with m.Else():
+                        m.d.sync += su.eq(_Su.ROUND)
+        with m.If(su_start):            # from any state
+            m.d.sync += [su_mode_train.eq(su_train), su_off.eq(su_offset), su_ctr.eq(0),
+                         su_rnd.eq(0), su_kstep.eq(0), su_wait.eq(0), next_valid.eq(0),
+                         su.eq(Mux(su_train, _Su.KEYS, _Su.COUNT))]
+
+        # ---------------------------------------------------------------- store prefetch
+        # One job per sample: inputs, then the label (one-hot) or per step the mask
+        # word and the O targets (mse).
+        sj_start = Signal()             # comb, with sj_base
+        sj_base = Signal(abits)
+        sj_phase = Signal(_Word)
+        sj_active = Signal()
+        sj_lin = Signal(abits)
+        sj_mask = Signal(abits)
+        sj_cnt = Signal(range(max(T_MAX * K, 2)))
+        sj_t = Signal(range(T_MAX + 1))
+        sj_o = Signal(range(O + 1))
+        m.d.comb += [spf.addr.eq(Mux(sj_phase == _Word.MASK, sj_mask, sj_lin)),
+                     spf.tag.eq(sj_phase), spf.issue.eq(sj_active & spf.can_issue)]
+        with m.If(sj_start):
+            m.d.sync += [sj_active.eq(1), sj_phase.eq(_Word.INPUT), sj_lin.eq(sj_base),
+                         sj_mask.eq(sj_base + d_mask_off), sj_cnt.eq(d_tk - 1),
+                         sj_t.eq(s_steps - 1)]
+        with m.Elif(spf.issue):
+            with m.Switch(sj_phase):
+                with m.Case(_Word.INPUT):
+                    m.d.sync += [sj_lin.eq(sj_lin + 1), sj_cnt.eq(sj_cnt - 1)]
+                    with m.If(sj_cnt == 0):
+                        m.d.sync += sj_phase.eq(Mux(onehot, _Word.LABEL, _Word.MASK))
+                with m.Case(_Word.LABEL):
+                    m.d.sync += sj_active.eq(0)
+                with m.Case(_Word.MASK):
+                    m.d.sync += [sj_mask.eq(sj_mask + 1), sj_phase.eq(_Word.TARGET),
+                                 sj_o.eq(O - 1)]
+                with m.Case(_Word.TARGET):
+                    m.d.sync += [sj_lin.eq(sj_lin + 1), sj_o.eq(sj_o - 1)]
+                    with m.If(sj_o == 0):
+                        m.d.sync += [sj_phase.eq(_Word.MASK), sj_t.eq(sj_t - 1)]
+                        with m.If(sj_t == 0):
+                            m.d.sync += sj_active.eq(0)
+
+        # ---------------------------------------------------------------- nudge prefetch
+        nj_start = Signal()
+        nj_active = Signal()
+        nj_addr = Signal(range(max(T_MAX * O, 2)))
+        nj_last = Signal(range(max(T_MAX * O, 2)))
+        m.d.comb += [npf.addr.eq(nj_addr), npf.issue.eq(nj_active & npf.can_issue)]
+        with m.If(nj_start):
+            m.d.sync += [nj_active.eq(1), nj_addr.eq(0),
+                         nj_last.eq(Mux(onehot, O - 1, d_to - 1))]
+        with m.Elif(npf.issue):
+            m.d.sync += nj_addr.eq(nj_addr + 1)
+            with m.If(nj_addr == nj_last):
+                m.d.sync += nj_active.eq(0)
+
+        # ---------------------------------------------------------------- parameter prefetch
+        # Master and moment of elements 0 … P − 1, tagged with their array.
+        pj_start = Signal()
+        pj_active = Signal()
+        pj_addr = Signal(range(max(P, 2)))
+        ends = [M * N, M * N + M * K, M * N + M * K + M]
+        m.d.comb += [ppf.addr.eq(pj_addr), ppf.issue.eq(pj_active & ppf.can_issue),
+                     ppf.tag.eq(Mux(pj_addr < ends[0], ParamArray.W,
+                                    Mux(pj_addr < ends[1], ParamArray.B,
+                                        Mux(pj_addr < ends[2], ParamArray.b, ParamArray.alpha))))]
+        with m.If(pj_start):
+            m.d.sync += [pj_active.eq(1), pj_addr.eq(0)]
+        with m.Elif(ppf.issue):
+            m.d.sync += pj_addr.eq(pj_addr + 1)
+            with m.If(pj_addr == P - 1):
+                m.d.sync += pj_active.eq(0)
+        master_word, moment_word = ppf.data
+        requant = saturate_signed(m, (master_word + (1 << (fm.master_extra - 1)))
+                                  >> fm.master_extra, ow, "requant")
+
+        # ---------------------------------------------------------------- outputs → loss unit
+        label = Signal(loss.in_layout["label"].shape)
+        mask_bit = Signal()
+        f_t = Signal(range(T_MAX))          # the forward step of the next output word
+        f_o = Signal(range(O))
+        fwd_reset = Signal()
+        st_kind = spf.tag_out
+        st_word = spf.data[0]
+        have_target = onehot | (spf.valid & (st_kind == _Word.TARGET))
+        join_ready = Signal()
+        m.d.comb += [
+            loss.sink.valid.eq(core.outputs.valid & have_target & ~ext),
+            join_ready.eq(loss.sink.ready & have_target),
+            loss.sink.payload.output.eq(core.outputs.payload),
+            loss.sink.payload.target.eq(st_word),
+            loss.sink.payload.mask.eq(mask_bit),
+            loss.sink.payload.last.eq(f_t == s_steps - 1),
+            loss.sink.payload.label.eq(label),
+        ]
+        with m.If(fwd_reset):
+            m.d.sync += [f_t.eq(0), f_o.eq(0)]
+        with m.Elif(loss.sink.valid & loss.sink.ready):
+            m.d.sync += f_o.eq(Mux(f_o == O - 1, 0, f_o + 1))
+            with m.If(f_o == O - 1):
+                m.d.sync += f_t.eq(f_t + 1)
+        # store words by kind: inputs to the core, labels and masks to registers,
+        # targets with their output word
+        st_ready = Signal()
+        with m.Switch(st_kind):
+            with m.Case(_Word.INPUT):
+                m.d.comb += st_ready.eq(core.inputs.ready)
+            with m.Case(_Word.LABEL, _Word.MASK):
+                m.d.comb += st_ready.eq(1)
+            with m.Case(_Word.TARGET):
+                m.d.comb += st_ready.eq(loss.sink.ready & core.outputs.valid)
+        m.d.comb += spf.ready.eq(st_ready & ~ext)
+        with m.If(spf.valid & spf.ready):
+            with m.If(st_kind == _Word.LABEL):
+                in_range = (st_word >= 0) & (st_word < O)
+                m.d.sync += label.eq(Mux(in_range, st_word[:len(label)], (1 << len(label)) - 1))
+            with m.If(st_kind == _Word.MASK):
+                m.d.sync += mask_bit.eq(st_word != 0)
+
+        # loss unit → nudge buffer (forward step t → row T − 1 − t)
+        nw_row = Signal(range(T_MAX * O + 1))
+        nw_col = Signal(range(O))
+        m.d.comb += [loss.source.ready.eq(1), nbuf_wr.addr.eq(nw_row + nw_col),
+                     nbuf_wr.data.eq(loss.source.payload.nudge), nbuf_wr.en.eq(loss.source.valid)]
+        with m.If(fwd_reset):
+            m.d.sync += [nw_row.eq(d_row_last), nw_col.eq(0), loss_end.eq(0)]
+        with m.Elif(loss.source.valid):
+            m.d.sync += nw_col.eq(Mux(nw_col == O - 1, 0, nw_col + 1))
+            with m.If(nw_col == O - 1):
+                m.d.sync += nw_row.eq(nw_row - O)
+            with m.If(loss.source.payload.end):
+                m.d.sync += loss_end.eq(1)
+
+        # ---------------------------------------------------------------- acc → optimiser
+        opt_sel = Signal()                  # the parameter prefetch feeds the optimiser
+        wp_sel = Signal()                   # … the requantiser (WRITE_PARAMS)
+        rm_sel = Signal()                   # … acc_out (READ_MASTER)
+        m.d.comb += [
+            opt.sink.valid.eq(opt_sel & core.acc_out.valid & ppf.valid),
+            opt.sink.payload.acc.eq(core.acc_out.payload),
+            opt.sink.payload.master.eq(master_word),
+            opt.sink.payload.moment.eq(moment_word),
+            opt.sink.payload.array.eq(ppf.tag_out),
+            opt.source.ready.eq(1),
+        ]
+        wr_idx = Signal(range(P + 1))
+        wm_sel = Signal()                   # WRITE_MASTER owns the write ports
+        with m.If(wm_sel):
+            m.d.comb += [mmem_wr.addr.eq(wr_idx), gmem_wr.addr.eq(wr_idx),
+                         mmem_wr.data.eq(saturate_signed(m, self.wide_in.payload, mw, "wm_master")),
+                         gmem_wr.data.eq(saturate_signed(m, self.wide_in.payload, gw, "wm_moment")),
+                         mmem_wr.en.eq(self.wide_in.valid & (bank == 0)),
+                         gmem_wr.en.eq(self.wide_in.valid & (bank == 1))]
+        with m.Else():
+            m.d.comb += [mmem_wr.addr.eq(wr_idx), gmem_wr.addr.eq(wr_idx),
+                         mmem_wr.data.eq(opt.source.payload.master),
+                         gmem_wr.data.eq(opt.source.payload.moment),
+                         mmem_wr.en.eq(opt.source.valid), gmem_wr.en.eq(opt.source.valid)]
+        with m.If(opt.source.valid | (wm_sel & self.wide_in.valid)):
+            m.d.sync += wr_idx.eq(wr_idx + 1)
+        rm_word = Signal(signed(aw))
+        m.d.comb += rm_word.eq(Mux(bank == 0, master_word, moment_word))
+        m.d.comb += ppf.ready.eq(
+            (opt_sel & opt.sink.ready & core.acc_out.valid)
+            | (wp_sel & core.params_in.ready)
+            | (rm_sel & self.acc_out.ready))
+
+        # ---------------------------------------------------------------- the core's streams
+        internal_cmd = Signal(CmdLayout)
+        int_cmd_valid = Signal()
+        m.d.comb += [
+            core.params_in.valid.eq(Mux(ext, self.params_in.valid, wp_sel & ppf.valid)),
+            core.params_in.payload.eq(Mux(ext, self.params_in.payload, requant)),
+            self.params_in.ready.eq(ext & core.params_in.ready),
+            self.params_out.valid.eq(ext & core.params_out.valid),
+            self.params_out.payload.eq(core.params_out.payload),
+            core.params_out.ready.eq(ext & self.params_out.ready),
+            core.inputs.valid.eq(Mux(ext, self.inputs.valid,
+                                     spf.valid & (st_kind == _Word.INPUT))),
+            core.inputs.payload.eq(Mux(ext, self.inputs.payload, st_word)),
+            self.outputs.valid.eq(ext & core.outputs.valid),
+            self.outputs.payload.eq(core.outputs.payload),
+            core.outputs.ready.eq(Mux(ext, self.outputs.ready, join_ready)),
+            core.nudges.valid.eq(Mux(ext, self.nudges.valid, npf.valid)),
+            core.nudges.payload.eq(Mux(ext, self.nudges.payload, npf.data[0])),
+            self.nudges.ready.eq(ext & core.nudges.ready),
+            npf.ready.eq(~ext & core.nudges.ready),
+            self.acc_out.valid.eq(Mux(ext, core.acc_out.valid, rm_sel & ppf.valid)),
+            self.acc_out.payload.eq(Mux(ext, core.acc_out.payload, rm_word)),
+            core.acc_out.ready.eq(Mux(ext, self.acc_out.ready,
+                                      opt_sel & opt.sink.ready & ppf.valid)),
+            self.state_out.valid.eq(ext & core.state_out.valid),
+            self.state_out.payload.eq(core.state_out.payload),
+            core.state_out.ready.eq(ext & self.state_out.ready),
+            self.state_overflow.eq(core.state_overflow),
+            self.acc_overflow.eq(core.acc_overflow),
+            core.cmd.payload.eq(Mux(ext, self.cmd.payload.as_value(), internal_cmd.as_value())),
+            self.done.payload.result.eq(result),
+        ]
+        inputs_ready = Signal()             # TRAIN_SETUP, STORE take the inputs
+        with m.If(~ext):
+            m.d.comb += self.inputs.ready.eq(inputs_ready)
+        with m.Else():
+            m.d.comb += self.inputs.ready.eq(core.inputs.ready)
+
+        # ---------------------------------------------------------------- control
+        word16 = self.inputs.payload.as_unsigned()[:16]
+        in_take = self.inputs.valid & self.inputs.ready
+        cmd = self.cmd.payload
+        m.d.comb += self.busy.eq(1)
+
+        def issue(op_, nxt, **fields):
+            m.d.comb += [core.cmd.valid.eq(1), internal_cmd.op.eq(op_)]
+            for k, v in fields.items():
+                m.d.comb += getattr(internal_cmd, k).eq(v)
+            with m.If(core.cmd.ready):
+                m.next = nxt
+
+        def wait(nxt):
+            m.d.comb += core.done.ready.eq(1)
+            with m.If(core.done.valid):
+                m.next = nxt
+
+        def to_idle():
+            m.d.sync += ext.eq(1)
+            m.next = "IDLE"
+
+        with m.FSM(name="ctl"):
+            with m.State("IDLE"):
+                m.d.comb += self.busy.eq(0)
+                is_core_op = cmd.op.as_value() < Op.TRAIN_SETUP.value
+                with m.If(is_core_op):
+                    m.d.comb += [core.cmd.valid.eq(self.cmd.valid),
+                                 self.cmd.ready.eq(core.cmd.ready)]
+                    with m.If(self.cmd.valid & core.cmd.ready):
+                        m.next = "CORE"
+                with m.Else():
+                    m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid & ~is_core_op):
+                    m.d.sync += [op.eq(cmd.op), length.eq(cmd.length), bank.eq(cmd.bank),
+                                 start.eq(cmd.seed), result.eq(Result.OK), ext.eq(0),
+                                 wr_idx.eq(0)]
+                    m.next = "DONE"
+                    with m.Switch(cmd.op):
+                        with m.Case(Op.TRAIN_SETUP):
+                            m.d.sync += [s_index.eq(0), s_bad.eq(0), setup_ok.eq(0)]
+                            m.next = "SETUP_WORDS"
+                        with m.Case(Op.STORE):
+                            end = cmd.seed + cmd.length
+                            with m.If((cmd.length == 0) | (end > SWORDS)):
+                                m.d.sync += result.eq(Result.BAD_ARG)
+                            with m.Else():
+                                m.next = "STORE_WORDS"
+                        with m.Case(Op.WRITE_MASTER):
+                            with m.If(cmd.bank > 1):
+                                m.d.sync += result.eq(Result.BAD_ARG)
+                            with m.Else():
+                                m.next = "WM_WORDS"
+                        with m.Case(Op.READ_MASTER):
+                            with m.If(cmd.bank > 1):
+                                m.d.sync += result.eq(Result.BAD_ARG)
+                            with m.Else():
+                                m.d.comb += pj_start.eq(1)
+                                m.next = "RM_WORDS"
+                        with m.Case(Op.TRAIN):
+                            with m.If(~setup_ok):
+                                m.d.sync += result.eq(Result.WRONG_STATE)
+                            with m.Else():
+                                m.d.comb += [pass_start.eq(1), lr_start.eq(1), su_start.eq(1),
+                                             su_train.eq(1)]
+                                m.d.sync += [running.eq(Pass.TRAIN), epoch.eq(cmd.length),
+                                             left.eq(s_train)]
+                                m.next = "PASS_ACK"
+                        with m.Case(Op.EVAL):
+                            with m.If(cmd.bank > 1):
+                                m.d.sync += result.eq(Result.BAD_ARG)
+                            with m.Elif(~setup_ok):
+                                m.d.sync += result.eq(Result.WRONG_STATE)
+                            with m.Else():
+                                m.d.comb += [pass_start.eq(1), su_start.eq(1), su_train.eq(0),
+                                             su_offset.eq(Mux(cmd.bank[0], s_train, 0))]
+                                m.d.sync += [running.eq(Pass.EVAL),
+                                             left.eq(Mux(cmd.bank[0], s_test, s_train))]
+                                m.next = "PASS_ACK"
+                with m.If(pass_start):
+                    m.d.sync += [samples.eq(0), skipped.eq(0), in_batch.eq(0)]
+
+            with m.State("CORE"):
+                m.d.comb += [self.done.valid.eq(core.done.valid),
+                             self.done.payload.eq(core.done.payload),
+                             core.done.ready.eq(self.done.ready)]
+                with m.If(core.done.valid & self.done.ready):
+                    m.next = "IDLE"
+
+            with m.State("DONE"):
+                m.d.comb += self.done.valid.eq(1)
+                with m.If(self.done.ready):
+                    to_idle()
+
+            # ---- TRAIN_SETUP
+            with m.State("SETUP_WORDS"):
+                m.d.comb += inputs_ready.eq(1)
+                w = word16
+                ws = w.as_signed()
+                bad = Signal()
+                with m.If(in_take):
+                    m.d.sync += s_index.eq(s_index + 1)
+                    with m.Switch(s_index):
+                        for i, f in enumerate(SETUP_FIELDS):
+                            with m.Case(i):
+                                self._setup_field(m, f, w, ws, bad, st)
+                    with m.If(bad):
+                        m.d.sync += s_bad.eq(1)
+                    with m.If(s_index == len(SETUP_FIELDS) - 1):
+                        m.next = "SETUP_DERIVE"
+            with m.State("SETUP_DERIVE"):
+                m.d.sync += [d_tk.eq(_times(s_steps, K)), d_to.eq(_times(s_steps, O)),
+                             d_mask_off.eq(_times(s_steps, K + O)),
+                             d_row_last.eq(_times(s_steps, O) - O),
+                             d_record.eq(Mux(onehot, _times(s_steps, K) + 1,
+                                             _times(s_steps, K + O + 1)))]
+                # order_bits(train_count) = max(1, bit_length(train_count − 1))
+                tc1 = Signal(16)
+                m.d.comb += tc1.eq(s_train - 1)
+                nb = Signal(range(17))
+                m.d.comb += nb.eq(1)
+                for i in range(1, 16):
+                    with m.If(tc1[i]):
+                        m.d.comb += nb.eq(i + 1)
+                m.d.sync += d_bits.eq(nb)
+                with m.Switch(nb):
+                    for b in range(1, 17):
+                        with m.Case(b):
+                            m.d.sync += [d_omask.eq((1 << b) - 1), d_s1.eq(max(1, (b + 1) // 2)),
+                                         d_s2.eq(max(1, b // 3))]
+                m.next = "SETUP_MUL"
+            with m.State("SETUP_MUL"):
+                m.d.comb += [mul_start.eq(1), mul_a_in.eq(s_train + s_test),
+                             mul_b_in.eq(d_record)]
+                m.next = "SETUP_WAIT"
+            with m.State("SETUP_WAIT"):
+                with m.If(~mul_busy):
+                    m.d.sync += setup_ok.eq(~s_bad & (mul_p <= SWORDS))
+                    m.next = "DONE"
+
+            # ---- STORE
+            with m.State("STORE_WORDS"):
+                m.d.comb += [inputs_ready.eq(1), store_wr.addr.eq(start),
+                             store_wr.data.eq(self.inputs.payload), store_wr.en.eq(in_take)]
+                with m.If(in_take):
+                    m.d.sync += [start.eq(start + 1), length.eq(length - 1)]
+                    with m.If(length == 1):
+                        m.next = "DONE"
+
+            # ---- WRITE_MASTER / READ_MASTER
+            with m.State("WM_WORDS"):
+                m.d.comb += [wm_sel.eq(1), self.wide_in.ready.eq(1)]
+                with m.If(self.wide_in.valid & (wr_idx == P - 1)):
+                    with m.If(bank == 0):
+                        m.d.comb += pj_start.eq(1)
+                        m.next = "WP_ISSUE"
+                    with m.Else():
+                        m.next = "DONE"
+            with m.State("RM_WORDS"):
+                m.d.comb += rm_sel.eq(1)
+                with m.If(self.acc_out.valid & self.acc_out.ready):
+                    m.d.sync += wr_idx.eq(wr_idx + 1)
+                    with m.If(wr_idx == P - 1):
+                        m.next = "DONE"
+
+            # ---- requantised master weights into the core
+            with m.State("WP_ISSUE"):
+                m.d.comb += wp_sel.eq(1)
+                issue(Op.WRITE_PARAMS, "WP_WAIT", skip=0)
+            with m.State("WP_WAIT"):
+                m.d.comb += wp_sel.eq(1)
+                with m.If(running == Pass.NONE):
+                    wait("DONE")
+                with m.Else():
+                    wait("CLR_ACC_ISSUE")
+
+            # ---- TRAIN / EVAL
+            with m.State("PASS_ACK"):
+                m.d.comb += self.done.valid.eq(1)
+                with m.If(self.done.ready):
+                    with m.If(is_train):
+                        m.next = "CLR_ACC_ISSUE"
+                    with m.Else():
+                        m.next = "NEXT"
+            with m.State("CLR_ACC_ISSUE"):
+                issue(Op.CLEAR_ACC, "CLR_ACC_WAIT")
+            with m.State("CLR_ACC_WAIT"):
+                wait("CLR_FLAGS_ISSUE")
+            with m.State("CLR_FLAGS_ISSUE"):
+                issue(Op.CLEAR_FLAGS, "CLR_FLAGS_WAIT")
+            with m.State("CLR_FLAGS_WAIT"):
+                m.d.sync += in_batch.eq(0)
+                wait("NEXT")
+            with m.State("NEXT"):
+                full = in_batch.bit_select(s_batch, 1)   # in_batch == B (in_batch ≤ B)
+                with m.If(full | ((left == 0) & (in_batch != 0))):
+                    m.next = "BATCH_END"
+                with m.Elif(left == 0):
+                    m.next = "PASS_END"
+                with m.Else():
+                    m.next = "SAMPLE_START"
+            with m.State("SAMPLE_START"):
+                with m.If(next_valid):
+                    m.d.comb += [su_take.eq(1), sj_start.eq(1), sj_base.eq(next_base)]
+                    m.next = "LOAD_ISSUE"
+            with m.State("LOAD_ISSUE"):
+                issue(Op.LOAD, "LOAD_WAIT", length=s_steps)
+            with m.State("LOAD_WAIT"):
+                wait("FWD_ISSUE")
+            with m.State("FWD_ISSUE"):
+                m.d.comb += fwd_reset.eq(1)
+                issue(Op.FORWARD, "FWD_WAIT")
+            with m.State("FWD_WAIT"):
+                m.d.comb += core.done.ready.eq(1)
+                with m.If(core.done.valid):
+                    with m.If(is_train):
+                        m.next = "ECHO_START"
+                    with m.Else():
+                        m.d.sync += [samples.eq(samples + 1), left.eq(left - 1)]
+                        m.next = "NEXT"
+            with m.State("ECHO_START"):
+                with m.If(loss_end):
+                    m.d.comb += nj_start.eq(1)
+                    m.next = "ECHO_ISSUE"
+            with m.State("ECHO_ISSUE"):
+                issue(Op.ECHO, "ECHO_WAIT", kick=onehot)
+            with m.State("ECHO_WAIT"):
+                m.d.comb += core.done.ready.eq(1)
+                with m.If(core.done.valid):
+                    m.d.sync += [samples.eq(samples + 1), left.eq(left - 1),
+                                 in_batch.eq(in_batch + 1)]
+                    m.next = "NEXT"
+            with m.State("BATCH_END"):
+                with m.If(core.state_overflow | core.acc_overflow):
+                    m.d.sync += skipped.eq(skipped + 1)
+                    m.next = "CLR_ACC_ISSUE"
+                with m.Else():
+                    m.d.comb += pj_start.eq(1)
+                    m.d.sync += wr_idx.eq(0)
+                    m.next = "OPT_ISSUE"
+            with m.State("OPT_ISSUE"):
+                m.d.comb += opt_sel.eq(1)
+                issue(Op.READ_ACC, "OPT_RUN")
+            with m.State("OPT_RUN"):
+                m.d.comb += [opt_sel.eq(1), core.done.ready.eq(1)]
+                acc_done = Signal()
+                with m.If(core.done.valid):
+                    m.d.sync += acc_done.eq(1)
+                with m.If((wr_idx == P) & (acc_done | core.done.valid)):
+                    m.d.sync += acc_done.eq(0)
+                    m.d.comb += pj_start.eq(1)
+                    m.next = "WP_ISSUE"
+            with m.State("PASS_END"):
+                with m.If(~loss.busy):
+                    m.d.sync += running.eq(Pass.NONE)
+                    to_idle()
+
+        return m
+
+    # ------------------------------------------------------------------------------
+    def _setup_field(self, m, field, w, ws, bad, st):
+        """One TRAIN_SETUP word ``w`` (``ws``: the same bits signed): latch it into its
+        register of ``st`` and flag a value that
+        :func:`~hel_fpga.spec.training.unpack_setup` refuses (``bad``, comb)."""
+        cfg, fm = self.cfg, self.fm
+        eps_max = min(EPS_LOG2_RANGE[1], cfg.state_width - cfg.dt_log2 - 2)   # check_for
+        if field == "loss":
+            ok = (w == 0) if cfg.o < 2 else (w < 2)
+            m.d.sync += st.loss.eq(w[0])
+        elif field == "optimizer":
+            ok = w < 2
+            m.d.sync += st.optimizer.eq(w[0])
+        elif field == "eps_log2":
+            ok = (w >= EPS_LOG2_RANGE[0]) & (w <= eps_max)
+            m.d.sync += st.eps_log2.eq(w[:5])
+        elif field == "batch_log2":
+            ok = w <= BATCH_LOG2_RANGE[1]
+            m.d.sync += st.batch_log2.eq(w[:4])
+        elif field == "lr_log2":
+            lo = Mux(st.optimizer == Optimizer.SGDM, SGDM_LR_LOG2_MIN, LR_LOG2_RANGE[0])
+            ok = (ws >= lo) & (ws <= LR_LOG2_RANGE[1])
+            m.d.sync += st.lr_log2.eq(ws[:7])
+        elif field in ("beta_log2", "beta2_log2"):
+            ok = (w >= BETA_LOG2_RANGE[0]) & (w <= BETA_LOG2_RANGE[1])
+            m.d.sync += getattr(st, field).eq(w[:5])
+        elif field == "halvings":
+            lion_worst = st.lr_log2 + w[:4]
+            ok = (w <= HALVINGS_RANGE[1]) & ~((st.optimizer == Optimizer.LION)
+                                              & (lion_worst > fm.master.frac))
+            m.d.sync += st.halvings.eq(w[:4])
+        elif field == "epochs":
+            ok = w != 0
+            m.d.sync += st.epochs.eq(w)
+        elif field == "seed_lo":
+            ok = Const(1)
+            m.d.sync += st.seed[:16].eq(w)
+        elif field == "seed_hi":
+            ok = Const(1)
+            m.d.sync += st.seed[16:].eq(w)
+        elif field == "steps":
+            ok = (w >= 1) & (w <= cfg.t_max)
+            m.d.sync += st.steps.eq(w[:len(st.steps)])
+        elif field == "train_count":
+            ok = w != 0
+            m.d.sync += st.train_count.eq(w)
+        elif field == "test_count":
+            ok = Const(1)
+            m.d.sync += st.test_count.eq(w)
+        else:                                   # pragma: no cover - SETUP_FIELDS changed
+            raise AssertionError(f"unknown setup field {field!r}")
+        m.d.comb += bad.eq(~ok)
