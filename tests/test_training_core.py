@@ -258,7 +258,7 @@ def run(dut, bench, max_cycles=2_000_000):
 # ----------------------------------------------------------------------------- scenarios
 def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int, steps: int,
                    epochs=(0,), seed: int = 0, moments: bool = True, store_fn=None,
-                   stats: dict | None = None):
+                   master_scale: float = 0.4, stats: dict | None = None):
     """WRITE_MASTER both banks, TRAIN_SETUP, STORE, then per epoch e in ``epochs``:
     TRAIN e, READ_MASTER both banks, READ_PARAMS, and EVAL of both sets; all against
     the golden trainer. ``store_fn(cfg, loss, count, steps, rng)`` makes a set."""
@@ -266,7 +266,7 @@ def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int
     store_fn = store_fn or (lambda c, loss, n, t, r: random_store(c, loss, n, t, r))
     train = store_fn(cfg, tc.loss, n_train, steps, rng)
     test = store_fn(cfg, tc.loss, n_test, steps, rng) if n_test else None
-    master = random_master(cfg, rng)
+    master = random_master(cfg, rng, scale=master_scale)
     moment = random_moment(cfg, rng) if moments else {k: np.zeros(s, dtype=np.int64)
                                                       for k, s in cfg.param_shapes().items()}
     layout = unpack_setup(cfg, pack_setup(cfg, tc, steps, n_train, n_test))[1]
@@ -336,3 +336,242 @@ def test_mse_lion_epoch_equals_golden_trainer():
     tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=2, lr_log2=7, epochs=4, seed=3)
     mism, expect = train_scenario(SMALL, tc, n_train=6, n_test=3, steps=5, epochs=(2,), seed=1)
     assert not mism, "\n".join(mism)
+    assert expect[0][0].overflow_batches == 0 and expect[0][0].loss_sum > 0
+
+
+def test_onehot_sgdm_two_epochs_with_a_partial_batch_equal_golden_trainer():
+    """7 samples in batches of 4 (a partial last batch of 3), two epochs in a row
+    (the second continues from the first's master weights and moments)."""
+    tc = TrainConfig(loss="onehot", optimizer="sgdm", eps_log2=2, batch_log2=2, lr_log2=-2,
+                     epochs=6, halvings=2, seed=77)
+    mism, expect = train_scenario(SMALL, tc, n_train=7, n_test=4, steps=6, epochs=(0, 5),
+                                  seed=2)
+    assert not mism, "\n".join(mism)
+    assert expect[0][0].correct is not None
+
+
+def test_mse_sgdm_on_two_lanes_with_odd_shapes_equals_golden_trainer():
+    """P = 2 lanes, K = 2, N not a multiple of P, batch of 2 over 5 samples, zero
+    initial moments, an epoch past the first halving."""
+    cfg = HelConfig(n=5, m=3, k=2, o=2, t_max=6, lanes=2, store_words=300)
+    tc = TrainConfig(loss="mse", optimizer="sgdm", batch_log2=1, lr_log2=1, beta_log2=2,
+                     epochs=3, halvings=1, seed=0x1234_5678)
+    mism, _ = train_scenario(cfg, tc, n_train=5, n_test=2, steps=4, epochs=(2,), seed=3,
+                             moments=False)
+    assert not mism, "\n".join(mism)
+
+
+def test_onehot_lion_batch_of_one_three_outputs_equals_golden_trainer():
+    cfg = HelConfig(n=5, m=4, k=1, o=3, t_max=5, lanes=1, store_words=200)
+    tc = TrainConfig(loss="onehot", optimizer="lion", eps_log2=2, batch_log2=0, lr_log2=6,
+                     beta_log2=1, beta2_log2=16, epochs=2, schedule="constant", seed=5)
+    mism, _ = train_scenario(cfg, tc, n_train=5, n_test=0, steps=5, epochs=(1,), seed=4)
+    assert not mism, "\n".join(mism)
+
+
+#: A small state (20 bits, ±8) and δ = 1/2: large weights wrap the state in some samples.
+OVERFLOW = HelConfig(n=4, m=4, k=1, o=2, t_max=8, lanes=1, store_words=256, state_width=20,
+                     state_frac=16, dt_log2=1)
+
+
+def test_batches_with_an_overflow_flag_are_skipped_and_counted_as_the_golden_trainer():
+    tc = TrainConfig(loss="mse", optimizer="sgdm", batch_log2=1, lr_log2=2, eps_log2=3,
+                     epochs=4, seed=3)
+    mism, expect = train_scenario(
+        OVERFLOW, tc, n_train=8, n_test=0, steps=8, epochs=(0,), seed=3, master_scale=0.5,
+        store_fn=lambda c, loss, n, t, r: random_store(c, loss, n, t, r, scale=1.0))
+    assert not mism, "\n".join(mism)
+    assert 0 < expect[0][0].overflow_batches < 4, "the scenario must skip some batches, not all"
+
+
+class RawLabelStore:
+    """A one-hot set whose label words may lie outside 0 … O−1, with the device's rule
+    written out: such a label is the target of no output (all-zero target row at the
+    last step, the loss still counted there) and never correct. Duck-types the parts
+    of :class:`SampleStore` that :class:`OnChipTrainer` uses."""
+
+    kind = "onehot"
+
+    def __init__(self, cfg: HelConfig, inputs, labels):
+        self.inputs = np.asarray(inputs, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.on = TrainFormats(cfg).onehot_on()
+
+    @property
+    def count(self):
+        return self.inputs.shape[0]
+
+    @property
+    def steps(self):
+        return self.inputs.shape[1]
+
+    def loss_elements(self, cfg):
+        return self.count * cfg.o
+
+    def sample_targets(self, cfg, i):
+        y = np.zeros((self.steps, cfg.o), dtype=np.int64)
+        if 0 <= self.labels[i] < cfg.o:
+            y[-1, self.labels[i]] = self.on
+        mask = np.zeros(self.steps, dtype=bool)
+        mask[-1] = True
+        return y, mask
+
+
+def test_labels_outside_the_outputs_are_no_class_and_never_correct():
+    cfg = SMALL
+    wild = [-1, cfg.o, cfg.o + 1, 3, 7, cfg.operand.max_int, cfg.operand.min_int]
+
+    def make(c, loss, n, t, r):
+        st = random_store(c, loss, n, t, r)
+        labels = st.labels.copy()
+        labels[::2] = r.choice(wild, len(labels[::2]))
+        return RawLabelStore(c, st.inputs, labels)
+
+    tc = TrainConfig(loss="onehot", optimizer="lion", eps_log2=2, batch_log2=1, lr_log2=6,
+                     epochs=2, seed=9)
+    mism, expect = train_scenario(cfg, tc, n_train=7, n_test=5, steps=4, epochs=(0,), seed=6,
+                                  store_fn=make)
+    assert not mism, "\n".join(mism)
+    # the reference differs from treating every wild label as some in-range class
+    assert expect[0][0].correct <= 7 - 4
+
+
+# ----------------------------------------------------------------------------- setup
+SETUP_CFG = HelConfig(n=4, m=4, k=1, o=2, t_max=8, lanes=1, store_words=200, state_width=20,
+                      state_frac=16, dt_log2=3)      # eps_log2 ≤ 15 by the nudge's shift
+SETUP_BASE = (TrainConfig(loss="mse", optimizer="lion", eps_log2=5, batch_log2=2, lr_log2=7,
+                          epochs=10, seed=0xDEAD_BEEF), 5, 6, 3)
+
+
+def _setup_words(**change):
+    tc, steps, n_train, n_test = SETUP_BASE
+    words = dict(zip(SETUP_FIELDS, pack_setup(SETUP_CFG, tc, steps, n_train, n_test)))
+    words.update({k: v & 0xFFFF for k, v in change.items()})
+    return [words[f] for f in SETUP_FIELDS]
+
+
+_REC = record_words(SETUP_CFG, "mse", 5)          # 5·(1 + 2 + 1) = 20 words a sample
+BAD_SETUPS = {
+    "loss_code_unknown": dict(loss=2),
+    "optimizer_code_unknown": dict(optimizer=3),
+    "eps_log2_above_its_range": dict(eps_log2=17),
+    "eps_shifts_every_nudge_out_of_the_state": dict(eps_log2=16),
+    "batch_log2_above_12": dict(batch_log2=13),
+    "lion_lr_log2_negative": dict(lr_log2=-1),
+    "sgdm_lr_log2_below_minus_8": dict(optimizer=0, lr_log2=-9),
+    "lr_log2_above_24": dict(lr_log2=25),
+    "lion_smallest_step_below_the_master_lsb": dict(lr_log2=21, halvings=8),
+    "beta_log2_zero": dict(beta_log2=0),
+    "beta2_log2_above_16": dict(beta2_log2=17),
+    "halvings_above_8": dict(halvings=9),
+    "epochs_zero": dict(epochs=0),
+    "steps_zero": dict(steps=0),
+    "steps_above_t_max": dict(steps=SETUP_CFG.t_max + 1),
+    "train_count_zero": dict(train_count=0),
+    "sets_exceed_the_store": dict(train_count=7, test_count=4),
+    "test_set_exceeds_the_store": dict(train_count=1, test_count=0xFFFF),
+}
+GOOD_SETUPS = {
+    "base": {},
+    "eps_at_the_largest_shift_the_state_allows": dict(eps_log2=15),
+    "sgdm_lr_log2_minus_8": dict(optimizer=0, lr_log2=-8),
+    "lion_smallest_step_at_the_master_lsb": dict(lr_log2=20, halvings=8),
+    "sets_exactly_fill_the_store": dict(train_count=6, test_count=4),
+    "onehot": dict(loss=1, steps=8),
+    "constant_schedule_empty_test_set": dict(halvings=0, test_count=0),
+}
+
+
+def _random_setups(n, seed):
+    """Setups near the boundaries: a valid one with 1–3 fields replaced."""
+    rng = random.Random(seed)
+    near = {"loss": [0, 1, 2], "optimizer": [0, 1, 2], "eps_log2": [0, 14, 15, 16, 17],
+            "batch_log2": [0, 12, 13], "lr_log2": [-9, -8, -1, 0, 20, 21, 24, 25, 0x8000],
+            "beta_log2": [0, 1, 16, 17], "beta2_log2": [0, 1, 16, 17],
+            "halvings": [0, 1, 8, 9], "epochs": [0, 1, 0xFFFF], "seed_lo": [0, 0xFFFF],
+            "seed_hi": [0, 0xFFFF], "steps": [0, 1, 7, 8, 9, 0xFFFF],
+            "train_count": [0, 1, 2, 9, 10, 11, 0xFFFF], "test_count": [0, 1, 5, 0xFFFF]}
+    out = []
+    for _ in range(n):
+        change = {f: rng.choice(near[f]) for f in rng.sample(SETUP_FIELDS, rng.randint(1, 3))}
+        out.append(_setup_words(**change))
+    return out
+
+
+def _accepts(cfg, words):
+    try:
+        unpack_setup(cfg, words)
+        return 1
+    except TrainingError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def setup_results():
+    """Every named and random setup through one simulation: {name: (setup_ok, expected)}."""
+    cases = {**{f"bad:{k}": _setup_words(**v) for k, v in BAD_SETUPS.items()},
+             **{f"good:{k}": _setup_words(**v) for k, v in GOOD_SETUPS.items()},
+             **{f"random:{i}": w for i, w in enumerate(_random_setups(120, 11))}}
+    dut = TrainingCore(SETUP_CFG)
+    out = {}
+
+    async def bench(ctx):
+        d = Driver(ctx, dut, random.Random(1))
+        for name, words in cases.items():
+            ok = await d.setup(words)
+            out[name] = (ok, _accepts(SETUP_CFG, words))
+
+    run(dut, bench)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SETUPS))
+def test_setup_ok_is_low_for(setup_results, name):
+    ok, expected = setup_results[f"bad:{name}"]
+    assert expected == 0, "the golden unpack_setup must refuse this setup"
+    assert ok == 0
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_SETUPS))
+def test_setup_ok_is_high_for(setup_results, name):
+    ok, expected = setup_results[f"good:{name}"]
+    assert expected == 1
+    assert ok == 1
+
+
+def test_setup_ok_equals_unpack_setup_on_random_setups_near_the_boundaries(setup_results):
+    res = {k: v for k, v in setup_results.items() if k.startswith("random:")}
+    bad = {k: v for k, v in res.items() if v[0] != v[1]}
+    assert not bad
+    assert 20 < sum(v[1] for v in res.values()) < len(res) - 20   # both outcomes occur
+
+
+def test_onehot_needs_two_outputs_and_training_needs_an_accepted_setup():
+    """O = 1 refuses a one-hot setup; TRAIN and EVAL answer WRONG_STATE (and start no
+    pass) without an accepted setup; EVAL of a set other than 0 and 1 is BAD_ARG."""
+    cfg = HelConfig(n=3, m=2, k=1, o=1, t_max=4, store_words=64)
+    tc = TrainConfig(loss="mse", batch_log2=0)
+    good = pack_setup(cfg, tc, 3, 2, 1)
+    onehot = list(good)
+    onehot[SETUP_FIELDS.index("loss")] = 1
+    assert _accepts(cfg, onehot) == 0
+    dut = TrainingCore(cfg)
+    seen = []
+
+    async def bench(ctx):
+        d = Driver(ctx, dut, random.Random(2))
+        assert ctx.get(dut.setup_ok) == 0                       # after reset
+        for op, kw in ((Op.TRAIN, {}), (Op.EVAL, {"bank": 0})):
+            res, _ = await d.command(op, **kw)
+            seen.append((op, res, ctx.get(dut.training)))
+        seen.append(("onehot", await d.setup(onehot)))
+        res, _ = await d.command(Op.TRAIN)
+        seen.append((Op.TRAIN, res, ctx.get(dut.training)))
+        seen.append(("good", await d.setup(good)))
+        res, _ = await d.command(Op.EVAL, bank=2)
+        seen.append((Op.EVAL, res, ctx.get(dut.training)))
+
+    run(dut, bench)
+    assert seen == [(Op.TRAIN, Result.WRONG_STATE, 0), (Op.EVAL, Result.WRONG_STATE, 0),
+                    ("onehot", 0), (Op.TRAIN, Result.WRONG_STATE, 0), ("good", 1),
+                    (Op.EVAL, Result.BAD_ARG, 0)]
