@@ -276,7 +276,7 @@ class TrainingCore(wiring.Component):
 
         N, M, K, O, T_MAX = cfg.n, cfg.m, cfg.k, cfg.o, cfg.t_max
         ow, sw, aw = cfg.operand_width, cfg.state_width, cfg.acc_width
-        mw, gw, mf = fm.master.width, fm.moment.width, fm.master.frac
+        mw, gw = fm.master.width, fm.moment.width
         P = self.n_params
         SWORDS = cfg.store_words
         abits = max(1, ceil_log2(SWORDS + 1))       # a store address or a word count
@@ -300,7 +300,6 @@ class TrainingCore(wiring.Component):
 
         # ---------------------------------------------------------------- registers
         ext = Signal(init=1)            # the outer streams are the core's
-        op = Signal(Op)
         length = Signal(32)
         bank = Signal(2)
         start = Signal(32)
@@ -709,7 +708,7 @@ class TrainingCore(wiring.Component):
                 with m.Else():
                     m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid & ~is_core_op):
-                    m.d.sync += [op.eq(cmd.op), length.eq(cmd.length), bank.eq(cmd.bank),
+                    m.d.sync += [length.eq(cmd.length), bank.eq(cmd.bank),
                                  start.eq(cmd.seed), result.eq(Result.OK), ext.eq(0),
                                  wr_idx.eq(0)]
                     m.next = "DONE"
