@@ -711,3 +711,50 @@ def test_training_core_converts_for_an_ecp5_sized_configuration():
                     **ECP5_OPERAND)
     text = verilog.convert(TrainingCore(cfg), name="training_core")
     assert "module training_core" in text
+
+
+def test_sample_order_and_learning_rate_follow_epoch_order_and_lr_shift_at():
+    """The store addresses of the samples of epoch e are ``epoch_order(count, seed, e)``
+    times the record length, for set sizes around powers of two (1 … 33) and epochs
+    whose 4e wraps 32 bits; the optimiser's shift is ``lr_shift_at(tc, e)`` across the
+    halvings."""
+    from hel_fpga.spec.training import epoch_order, lr_shift_at
+    cfg = HelConfig(n=3, m=2, k=1, o=1, t_max=2, lanes=1, store_words=200)
+    runs = [(1, 0, (0, 3)), (2, 7, (1,)), (3, 0xFFFF_FFFF, (5,)), (9, 12345, (0, 9)),
+            (17, 0x8000_0001, ((1 << 30) + 3,)), (33, 99, (2, (1 << 32) - 1))]
+    tc0 = TrainConfig(loss="mse", optimizer="sgdm", batch_log2=5, lr_log2=-3, epochs=10,
+                      halvings=3)
+    lr_epochs = (0, 4, 5, 7, 8, 9, 10, 1 << 20)
+    dut = TrainingCore(cfg)
+    rec = record_words(cfg, "mse", 1)
+    bases, lrs = {}, {}
+
+    async def bench(ctx):
+        d = Driver(ctx, dut, random.Random(5), idle=0.1, stall=0.1)
+        await d.write_master(0, [0] * dut.n_params)
+        await d.write_master(1, [0] * dut.n_params)
+        await d.store([0] * (33 * rec))
+        for count, seed, epochs in runs:
+            tc = TrainConfig(loss="mse", optimizer="sgdm", batch_log2=5, lr_log2=-3,
+                             epochs=10, halvings=3, seed=seed)
+            assert await d.setup(pack_setup(cfg, tc, 1, count, 0)) == 1
+            for e in epochs:
+                seen = []
+                res, _ = await d.command(Op.TRAIN, length=e)
+                while ctx.get(dut.training):
+                    if ctx.get(dut.probes["sample_start"]):
+                        seen.append(ctx.get(dut.probes["sample_base"]))
+                    await d.tick()
+                bases[count, seed, e] = seen
+        assert await d.setup(pack_setup(cfg, tc0, 1, 1, 0)) == 1
+        for e in lr_epochs:
+            await d.run_pass(Op.TRAIN, length=e)
+            lrs[e] = ctx.get(dut.probes["lr_shift"])
+
+    run(dut, bench)
+    for count, seed, epochs in runs:
+        for e in epochs:
+            assert bases[count, seed, e] == [i * rec for i in epoch_order(count, seed, e)], \
+                (count, seed, e)
+    assert lrs == {e: lr_shift_at(tc0, e) for e in lr_epochs}
+    assert len(set(lrs.values())) == 4
