@@ -47,6 +47,9 @@ class Device(wiring.Component):
         Bytes from the line (never back-pressured, like a UART receiver).
     source : Out(stream.Signature(8))
         Bytes for the line.
+    training : Out(1)
+        A TRAIN or EVAL pass runs (always 0 without on-chip training): for an LED,
+        and for tests that wait for a pass.
     """
 
     def __init__(self, cfg: HelConfig, clk_hz: int, baud: int, name: str = "hel-fpga", *,
@@ -57,6 +60,7 @@ class Device(wiring.Component):
         super().__init__({
             "sink": In(stream.Signature(8, always_ready=True)),
             "source": Out(stream.Signature(8)),
+            "training": Out(1),
         })
 
     def elaborate(self, platform):
@@ -75,6 +79,8 @@ class Device(wiring.Component):
         wiring.connect(m, decoder.source, cu.rx)
         wiring.connect(m, decoder.error, cu.rx_error)
         wiring.connect(m, cu.core, core)
+        if self.cfg.store_words:
+            m.d.comb += self.training.eq(core.training)
         # Two reply bytes between the command unit and the encoder: registered valid and
         # ready on both sides cut the combinational path from the command unit's reply
         # multiplexers into the encoder's block logic, which does not fit the iCEBreaker's

@@ -44,6 +44,11 @@ LONG = HelConfig(n=2, m=2, k=2, o=1, t_max=300, lanes=1, acc_width=52)
 
 # --- a session: the same bytes into the gateware and the model -----------------------------------
 
+#: A session item that waits until the device's TRAIN or EVAL pass has ended (the model
+#: runs a pass before it answers; the gateware answers at once and runs it after).
+WAIT_PASS = "wait for the pass"
+
+
 class Session:
     """Builds requests; :func:`run` plays them into the gateware and the model."""
 
@@ -132,6 +137,9 @@ def run(session: Session, *, ready_prob: float = 1.0, gap_prob: float = 0.0, see
 
     async def main(ctx):
         for label, wire in session.items:
+            if label == WAIT_PASS:          # a pass runs in the device: wait for its end
+                await ctx.tick().until(~dut.training)
+                continue
             expect = model.feed(wire)
             for byte in wire:
                 ctx.set(dut.sink.payload, byte)

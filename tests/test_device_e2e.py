@@ -489,3 +489,25 @@ def test_the_archive_boards_configuration_trains_golden_exact_on_the_simulated_b
         assert_same(training_step(dev, *sample), training_step(GoldenDevice(cfg), *sample))
     finally:
         dev.close()
+
+
+@pytest.mark.parametrize("task_fixture", ["small_regression", "small_classification"])
+def test_on_chip_training_on_the_simulated_board_equals_the_golden_model(task_fixture, request, tmp_path,
+                                                                         capsys):
+    """``hel train --on-chip`` through the gateware's training core over the real protocol
+    (the store, TRAIN_SETUP, WRITE/READ_MASTER, TRAIN, EVAL, METRICS): every loss,
+    accuracy and device metric of the run equals the golden model's run."""
+    task = str(request.getfixturevalue(task_fixture))
+    runs = {}
+    for device in ("sim", "sim-board"):
+        rc = main(["train", "--on-chip", "--task", task, "--oscillators", "8", "--hidden", "8",
+                   "--epochs", "2", "--batch", "4", "--device", device, "--out", str(tmp_path / device),
+                   "--json", "--no-plots"])
+        assert rc == 0, capsys.readouterr().err
+        runs[device] = json.loads(capsys.readouterr().out)
+    timing = ("seconds", "samples_per_second")
+    for a, b in zip(runs["sim"]["history"], runs["sim-board"]["history"], strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == \
+               {k: v for k, v in b.items() if k not in timing}
+    for key in ("final_train_loss", "final_test_loss", "onchip_final_train", "onchip_final_test"):
+        assert runs["sim"][key] == runs["sim-board"][key], key
