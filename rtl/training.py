@@ -184,40 +184,109 @@ def _times(x, c: int):
     return reduce(lambda a, b: a + b, terms) if terms else Const(0)
 
 
+class _Banks:
+    """One memory of ``depth`` words built as banks of at most ``bank_depth`` words.
+
+    A 65 536-word store is 64 ECP5 block RAMs: as one memory, its read multiplexer
+    and the routes from RAMs spread over the die to it make one path longer than a
+    60 MHz period. As banks, each bank's RAMs and its small multiplexer end in a
+    register placed beside them; the banks' multiplexer gets a cycle of its own
+    (the bank number travels with the read). Writes go to the bank the address
+    names.
+    """
+
+    def __init__(self, m: Module, name: str, shape, depth: int, bank_depth: int, attrs):
+        self.shape, self.depth = shape, depth
+        self.bank_bits = ceil_log2(bank_depth)
+        n = -(-depth // (1 << self.bank_bits))
+        self.mems = []
+        for i in range(n):
+            d = min(1 << self.bank_bits, depth - (i << self.bank_bits))
+            mem = m.submodules[f"{name}_bank{i}"] = Memory(shape=shape, depth=d, init=[], attrs=attrs)
+            self.mems.append(mem)
+        self.ports = [mem.write_port() for mem in self.mems]
+
+    def write(self, m: Module, addr, data, en) -> None:
+        lo, hi = addr[:self.bank_bits], addr[self.bank_bits:]
+        for i, port in enumerate(self.ports):
+            m.d.comb += [port.addr.eq(lo), port.data.eq(data), port.en.eq(en & (hi == i))]
+
+    def read(self, m: Module, name: str, addr):
+        """The word at ``addr`` two cycles later (RAM register, bank register), as a
+        value for the caller's register after the banks' multiplexer."""
+        lo, hi = addr[:self.bank_bits], addr[self.bank_bits:]
+        bank = Signal(range(max(len(self.mems), 2)), name=f"{name}_bank", reset_less=True)
+        bank_b = Signal.like(bank, name=f"{name}_bank_b", reset_less=True)
+        m.d.sync += [bank.eq(hi), bank_b.eq(bank)]
+        words = []
+        for i, mem in enumerate(self.mems):
+            port = ram_read_port(m, mem, f"{name}_bank{i}")
+            m.d.comb += port.addr.eq(lo)
+            word = Signal(self.shape, name=f"{name}_bank{i}_word", reset_less=True)
+            m.d.sync += word.eq(port.data)
+            words.append(word)
+        out = Signal(self.shape, name=f"{name}_banked")
+        with m.Switch(bank_b):
+            for i, word in enumerate(words):
+                with m.Case(i):
+                    m.d.comb += out.eq(word)
+        return out
+
+
+#: Most words of one store bank: 4096 operand words are four ECP5 block RAMs (18
+#: bits) or eight iCE40 ones (16 bits); larger stores are banked (:class:`_Banks`).
+STORE_BANK_WORDS = 4096
+
+
 class _Prefetch:
     """A read stream from block RAM(s) sharing one address (module docstring).
 
-    The user drives ``issue`` (only while ``can_issue``), ``addr`` and ``tag`` in the
-    same cycle; the words leave in order on ``valid``/``ready`` with ``data`` (one
-    per memory) and ``tag``. ``can_issue`` is a function of registers only.
+    ``mems`` holds one entry per data word: a :class:`Memory`, or a :class:`_Banks`
+    (one memory cut into banks, each bank's word registered beside its RAMs before
+    the banks' multiplexer). The user drives ``issue`` (only while ``can_issue``),
+    ``addr`` and ``tag`` in the same cycle; the words leave in order on
+    ``valid``/``ready`` with ``data`` (one per entry) and ``tag``. ``can_issue`` is
+    a function of registers only.
     """
-
-    DEPTH = 6
 
     def __init__(self, m: Module, name: str, mems, tag_width: int = 1):
         depth_max = max(mem.depth for mem in mems)
+        banked = any(isinstance(mem, _Banks) for mem in mems)
         self.issue = Signal(name=f"{name}_issue")
         self.addr = Signal(range(max(depth_max, 2)), name=f"{name}_addr")
         self.tag = Signal(tag_width, name=f"{name}_tag")
         self.can_issue = Signal(name=f"{name}_can_issue")
         self.ready = Signal(name=f"{name}_ready")
         self.valid = Signal(name=f"{name}_valid")
-        ports = [ram_read_port(m, mem, f"{name}_rd{i}") for i, mem in enumerate(mems)]
         widths = [Shape.cast(mem.shape).width for mem in mems]
 
+        # stages: a (address), m (RAM read register), b (bank words; banked only),
+        # d (after the output multiplexer), then the FIFO
+        stages = "amd" if not banked else "ambd"
         a_addr = Signal.like(self.addr, name=f"{name}_a_addr", reset_less=True)
-        a_valid, m_valid, d_valid = (Signal(name=f"{name}_{s}_valid") for s in "amd")
-        a_tag, m_tag, d_tag = (Signal(tag_width, name=f"{name}_{s}_tag", reset_less=True)
-                               for s in "amd")
+        valid = {st: Signal(name=f"{name}_{st}_valid") for st in stages}
+        tag = {st: Signal(tag_width, name=f"{name}_{st}_tag", reset_less=True) for st in stages}
         d_data = [Signal(mem.shape, name=f"{name}_d_data{i}", reset_less=True)
                   for i, mem in enumerate(mems)]
         with m.If(self.issue):
-            m.d.sync += [a_addr.eq(self.addr), a_tag.eq(self.tag)]
-        m.d.sync += [a_valid.eq(self.issue), m_valid.eq(a_valid), m_tag.eq(a_tag),
-                     d_valid.eq(m_valid), d_tag.eq(m_tag)]
-        for port, d in zip(ports, d_data):
+            m.d.sync += [a_addr.eq(self.addr), tag["a"].eq(self.tag)]
+        m.d.sync += valid["a"].eq(self.issue)
+        for prev, st in zip(stages, stages[1:]):
+            m.d.sync += [valid[st].eq(valid[prev]), tag[st].eq(tag[prev])]
+        d_valid, d_tag = valid["d"], tag["d"]
+        for i, (mem, d) in enumerate(zip(mems, d_data)):
+            if isinstance(mem, _Banks):
+                m.d.sync += d.eq(mem.read(m, f"{name}_rd{i}", a_addr))
+                continue
+            port = ram_read_port(m, mem, f"{name}_rd{i}")
             m.d.comb += port.addr.eq(a_addr)
-            m.d.sync += d.eq(port.data)       # after the RAMs' output multiplexer
+            if banked:      # keep the entries' words aligned with the banked one
+                late = Signal(mem.shape, name=f"{name}_b_data{i}", reset_less=True)
+                m.d.sync += [late.eq(port.data), d.eq(late)]
+            else:
+                m.d.sync += d.eq(port.data)       # after the RAMs' output multiplexer
+        # credits cover the words in flight from issue to the FIFO's output
+        self.DEPTH = len(stages) + 2
 
         fifo = m.submodules[f"{name}_fifo"] = SyncFIFO(width=sum(widths) + tag_width,
                                                        depth=self.DEPTH)
@@ -244,6 +313,9 @@ class TrainingCore(wiring.Component):
     ----------
     cfg : HelConfig
         The core's configuration; ``store_words`` must be > 0.
+    store_bank_words : int
+        Most words of one store bank (:class:`_Banks`; default
+        :data:`STORE_BANK_WORDS`).
     core_kwargs
         Passed to :class:`HELCore` (``seq_ram``, ``compact``).
 
@@ -259,10 +331,11 @@ class TrainingCore(wiring.Component):
         word's address), ``lr_shift`` (the epoch's learning-rate shift).
     """
 
-    def __init__(self, cfg: HelConfig, **core_kwargs):
+    def __init__(self, cfg: HelConfig, *, store_bank_words: int | None = None, **core_kwargs):
         if cfg.store_words <= 0:
             raise ValueError("TrainingCore needs cfg.store_words > 0")
         self.cfg = cfg
+        self.store_bank_words = store_bank_words or STORE_BANK_WORDS
         self.fm = TrainFormats(cfg)
         self.core = HELCore(cfg, **core_kwargs)
         self.n_params = sum(math.prod(s) for s in cfg.param_shapes().values())
@@ -295,15 +368,15 @@ class TrainingCore(wiring.Component):
         pw = max(abits, 17 + bits_for(rec_max))     # serial multiplier's product
 
         # ---------------------------------------------------------------- memories
-        store = m.submodules.store = Memory(shape=signed(ow), depth=SWORDS, init=[],
-                                            attrs=NO_RW_CHECK)   # STORE and passes never overlap
+        # STORE and passes never overlap: no read-during-write
+        store = _Banks(m, "store", signed(ow), SWORDS, self.store_bank_words, NO_RW_CHECK)
         nbuf = m.submodules.nbuf = Memory(shape=signed(sw), depth=T_MAX * O, init=[],
                                           attrs=NO_RW_CHECK)     # ECHO reads after the last write
         mmem = m.submodules.master = Memory(shape=signed(mw), depth=P, init=[],
                                             attrs=NO_RW_CHECK)   # reads run ahead of writes
         gmem = m.submodules.moment = Memory(shape=signed(gw), depth=P, init=[],
                                             attrs=NO_RW_CHECK)
-        store_wr, nbuf_wr = store.write_port(), nbuf.write_port()
+        nbuf_wr = nbuf.write_port()
         mmem_wr, gmem_wr = mmem.write_port(), gmem.write_port()
         spf = _Prefetch(m, "spf", [store], tag_width=2)
         npf = _Prefetch(m, "npf", [nbuf])
@@ -827,8 +900,8 @@ class TrainingCore(wiring.Component):
 
             # ---- STORE
             with m.State("STORE_WORDS"):
-                m.d.comb += [inputs_ready.eq(1), store_wr.addr.eq(start),
-                             store_wr.data.eq(self.inputs.payload), store_wr.en.eq(in_take)]
+                m.d.comb += inputs_ready.eq(1)
+                store.write(m, start, self.inputs.payload, in_take)
                 with m.If(in_take):
                     m.d.sync += [start.eq(start + 1), length.eq(length - 1)]
                     with m.If(length == 1):

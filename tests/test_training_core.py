@@ -258,7 +258,8 @@ def run(dut, bench, max_cycles=2_000_000):
 # ----------------------------------------------------------------------------- scenarios
 def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int, steps: int,
                    epochs=(0,), seed: int = 0, moments: bool = True, store_fn=None,
-                   master_scale: float = 0.4, stats: dict | None = None):
+                   master_scale: float = 0.4, stats: dict | None = None,
+                   store_bank_words: int | None = None):
     """WRITE_MASTER both banks, TRAIN_SETUP, STORE, then per epoch e in ``epochs``:
     TRAIN e, READ_MASTER both banks, READ_PARAMS, and EVAL of both sets; all against
     the golden trainer. ``store_fn(cfg, loss, count, steps, rng)`` makes a set."""
@@ -285,7 +286,7 @@ def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int
         expect.append((tr, flat(ref.master), flat(ref.moment), flat(ref.params()), ev_test,
                        ev_train))
 
-    dut = TrainingCore(cfg)
+    dut = TrainingCore(cfg, store_bank_words=store_bank_words)
     P = dut.n_params
     mism: list[str] = []
     srng = random.Random(seed)
@@ -347,6 +348,15 @@ def test_mse_lion_epoch_equals_golden_trainer_with_little_controller_overhead():
     keys = 4 * 97 + 12          # four bit-serial mix32 words, once per epoch
     assert eval_idle <= 6 * 6, stats
     assert train_idle <= keys + 8 * 6 + 8 * 2, stats
+
+
+def test_a_store_of_many_banks_reads_and_writes_every_bank_like_one_memory():
+    """Banks of 32 words: the sets' 180 words span six banks (and the store's write
+    and read addresses cross every bank boundary), bit for bit as with one bank."""
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=2, lr_log2=7, epochs=4, seed=3)
+    mism, _ = train_scenario(SMALL, tc, n_train=6, n_test=3, steps=5, epochs=(1,), seed=4,
+                             store_bank_words=32)
+    assert not mism, "\n".join(mism)
 
 
 def test_onehot_sgdm_two_epochs_with_a_partial_batch_equal_golden_trainer():
