@@ -690,9 +690,18 @@ class TrainingCore(wiring.Component):
         opt_sel = Signal()                  # the parameter prefetch feeds the optimiser
         wp_sel = Signal()                   # … the requantiser (WRITE_PARAMS)
         rm_sel = Signal()                   # … acc_out (READ_MASTER)
+        # The accumulators reach the optimiser through two registered words: the core's
+        # accumulator RAMs sit wherever the placer puts them on the die, so their read
+        # data, and the core's read-address advance on ``ready``, get a cycle of their
+        # own instead of sharing one with the optimiser's negation and the join.
+        accq = m.submodules.accq = SyncFIFO(width=aw, depth=2)
+        m.d.comb += [accq.w_data.eq(core.acc_out.payload),
+                     accq.w_en.eq(~ext & core.acc_out.valid)]
+        acc_word = Signal(signed(aw))
+        m.d.comb += acc_word.eq(accq.r_data)
         m.d.comb += [
-            opt.sink.valid.eq(opt_sel & core.acc_out.valid & ppf.valid),
-            opt.sink.payload.acc.eq(core.acc_out.payload),
+            opt.sink.valid.eq(opt_sel & accq.r_rdy & ppf.valid),
+            opt.sink.payload.acc.eq(acc_word),
             opt.sink.payload.master.eq(master_word),
             opt.sink.payload.moment.eq(moment_word),
             opt.sink.payload.array.eq(ppf.tag_out),
@@ -715,8 +724,9 @@ class TrainingCore(wiring.Component):
             m.d.sync += wr_idx.eq(wr_idx + 1)
         rm_word = Signal(signed(aw))
         m.d.comb += rm_word.eq(Mux(bank == 0, master_word, moment_word))
+        m.d.comb += accq.r_en.eq(opt_sel & opt.sink.ready & ppf.valid)
         m.d.comb += ppf.ready.eq(
-            (opt_sel & opt.sink.ready & core.acc_out.valid)
+            (opt_sel & opt.sink.ready & accq.r_rdy)
             | (wp_sel & core.params_in.ready)
             | (rm_sel & self.acc_out.ready))
 
@@ -742,8 +752,7 @@ class TrainingCore(wiring.Component):
             npf.ready.eq(~ext & core.nudges.ready),
             self.acc_out.valid.eq(Mux(ext, core.acc_out.valid, rm_sel & ppf.valid)),
             self.acc_out.payload.eq(Mux(ext, core.acc_out.payload, rm_word)),
-            core.acc_out.ready.eq(Mux(ext, self.acc_out.ready,
-                                      opt_sel & opt.sink.ready & ppf.valid)),
+            core.acc_out.ready.eq(Mux(ext, self.acc_out.ready, accq.w_rdy)),
             self.state_out.valid.eq(ext & core.state_out.valid),
             self.state_out.payload.eq(core.state_out.payload),
             core.state_out.ready.eq(ext & self.state_out.ready),
