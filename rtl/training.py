@@ -207,9 +207,17 @@ class _Banks:
         self.ports = [mem.write_port() for mem in self.mems]
 
     def write(self, m: Module, addr, data, en) -> None:
+        """Write ``data`` at ``addr`` when ``en``, one cycle later: the address, the
+        word and each bank's enable are registered, so the write reaches RAMs spread
+        over the die from registers (no read of the store follows a write that soon)."""
         lo, hi = addr[:self.bank_bits], addr[self.bank_bits:]
+        lo_r = Signal(len(lo), reset_less=True, name="store_waddr")
+        data_r = Signal(self.shape, reset_less=True, name="store_wdata")
+        m.d.sync += [lo_r.eq(lo), data_r.eq(data)]
         for i, port in enumerate(self.ports):
-            m.d.comb += [port.addr.eq(lo), port.data.eq(data), port.en.eq(en & (hi == i))]
+            en_r = Signal(name=f"store_bank{i}_we")
+            m.d.sync += en_r.eq(en & (hi == i))
+            m.d.comb += [port.addr.eq(lo_r), port.data.eq(data_r), port.en.eq(en_r)]
 
     def read(self, m: Module, name: str, addr):
         """The word at ``addr`` two cycles later (RAM register, bank register), as a
@@ -370,6 +378,7 @@ class TrainingCore(wiring.Component):
         # ---------------------------------------------------------------- memories
         # STORE and passes never overlap: no read-during-write
         store = _Banks(m, "store", signed(ow), SWORDS, self.store_bank_words, NO_RW_CHECK)
+        store_wen = Signal()                # STORE: the word on ``inputs`` goes to ``start``
         nbuf = m.submodules.nbuf = Memory(shape=signed(sw), depth=T_MAX * O, init=[],
                                           attrs=NO_RW_CHECK)     # ECHO reads after the last write
         mmem = m.submodules.master = Memory(shape=signed(mw), depth=P, init=[],
@@ -387,6 +396,7 @@ class TrainingCore(wiring.Component):
         length = Signal(32)
         bank = Signal(2)
         start = Signal(32)
+        store.write(m, start, self.inputs.payload, store_wen)
         result = Signal(Result)
 
         # setup (one register per SETUP_FIELDS entry, seed_lo/hi in one)
@@ -909,8 +919,7 @@ class TrainingCore(wiring.Component):
 
             # ---- STORE
             with m.State("STORE_WORDS"):
-                m.d.comb += inputs_ready.eq(1)
-                store.write(m, start, self.inputs.payload, in_take)
+                m.d.comb += [inputs_ready.eq(1), store_wen.eq(in_take)]
                 with m.If(in_take):
                     m.d.sync += [start.eq(start + 1), length.eq(length - 1)]
                     with m.If(length == 1):
