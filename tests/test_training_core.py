@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 from amaranth.back import verilog
 from amaranth.hdl import ResetInserter, Signal
-from amaranth.sim import Simulator
 
 from hel_fpga.rtl.core import Op, Result
 from hel_fpga.rtl.training import MetricsLayout, TrainingCore
@@ -43,7 +42,7 @@ from hel_fpga.spec.training import (SETUP_FIELDS, StoreLayout, TrainConfig,
                                     TrainFormats, TrainingError, pack_setup, record_words,
                                     unpack_setup)
 
-from amaranth_sim import CLOCK_PERIOD, vcd_dump
+from amaranth_sim import simulate
 
 
 # ----------------------------------------------------------------------------- data
@@ -84,23 +83,10 @@ def random_store(cfg: HelConfig, loss: str, count: int, steps: int, rng,
     return SampleStore.regression(cfg, u, y, mask)
 
 
-def random_master(cfg: HelConfig, rng, scale: float = 0.4, wild: int = 3) -> dict:
-    """Master weights (normal, ``scale`` in parameter units) with ``wild`` elements
-    beyond the master range (WRITE_MASTER clamps them)."""
-    fm = TrainFormats(cfg)
-    out = {}
-    for k, shp in cfg.param_shapes().items():
-        a = np.rint(rng.normal(0, scale, shp) * fm.master.scale).astype(np.int64)
-        out[k] = a
-    flat = [(k, i) for k in PARAM_NAMES for i in range(out[k].size)]
-    lim = 1 << (cfg.acc_width - 2)
-    for j in rng.choice(len(flat), wild, replace=False):
-        k, i = flat[j]
-        out[k].reshape(-1)[i] = int(rng.integers(-lim, lim))
-    return out
-
-
-def random_moment(cfg: HelConfig, rng, scale: float = 0.01, wild: int = 2) -> dict:
+def random_weights(cfg: HelConfig, rng, scale: float, wild: int) -> dict:
+    """Master-format arrays (normal, ``scale`` in parameter units) with ``wild``
+    elements far beyond the master range and the moment width (WRITE_MASTER clamps
+    master weights and saturates moments)."""
     fm = TrainFormats(cfg)
     out = {k: np.rint(rng.normal(0, scale, shp) * fm.master.scale).astype(np.int64)
            for k, shp in cfg.param_shapes().items()}
@@ -110,6 +96,14 @@ def random_moment(cfg: HelConfig, rng, scale: float = 0.01, wild: int = 2) -> di
         k, i = flat[j]
         out[k].reshape(-1)[i] = int(rng.integers(-lim, lim))
     return out
+
+
+def random_master(cfg: HelConfig, rng, scale: float = 0.4, wild: int = 3) -> dict:
+    return random_weights(cfg, rng, scale, wild)
+
+
+def random_moment(cfg: HelConfig, rng, scale: float = 0.01, wild: int = 2) -> dict:
+    return random_weights(cfg, rng, scale, wild)
 
 
 def flat(d: dict) -> list[int]:
@@ -242,17 +236,7 @@ class Driver:
 
 def run(dut, bench, max_cycles=2_000_000):
     """Simulate ``bench(ctx)`` to its end (a watchdog fails a hung handshake)."""
-    sim = Simulator(dut)
-    sim.add_clock(CLOCK_PERIOD)
-    sim.add_testbench(bench)
-
-    async def watchdog(ctx):
-        await ctx.delay(max_cycles * CLOCK_PERIOD)
-        raise AssertionError(f"simulation still running after {max_cycles} cycles")
-
-    sim.add_testbench(watchdog, background=True)
-    with vcd_dump(sim):
-        sim.run()
+    simulate(dut, bench, max_cycles=max_cycles)
 
 
 # ----------------------------------------------------------------------------- scenarios
