@@ -13,7 +13,11 @@ ratio is ``cycles / (MACs / P)`` with ``P`` = the core's multipliers.
 ``hel bench link``: the serial link's payload efficiency during LOAD, FORWARD
 and ECHO, and the simulated board's speed (see :func:`measure_link`).
 
-The subcommand is a positional choice (``core``, ``link``).
+``hel bench train``: training samples/s on chip (RTL simulation cycles × each
+board's clock), host-driven (protocol-model traffic projected at the baud) and on
+the CPU (float BPTT), side by side (:mod:`hel_fpga.host.commands.bench_train`).
+
+The subcommand is a positional choice (``core``, ``link``, ``train``).
 """
 
 from __future__ import annotations
@@ -37,14 +41,16 @@ TARGET_CYCLES_PER_S = 1_000_000
 
 
 def add_arguments(p):
-    p.add_argument("what", choices=["core", "link"],
+    p.add_argument("what", choices=["core", "link", "train"],
                    help="core: cycles per step of the HEL core; link: payload efficiency of the "
-                        "serial link and the simulated board's cycles per second")
+                        "serial link and the simulated board's cycles per second; train: "
+                        "training samples/s on chip, host-driven and on the CPU")
     p.add_argument("--json", action="store_true",
                    help="core: print a list of objects (n, m, k, p, cycles_forward_step, "
                         "cycles_echo_step, macs_forward_step, macs_echo_step, ratio_forward, "
                         "ratio_echo); link: print the measurement as one object (phases, "
-                        "board, targets)")
+                        "board, targets); train: print a list of rows (target, mode, task, n, m, "
+                        "k, o, t, c, p, cycles_per_sample, clock_hz, samples_per_s, source)")
     p.add_argument("--config", action="append", metavar="N,M,K,P",
                    help="core: measure this shape instead of the default set (repeatable)")
     p.add_argument("--lengths", metavar="T,T,...", default=",".join(map(str, LINK_LENGTHS)),
@@ -55,7 +61,17 @@ def add_arguments(p):
                    help="link: " + device_help(default="sim-board", exclude=("sim",))
                    + "; time in simulated cycles on sim-board, else in wall seconds at the baud "
                      "rate IDENT reports")
-    p.add_argument("--seed", type=int, default=0, help="link: seed of the random data")
+    p.add_argument("--seed", type=int, default=0,
+                   help="link: seed of the random data; train: seed of the initialisation")
+    from hel_fpga.host.commands.bench_train import DEFAULT_TASKS, MODES
+    p.add_argument("--tasks", default=DEFAULT_TASKS, metavar="TASK[@N],...",
+                   help="train: workloads, a task at its default size or at N = M = N "
+                        "(default %(default)s)")
+    p.add_argument("--modes", default=",".join(MODES), metavar="MODE,...",
+                   help="train: which rows to measure, a subset of " + ", ".join(MODES)
+                        + " (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="train: fewer samples (16 on chip, one batch host-driven, one CPU epoch)")
 
 
 def _parse(spec: str) -> tuple[int, int, int, int]:
@@ -550,6 +566,9 @@ def run_link(args) -> int:
 def run(args) -> int:
     if args.what == "link":
         return run_link(args)
+    if args.what == "train":
+        from hel_fpga.host.commands.bench_train import run_train
+        return run_train(args)
     from hel_fpga.spec.formats import HelConfig
 
     shapes = [_parse(s) for s in args.config] if args.config else DEFAULT_CONFIGS
