@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim-board": ("sim_board", "build (if needed) and run the Verilator-simulated board; prints its serial device path first"),
     "selftest": ("selftest", "run the device's SELFTEST (forward, flip, echo back to zero) and print pass/fail"),
     "archive": ("archive", "time-series archive benchmark: model selection on a validation split, then the results table"),
-    "bench": ("bench", "benchmarks: core (cycles per step vs MACs/P) and link (payload efficiency, simulated cycles/s)"),
+    "bench": ("bench", "benchmarks: core (cycles per step vs MACs/P), link (payload efficiency, simulated cycles/s) "
+                       "and train (samples/s on chip, host-driven and on the CPU)"),
 }
 
 
