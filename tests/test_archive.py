@@ -201,3 +201,99 @@ def test_hel_archive_on_chip_column_equals_hel_train_on_chip(tmp_path, capsys, m
     direct = json.loads(capsys.readouterr().out)
     assert row["settings"]["on_chip"] is True
     assert (row["test_accuracy"], row["final_test_loss"]) == (direct["test_accuracy"], direct["final_test_loss"])
+
+
+# --------------------------------------------------------------------------- on chip
+
+def test_store_fit_counts_the_records_of_both_splits_against_the_archive_board():
+    """Independent count: aeon's series per split, T = the longest, one record is
+    T·K input words plus a label word; the store is the board entry's."""
+    from hel_fpga.boards.table import BOARDS
+    from hel_fpga.host.train.archive import ARCHIVE_BOARD, store_fit
+    board = BOARDS[ARCHIVE_BOARD].config
+    assert (board.store_words, board.k) == (65536, 12)
+    for name in ("JapaneseVowels", "GunPoint", "ItalyPowerDemand", "BasicMotions"):
+        raw = _raw(name)
+        series = raw["train"][0] + raw["test"][0]
+        t, k = max(len(s) for s in series), series[0].shape[1]
+        fit = store_fit(name)
+        assert (fit.samples, fit.steps) == (len(series), t)
+        assert fit.words == len(series) * (t * k + 1)
+        assert fit.board_words == len(series) * (t * board.k + 1)
+        assert fit.fits == (len(series) * (t * k + 1) <= 65536)
+    jv = store_fit("JapaneseVowels")
+    assert not jv.fits and jv.describe() == "640 × 349 = 223,360 words > 65,536"
+    assert all(store_fit(n).fits for n in ("GunPoint", "ItalyPowerDemand", "BasicMotions"))
+
+
+def test_best_point_takes_accuracy_then_lower_loss_then_lower_lr_then_smaller_eps():
+    from hel_fpga.host.commands.archive import best_point
+
+    def pt(lr, eps):
+        return {"lr": 2.0 ** -lr, "eps": 2.0 ** -eps}
+    scores = [(pt(6, 2), 0.90, 0.10), (pt(7, 2), 0.95, 0.30), (pt(8, 3), 0.95, 0.20)]
+    assert best_point(scores)[0] == pt(8, 3)                           # same accuracy, lower loss
+    assert best_point(scores + [(pt(6, 3), 0.96, 9.0)])[0] == pt(6, 3)  # accuracy first
+    tie = [(pt(6, 2), 0.9, 0.2), (pt(7, 2), 0.9, 0.2), (pt(7, 3), 0.9, 0.2)]
+    assert best_point(tie)[0] == pt(7, 3)                               # lower lr, then smaller ε
+
+
+def _fake_run(calls, best):
+    """A stand-in for one ``hel train`` run: its accuracy peaks at ``best`` (lr, ε),
+    the two next points tie on accuracy and differ in loss."""
+    def run(out, say, **o):
+        calls.append(o)
+        key = (o.get("lr"), o.get("eps"))
+        acc = 0.9 if key == best else 0.8 if key in ((2.0 ** -6, 0.25), (2.0 ** -8, 0.125)) else 0.5
+        loss = 0.3 if key == (2.0 ** -6, 0.25) else 0.4
+        return {"test_accuracy": acc + 0.01 * o["seed"], "final_test_loss": loss, "train_accuracy": acc,
+                "device": o.get("device", "cpu"), "settings": dict(o), "wall_seconds": 1.0, "history": []}
+    return run
+
+
+def test_onchip_selection_uses_the_validation_split_and_skips_sets_that_do_not_fit(capsys, monkeypatch):
+    from hel_fpga.host.commands import archive as cmd
+    from hel_fpga.host.train import archive
+    monkeypatch.setitem(archive.DATASET_DEFAULTS, "UnitTest",
+                        dict(oscillators=8, hidden=8, epochs=3, batch=4, lr=0.01, eps=0.03))
+    calls = []
+    monkeypatch.setattr(cmd, "_run", _fake_run(calls, best=(2.0 ** -7, 0.125)))
+    assert main(["archive", "--select", "--algorithms", "onchip", "--datasets", "UnitTest,JapaneseVowels",
+                 "--out", "unused"]) == 0
+    out = capsys.readouterr().out
+    # Every run: on chip, golden model, the validation hold-out (never the test split),
+    # the data set's size, epochs and batch; the whole grid for seeds 0 and 1.
+    assert all(c["on_chip"] and c["device"] == "sim" and c["validation"] == 0.25 and c["optimizer"] == "lion"
+               and (c["oscillators"], c["hidden"], c["epochs"], c["batch"]) == (8, 8, 3, 4) for c in calls)
+    assert {c["task"] for c in calls} == {"aeon:UnitTest"}     # JapaneseVowels: no run at all
+    assert sorted((c["lr"], c["eps"], c["seed"]) for c in calls) == sorted(
+        (lr, eps, s) for lr in (2 ** -6, 2 ** -7, 2 ** -8) for eps in (0.25, 0.125) for s in (0, 1))
+    assert ("'UnitTest': dict(oscillators=8, hidden=8, epochs=3, batch=4, optimizer='lion', "
+            "lr=2.0 ** -7, eps=2.0 ** -3),  # validation accuracy 0.905") in out
+    assert "# JapaneseVowels: does not fit the store (640 × 349 = 223,360 words > 65,536)" in out
+    # Without the peak, the tie at 0.8 goes to the lower validation loss.
+    calls.clear()
+    monkeypatch.setattr(cmd, "_run", _fake_run(calls, best=None))
+    assert main(["archive", "--select", "--algorithms", "onchip", "--datasets", "UnitTest", "--out", "x"]) == 0
+    assert "lr=2.0 ** -6, eps=2.0 ** -2" in capsys.readouterr().out
+
+
+def test_table_on_chip_runs_take_onchip_defaults_and_name_sets_that_do_not_fit(capsys, monkeypatch):
+    from hel_fpga.host.commands import archive as cmd
+    from hel_fpga.host.train import archive
+    monkeypatch.setitem(archive.DATASET_DEFAULTS, "UnitTest",
+                        dict(oscillators=8, hidden=8, epochs=3, batch=4, lr=0.01, eps=0.03))
+    monkeypatch.setitem(archive.ONCHIP_DEFAULTS, "UnitTest", dict(oscillators=8, hidden=8, epochs=3, batch=4,
+                                                                  optimizer="lion", lr=2.0 ** -8, eps=0.125))
+    calls = []
+    monkeypatch.setattr(cmd, "_run", _fake_run(calls, best=None))
+    assert main(["archive", "--algorithms", "hel,onchip", "--seeds", "0,1", "--datasets",
+                 "UnitTest,JapaneseVowels", "--device", "sim", "--out", "unused"]) == 0
+    out = capsys.readouterr().out
+    onchip = [c for c in calls if c.get("on_chip")]
+    assert [c["seed"] for c in onchip] == [0, 1] and all(
+        c["task"] == "aeon:UnitTest" and (c["lr"], c["eps"], c["oscillators"], c["epochs"], c["batch"])
+        == (2.0 ** -8, 0.125, 8, 3, 4) for c in onchip)
+    jv = next(line for line in out.splitlines() if line.startswith("| JapaneseVowels |"))
+    assert "does not fit the store (640 × 349 = 223,360 words > 65,536)" in jv
+    assert "| 2^-8, 2^-3 |" in next(line for line in out.splitlines() if line.startswith("| UnitTest |"))

@@ -6,20 +6,38 @@ Two stages, both on the data sets of ``--datasets`` (default: the README's four,
 ``--select``
     Model selection on the training split only. A stratified quarter of it is
     held out as a validation split (``hel train --validation``; the test split
-    is not read). Float BPTT runs every point of :data:`GRID` (model size,
-    learning rate, epochs) with :data:`SELECT_SEEDS`; the point with the best
-    mean validation accuracy wins (ties: lower validation loss, then the
-    smaller, shorter, slower point). Float RHEL then picks ε from :data:`EPS_GRID`
-    at that point, the same way. The chosen settings are printed as the
+    is not read). ``--algorithms`` says what is selected: any of ``bptt``,
+    ``rhel-float``, ``hel`` the float settings, ``onchip`` the on-chip rates
+    (both when both are named).
+
+    Float: BPTT runs every point of :data:`GRID` (model size, learning rate,
+    epochs) with :data:`SELECT_SEEDS`; the point with the best mean validation
+    accuracy wins (ties: lower validation loss, then the smaller, shorter,
+    slower point). Float RHEL then picks ε from :data:`EPS_GRID` at that point,
+    the same way. The chosen settings are printed as the
     :data:`~hel_fpga.host.train.archive.DATASET_DEFAULTS` entry they become.
+
+    On chip: for each data set whose sets fit the archive board's store
+    (:func:`~hel_fpga.host.train.archive.store_fit`; the others are reported
+    with the figures), ``hel train --on-chip --device sim`` runs every point of
+    :data:`ONCHIP_GRID` (Lion's lr × ε, powers of two) at the data set's N = M,
+    epochs and batch, with :data:`SELECT_SEEDS`; the best mean validation
+    accuracy wins (ties: lower validation loss, then the lower lr, then the
+    smaller ε; :func:`best_point`). The result is printed as the
+    :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS` entry it becomes.
+
+    ``--json FILE`` writes the chosen settings with their validation scores
+    (with both selections: under the keys ``float`` and ``onchip``).
 
 default (the table)
     Every algorithm of ``--algorithms`` (float BPTT, float RHEL, integer HEL on
     ``--device``; and ``onchip``, ``hel train --on-chip`` on ``--device`` with the
-    device's own power-of-two rates) trains every data set with its default
-    settings for every seed
-    of ``--seeds``, on the archive's train split, and is scored on its test
-    split. Prints a Markdown table (mean ± standard deviation over seeds, and the
+    settings of :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`, or the
+    device's own rates for a data set not listed there) trains every data set
+    with its default settings for every seed of ``--seeds``, on the archive's
+    train split, and is scored on its test split. A data set whose sets do not
+    fit the archive board's store gets no on-chip run: its cell says so, with
+    the figures. Prints a Markdown table (mean ± standard deviation over seeds, and the
     range) with the published accuracies of
     :data:`~hel_fpga.host.train.archive.REFERENCES` beside it; ``--json FILE``
     writes every run's figures.
@@ -33,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -48,9 +67,15 @@ SELECT_SEEDS = (0, 1)
 EPS_GRID = (0.01, 0.03, 0.1)
 #: ``--select``: the fraction of the training split held out for validation.
 VALIDATION = 0.25
+#: ``--select --algorithms onchip``: Lion's learning rates × ε, the powers of two the
+#: device takes (every combination).
+ONCHIP_GRID = {"lr": (2.0 ** -6, 2.0 ** -7, 2.0 ** -8), "eps": (2.0 ** -2, 2.0 ** -3)}
+ONCHIP_OPTIMIZER = "lion"
+#: ``--select`` names: the float selection (one for all three) and the on-chip one.
+FLOAT_ALGORITHMS = ("bptt", "rhel-float", "hel")
 #: What ``--algorithms`` may name: the three host-side algorithms of ``hel train``, and
-#: ``onchip`` (``hel train --on-chip`` on ``--device``, with the on-chip defaults for
-#: the optimiser, learning rate and ε; the data set's model size, epochs and batch).
+#: ``onchip`` (``hel train --on-chip`` on ``--device``, with the data set's
+#: :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`).
 ALGORITHMS = ("bptt", "rhel-float", "hel", "onchip")
 DEFAULT_ALGORITHMS = ("bptt", "rhel-float", "hel")
 COLUMN = {"bptt": "float BPTT", "rhel-float": "float RHEL", "hel": "HEL, integer", "onchip": "HEL, on chip"}
@@ -69,7 +94,8 @@ def add_arguments(p):
                    help="where the hel runs go: " + device_help(default="sim"))
     p.add_argument("--select", action="store_true",
                    help="choose each data set's settings on a validation split of its training split "
-                        "(float BPTT grid, then ε with float RHEL) instead of running the table")
+                        "instead of running the table: float BPTT grid, then ε with float RHEL (for "
+                        "bptt, rhel-float, hel of --algorithms); Lion's lr × ε on chip (for onchip)")
     p.add_argument("--out", metavar="DIR", default="runs/archive",
                    help="directory of the individual runs (default: %(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write every run's figures to FILE")
@@ -143,16 +169,82 @@ def select(datasets, out: Path, say) -> dict:
     return chosen
 
 
+def best_point(scores: list[tuple[dict, float, float]]) -> tuple[dict, float, float]:
+    """The on-chip selection's winner among ``(point, mean validation accuracy, mean
+    validation loss)``: the highest accuracy; ties go to the lower loss, then the
+    lower lr, then the smaller ε."""
+    return min(scores, key=lambda x: (-x[1], x[2], x[0]["lr"], x[0]["eps"]))
+
+
+def _log2_name(x: float) -> str:
+    return f"2^{int(round(math.log2(x)))}"
+
+
+def select_onchip(datasets, out: Path, say) -> dict:
+    """On-chip rates per data set on a validation split (module docstring). Returns,
+    per data set, the chosen settings with ``validation_accuracy``/``validation_loss``
+    and every point's scores, or ``fits: False`` with the store figures."""
+    from hel_fpga.host.train.archive import DATASET_DEFAULTS, GENERIC_DEFAULTS, store_fit
+    chosen = {}
+    points = [dict(zip(ONCHIP_GRID, v)) for v in itertools.product(*ONCHIP_GRID.values())]
+    for ds in datasets:
+        fit = store_fit(ds)
+        if not fit.fits:
+            say(f"{ds}: does not fit the {fit.board} store ({fit.describe()}); no on-chip selection")
+            chosen[ds] = dict(fits=False, samples=fit.samples, record=fit.record, words=fit.words,
+                              store_words=fit.store_words)
+            continue
+        d = DATASET_DEFAULTS.get(ds, GENERIC_DEFAULTS)
+        size = dict(oscillators=d["oscillators"], hidden=d["hidden"], epochs=d["epochs"], batch=d["batch"])
+        say(f"{ds}: on chip ({fit.describe()}), N = M = {size['oscillators']}, {size['epochs']} epochs, "
+            f"batch {size['batch']}: {len(points)} (lr, ε) × {len(SELECT_SEEDS)} seeds, validation "
+            f"{VALIDATION:g} of the training split")
+        scores = []
+        for pt in points:
+            runs = [_run(out / "select" / _slug(ds, "onchip", f"n{size['oscillators']}", f"e{size['epochs']}",
+                                                f"lr{_log2_name(pt['lr'])}", f"eps{_log2_name(pt['eps'])}",
+                                                f"s{s}"), say,
+                         task=f"aeon:{ds}", on_chip=True, device="sim", optimizer=ONCHIP_OPTIMIZER,
+                         seed=s, validation=VALIDATION, **size, **pt)
+                    for s in SELECT_SEEDS]
+            scores.append((pt, statistics.mean(r["test_accuracy"] for r in runs),
+                           statistics.mean(r["final_test_loss"] for r in runs)))
+        best, acc, loss = best_point(scores)
+        chosen[ds] = dict(size, optimizer=ONCHIP_OPTIMIZER, **best, fits=True, validation_accuracy=acc,
+                          validation_loss=loss,
+                          scores=[dict(p, validation_accuracy=a, validation_loss=v) for p, a, v in scores])
+        say(f"{ds}: on chip chose lr {_log2_name(best['lr'])}, ε {_log2_name(best['eps'])} "
+            f"(validation accuracy {acc:.3f}, loss {loss:.4f})")
+    return chosen
+
+
+def onchip_options(ds: str) -> dict:
+    """The settings of the table's on-chip runs of ``ds`` (besides task, device, seed):
+    :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`, or the data set's size,
+    epochs and batch with the device's own rates."""
+    from hel_fpga.host.train.archive import DATASET_DEFAULTS, GENERIC_DEFAULTS, ONCHIP_DEFAULTS
+    if ds in ONCHIP_DEFAULTS:
+        return dict(ONCHIP_DEFAULTS[ds])
+    d = DATASET_DEFAULTS.get(ds, GENERIC_DEFAULTS)
+    return {k: d[k] for k in ("oscillators", "hidden", "epochs", "batch")}
+
+
 def table_runs(datasets, algorithms, seeds, device: str, out: Path, say) -> list[dict]:
+    from hel_fpga.host.train.archive import store_fit
     from hel_fpga.host.train.tasks import load_task
     rows = []
     defaults = {ds: load_task(f"aeon:{ds}").defaults for ds in datasets}
+    fits = {ds: store_fit(ds) for ds in datasets} if "onchip" in algorithms else {}
+    for ds in datasets:
+        if ds in fits and not fits[ds].fits:
+            say(f"{ds}: no on-chip runs: the sets do not fit the {fits[ds].board} store "
+                f"({fits[ds].describe()})")
     for ds, alg, seed in itertools.product(datasets, algorithms, seeds):
         # The settings are explicit so that a reused run is one with these settings.
         if alg == "onchip":
-            # On chip, the rates are the device's powers of two (its own defaults).
-            size = {k: defaults[ds][k] for k in ("oscillators", "hidden", "epochs", "batch")}
-            opts = dict(task=f"aeon:{ds}", on_chip=True, device=device, seed=seed, **size)
+            if not fits[ds].fits:
+                continue
+            opts = dict(task=f"aeon:{ds}", on_chip=True, device=device, seed=seed, **onchip_options(ds))
         else:
             opts = dict(task=f"aeon:{ds}", algorithm=alg, seed=seed, **defaults[ds])
         if alg == "hel":
@@ -176,18 +268,29 @@ def _cell(values) -> str:
 
 
 def format_table(rows: list[dict], datasets, algorithms) -> list[str]:
-    from hel_fpga.host.train.archive import REFERENCES
+    from hel_fpga.host.train.archive import REFERENCES, store_fit
     refs = ("1-NN DTW", "ROCKET", "InceptionTime")
-    head = (["data set", "N = M, epochs, lr, ε"] + [COLUMN[a] for a in algorithms] + list(refs))
+    onchip = "onchip" in algorithms
+    head = (["data set", "N = M, epochs, lr, ε"] + (["on chip: lr, ε"] if onchip else [])
+            + [COLUMN[a] for a in algorithms] + list(refs))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in datasets:
         mine = [r for r in rows if r["dataset"] == ds]
-        if not mine:
+        fit = store_fit(ds) if onchip else None
+        if not mine and (fit is None or fit.fits):
             continue
-        # the data set's settings (an on-chip run has the device's rates instead)
-        s = next((r["settings"] for r in mine if r["algorithm"] != "onchip"), mine[0]["settings"])
-        cells = [ds, f"{s['oscillators']}, {s['epochs']}, {s['lr']:g}, {s['eps']:g}"]
+        cells = [ds]
+        # the data set's settings (an on-chip run has its own rates)
+        host = [r["settings"] for r in mine if r["algorithm"] != "onchip"]
+        cells.append(f"{host[0]['oscillators']}, {host[0]['epochs']}, {host[0]['lr']:g}, {host[0]['eps']:g}"
+                     if host else "–")
+        if onchip:
+            s = next((r["settings"] for r in mine if r["algorithm"] == "onchip"), None)
+            cells.append(f"{_log2_name(s['lr'])}, {_log2_name(s['eps'])}" if s else "–")
         for a in algorithms:
+            if a == "onchip" and not fit.fits:
+                cells.append(f"does not fit the store ({fit.describe()})")
+                continue
             cells.append(_cell([r["test_accuracy"] for r in mine if r["algorithm"] == a]))
         for ref in refs:
             r = REFERENCES.get(ds, {}).get(ref)
@@ -221,14 +324,31 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     if args.select:
-        chosen = select(datasets, out, say)
-        print("DATASET_DEFAULTS = {")
-        for ds, c in chosen.items():
-            entry = {k: c[k] for k in ("oscillators", "hidden", "epochs", "batch", "lr", "eps")}
-            print(f"    {ds!r}: dict({', '.join(f'{k}={v!r}' for k, v in entry.items())}),")
-        print("}")
+        result = {}
+        if any(a in FLOAT_ALGORITHMS for a in algorithms):
+            chosen = result["float"] = select(datasets, out, say)
+            print("DATASET_DEFAULTS = {")
+            for ds, c in chosen.items():
+                entry = {k: c[k] for k in ("oscillators", "hidden", "epochs", "batch", "lr", "eps")}
+                print(f"    {ds!r}: dict({', '.join(f'{k}={v!r}' for k, v in entry.items())}),")
+            print("}")
+        if "onchip" in algorithms:
+            chosen = result["onchip"] = select_onchip(datasets, out, say)
+            print("ONCHIP_DEFAULTS = {")
+            for ds, c in chosen.items():
+                if not c["fits"]:
+                    print(f"    # {ds}: does not fit the store ({c['samples']} × {c['record']} = "
+                          f"{c['words']:,} words > {c['store_words']:,})")
+                    continue
+                entry = ", ".join(f"{k}={c[k]!r}" for k in ("oscillators", "hidden", "epochs", "batch",
+                                                             "optimizer"))
+                print(f"    {ds!r}: dict({entry}, lr=2.0 ** {round(math.log2(c['lr']))}, "
+                      f"eps=2.0 ** {round(math.log2(c['eps']))}),  # validation accuracy "
+                      f"{c['validation_accuracy']:.3f}")
+            print("}")
         if args.json:
-            Path(args.json).write_text(json.dumps(chosen, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(result if len(result) > 1 else next(iter(result.values())),
+                                                  indent=2) + "\n")
         say(f"selection took {time.perf_counter() - t0:.0f} s")
         return 0
     rows = table_runs(datasets, algorithms, seeds, args.device, out, say)

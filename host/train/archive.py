@@ -21,8 +21,11 @@ wheel ships a handful of its classification data sets (no download), and
 
 :data:`DATASET_DEFAULTS` holds the model size and schedule per data set, chosen
 on a validation split cut from the training split only (``hel archive
---select``, docs/train.md "Archive benchmarks"); :data:`REFERENCES` holds the
-published accuracies the README table puts beside ours, with their sources.
+--select``, docs/train.md "Archive benchmarks"); :data:`ONCHIP_DEFAULTS` the
+on-chip rates, chosen the same way (``hel archive --select --algorithms onchip``)
+for the data sets whose sets fit the archive board's store (:func:`store_fit`);
+:data:`REFERENCES` holds the published accuracies the README table puts beside
+ours, with their sources.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 from hel_fpga.host.train.dataset import INPUT_LIMIT, Task, TaskError
 
 __all__ = ["AEON_PREFIX", "bundled_datasets", "load_aeon_task", "DATASET_DEFAULTS",
+           "ONCHIP_DEFAULTS", "ARCHIVE_BOARD", "StoreFit", "store_fit",
            "BENCHMARK_DATASETS", "Reference", "REFERENCES"]
 
 AEON_PREFIX = "aeon:"
@@ -57,6 +61,82 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "BasicMotions": dict(oscillators=32, hidden=32, epochs=20, batch=8, lr=0.01, eps=0.1),
 }
 GENERIC_DEFAULTS = dict(oscillators=64, hidden=64, epochs=40, batch=8, lr=0.01)
+
+#: On-chip settings per data set (``hel archive --algorithms onchip``): N = M, epochs
+#: and batch of :data:`DATASET_DEFAULTS`; Lion's lr ∈ {2^−6, 2^−7, 2^−8} × ε ∈
+#: {2^−2, 2^−3}, chosen by ``hel archive --select --algorithms onchip`` on 2026-12-07:
+#: ``hel train --on-chip --device sim --validation 0.25``, seeds 0 and 1, best mean
+#: validation accuracy, ties to the lower validation loss (the task's cross-entropy).
+#: Validation accuracy at the chosen point: GunPoint 0.917 (two points tied),
+#: ItalyPowerDemand 1.000 (three tied), BasicMotions 0.812 (three tied). JapaneseVowels does not fit the
+#: store (640 × 349 = 223,360 words > 65,536). Data sets not listed train on chip with
+#: the device's own rates; those that do not fit (:func:`store_fit`) get no on-chip run.
+ONCHIP_DEFAULTS: dict[str, dict] = {
+    "GunPoint": dict(oscillators=64, hidden=64, epochs=80, batch=8, optimizer="lion",
+                     lr=2.0 ** -8, eps=2.0 ** -3),
+    "ItalyPowerDemand": dict(oscillators=64, hidden=64, epochs=80, batch=8, optimizer="lion",
+                             lr=2.0 ** -7, eps=2.0 ** -3),
+    "BasicMotions": dict(oscillators=32, hidden=32, epochs=20, batch=8, optimizer="lion",
+                         lr=2.0 ** -6, eps=2.0 ** -2),
+}
+
+#: The board entry (``hel_fpga.boards.table``) the archive's on-chip column is for.
+ARCHIVE_BOARD = "ulx3s-85f-n64"
+
+
+@dataclass(frozen=True)
+class StoreFit:
+    """Whether a data set's training and test sets fit the archive board's store.
+
+    The on-chip run's core (``--device sim``, ``model``, ``sim-board``) has the data
+    set's own K and O, so each record holds T·K input words and a label
+    (:func:`hel_fpga.spec.training.record_words`); ``fits`` compares both sets'
+    records with the board's ``store_words``. ``board_record``/``board_words`` are
+    the same sets as the board's bitstream lays them out (inputs padded to its K).
+    """
+
+    dataset: str
+    board: str
+    samples: int           # training + test series
+    steps: int             # T
+    record: int            # store words per series, K and O of the data set
+    board_record: int      # store words per series, K and O of the board's core
+    store_words: int       # the board's store
+
+    @property
+    def words(self) -> int:
+        return self.samples * self.record
+
+    @property
+    def board_words(self) -> int:
+        return self.samples * self.board_record
+
+    @property
+    def fits(self) -> bool:
+        return self.words <= self.store_words
+
+    @property
+    def fits_board_layout(self) -> bool:
+        return self.board_words <= self.store_words
+
+    def describe(self) -> str:
+        """One line with the figures: ``640 × 349 = 223,360 words > 65,536``."""
+        rel = "≤" if self.fits else ">"
+        return f"{self.samples} × {self.record} = {self.words:,} words {rel} {self.store_words:,}"
+
+
+def store_fit(name: str, board: str = ARCHIVE_BOARD) -> StoreFit:
+    """The store figures of archive data set ``name`` on board entry ``board``
+    (:class:`StoreFit`), from the task as ``hel train`` loads it."""
+    from hel_fpga.boards.table import get_board  # noqa: PLC0415
+    from hel_fpga.host.train.onchip import loss_kind_for  # noqa: PLC0415
+    from hel_fpga.spec.training import record_words  # noqa: PLC0415
+    task = load_aeon_task(name)
+    cfg = get_board(board).config
+    loss = loss_kind_for(task)
+    return StoreFit(name, board, samples=len(task.u), steps=task.t,
+                    record=record_words(cfg.replace(k=task.k, o=task.o), loss, task.t),
+                    board_record=record_words(cfg, loss, task.t), store_words=cfg.store_words)
 
 
 def _aeon_data_dir() -> Path:
