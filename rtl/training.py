@@ -109,9 +109,10 @@ ahead, during the current sample, so neither adds to a sample's time.
 
 Overhead, measured in simulation (N = M = 4, K = 1, O = 2, T = 5, one lane;
 about 1 100 cycles of core work per training sample): the inner core is idle
-about 4 cycles per sample in EVAL (command hand-overs and the first store
-word's latency) and 5–8 per sample in TRAIN (also the ECHO's hand-over and the
-per-batch commands), plus about 400 cycles per epoch for the round keys.
+about 6 cycles per sample in EVAL (command hand-overs through the command
+register and the first store word's latency) and about 10 per sample in TRAIN
+(also the ECHO's hand-over and the per-batch commands), plus about 400 cycles
+per epoch for the round keys.
 
 A label word (one-hot) outside 0 … O−1, as a signed operand word, is passed to
 the loss unit as "no class": it is the target of no output and never correct.
@@ -742,7 +743,20 @@ class TrainingCore(wiring.Component):
 
         # ---------------------------------------------------------------- the core's streams
         internal_cmd = Signal(CmdLayout)
-        int_cmd_valid = Signal()
+        # The core's command comes from a register: the selection between the outer
+        # command and this unit's own, and this unit's control state, stay off the
+        # path through the core's command decode into its enables (as the command
+        # unit registers its own decode for the same reason).
+        sel_cmd = Signal(CmdLayout)
+        sel_valid, sel_ready = Signal(), Signal()
+        creg = Signal(CmdLayout, reset_less=True)
+        creg_valid = Signal()
+        m.d.comb += [sel_ready.eq(~creg_valid), core.cmd.valid.eq(creg_valid),
+                     core.cmd.payload.eq(creg)]
+        with m.If(sel_valid & sel_ready):
+            m.d.sync += [creg.eq(sel_cmd), creg_valid.eq(1)]
+        with m.Elif(core.cmd.ready):
+            m.d.sync += creg_valid.eq(0)
         m.d.comb += [
             core.params_in.valid.eq(Mux(ext, self.params_in.valid, wp_sel & ppf.valid)),
             core.params_in.payload.eq(Mux(ext, self.params_in.payload, requant)),
@@ -768,7 +782,7 @@ class TrainingCore(wiring.Component):
             core.state_out.ready.eq(ext & self.state_out.ready),
             self.state_overflow.eq(core.state_overflow),
             self.acc_overflow.eq(core.acc_overflow),
-            core.cmd.payload.eq(Mux(ext, self.cmd.payload.as_value(), internal_cmd.as_value())),
+            sel_cmd.eq(Mux(ext, self.cmd.payload.as_value(), internal_cmd.as_value())),
             self.done.payload.result.eq(result),
         ]
         inputs_ready = Signal()             # TRAIN_SETUP, STORE take the inputs
@@ -784,10 +798,10 @@ class TrainingCore(wiring.Component):
         m.d.comb += self.busy.eq(1)
 
         def issue(op_, nxt, **fields):
-            m.d.comb += [core.cmd.valid.eq(1), internal_cmd.op.eq(op_)]
+            m.d.comb += [sel_valid.eq(1), internal_cmd.op.eq(op_)]
             for k, v in fields.items():
                 m.d.comb += getattr(internal_cmd, k).eq(v)
-            with m.If(core.cmd.ready):
+            with m.If(sel_ready):
                 m.next = nxt
 
         def wait(nxt):
@@ -804,9 +818,8 @@ class TrainingCore(wiring.Component):
                 m.d.comb += self.busy.eq(0)
                 is_core_op = cmd.op.as_value() < Op.TRAIN_SETUP.value
                 with m.If(is_core_op):
-                    m.d.comb += [core.cmd.valid.eq(self.cmd.valid),
-                                 self.cmd.ready.eq(core.cmd.ready)]
-                    with m.If(self.cmd.valid & core.cmd.ready):
+                    m.d.comb += [sel_valid.eq(self.cmd.valid), self.cmd.ready.eq(sel_ready)]
+                    with m.If(self.cmd.valid & sel_ready):
                         m.next = "CORE"
                 with m.Else():
                     m.d.comb += self.cmd.ready.eq(1)
