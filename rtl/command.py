@@ -437,6 +437,10 @@ class _CommandUnitBuilder:
         self.cfg = unit.cfg
         self.m = Module()
 
+    def has(self, c: Command) -> bool:
+        """Whether this device executes ``c`` (the training commands need the training core)."""
+        return self.unit.training or c not in P.TRAINING_COMMANDS
+
     def build(self) -> Module:
         self.helpers()
         self.registers()
@@ -598,16 +602,21 @@ class _CommandUnitBuilder:
             self.xfer_open & ~self.allowed_in_transfer & self.duplicate
             & (self.frame_cmd == self.xfer_cmd) & (self.xfer_done == 0))
         wrong_state = Signal()
-        m.d.comb += wrong_state.eq((is_forward & (self.t_loaded == 0))
-                                   | (is_echo & ~self.forwarded)
-                                   | (is_data & ~self.xfer_open)
-                                   | ((is_cmd[Command.TRAIN] | is_cmd[Command.EVAL])
-                                      & ~self.setup_ok))
-        # STORE: count ≥ 1 and start + count ≤ store_words (start is the second u32)
-        store_words = cfg.store_words
-        store_end = Signal(34)
-        m.d.comb += store_end.eq(u32 + self.payload[32:64])
-        store_bad = (u32 == 0) | (store_end > store_words)
+        wrong_states = [is_forward & (self.t_loaded == 0), is_echo & ~self.forwarded,
+                        is_data & ~self.xfer_open]
+        bad_values = []
+        # The training commands' checks exist only on a device with the training core
+        # (elsewhere the commands are unknown, and their logic would only slow the unit).
+        if self.unit.training:
+            wrong_states.append((is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]) & ~self.setup_ok)
+            # STORE: count ≥ 1 and start + count ≤ store_words (start is the second u32)
+            store_end = Signal(34)
+            m.d.comb += store_end.eq(u32 + self.payload[32:64])
+            bad_values += [
+                (is_cmd[Command.WRITE_MASTER] | is_cmd[Command.READ_MASTER]
+                 | is_cmd[Command.EVAL]) & (u8 > 1),
+                is_cmd[Command.STORE] & ((u32 == 0) | (store_end > cfg.store_words))]
+        m.d.comb += wrong_state.eq(functools.reduce(operator.or_, wrong_states))
         bad_value = Signal()
         m.d.comb += bad_value.eq(
             ((is_cmd[Command.READ_PARAMS] | is_cmd[Command.WRITE_PARAMS]) & ~self.mask_ok)
@@ -616,9 +625,7 @@ class _CommandUnitBuilder:
             | (is_forward & (u8 > len(ESTIMATORS) - 1))
             | (is_cmd[Command.LOAD] & ((u32 == 0) | (u32 > cfg.t_max)))
             | (is_echo & (u32 != 1) & (u32 != self.t_loaded))
-            | ((is_cmd[Command.WRITE_MASTER] | is_cmd[Command.READ_MASTER]
-                | is_cmd[Command.EVAL]) & (u8 > 1))
-            | (is_cmd[Command.STORE] & store_bad))
+            | functools.reduce(operator.or_, bad_values, Const(0)))
         self.data_old = Signal()                # DATA: a chunk already applied
         m.d.comb += self.data_old.eq(self.index < self.xfer_done)
         self.verdict = Signal(8)                # an ErrorCode, 0 = accepted
@@ -627,8 +634,9 @@ class _CommandUnitBuilder:
             m.d.comb += verdict.eq(ErrorCode.UNKNOWN_COMMAND)
         with m.Elif(self.xfer_open & ~self.allowed_in_transfer):
             m.d.comb += verdict.eq(Mux(self.duplicate_opening, 0, ErrorCode.BUSY))
-        with m.Elif(self.in_pass & ~self.allowed_in_pass):
-            m.d.comb += verdict.eq(ErrorCode.BUSY)
+        if self.unit.training:
+            with m.Elif(self.in_pass & ~self.allowed_in_pass):
+                m.d.comb += verdict.eq(ErrorCode.BUSY)
         with m.Elif(~self.length_ok):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
         with m.Elif(wrong_state):
@@ -648,34 +656,39 @@ class _CommandUnitBuilder:
         self.command_reply = Signal(ReplyKind)
         m.d.comb += self.command_reply.eq(ReplyKind.EMPTY)
         for c, kind in COMMAND_REPLY.items():
-            with m.If(is_cmd[c]):
-                m.d.comb += self.command_reply.eq(kind)
-        self.needs_core = Cat(*(is_cmd[c] for c in CORE_OP)).any()
-        self.opens = functools.reduce(operator.or_, (is_cmd[c] for c in P.OPENS_TRANSFER))
+            if self.has(c):
+                with m.If(is_cmd[c]):
+                    m.d.comb += self.command_reply.eq(kind)
+        self.needs_core = Cat(*(is_cmd[c] for c in CORE_OP if self.has(c))).any()
+        self.opens = functools.reduce(operator.or_, (is_cmd[c] for c in P.OPENS_TRANSFER
+                                                     if self.has(c)))
         self.xfer_total = Signal.like(self.xfer_words_left)
         with m.If(is_cmd[Command.WRITE_PARAMS]):
             m.d.comb += self.xfer_total.eq(self.masked_total)
         with m.Elif(is_cmd[Command.LOAD]):
             m.d.comb += self.xfer_total.eq(mul_const(u32[:len(self.load_t)], cfg.k))
-        with m.Elif(is_cmd[Command.TRAIN_SETUP]):
-            m.d.comb += self.xfer_total.eq(SETUP_WORDS)
-        with m.Elif(is_cmd[Command.STORE]):
-            m.d.comb += self.xfer_total.eq(u32)
-        with m.Elif(is_cmd[Command.WRITE_MASTER]):
-            m.d.comb += self.xfer_total.eq(self.unit.n_params)
+        if self.unit.training:
+            with m.Elif(is_cmd[Command.TRAIN_SETUP]):
+                m.d.comb += self.xfer_total.eq(SETUP_WORDS)
+            with m.Elif(is_cmd[Command.STORE]):
+                m.d.comb += self.xfer_total.eq(u32)
+            with m.Elif(is_cmd[Command.WRITE_MASTER]):
+                m.d.comb += self.xfer_total.eq(self.unit.n_params)
         with m.Else():
             m.d.comb += self.xfer_total.eq(Mux(u32 == 1, cfg.o, mul_const(self.t_loaded, cfg.o)))
         # data replies: each command's word width and total
-        self.streams = functools.reduce(operator.or_, (is_cmd[c] for c in P.DATA_REPLIES))
+        self.streams = functools.reduce(operator.or_, (is_cmd[c] for c in P.DATA_REPLIES
+                                                       if self.has(c)))
         totals = {Command.READ_PARAMS: self.masked_total,
                   Command.FORWARD: mul_const(self.t_loaded, cfg.o),
                   Command.READ_ACC: self.unit.n_params, Command.READ_STATE: 2 * cfg.n,
                   Command.READ_MASTER: self.unit.n_params}
         m.d.comb += [replier.cmd.eq(self.frame_cmd), replier.seq.eq(self.frame_seq)]
-        for i, c in enumerate(P.DATA_REPLIES):
+        replies = [c for c in P.DATA_REPLIES if self.has(c)]
+        for i, c in enumerate(replies):
             if i == 0:
                 branch = m.If(is_cmd[c])
-            elif i < len(P.DATA_REPLIES) - 1:
+            elif i < len(replies) - 1:
                 branch = m.Elif(is_cmd[c])
             else:
                 branch = m.Else()
@@ -706,8 +719,9 @@ class _CommandUnitBuilder:
         reset_op = Signal(Op)
         self.frame_op = Signal(Op)
         for c, op in CORE_OP.items():
-            with m.If(is_cmd[c]):
-                m.d.comb += self.frame_op.eq(op)
+            if self.has(c):
+                with m.If(is_cmd[c]):
+                    m.d.comb += self.frame_op.eq(op)
         with m.Switch(self.reset_step):
             for i, op in enumerate(RESET_OPS):
                 with m.Case(i):
@@ -735,7 +749,8 @@ class _CommandUnitBuilder:
         replier, unpacker = self.replier, self.unpacker
         # outputs of the core → the replier (it sends only a word's low ``w`` bits)
         # (READ_MASTER's words come on acc_out too: the training core sends them there)
-        acc_reply = is_cmd[Command.READ_ACC] | is_cmd[Command.READ_MASTER]
+        acc_reply = is_cmd[Command.READ_ACC] | (is_cmd[Command.READ_MASTER] if self.unit.training
+                                                else Const(0))
         self.outs = [(core.params_out, is_cmd[Command.READ_PARAMS]),
                      (core.outputs, is_cmd[Command.FORWARD]), (core.acc_out, acc_reply),
                      (core.state_out, is_cmd[Command.READ_STATE])]
@@ -755,10 +770,10 @@ class _CommandUnitBuilder:
             bits.append(bit)
         m.d.comb += replier.words.payload.eq(Cat(*bits))
         # the unpacker → the core's input of the open transfer
-        ins = [(core.params_in, (Command.WRITE_PARAMS,)),
-               (core.inputs, (Command.LOAD, Command.TRAIN_SETUP, Command.STORE)),
+        ins = [(core.params_in, (Command.WRITE_PARAMS,)), (core.inputs, (Command.LOAD,)),
                (core.nudges, (Command.ECHO,))]
         if self.unit.training:
+            ins[1] = (core.inputs, (Command.LOAD, Command.TRAIN_SETUP, Command.STORE))
             ins.append((core.wide_in, (Command.WRITE_MASTER,)))
         # One word waits between them, which keeps the core's ready off a path through
         # the unpacker into rx.ready; the unpacker is bit-serial, so a one-word buffer
@@ -898,17 +913,17 @@ class _CommandUnitBuilder:
             m.d.sync += [self.t_loaded.eq(0), self.load_t.eq(u32)]
         xfer_width = Signal.like(self.xfer_width)
         for c in P.OPENS_TRANSFER:
-            if self.unit.training or c not in P.TRAINING_COMMANDS:
+            if self.has(c):
                 with m.If(is_cmd[c]):
                     m.d.comb += xfer_width.eq(WORD_WIDTHS.index(P.WORD_WIDTH[c]))
         with m.If(self.opens):
             m.d.sync += [self.xfer_open.eq(1), self.xfer_cmd.eq(self.frame_cmd),
                          self.xfer_done.eq(0), self.xfer_words_left.eq(self.xfer_total),
                          self.xfer_width.eq(xfer_width)]
-        # a pass leaves nothing loaded and nothing to echo
-        with m.If(is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]):
-            m.d.sync += [self.t_loaded.eq(0), self.forwarded.eq(0), self.one_sided.eq(0)]
         if self.unit.training:
+            # a pass leaves nothing loaded and nothing to echo
+            with m.If(is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]):
+                m.d.sync += [self.t_loaded.eq(0), self.forwarded.eq(0), self.one_sided.eq(0)]
             with m.If(is_cmd[Command.METRICS]):
                 mt = self.unit.core.metrics
                 m.d.sync += self.metrics_latched.eq(Cat(
@@ -920,8 +935,10 @@ class _CommandUnitBuilder:
         with m.If(is_cmd[Command.RESET]):
             m.d.sync += self.core_rst.eq(1)
             m.next = "RESET"
-        with m.If(is_cmd[Command.CLEAR_FLAGS] | is_cmd[Command.CLEAR_ACC]
-                  | is_cmd[Command.SELFTEST] | is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]):
+        waits = [Command.CLEAR_FLAGS, Command.CLEAR_ACC, Command.SELFTEST]
+        if self.unit.training:
+            waits += [Command.TRAIN, Command.EVAL]
+        with m.If(functools.reduce(operator.or_, (is_cmd[c] for c in waits))):
             m.next = "CORE_WAIT"
         with m.If(self.streams):
             m.next = "STREAM"
