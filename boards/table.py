@@ -259,7 +259,7 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
     # sets (JapaneseVowels: K = 12 channels, O = 9 classes). t_max = 512 keeps the
     # sequence buffer (t_max·K words) six block RAMs deep: at 2048 its read
     # multiplexer was the critical path and missed 60 MHz (docs/boards.md).
-    # It trains on chip too (the store holds three of the four benchmark sets).
+    # It trains on chip too, sets whose records (K = 12, O = 9 words per step) fit its store.
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
            config=HelConfig(n=64, m=64, k=12, o=9, t_max=512, lanes=8, store_words=65536,
                             **ECP5_OPERAND),
