@@ -249,12 +249,6 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, **ECP5_OPERAND)),
-    # The 85F core with the training core beside it (on-chip training of the
-    # built-in tasks: a store of 64 × 1024 words holds oscillators' and sine's sets).
-    _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=65536,
-                            **ECP5_OPERAND),
-           variant="train", purpose="with on-chip training", clk_hz=_ULX3S_TRAIN_CLK),
     # The time-series archive's core: N = M = 64 and the widest of the benchmark
     # sets (JapaneseVowels: K = 12 channels, O = 9 classes). t_max = 512 keeps the
     # sequence buffer (t_max·K words) six block RAMs deep: at 2048 its read

@@ -661,7 +661,6 @@ EXPECTED_PROGRAM = {
     "ulx3s-85f": (["-b", "ulx3s", "-m"], "build/ulx3s-85f/top.bit"),
     "ulx3s-25f": (["-b", "ulx3s", "-m"], "build/ulx3s-25f/top.bit"),
     "ulx3s-85f-n64": (["-b", "ulx3s", "-m"], "build/ulx3s-85f-n64/top.bit"),
-    "ulx3s-85f-train": (["-b", "ulx3s", "-m"], "build/ulx3s-85f-train/top.bit"),
 }
 
 
