@@ -56,8 +56,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hel_fpga.host.commands.bench import CountingPort
-
 #: The JSON keys of every row, in order.
 ROW_KEYS = ("target", "mode", "task", "n", "m", "k", "o", "t", "c", "p", "cycles_per_sample",
             "clock_hz", "samples_per_s", "source")
@@ -270,7 +268,7 @@ def measure_onchip(cfg, store, tc, state, *, epoch: int = 0, progress=None) -> O
 
 
 # ---------------------------------------------------------------------------- host-driven
-class TrafficPort(CountingPort):
+class TrafficPort:
     """A port wrapper that counts bytes both ways and turnarounds.
 
     A *turnaround* is a change from the host sending to the host receiving: the host
@@ -280,28 +278,53 @@ class TrafficPort(CountingPort):
     """
 
     def __init__(self, port):
-        super().__init__(port)
+        self.port = port
+        self.tx = 0
+        self.rx = 0
         self.turnarounds = 0
         self._sending = False
+
+    @property
+    def timeout(self):
+        return self.port.timeout
+
+    @timeout.setter
+    def timeout(self, value):
+        self.port.timeout = value
+
+    @property
+    def in_waiting(self):
+        return self.port.in_waiting
 
     def write(self, data):
         if data:
             self._sending = True
-        return super().write(data)
+        self.tx += len(data)
+        return self.port.write(data)
 
     def _got(self, data):
-        if data and self._sending:
-            self.turnarounds += 1
-            self._sending = False
+        if data:
+            self.rx += len(data)
+            if self._sending:
+                self.turnarounds += 1
+                self._sending = False
         return data
 
     def read(self, n=1):
-        return self._got(super().read(n))
+        return self._got(self.port.read(n))
 
     def reset_input_buffer(self):
         n = self.port.in_waiting
         if n:
-            self.read(n)
+            self._got(self.port.read(n))
+
+    def flush(self):
+        flush = getattr(self.port, "flush", None)
+        if flush is not None:
+            flush()
+
+    def close(self):
+        self.port.close()
 
 
 @dataclass
