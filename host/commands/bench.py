@@ -247,52 +247,6 @@ def link_config(lengths):
     return SIM_CONFIG.replace(t_max=t_max)
 
 
-class CycleMarks:
-    """Read a simulated board's cycle counter at chosen moments, without waiting.
-
-    :meth:`mark` sends the harness SIGUSR1; it writes a stats line (cycles since
-    start, its own monotonic seconds) at its next pty service, at most 512
-    simulated cycles later. :meth:`collect` waits for the lines. Marking right
-    before a request and right after its last reply brackets the operation in
-    simulated cycles to within the harness's service interval plus the host's
-    reaction time (a fraction of a millisecond); waiting for the lines happens
-    outside the bracket.
-    """
-
-    def __init__(self, board):
-        import signal
-        self.board = board
-        self._signal = signal.SIGUSR1
-
-    def count(self) -> int:
-        return len(self.lines())
-
-    def lines(self) -> list[dict]:
-        out = []
-        text = self.board.log()
-        # The board may be writing a line while we read: only complete lines count.
-        for line in text[:text.rfind("\n") + 1].splitlines():
-            if line.startswith("sim-board: stats "):
-                fields = dict(kv.split("=", 1) for kv in line.split()[3:] if "=" in kv)
-                if "cycles" not in fields or "seconds" not in fields:
-                    continue
-                out.append({"cycles": int(fields["cycles"]), "seconds": float(fields["seconds"])})
-        return out
-
-    def mark(self) -> None:
-        self.board.process.send_signal(self._signal)
-
-    def collect(self, first: int, n: int, timeout: float = 5.0) -> list[dict]:
-        """Stats lines ``first .. first+n-1`` (fewer if two marks fell into one service)."""
-        import time
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.lines()
-            if len(lines) >= first + n or time.monotonic() >= deadline:
-                return lines[first:first + n]
-            time.sleep(0.002)
-
-
 def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 8192,
                  max_reps: int = 64, progress=None) -> dict:
     """Measure LOAD, FORWARD and ECHO over ``dev`` for every sequence length.
@@ -307,7 +261,7 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
     every length.
 
     Time on the line: with ``board`` (a :class:`hel_fpga.sim.board.SimBoard`) each phase
-    is bracketed by two reads of the board's cycle counter (:class:`CycleMarks`):
+    is bracketed by two reads of the board's cycle counter (:class:`~hel_fpga.host.commands.bench_train.CycleMarks`):
     its duration is in *simulated cycles*, and the line carries one byte per
     ``10 · divisor`` cycles. Without a board the duration is wall time and the
     line carries ``baud / 10`` bytes per second (the baud rate from IDENT).
@@ -331,6 +285,7 @@ def measure_link(dev, lengths, *, board=None, seed: int = 0, min_payload: int = 
     port = dev.port
     cfg = dev.config
     ident = dev.ident()
+    from hel_fpga.host.commands.bench_train import CycleMarks
     marks = CycleMarks(board) if board is not None else None
     divisor = board.divisor if board is not None else None
     line_rate_wall = ident.baud / 10 if ident.baud else None      # bytes per wall second

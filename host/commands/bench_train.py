@@ -33,7 +33,7 @@ obtained (:data:`SOURCES`, followed by the details).
 Timing an epoch exactly enough
 ------------------------------
 The simulated board reports its cycle counter on SIGUSR1 at its next pty service
-(every 512 cycles; :class:`~hel_fpga.host.commands.bench.CycleMarks`). The host marks
+(every 512 cycles; :class:`CycleMarks`). The host marks
 once before TRAIN (M0), once before every METRICS poll (the first of which, after
 TRAIN's reply, is M0'), and once after the poll that reports the pass over (U); it
 polls without pause. A mark is the cycle of a service no later than the bytes sent after it
@@ -210,7 +210,6 @@ def measure_onchip(cfg, store, tc, state, *, epoch: int = 0, progress=None) -> O
     """
     import serial
 
-    from hel_fpga.host.commands.bench import CycleMarks
     from hel_fpga.host.device import DeviceError
     from hel_fpga.host.link import SerialDevice
     from hel_fpga.host.train.onchip import ProtocolOnChipDevice
@@ -265,6 +264,52 @@ def measure_onchip(cfg, store, tc, state, *, epoch: int = 0, progress=None) -> O
         board.stop()
     return OnChipResult(samples=store.count, cycles=u - m0, lower=lower, polls=len(running),
                         wall_s=wall, config=cfg)
+
+
+class CycleMarks:
+    """Read a simulated board's cycle counter at chosen moments, without waiting.
+
+    :meth:`mark` sends the harness SIGUSR1; it writes a stats line (cycles since
+    start, its own monotonic seconds) at its next pty service, at most 512
+    simulated cycles later. :meth:`collect` waits for the lines. Marking right
+    before a request and right after its last reply brackets the operation in
+    simulated cycles to within the harness's service interval plus the host's
+    reaction time (a fraction of a millisecond); waiting for the lines happens
+    outside the bracket.
+    """
+
+    def __init__(self, board):
+        import signal
+        self.board = board
+        self._signal = signal.SIGUSR1
+
+    def count(self) -> int:
+        return len(self.lines())
+
+    def lines(self) -> list[dict]:
+        out = []
+        text = self.board.log()
+        # The board may be writing a line while we read: only complete lines count.
+        for line in text[:text.rfind("\n") + 1].splitlines():
+            if line.startswith("sim-board: stats "):
+                fields = dict(kv.split("=", 1) for kv in line.split()[3:] if "=" in kv)
+                if "cycles" not in fields or "seconds" not in fields:
+                    continue
+                out.append({"cycles": int(fields["cycles"]), "seconds": float(fields["seconds"])})
+        return out
+
+    def mark(self) -> None:
+        self.board.process.send_signal(self._signal)
+
+    def collect(self, first: int, n: int, timeout: float = 5.0) -> list[dict]:
+        """Stats lines ``first .. first+n-1`` (fewer if two marks fell into one service)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()
+            if len(lines) >= first + n or time.monotonic() >= deadline:
+                return lines[first:first + n]
+            time.sleep(0.002)
 
 
 # ---------------------------------------------------------------------------- host-driven
