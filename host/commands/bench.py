@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 
+from hel_fpga.host.commands.bench_train import CountingPort  # noqa: F401 (part of this module's API)
+
 #: (n, m, k, lanes) measured by default; the target is ratio ≤ 1.25 for P ≥ 2 at
 #: N = M = 16.
 DEFAULT_CONFIGS = [(16, 16, 2, 1), (16, 16, 2, 2), (16, 16, 2, 4), (16, 16, 2, 8),
@@ -179,54 +181,6 @@ def format_table(rows: list[dict]) -> list[str]:
 
 
 # ---- hel bench link ----------------------------------------------------------------------
-class CountingPort:
-    """A pyserial port that counts the bytes written and read: the bytes on the wire.
-
-    Wraps the port of a :class:`hel_fpga.host.link.SerialDevice` (``dev.port =
-    CountingPort(dev.port)``); ``tx`` counts host → device bytes, ``rx`` device →
-    host bytes, including any the host discards when it flushes its input.
-    """
-
-    def __init__(self, port):
-        self.port = port
-        self.tx = 0
-        self.rx = 0
-
-    @property
-    def timeout(self):
-        return self.port.timeout
-
-    @timeout.setter
-    def timeout(self, value):
-        self.port.timeout = value
-
-    @property
-    def in_waiting(self):
-        return self.port.in_waiting
-
-    def write(self, data):
-        self.tx += len(data)
-        return self.port.write(data)
-
-    def read(self, n=1):
-        data = self.port.read(n)
-        self.rx += len(data)
-        return data
-
-    def reset_input_buffer(self):
-        n = self.port.in_waiting
-        if n:
-            self.rx += len(self.port.read(n))
-
-    def flush(self):
-        flush = getattr(self.port, "flush", None)
-        if flush is not None:
-            flush()
-
-    def close(self):
-        self.port.close()
-
-
 def _link_lengths(spec: str) -> list[int]:
     from hel_fpga.host.errors import UsageError
     try:

@@ -313,21 +313,18 @@ class CycleMarks:
 
 
 # ---------------------------------------------------------------------------- host-driven
-class TrafficPort:
-    """A port wrapper that counts bytes both ways and turnarounds.
+class CountingPort:
+    """A pyserial port that counts the bytes written and read: the bytes on the wire.
 
-    A *turnaround* is a change from the host sending to the host receiving: the host
-    has written bytes and now gets the device's first byte back, i.e. one wait for
-    the device per request/reply exchange (what a USB serial adapter's latency is
-    paid for). Acks read during a transfer count too.
+    Wraps the port of a :class:`hel_fpga.host.link.SerialDevice` (``dev.port =
+    CountingPort(dev.port)``); ``tx`` counts host → device bytes, ``rx`` device →
+    host bytes, including any the host discards when it flushes its input.
     """
 
     def __init__(self, port):
         self.port = port
         self.tx = 0
         self.rx = 0
-        self.turnarounds = 0
-        self._sending = False
 
     @property
     def timeout(self):
@@ -342,26 +339,18 @@ class TrafficPort:
         return self.port.in_waiting
 
     def write(self, data):
-        if data:
-            self._sending = True
         self.tx += len(data)
         return self.port.write(data)
 
-    def _got(self, data):
-        if data:
-            self.rx += len(data)
-            if self._sending:
-                self.turnarounds += 1
-                self._sending = False
-        return data
-
     def read(self, n=1):
-        return self._got(self.port.read(n))
+        data = self.port.read(n)
+        self.rx += len(data)
+        return data
 
     def reset_input_buffer(self):
         n = self.port.in_waiting
         if n:
-            self._got(self.port.read(n))
+            self.rx += len(self.port.read(n))
 
     def flush(self):
         flush = getattr(self.port, "flush", None)
@@ -370,6 +359,38 @@ class TrafficPort:
 
     def close(self):
         self.port.close()
+
+
+class TrafficPort(CountingPort):
+    """A port wrapper that counts bytes both ways and turnarounds.
+
+    A *turnaround* is a change from the host sending to the host receiving: the host
+    has written bytes and now gets the device's first byte back, i.e. one wait for
+    the device per request/reply exchange (what a USB serial adapter's latency is
+    paid for). Acks read during a transfer count too.
+    """
+
+    def __init__(self, port):
+        super().__init__(port)
+        self.turnarounds = 0
+        self._sending = False
+
+    def write(self, data):
+        if data:
+            self._sending = True
+        return super().write(data)
+
+    def read(self, n=1):
+        data = super().read(n)
+        if data and self._sending:
+            self.turnarounds += 1
+            self._sending = False
+        return data
+
+    def reset_input_buffer(self):
+        n = self.port.in_waiting
+        if n:
+            self.read(n)
 
 
 @dataclass
