@@ -44,11 +44,12 @@ import numpy as np
 from hel_fpga.sim.golden import GoldenCore
 from hel_fpga.spec.formats import HelConfig, rshift_round, saturate
 from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec.protocol import Pass
 from hel_fpga.spec.training import (
     LOSS_SUM_WIDTH, StoreLayout, TrainConfig, TrainFormats, TrainingError, epoch_order, lr_shift_at,
     unpack_setup)
 
-__all__ = ["SampleStore", "Metrics", "OnChipTrainer", "TrainingUnit", "shift_saturate", "gradient_from_acc",
+__all__ = ["SampleStore", "Metrics", "OnChipTrainer", "PassRunner", "TrainingUnit", "shift_saturate", "gradient_from_acc",
            "sgdm_step", "lion_step", "requantize", "clamp_master", "master_from_float",
            "sample_nudges"]
 
@@ -140,13 +141,15 @@ def lion_step(master: np.ndarray, moment: np.ndarray, g: np.ndarray, lr_shift: i
 
 @dataclass(frozen=True)
 class SampleStore:
-    """A data set in device memory: inputs and targets, integers.
+    """A data set in device memory: inputs and targets, integers, at the data's own widths.
 
-    ``inputs`` (S, T, K) in the operand format; for ``mse`` ``targets`` (S, T, O)
-    in the target format and ``mask`` (S, T) of loss steps; for ``onehot``
-    ``labels`` (S,) in 0..O−1 (the loss step is the last). Build one with
-    :meth:`regression` or :meth:`classification`, which check it against the
-    core and raise :class:`TrainingError` (a ValueError) with one line.
+    ``inputs`` (S, T, k) in the operand format, k ≤ K (the core sees zeros on its
+    other inputs); for ``mse`` ``targets`` (S, T, o) in the target format, o ≤ O,
+    and ``mask`` (S, T) of loss steps; for ``onehot`` ``labels`` (S,) in
+    0..``classes``−1 (the loss step is the last; o = ``classes`` ≤ O). The loss,
+    the nudges and the argmax use the first o outputs; the others get zero nudges.
+    Build one with :meth:`regression` or :meth:`classification`, which check it
+    against the core and raise :class:`TrainingError` (a ValueError) with one line.
     """
 
     kind: str
@@ -154,6 +157,7 @@ class SampleStore:
     targets: np.ndarray | None = None
     mask: np.ndarray | None = None
     labels: np.ndarray | None = None
+    classes: int = 0
 
     @property
     def count(self) -> int:
@@ -163,14 +167,24 @@ class SampleStore:
     def steps(self) -> int:
         return self.inputs.shape[1]
 
+    @property
+    def k(self) -> int:
+        """Input channels per step (the setup's ``inputs``)."""
+        return self.inputs.shape[2]
+
+    @property
+    def o(self) -> int:
+        """Outputs the loss uses (the setup's ``outputs``)."""
+        return self.classes if self.kind == "onehot" else self.targets.shape[2]
+
     @staticmethod
     def _check_inputs(cfg: HelConfig, u) -> np.ndarray:
         u = np.asarray(u)
         if u.ndim != 3 or u.shape[0] < 1:
             raise TrainingError(f"inputs must have shape (S, T, {cfg.k}) with S ≥ 1, got {u.shape}")
         s, t, k = u.shape
-        if k != cfg.k:
-            raise TrainingError(f"inputs have {k} channels, the core has K = {cfg.k}")
+        if not 1 <= k <= cfg.k:
+            raise TrainingError(f"inputs have {k} channels, the core takes 1..K = {cfg.k}")
         if not 1 <= t <= cfg.t_max:
             raise TrainingError(f"sequence length T = {t} is outside 1..t_max = {cfg.t_max}")
         if u.dtype.kind not in "iu":
@@ -185,8 +199,9 @@ class SampleStore:
         u = cls._check_inputs(cfg, inputs)
         s, t, _ = u.shape
         y = np.asarray(targets)
-        if y.shape != (s, t, cfg.o):
-            raise TrainingError(f"targets have shape {y.shape}, expected ({s}, {t}, {cfg.o})")
+        if y.ndim != 3 or y.shape[:2] != (s, t) or not 1 <= y.shape[2] <= cfg.o:
+            raise TrainingError(f"targets have shape {y.shape}, expected ({s}, {t}, o) with "
+                                f"1 ≤ o ≤ O = {cfg.o}")
         if y.dtype.kind not in "iu":
             raise TrainingError(f"targets must be integers, got dtype {y.dtype}")
         f = TrainFormats(cfg).target
@@ -205,35 +220,43 @@ class SampleStore:
         return cls("mse", u, targets=y.astype(np.int64), mask=mk)
 
     @classmethod
-    def classification(cls, cfg: HelConfig, inputs, labels) -> "SampleStore":
+    def classification(cls, cfg: HelConfig, inputs, labels, classes: int | None = None) -> "SampleStore":
         u = cls._check_inputs(cfg, inputs)
         s = u.shape[0]
-        if cfg.o < 2:
-            raise TrainingError(f"classification needs at least 2 outputs, the core has O = {cfg.o}")
+        classes = cfg.o if classes is None else int(classes)
+        if not 2 <= classes <= cfg.o:
+            raise TrainingError(f"classification needs 2..O = {cfg.o} outputs, got {classes} classes")
         lab = np.asarray(labels)
         if lab.shape != (s,):
             raise TrainingError(f"labels have shape {lab.shape}, expected ({s},)")
         if lab.dtype.kind not in "iu":
             raise TrainingError(f"labels must be integers, got dtype {lab.dtype}")
-        if lab.min() < 0 or lab.max() >= cfg.o:
-            raise TrainingError(f"labels must be in 0..{cfg.o - 1}, got {int(lab.min())}..{int(lab.max())}")
-        return cls("onehot", u, labels=lab.astype(np.int64))
+        if lab.min() < 0 or lab.max() >= classes:
+            raise TrainingError(f"labels must be in 0..{classes - 1}, got {int(lab.min())}..{int(lab.max())}")
+        return cls("onehot", u, labels=lab.astype(np.int64), classes=classes)
 
     @classmethod
     def from_image(cls, cfg: HelConfig, image, layout: StoreLayout, test: bool) -> "SampleStore":
         """The training (or test) set as the device reads it from its store image
-        (operand words, :class:`hel_fpga.spec.training.StoreLayout`): mask words count
-        when non-zero, label words are read unsigned (one outside 0..O−1 is no
-        output's target). No range check: the device takes what was written."""
+        (operand words, :class:`hel_fpga.spec.training.StoreLayout`)."""
         count = layout.test_count if test else layout.train_count
-        t, k, o = layout.steps, cfg.k, cfg.o
         base = layout.base(test, 0)
-        recs = np.asarray(image[base:base + count * layout.record], dtype=np.int64)
-        recs = recs.reshape(count, layout.record)
+        return cls.from_records(cfg, image[base:base + count * layout.record], layout)
+
+    @classmethod
+    def from_records(cls, cfg: HelConfig, words, layout: StoreLayout) -> "SampleStore":
+        """The samples of consecutive records ``words`` as the device reads them: mask
+        words count when non-zero, label words are read unsigned (one outside
+        0..o−1 is no output's target). No range check: the device takes what was
+        written."""
+        t, k, o = layout.steps, layout.k, layout.o
+        recs = np.asarray(words, dtype=np.int64)
+        count = len(recs) // layout.record
+        recs = recs[:count * layout.record].reshape(count, layout.record)
         u = recs[:, :t * k].reshape(count, t, k)
         if layout.loss == "onehot":
             labels = recs[:, t * k] & ((1 << cfg.operand_width) - 1)
-            return cls("onehot", u, labels=labels)
+            return cls("onehot", u, labels=labels, classes=o)
         y = recs[:, t * k:t * (k + o)].reshape(count, t, o)
         mask = recs[:, t * (k + o):] != 0
         return cls("mse", u, targets=y, mask=mask)
@@ -249,18 +272,18 @@ class SampleStore:
         return np.concatenate(parts, axis=1).ravel()
 
     def loss_elements(self, cfg: HelConfig) -> int:
-        """Squared errors one pass over the store sums (Σ mask · O, or S · O)."""
+        """Squared errors one pass over the store sums (Σ mask · o, or S · o)."""
         if self.kind == "onehot":
-            return self.count * cfg.o
-        return int(self.mask.sum()) * cfg.o
+            return self.count * self.o
+        return int(self.mask.sum()) * self.o
 
     def sample_targets(self, cfg: HelConfig, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample i's targets (T, O, target format) and loss mask (T,)."""
+        """Sample i's targets (T, o, target format) and loss mask (T,)."""
         if self.kind == "mse":
             return self.targets[i], self.mask[i]
         fm = TrainFormats(cfg)
-        y = np.zeros((self.steps, cfg.o), dtype=np.int64)
-        if 0 <= self.labels[i] < cfg.o:        # a label out of range is no output's target
+        y = np.zeros((self.steps, self.o), dtype=np.int64)
+        if 0 <= self.labels[i] < self.o:        # a label out of range is no output's target
             y[-1, self.labels[i]] = fm.onehot_on()
         mask = np.zeros(self.steps, dtype=bool)
         mask[-1] = True
@@ -271,11 +294,15 @@ def sample_nudges(cfg: HelConfig, outputs: np.ndarray, targets: np.ndarray, mask
                   eps_log2: int) -> tuple[np.ndarray, int]:
     """The nudges (T, O, echo order) and the sum of squared errors of one sample.
 
-    ``outputs`` are FORWARD's (T, O) state-format integers, ``targets`` (T, O) in
-    the target format, ``mask`` (T,) the loss steps.
+    ``outputs`` are FORWARD's (T, O) state-format integers, ``targets`` (T, o) in
+    the target format (o ≤ O: outputs o.. are in no loss and get zero nudges),
+    ``mask`` (T,) the loss steps.
     """
     fm = TrainFormats(cfg)
-    d = np.asarray(outputs, dtype=np.int64) - (np.asarray(targets, dtype=np.int64) << fm.target_shift)
+    y = np.asarray(targets, dtype=np.int64)
+    out = np.asarray(outputs, dtype=np.int64)
+    d = np.zeros_like(out)
+    d[:, :y.shape[1]] = out[:, :y.shape[1]] - (y << fm.target_shift)
     d = np.where(np.asarray(mask, dtype=bool)[:, None], d, 0)
     nu = rshift_round(d, fm.nudge_shift(eps_log2))[::-1].copy()
     e = saturate(rshift_round(d, fm.error_shift), fm.error.width)
@@ -363,19 +390,25 @@ class OnChipTrainer:
         self.core.write_params(**self.params())
 
     def forward_sample(self, store: SampleStore, i: int) -> tuple[np.ndarray, np.ndarray, int, bool | None]:
-        """LOAD and FORWARD sample ``i``: (outputs, nudges, squared-error sum, correct)."""
-        self.core.load(store.inputs[i])
+        """LOAD and FORWARD sample ``i``: (outputs, nudges, squared-error sum, correct).
+
+        The core's inputs beyond the store's k channels are zero; the loss and the
+        argmax see the store's first o outputs."""
+        u = np.zeros((store.steps, self.cfg.k), dtype=np.int64)
+        u[:, :store.k] = store.inputs[i]
+        self.core.load(u)
         out = self.core.forward("centred")
         y, mask = store.sample_targets(self.cfg, i)
         nu, sq = sample_nudges(self.cfg, out, y, mask, self.tc.eps_log2)
         correct = None
         if store.kind == "onehot":
-            correct = bool(int(np.argmax(out[-1])) == int(store.labels[i]))
+            correct = bool(int(np.argmax(out[-1, :store.o])) == int(store.labels[i]))
         return out, nu, sq, correct
 
-    def train_sample(self, i: int) -> tuple[int, bool | None]:
-        """One training sample: FORWARD, nudges, centred ECHO (contrast accumulates)."""
-        _, nu, sq, correct = self.forward_sample(self.train, i)
+    def train_sample(self, i: int, store: SampleStore | None = None) -> tuple[int, bool | None]:
+        """One training sample (of ``store``, default the training set): FORWARD,
+        nudges, centred ECHO (contrast accumulates)."""
+        _, nu, sq, correct = self.forward_sample(self.train if store is None else store, i)
         self.core.echo(nu)
         return sq, correct
 
@@ -404,42 +437,29 @@ class OnChipTrainer:
         self._write_params()
 
     # ---- passes ---------------------------------------------------------------------------
+    def begin_pass(self, train: bool) -> "PassRunner":
+        """A TRAIN (this epoch) or EVAL pass that takes its samples one at a time
+        (:class:`PassRunner`): the order is the caller's."""
+        return PassRunner(self, train)
+
     def train_epoch(self) -> Metrics:
         """One epoch over the training set in this epoch's order; returns its running metrics."""
-        tc, st = self.tc, self.train
-        order = epoch_order(st.count, tc.seed, self.epoch)
-        lr_shift = lr_shift_at(tc, self.epoch)
-        loss, correct, skipped, in_batch = 0, 0, 0, 0
-        for i in order:
-            sq, ok = self.train_sample(i)
-            loss += sq
-            correct += bool(ok)
-            in_batch += 1
-            if in_batch == tc.batch:
-                skipped += not self.end_batch(lr_shift)
-                in_batch = 0
-        if in_batch:
-            skipped += not self.end_batch(lr_shift)
-        self.epoch += 1
-        return Metrics(st.count, min(loss, (1 << (LOSS_SUM_WIDTH - 1)) - 1),
-                       st.loss_elements(self.cfg), self.fm.loss_frac,
-                       correct if st.kind == "onehot" else None, skipped)
+        p = self.begin_pass(train=True)
+        for i in epoch_order(self.train.count, self.tc.seed, self.epoch):
+            p.add(self.train, i)
+        return p.finish()
 
     def evaluate(self, store: SampleStore) -> Metrics:
         """EVAL: every sample of ``store`` forward only (no echo, no accumulation)."""
         if store.kind != self.tc.loss:
             raise TrainingError(f"the set is for loss {store.kind!r}, the run uses {self.tc.loss!r}")
-        if store.inputs.shape[2] != self.cfg.k or store.steps > self.cfg.t_max:
-            raise TrainingError(f"the set's samples ({store.steps}×{store.inputs.shape[2]}) do not "
+        if store.k > self.cfg.k or store.steps > self.cfg.t_max:
+            raise TrainingError(f"the set's samples ({store.steps}×{store.k}) do not "
                                 f"fit the core (t_max = {self.cfg.t_max}, K = {self.cfg.k})")
-        loss, correct = 0, 0
+        p = self.begin_pass(train=False)
         for i in range(store.count):
-            _, _, sq, ok = self.forward_sample(store, i)
-            loss += sq
-            correct += bool(ok)
-        return Metrics(store.count, min(loss, (1 << (LOSS_SUM_WIDTH - 1)) - 1),
-                       store.loss_elements(self.cfg), self.fm.loss_frac,
-                       correct if store.kind == "onehot" else None)
+            p.add(store, i)
+        return p.finish()
 
     def fit(self, test: SampleStore | None = None) -> list[tuple[Metrics, Metrics | None]]:
         """The remaining epochs of the run: per epoch (train metrics, test metrics or None)."""
@@ -466,18 +486,72 @@ class OnChipTrainer:
         self._write_params()
 
 
+class PassRunner:
+    """One TRAIN epoch or EVAL pass of an :class:`OnChipTrainer`, sample by sample.
+
+    :meth:`add` runs one sample (training: FORWARD, ECHO and, every B samples, the
+    batch's update; EVAL: FORWARD), :meth:`finish` closes a partial batch, counts
+    the epoch and returns the pass's :class:`Metrics`; :meth:`running` gives the
+    device's running counts in between. The resident passes feed it their own
+    order; a streamed pass feeds it the records as they arrive.
+    """
+
+    def __init__(self, trainer: OnChipTrainer, train: bool):
+        self.t, self.train = trainer, train
+        self.lr_shift = lr_shift_at(trainer.tc, trainer.epoch) if train else 0
+        self.samples = self.loss = self.correct = self.skipped = self.in_batch = 0
+        self.elements = 0
+
+    def add(self, store: SampleStore, i: int) -> None:
+        t = self.t
+        if self.train:
+            sq, ok = t.train_sample(i, store)
+        else:
+            sq, ok = t.forward_sample(store, i)[2:]
+        self.samples += 1
+        self.loss += sq
+        self.correct += bool(ok)
+        self.elements += store.o * (1 if store.kind == "onehot" else int(store.mask[i].sum()))
+        if self.train:
+            self.in_batch += 1
+            if self.in_batch == t.tc.batch:
+                self.skipped += not t.end_batch(self.lr_shift)
+                self.in_batch = 0
+
+    def running(self) -> tuple[int, int, int, int]:
+        """samples, loss sum (saturated), correct, skipped: what METRICS reports mid-pass."""
+        return self.samples, min(self.loss, (1 << (LOSS_SUM_WIDTH - 1)) - 1), self.correct, self.skipped
+
+    def finish(self) -> Metrics:
+        t = self.t
+        if self.train:
+            if self.in_batch:
+                self.skipped += not t.end_batch(self.lr_shift)
+                self.in_batch = 0
+            t.epoch += 1
+        return Metrics(self.samples, min(self.loss, (1 << (LOSS_SUM_WIDTH - 1)) - 1),
+                       self.elements, t.fm.loss_frac,
+                       self.correct if t.tc.loss == "onehot" else None, self.skipped)
+
+
 # --------------------------------------------------------------------------- the device's unit
 
 class TrainingUnit:
     """The device's on-chip training unit beside a :class:`GoldenCore`, command by command.
 
     This is what the protocol commands of docs/protocol.md (TRAIN_SETUP, STORE,
-    WRITE_MASTER, READ_MASTER, TRAIN, EVAL, METRICS) act on: the store of
+    WRITE_MASTER, READ_MASTER, TRAIN, EVAL, METRICS, STREAM) act on: the store of
     ``cfg.store_words`` operand words, the master weights and moments, the
     latched setup and the last pass's metrics. A pass is the same loop as
     :class:`OnChipTrainer` (which it drives on the shared core), with the device's
     extras: TRAIN starts by clearing the core's accumulators and flags, and the
     store is read as written (:meth:`SampleStore.from_image`).
+
+    A resident pass runs to its end at TRAIN or EVAL. A streamed pass
+    (``StoreLayout.streamed``) starts there and takes the records :meth:`write_stream`
+    delivers, each written into the ring and run as soon as it is complete; it
+    ends with its last sample (``running`` is the pass until then). Words beyond
+    the pass's records are dropped.
 
     :meth:`reset` is the device's RESET: the setup and the metrics are
     forgotten, the memories (store, master weights, moments) keep their contents.
@@ -496,11 +570,17 @@ class TrainingUnit:
 
     def reset(self) -> None:
         self.setup: tuple[TrainConfig, StoreLayout] | None = None
-        self.running = 0                        # spec.protocol.Pass of the pass in progress
+        self.running = Pass.NONE                # the pass in progress
         self.metrics = (0, 0, 0, 0)             # samples, loss sum, correct, skipped
+        self._stream: dict | None = None        # a streamed pass: its runner, ring, counts
 
     def attach(self, core: GoldenCore) -> None:
         self.core = core
+
+    @property
+    def streaming(self) -> bool:
+        """A streamed pass runs (STREAM is accepted)."""
+        return self._stream is not None
 
     def write_setup(self, words) -> None:
         """TRAIN_SETUP: latch the words; a setup the device refuses leaves none."""
@@ -539,35 +619,90 @@ class TrainingUnit:
         src = self.master if which == 0 else self.moment
         return np.concatenate([src[k].ravel() for k in PARAM_NAMES])
 
-    def _trainer(self, store: SampleStore) -> OnChipTrainer:
-        t = OnChipTrainer(self.cfg, self.setup[0], store, self.master, core=self.core)
+    def _trainer(self, store: SampleStore | None = None) -> OnChipTrainer:
+        tc, layout = self.setup
+        if store is None:                       # a streamed pass: the samples come later
+            store = SampleStore(tc.loss, np.zeros((0, layout.steps, layout.k), dtype=np.int64))
+        t = OnChipTrainer(self.cfg, tc, store, self.master, core=self.core)
         t.master, t.moment = self.master, self.moment     # exactly as stored (no clamp)
         return t
 
     def _store(self, test: bool) -> SampleStore:
         return SampleStore.from_image(self.cfg, self.store, self.setup[1], test)
 
-    def train(self, epoch: int) -> Metrics:
-        """TRAIN: one epoch of the latched setup (``TrainingError`` without one)."""
+    def train(self, epoch: int) -> Metrics | None:
+        """TRAIN: one epoch of the latched setup (``TrainingError`` without one); None
+        while a streamed epoch waits for its records."""
         if self.setup is None:
             raise TrainingError("no training setup")
-        t = self._trainer(self._store(False))
-        t.epoch = epoch
+        layout = self.setup[1]
         self.core.clear_accumulators()
         self.core.clear_flags()
+        if layout.streamed:
+            t = self._trainer()
+            t.epoch = epoch
+            return self._begin_stream(t, True, layout.train_count, Pass.TRAIN)
+        t = self._trainer(self._store(False))
+        t.epoch = epoch
         m = t.train_epoch()
-        self.master, self.moment = t.master, t.moment
-        self.metrics = (m.samples, m.loss_sum, m.correct or 0, m.overflow_batches)
+        self._finish(t, m)
         return m
 
-    def evaluate(self, test: bool) -> Metrics:
-        """EVAL: the training or the test set, forward only."""
+    def evaluate(self, test: bool) -> Metrics | None:
+        """EVAL: the training or the test set, forward only; None while a streamed
+        pass waits for its records."""
         if self.setup is None:
             raise TrainingError("no training setup")
         _, layout = self.setup
-        if test and layout.test_count == 0:
+        count = layout.test_count if test else layout.train_count
+        if count == 0:
             self.metrics = (0, 0, 0, 0)
             return Metrics(0, 0, 0, self.fm.loss_frac, 0 if layout.loss == "onehot" else None)
+        if layout.streamed:
+            return self._begin_stream(self._trainer(), False, count, Pass.EVAL)
         m = self._trainer(self._store(False)).evaluate(self._store(test))
         self.metrics = (m.samples, m.loss_sum, m.correct or 0, 0)
+        return m
+
+    def _finish(self, t: OnChipTrainer, m: Metrics) -> None:
+        self.master, self.moment = t.master, t.moment
+        self.metrics = (m.samples, m.loss_sum, m.correct or 0, m.overflow_batches)
+
+    def _begin_stream(self, t: OnChipTrainer, train: bool, count: int, kind: Pass) -> None:
+        self.running = kind
+        self.metrics = (0, 0, 0, 0)
+        self._stream = {"trainer": t, "runner": t.begin_pass(train), "left": count,
+                        "pending": np.zeros(0, dtype=np.int64), "wp": 0}
+        return None
+
+    def write_stream(self, words) -> Metrics | None:
+        """STREAM: records for the running streamed pass, in the pass's order. Each
+        word goes into the ring; each complete record runs at once. Returns the
+        pass's metrics when its last sample is done, else None."""
+        st = self._stream
+        if st is None:
+            raise TrainingError("STREAM needs a streamed pass in progress")
+        layout = self.setup[1]
+        rec, ring = layout.record, layout.words
+        words = np.asarray(words, dtype=np.int64)
+        take = min(len(words), st["left"] * rec - len(st["pending"]))
+        for w in words[:take]:                  # the ring, as the device writes it
+            self.store[st["wp"]] = w
+            st["wp"] = 0 if st["wp"] + 1 == ring else st["wp"] + 1
+        st["pending"] = np.concatenate([st["pending"], words[:take]])
+        runner = st["runner"]
+        while len(st["pending"]) >= rec:
+            runner.add(SampleStore.from_records(self.cfg, st["pending"][:rec], layout), 0)
+            st["pending"] = st["pending"][rec:]
+            st["left"] -= 1
+            self.metrics = runner.running()
+        if st["left"]:
+            return None
+        m = runner.finish()
+        if runner.train:
+            self._finish(st["trainer"], m)
+        else:
+            self.metrics = (m.samples, m.loss_sum, m.correct or 0, 0)
+        self._stream = None
+        self.running = Pass.NONE
         return m

@@ -211,6 +211,9 @@ class ProtocolModel:
             if duplicate and cmd == self.xfer["cmd"] and self.xfer["next"] == 0:
                 return self._reply(cmd, seq)        # retransmitted opening: ack again
             raise _Reject(ErrorCode.BUSY)
+        if (self.trainer is not None and self.trainer.running and cmd not in P.DURING_PASS
+                and not (cmd == Command.STREAM and self.trainer.streaming)):
+            raise _Reject(ErrorCode.BUSY)
         if not P.request_len_ok(cmd, len(payload)):
             raise _Reject(ErrorCode.OUT_OF_RANGE)
         if cmd == Command.DATA:
@@ -286,9 +289,12 @@ class ProtocolModel:
         return self._training(cmd, seq, payload)
 
     def _training(self, cmd: Command, seq: int, payload: bytes) -> bytes:
-        """The on-chip training commands. A pass (TRAIN, EVAL) runs to its end before
-        the reply, so METRICS never finds one running; a device answers at once and
-        BUSY until the pass ends. A pass leaves nothing loaded."""
+        """The on-chip training commands. A resident pass (TRAIN, EVAL) runs to its
+        end before the reply, so METRICS never finds one running; a device answers at
+        once and BUSY until the pass ends. A streamed pass runs as STREAM delivers its
+        records (each transfer's words are applied at its end) and is BUSY to all but
+        :data:`~hel_fpga.spec.protocol.DURING_PASS` and STREAM until its last sample.
+        A pass leaves nothing loaded."""
         c, tu = self.cfg, self.trainer
         u8 = payload[0] if payload else 0
         u32 = int.from_bytes(payload[:4], "little")
@@ -306,6 +312,12 @@ class ProtocolModel:
             if cmd == Command.WRITE_MASTER:
                 return self._open(cmd, seq, n_params, which=u8)
             return self._data_replies(cmd, seq, tu.read_master(u8))
+        if cmd == Command.STREAM:
+            if not tu.streaming:
+                raise _Reject(ErrorCode.WRONG_STATE)
+            if u32 == 0 or u32 > c.store_words:
+                raise _Reject(ErrorCode.OUT_OF_RANGE)
+            return self._open(cmd, seq, u32)
         if cmd == Command.METRICS:
             samples, loss, correct, skipped = tu.metrics
             return self._reply(cmd, seq, P.pack_fields(P.METRICS_LAYOUT, {
@@ -319,9 +331,13 @@ class ProtocolModel:
             tu.train(u32)
         else:
             tu.evaluate(bool(u8))
-        self.core.inputs = np.zeros((0, c.k), dtype=np.int64)
-        self.core._forwarded = None  # noqa: SLF001
+        self._pass_over()
         return self._reply(cmd, seq)
+
+    def _pass_over(self) -> None:
+        """What a pass leaves in the core: nothing loaded, nothing to echo."""
+        self.core.inputs = np.zeros((0, self.cfg.k), dtype=np.int64)
+        self.core._forwarded = None  # noqa: SLF001
 
     def _mask(self, mask: int) -> list[str]:
         if not 1 <= mask <= P.PARAM_MASK_ALL:
@@ -396,6 +412,10 @@ class ProtocolModel:
             self.trainer.write_setup(words)
         elif x["cmd"] == Command.STORE:
             self.trainer.write_store(x["start"], words)
+        elif x["cmd"] == Command.STREAM:
+            self.trainer.write_stream(words)
+            if not self.trainer.running:
+                self._pass_over()
         elif x["cmd"] == Command.WRITE_MASTER:
             self.trainer.write_master(x["which"], words)
 

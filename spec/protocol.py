@@ -171,7 +171,7 @@ def crc32(data: bytes) -> int:
 # frame (``cmd = ERROR_REPLY``). Bad frames are answered with ERROR frames too.
 
 #: Version of the command layer below; IDENT reports it. Bump on any change.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: A reply's cmd is the request's cmd with this bit set.
 REPLY_BIT = 0x80
@@ -229,6 +229,11 @@ class Command(enum.IntEnum):
     EVAL = 0x35
     #: → METRICS_LAYOUT reply: the running or last pass's metrics.
     METRICS = 0x36
+    #: count:u32 → empty reply, then DATA chunks of count store words (operand words):
+    #: records for the ring of a streamed pass (only while one runs; count ≤ store_words).
+    #: The device takes each word when its ring slot is free, so a chunk is acked
+    #: once the pass has made room for it.
+    STREAM = 0x37
 
 
 
@@ -427,16 +432,17 @@ REQUEST_LEN = {
     Command.ECHO: 4, Command.READ_ACC: 0, Command.CLEAR_ACC: 0, Command.READ_STATE: 1,
     Command.SELFTEST: 8, Command.DATA: CHUNK_HEADER_LEN,
     Command.TRAIN_SETUP: 0, Command.STORE: 8, Command.WRITE_MASTER: 1, Command.READ_MASTER: 1,
-    Command.TRAIN: 4, Command.EVAL: 1, Command.METRICS: 0,
+    Command.TRAIN: 4, Command.EVAL: 1, Command.METRICS: 0, Command.STREAM: 4,
 }
 
 #: The on-chip training commands: a device whose IDENT reports ``store_words = 0``
 #: answers them UNKNOWN_COMMAND.
 TRAINING_COMMANDS = frozenset({Command.TRAIN_SETUP, Command.STORE, Command.WRITE_MASTER,
                                Command.READ_MASTER, Command.TRAIN, Command.EVAL,
-                               Command.METRICS})
+                               Command.METRICS, Command.STREAM})
 
-#: Commands accepted while a TRAIN or EVAL pass runs (any other gets BUSY).
+#: Commands accepted while a TRAIN or EVAL pass runs (any other gets BUSY), and
+#: STREAM while a streamed pass runs (outside one it is WRONG_STATE).
 DURING_PASS = frozenset({Command.STATUS, Command.IDENT, Command.RESET, Command.METRICS})
 
 
@@ -463,7 +469,8 @@ WORD_WIDTH = {
     Command.READ_PARAMS: "operand_width", Command.FORWARD: "state_width",
     Command.READ_ACC: "acc_width", Command.READ_STATE: "state_width",
     Command.TRAIN_SETUP: "operand_width", Command.STORE: "operand_width",
-    Command.WRITE_MASTER: "acc_width", Command.READ_MASTER: "acc_width",
+    Command.STREAM: "operand_width", Command.WRITE_MASTER: "acc_width",
+    Command.READ_MASTER: "acc_width",
 }
 
 
@@ -473,7 +480,7 @@ def word_width(cfg: HelConfig, cmd: Command) -> int:
 
 #: Commands that open a transfer (host → device words, in DATA chunks).
 OPENS_TRANSFER = (Command.WRITE_PARAMS, Command.LOAD, Command.ECHO, Command.TRAIN_SETUP,
-                  Command.STORE, Command.WRITE_MASTER)
+                  Command.STORE, Command.WRITE_MASTER, Command.STREAM)
 
 #: Commands answered with data replies (device → host words).
 DATA_REPLIES = (Command.READ_PARAMS, Command.FORWARD, Command.READ_ACC, Command.READ_STATE,

@@ -336,33 +336,55 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
 #: ``optimizer`` are indices into :data:`LOSS_KINDS` and :data:`OPTIMIZERS`;
 #: ``lr_log2`` is two's complement; ``halvings`` is 0 for the constant schedule;
 #: the seed is split into its low and high halves; ``steps`` is the T of every
-#: stored sample; the training set occupies the first ``train_count`` records of
-#: the store and the test set the ``test_count`` records after it.
+#: sample; ``train_count`` and ``test_count`` are the samples of the two sets.
+#: ``inputs`` (1..K) and ``outputs`` (1..O) are the data's own widths: a record
+#: holds ``inputs`` words per step (the core sees zeros on the other inputs), and
+#: the loss, the nudges and the argmax use outputs 0..``outputs``−1 only (the others
+#: get zero nudges), so a core with more inputs or outputs than a data set trains
+#: it as a core of its own size would, and its records take no padding.
+#: ``stream_slots`` picks the data mode: 0, the sets are resident in the store
+#: (training set in the first ``train_count`` records, test set after it); n ≥ 1,
+#: the store is a ring of n records that the host streams each pass into
+#: (:class:`StoreLayout`).
 SETUP_FIELDS = ("loss", "optimizer", "eps_log2", "batch_log2", "lr_log2", "beta_log2",
                 "beta2_log2", "halvings", "epochs", "seed_lo", "seed_hi", "steps",
-                "train_count", "test_count")
+                "train_count", "test_count", "inputs", "outputs", "stream_slots")
 SETUP_WORDS = len(SETUP_FIELDS)
 SETUP_WORD_BITS = 16
 SETUP_WORD_MAX = (1 << SETUP_WORD_BITS) - 1
 
 
-def record_words(cfg: HelConfig, loss: str, steps: int) -> int:
-    """Store words of one sample: its T·K inputs, then for ``mse`` its T·O targets and
-    T mask words, for ``onehot`` one label word."""
+def record_words(cfg: HelConfig, loss: str, steps: int, k: int | None = None,
+                 o: int | None = None) -> int:
+    """Store words of one sample of ``k`` input channels and ``o`` outputs (default: the
+    core's K and O): its T·k inputs, then for ``mse`` its T·o targets and T mask words,
+    for ``onehot`` one label word."""
+    k = cfg.k if k is None else k
+    o = cfg.o if o is None else o
     if loss == "onehot":
-        return steps * cfg.k + 1
-    return steps * (cfg.k + cfg.o + 1)
+        return steps * k + 1
+    return steps * (k + o + 1)
 
 
 @dataclass(frozen=True)
 class StoreLayout:
     """Where a setup's samples sit in the store (word addresses).
 
-    Sample ``i`` of the training set starts at ``i·record``, sample ``i`` of the
-    test set at ``(train_count + i)·record``. Inside a record: the inputs
-    row-major (T×K), then (``mse``) the targets row-major (T×O) and one mask word
-    per step (non-zero: a loss step), or (``onehot``) the label (a label outside
-    0..O−1 is the target of no output: its sample is never correct).
+    A record is one sample: its inputs row-major (T×k), then (``mse``) its targets
+    row-major (T×o) and one mask word per step (non-zero: a loss step), or
+    (``onehot``) its label (a label outside 0..o−1 is the target of no output: its
+    sample is never correct); k and o are the setup's ``inputs`` and ``outputs``.
+
+    **Resident** (``slots`` = 0): sample ``i`` of the training set starts at
+    ``i·record``, sample ``i`` of the test set at ``(train_count + i)·record``; a
+    pass reads them in its own order (TRAIN: :func:`epoch_order`; EVAL: 0, 1, …).
+
+    **Streamed** (``slots`` ≥ 1): the first ``slots·record`` words are a ring of
+    records. During a pass the host sends the pass's records with STREAM, in the
+    order the pass is to visit them; the device writes them into the ring in
+    arrival order, trains (or evaluates) each as soon as it is complete, and frees
+    its slot when the sample is done. A host that streams a TRAIN pass in
+    ``epoch_order`` gets exactly the resident run.
     """
 
     loss: str
@@ -370,9 +392,19 @@ class StoreLayout:
     train_count: int
     test_count: int
     record: int
+    k: int = 0
+    o: int = 0
+    slots: int = 0
+
+    @property
+    def streamed(self) -> bool:
+        return self.slots > 0
 
     @property
     def words(self) -> int:
+        """Store words the layout occupies: both sets, or the ring."""
+        if self.streamed:
+            return self.slots * self.record
         return (self.train_count + self.test_count) * self.record
 
     def base(self, test: bool, i: int) -> int:
@@ -380,10 +412,14 @@ class StoreLayout:
 
 
 def pack_setup(cfg: HelConfig, tc: TrainConfig, steps: int, train_count: int,
-               test_count: int) -> list[int]:
-    """The TRAIN_SETUP words of a run; :class:`TrainingError` if the device could not take it."""
+               test_count: int, *, k: int | None = None, o: int | None = None,
+               slots: int = 0) -> list[int]:
+    """The TRAIN_SETUP words of a run on data of ``k`` inputs and ``o`` outputs (default:
+    the core's), resident (``slots`` = 0) or streamed through a ring of ``slots``
+    records; :class:`TrainingError` if the device could not take it."""
     tc.check_for(cfg)
-    layout = _check_layout(cfg, tc.loss, steps, train_count, test_count)
+    layout = _check_layout(cfg, tc.loss, steps, train_count, test_count,
+                           cfg.k if k is None else k, cfg.o if o is None else o, slots)
     values = {
         "loss": LOSS_KINDS.index(tc.loss), "optimizer": OPTIMIZERS.index(tc.optimizer),
         "eps_log2": tc.eps_log2, "batch_log2": tc.batch_log2,
@@ -392,7 +428,8 @@ def pack_setup(cfg: HelConfig, tc: TrainConfig, steps: int, train_count: int,
         "halvings": tc.halvings if tc.schedule == "halving" else 0,
         "epochs": tc.epochs, "seed_lo": tc.seed & SETUP_WORD_MAX, "seed_hi": tc.seed >> 16,
         "steps": layout.steps, "train_count": layout.train_count,
-        "test_count": layout.test_count}
+        "test_count": layout.test_count, "inputs": layout.k, "outputs": layout.o,
+        "stream_slots": layout.slots}
     return [values[f] for f in SETUP_FIELDS]
 
 
@@ -419,15 +456,20 @@ def unpack_setup(cfg: HelConfig, words) -> tuple[TrainConfig, StoreLayout]:
     except TypeError as e:          # pragma: no cover - fields are ints by construction
         raise TrainingError(str(e)) from None
     tc.check_for(cfg)
-    return tc, _check_layout(cfg, tc.loss, v["steps"], v["train_count"], v["test_count"])
+    return tc, _check_layout(cfg, tc.loss, v["steps"], v["train_count"], v["test_count"],
+                             v["inputs"], v["outputs"], v["stream_slots"])
 
 
 def _check_layout(cfg: HelConfig, loss: str, steps: int, train_count: int,
-                  test_count: int) -> StoreLayout:
+                  test_count: int, k: int, o: int, slots: int) -> StoreLayout:
     if cfg.store_words == 0:
         raise TrainingError("this device has no on-chip training (its store_words is 0)")
-    if loss == "onehot" and cfg.o < 2:
-        raise TrainingError(f"classification needs at least 2 outputs, the core has O = {cfg.o}")
+    if not 1 <= k <= cfg.k:
+        raise TrainingError(f"the data have {k} input channels, the core takes 1..K = {cfg.k}")
+    if not 1 <= o <= cfg.o:
+        raise TrainingError(f"the data have {o} outputs, the core has 1..O = {cfg.o}")
+    if loss == "onehot" and o < 2:
+        raise TrainingError(f"classification needs at least 2 outputs, the data have {o}")
     if not 1 <= steps <= cfg.t_max:
         raise TrainingError(f"sequence length T = {steps} is outside 1..t_max = {cfg.t_max}")
     if not 1 <= train_count <= SETUP_WORD_MAX:
@@ -435,9 +477,16 @@ def _check_layout(cfg: HelConfig, loss: str, steps: int, train_count: int,
                             f"got {train_count}")
     if not 0 <= test_count <= SETUP_WORD_MAX:
         raise TrainingError(f"the test set must have 0..{SETUP_WORD_MAX} samples, got {test_count}")
-    layout = StoreLayout(loss, steps, train_count, test_count, record_words(cfg, loss, steps))
+    if not 0 <= slots <= SETUP_WORD_MAX:
+        raise TrainingError(f"the stream ring must have 0..{SETUP_WORD_MAX} slots, got {slots}")
+    layout = StoreLayout(loss, steps, train_count, test_count,
+                         record_words(cfg, loss, steps, k, o), k, o, slots)
     if layout.words > cfg.store_words:
+        if layout.streamed:
+            raise TrainingError(f"a ring of {slots} records of {layout.record} words needs "
+                                f"{layout.words} store words, the device has {cfg.store_words}")
         raise TrainingError(
             f"the sets need {layout.words} store words ({train_count} + {test_count} samples of "
-            f"{layout.record}), the device has {cfg.store_words}")
+            f"{layout.record}), the device has {cfg.store_words}; stream them instead "
+            f"(a ring of {cfg.store_words // layout.record} records fits)")
     return layout

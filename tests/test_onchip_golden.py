@@ -312,10 +312,11 @@ def _one_line(excinfo):
 
 @pytest.mark.parametrize("make,needle", [
     (lambda u, y, lab: SampleStore.regression(CFG, u, y + (1 << 15)), "targets out of range"),
-    (lambda u, y, lab: SampleStore.regression(CFG, u, y[:, :, :1]), "targets have shape"),
+    (lambda u, y, lab: SampleStore.regression(CFG, u, y[:, :3]), "targets have shape"),
+    (lambda u, y, lab: SampleStore.regression(CFG, u, np.zeros((4, 6, 3), np.int64)), "targets have shape"),
     (lambda u, y, lab: SampleStore.regression(CFG, u, y, np.ones((4, 3))), "mask has shape"),
     (lambda u, y, lab: SampleStore.regression(CFG, u.astype(float), y), "must be integers"),
-    (lambda u, y, lab: SampleStore.regression(CFG, u[:, :, :1], y), "channels"),
+    (lambda u, y, lab: SampleStore.regression(CFG, np.zeros((4, 6, 3), np.int64), y), "channels"),
     (lambda u, y, lab: SampleStore.regression(CFG, np.zeros((4, 17, 2), np.int64),
                                               np.zeros((4, 17, 2), np.int64)), "t_max"),
     (lambda u, y, lab: SampleStore.regression(CFG, u[0], y), "shape"),
@@ -323,7 +324,8 @@ def _one_line(excinfo):
     (lambda u, y, lab: SampleStore.classification(CFG, u, lab - 1), "labels must be in"),
     (lambda u, y, lab: SampleStore.classification(CFG, u, lab[:3]), "labels have shape"),
     (lambda u, y, lab: SampleStore.classification(HelConfig(n=6, m=5, k=2, o=1, t_max=16), u, lab * 0),
-     "at least 2 outputs"),
+     "classification needs 2..O = 1 outputs"),
+    (lambda u, y, lab: SampleStore.classification(CFG, u, lab, classes=3), "classification needs"),
 ])
 def test_bad_sets_raise_valueerror_with_one_line(make, needle):
     rng = np.random.default_rng(12)

@@ -49,7 +49,7 @@ from hel_fpga.spec.names import PARAM_NAMES
 from hel_fpga.spec.protocol import Command, Pass
 from hel_fpga.spec.training import (
     DEFAULT_EPS_LOG2, DEFAULT_LR_LOG2, DEFAULT_OPTIMIZER, OPTIMIZERS, TrainConfig, TrainFormats,
-    TrainingError, pack_setup, record_words)
+    TrainingError, epoch_order, pack_setup, record_words)
 
 __all__ = ["OnChipDevice", "GoldenOnChipDevice", "ProtocolOnChipDevice", "store_words_for", "TrainState", "open_onchip_device",
            "ONCHIP_DEVICES", "SETS", "task_store", "loss_kind_for", "resolve_onchip_settings",
@@ -220,17 +220,11 @@ class GoldenOnChipDevice(OnChipDevice):
         if progress is None:
             return tr.train_epoch()
         # The golden loop itself (train_epoch), with a count after every sample.
-        sample = tr.train_sample
-
-        def counted(i):
-            r = sample(i)
+        p = tr.begin_pass(train=True)
+        for i in epoch_order(tr.train.count, tr.tc.seed, tr.epoch):
+            p.add(tr.train, i)
             progress(1)
-            return r
-        tr.train_sample = counted
-        try:
-            return tr.train_epoch()
-        finally:
-            del tr.train_sample
+        return p.finish()
 
     def _set(self, which: str) -> SampleStore:
         if which not in self._sets:
