@@ -266,6 +266,18 @@ class SerialDevice(Device):
         payload = len(words).to_bytes(4, "little") + start.to_bytes(4, "little")
         self._transfer(Command.STORE, payload, words)
 
+    def stream(self, words, *, wait_cycles: int = 0) -> None:
+        """STREAM: records for the running streamed pass (docs/onchip.md), at most
+        ``store_words`` words. The device takes them as its ring frees slots, so a
+        chunk's ack may wait for samples to finish: ``wait_cycles`` is the device work
+        one chunk may wait for, added to the transfer's reply timeout."""
+        cfg = self.config
+        words = cfg.operand.check_int(np.asarray(words).ravel(), "stream words")
+        if not 1 <= len(words) <= cfg.store_words:
+            raise FormatError(f"a STREAM transfer carries 1..{cfg.store_words} words "
+                              f"(the device's store), got {len(words)}")
+        self._transfer(Command.STREAM, len(words).to_bytes(4, "little"), words, cycles=wait_cycles)
+
     def write_master(self, which: int, words) -> None:
         """WRITE_MASTER: master weights (``which`` 0; the parameters follow) or moments (1)."""
         self._transfer(Command.WRITE_MASTER, bytes([which]), np.asarray(words, dtype=np.int64),

@@ -245,7 +245,9 @@ def _sha(*parts: bytes | str) -> str:
 def _source_key(top: TopFactory, cfg: HelConfig, clk_hz: int, baud: int, vver: str) -> str:
     """Hash of everything the Verilog is generated from (for the fast cache path)."""
     import amaranth  # noqa: PLC0415
-    files = sorted((_ROOT / "rtl").rglob("*.py")) + [Path(__file__).resolve()]
+    # the gateware and the spec it takes its constants from (formats, protocol, training)
+    files = (sorted((_ROOT / "rtl").rglob("*.py")) + sorted((_ROOT / "spec").rglob("*.py"))
+             + [Path(__file__).resolve()])
     mod = sys.modules.get(getattr(top, "__module__", ""), None)
     src = getattr(mod, "__file__", None)
     if src and Path(src).resolve() not in files:

@@ -211,7 +211,9 @@ class ProtocolModel:
             if duplicate and cmd == self.xfer["cmd"] and self.xfer["next"] == 0:
                 return self._reply(cmd, seq)        # retransmitted opening: ack again
             raise _Reject(ErrorCode.BUSY)
-        if (self.trainer is not None and self.trainer.running and cmd not in P.DURING_PASS
+        # (a transfer open during a pass is a STREAM's: DURING_TRANSFER's rule applies)
+        if (self.xfer is None and self.trainer is not None and self.trainer.running
+                and cmd not in P.DURING_PASS
                 and not (cmd == Command.STREAM and self.trainer.streaming)):
             raise _Reject(ErrorCode.BUSY)
         if not P.request_len_ok(cmd, len(payload)):

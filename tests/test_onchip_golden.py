@@ -370,3 +370,104 @@ def test_default_settings_are_the_measured_picks():
     assert tc.lr_log2 == DEFAULT_LR_LOG2[("lion", "mse")] == DEFAULT_LR_LOG2[("lion", "onehot")]
     assert tc.eps_log2 == DEFAULT_EPS_LOG2["all"]
     assert FM.onehot_on() == 1 << CFG.operand_frac       # a one-hot target of 1.0
+
+
+# --------------------------------------------------------------------------- data widths, streaming
+
+@pytest.mark.parametrize("kind", ["mse", "onehot"])
+def test_narrow_data_on_a_wide_core_trains_as_a_core_of_the_datas_own_size(kind):
+    """k < K inputs and o < O outputs. The reference is a core with K = k and O = o
+    and the same N, M. Its outputs are the last o oscillators, the wide core's first
+    o outputs are oscillators N−O … N−O+o−1: the reference runs with those
+    oscillators swapped in (W's columns and α permuted). Every parameter ends equal
+    (up to that permutation), except the input weights of the inputs the data lack,
+    which see u = 0, get a zero gradient and never move."""
+    rng = np.random.default_rng(21)
+    wide = HelConfig(n=6, m=5, k=3, o=4, t_max=16)
+    narrow = wide.replace(k=2, o=2)
+    store = regression_store(rng, cfg=narrow) if kind == "mse" else classification_store(rng, cfg=narrow)
+    if kind == "onehot":        # the same samples as a two-class set of the wide core
+        wide_store = SampleStore.classification(wide, store.inputs, store.labels, classes=2)
+    else:
+        wide_store = SampleStore.regression(wide, store.inputs, store.targets, store.mask)
+    assert (wide_store.k, wide_store.o) == (2, 2)
+    perm = np.arange(wide.n)                        # narrow oscillator i = wide oscillator perm[i]
+    perm[[2, 3, 4, 5]] = [4, 5, 2, 3]
+    fp = float_params(rng, wide)
+    fn = {"W": fp["W"][:, perm], "B": fp["B"][:, :2], "b": fp["b"], "alpha": fp["alpha"][perm]}
+    tc = TrainConfig(loss=kind, eps_log2=5 if kind == "mse" else 2, batch_log2=1, epochs=3)
+    tw = OnChipTrainer(wide, tc, wide_store, master_from_float(fp, TrainFormats(wide)))
+    tn = OnChipTrainer(narrow, tc, store, master_from_float(fn, TrainFormats(narrow)))
+    b_extra = tw.master["B"][:, 2].copy()
+    w0 = tw.master["W"].copy()
+    for rw, rn in zip(tw.fit(wide_store), tn.fit(store)):
+        assert rw[0] == rn[0] and rw[1] == rn[1]
+    assert np.array_equal(tw.master["W"][:, perm], tn.master["W"])
+    assert np.array_equal(tw.master["alpha"][perm], tn.master["alpha"])
+    assert np.array_equal(tw.master["b"], tn.master["b"])
+    assert np.array_equal(tw.master["B"][:, :2], tn.master["B"])
+    assert np.array_equal(tw.master["B"][:, 2], b_extra)
+    assert tw.epoch == 3 and not np.array_equal(tw.master["W"], w0)
+
+
+def _unit(cfg, tc, store, slots, test=None):
+    """A device's TrainingUnit with ``store`` (and ``test``) resident, or a ring of ``slots``."""
+    from hel_fpga.sim.golden import GoldenCore
+    from hel_fpga.sim.onchip import TrainingUnit
+    from hel_fpga.spec.training import pack_setup
+    unit = TrainingUnit(cfg, GoldenCore(cfg))
+    n_test = test.count if test is not None else 0
+    if not slots:
+        image = np.concatenate([store.image(cfg)] + ([test.image(cfg)] if test is not None else []))
+        unit.write_store(0, image)
+    unit.write_setup(pack_setup(cfg, tc, store.steps, store.count, n_test, k=store.k, o=store.o,
+                                slots=slots))
+    assert unit.setup is not None
+    master = master_from_float(float_params(np.random.default_rng(3), cfg), TrainFormats(cfg))
+    unit.write_master(0, np.concatenate([master[k].ravel() for k in PARAM_NAMES]))
+    return unit
+
+
+@pytest.mark.parametrize("slots,chunk", [(1, 7), (2, 50), (5, 1000)])
+def test_a_streamed_epoch_in_epoch_order_is_the_resident_epoch(slots, chunk):
+    """The ring of ``slots`` records, fed in pieces of ``chunk`` words in
+    epoch_order, trains exactly as the resident store; the pass runs until its last
+    record, then ends; words beyond the pass are dropped; EVAL streams in index order."""
+    from hel_fpga.spec.protocol import Pass
+    rng = np.random.default_rng(22)
+    cfg = CFG.replace(store_words=4096)
+    train, test = regression_store(rng, s=9), regression_store(rng, s=4)
+    tc = TrainConfig(loss="mse", batch_log2=2, epochs=2, seed=5)
+    res, st = _unit(cfg, tc, train, 0, test), _unit(cfg, tc, train, slots, test)
+    rec = train.image(cfg).reshape(train.count, -1)
+    for epoch in range(2):
+        m_res = res.train(epoch)
+        assert st.train(epoch) is None and st.running == Pass.TRAIN and st.streaming
+        words = np.concatenate([rec[epoch_order(train.count, tc.seed, epoch)].ravel(),
+                                np.arange(5)])          # five words too many
+        out = [st.write_stream(words[i:i + chunk]) for i in range(0, len(words), chunk)]
+        assert [m for m in out if m is not None] == [m_res] and out[-1] == m_res
+        assert st.running == Pass.NONE and not st.streaming and st.metrics == res.metrics
+        for which in (0, 1):
+            assert np.array_equal(st.read_master(which), res.read_master(which))
+    # the ring holds the last `slots` records written, at their slots
+    last = rec[epoch_order(train.count, tc.seed, 1)][-slots:]
+    ring = st.store[:slots * rec.shape[1]].reshape(slots, -1)
+    for j, r in zip(range(train.count - slots, train.count), last):
+        assert np.array_equal(ring[j % slots], r)
+    assert st.evaluate(True) is None
+    m_eval = st.write_stream(test.image(cfg))
+    assert m_eval == res.evaluate(True) and st.metrics == res.metrics
+
+
+def test_stream_without_a_streamed_pass_is_refused():
+    cfg = CFG.replace(store_words=1024)
+    store = regression_store(np.random.default_rng(23), s=3)
+    tc = TrainConfig(loss="mse", epochs=1)
+    for slots in (0, 2):
+        unit = _unit(cfg, tc, store, slots)
+        with pytest.raises(TrainingError, match="STREAM needs a streamed pass"):
+            unit.write_stream(np.zeros(4, np.int64))
+    unit.train(0)
+    unit.reset()                                    # RESET forgets the stream
+    assert not unit.streaming and unit.running == 0

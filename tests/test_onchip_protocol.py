@@ -39,16 +39,22 @@ def stores(kind, rng, s=20, t=8):
 
 
 @pytest.mark.parametrize("kind", ["mse", "onehot"])
-@pytest.mark.parametrize("optimizer", ["lion", "sgdm"])
-def test_training_over_the_protocol_model_equals_the_golden_trainer(kind, optimizer):
+@pytest.mark.parametrize("optimizer,store_words,data", [
+    ("lion", 4096, "resident"), ("sgdm", 4096, "resident"),
+    ("lion", 4096, "stream"),       # a ring larger than the set
+    ("sgdm", 100, "stream"),        # a ring of 2 records (mse) or 4 (one-hot): it wraps
+    ("lion", 50, "auto")])          # the sets do not fit: auto streams through one slot
+def test_training_over_the_protocol_model_equals_the_golden_trainer(kind, optimizer, store_words, data):
+    """Resident or streamed, the device's epochs, EVALs and state are the golden trainer's."""
     rng = np.random.default_rng(7)
+    cfg = CFG.replace(store_words=store_words)
     train, test = stores(kind, rng)
     tc = TrainConfig(loss=kind, optimizer=optimizer, batch_log2=2, eps_log2=4, epochs=3, seed=5,
                      lr_log2=5 if optimizer == "lion" else 0)
     shapes = CFG.param_shapes()
     master = {k: rng.integers(-2 ** 27, 2 ** 27, shapes[k]) for k in PARAM_NAMES}
     ref = OnChipTrainer(CFG, tc, train, master)
-    dev = oc.open_onchip_device("model", CFG)
+    dev = oc.open_onchip_device("model", cfg, data=data)
     assert isinstance(dev, oc.ProtocolOnChipDevice)
     dev.write_train_config(tc)
     dev.write_set("train", train)
@@ -60,6 +66,7 @@ def test_training_over_the_protocol_model_equals_the_golden_trainer(kind, optimi
         assert dev.run_epoch(seen.append) == ref.train_epoch()
         assert dev.evaluate("test") == ref.evaluate(test)
     assert sum(seen) == tc.epochs * train.count
+    assert dev.streamed == (data != "resident")
     st = dev.read_state()
     assert st.epoch == tc.epochs
     for k in PARAM_NAMES:
@@ -115,6 +122,32 @@ def test_passes_need_a_setup_and_stores_must_fit():
     assert dev.metrics() == {"running": 0, "samples": 0, "loss_sum": 0, "correct": 0, "skipped": 0}
 
 
+def test_stream_is_taken_only_during_a_streamed_pass():
+    """STREAM outside a streamed pass is WRONG_STATE, a count of 0 or beyond the store
+    is OUT_OF_RANGE, and while a streamed pass waits for its records every command
+    but DURING_PASS's and STREAM is BUSY; RESET ends the pass."""
+    dev = model_device()
+    stream = lambda n: dev._request(Command.STREAM, n.to_bytes(4, "little"))  # noqa: E731
+    assert error_code(lambda: stream(4)) == ErrorCode.WRONG_STATE          # no setup
+    dev.train_setup(pack_setup(CFG, TrainConfig(), 8, 4, 0))
+    dev.start_pass(Command.TRAIN, 0)                                        # resident: done at once
+    assert error_code(lambda: stream(4)) == ErrorCode.WRONG_STATE
+    dev.train_setup(pack_setup(CFG, TrainConfig(), 8, 4, 0, slots=3))
+    assert error_code(lambda: stream(4)) == ErrorCode.WRONG_STATE          # no pass yet
+    dev.start_pass(Command.TRAIN, 0)
+    assert dev.metrics()["running"] == P.Pass.TRAIN
+    for n in (0, CFG.store_words + 1):
+        assert error_code(lambda: stream(n)) == ErrorCode.OUT_OF_RANGE
+    for call in (lambda: dev.store(0, [1]), lambda: dev.start_pass(Command.EVAL, 0),
+                 lambda: dev.read_master(0), lambda: dev.load(np.zeros((2, CFG.k), np.int64))):
+        assert error_code(call) == ErrorCode.BUSY
+    dev.stream(np.zeros(8 * (CFG.k + CFG.o + 1), np.int64))                # one of four records
+    assert dev.metrics()["samples"] == 1 and dev.metrics()["running"] == P.Pass.TRAIN
+    dev.reset()
+    assert dev.metrics()["running"] == P.Pass.NONE
+    assert error_code(lambda: stream(4)) == ErrorCode.WRONG_STATE
+
+
 def test_reset_forgets_the_setup_and_keeps_the_master_weights():
     dev = model_device()
     n = sum(int(np.prod(s)) for s in CFG.param_shapes().values())
@@ -145,3 +178,37 @@ def test_hel_train_on_chip_on_the_protocol_model_equals_the_golden_model(tmp_pat
         assert {k: v for k, v in a.items() if k not in strip} == \
                {k: v for k, v in b.items() if k not in strip}
     assert runs["sim"]["final_test_loss"] == runs["model"]["final_test_loss"]
+
+
+def test_hel_train_on_chip_streamed_on_the_protocol_model_equals_the_golden_model(tmp_path, capsys):
+    """--data stream sends every pass's samples through the ring: the run is the resident one."""
+    runs = {}
+    for device, extra in (("sim", []), ("model", ["--data", "stream"])):
+        rc = main(["train", "--on-chip", "--task", "sine", "--oscillators", "8", "--hidden", "8",
+                   "--epochs", "2", "--device", device, "--out", str(tmp_path / device), "--json",
+                   "--no-plots"] + extra)
+        assert rc == 0, capsys.readouterr().err
+        runs[device] = json.loads(capsys.readouterr().out)
+    assert runs["model"]["settings"]["data"] == "stream"
+    strip = ("seconds", "samples_per_second")
+    for a, b in zip(runs["sim"]["history"], runs["model"]["history"], strict=True):
+        assert {k: v for k, v in a.items() if k not in strip} == \
+               {k: v for k, v in b.items() if k not in strip}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--board", "icebreaker"], "board icebreaker has no training store"),
+    (["--board", "nonsense"], "--board: unknown board 'nonsense'"),
+    (["--board", "ulx3s-85f-n64", "--device", "/dev/ttyUSB7"], "--board applies to the named devices"),
+    (["--board", "ulx3s-85f-n64", "--oscillators", "32"], "N = 64, M = 64 (this run: N = 32"),
+    (["--task", "aeon:JapaneseVowels", "--data", "resident", "--device", "model", "--board",
+      "ulx3s-85f-n64"], "stream them instead"),
+])
+def test_board_and_data_options_are_checked_in_one_line(extra, message, tmp_path, capsys):
+    out = tmp_path / "r"
+    task = [] if "--task" in extra else ["--task", "digits"]
+    rc = main(["train", "--on-chip", "--epochs", "1", "--out", str(out), "--json", "--no-plots"]
+              + task + extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and message in err, err
+    assert not out.exists()

@@ -166,7 +166,7 @@ def test_ctrl_c_mid_epoch_exits_130_and_leaves_the_last_checkpoint_intact(
     import hel_fpga.host.train.onchip as onchip_mod
     out = tmp_path / "r"
     seen = {}
-    monkeypatch.setattr(onchip_mod, "open_onchip_device", lambda spec, cfg: FailingDevice(
+    monkeypatch.setattr(onchip_mod, "open_onchip_device", lambda spec, cfg, data="auto": FailingDevice(
         cfg, 24 + 5, KeyboardInterrupt(), on_fail=lambda: seen.setdefault("bytes", (out / CHECKPOINT_NAME).read_bytes())))
     rc = main(["train", "--on-chip", "--task", str(small_regression), "--oscillators", "8", "--hidden", "8",
                "--epochs", "3", "--batch", "4", "--out", str(out), "--json", "--no-plots"])
@@ -227,8 +227,10 @@ def test_sets_that_do_not_fit_the_device_are_one_line_errors(small_regression, s
     two_outputs = config_for(N, M, 2, 2, 12, 1 / 8)
     short = config_for(N, M, 2, 1, 16, 1 / 8).replace(t_max=16)
     # The conversion itself, against its definition.
-    with pytest.raises(UsageError, match=r"labels must be in 0\.\.1 \(the device has O = 2 outputs\), got 0\.\.2"):
+    with pytest.raises(UsageError, match=r"3 outputs, the device has O = 2"):
         oc.task_store(cls, cls.train_idx, two_outputs)
+    with pytest.raises(UsageError, match=r"labels must be in 0\.\.1 \(2 classes\), got 0\.\.2"):
+        oc.task_store(cls, cls.train_idx, two_outputs, o=2)
     with pytest.raises(UsageError, match="T = 32 steps exceed the device's t_max = 16"):
         oc.task_store(reg, reg.train_idx, short)
     big = load_task(str(small_regression))
@@ -245,18 +247,18 @@ def test_sets_that_do_not_fit_the_device_are_one_line_errors(small_regression, s
 
 
 def test_quantised_stores_match_the_operand_format(small_regression, small_classification):
-    """task_store rounds inputs and targets to nearest in the operand format and pads
-    missing input channels with zeros."""
+    """task_store rounds inputs and targets to nearest in the operand format and keeps
+    the data's own widths on a wider core (the device feeds zeros to its other inputs)."""
     reg = load_task(str(small_regression))
     cfg = config_for(N, M, 3, 1, 32, 1 / 8)        # one input channel more than the task
     st = oc.task_store(reg, reg.test_idx, cfg)
     q = 2.0 ** cfg.operand_frac
-    assert np.array_equal(st.inputs[:, :, :2], np.rint(reg.u[reg.test_idx] * q))
-    assert not st.inputs[:, :, 2].any()
+    assert st.k == 2 and np.array_equal(st.inputs, np.rint(reg.u[reg.test_idx] * q))
     assert np.array_equal(st.targets, np.rint(reg.y[reg.test_idx] * q)) and st.mask.all()
     cls = load_task(str(small_classification))
     sc = oc.task_store(cls, cls.train_idx, config_for(N, M, 2, 4, 12, 1 / 8))
     assert sc.kind == "onehot" and np.array_equal(sc.labels, cls.labels[cls.train_idx])
+    assert sc.o == 3                                # three classes on a four-output core
 
 
 def test_a_host_driven_run_is_not_resumed_on_chip(small_regression, tmp_path):

@@ -46,38 +46,48 @@ from amaranth_sim import simulate
 
 
 # ----------------------------------------------------------------------------- data
-def store_image(cfg: HelConfig, layout: StoreLayout, sets, rng) -> list[int]:
-    """The store words of ``sets`` (training set, then test set) in ``layout``: per
-    sample the inputs (T×K), then targets (T×O) and one mask word per step (a random
-    non-zero word for a loss step), or the label."""
-    words = []
+def records(cfg: HelConfig, layout: StoreLayout, st, rng) -> list[list[int]]:
+    """The store records of set ``st`` in ``layout``: per sample the inputs (T×k),
+    then targets (T×o) and one mask word per step (a random non-zero word for a loss
+    step), or the label."""
     lo, hi = cfg.operand.min_int, cfg.operand.max_int
-    for st in sets:
-        for i in range(st.count):
-            rec = [int(v) for v in np.asarray(st.inputs[i]).reshape(-1)]
-            if layout.loss == "mse":
-                rec += [int(v) for v in st.targets[i].reshape(-1)]
-                for bit in st.mask[i]:
-                    w = 0
-                    while bit and w == 0:
-                        w = int(rng.integers(lo, hi + 1))
-                    rec.append(w)
-            else:
-                rec.append(int(st.labels[i]))
-            assert len(rec) == layout.record
-            words += rec
+    out = []
+    for i in range(st.count):
+        rec = [int(v) for v in np.asarray(st.inputs[i]).reshape(-1)]
+        if layout.loss == "mse":
+            rec += [int(v) for v in st.targets[i].reshape(-1)]
+            for bit in st.mask[i]:
+                w = 0
+                while bit and w == 0:
+                    w = int(rng.integers(lo, hi + 1))
+                rec.append(w)
+        else:
+            rec.append(int(st.labels[i]))
+        assert len(rec) == layout.record
+        out.append(rec)
+    return out
+
+
+def store_image(cfg: HelConfig, layout: StoreLayout, sets, rng) -> list[int]:
+    """The store words of ``sets`` (training set, then test set) in ``layout``
+    (:func:`records`)."""
+    words = [w for st in sets for rec in records(cfg, layout, st, rng) for w in rec]
     assert len(words) == layout.words
     return words
 
 
 def random_store(cfg: HelConfig, loss: str, count: int, steps: int, rng,
-                 scale: float = 0.7, mask_p: float = 0.7) -> SampleStore:
+                 scale: float = 0.7, mask_p: float = 0.7, k: int | None = None,
+                 o: int | None = None) -> SampleStore:
+    """A random set of ``k`` inputs and ``o`` outputs (default: the core's K and O)."""
     f = cfg.operand
-    u = np.clip(np.rint(rng.normal(0, scale, (count, steps, cfg.k)) * f.scale),
+    k = cfg.k if k is None else k
+    o = cfg.o if o is None else o
+    u = np.clip(np.rint(rng.normal(0, scale, (count, steps, k)) * f.scale),
                 f.min_int, f.max_int).astype(np.int64)
     if loss == "onehot":
-        return SampleStore.classification(cfg, u, rng.integers(0, cfg.o, count))
-    y = np.clip(np.rint(rng.normal(0, scale, (count, steps, cfg.o)) * f.scale),
+        return SampleStore.classification(cfg, u, rng.integers(0, o, count), classes=o)
+    y = np.clip(np.rint(rng.normal(0, scale, (count, steps, o)) * f.scale),
                 f.min_int, f.max_int).astype(np.int64)
     mask = rng.random((count, steps)) < mask_p
     return SampleStore.regression(cfg, u, y, mask)
@@ -243,18 +253,21 @@ def run(dut, bench, max_cycles=2_000_000):
 def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int, steps: int,
                    epochs=(0,), seed: int = 0, moments: bool = True, store_fn=None,
                    master_scale: float = 0.4, stats: dict | None = None,
-                   store_bank_words: int | None = None):
+                   store_bank_words: int | None = None, k: int | None = None,
+                   o: int | None = None):
     """WRITE_MASTER both banks, TRAIN_SETUP, STORE, then per epoch e in ``epochs``:
     TRAIN e, READ_MASTER both banks, READ_PARAMS, and EVAL of both sets; all against
-    the golden trainer. ``store_fn(cfg, loss, count, steps, rng)`` makes a set."""
+    the golden trainer. ``store_fn(cfg, loss, count, steps, rng)`` makes a set; ``k``
+    and ``o`` are the data's widths (default: the core's)."""
     rng = np.random.default_rng(seed)
-    store_fn = store_fn or (lambda c, loss, n, t, r: random_store(c, loss, n, t, r))
+    store_fn = store_fn or (lambda c, loss, n, t, r: random_store(c, loss, n, t, r, k=k, o=o))
     train = store_fn(cfg, tc.loss, n_train, steps, rng)
     test = store_fn(cfg, tc.loss, n_test, steps, rng) if n_test else None
     master = random_master(cfg, rng, scale=master_scale)
     moment = random_moment(cfg, rng) if moments else {k: np.zeros(s, dtype=np.int64)
                                                       for k, s in cfg.param_shapes().items()}
-    layout = unpack_setup(cfg, pack_setup(cfg, tc, steps, n_train, n_test))[1]
+    setup = pack_setup(cfg, tc, steps, n_train, n_test, k=k, o=o)
+    layout = unpack_setup(cfg, setup)[1]
     image = store_image(cfg, layout, [s for s in (train, test) if s is not None], rng)
 
     ref = OnChipTrainer(cfg, tc, train, {k: clamp_master(v, TrainFormats(cfg))
@@ -292,7 +305,7 @@ def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int
         d = Driver(ctx, dut, srng)
         await d.write_master(0, flat(master))
         await d.write_master(1, flat(moment))
-        assert await d.setup(pack_setup(cfg, tc, steps, n_train, n_test)) == 1
+        assert await d.setup(setup) == 1
         await d.store(image, chunk=max(1, len(image) // 3 + 1))
         for e, (tr, mst, mom, prm, ev_test, ev_train) in zip(epochs, expect):
             got, cyc = await d.run_pass(Op.TRAIN, length=e)
@@ -388,37 +401,12 @@ def test_batches_with_an_overflow_flag_are_skipped_and_counted_as_the_golden_tra
     assert 0 < expect[0][0].overflow_batches < 4, "the scenario must skip some batches, not all"
 
 
-class RawLabelStore:
-    """A one-hot set whose label words may lie outside 0 … O−1, with the device's rule
-    written out: such a label is the target of no output (all-zero target row at the
-    last step, the loss still counted there) and never correct. Duck-types the parts
-    of :class:`SampleStore` that :class:`OnChipTrainer` uses."""
-
-    kind = "onehot"
-
-    def __init__(self, cfg: HelConfig, inputs, labels):
-        self.inputs = np.asarray(inputs, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.on = TrainFormats(cfg).onehot_on()
-
-    @property
-    def count(self):
-        return self.inputs.shape[0]
-
-    @property
-    def steps(self):
-        return self.inputs.shape[1]
-
-    def loss_elements(self, cfg):
-        return self.count * cfg.o
-
-    def sample_targets(self, cfg, i):
-        y = np.zeros((self.steps, cfg.o), dtype=np.int64)
-        if 0 <= self.labels[i] < cfg.o:
-            y[-1, self.labels[i]] = self.on
-        mask = np.zeros(self.steps, dtype=bool)
-        mask[-1] = True
-        return y, mask
+def raw_label_store(cfg: HelConfig, inputs, labels, classes: int) -> SampleStore:
+    """A one-hot set whose label words may lie outside 0 … o−1 (built without
+    :meth:`SampleStore.classification`'s check, as the device reads a store image):
+    such a label is the target of no output and never correct."""
+    return SampleStore("onehot", np.asarray(inputs, dtype=np.int64),
+                       labels=np.asarray(labels, dtype=np.int64), classes=classes)
 
 
 def test_labels_outside_the_outputs_are_no_class_and_never_correct():
@@ -429,7 +417,7 @@ def test_labels_outside_the_outputs_are_no_class_and_never_correct():
         st = random_store(c, loss, n, t, r)
         labels = st.labels.copy()
         labels[::2] = r.choice(wild, len(labels[::2]))
-        return RawLabelStore(c, st.inputs, labels)
+        return raw_label_store(c, st.inputs, labels, c.o)
 
     tc = TrainConfig(loss="onehot", optimizer="lion", eps_log2=2, batch_log2=1, lr_log2=6,
                      epochs=2, seed=9)
@@ -438,6 +426,44 @@ def test_labels_outside_the_outputs_are_no_class_and_never_correct():
     assert not mism, "\n".join(mism)
     # the reference differs from treating every wild label as some in-range class
     assert expect[0][0].correct <= 7 - 4
+
+
+# ----------------------------------------------------------------------------- narrow data
+#: K = 3 inputs, O = 4 outputs: data sets of fewer inputs and outputs run on it.
+WIDE_CORE = HelConfig(n=6, m=4, k=3, o=4, t_max=6, lanes=2, store_words=400)
+
+
+@pytest.mark.parametrize("k, o, optimizer, batch_log2", [(1, 1, "lion", 1), (2, 3, "sgdm", 2),
+                                                         (3, 2, "lion", 0), (1, 4, "sgdm", 1)])
+def test_mse_on_data_narrower_than_the_core_equals_golden_trainer(k, o, optimizer, batch_log2):
+    """Records of T·(k + o + 1) words; the core sees zeros on inputs k … K−1 and
+    outputs o … O−1 get zero nudges and no squared error."""
+    tc = TrainConfig(loss="mse", optimizer=optimizer, batch_log2=batch_log2,
+                     lr_log2=6 if optimizer == "lion" else 1, epochs=3, halvings=1, seed=k * 7 + o)
+    mism, expect = train_scenario(WIDE_CORE, tc, n_train=5, n_test=2, steps=4, epochs=(1,),
+                                  seed=20 + k + o, k=k, o=o)
+    assert not mism, "\n".join(mism)
+    assert expect[0][0].loss_sum > 0
+
+
+@pytest.mark.parametrize("k, o", [(2, 2), (1, 3), (3, 4)])
+def test_onehot_on_fewer_classes_than_outputs_equals_golden_trainer(k, o):
+    """The argmax over outputs 0 … o−1 only (the others may be larger); label words
+    o … O−1, beyond O and negative are no class and never correct."""
+    cfg = WIDE_CORE
+    wild = [o, cfg.o - 1, cfg.o, -1, cfg.operand.max_int]
+
+    def make(c, loss, n, t, r):
+        st = random_store(c, loss, n, t, r, k=k, o=o)
+        labels = st.labels.copy()
+        labels[1::3] = r.choice(wild, len(labels[1::3]))
+        return raw_label_store(c, st.inputs, labels, o)
+
+    tc = TrainConfig(loss="onehot", optimizer="lion", eps_log2=2, batch_log2=1, lr_log2=6,
+                     epochs=2, seed=o)
+    mism, expect = train_scenario(cfg, tc, n_train=7, n_test=3, steps=3, epochs=(0,),
+                                  seed=30 + k + o, store_fn=make, k=k, o=o)
+    assert not mism, "\n".join(mism)
 
 
 # ----------------------------------------------------------------------------- setup

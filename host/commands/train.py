@@ -25,7 +25,16 @@ def add_arguments(p):
                         "rhel-float: float RHEL on the CPU")
     p.add_argument("--on-chip", action="store_true",
                    help="the device trains on its own (data, loss, batches, optimiser on chip; "
-                        "docs/train.md); today --device sim only, which is then the default")
+                        "docs/train.md): sim (the golden model, then the default), model, sim-board, "
+                        "or a board whose bitstream has a training store")
+    p.add_argument("--data", choices=("auto", "resident", "stream"),
+                   help="--on-chip only: resident writes both sets into the device's store once; stream "
+                        "sends each pass's samples into a ring in the store while it trains; auto "
+                        "(default) is resident when the sets fit the store")
+    p.add_argument("--board", metavar="NAME",
+                   help="run the named device (sim, model, sim-board) with board entry NAME's "
+                        "configuration (N, M, K, O, t_max, store), i.e. what that board would do; "
+                        "see hel build --list")
     p.add_argument("--optimizer", choices=("lion", "sgdm"),
                    help="--on-chip only: the device's optimiser (default lion)")
     p.add_argument("--epochs", type=int, metavar="E", help="epochs (default: the task's)")
@@ -101,7 +110,7 @@ def run(args) -> int:
                         estimator=args.estimator, seed=args.seed, oscillators=args.oscillators,
                         hidden=args.hidden, validation=args.validation, out=args.out, resume=args.resume, overwrite=args.overwrite,
                         plots=not args.no_plots, progress=not args.json, on_chip=args.on_chip,
-                        optimizer=args.optimizer)
+                        optimizer=args.optimizer, data=args.data, board=args.board)
     try:
         metrics = train(opts)
     except TrainError as e:

@@ -25,6 +25,7 @@ state back for the checkpoint; the outputs are the same files.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -39,7 +40,7 @@ import numpy as np
 from hel_fpga.host.device import Device, DeviceError, GoldenDevice
 from hel_fpga.host.errors import UsageError
 from hel_fpga.host.learning import config_for
-from hel_fpga.host.registry import open_device, takes_config
+from hel_fpga.host.registry import DEVICE_NAMES, open_device, takes_config
 from hel_fpga.host.train import floatpath
 from hel_fpga.host.train.checkpoint import (CHECKPOINT_NAME, Checkpoint, CheckpointError, atomic_write_text,
                                             load_checkpoint, resumed_settings, save_checkpoint)
@@ -94,6 +95,8 @@ class TrainOptions:
     progress: bool = True
     on_chip: bool = False
     optimizer: str | None = None
+    data: str | None = None
+    board: str | None = None
 
 
 def _slug(s: str) -> str:
@@ -221,6 +224,29 @@ def _adapt_to_device(dc: HelConfig, spec: str, task: Task, settings: dict, fixed
     return dc
 
 
+def _board_option(opts: TrainOptions, ck: Checkpoint | None, device_spec: str, settings: dict):
+    """The board entry whose configuration ``--board`` gives a named device (or the
+    checkpoint's), recorded in ``settings``; None without one."""
+    name = opts.board or (ck.settings.get("board") if ck is not None else None)
+    if name is None:
+        return None
+    if not takes_config(device_spec):
+        raise UsageError(f"--board applies to the named devices ({', '.join(DEVICE_NAMES)}); "
+                         f"device {device_spec} reports its own configuration")
+    from hel_fpga.boards.table import UnknownBoard, get_board  # noqa: PLC0415
+    try:
+        board = get_board(name)
+    except UnknownBoard as e:
+        raise UsageError(f"--board: {e.args[0]}") from None
+    settings["board"] = board.name
+    return board
+
+
+def _training_boards() -> list[str]:
+    from hel_fpga.boards.table import BOARDS  # noqa: PLC0415
+    return [b.name for b in BOARDS.values() if b.config.store_words > 0]
+
+
 def _boards_that_fit(task: Task, settings: dict | None) -> str:
     """A hint naming the board entries whose configuration takes ``task``."""
     from hel_fpga.boards.table import BOARDS
@@ -322,6 +348,9 @@ def train(opts: TrainOptions, device_factory: Callable[[str, HelConfig], Device]
         except TaskError as e:
             raise UsageError(str(e)) from None
         factory = device_factory or open_device
+        board = _board_option(opts, ck, device_spec, settings)
+        if board is not None:
+            cfg = board.config
         # A named device runs the run's configuration; a board has its own, reported
         # by IDENT, and the run adapts to it below.
         try:
@@ -527,8 +556,17 @@ def _train_on_chip(opts: TrainOptions, task: Task, ck: Checkpoint | None, device
     except (TaskError, ConfigError) as e:
         raise UsageError(str(e)) from None
 
-    factory = onchip_factory or oc.open_onchip_device
-    cfg = cfg.replace(store_words=oc.store_words_for(task, task.train_idx, task.test_idx, cfg))
+    board = _board_option(opts, ck, device_spec, settings)
+    if board is not None:
+        cfg = board.config
+        if cfg.store_words < 1:
+            raise UsageError(f"--on-chip: board {board.name} has no training store (store_words = 0); "
+                             f"boards that train on chip: {', '.join(_training_boards())}")
+    else:
+        cfg = cfg.replace(store_words=oc.store_words_for(task, task.train_idx, task.test_idx, cfg))
+    data = opts.data or settings.get("data") or "auto"
+    settings["data"] = data
+    factory = onchip_factory or functools.partial(oc.open_onchip_device, data=data)
     try:
         dev = factory(device_spec, cfg)
     except UsageError:
@@ -544,16 +582,19 @@ def _train_on_chip(opts: TrainOptions, task: Task, ck: Checkpoint | None, device
 
 
 def _run_on_chip(opts, task, ck, device_spec, dev, settings, tc, out, prog, t_start) -> dict:
+    # The device trains the data at its own widths (k inputs, o outputs) whatever its K and O.
+    data_k, data_o = task.k, task.o
     cfg = _adapt_to_device(dev.config, device_spec, task, settings,
                            fixed_size=opts.oscillators is not None or opts.hidden is not None or ck is not None)
+    task.o = data_o
     n, m = settings["oscillators"], settings["hidden"]
     try:
         tc.check_for(cfg)
     except TrainingError as e:
         raise UsageError(f"--on-chip: {e}") from None
     train_idx, test_idx = task.train_idx, task.test_idx
-    train_store = oc.task_store(task, train_idx, cfg)
-    test_store = oc.task_store(task, test_idx, cfg) if len(test_idx) else None
+    train_store = oc.task_store(task, train_idx, cfg, k=data_k, o=data_o)
+    test_store = oc.task_store(task, test_idx, cfg, k=data_k, o=data_o) if len(test_idx) else None
     if ck is not None:
         if ck.onchip_state is None:
             raise UsageError(f"{out} holds a host-driven run; resume it without --on-chip")
@@ -595,7 +636,7 @@ def _run_on_chip(opts, task, ck, device_spec, dev, settings, tc, out, prog, t_st
         """The task's own loss and accuracy from the device's FORWARD outputs."""
         if len(idx) == 0:
             return None, None
-        y = cfg.outputs_to_float(dev.forward_outputs(which))
+        y = cfg.outputs_to_float(dev.forward_outputs(which))[:, :, :data_o]
         _, _, report, correct = task.loss(y, idx)
         return float(np.mean(report)), (float(np.mean(correct)) if correct is not None else None)
 

@@ -46,17 +46,24 @@ from hel_fpga.host.train.dataset import Task
 from hel_fpga.sim.onchip import Metrics, OnChipTrainer, SampleStore, master_from_float, requantize
 from hel_fpga.spec.formats import FormatError, HelConfig
 from hel_fpga.spec.names import PARAM_NAMES
+from hel_fpga.spec import protocol as P
 from hel_fpga.spec.protocol import Command, Pass
 from hel_fpga.spec.training import (
     DEFAULT_EPS_LOG2, DEFAULT_LR_LOG2, DEFAULT_OPTIMIZER, OPTIMIZERS, TrainConfig, TrainFormats,
-    TrainingError, epoch_order, pack_setup, record_words)
+    SETUP_WORD_MAX, TrainingError, epoch_order, pack_setup, record_words)
 
 __all__ = ["OnChipDevice", "GoldenOnChipDevice", "ProtocolOnChipDevice", "store_words_for", "TrainState", "open_onchip_device",
-           "ONCHIP_DEVICES", "SETS", "task_store", "loss_kind_for", "resolve_onchip_settings",
+           "ONCHIP_DEVICES", "SETS", "DATA_MODES", "task_store", "loss_kind_for", "resolve_onchip_settings",
            "train_config_for", "pow2_log2", "metrics_dict", "initial_state", "LOSS_DEFINITIONS"]
 
 #: The stored sets a device holds.
 SETS = ("train", "test")
+
+#: How the sets reach a protocol device (``hel train --data``): ``resident`` writes
+#: both into the store once; ``stream`` sends each pass's records into a ring in the
+#: store while the pass runs (docs/onchip.md, "Streamed data"); ``auto`` is
+#: resident when both sets fit the store, else streamed.
+DATA_MODES = ("auto", "resident", "stream")
 
 #: Named ``--device`` values that train on their own (and any board whose IDENT
 #: reports a training store).
@@ -238,9 +245,16 @@ class GoldenOnChipDevice(OnChipDevice):
         tr, st = self._ready(), self._set(which)
         out = np.empty((st.count, st.steps, self._cfg.o), dtype=np.int64)
         for i in range(st.count):
-            tr.core.load(st.inputs[i])
+            tr.core.load(_core_inputs(st, i, self._cfg))
             out[i] = tr.core.forward("centred")  # centred: nothing accumulates
         return out
+
+
+def _core_inputs(store: SampleStore, i: int, cfg: HelConfig) -> np.ndarray:
+    """Sample ``i``'s inputs as the core takes them: K channels, zeros beyond the store's."""
+    u = np.zeros((store.steps, cfg.k), dtype=np.int64)
+    u[:, :store.k] = store.inputs[i]
+    return u
 
 
 class ProtocolOnChipDevice(OnChipDevice):
@@ -249,22 +263,33 @@ class ProtocolOnChipDevice(OnChipDevice):
     :class:`~hel_fpga.host.link.SerialDevice` whose IDENT reports a store.
 
     The sets and the settings are kept on the host until the state is written
-    (or a pass starts): then the store gets both sets (STORE) and the device the
-    setup words (TRAIN_SETUP). An epoch is TRAIN followed by METRICS polls, which
-    feed the progress callback; the epoch counter lives on the host (the device
-    takes it with each TRAIN).
+    (or a pass starts): then the device gets the setup words (TRAIN_SETUP) and, in
+    the resident data mode, the store both sets (STORE). An epoch is TRAIN followed
+    by METRICS polls, which feed the progress callback; the epoch counter lives on
+    the host (the device takes it with each TRAIN).
+
+    In the streamed data mode (``data``: :data:`DATA_MODES`) the store is a ring of
+    as many records as fit, and each pass's records follow its TRAIN or EVAL in
+    STREAM transfers of at most a store's worth of words: a TRAIN pass in
+    :func:`~hel_fpga.spec.training.epoch_order`, so the run is bit for bit the
+    resident one, an EVAL pass in index order. The device takes each word when its
+    slot is free; the host never waits for a sample.
     """
 
-    def __init__(self, dev, *, poll_seconds: float = 0.02):
+    def __init__(self, dev, *, poll_seconds: float = 0.02, data: str = "auto"):
         if dev.config.store_words < 1:
             raise DeviceError("the device has no on-chip training (IDENT store_words = 0)")
+        if data not in DATA_MODES:
+            raise ValueError(f"data mode must be one of {DATA_MODES}, got {data!r}")
         self.dev = dev
         self.name = dev.ident().name
         self.poll_seconds = poll_seconds
+        self.data = data
         self._tc: TrainConfig | None = None
         self._sets: dict[str, SampleStore] = {}
         self._uploaded = False
         self._epoch: int | None = None
+        self.streamed = False            # the data mode of the uploaded setup
 
     @property
     def config(self) -> HelConfig:
@@ -292,10 +317,22 @@ class ProtocolOnChipDevice(OnChipDevice):
         if test is not None and test.steps != train.steps:
             raise TrainingError(f"the test set's T = {test.steps} differs from the training set's "
                                 f"{train.steps}: the store holds one T")
-        words = pack_setup(cfg, tc, train.steps, train.count, test.count if test else 0)
-        self.dev.store(0, train.image(cfg))
-        if test is not None:
-            self.dev.store(train.count * record_words(cfg, tc.loss, train.steps), test.image(cfg))
+        if test is not None and (test.k, test.o) != (train.k, train.o):
+            raise TrainingError("the test set's widths differ from the training set's")
+        record = record_words(cfg, tc.loss, train.steps, train.k, train.o)
+        n_test = test.count if test else 0
+        fits = (train.count + n_test) * record <= cfg.store_words
+        self.streamed = self.data == "stream" or (self.data == "auto" and not fits)
+        slots = min(cfg.store_words // record, SETUP_WORD_MAX) if self.streamed else 0
+        if self.streamed and slots < 1:
+            raise TrainingError(f"one record of {record} words does not fit the device's store "
+                                f"of {cfg.store_words} words")
+        words = pack_setup(cfg, tc, train.steps, train.count, n_test, k=train.k, o=train.o,
+                           slots=slots)
+        if not self.streamed:
+            self.dev.store(0, train.image(cfg))
+            if test is not None:
+                self.dev.store(train.count * record, test.image(cfg))
         self.dev.train_setup(words)
         self._uploaded = True
 
@@ -320,9 +357,32 @@ class ProtocolOnChipDevice(OnChipDevice):
             return out
         return TrainState(split(self.dev.read_master(0)), split(self.dev.read_master(1)), self._epoch)
 
-    def _pass(self, cmd, arg: int, store: SampleStore, progress) -> Metrics:
+    def _stream(self, store: SampleStore, order, progress, done: int) -> int:
+        """Send ``store``'s records in ``order`` in transfers of whole records (at most
+        the store's words each), polling METRICS between transfers; returns the
+        samples done so far."""
+        cfg = self.config
+        image = store.image(cfg).reshape(store.count, -1)
+        record = image.shape[1]
+        per = max(1, cfg.store_words // record)
+        # one chunk may wait for the samples that free its words, plus the one running
+        sample = 8 * store.steps * cfg.macs_forward_step // cfg.lanes
+        wait = (P.chunk_words(cfg.operand_width) // record + 2) * sample
+        order = list(order)
+        for lo in range(0, len(order), per):
+            self.dev.stream(image[order[lo:lo + per]].ravel(), wait_cycles=wait)
+            f = self.dev.metrics()
+            if progress is not None and f["samples"] > done:
+                progress(f["samples"] - done)
+            done = max(done, f["samples"])
+        return done
+
+    def _pass(self, cmd, arg: int, store: SampleStore, progress, order=None) -> Metrics:
         self.dev.start_pass(cmd, arg)
         done, last_change = 0, time.monotonic()
+        if self.streamed:
+            done = self._stream(store, range(store.count) if order is None else order,
+                                progress, done)
         while True:
             f = self.dev.metrics()
             if f["samples"] > done:
@@ -346,7 +406,9 @@ class ProtocolOnChipDevice(OnChipDevice):
         self._upload()
         if self._epoch is None:
             raise DeviceError("the device has no training state yet")
-        m = self._pass(Command.TRAIN, self._epoch, self._sets["train"], progress)
+        train = self._sets["train"]
+        m = self._pass(Command.TRAIN, self._epoch, train, progress,
+                       epoch_order(train.count, self._tc.seed, self._epoch))
         self._epoch += 1
         return m
 
@@ -363,7 +425,7 @@ class ProtocolOnChipDevice(OnChipDevice):
         st, cfg = self._set(which), self.config
         out = np.empty((st.count, st.steps, cfg.o), dtype=np.int64)
         for i in range(st.count):
-            self.dev.load(st.inputs[i])
+            self.dev.load(_core_inputs(st, i, cfg))
             out[i] = self.dev.forward("centred")      # centred: nothing accumulates
         return out
 
@@ -374,14 +436,15 @@ class ProtocolOnChipDevice(OnChipDevice):
 def store_words_for(task: Task, idx_train, idx_test, cfg: HelConfig) -> int:
     """The store a simulated device needs for a task's sets: the records of both,
     rounded up to a power of two (at least 1024 words)."""
-    need = (len(idx_train) + len(idx_test)) * record_words(cfg, loss_kind_for(task), task.t)
+    need = (len(idx_train) + len(idx_test)) * record_words(cfg, loss_kind_for(task), task.t,
+                                                           task.k, task.o)
     return max(1024, 1 << max(0, need - 1).bit_length())
 
 
-def open_onchip_device(spec: str, cfg: HelConfig) -> OnChipDevice:
+def open_onchip_device(spec: str, cfg: HelConfig, data: str = "auto") -> OnChipDevice:
     """The training device behind ``--device spec`` (``cfg``: the run's configuration,
-    with the store a named device should have), or a one-line :class:`UsageError`
-    for a device without the training mode."""
+    with the store a named device should have; ``data``: :data:`DATA_MODES`), or a
+    one-line :class:`UsageError` for a device without the training mode."""
     if spec == "sim":
         return GoldenOnChipDevice(cfg)
     from hel_fpga.host.registry import open_device  # noqa: PLC0415 (pyserial on demand)
@@ -392,7 +455,7 @@ def open_onchip_device(spec: str, cfg: HelConfig) -> OnChipDevice:
         raise UsageError(f"--on-chip: device {spec} ({name}) has no on-chip training: its IDENT "
                          f"reports store_words = 0 (the iCEBreaker's UP5K has no room for it); "
                          f"train host-driven on it without --on-chip, or on-chip on an ECP5 board")
-    return ProtocolOnChipDevice(dev)
+    return ProtocolOnChipDevice(dev, data=data)
 
 
 # --------------------------------------------------------------------------- data
@@ -403,37 +466,42 @@ def loss_kind_for(task: Task) -> str:
     return "onehot" if task.classification else "mse"
 
 
-def task_store(task: Task, idx, cfg: HelConfig) -> SampleStore:
-    """Samples ``idx`` of ``task`` as an integer store for a core ``cfg``.
+def task_store(task: Task, idx, cfg: HelConfig, *, k: int | None = None,
+               o: int | None = None) -> SampleStore:
+    """Samples ``idx`` of ``task`` as an integer store for a core ``cfg``, at the data's
+    own widths: ``k`` input channels and ``o`` outputs (default the task's; a task
+    already padded to a device keeps its first ``k`` channels).
 
-    Inputs (zero channels appended up to K) and regression targets are rounded
-    to the operand format; classification keeps the labels. Raises a one-line
+    Inputs and regression targets are rounded to the operand format;
+    classification keeps the labels. The device feeds zeros to its other inputs
+    and trains only the first ``o`` outputs. Raises a one-line
     :class:`UsageError` when the samples do not fit: T > t_max, more input
-    channels than K, another number of outputs (regression), labels beyond
-    0..O−1, values beyond the operand range.
+    channels than K, more outputs than O, labels beyond 0..o−1, values beyond
+    the operand range.
     """
     idx = np.asarray(idx, dtype=np.int64)
     name = task.name
+    k = task.k if k is None else k
+    o = task.o if o is None else o
     if task.t > cfg.t_max:
         raise UsageError(f"task {name}: sequences of T = {task.t} steps exceed the device's "
                          f"t_max = {cfg.t_max}")
-    if task.k > cfg.k:
-        raise UsageError(f"task {name}: {task.k} input channels, the device has K = {cfg.k}")
+    if k > cfg.k:
+        raise UsageError(f"task {name}: {k} input channels, the device has K = {cfg.k}")
+    if o > cfg.o:
+        raise UsageError(f"task {name}: {o} outputs, the device has O = {cfg.o}")
     if task.classification:
         lab = np.asarray(task.labels)[idx]
-        if lab.size and (lab.min() < 0 or lab.max() >= cfg.o):
-            raise UsageError(f"task {name}: labels must be in 0..{cfg.o - 1} (the device has O = "
-                             f"{cfg.o} outputs), got {int(lab.min())}..{int(lab.max())}")
-    elif task.o != cfg.o:
-        raise UsageError(f"task {name}: {task.o} regression outputs, the device has O = {cfg.o}")
-    u = np.asarray(task.u, dtype=np.float64)[idx]
-    if task.k < cfg.k:
-        u = np.concatenate([u, np.zeros(u.shape[:2] + (cfg.k - task.k,))], axis=2)
+        if lab.size and (lab.min() < 0 or lab.max() >= o):
+            raise UsageError(f"task {name}: labels must be in 0..{o - 1} ({o} classes), "
+                             f"got {int(lab.min())}..{int(lab.max())}")
+    u = np.asarray(task.u, dtype=np.float64)[idx][:, :, :k]
     try:
         ui = cfg.operand.quantize(u, f"task {name}: inputs")
         if task.classification:
-            return SampleStore.classification(cfg, ui, lab)
-        yi = TrainFormats(cfg).target.quantize(np.asarray(task.y)[idx], f"task {name}: targets")
+            return SampleStore.classification(cfg, ui, lab, classes=o)
+        yi = TrainFormats(cfg).target.quantize(np.asarray(task.y)[idx][:, :, :o],
+                                                    f"task {name}: targets")
         return SampleStore.regression(cfg, ui, yi, np.asarray(task.mask)[idx])
     except (FormatError, TrainingError) as e:
         msg = str(e)
