@@ -185,9 +185,25 @@ def test_hel_archive_table_reuses_complete_runs_and_prints_references(tmp_path, 
     assert json.loads((tmp_path / "rows.json").read_text())[0]["test_accuracy"] == rows[0]["test_accuracy"]
 
 
-def test_hel_archive_on_chip_column_equals_hel_train_on_chip(tmp_path, capsys, monkeypatch):
-    """``--algorithms onchip`` is ``hel train --on-chip`` with the set's model size,
-    epochs and batch and the device's own rates: the same accuracy as that run."""
+@pytest.fixture
+def tiny_board(monkeypatch):
+    """A board entry of N = M = 8, K = O = 2 with a store, registered as the archive board."""
+    import dataclasses
+
+    from hel_fpga.boards import table
+    from hel_fpga.host.train import archive
+    n64 = table.BOARDS["ulx3s-85f-n64"]
+    board = dataclasses.replace(n64, name="test-tiny", config=n64.config.replace(
+        n=8, m=8, k=2, o=2, t_max=64, store_words=4096))
+    monkeypatch.setitem(table.BOARDS, board.name, board)
+    monkeypatch.setattr(archive, "ARCHIVE_BOARD", board.name)
+    return board.name
+
+
+def test_hel_archive_on_chip_column_equals_hel_train_on_chip_on_the_board(tmp_path, capsys, monkeypatch,
+                                                                          tiny_board):
+    """``--algorithms onchip`` is ``hel train --on-chip --board`` with the set's epochs
+    and batch and the device's own rates: the same accuracy as that run."""
     from hel_fpga.host.train import archive
     monkeypatch.setitem(archive.DATASET_DEFAULTS, "UnitTest",
                         dict(oscillators=8, hidden=8, epochs=2, batch=8, lr=0.01, eps=0.03))
@@ -196,34 +212,38 @@ def test_hel_archive_on_chip_column_equals_hel_train_on_chip(tmp_path, capsys, m
     assert "HEL, on chip" in capsys.readouterr().out
     row, = json.loads((tmp_path / "rows.json").read_text())
     assert main(["train", "--task", "aeon:UnitTest", "--on-chip", "--device", "sim", "--seed", "0",
-                 "--oscillators", "8", "--hidden", "8", "--epochs", "2", "--batch", "8", "--no-plots",
+                 "--board", tiny_board, "--epochs", "2", "--batch", "8", "--no-plots",
                  "--json", "--out", str(tmp_path / "direct")]) == 0
     direct = json.loads(capsys.readouterr().out)
-    assert row["settings"]["on_chip"] is True
+    assert row["settings"]["on_chip"] is True and row["settings"]["board"] == tiny_board
+    assert direct["config"]["n"] == 8 and direct["config"]["k"] == 2
     assert (row["test_accuracy"], row["final_test_loss"]) == (direct["test_accuracy"], direct["final_test_loss"])
 
 
 # --------------------------------------------------------------------------- on chip
 
-def test_store_fit_counts_the_records_of_both_splits_against_the_archive_board():
+def test_board_fit_counts_the_records_of_both_splits_against_the_archive_board():
     """Independent count: aeon's series per split, T = the longest, one record is
-    T·K input words plus a label word; the store is the board entry's."""
+    T·K input words (the data set's own K) plus a label word; the store, K, O and
+    t_max are the board entry's."""
     from hel_fpga.boards.table import BOARDS
-    from hel_fpga.host.train.archive import ARCHIVE_BOARD, store_fit
+    from hel_fpga.host.train.archive import ARCHIVE_BOARD, board_fit
     board = BOARDS[ARCHIVE_BOARD].config
-    assert (board.store_words, board.k) == (65536, 12)
+    assert (board.store_words, board.k, board.o) == (65536, 12, 9)
     for name in ("JapaneseVowels", "GunPoint", "ItalyPowerDemand", "BasicMotions"):
         raw = _raw(name)
         series = raw["train"][0] + raw["test"][0]
         t, k = max(len(s) for s in series), series[0].shape[1]
-        fit = store_fit(name)
-        assert (fit.samples, fit.steps) == (len(series), t)
+        fit = board_fit(name)
+        assert (fit.samples, fit.steps, fit.k) == (len(series), t, k)
         assert fit.words == len(series) * (t * k + 1)
-        assert fit.board_words == len(series) * (t * board.k + 1)
-        assert fit.fits == (len(series) * (t * k + 1) <= 65536)
-    jv = store_fit("JapaneseVowels")
-    assert not jv.fits and jv.describe() == "640 × 349 = 223,360 words > 65,536"
-    assert all(store_fit(n).fits for n in ("GunPoint", "ItalyPowerDemand", "BasicMotions"))
+        assert fit.resident == (len(series) * (t * k + 1) <= 65536) and fit.fits
+    jv = board_fit("JapaneseVowels")
+    assert not jv.resident and jv.describe() == "640 × 349 = 223,360 words > 65,536: streamed"
+    assert all(board_fit(n).resident for n in ("GunPoint", "ItalyPowerDemand", "BasicMotions"))
+    assert board_fit("GunPoint").describe() == "200 × 151 = 30,200 words ≤ 65,536: resident"
+    small = board_fit("BasicMotions", board="ulx3s-85f")        # K = 2, O = 1
+    assert not small.fits and small.describe() == "6 channels > K = 2; 4 classes > O = 1"
 
 
 def test_best_point_takes_accuracy_then_lower_loss_then_lower_lr_then_smaller_eps():
@@ -251,26 +271,27 @@ def _fake_run(calls, best):
     return run
 
 
-def test_onchip_selection_uses_the_validation_split_and_skips_sets_that_do_not_fit(capsys, monkeypatch):
+def test_onchip_selection_uses_the_validation_split_on_the_archive_board(capsys, monkeypatch, tiny_board):
     from hel_fpga.host.commands import archive as cmd
     from hel_fpga.host.train import archive
     monkeypatch.setitem(archive.DATASET_DEFAULTS, "UnitTest",
                         dict(oscillators=8, hidden=8, epochs=3, batch=4, lr=0.01, eps=0.03))
     calls = []
     monkeypatch.setattr(cmd, "_run", _fake_run(calls, best=(2.0 ** -7, 0.125)))
-    assert main(["archive", "--select", "--algorithms", "onchip", "--datasets", "UnitTest,JapaneseVowels",
+    assert main(["archive", "--select", "--algorithms", "onchip", "--datasets", "UnitTest,BasicMotions",
                  "--out", "unused"]) == 0
     out = capsys.readouterr().out
-    # Every run: on chip, golden model, the validation hold-out (never the test split),
-    # the data set's size, epochs and batch; the whole grid for seeds 0 and 1.
-    assert all(c["on_chip"] and c["device"] == "sim" and c["validation"] == 0.25 and c["optimizer"] == "lion"
-               and (c["oscillators"], c["hidden"], c["epochs"], c["batch"]) == (8, 8, 3, 4) for c in calls)
-    assert {c["task"] for c in calls} == {"aeon:UnitTest"}     # JapaneseVowels: no run at all
+    # Every run: on chip, the golden model of the archive board, the validation hold-out
+    # (never the test split), the data set's epochs and batch; the whole grid for seeds 0 and 1.
+    assert all(c["on_chip"] and c["device"] == "sim" and c["board"] == tiny_board
+               and c["validation"] == 0.25 and c["optimizer"] == "lion"
+               and (c["epochs"], c["batch"]) == (3, 4) and "oscillators" not in c for c in calls)
+    assert {c["task"] for c in calls} == {"aeon:UnitTest"}     # BasicMotions: no run at all
     assert sorted((c["lr"], c["eps"], c["seed"]) for c in calls) == sorted(
         (lr, eps, s) for lr in (2 ** -6, 2 ** -7, 2 ** -8) for eps in (0.25, 0.125) for s in (0, 1))
-    assert ("'UnitTest': dict(oscillators=8, hidden=8, epochs=3, batch=4, optimizer='lion', "
+    assert ("'UnitTest': dict(epochs=3, batch=4, optimizer='lion', "
             "lr=2.0 ** -7, eps=2.0 ** -3),  # validation accuracy 0.905") in out
-    assert "# JapaneseVowels: does not fit the store (640 × 349 = 223,360 words > 65,536)" in out
+    assert "# BasicMotions: the board cannot take it (6 channels > K = 2; 4 classes > O = 2; T = 100 > t_max = 64)" in out
     # Without the peak, the tie at 0.8 goes to the lower validation loss.
     calls.clear()
     monkeypatch.setattr(cmd, "_run", _fake_run(calls, best=None))
@@ -278,22 +299,23 @@ def test_onchip_selection_uses_the_validation_split_and_skips_sets_that_do_not_f
     assert "lr=2.0 ** -6, eps=2.0 ** -2" in capsys.readouterr().out
 
 
-def test_table_on_chip_runs_take_onchip_defaults_and_name_sets_that_do_not_fit(capsys, monkeypatch):
+def test_table_on_chip_runs_take_onchip_defaults_on_the_board_and_name_sets_it_cannot_take(
+        capsys, monkeypatch, tiny_board):
     from hel_fpga.host.commands import archive as cmd
     from hel_fpga.host.train import archive
     monkeypatch.setitem(archive.DATASET_DEFAULTS, "UnitTest",
                         dict(oscillators=8, hidden=8, epochs=3, batch=4, lr=0.01, eps=0.03))
-    monkeypatch.setitem(archive.ONCHIP_DEFAULTS, "UnitTest", dict(oscillators=8, hidden=8, epochs=3, batch=4,
-                                                                  optimizer="lion", lr=2.0 ** -8, eps=0.125))
+    monkeypatch.setitem(archive.ONCHIP_DEFAULTS, "UnitTest", dict(epochs=3, batch=4, optimizer="lion",
+                                                                  lr=2.0 ** -8, eps=0.125))
     calls = []
     monkeypatch.setattr(cmd, "_run", _fake_run(calls, best=None))
     assert main(["archive", "--algorithms", "hel,onchip", "--seeds", "0,1", "--datasets",
-                 "UnitTest,JapaneseVowels", "--device", "sim", "--out", "unused"]) == 0
+                 "UnitTest,BasicMotions", "--device", "sim", "--out", "unused"]) == 0
     out = capsys.readouterr().out
     onchip = [c for c in calls if c.get("on_chip")]
     assert [c["seed"] for c in onchip] == [0, 1] and all(
-        c["task"] == "aeon:UnitTest" and (c["lr"], c["eps"], c["oscillators"], c["epochs"], c["batch"])
-        == (2.0 ** -8, 0.125, 8, 3, 4) for c in onchip)
-    jv = next(line for line in out.splitlines() if line.startswith("| JapaneseVowels |"))
-    assert "does not fit the store (640 × 349 = 223,360 words > 65,536)" in jv
+        c["task"] == "aeon:UnitTest" and (c["lr"], c["eps"], c["board"], c["epochs"], c["batch"])
+        == (2.0 ** -8, 0.125, tiny_board, 3, 4) for c in onchip)
+    bm = next(line for line in out.splitlines() if line.startswith("| BasicMotions |"))
+    assert "the board lacks 6 channels > K = 2; 4 classes > O = 2; T = 100 > t_max = 64" in bm
     assert "| 2^-8, 2^-3 |" in next(line for line in out.splitlines() if line.startswith("| UnitTest |"))

@@ -424,9 +424,14 @@ def loss_beats(cfg: HelConfig, kind: str, outputs, targets, mask, label, rng) ->
     return beats
 
 
-def make_samples(cfg: HelConfig, kind: str, eps_log2: int, rng, count: int):
+def make_samples(cfg: HelConfig, kind: str, eps_log2: int, rng, count: int,
+                 o: int | None = None):
     """Random samples (T = 1 … 5) with the golden results: per sample the nudges in
-    forward order, the per-word squared errors, their sum, and correct (one-hot)."""
+    forward order, the per-word squared errors, their sum, and correct (one-hot).
+    ``o`` (default O) is the data's outputs: the loss uses outputs 0 … o−1 (the
+    beats of the others carry garbage targets); one-hot labels are drawn from
+    0 … O−1, so some are no class."""
+    o_n = cfg.o if o is None else o
     fm = TrainFormats(cfg)
     sw, sf = cfg.state_width, cfg.state_frac
     ts = fm.target_shift
@@ -450,32 +455,35 @@ def make_samples(cfg: HelConfig, kind: str, eps_log2: int, rng, count: int):
         out = np.clip(out, -(1 << (sw - 1)), (1 << (sw - 1)) - 1)
         mask = rng.integers(0, 2, t_len).astype(bool)
         if kind == "onehot":
-            label = int(rng.integers(0, cfg.o))
-            store = SampleStore.classification(cfg, np.zeros((1, t_len, cfg.k), np.int64),
-                                               np.array([label]))
+            label = int(rng.integers(0, cfg.o if o_n < cfg.o else o_n))
+            store = SampleStore("onehot", np.zeros((1, t_len, cfg.k), np.int64),
+                                labels=np.array([label]), classes=o_n)
             y, mk = store.sample_targets(cfg, 0)
-            correct = bool(int(np.argmax(out[-1])) == label)
+            correct = bool(int(np.argmax(out[-1, :o_n])) == label)
         else:
-            label, y, mk, correct = 0, tg, mask, None
+            label, y, mk, correct = 0, tg[:, :o_n], mask, None
         nu, sq = sample_nudges(cfg, out, y, mk, eps_log2)
-        # per word: the same golden function on the single word
+        # per word: the same golden function on the single word (outputs ≥ o: none)
         words = [sample_nudges(cfg, out[t:t + 1, o:o + 1], y[t:t + 1, o:o + 1], mk[t:t + 1],
-                               eps_log2) for t in range(t_len) for o in range(cfg.o)]
+                               eps_log2) if o < o_n else (np.zeros((1, 1), np.int64), 0)
+                 for t in range(t_len) for o in range(cfg.o)]
         samples.append(dict(beats=loss_beats(cfg, kind, out, tg, mask, label, rng),
                             nudges=nu[::-1].reshape(-1).tolist(),
                             word_sq=[w[1] for w in words],
                             word_nu=[int(w[0][0, 0]) for w in words],
-                            sq=sq, correct=correct, argmax=int(np.argmax(out[-1]))))
+                            sq=sq, correct=correct, argmax=int(np.argmax(out[-1, :o_n]))))
     return samples
 
 
 def run_loss(cfg, cases, seed, preset=None):
-    """``cases``: list of (kind, eps_log2, samples); one segment each, metrics cleared
-    before and read after every segment; ``preset`` loads loss_sum after the clear."""
+    """``cases``: list of (kind, eps_log2, samples[, outputs]); one segment each, metrics
+    cleared before and read after every segment; ``preset`` loads loss_sum after the
+    clear. ``outputs`` (default O) is set with the clear."""
     dut = LossUnit(cfg)
     metrics = []
 
     async def before(ctx, i):
+        ctx.set(dut.outputs, cases[i][3] if len(cases[i]) > 3 else cfg.o)
         ctx.set(dut.clear, 1)
         await ctx.tick()
         ctx.set(dut.clear, 0)
@@ -488,9 +496,9 @@ def run_loss(cfg, cases, seed, preset=None):
 
     segments = [({"kind": LossKind.ONEHOT if kind == "onehot" else LossKind.MSE,
                   "eps_log2": eps}, [b for s in samples for b in s["beats"]])
-                for kind, eps, samples in cases]
+                for kind, eps, samples, *_ in cases]
     got = run_segments(dut, segments, seed=seed, before=before, after=after)
-    for (kind, eps, samples), outs, (loss_sum, correct, count) in zip(cases, got, metrics):
+    for (kind, eps, samples, *_), outs, (loss_sum, correct, count) in zip(cases, got, metrics):
         k = 0
         for s in samples:
             n = len(s["beats"])
@@ -521,6 +529,24 @@ def test_loss_unit_equals_sample_nudges_and_metrics(name):
              for kind, eps in [("mse", 5), ("onehot", 2), ("mse", 0), ("onehot", eps_hi),
                                ("mse", eps_hi)]]
     run_loss(cfg, cases, seed=3)
+
+
+@pytest.mark.parametrize("name", ["default16", "ecp5_18"])
+def test_loss_unit_on_fewer_outputs_than_the_core_equals_sample_nudges(name):
+    """``outputs`` = o < O: outputs o … O−1 get zero nudges and no squared error
+    whatever their targets, the argmax is over 0 … o−1 (a larger output beyond
+    them does not win), labels o … O−1 are never correct; segments of every o
+    alternate with the full width, so the setting changes between passes."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(25)
+    cases = []
+    for o in [*range(1, cfg.o), cfg.o]:
+        for kind in ("mse", "onehot"):
+            if kind == "onehot" and o < 2:
+                continue
+            cases.append((kind, 4, make_samples(cfg, kind, 4, rng, 8, o=o), o))
+    assert any(len(c) > 3 and c[3] < cfg.o for c in cases)
+    run_loss(cfg, cases, seed=7)
 
 
 def test_loss_unit_nudge_shift_for_every_eps():

@@ -467,20 +467,22 @@ def test_onehot_on_fewer_classes_than_outputs_equals_golden_trainer(k, o):
 
 
 # ----------------------------------------------------------------------------- setup
-SETUP_CFG = HelConfig(n=4, m=4, k=1, o=2, t_max=8, lanes=1, store_words=200, state_width=20,
+SETUP_CFG = HelConfig(n=4, m=4, k=2, o=3, t_max=8, lanes=1, store_words=200, state_width=20,
                       state_frac=16, dt_log2=3)      # eps_log2 ≤ 15 by the nudge's shift
+#: mse, T = 5, 6 + 3 samples of k = 1 input and o = 2 outputs, resident
 SETUP_BASE = (TrainConfig(loss="mse", optimizer="lion", eps_log2=5, batch_log2=2, lr_log2=7,
                           epochs=10, seed=0xDEAD_BEEF), 5, 6, 3)
 
 
 def _setup_words(**change):
     tc, steps, n_train, n_test = SETUP_BASE
-    words = dict(zip(SETUP_FIELDS, pack_setup(SETUP_CFG, tc, steps, n_train, n_test)))
+    words = dict(zip(SETUP_FIELDS, pack_setup(SETUP_CFG, tc, steps, n_train, n_test, k=1, o=2)))
     words.update({k: v & 0xFFFF for k, v in change.items()})
     return [words[f] for f in SETUP_FIELDS]
 
 
-_REC = record_words(SETUP_CFG, "mse", 5)          # 5·(1 + 2 + 1) = 20 words a sample
+_REC = record_words(SETUP_CFG, "mse", 5, 1, 2)    # 5·(1 + 2 + 1) = 20 words a sample
+assert _REC == 20
 BAD_SETUPS = {
     "loss_code_unknown": dict(loss=2),
     "optimizer_code_unknown": dict(optimizer=3),
@@ -500,6 +502,17 @@ BAD_SETUPS = {
     "train_count_zero": dict(train_count=0),
     "sets_exceed_the_store": dict(train_count=7, test_count=4),
     "test_set_exceeds_the_store": dict(train_count=1, test_count=0xFFFF),
+    "inputs_zero": dict(inputs=0),
+    "inputs_above_k": dict(inputs=3),
+    "inputs_far_above_k": dict(inputs=0xFFFF),
+    "outputs_zero": dict(outputs=0),
+    "outputs_above_o": dict(outputs=4),
+    "outputs_far_above_o": dict(outputs=0x8002),
+    "onehot_on_one_output": dict(loss=1, outputs=1),
+    "wider_records_exceed_the_store": dict(inputs=2, outputs=3, train_count=6, test_count=1),
+    "ring_one_record_beyond_the_store": dict(stream_slots=11),
+    "ring_of_the_most_slots": dict(stream_slots=0xFFFF),
+    "ring_of_wide_records_beyond_the_store": dict(stream_slots=7, inputs=2, outputs=3),
 }
 GOOD_SETUPS = {
     "base": {},
@@ -509,6 +522,13 @@ GOOD_SETUPS = {
     "sets_exactly_fill_the_store": dict(train_count=6, test_count=4),
     "onehot": dict(loss=1, steps=8),
     "constant_schedule_empty_test_set": dict(halvings=0, test_count=0),
+    "widest_data_fill_the_store": dict(inputs=2, outputs=3, train_count=5, test_count=1),
+    "onehot_on_two_of_three_outputs": dict(loss=1, outputs=2),
+    "onehot_on_three_outputs_two_inputs": dict(loss=1, outputs=3, inputs=2),
+    "ring_exactly_fills_the_store": dict(stream_slots=10, train_count=0xFFFF,
+                                         test_count=0xFFFF),
+    "ring_of_one_slot_for_sets_beyond_the_store": dict(stream_slots=1, train_count=500),
+    "ring_of_wide_records": dict(stream_slots=6, inputs=2, outputs=3, train_count=99),
 }
 
 
@@ -520,7 +540,9 @@ def _random_setups(n, seed):
             "beta_log2": [0, 1, 16, 17], "beta2_log2": [0, 1, 16, 17],
             "halvings": [0, 1, 8, 9], "epochs": [0, 1, 0xFFFF], "seed_lo": [0, 0xFFFF],
             "seed_hi": [0, 0xFFFF], "steps": [0, 1, 7, 8, 9, 0xFFFF],
-            "train_count": [0, 1, 2, 9, 10, 11, 0xFFFF], "test_count": [0, 1, 5, 0xFFFF]}
+            "train_count": [0, 1, 2, 9, 10, 11, 0xFFFF], "test_count": [0, 1, 5, 0xFFFF],
+            "inputs": [0, 1, 2, 3, 0xFFFF], "outputs": [0, 1, 2, 3, 4, 0x8003],
+            "stream_slots": [0, 0, 1, 2, 6, 7, 9, 10, 11, 0xFFFF]}
     out = []
     for _ in range(n):
         change = {f: rng.choice(near[f]) for f in rng.sample(SETUP_FIELDS, rng.randint(1, 3))}
@@ -541,7 +563,7 @@ def setup_results():
     """Every named and random setup through one simulation: {name: (setup_ok, expected)}."""
     cases = {**{f"bad:{k}": _setup_words(**v) for k, v in BAD_SETUPS.items()},
              **{f"good:{k}": _setup_words(**v) for k, v in GOOD_SETUPS.items()},
-             **{f"random:{i}": w for i, w in enumerate(_random_setups(120, 11))}}
+             **{f"random:{i}": w for i, w in enumerate(_random_setups(200, 11))}}
     dut = TrainingCore(SETUP_CFG)
     out = {}
 

@@ -17,11 +17,13 @@ Two stages, both on the data sets of ``--datasets`` (default: the README's four,
     the same way. The chosen settings are printed as the
     :data:`~hel_fpga.host.train.archive.DATASET_DEFAULTS` entry they become.
 
-    On chip: for each data set whose sets fit the archive board's store
-    (:func:`~hel_fpga.host.train.archive.store_fit`; the others are reported
-    with the figures), ``hel train --on-chip --device sim`` runs every point of
-    :data:`ONCHIP_GRID` (Lion's lr × ε, powers of two) at the data set's N = M,
-    epochs and batch, with :data:`SELECT_SEEDS`; the best mean validation
+    On chip: for each data set the archive board takes
+    (:func:`~hel_fpga.host.train.archive.board_fit`; the others are reported
+    with what the board lacks), ``hel train --on-chip --device sim --board``
+    :data:`~hel_fpga.host.train.archive.ARCHIVE_BOARD` (the golden model of that
+    board's configuration) runs every point of :data:`ONCHIP_GRID` (Lion's lr × ε,
+    powers of two) at the data set's epochs and batch, with
+    :data:`SELECT_SEEDS`; the best mean validation
     accuracy wins (ties: lower validation loss, then the lower lr, then the
     smaller ε; :func:`best_point`). The result is printed as the
     :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS` entry it becomes.
@@ -31,13 +33,14 @@ Two stages, both on the data sets of ``--datasets`` (default: the README's four,
 
 default (the table)
     Every algorithm of ``--algorithms`` (float BPTT, float RHEL, integer HEL on
-    ``--device``; and ``onchip``, ``hel train --on-chip`` on ``--device`` with the
-    settings of :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`, or the
-    device's own rates for a data set not listed there) trains every data set
-    with its default settings for every seed of ``--seeds``, on the archive's
-    train split, and is scored on its test split. A data set whose sets do not
-    fit the archive board's store gets no on-chip run: its cell says so, with
-    the figures. Prints a Markdown table (mean ± standard deviation over seeds, and the
+    ``--device``; and ``onchip``, ``hel train --on-chip --board ARCHIVE_BOARD`` on
+    ``--device`` with the settings of
+    :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`, or the device's own rates
+    for a data set not listed there) trains every data set with its default
+    settings for every seed of ``--seeds``, on the archive's train split, and is
+    scored on its test split. On chip, sets that fit the board's store are
+    resident and the others streamed; a data set the board cannot take (more
+    channels, classes or steps) gets no on-chip run: its cell says why. Prints a Markdown table (mean ± standard deviation over seeds, and the
     range) with the published accuracies of
     :data:`~hel_fpga.host.train.archive.REFERENCES` beside it; ``--json FILE``
     writes every run's figures.
@@ -184,28 +187,27 @@ def select_onchip(datasets, out: Path, say) -> dict:
     """On-chip rates per data set on a validation split (module docstring). Returns,
     per data set, the chosen settings with ``validation_accuracy``/``validation_loss``
     and every point's scores, or ``fits: False`` with the store figures."""
-    from hel_fpga.host.train.archive import DATASET_DEFAULTS, GENERIC_DEFAULTS, store_fit
+    from hel_fpga.host.train.archive import ARCHIVE_BOARD, DATASET_DEFAULTS, GENERIC_DEFAULTS, board_fit
     chosen = {}
     points = [dict(zip(ONCHIP_GRID, v)) for v in itertools.product(*ONCHIP_GRID.values())]
     for ds in datasets:
-        fit = store_fit(ds)
+        fit = board_fit(ds)
         if not fit.fits:
-            say(f"{ds}: does not fit the {fit.board} store ({fit.describe()}); no on-chip selection")
-            chosen[ds] = dict(fits=False, samples=fit.samples, record=fit.record, words=fit.words,
-                              store_words=fit.store_words)
+            say(f"{ds}: the {fit.board} board cannot take it ({fit.describe()}); no on-chip selection")
+            chosen[ds] = dict(fits=False, why=fit.describe())
             continue
         d = DATASET_DEFAULTS.get(ds, GENERIC_DEFAULTS)
-        size = dict(oscillators=d["oscillators"], hidden=d["hidden"], epochs=d["epochs"], batch=d["batch"])
-        say(f"{ds}: on chip ({fit.describe()}), N = M = {size['oscillators']}, {size['epochs']} epochs, "
+        size = dict(epochs=d["epochs"], batch=d["batch"])
+        say(f"{ds}: on chip on {ARCHIVE_BOARD} ({fit.describe()}), {size['epochs']} epochs, "
             f"batch {size['batch']}: {len(points)} (lr, ε) × {len(SELECT_SEEDS)} seeds, validation "
             f"{VALIDATION:g} of the training split")
         scores = []
         for pt in points:
-            runs = [_run(out / "select" / _slug(ds, "onchip", f"n{size['oscillators']}", f"e{size['epochs']}",
+            runs = [_run(out / "select" / _slug(ds, "onchip", ARCHIVE_BOARD, f"e{size['epochs']}",
                                                 f"lr{_log2_name(pt['lr'])}", f"eps{_log2_name(pt['eps'])}",
                                                 f"s{s}"), say,
-                         task=f"aeon:{ds}", on_chip=True, device="sim", optimizer=ONCHIP_OPTIMIZER,
-                         seed=s, validation=VALIDATION, **size, **pt)
+                         task=f"aeon:{ds}", on_chip=True, device="sim", board=ARCHIVE_BOARD,
+                         optimizer=ONCHIP_OPTIMIZER, seed=s, validation=VALIDATION, **size, **pt)
                     for s in SELECT_SEEDS]
             scores.append((pt, statistics.mean(r["test_accuracy"] for r in runs),
                            statistics.mean(r["final_test_loss"] for r in runs)))
@@ -220,24 +222,24 @@ def select_onchip(datasets, out: Path, say) -> dict:
 
 def onchip_options(ds: str) -> dict:
     """The settings of the table's on-chip runs of ``ds`` (besides task, device, seed):
-    :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`, or the data set's size,
-    epochs and batch with the device's own rates."""
-    from hel_fpga.host.train.archive import DATASET_DEFAULTS, GENERIC_DEFAULTS, ONCHIP_DEFAULTS
+    the archive board and :data:`~hel_fpga.host.train.archive.ONCHIP_DEFAULTS`, or the
+    data set's epochs and batch with the device's own rates."""
+    from hel_fpga.host.train.archive import ARCHIVE_BOARD, DATASET_DEFAULTS, GENERIC_DEFAULTS, ONCHIP_DEFAULTS
     if ds in ONCHIP_DEFAULTS:
-        return dict(ONCHIP_DEFAULTS[ds])
+        return dict(ONCHIP_DEFAULTS[ds], board=ARCHIVE_BOARD)
     d = DATASET_DEFAULTS.get(ds, GENERIC_DEFAULTS)
-    return {k: d[k] for k in ("oscillators", "hidden", "epochs", "batch")}
+    return dict({k: d[k] for k in ("epochs", "batch")}, board=ARCHIVE_BOARD)
 
 
 def table_runs(datasets, algorithms, seeds, device: str, out: Path, say) -> list[dict]:
-    from hel_fpga.host.train.archive import store_fit
+    from hel_fpga.host.train.archive import board_fit
     from hel_fpga.host.train.tasks import load_task
     rows = []
     defaults = {ds: load_task(f"aeon:{ds}").defaults for ds in datasets}
-    fits = {ds: store_fit(ds) for ds in datasets} if "onchip" in algorithms else {}
+    fits = {ds: board_fit(ds) for ds in datasets} if "onchip" in algorithms else {}
     for ds in datasets:
         if ds in fits and not fits[ds].fits:
-            say(f"{ds}: no on-chip runs: the sets do not fit the {fits[ds].board} store "
+            say(f"{ds}: no on-chip runs: the {fits[ds].board} board cannot take it "
                 f"({fits[ds].describe()})")
     for ds, alg, seed in itertools.product(datasets, algorithms, seeds):
         # The settings are explicit so that a reused run is one with these settings.
@@ -268,7 +270,7 @@ def _cell(values) -> str:
 
 
 def format_table(rows: list[dict], datasets, algorithms) -> list[str]:
-    from hel_fpga.host.train.archive import REFERENCES, store_fit
+    from hel_fpga.host.train.archive import REFERENCES, board_fit
     refs = ("1-NN DTW", "ROCKET", "InceptionTime")
     onchip = "onchip" in algorithms
     head = (["data set", "N = M, epochs, lr, ε"] + (["on chip: lr, ε"] if onchip else [])
@@ -276,7 +278,7 @@ def format_table(rows: list[dict], datasets, algorithms) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in datasets:
         mine = [r for r in rows if r["dataset"] == ds]
-        fit = store_fit(ds) if onchip else None
+        fit = board_fit(ds) if onchip else None
         if not mine and (fit is None or fit.fits):
             continue
         cells = [ds]
@@ -289,7 +291,7 @@ def format_table(rows: list[dict], datasets, algorithms) -> list[str]:
             cells.append(f"{_log2_name(s['lr'])}, {_log2_name(s['eps'])}" if s else "–")
         for a in algorithms:
             if a == "onchip" and not fit.fits:
-                cells.append(f"does not fit the store ({fit.describe()})")
+                cells.append(f"the board lacks {fit.describe()}")
                 continue
             cells.append(_cell([r["test_accuracy"] for r in mine if r["algorithm"] == a]))
         for ref in refs:
@@ -337,11 +339,9 @@ def run(args) -> int:
             print("ONCHIP_DEFAULTS = {")
             for ds, c in chosen.items():
                 if not c["fits"]:
-                    print(f"    # {ds}: does not fit the store ({c['samples']} × {c['record']} = "
-                          f"{c['words']:,} words > {c['store_words']:,})")
+                    print(f"    # {ds}: the board cannot take it ({c['why']})")
                     continue
-                entry = ", ".join(f"{k}={c[k]!r}" for k in ("oscillators", "hidden", "epochs", "batch",
-                                                             "optimizer"))
+                entry = ", ".join(f"{k}={c[k]!r}" for k in ("epochs", "batch", "optimizer"))
                 print(f"    {ds!r}: dict({entry}, lr=2.0 ** {round(math.log2(c['lr']))}, "
                       f"eps=2.0 ** {round(math.log2(c['eps']))}),  # validation accuracy "
                       f"{c['validation_accuracy']:.3f}")

@@ -22,8 +22,9 @@ wheel ships a handful of its classification data sets (no download), and
 :data:`DATASET_DEFAULTS` holds the model size and schedule per data set, chosen
 on a validation split cut from the training split only (``hel archive
 --select``, docs/train.md "Archive benchmarks"); :data:`ONCHIP_DEFAULTS` the
-on-chip rates, chosen the same way (``hel archive --select --algorithms onchip``)
-for the data sets whose sets fit the archive board's store (:func:`store_fit`);
+on-chip rates of the archive board (:data:`ARCHIVE_BOARD`), chosen the same way
+(``hel archive --select --algorithms onchip``) for the data sets the board takes
+(:func:`board_fit`);
 :data:`REFERENCES` holds the published accuracies the README table puts beside
 ours, with their sources.
 """
@@ -39,7 +40,7 @@ import numpy as np
 from hel_fpga.host.train.dataset import INPUT_LIMIT, Task, TaskError
 
 __all__ = ["AEON_PREFIX", "bundled_datasets", "load_aeon_task", "DATASET_DEFAULTS",
-           "ONCHIP_DEFAULTS", "ARCHIVE_BOARD", "StoreFit", "store_fit",
+           "ONCHIP_DEFAULTS", "ARCHIVE_BOARD", "BoardFit", "board_fit",
            "BENCHMARK_DATASETS", "Reference", "REFERENCES"]
 
 AEON_PREFIX = "aeon:"
@@ -62,22 +63,23 @@ DATASET_DEFAULTS: dict[str, dict] = {
 }
 GENERIC_DEFAULTS = dict(oscillators=64, hidden=64, epochs=40, batch=8, lr=0.01)
 
-#: On-chip settings per data set (``hel archive --algorithms onchip``): N = M, epochs
-#: and batch of :data:`DATASET_DEFAULTS`; Lion's lr ∈ {2^−6, 2^−7, 2^−8} × ε ∈
-#: {2^−2, 2^−3}, chosen by ``hel archive --select --algorithms onchip`` on 2026-12-07:
+#: On-chip settings per data set (``hel archive --algorithms onchip``): the runs are
+#: the archive board's (:data:`ARCHIVE_BOARD`: N = M = 64, K = 12, O = 9, its store),
+#: each data set at its own K and O (``hel train --on-chip --board``). Epochs and
+#: batch are :data:`DATASET_DEFAULTS`'; Lion's lr ∈ {2^−6, 2^−7, 2^−8} × ε ∈
+#: {2^−2, 2^−3} is chosen by ``hel archive --select --algorithms onchip``:
 #: ``hel train --on-chip --device sim --validation 0.25``, seeds 0 and 1, best mean
 #: validation accuracy, ties to the lower validation loss (the task's cross-entropy).
-#: Validation accuracy at the chosen point: GunPoint 0.917 (two points tied),
-#: ItalyPowerDemand 1.000 (three tied), BasicMotions 0.812 (three tied). JapaneseVowels does not fit the
-#: store (640 × 349 = 223,360 words > 65,536). Data sets not listed train on chip with
-#: the device's own rates; those that do not fit (:func:`store_fit`) get no on-chip run.
+#: GunPoint and ItalyPowerDemand were chosen on 2026-12-07 on an N = M = 64 core of
+#: the data set's own K and O, the network the board trains (the same oscillators
+#: and hidden units; the board's extra inputs see zeros and its extra outputs are
+#: in no loss): validation accuracy 0.917 (two points tied) and 1.000 (three tied).
+#: BasicMotions and JapaneseVowels were chosen on the board's configuration.
+#: Data sets not listed train on chip with the device's own rates.
 ONCHIP_DEFAULTS: dict[str, dict] = {
-    "GunPoint": dict(oscillators=64, hidden=64, epochs=80, batch=8, optimizer="lion",
-                     lr=2.0 ** -8, eps=2.0 ** -3),
-    "ItalyPowerDemand": dict(oscillators=64, hidden=64, epochs=80, batch=8, optimizer="lion",
-                             lr=2.0 ** -7, eps=2.0 ** -3),
-    "BasicMotions": dict(oscillators=32, hidden=32, epochs=20, batch=8, optimizer="lion",
-                         lr=2.0 ** -6, eps=2.0 ** -2),
+    "GunPoint": dict(epochs=80, batch=8, optimizer="lion", lr=2.0 ** -8, eps=2.0 ** -3),
+    "ItalyPowerDemand": dict(epochs=80, batch=8, optimizer="lion", lr=2.0 ** -7, eps=2.0 ** -3),
+    "BasicMotions": dict(epochs=20, batch=8, optimizer="lion", lr=2.0 ** -6, eps=2.0 ** -2),
 }
 
 #: The board entry (``hel_fpga.boards.table``) the archive's on-chip column is for.
@@ -85,58 +87,73 @@ ARCHIVE_BOARD = "ulx3s-85f-n64"
 
 
 @dataclass(frozen=True)
-class StoreFit:
-    """Whether a data set's training and test sets fit the archive board's store.
+class BoardFit:
+    """Whether archive data set ``dataset`` trains on chip on board entry ``board``,
+    and how its sets reach the board's store.
 
-    The on-chip run's core (``--device sim``, ``model``, ``sim-board``) has the data
-    set's own K and O, so each record holds T·K input words and a label
-    (:func:`hel_fpga.spec.training.record_words`); ``fits`` compares both sets'
-    records with the board's ``store_words``. ``board_record``/``board_words`` are
-    the same sets as the board's bitstream lays them out (inputs padded to its K).
+    The board trains the data at their own widths (K channels, one label word a
+    record: :func:`hel_fpga.spec.training.record_words`), so it needs K, the classes
+    and T within its K, O and t_max. Both sets are resident when their records fit
+    the store; otherwise every pass streams its records through a ring in it.
     """
 
     dataset: str
     board: str
     samples: int           # training + test series
     steps: int             # T
-    record: int            # store words per series, K and O of the data set
-    board_record: int      # store words per series, K and O of the board's core
+    k: int
+    classes: int
+    record: int            # store words per series
     store_words: int       # the board's store
+    board_k: int
+    board_o: int
+    t_max: int
 
     @property
     def words(self) -> int:
         return self.samples * self.record
 
     @property
-    def board_words(self) -> int:
-        return self.samples * self.board_record
+    def problems(self) -> list[str]:
+        """What the board lacks for this data set (empty: it fits)."""
+        out = []
+        if self.k > self.board_k:
+            out.append(f"{self.k} channels > K = {self.board_k}")
+        if self.classes > self.board_o:
+            out.append(f"{self.classes} classes > O = {self.board_o}")
+        if self.steps > self.t_max:
+            out.append(f"T = {self.steps} > t_max = {self.t_max}")
+        return out
 
     @property
     def fits(self) -> bool:
-        return self.words <= self.store_words
+        return not self.problems
 
     @property
-    def fits_board_layout(self) -> bool:
-        return self.board_words <= self.store_words
+    def resident(self) -> bool:
+        return self.words <= self.store_words
 
     def describe(self) -> str:
-        """One line with the figures: ``640 × 349 = 223,360 words > 65,536``."""
-        rel = "≤" if self.fits else ">"
-        return f"{self.samples} × {self.record} = {self.words:,} words {rel} {self.store_words:,}"
+        """One line: ``640 × 349 = 223,360 words > 65,536: streamed``, or what the board lacks."""
+        if self.problems:
+            return "; ".join(self.problems)
+        rel, mode = ("≤", "resident") if self.resident else (">", "streamed")
+        return f"{self.samples} × {self.record} = {self.words:,} words {rel} {self.store_words:,}: {mode}"
 
 
-def store_fit(name: str, board: str = ARCHIVE_BOARD) -> StoreFit:
-    """The store figures of archive data set ``name`` on board entry ``board``
-    (:class:`StoreFit`), from the task as ``hel train`` loads it."""
+def board_fit(name: str, board: str | None = None) -> BoardFit:
+    """The on-chip figures of archive data set ``name`` on board entry ``board``
+    (default :data:`ARCHIVE_BOARD`; :class:`BoardFit`), from the task as ``hel train``
+    loads it."""
+    board = board or ARCHIVE_BOARD
     from hel_fpga.boards.table import get_board  # noqa: PLC0415
     from hel_fpga.host.train.onchip import loss_kind_for  # noqa: PLC0415
     from hel_fpga.spec.training import record_words  # noqa: PLC0415
     task = load_aeon_task(name)
     cfg = get_board(board).config
-    loss = loss_kind_for(task)
-    return StoreFit(name, board, samples=len(task.u), steps=task.t,
-                    record=record_words(cfg.replace(k=task.k, o=task.o), loss, task.t),
-                    board_record=record_words(cfg, loss, task.t), store_words=cfg.store_words)
+    return BoardFit(name, board, samples=len(task.u), steps=task.t, k=task.k, classes=task.o,
+                    record=record_words(cfg, loss_kind_for(task), task.t, task.k, task.o),
+                    store_words=cfg.store_words, board_k=cfg.k, board_o=cfg.o, t_max=cfg.t_max)
 
 
 def _aeon_data_dir() -> Path:
