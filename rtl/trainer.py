@@ -327,19 +327,22 @@ class LossUnit(wiring.Component):
 
     One beat per output word, in the core's order (steps t = 0 … T−1; in a step
     outputs o = 0 … O−1). The unit counts ``o`` itself, so beats must come in whole
-    steps of O words; ``last`` marks the words of the final step. Per beat::
+    steps of O words; ``last`` marks the words of the final step. Only the data's
+    first ``outputs`` outputs are in the loss (a core with more outputs than the
+    data set); the others get D = 0. Per beat::
 
         (y, mask) = (target, mask)                      mse
                   = (onehot_on if o == label, last)     onehot (target only at t = T−1)
-        D  = mask ? ŷ − (y ≪ (SF − OF)) : 0
+        D  = mask and o < outputs ? ŷ − (y ≪ (SF − OF)) : 0
         ν  = rshift_round(D, dt_log2 + 1 + eps_log2)    nudge (forward order)
         e  = sat(rshift_round(D, SF − OF), OW);  sq = e²
 
     exactly as :func:`hel_fpga.sim.onchip.sample_nudges` (its ``nu`` is in echo
     order: the nudge of forward step t goes to echo row T−1−t, which the nudge
     buffer's write address does). On the last word of a sample (``end``) the
-    beat also carries the first largest output of the final step (``argmax``;
-    ties to the lower index) and ``correct`` = onehot and argmax == label.
+    beat also carries the first largest of outputs 0 … ``outputs``−1 of the final
+    step (``argmax``; ties to the lower index) and ``correct`` = onehot and
+    argmax == label (never for a label ≥ ``outputs``).
 
     Ports
     -----
@@ -351,8 +354,9 @@ class LossUnit(wiring.Component):
     source : Out(stream of :attr:`out_layout`)
         ``nudge`` (state format), ``sq`` = e² (unsigned 2·OW bits, 2·OF fractional),
         ``end``, ``argmax``, ``correct``.
-    kind : In(:class:`LossKind`); eps_log2 : In(5)
-        The run's settings (held).
+    kind : In(:class:`LossKind`); eps_log2 : In(5); outputs : In(range(O + 1), init O)
+        The run's settings (held; ``outputs`` is the setup's, 1 … O, and may change
+        only while ``clear`` is asserted or between samples).
     loss_sum : Out(64), correct_count : Out(32), samples : Out(32)
         Running metrics over the beats delivered on ``source``: Σ sq saturating at
         2^63 − 1 (``Metrics.loss_sum``: a sum of non-negative terms saturates to the
@@ -405,6 +409,7 @@ class LossUnit(wiring.Component):
             "source": Out(stream.Signature(self.out_layout)),
             "kind": In(LossKind),
             "eps_log2": In(5),
+            "outputs": In(range(cfg.o + 1), init=cfg.o),
             "clear": In(1),
             "loss_sum": Out(LOSS_SUM_WIDTH),
             "correct_count": Out(COUNT_WIDTH),
@@ -425,17 +430,21 @@ class LossUnit(wiring.Component):
         # 1: which output this is (the core's order), the target, D, the argmax.
         o = Signal(range(o_n), name="o")
         last_o = o == o_n - 1
+        # ``act``: o < outputs, kept as a register beside o (outputs ≥ 1: o = 0 is in)
+        act = Signal(init=1, name="act")
         with m.If(take):
-            m.d.sync += o.eq(Mux(last_o, 0, o + 1))
+            m.d.sync += [o.eq(Mux(last_o, 0, o + 1)),
+                         act.eq(last_o | (o + 1 < self.outputs))]
         y = Signal(signed(ow))
         msk = Signal()
         m.d.comb += [
             y.eq(Mux(onehot, Mux(p.last & (o == p.label), fm.onehot_on(), 0), p.target)),
-            msk.eq(Mux(onehot, p.last, p.mask)),
+            msk.eq(Mux(onehot, p.last, p.mask) & act),
         ]
         best = Signal(signed(sw), name="best", reset_less=True)
         best_o = Signal(range(o_n), name="best_o")
-        greater = (o == 0) | (p.output > best)      # strictly greater: first largest wins
+        # strictly greater: first largest wins; outputs ≥ ``outputs`` never win
+        greater = act & ((o == 0) | (p.output > best))
         with m.If(take & p.last & greater):
             m.d.sync += [best.eq(p.output), best_o.eq(o)]
         amax = Mux(greater, o, best_o)                # the argmax once o = O − 1
@@ -471,7 +480,7 @@ class LossUnit(wiring.Component):
         m.d.comb += total.eq(self.loss_sum + out.sq)   # < 2^64: loss_sum ≤ 2^63 − 1
         with m.If(self.clear):
             m.d.sync += [self.loss_sum.eq(0), self.correct_count.eq(0), self.samples.eq(0),
-                         o.eq(0)]
+                         o.eq(0), act.eq(1)]
         with m.Elif(self.source.valid & self.source.ready):
             m.d.sync += [self.loss_sum.eq(Mux(total[-1], top, total)),
                          self.correct_count.eq(self.correct_count + (out.end & out.correct)),

@@ -27,10 +27,12 @@ multiplexer per inward payload, an AND per handshake). The training operations:
 
 * **TRAIN_SETUP** takes :data:`~hel_fpga.spec.training.SETUP_WORDS` words from
   ``inputs`` (low 16 bits each), checks each field's range as it arrives, derives
-  the layout (record length, the offsets inside a record, the order generator's
-  bit count and shifts) and multiplies (train + test samples) × record with the
-  serial multiplier to check that the sets fit; ``setup_ok`` is exactly "
-  :func:`~hel_fpga.spec.training.unpack_setup` does not raise".
+  the layout (the order generator's bit count and shifts; T·k and T·o, products of
+  two setup fields, on the serial multiplier, then the record length and the
+  offsets inside a record) and multiplies (train + test samples) × record, or
+  ``stream_slots`` × record, with the serial multiplier to check that the sets or
+  the ring fit; ``setup_ok`` is exactly ":func:`~hel_fpga.spec.training.unpack_setup`
+  does not raise". The setup takes about 60 cycles; no multiplier block.
 * **STORE** writes ``length`` words from ``inputs`` at ``seed`` … (BAD_ARG for an
   empty or out-of-range span).
 * **WRITE_MASTER** / **READ_MASTER** move the master weights (``bank`` 0, clamped to
@@ -45,7 +47,7 @@ Memories
 ============ ========================== =====================================================
 memory       words × bits               read by
 ============ ========================== =====================================================
-store        store_words × OW           LOAD's inputs, labels, masks, targets
+store        store_words × OW           the records: inputs, labels, masks, targets
 nudge buffer t_max·O × SW               ECHO (written by the loss unit)
 master       P × (OW + 16)              optimiser, requantisation, READ_MASTER
 moment       P × (OW + 24)              optimiser, READ_MASTER
@@ -65,13 +67,20 @@ Sequencing of a training epoch
 ------------------------------
 CLEAR_ACC, CLEAR_FLAGS; then for each sample, from the order generator (below):
 
-1. The store prefetch is given the record's base and walks it: the T·K inputs
+1. The store prefetch is given the record's base and walks it: the T·k inputs
    (to the core's ``inputs`` while LOAD runs), then for one-hot the label word (to
-   a register), for mse per step t the mask word (to a register) and the O
-   targets. LOAD is issued at once, so the inputs flow one per cycle.
+   a register), for mse per step t the mask word (to a register) and the o
+   targets. LOAD is issued at once, so the inputs flow one per cycle. The core
+   takes K words per step: after a step's k store words it gets K−k zeros (a
+   column counter and a registered "pad" bit beside it, so the zeros cost no store
+   read and the core's ``inputs`` handshake no comparator).
 2. FORWARD (centred): each output word joins the next target (mse) or the label
    (one-hot) into :class:`~hel_fpga.rtl.trainer.LossUnit`; its nudges go to the
-   nudge buffer at row T−1−t (forward step t), its metrics accumulate.
+   nudge buffer at row T−1−t (forward step t), its metrics accumulate. Outputs
+   o … O−1 of a step join no store word (a registered pad bit again): the loss
+   unit, told the setup's o, gives them D = 0, so their nudges are zero and they
+   add no squared error, and keeps them out of the argmax. The nudge buffer's
+   rows stay O wide (ECHO takes O nudges per step).
 3. Once the loss unit has delivered the sample's last word: ECHO (T rows; one-hot:
    ``kick`` and row 0, the last step's nudges), streamed from the nudge buffer.
 4. After B samples, and after the last sample if a batch is open: if the core's
@@ -114,7 +123,7 @@ register and the first store word's latency) and about 10 per sample in TRAIN
 (also the ECHO's hand-over and the per-batch commands), plus about 400 cycles
 per epoch for the round keys.
 
-A label word (one-hot) outside 0 … O−1, as a signed operand word, is passed to
+A label word (one-hot) outside 0 … o−1, as a signed operand word, is passed to
 the loss unit as "no class": it is the target of no output and never correct.
 
 Reset: every register resets to idle (``setup_ok`` low, ``running`` NONE, counters
@@ -408,21 +417,25 @@ class TrainingCore(wiring.Component):
             beta2_log2=Signal(5, name="s_beta2"), halvings=Signal(4, name="s_halv"),
             epochs=Signal(16, name="s_epochs"), seed=Signal(32, name="s_seed"),
             steps=Signal(range(T_MAX + 1), name="s_steps"), train_count=Signal(16, name="s_train"),
-            test_count=Signal(16, name="s_test"))
+            test_count=Signal(16, name="s_test"), inputs=Signal(range(K + 1), name="s_k"),
+            outputs=Signal(range(O + 1), name="s_o"), stream_slots=Signal(16, name="s_slots"))
         s_loss, s_opt, s_eps, s_batch = st.loss, st.optimizer, st.eps_log2, st.batch_log2
         s_lr, s_beta, s_beta2, s_halv = st.lr_log2, st.beta_log2, st.beta2_log2, st.halvings
         s_epochs, s_seed, s_steps = st.epochs, st.seed, st.steps
         s_train, s_test = st.train_count, st.test_count
+        s_k, s_o, s_slots = st.inputs, st.outputs, st.stream_slots
         s_bad = Signal()
         s_index = Signal(range(len(SETUP_FIELDS)))
         setup_ok = Signal()
         m.d.comb += self.setup_ok.eq(setup_ok)
-        # derived from the setup
-        d_tk = Signal(range(T_MAX * K + 1))                 # T·K
-        d_to = Signal(range(T_MAX * O + 1))                 # T·O
-        d_mask_off = Signal(range(T_MAX * (K + O) + 1))     # T·(K + O)
+        # derived from the setup (k, o: the data's inputs and outputs)
+        d_tk = Signal(range(T_MAX * K + 1))                 # T·k
+        d_to = Signal(range(T_MAX * O + 1))                 # T·o
+        d_tO = Signal(range(T_MAX * O + 1))                 # T·O (nudge buffer rows)
+        d_mask_off = Signal(range(T_MAX * (K + O) + 1))     # T·(k + o)
         d_row_last = Signal(range(T_MAX * O + 1))           # (T − 1)·O
         d_record = Signal(range(rec_max + 1))
+        d_o_last = Signal(range(O))                         # o − 1
         d_bits = Signal(range(17))
         d_omask = Signal(16)
         d_s1 = Signal(range(9))
@@ -453,6 +466,7 @@ class TrainingCore(wiring.Component):
 
         # ---------------------------------------------------------------- units' settings
         m.d.comb += [loss.kind.eq(s_loss), loss.eps_log2.eq(s_eps), loss.clear.eq(pass_start),
+                     loss.outputs.eq(s_o),
                      opt.optimizer.eq(s_opt), opt.eps_log2.eq(s_eps), opt.batch_log2.eq(s_batch),
                      opt.lr_shift.eq(lr_shift), opt.beta_log2.eq(s_beta),
                      opt.beta2_log2.eq(s_beta2)]
@@ -598,7 +612,7 @@ class TrainingCore(wiring.Component):
                     m.d.sync += sj_active.eq(0)
                 with m.Case(_Word.MASK):
                     m.d.sync += [sj_mask.eq(sj_mask + 1), sj_phase.eq(_Word.TARGET),
-                                 sj_o.eq(O - 1)]
+                                 sj_o.eq(d_o_last)]
                 with m.Case(_Word.TARGET):
                     m.d.sync += [sj_lin.eq(sj_lin + 1), sj_o.eq(sj_o - 1)]
                     with m.If(sj_o == 0):
@@ -614,7 +628,7 @@ class TrainingCore(wiring.Component):
         m.d.comb += [npf.addr.eq(nj_addr), npf.issue.eq(nj_active & npf.can_issue)]
         with m.If(nj_start):
             m.d.sync += [nj_active.eq(1), nj_addr.eq(0),
-                         nj_last.eq(Mux(onehot, O - 1, d_to - 1))]
+                         nj_last.eq(Mux(onehot, O - 1, d_tO - 1))]
         with m.Elif(npf.issue):
             m.d.sync += nj_addr.eq(nj_addr + 1)
             with m.If(nj_addr == nj_last):
@@ -648,7 +662,10 @@ class TrainingCore(wiring.Component):
         fwd_reset = Signal()
         st_kind = spf.tag_out
         st_word = spf.data[0]
-        have_target = onehot | (spf.valid & (st_kind == _Word.TARGET))
+        # ``f_pad``: output f_o is not one of the data's (f_o ≥ o): it has no target
+        # word in the store (the loss unit gives it D = 0). A register beside f_o.
+        f_pad = Signal()
+        have_target = onehot | f_pad | (spf.valid & (st_kind == _Word.TARGET))
         join_ready = Signal()
         m.d.comb += [
             loss.sink.valid.eq(core.outputs.valid & have_target & ~ext),
@@ -660,25 +677,31 @@ class TrainingCore(wiring.Component):
             loss.sink.payload.label.eq(label),
         ]
         with m.If(fwd_reset):
-            m.d.sync += [f_t.eq(0), f_o.eq(0)]
+            m.d.sync += [f_t.eq(0), f_o.eq(0), f_pad.eq(0)]
         with m.Elif(loss.sink.valid & loss.sink.ready):
-            m.d.sync += f_o.eq(Mux(f_o == O - 1, 0, f_o + 1))
+            m.d.sync += [f_o.eq(Mux(f_o == O - 1, 0, f_o + 1)),
+                         f_pad.eq((f_o != O - 1) & (f_o + 1 >= s_o))]
             with m.If(f_o == O - 1):
                 m.d.sync += f_t.eq(f_t + 1)
+        # ``in_pad``: the core's input in_col of a step is not one of the data's
+        # (in_col ≥ k): the core gets a zero, no store word. A register beside in_col.
+        in_col = Signal(range(K))
+        in_pad = Signal()
+        core_in_take = Signal()         # the loop hands the core an input word
         # store words by kind: inputs to the core, labels and masks to registers,
         # targets with their output word
         st_ready = Signal()
         with m.Switch(st_kind):
             with m.Case(_Word.INPUT):
-                m.d.comb += st_ready.eq(core.inputs.ready)
+                m.d.comb += st_ready.eq(core.inputs.ready & ~in_pad)
             with m.Case(_Word.LABEL, _Word.MASK):
                 m.d.comb += st_ready.eq(1)
             with m.Case(_Word.TARGET):
-                m.d.comb += st_ready.eq(loss.sink.ready & core.outputs.valid)
+                m.d.comb += st_ready.eq(loss.sink.ready & core.outputs.valid & ~f_pad)
         m.d.comb += spf.ready.eq(st_ready & ~ext)
         with m.If(spf.valid & spf.ready):
             with m.If(st_kind == _Word.LABEL):
-                in_range = (st_word >= 0) & (st_word < O)
+                in_range = (st_word >= 0) & (st_word < s_o)
                 m.d.sync += label.eq(Mux(in_range, st_word[:len(label)], (1 << len(label)) - 1))
             with m.If(st_kind == _Word.MASK):
                 m.d.sync += mask_bit.eq(st_word != 0)
@@ -765,8 +788,8 @@ class TrainingCore(wiring.Component):
             self.params_out.payload.eq(core.params_out.payload),
             core.params_out.ready.eq(ext & self.params_out.ready),
             core.inputs.valid.eq(Mux(ext, self.inputs.valid,
-                                     spf.valid & (st_kind == _Word.INPUT))),
-            core.inputs.payload.eq(Mux(ext, self.inputs.payload, st_word)),
+                                     in_pad | (spf.valid & (st_kind == _Word.INPUT)))),
+            core.inputs.payload.eq(Mux(ext, self.inputs.payload, Mux(in_pad, 0, st_word))),
             self.outputs.valid.eq(ext & core.outputs.valid),
             self.outputs.payload.eq(core.outputs.payload),
             core.outputs.ready.eq(Mux(ext, self.outputs.ready, join_ready)),
@@ -785,6 +808,13 @@ class TrainingCore(wiring.Component):
             sel_cmd.eq(Mux(ext, self.cmd.payload.as_value(), internal_cmd.as_value())),
             self.done.payload.result.eq(result),
         ]
+        m.d.comb += core_in_take.eq(~ext & core.inputs.valid & core.inputs.ready)
+        if K > 1:
+            with m.If(sj_start):
+                m.d.sync += [in_col.eq(0), in_pad.eq(0)]
+            with m.Elif(core_in_take):
+                m.d.sync += [in_col.eq(Mux(in_col == K - 1, 0, in_col + 1)),
+                             in_pad.eq((in_col != K - 1) & (in_col + 1 >= s_k))]
         inputs_ready = Signal()             # TRAIN_SETUP, STORE take the inputs
         with m.If(~ext):
             m.d.comb += self.inputs.ready.eq(inputs_ready)
@@ -901,11 +931,8 @@ class TrainingCore(wiring.Component):
                     with m.If(s_index == len(SETUP_FIELDS) - 1):
                         m.next = "SETUP_DERIVE"
             with m.State("SETUP_DERIVE"):
-                m.d.sync += [d_tk.eq(_times(s_steps, K)), d_to.eq(_times(s_steps, O)),
-                             d_mask_off.eq(_times(s_steps, K + O)),
-                             d_row_last.eq(_times(s_steps, O) - O),
-                             d_record.eq(Mux(onehot, _times(s_steps, K) + 1,
-                                             _times(s_steps, K + O + 1)))]
+                m.d.sync += [d_tO.eq(_times(s_steps, O)), d_row_last.eq(_times(s_steps, O) - O),
+                             d_o_last.eq(s_o - 1)]
                 # order_bits(train_count) = max(1, bit_length(train_count − 1))
                 tc1 = Signal(16)
                 m.d.comb += tc1.eq(s_train - 1)
@@ -920,9 +947,31 @@ class TrainingCore(wiring.Component):
                         with m.Case(b):
                             m.d.sync += [d_omask.eq((1 << b) - 1), d_s1.eq(max(1, (b + 1) // 2)),
                                          d_s2.eq(max(1, b // 3))]
+                m.next = "SETUP_TK"
+            # T·k and T·o (run-time × run-time) on the serial multiplier: a few cycles
+            # each (k and o have few bits), no multiplier on a timing path.
+            with m.State("SETUP_TK"):
+                m.d.comb += [mul_start.eq(1), mul_a_in.eq(s_k), mul_b_in.eq(s_steps)]
+                m.next = "SETUP_TK_WAIT"
+            with m.State("SETUP_TK_WAIT"):
+                with m.If(~mul_busy):
+                    m.d.sync += d_tk.eq(mul_p)
+                    m.next = "SETUP_TO"
+            with m.State("SETUP_TO"):
+                m.d.comb += [mul_start.eq(1), mul_a_in.eq(s_o), mul_b_in.eq(s_steps)]
+                m.next = "SETUP_TO_WAIT"
+            with m.State("SETUP_TO_WAIT"):
+                with m.If(~mul_busy):
+                    m.d.sync += d_to.eq(mul_p)
+                    m.next = "SETUP_RECORD"
+            with m.State("SETUP_RECORD"):
+                m.d.sync += [d_mask_off.eq(d_tk + d_to),
+                             d_record.eq(Mux(onehot, d_tk + 1, d_tk + d_to + s_steps))]
                 m.next = "SETUP_MUL"
             with m.State("SETUP_MUL"):
-                m.d.comb += [mul_start.eq(1), mul_a_in.eq(s_train + s_test),
+                # the store words of the layout: both sets, or the ring (StoreLayout.words)
+                m.d.comb += [mul_start.eq(1),
+                             mul_a_in.eq(Mux(s_slots != 0, s_slots, s_train + s_test)),
                              mul_b_in.eq(d_record)]
                 m.next = "SETUP_WAIT"
             with m.State("SETUP_WAIT"):
@@ -1098,6 +1147,16 @@ class TrainingCore(wiring.Component):
         elif field == "test_count":
             ok = Const(1)
             m.d.sync += st.test_count.eq(w)
+        elif field == "inputs":
+            ok = (w >= 1) & (w <= cfg.k)
+            m.d.sync += st.inputs.eq(w[:len(st.inputs)])
+        elif field == "outputs":
+            # loss precedes outputs: one-hot needs two classes
+            ok = (w >= 1) & (w <= cfg.o) & ~((st.loss == LossKind.ONEHOT) & (w < 2))
+            m.d.sync += st.outputs.eq(w[:len(st.outputs)])
+        elif field == "stream_slots":
+            ok = Const(1)
+            m.d.sync += st.stream_slots.eq(w)
         else:                                   # pragma: no cover - SETUP_FIELDS changed
             raise AssertionError(f"unknown setup field {field!r}")
         m.d.comb += bad.eq(~ok)

@@ -63,22 +63,30 @@ class TrainingSession(Session):
         self.req(Command.READ_PARAMS, bytes([P.PARAM_MASK_ALL]))
 
 
-def random_sets(cfg, kind, rng, s_train, s_test, t):
-    u = rng.integers(-6000, 6000, (s_train + s_test, t, cfg.k))
+def random_sets(cfg, kind, rng, s_train, s_test, t, k=None, o=None):
+    """The store image of random sets of ``k`` inputs and ``o`` outputs (default: the
+    core's)."""
+    k = cfg.k if k is None else k
+    o = cfg.o if o is None else o
+    u = rng.integers(-6000, 6000, (s_train + s_test, t, k))
     if kind == "mse":
-        y = rng.integers(-6000, 6000, (s_train + s_test, t, cfg.o))
+        y = rng.integers(-6000, 6000, (s_train + s_test, t, o))
         mask = rng.integers(0, 2, (s_train + s_test, t))
         st = SampleStore.regression(cfg, u, y, mask)
         return st.image(cfg)
-    labels = rng.integers(0, cfg.o, s_train + s_test)
-    return SampleStore.classification(cfg, u, labels).image(cfg)
+    labels = rng.integers(0, o, s_train + s_test)
+    return SampleStore.classification(cfg, u, labels, classes=o).image(cfg)
 
 
-@pytest.mark.parametrize("cfg, kind, optimizer", [(SMALL, "mse", "lion"), (WIDE, "onehot", "sgdm"),
-                                                  (SMALL, "onehot", "lion")],
-                         ids=["small-mse-lion", "wide-onehot-sgdm", "small-onehot-lion"])
-def test_training_epochs_and_evals_equal_the_model(cfg, kind, optimizer):
-    s = TrainingSession(cfg, seed=len(kind) + len(optimizer))
+@pytest.mark.parametrize("cfg, kind, optimizer, k, o", [
+    (SMALL, "mse", "lion", None, None), (WIDE, "onehot", "sgdm", None, None),
+    (SMALL, "onehot", "lion", None, None), (SMALL, "mse", "sgdm", 1, 1),
+    (WIDE, "onehot", "lion", 1, 2)],
+    ids=["small-mse-lion", "wide-onehot-sgdm", "small-onehot-lion", "small-mse-k1-o1",
+         "wide-onehot-o2"])
+def test_training_epochs_and_evals_equal_the_model(cfg, kind, optimizer, k, o):
+    """Both losses and optimisers, on data as wide as the core and narrower."""
+    s = TrainingSession(cfg, seed=len(kind) + len(optimizer) + (o or 0))
     rng, fm = s.rng, TrainFormats(cfg)
     t, s_train, s_test = 5, 7, 3
     n = s.n_params()
@@ -87,10 +95,10 @@ def test_training_epochs_and_evals_equal_the_model(cfg, kind, optimizer):
     mr = fm.master.max_int >> 4
     s.write_master(0, rng.integers(-mr, mr, n))
     s.write_master(1, rng.integers(-(1 << 20), 1 << 20, n))
-    s.store(0, random_sets(cfg, kind, rng, s_train, s_test, t))
+    s.store(0, random_sets(cfg, kind, rng, s_train, s_test, t, k, o))
     tc = TrainConfig(loss=kind, optimizer=optimizer, batch_log2=1, eps_log2=3 if kind == "mse" else 2,
                      lr_log2=6 if optimizer == "lion" else 1, epochs=2, seed=11)
-    s.setup(pack_setup(cfg, tc, t, s_train, s_test))
+    s.setup(pack_setup(cfg, tc, t, s_train, s_test, k=k, o=o))
     s.observe()
     for epoch in range(2):
         s.run_pass(Command.TRAIN, epoch.to_bytes(4, "little"))
