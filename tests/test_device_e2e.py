@@ -491,18 +491,20 @@ def test_the_archive_boards_configuration_trains_golden_exact_on_the_simulated_b
         dev.close()
 
 
-@pytest.mark.parametrize("task_fixture", ["small_regression", "small_classification"])
-def test_on_chip_training_on_the_simulated_board_equals_the_golden_model(task_fixture, request, tmp_path,
-                                                                         capsys):
+@pytest.mark.parametrize("task_fixture,data", [("small_regression", "resident"),
+                                               ("small_classification", "stream")])
+def test_on_chip_training_on_the_simulated_board_equals_the_golden_model(task_fixture, data, request,
+                                                                         tmp_path, capsys):
     """``hel train --on-chip`` through the gateware's training core over the real protocol
-    (the store, TRAIN_SETUP, WRITE/READ_MASTER, TRAIN, EVAL, METRICS): every loss,
-    accuracy and device metric of the run equals the golden model's run."""
+    (TRAIN_SETUP, the sets resident through STORE or streamed through STREAM during each
+    pass, WRITE/READ_MASTER, TRAIN, EVAL, METRICS): every loss, accuracy and device
+    metric of the run equals the golden model's run."""
     task = str(request.getfixturevalue(task_fixture))
     runs = {}
     for device in ("sim", "sim-board"):
         rc = main(["train", "--on-chip", "--task", task, "--oscillators", "8", "--hidden", "8",
                    "--epochs", "2", "--batch", "4", "--device", device, "--out", str(tmp_path / device),
-                   "--json", "--no-plots"])
+                   "--json", "--no-plots", "--data", data])
         assert rc == 0, capsys.readouterr().err
         runs[device] = json.loads(capsys.readouterr().out)
     timing = ("seconds", "samples_per_second")
@@ -511,3 +513,4 @@ def test_on_chip_training_on_the_simulated_board_equals_the_golden_model(task_fi
                {k: v for k, v in b.items() if k not in timing}
     for key in ("final_train_loss", "final_test_loss", "onchip_final_train", "onchip_final_test"):
         assert runs["sim"][key] == runs["sim-board"][key], key
+    assert runs["sim-board"]["settings"]["data"] == data
