@@ -126,7 +126,7 @@ CORE_OP = {
     Command.LOAD: Op.LOAD, Command.ECHO: Op.ECHO,
     Command.TRAIN_SETUP: Op.TRAIN_SETUP, Command.STORE: Op.STORE,
     Command.WRITE_MASTER: Op.WRITE_MASTER, Command.READ_MASTER: Op.READ_MASTER,
-    Command.TRAIN: Op.TRAIN, Command.EVAL: Op.EVAL,
+    Command.TRAIN: Op.TRAIN, Command.EVAL: Op.EVAL, Command.STREAM: Op.STREAM,
 }
 
 #: The core operations that zero the core's memories after its local reset (see RESET).
@@ -540,12 +540,15 @@ class _CommandUnitBuilder:
         self.allowed_in_transfer = Signal()
         m.d.comb += self.allowed_in_transfer.eq(
             Cat(*(self.is_cmd[c] for c in P.DURING_TRANSFER)).any())
-        self.allowed_in_pass = Signal()
-        m.d.comb += self.allowed_in_pass.eq(Cat(*(self.is_cmd[c] for c in P.DURING_PASS)).any())
         # the training core's state (constant on a device without it)
         core = self.unit.core
         self.in_pass = core.training if self.unit.training else Const(0)
+        self.streaming = core.streaming if self.unit.training else Const(0)
         self.setup_ok = core.setup_ok if self.unit.training else Const(0)
+        self.allowed_in_pass = Signal()
+        m.d.comb += self.allowed_in_pass.eq(
+            Cat(*(self.is_cmd[c] for c in P.DURING_PASS)).any()
+            | (self.is_cmd[Command.STREAM] & self.streaming))
         self.length_ok = Signal()
         with m.Switch(cmd):
             for c, n in P.REQUEST_LEN.items():
@@ -609,13 +612,15 @@ class _CommandUnitBuilder:
         # (elsewhere the commands are unknown, and their logic would only slow the unit).
         if self.unit.training:
             wrong_states.append((is_cmd[Command.TRAIN] | is_cmd[Command.EVAL]) & ~self.setup_ok)
+            wrong_states.append(is_cmd[Command.STREAM] & ~self.streaming)
             # STORE: count ≥ 1 and start + count ≤ store_words (start is the second u32)
             store_end = Signal(34)
             m.d.comb += store_end.eq(u32 + self.payload[32:64])
             bad_values += [
                 (is_cmd[Command.WRITE_MASTER] | is_cmd[Command.READ_MASTER]
                  | is_cmd[Command.EVAL]) & (u8 > 1),
-                is_cmd[Command.STORE] & ((u32 == 0) | (store_end > cfg.store_words))]
+                is_cmd[Command.STORE] & ((u32 == 0) | (store_end > cfg.store_words)),
+                is_cmd[Command.STREAM] & ((u32 == 0) | (u32 > cfg.store_words))]
         m.d.comb += wrong_state.eq(functools.reduce(operator.or_, wrong_states))
         bad_value = Signal()
         m.d.comb += bad_value.eq(
@@ -635,7 +640,8 @@ class _CommandUnitBuilder:
         with m.Elif(self.xfer_open & ~self.allowed_in_transfer):
             m.d.comb += verdict.eq(Mux(self.duplicate_opening, 0, ErrorCode.BUSY))
         if self.unit.training:
-            with m.Elif(self.in_pass & ~self.allowed_in_pass):
+            # (a transfer open in a pass is a STREAM's: the transfer's rule above applies)
+            with m.Elif(self.in_pass & ~self.xfer_open & ~self.allowed_in_pass):
                 m.d.comb += verdict.eq(ErrorCode.BUSY)
         with m.Elif(~self.length_ok):
             m.d.comb += verdict.eq(ErrorCode.OUT_OF_RANGE)
@@ -670,7 +676,7 @@ class _CommandUnitBuilder:
         if self.unit.training:
             with m.Elif(is_cmd[Command.TRAIN_SETUP]):
                 m.d.comb += self.xfer_total.eq(SETUP_WORDS)
-            with m.Elif(is_cmd[Command.STORE]):
+            with m.Elif(is_cmd[Command.STORE] | is_cmd[Command.STREAM]):
                 m.d.comb += self.xfer_total.eq(u32)
             with m.Elif(is_cmd[Command.WRITE_MASTER]):
                 m.d.comb += self.xfer_total.eq(self.unit.n_params)
@@ -773,7 +779,8 @@ class _CommandUnitBuilder:
         ins = [(core.params_in, (Command.WRITE_PARAMS,)), (core.inputs, (Command.LOAD,)),
                (core.nudges, (Command.ECHO,))]
         if self.unit.training:
-            ins[1] = (core.inputs, (Command.LOAD, Command.TRAIN_SETUP, Command.STORE))
+            ins[1] = (core.inputs, (Command.LOAD, Command.TRAIN_SETUP, Command.STORE,
+                                    Command.STREAM))
             ins.append((core.wide_in, (Command.WRITE_MASTER,)))
         # One word waits between them, which keeps the core's ready off a path through
         # the unpacker into rx.ready; the unpacker is bit-serial, so a one-word buffer

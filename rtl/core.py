@@ -133,7 +133,7 @@ __all__ = ["HELCore", "Op", "Result", "Phase", "ForwardMode", "CmdLayout", "Done
            "Mix32Serial", "SequenceBuffer"]
 
 
-class Op(enum.Enum, shape=4):
+class Op(enum.Enum, shape=5):
     WRITE_PARAMS = 0
     READ_PARAMS = 1
     LOAD = 2
@@ -152,6 +152,7 @@ class Op(enum.Enum, shape=4):
     READ_MASTER = 13
     TRAIN = 14
     EVAL = 15
+    STREAM = 16
 
 
 class Result(enum.Enum, shape=2):

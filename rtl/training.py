@@ -177,6 +177,13 @@ class _Word(enum.Enum, shape=2):
     TARGET = 3
 
 
+class _Sop(enum.Enum, shape=2):
+    """The STREAM operation's state."""
+    IDLE = 0
+    WORDS = 1       # taking ``length`` words into the ring (or dropping them)
+    FINISH = 2      # done (after the pass's end if it delivered the last record)
+
+
 class _Su(enum.Enum, shape=3):
     """The sample unit's state."""
     IDLE = 0
@@ -363,6 +370,7 @@ class TrainingCore(wiring.Component):
             "wide_in": In(stream.Signature(signed(cfg.acc_width))),
             "metrics": Out(MetricsLayout),
             "training": Out(1),
+            "streaming": Out(1),
             "setup_ok": Out(1),
         })
         super().__init__(members)
@@ -389,6 +397,7 @@ class TrainingCore(wiring.Component):
         # STORE and passes never overlap: no read-during-write
         store = _Banks(m, "store", signed(ow), SWORDS, self.store_bank_words, NO_RW_CHECK)
         store_wen = Signal()                # STORE: the word on ``inputs`` goes to ``start``
+        ring_wen = Signal()                 # STREAM: the word on ``inputs`` goes to ``start``
         nbuf = m.submodules.nbuf = Memory(shape=signed(sw), depth=T_MAX * O, init=[],
                                           attrs=NO_RW_CHECK)     # ECHO reads after the last write
         mmem = m.submodules.master = Memory(shape=signed(mw), depth=P, init=[],
@@ -406,7 +415,7 @@ class TrainingCore(wiring.Component):
         length = Signal(32)
         bank = Signal(2)
         start = Signal(32)
-        store.write(m, start, self.inputs.payload, store_wen)
+        store.write(m, start, self.inputs.payload, store_wen | ring_wen)
         result = Signal(Result)
 
         # setup (one register per SETUP_FIELDS entry, seed_lo/hi in one)
@@ -436,6 +445,11 @@ class TrainingCore(wiring.Component):
         d_row_last = Signal(range(T_MAX * O + 1))           # (T − 1)·O
         d_record = Signal(range(rec_max + 1))
         d_o_last = Signal(range(O))                         # o − 1
+        d_record_last = Signal(range(rec_max + 1))          # record − 1
+        d_streamed = Signal()                               # stream_slots ≥ 1
+        d_ring = Signal(abits)                              # slots·record
+        d_ring_last = Signal(abits)                         # slots·record − 1
+        d_ring_lastrec = Signal(abits)                      # (slots − 1)·record
         d_bits = Signal(range(17))
         d_omask = Signal(16)
         d_s1 = Signal(range(9))
@@ -452,6 +466,8 @@ class TrainingCore(wiring.Component):
                      self.metrics.correct.eq(loss.correct_count),
                      self.metrics.skipped.eq(skipped),
                      self.training.eq(running != Pass.NONE)]
+        streaming = Signal()                    # a streamed pass runs (STREAM is taken)
+        m.d.comb += self.streaming.eq(streaming)
 
         # pass
         epoch = Signal(32)
@@ -619,6 +635,48 @@ class TrainingCore(wiring.Component):
                         m.d.sync += [sj_phase.eq(_Word.MASK), sj_t.eq(sj_t - 1)]
                         with m.If(sj_t == 0):
                             m.d.sync += sj_active.eq(0)
+
+        # ---------------------------------------------------------------- stream ring
+        # A streamed pass: the first slots·record store words are a ring. STREAM's
+        # words are written at ``start`` (wrapping at the ring's end) while the ring
+        # has a free word; a record is complete after ``record`` words, and a sample
+        # takes the oldest complete record (from ``rd_base``). A sample's record is
+        # free once its walk has issued the record's last read (``free_p``, one cycle
+        # later, so the read precedes any write to those words by two cycles).
+        # Words beyond the pass's records (``w_all``) are taken and dropped.
+        ring_start = Signal()           # comb: a streamed pass starts, with ring_count
+        ring_count = Signal(16)
+        r_free = Signal(range(SWORDS + 1))          # ring words free for writing
+        recs_avail = Signal(17)                     # complete records not yet taken
+        rd_base = Signal(abits)                     # the next sample's record
+        rd_take = Signal()                          # comb: a sample takes it
+        w_pos = Signal(range(rec_max + 1))          # the written word's place in its record
+        w_left = Signal(17)                         # records still to be written
+        w_all = Signal()                            # every record of the pass is written
+        sop = Signal(_Sop)
+        ring_rdy = Signal()
+        m.d.comb += [ring_rdy.eq((sop == _Sop.WORDS) & (w_all | (r_free != 0))),
+                     ring_wen.eq(self.inputs.valid & ring_rdy & ~w_all)]
+        walk_end = Signal()             # comb: the walk issues its record's last read
+        m.d.comb += walk_end.eq(spf.issue & ((sj_phase == _Word.LABEL)
+                                            | ((sj_phase == _Word.TARGET) & (sj_o == 0)
+                                               & (sj_t == 0))))
+        free_p = Signal()
+        m.d.sync += free_p.eq(walk_end)
+        rec_done = Signal()
+        m.d.comb += rec_done.eq(ring_wen & (w_pos == d_record_last))
+        m.d.sync += r_free.eq(r_free - ring_wen + Mux(free_p, d_record, 0))
+        m.d.sync += recs_avail.eq(recs_avail + rec_done - rd_take)
+        with m.If(ring_wen):
+            m.d.sync += [start.eq(Mux(start == d_ring_last, 0, start + 1)),
+                         w_pos.eq(Mux(rec_done, 0, w_pos + 1))]
+        with m.If(rec_done):
+            m.d.sync += [w_left.eq(w_left - 1), w_all.eq(w_left == 1)]
+        with m.If(rd_take):
+            m.d.sync += rd_base.eq(Mux(rd_base == d_ring_lastrec, 0, rd_base + d_record))
+        with m.If(ring_start):
+            m.d.sync += [r_free.eq(d_ring), recs_avail.eq(0), rd_base.eq(0), w_pos.eq(0),
+                         w_left.eq(ring_count), w_all.eq(ring_count == 0)]
 
         # ---------------------------------------------------------------- nudge prefetch
         nj_start = Signal()
@@ -883,10 +941,13 @@ class TrainingCore(wiring.Component):
                             with m.If(~setup_ok):
                                 m.d.sync += result.eq(Result.WRONG_STATE)
                             with m.Else():
-                                m.d.comb += [pass_start.eq(1), lr_start.eq(1), su_start.eq(1),
-                                             su_train.eq(1)]
+                                # streamed: no order generator (the host's order)
+                                m.d.comb += [pass_start.eq(1), lr_start.eq(1),
+                                             su_start.eq(~d_streamed), su_train.eq(1),
+                                             ring_start.eq(d_streamed), ring_count.eq(s_train)]
                                 m.d.sync += [running.eq(Pass.TRAIN), epoch.eq(cmd.length),
-                                             left.eq(s_train)]
+                                             left.eq(s_train), streaming.eq(d_streamed),
+                                             start.eq(0)]
                                 m.next = "PASS_ACK"
                         with m.Case(Op.EVAL):
                             with m.If(cmd.bank > 1):
@@ -894,11 +955,17 @@ class TrainingCore(wiring.Component):
                             with m.Elif(~setup_ok):
                                 m.d.sync += result.eq(Result.WRONG_STATE)
                             with m.Else():
-                                m.d.comb += [pass_start.eq(1), su_start.eq(1), su_train.eq(0),
-                                             su_offset.eq(Mux(cmd.bank[0], s_train, 0))]
-                                m.d.sync += [running.eq(Pass.EVAL),
-                                             left.eq(Mux(cmd.bank[0], s_test, s_train))]
+                                count = Mux(cmd.bank[0], s_test, s_train)
+                                m.d.comb += [pass_start.eq(1), su_start.eq(~d_streamed),
+                                             su_train.eq(0),
+                                             su_offset.eq(Mux(cmd.bank[0], s_train, 0)),
+                                             ring_start.eq(d_streamed), ring_count.eq(count)]
+                                m.d.sync += [running.eq(Pass.EVAL), left.eq(count),
+                                             streaming.eq(d_streamed & (count != 0)),
+                                             start.eq(0)]
                                 m.next = "PASS_ACK"
+                        with m.Case(Op.STREAM):     # no streamed pass runs
+                            m.d.sync += result.eq(Result.WRONG_STATE)
                 with m.If(pass_start):
                     m.d.sync += [samples.eq(0), skipped.eq(0), in_batch.eq(0)]
 
@@ -969,6 +1036,7 @@ class TrainingCore(wiring.Component):
                              d_record.eq(Mux(onehot, d_tk + 1, d_tk + d_to + s_steps))]
                 m.next = "SETUP_MUL"
             with m.State("SETUP_MUL"):
+                m.d.sync += d_record_last.eq(d_record - 1)
                 # the store words of the layout: both sets, or the ring (StoreLayout.words)
                 m.d.comb += [mul_start.eq(1),
                              mul_a_in.eq(Mux(s_slots != 0, s_slots, s_train + s_test)),
@@ -976,8 +1044,13 @@ class TrainingCore(wiring.Component):
                 m.next = "SETUP_WAIT"
             with m.State("SETUP_WAIT"):
                 with m.If(~mul_busy):
-                    m.d.sync += setup_ok.eq(~s_bad & (mul_p <= SWORDS))
-                    m.next = "DONE"
+                    m.d.sync += [setup_ok.eq(~s_bad & (mul_p <= SWORDS)),
+                                 d_ring.eq(mul_p[:abits])]
+                    m.next = "SETUP_RING"
+            with m.State("SETUP_RING"):
+                m.d.sync += [d_ring_last.eq(d_ring - 1), d_ring_lastrec.eq(d_ring - d_record),
+                             d_streamed.eq(s_slots != 0)]
+                m.next = "DONE"
 
             # ---- STORE
             with m.State("STORE_WORDS"):
@@ -1040,7 +1113,11 @@ class TrainingCore(wiring.Component):
                 with m.Else():
                     m.next = "SAMPLE_START"
             with m.State("SAMPLE_START"):
-                with m.If(next_valid):
+                with m.If(d_streamed):      # the oldest complete record of the ring
+                    with m.If(recs_avail != 0):
+                        m.d.comb += [rd_take.eq(1), sj_start.eq(1), sj_base.eq(rd_base)]
+                        m.next = "LOAD_ISSUE"
+                with m.Elif(next_valid):
                     m.d.comb += [su_take.eq(1), sj_start.eq(1), sj_base.eq(next_base)]
                     m.next = "LOAD_ISSUE"
             with m.State("LOAD_ISSUE"):
@@ -1091,9 +1168,30 @@ class TrainingCore(wiring.Component):
                     m.d.comb += pj_start.eq(1)
                     m.next = "WP_ISSUE"
             with m.State("PASS_END"):
-                with m.If(~loss.busy):
-                    m.d.sync += running.eq(Pass.NONE)
+                # a STREAM still taking (surplus) words keeps the pass, and ``inputs``
+                with m.If(~loss.busy & (sop != _Sop.WORDS)):
+                    m.d.sync += [running.eq(Pass.NONE), streaming.eq(0)]
                     to_idle()
+
+        # ---- STREAM, beside the pass (it arrives while the FSM above runs the pass)
+        with m.Switch(sop):
+            with m.Case(_Sop.IDLE):
+                with m.If(streaming & (cmd.op == Op.STREAM)):
+                    m.d.comb += self.cmd.ready.eq(1)
+                    with m.If(self.cmd.valid):
+                        m.d.sync += [length.eq(cmd.length), result.eq(Result.OK),
+                                     sop.eq(Mux(cmd.length == 0, _Sop.FINISH, _Sop.WORDS))]
+            with m.Case(_Sop.WORDS):
+                m.d.comb += inputs_ready.eq(ring_rdy)
+                with m.If(in_take):
+                    m.d.sync += length.eq(length - 1)
+                    with m.If(length == 1):
+                        m.d.sync += sop.eq(_Sop.FINISH)
+            with m.Case(_Sop.FINISH):
+                # the transfer that delivered the pass's last record ends with the pass
+                m.d.comb += self.done.valid.eq(~(streaming & w_all))
+                with m.If(self.done.valid & self.done.ready):
+                    m.d.sync += sop.eq(_Sop.IDLE)
 
         self.probes.update(sample_start=sj_start, sample_base=sj_base, lr_shift=lr_shift)
         return m

@@ -150,6 +150,7 @@ class _Replies:
 
 
 def test_only_status_ident_metrics_and_reset_are_taken_while_a_pass_runs():
+    """A resident pass: BUSY for the rest, STREAM included (it needs a streamed pass)."""
     cfg = SMALL
     s = TrainingSession(cfg, seed=5)
     t, s_train = 8, 12
@@ -158,7 +159,8 @@ def test_only_status_ident_metrics_and_reset_are_taken_while_a_pass_runs():
     prefix = len(s.items)
     seq = s.req(Command.TRAIN, bytes(4))
     busy = [(s.req(c, p), c) for c, p in ((Command.LOAD, (1).to_bytes(4, "little")),
-                                          (Command.READ_MASTER, b"\0"), (Command.TRAIN_SETUP, b""))]
+                                          (Command.READ_MASTER, b"\0"), (Command.TRAIN_SETUP, b""),
+                                          (Command.STREAM, (4).to_bytes(4, "little")))]
     stat = s.req(Command.STATUS)
     from hel_fpga.sim.protocol_model import ProtocolModel
     model = ProtocolModel(cfg, clock_hz=CLK_HZ, baud=BAUD, name=NAME)
@@ -172,3 +174,57 @@ def test_only_status_ident_metrics_and_reset_are_taken_while_a_pass_runs():
     dut = Device(cfg, CLK_HZ, BAUD, NAME)
     problems = run(s, model=_Replies(expect), dut=dut, max_cycles=20_000)
     assert not problems, "\n".join(problems)
+
+
+#: A store of 2048 words: STREAM transfers of up to 2048 words, several chunks each.
+STREAMED = HelConfig(n=4, m=3, k=2, o=3, t_max=8, lanes=2, acc_width=48, store_words=2048)
+
+
+def test_a_streamed_train_and_eval_equal_the_model():
+    """A streamed setup (a ring of 3 records of k = 1 inputs, o = 2 outputs): STREAM
+    outside a pass is WRONG_STATE; TRAIN starts the pass, other commands are BUSY and
+    STREAM's count is checked; the epoch's 80 records (in a shuffled order) come in
+    one STREAM of three chunks, which the ring holds back; after its last ack the pass
+    is over and METRICS, the master weights, moments and parameters equal the model's.
+    Then an EVAL of the test set streamed in two transfers split inside a record, the
+    second with surplus words; a resident EVAL of the store reads the ring as the
+    streams left it."""
+    cfg = STREAMED
+    s = TrainingSession(cfg, seed=21)
+    rng, ow = s.rng, cfg.operand_width
+    k, o, t, slots, s_train, s_test = 1, 2, 4, 3, 80, 5
+    n = s.n_params()
+    s.write_master(0, rng.integers(-(1 << 20), 1 << 20, n))
+    s.write_master(1, rng.integers(-(1 << 18), 1 << 18, n))
+    image = random_sets(cfg, "mse", rng, s_train, s_test, t, k, o)
+    rec = record_words(cfg, "mse", t, k, o)
+    recs = [image[i * rec:(i + 1) * rec] for i in range(s_train + s_test)]
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=3, eps_log2=3, lr_log2=6,
+                     epochs=2, seed=4)
+    s.setup(pack_setup(cfg, tc, t, s_train, s_test, k=k, o=o, slots=slots))
+    s.req(Command.STREAM, (5).to_bytes(4, "little"))            # no pass: WRONG_STATE
+    s.req(Command.STREAM, (0).to_bytes(4, "little"))            # … before the count's check
+    s.req(Command.TRAIN, (1).to_bytes(4, "little"))
+    s.req(Command.LOAD, (1).to_bytes(4, "little"))              # BUSY
+    s.req(Command.STORE, (1).to_bytes(4, "little") + bytes(4))  # BUSY
+    s.req(Command.STREAM, (0).to_bytes(4, "little"))            # OUT_OF_RANGE
+    s.req(Command.STREAM, (cfg.store_words + 1).to_bytes(4, "little"))
+    s.req(Command.STREAM, bytes(3))                             # request length
+    s.req(Command.STATUS)
+    words = np.concatenate([recs[i] for i in rng.permutation(s_train)])
+    assert len(words) > 2 * P.chunk_words(ow)
+    s.transfer(Command.STREAM, len(words).to_bytes(4, "little"), words, ow)
+    s.req(Command.METRICS)
+    s.observe()
+    s.req(Command.STREAM, (1).to_bytes(4, "little"))            # the pass is over
+    s.req(Command.EVAL, b"\1")
+    test = np.concatenate([recs[s_train + i] for i in (4, 0, 2, 2, 1)])
+    s.transfer(Command.STREAM, (rec + 3).to_bytes(4, "little"), test[:rec + 3], ow)
+    # (no STATUS or METRICS here: mid-pass they show how far the pass has got)
+    rest = np.concatenate([test[rec + 3:], rng.integers(-50, 50, 7)])
+    s.transfer(Command.STREAM, len(rest).to_bytes(4, "little"), rest, ow)
+    s.req(Command.METRICS)
+    s.setup(pack_setup(cfg, tc, t, slots, 0, k=k, o=o))         # the ring, resident
+    s.run_pass(Command.EVAL, b"\0")
+    s.observe()
+    check(s, ready_prob=0.8, max_cycles=2_000_000)

@@ -129,6 +129,7 @@ class Driver:
         self.ctx, self.dut, self.rng = ctx, dut, rng
         self.idle, self.stall = idle, stall
         self.cycles = 0
+        self.waits = 0          # cycles a word waited for ``ready`` (back-pressure)
 
     async def tick(self, n=1):
         for _ in range(n):
@@ -145,8 +146,12 @@ class Driver:
             await self._idle()
             ctx.set(port.payload, int(w))
             ctx.set(port.valid, 1)
-            await ctx.tick().until(port.ready)
-            self.cycles += 1
+            while True:
+                _, _, ready = await ctx.tick().sample(port.ready)
+                self.cycles += 1
+                if ready:
+                    break
+                self.waits += 1
             ctx.set(port.valid, 0)
 
     async def receive(self, port, n):
@@ -800,3 +805,174 @@ def test_sample_order_and_learning_rate_follow_epoch_order_and_lr_shift_at():
                 (count, seed, e)
     assert lrs == {e: lr_shift_at(tc0, e) for e in lr_epochs}
     assert len(set(lrs.values())) == 4
+
+
+# ----------------------------------------------------------------------------- streamed passes
+def stream_scenario(cfg: HelConfig, tc: TrainConfig, *, slots: int, n_train: int, n_test: int,
+                    steps: int, passes, seed: int, k: int | None = None, o: int | None = None,
+                    max_chunk: int | None = None, resident_after: bool = True,
+                    idle: float = 0.3, stall: float = 0.3):
+    """A streamed setup (a ring of ``slots`` records), then ``passes``: ("train", epoch,
+    order[, extra]) or ("eval", bank, order[, extra]). Each pass starts with TRAIN or
+    EVAL; the testbench then sends the records of ``order`` (indices into the pass's
+    set) and ``extra`` surplus words as STREAM operations of random sizes (1 …
+    ``max_chunk`` words, crossing records), with random idle cycles; the ring's
+    back-pressure stalls them. The last STREAM's done comes with the pass's end.
+    Reference: :class:`~hel_fpga.sim.onchip.TrainingUnit` fed the same words through
+    ``write_stream``: the metrics after every pass, the master weights and moments
+    after every TRAIN. With ``resident_after``, a resident setup of ``slots`` training
+    records then EVALs the store (the ring as the streams left it)."""
+    from hel_fpga.sim.golden import GoldenCore
+    from hel_fpga.sim.onchip import TrainingUnit
+    rng = np.random.default_rng(seed)
+    train = random_store(cfg, tc.loss, n_train, steps, rng, k=k, o=o)
+    test = random_store(cfg, tc.loss, n_test, steps, rng, k=k, o=o) if n_test else None
+    master = random_master(cfg, rng)
+    moment = random_moment(cfg, rng)
+    setup = pack_setup(cfg, tc, steps, n_train, n_test, k=k, o=o, slots=slots)
+    layout = unpack_setup(cfg, setup)[1]
+    assert layout.streamed and layout.words <= cfg.store_words
+    recs = [records(cfg, layout, train, rng), records(cfg, layout, test, rng) if test else []]
+    max_chunk = max_chunk or 2 * layout.record + 1
+
+    ref = TrainingUnit(cfg, GoldenCore(cfg))
+    ref.write_master(0, flat(master))
+    ref.write_master(1, flat(moment))
+    ref.write_setup(setup)
+    plan, expect = [], []
+    for kind, arg, order, *extra in passes:
+        words = [w for i in order for w in recs[kind == "eval" and arg][i]]
+        cuts, a = [], 0
+        while a < len(words):
+            n = int(rng.integers(1, max_chunk + 1))
+            cuts.append(words[a:a + n])
+            a += n
+        # surplus words come in the STREAM of the last record (after it, none is taken)
+        cuts[-1] += [int(v) for v in rng.integers(-999, 999, extra[0] if extra else 0)]
+        assert (ref.train(arg) if kind == "train" else ref.evaluate(bool(arg))) is None
+        assert ref.streaming
+        for part in cuts:
+            ref.write_stream(part)
+        assert not ref.streaming and ref.running == Pass.NONE
+        plan.append((kind, arg, cuts))
+        expect.append((ref.metrics, list(ref.read_master(0)), list(ref.read_master(1))))
+    resident = None
+    if resident_after:
+        setup2 = pack_setup(cfg, tc, steps, slots, 0, k=k, o=o)
+        ref.write_setup(setup2)
+        m = ref.evaluate(False)
+        resident = (setup2, (m.samples, m.loss_sum, m.correct or 0, 0))
+
+    dut = TrainingCore(cfg)
+    P = dut.n_params
+    got = {"passes": [], "streaming": []}
+
+    async def bench(ctx):
+        d = Driver(ctx, dut, random.Random(seed), idle=idle, stall=stall)
+        got["driver"] = d
+        mt = dut.metrics
+        await d.write_master(0, flat(master))
+        await d.write_master(1, flat(moment))
+        assert await d.setup(setup) == 1
+        for kind, arg, cuts in plan:
+            op, kw = (Op.TRAIN, {"length": arg}) if kind == "train" else (Op.EVAL, {"bank": arg})
+            res, _ = await d.command(op, **kw)
+            assert res == Result.OK
+            flags = [(ctx.get(dut.training), ctx.get(dut.streaming))]
+            for part in cuts:
+                res, _ = await d.command(Op.STREAM, length=len(part), send=part,
+                                         port=dut.inputs)
+                assert res == Result.OK
+                flags.append((ctx.get(dut.training), ctx.get(dut.streaming)))
+            got["streaming"].append(flags)
+            metrics = tuple(ctx.get(getattr(mt, f))
+                            for f in ("samples", "loss_sum", "correct", "skipped"))
+            got["passes"].append((metrics, await d.read_master(0, P), await d.read_master(1, P)))
+        got["stream_idle"], _ = await d.command(Op.STREAM, length=3)
+        if resident is not None:
+            assert await d.setup(resident[0]) == 1
+            m, _ = await d.run_pass(Op.EVAL, bank=0)
+            got["resident"] = tuple(m[f] for f in ("samples", "loss_sum", "correct", "skipped"))
+
+    run(dut, bench)
+    for i, ((kind, _, cuts), flags) in enumerate(zip(plan, got["streaming"])):
+        # running and streaming until the done of the STREAM that completes the pass
+        assert flags == [(1, 1)] * len(cuts) + [(0, 0)], (i, flags)
+    for i, (g, w) in enumerate(zip(got["passes"], expect)):
+        assert g[0] == w[0], f"pass {i} metrics"
+        assert g[1] == w[1], f"pass {i} master"
+        assert g[2] == w[2], f"pass {i} moment"
+    assert got["stream_idle"] == Result.WRONG_STATE
+    if resident is not None:
+        assert got["resident"] == resident[1]
+    stream_scenario.waits = got["driver"].waits
+    return expect
+
+
+def _orders(rng: random.Random, count: int, n: int):
+    """``count`` sample indices of a set of ``n``: a shuffle, with repeats if longer."""
+    return [rng.randrange(n) for _ in range(count)]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_streamed_mse_train_and_eval_passes_equal_the_training_unit(slots):
+    """Rings of 1, 2 and 5 records; 7 training samples sent in a random order with
+    repeats (the ring of 1 and 2 wraps on every pass), the test set, narrow data
+    (k < K, o < O), surplus words after the last record of an EVAL, then the store
+    read back by a resident EVAL."""
+    cfg = WIDE_CORE
+    r = random.Random(slots)
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=1, lr_log2=6, epochs=3,
+                     halvings=1, seed=5)
+    passes = [("train", 0, _orders(r, 7, 7)), ("eval", 1, _orders(r, 3, 3)),
+              ("train", 2, _orders(r, 7, 7)), ("eval", 0, _orders(r, 7, 7), 11)]
+    stream_scenario(cfg, tc, slots=slots, n_train=7, n_test=3, steps=3, k=2, o=3,
+                    passes=passes, seed=40 + slots)
+
+
+@pytest.mark.parametrize("slots, k, o", [(1, 3, 4), (3, 1, 2)])
+def test_streamed_onehot_sgdm_passes_equal_the_training_unit(slots, k, o):
+    cfg = WIDE_CORE
+    r = random.Random(slots + 10)
+    tc = TrainConfig(loss="onehot", optimizer="sgdm", eps_log2=2, batch_log2=2, lr_log2=-1,
+                     epochs=4, seed=8)
+    passes = [("train", 1, _orders(r, 6, 6)), ("eval", 0, _orders(r, 6, 6), 1),
+              ("train", 3, _orders(r, 6, 6), 5)]
+    stream_scenario(cfg, tc, slots=slots, n_train=6, n_test=0, steps=4, k=k, o=o,
+                    passes=passes, seed=50 + slots)
+
+
+def test_a_ring_of_two_wraps_many_times_under_tight_back_pressure():
+    """40 samples through a ring of 2 (20 wraps), one word per STREAM at times and
+    long ones at others, with little idle: the ring stays full and stalls the words."""
+    cfg = SMALL
+    r = random.Random(3)
+    tc = TrainConfig(loss="mse", optimizer="sgdm", batch_log2=3, lr_log2=1, epochs=2, seed=2)
+    stream_scenario(cfg, tc, slots=2, n_train=40, n_test=0, steps=2,
+                    passes=[("train", 1, _orders(r, 40, 40), 3)], seed=60, max_chunk=30,
+                    idle=0.05, stall=0.1)
+    assert stream_scenario.waits > 40 * 10, "the ring must hold the words back"
+
+
+def test_a_streamed_epoch_in_epoch_order_equals_the_resident_epoch():
+    """The host's order epoch_order(count, seed, e): the streamed epoch's metrics,
+    master weights and moments equal the golden resident epoch's."""
+    from hel_fpga.spec.training import epoch_order
+    cfg = SMALL
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=2, lr_log2=7, epochs=4, seed=3)
+    n, steps, e = 9, 4, 2
+    expect = stream_scenario(cfg, tc, slots=3, n_train=n, n_test=0, steps=steps,
+                             passes=[("train", e, epoch_order(n, tc.seed, e))], seed=70,
+                             resident_after=False)
+    # the resident golden epoch on the same data (the scenario's first draws)
+    rng = np.random.default_rng(70)
+    train = random_store(cfg, tc.loss, n, steps, rng)
+    master, moment = random_master(cfg, rng), random_moment(cfg, rng)
+    ref = OnChipTrainer(cfg, tc, train, {k: clamp_master(v, TrainFormats(cfg))
+                                         for k, v in master.items()})
+    ref.load_state({**{f"master_{k}": master[k] for k in PARAM_NAMES},
+                    **{f"moment_{k}": moment[k] for k in PARAM_NAMES}, "epoch": e})
+    m = ref.train_epoch()
+    (metrics, mst, mom), = expect
+    assert metrics == (m.samples, m.loss_sum, m.correct or 0, m.overflow_batches)
+    assert mst == flat(ref.master) and mom == flat(ref.moment)
