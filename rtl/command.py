@@ -45,6 +45,15 @@ Design decisions
   model applies a transfer at its end; nothing can observe the difference,
   because while a transfer is open only DATA, STATUS, IDENT and RESET are
   accepted, and RESET clears everything.
+* **Passes.** On a device with the training core, TRAIN and EVAL are answered
+  at once and the pass runs in the core; while it runs (``core.training``) only
+  STATUS, IDENT, RESET and METRICS are taken, plus STREAM while the core says a
+  streamed pass runs (``core.streaming``; outside one STREAM is WRONG_STATE). A
+  STREAM opens a transfer of operand words into the core's ``inputs`` like
+  STORE; its DATA chunks are then under the transfer rule, not the pass's. The
+  core holds the words back while its ring is full, so the unpacker stalls and
+  the chunk's ack waits; the final chunk's ack waits for the core's ``done``,
+  which comes after the pass's end if the transfer completed the pass.
 * **Bit-serial packing.** :class:`WordUnpacker` and :class:`DataReplier` move
   one bit per cycle between a byte register and a word register. That costs
   about 9 cycles per byte, far below a UART byte (10 × divisor ≥ 40 cycles),

@@ -1,7 +1,7 @@
 """The training core: :class:`HELCore` plus the on-chip training loop (docs/onchip.md).
 
 :class:`TrainingCore` wraps one :class:`hel_fpga.rtl.core.HELCore` and executes the
-training operations of :class:`hel_fpga.rtl.core.Op` (TRAIN_SETUP … EVAL) around it,
+training operations of :class:`hel_fpga.rtl.core.Op` (TRAIN_SETUP … STREAM) around it,
 bit-exact with :class:`hel_fpga.sim.onchip.OnChipTrainer`. The loop drives the core
 only through its own commands (LOAD, FORWARD, ECHO, READ_ACC, WRITE_PARAMS,
 CLEAR_ACC, CLEAR_FLAGS), exactly as the golden model drives ``GoldenCore``.
@@ -17,6 +17,7 @@ wide_in    In    signed(acc_width)              WRITE_MASTER: master weights or 
 metrics    Out   :data:`MetricsLayout`          running pass (:class:`~hel_fpga.spec.protocol.Pass`),
                                                 samples, loss_sum, correct, skipped
 training   Out   1                              a TRAIN or EVAL pass runs (``running != NONE``)
+streaming  Out   1                              a streamed pass runs: STREAM is taken
 setup_ok   Out   1                              the last TRAIN_SETUP is one the device accepts
 ========== ===== ============================== =============================================
 
@@ -32,7 +33,8 @@ multiplexer per inward payload, an AND per handshake). The training operations:
   offsets inside a record) and multiplies (train + test samples) × record, or
   ``stream_slots`` × record, with the serial multiplier to check that the sets or
   the ring fit; ``setup_ok`` is exactly ":func:`~hel_fpga.spec.training.unpack_setup`
-  does not raise". The setup takes about 60 cycles; no multiplier block.
+  does not raise". Then the ring's constants (its length, last word, last record)
+  from that product; no multiplier block anywhere.
 * **STORE** writes ``length`` words from ``inputs`` at ``seed`` … (BAD_ARG for an
   empty or out-of-range span).
 * **WRITE_MASTER** / **READ_MASTER** move the master weights (``bank`` 0, clamped to
@@ -40,7 +42,12 @@ multiplexer per inward payload, an AND per handshake). The training operations:
   and their memories; after master weights, the core gets ``requantize`` of them.
 * **TRAIN** (``length`` = epoch e) and **EVAL** (``bank`` = set) answer OK at once,
   with ``training`` already high, and run the pass in the background (WRONG_STATE
-  without an accepted setup; EVAL of a ``bank`` > 1 is BAD_ARG).
+  without an accepted setup; EVAL of a ``bank`` > 1 is BAD_ARG). With a streamed
+  setup ``streaming`` rises with ``training`` (not for an EVAL of an empty set).
+* **STREAM** (``length`` words from ``inputs``) is taken only while ``streaming``
+  is high, beside the running pass (below, "Streamed passes"); elsewhere it is
+  WRONG_STATE. It has an op of its own, ``Op.STREAM`` = 16, so :class:`Op` is five
+  bits wide (the inner core answers the training ops BAD_ARG and never sees them).
 
 Memories
 --------
@@ -65,7 +72,8 @@ word per cycle.
 
 Sequencing of a training epoch
 ------------------------------
-CLEAR_ACC, CLEAR_FLAGS; then for each sample, from the order generator (below):
+CLEAR_ACC, CLEAR_FLAGS; then for each sample, from the order generator (below),
+or the ring in a streamed pass ("Streamed passes"):
 
 1. The store prefetch is given the record's base and walks it: the T·k inputs
    (to the core's ``inputs`` while LOAD runs), then for one-hot the label word (to
@@ -106,7 +114,7 @@ counts stay until the next pass or a reset.
 
 Order generator and addresses
 -----------------------------
-:func:`~hel_fpga.spec.training.epoch_order` in hardware: at TRAIN, the bit-serial
+:func:`~hel_fpga.spec.training.epoch_order` in hardware (resident passes): at TRAIN, the bit-serial
 :class:`~hel_fpga.rtl.core.Mix32Serial` (about 80 logic cells, 97 cycles per
 word) derives ``mix32(seed)`` and the three round keys (about 400 cycles, once
 per epoch, overlapping CLEAR_ACC; the first sample waits for them); then each
@@ -126,8 +134,45 @@ per epoch for the round keys.
 A label word (one-hot) outside 0 … o−1, as a signed operand word, is passed to
 the loss unit as "no class": it is the target of no output and never correct.
 
-Reset: every register resets to idle (``setup_ok`` low, ``running`` NONE, counters
-0); memory contents survive.
+Streamed passes
+---------------
+With ``stream_slots`` = n ≥ 1 the store's first n·record words are a ring
+(:class:`~hel_fpga.spec.training.StoreLayout`). TRAIN and EVAL start the pass as
+above but start no order generator: sample j of the pass is the j-th record to
+arrive. A separate small state machine (``sop``) takes STREAM while the main one
+runs the pass:
+
+* **Writing.** A word on ``inputs`` is taken while the ring has a free word
+  (``r_free``, a down-counter: ``ready`` is a zero test of a register) and written
+  at ``start`` (the write pointer; 0 at the pass's start, wrapping after the
+  ring's last word), through the store's registered write path. A record is
+  complete after ``record`` words (``w_pos``); complete records not yet taken
+  are counted (``recs_avail``).
+* **Reading.** SAMPLE_START waits for a complete record and walks it from
+  ``rd_base`` (advancing by ``record``, wrapping to 0 after the last slot): the
+  same walk, loss unit, ECHO and batches as a resident pass, so the schedule,
+  overflow skips and metrics are those of the resident pass over the same
+  samples in the same order.
+* **Freeing.** A record's words are free once the walk has issued its last read
+  (one register later, so every read precedes a later write to its word by two
+  cycles), not at the sample's end: the host's next record can arrive while the
+  sample runs, even in a ring of one slot.
+* **Surplus** words after the pass's last record (``w_all``) are taken and
+  dropped (not written), so the transfer completes.
+* **Done.** A STREAM is done when it has taken its ``length`` words, and, if it
+  delivered the pass's last record, when the pass is over (PASS_END waits for a
+  STREAM still taking surplus words). So the command unit's final ack of that
+  transfer comes after the pass, as the protocol model's, and the pass can end
+  only inside a STREAM: ``streaming`` never falls between two of them.
+
+Back-pressure of a full ring simply holds ``inputs.ready`` low: the command
+unit's unpacker, and behind it the receive ring and the protocol's window,
+wait. The words land in the store at their ring positions, as in the golden
+:class:`~hel_fpga.sim.onchip.TrainingUnit`.
+
+Reset: every register resets to idle (``setup_ok`` low, ``running`` NONE,
+``streaming`` low, counters 0; a STREAM in progress is forgotten); memory
+contents survive.
 """
 
 from __future__ import annotations
@@ -668,7 +713,8 @@ class TrainingCore(wiring.Component):
         m.d.sync += r_free.eq(r_free - ring_wen + Mux(free_p, d_record, 0))
         m.d.sync += recs_avail.eq(recs_avail + rec_done - rd_take)
         with m.If(ring_wen):
-            m.d.sync += [start.eq(Mux(start == d_ring_last, 0, start + 1)),
+            # (start < slots·record here: its bits above the store address are zero)
+            m.d.sync += [start.eq(Mux(start[:abits] == d_ring_last, 0, start + 1)),
                          w_pos.eq(Mux(rec_done, 0, w_pos + 1))]
         with m.If(rec_done):
             m.d.sync += [w_left.eq(w_left - 1), w_all.eq(w_left == 1)]
