@@ -46,7 +46,6 @@ from hel_fpga.host.train.dataset import Task
 from hel_fpga.sim.onchip import Metrics, OnChipTrainer, SampleStore, master_from_float, requantize
 from hel_fpga.spec.formats import FormatError, HelConfig
 from hel_fpga.spec.names import PARAM_NAMES
-from hel_fpga.spec import protocol as P
 from hel_fpga.spec.protocol import Command, Pass
 from hel_fpga.spec.training import (
     DEFAULT_EPS_LOG2, DEFAULT_LR_LOG2, DEFAULT_OPTIMIZER, OPTIMIZERS, TrainConfig, TrainFormats,
@@ -365,9 +364,10 @@ class ProtocolOnChipDevice(OnChipDevice):
         image = store.image(cfg).reshape(store.count, -1)
         record = image.shape[1]
         per = max(1, cfg.store_words // record)
-        # one chunk may wait for the samples that free its words, plus the one running
+        # A chunk's ack may wait for the samples that free its words; the last one for
+        # the pass to end, the whole ring (at most `per` records) and the one running.
         sample = 8 * store.steps * cfg.macs_forward_step // cfg.lanes
-        wait = (P.chunk_words(cfg.operand_width) // record + 2) * sample
+        wait = (per + 2) * sample
         order = list(order)
         for lo in range(0, len(order), per):
             self.dev.stream(image[order[lo:lo + per]].ravel(), wait_cycles=wait)
