@@ -7,7 +7,9 @@ command unit drives a :class:`hel_fpga.rtl.training.TrainingCore`) and
 gateware's replies must equal the model's. The model runs a pass before it
 answers, the gateware after: sessions wait for the pass's end (``WAIT_PASS``)
 before the next request. What only the gateware can show (BUSY while a pass runs)
-is checked against replies built from the protocol's definitions.
+is checked against replies built from the protocol's definitions. A streamed pass
+runs in both as STREAM delivers its records, and ends (in both) with the final ack
+of the transfer that completes it, so no wait is needed there.
 """
 
 import numpy as np

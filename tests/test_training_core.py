@@ -17,8 +17,17 @@ with random backpressure. Scenarios on tiny cores:
   batch of one, P = 2 lanes, batches skipped after an overflow flag.
 * One-hot labels outside 0 … O−1 against a hand-written reference store (the
   label is the target of no output and never correct).
+* Data narrower than the core (k < K inputs, o < O outputs) for both losses,
+  labels o … O−1 included.
+* Streamed passes (rings of 1, 2, 3 and 5 records) against
+  :class:`~hel_fpga.sim.onchip.TrainingUnit` fed the same words with
+  ``write_stream``: records in random orders sent as STREAM operations of random
+  sizes with random stalls, a ring that wraps 20 times under back-pressure,
+  surplus words, the ring read back by a resident EVAL, and an epoch streamed in
+  ``epoch_order`` equal to the resident epoch.
 * ``setup_ok`` for bad setups (one test per refused property) and random setups
-  against :func:`~hel_fpga.spec.training.unpack_setup`.
+  against :func:`~hel_fpga.spec.training.unpack_setup`, the setup's inputs,
+  outputs and ring included.
 * A reset in the middle of a pass; operations 0 … 9 pass through; conversion of
   an ECP5-sized TrainingCore.
 """
