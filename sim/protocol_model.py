@@ -416,8 +416,7 @@ class ProtocolModel:
             self.trainer.write_store(x["start"], words)
         elif x["cmd"] == Command.STREAM:
             self.trainer.write_stream(words)
-            if not self.trainer.running:
-                self._pass_over()
+            self._pass_over()           # the pass's samples leave nothing loaded, as at its end
         elif x["cmd"] == Command.WRITE_MASTER:
             self.trainer.write_master(x["which"], words)
 
