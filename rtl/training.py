@@ -457,6 +457,7 @@ class TrainingCore(wiring.Component):
 
         # ---------------------------------------------------------------- registers
         ext = Signal(init=1)            # the outer streams are the core's
+        x_op = Signal(Op)               # the training operation IDLE took (DECODE's)
         length = Signal(32)
         bank = Signal(2)
         start = Signal(32)
@@ -958,60 +959,66 @@ class TrainingCore(wiring.Component):
                 with m.Else():
                     m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid & ~is_core_op):
-                    m.d.sync += [length.eq(cmd.length), bank.eq(cmd.bank),
+                    m.d.sync += [x_op.eq(cmd.op), length.eq(cmd.length), bank.eq(cmd.bank),
                                  start.eq(cmd.seed), result.eq(Result.OK), ext.eq(0),
                                  wr_idx.eq(0)]
-                    m.next = "DONE"
-                    with m.Switch(cmd.op):
-                        with m.Case(Op.TRAIN_SETUP):
-                            m.d.sync += [s_index.eq(0), s_bad.eq(0), setup_ok.eq(0)]
-                            m.next = "SETUP_WORDS"
-                        with m.Case(Op.STORE):
-                            end = cmd.seed + cmd.length
-                            with m.If((cmd.length == 0) | (end > SWORDS)):
-                                m.d.sync += result.eq(Result.BAD_ARG)
-                            with m.Else():
-                                m.next = "STORE_WORDS"
-                        with m.Case(Op.WRITE_MASTER):
-                            with m.If(cmd.bank > 1):
-                                m.d.sync += result.eq(Result.BAD_ARG)
-                            with m.Else():
-                                m.next = "WM_WORDS"
-                        with m.Case(Op.READ_MASTER):
-                            with m.If(cmd.bank > 1):
-                                m.d.sync += result.eq(Result.BAD_ARG)
-                            with m.Else():
-                                m.d.comb += pj_start.eq(1)
-                                m.next = "RM_WORDS"
-                        with m.Case(Op.TRAIN):
-                            with m.If(~setup_ok):
-                                m.d.sync += result.eq(Result.WRONG_STATE)
-                            with m.Else():
-                                # streamed: no order generator (the host's order)
-                                m.d.comb += [pass_start.eq(1), lr_start.eq(1),
-                                             su_start.eq(~d_streamed), su_train.eq(1),
-                                             ring_start.eq(d_streamed), ring_count.eq(s_train)]
-                                m.d.sync += [running.eq(Pass.TRAIN), epoch.eq(cmd.length),
-                                             left.eq(s_train), streaming.eq(d_streamed),
-                                             start.eq(0)]
-                                m.next = "PASS_ACK"
-                        with m.Case(Op.EVAL):
-                            with m.If(cmd.bank > 1):
-                                m.d.sync += result.eq(Result.BAD_ARG)
-                            with m.Elif(~setup_ok):
-                                m.d.sync += result.eq(Result.WRONG_STATE)
-                            with m.Else():
-                                count = Mux(cmd.bank[0], s_test, s_train)
-                                m.d.comb += [pass_start.eq(1), su_start.eq(~d_streamed),
-                                             su_train.eq(0),
-                                             su_offset.eq(Mux(cmd.bank[0], s_train, 0)),
-                                             ring_start.eq(d_streamed), ring_count.eq(count)]
-                                m.d.sync += [running.eq(Pass.EVAL), left.eq(count),
-                                             streaming.eq(d_streamed & (count != 0)),
-                                             start.eq(0)]
-                                m.next = "PASS_ACK"
-                        with m.Case(Op.STREAM):     # no streamed pass runs
+                    m.next = "DECODE"
+
+            # A training operation is decoded from the registers IDLE loaded (op,
+            # length, bank, seed in ``start``): nothing of the outer command's path
+            # reaches this decode or the units it starts.
+            with m.State("DECODE"):
+                m.next = "DONE"
+                with m.Switch(x_op):
+                    with m.Case(Op.TRAIN_SETUP):
+                        m.d.sync += [s_index.eq(0), s_bad.eq(0), setup_ok.eq(0)]
+                        m.next = "SETUP_WORDS"
+                    with m.Case(Op.STORE):
+                        end = start + length
+                        with m.If((length == 0) | (end > SWORDS)):
+                            m.d.sync += result.eq(Result.BAD_ARG)
+                        with m.Else():
+                            m.next = "STORE_WORDS"
+                    with m.Case(Op.WRITE_MASTER):
+                        with m.If(bank > 1):
+                            m.d.sync += result.eq(Result.BAD_ARG)
+                        with m.Else():
+                            m.next = "WM_WORDS"
+                    with m.Case(Op.READ_MASTER):
+                        with m.If(bank > 1):
+                            m.d.sync += result.eq(Result.BAD_ARG)
+                        with m.Else():
+                            m.d.comb += pj_start.eq(1)
+                            m.next = "RM_WORDS"
+                    with m.Case(Op.TRAIN):
+                        with m.If(~setup_ok):
                             m.d.sync += result.eq(Result.WRONG_STATE)
+                        with m.Else():
+                            # streamed: no order generator (the host's order)
+                            m.d.comb += [pass_start.eq(1), lr_start.eq(1),
+                                         su_start.eq(~d_streamed), su_train.eq(1),
+                                         ring_start.eq(d_streamed), ring_count.eq(s_train)]
+                            m.d.sync += [running.eq(Pass.TRAIN), epoch.eq(length),
+                                         left.eq(s_train), streaming.eq(d_streamed),
+                                         start.eq(0)]
+                            m.next = "PASS_ACK"
+                    with m.Case(Op.EVAL):
+                        with m.If(bank > 1):
+                            m.d.sync += result.eq(Result.BAD_ARG)
+                        with m.Elif(~setup_ok):
+                            m.d.sync += result.eq(Result.WRONG_STATE)
+                        with m.Else():
+                            count = Mux(bank[0], s_test, s_train)
+                            m.d.comb += [pass_start.eq(1), su_start.eq(~d_streamed),
+                                         su_train.eq(0),
+                                         su_offset.eq(Mux(bank[0], s_train, 0)),
+                                         ring_start.eq(d_streamed), ring_count.eq(count)]
+                            m.d.sync += [running.eq(Pass.EVAL), left.eq(count),
+                                         streaming.eq(d_streamed & (count != 0)),
+                                         start.eq(0)]
+                            m.next = "PASS_ACK"
+                    with m.Case(Op.STREAM):     # no streamed pass runs
+                        m.d.sync += result.eq(Result.WRONG_STATE)
                 with m.If(pass_start):
                     m.d.sync += [samples.eq(0), skipped.eq(0), in_batch.eq(0)]
 
