@@ -212,3 +212,18 @@ def test_board_and_data_options_are_checked_in_one_line(extra, message, tmp_path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and message in err, err
     assert not out.exists()
+
+
+def test_board_option_gives_a_named_device_the_boards_configuration(tmp_path, capsys):
+    """--board NAME: the run's configuration is the board entry's (its N, M, K, O,
+    store), on chip and host-driven; a set narrower than the board trains at its own
+    widths on chip."""
+    from hel_fpga.boards.table import BOARDS
+    want = BOARDS["ulx3s-85f-n64"].config
+    for extra in (["--on-chip"], []):
+        rc = main(["train", "--task", "aeon:UnitTest", "--device", "sim", "--board", "ulx3s-85f-n64",
+                   "--epochs", "1", "--out", str(tmp_path / str(len(extra))), "--json", "--no-plots"]
+                  + extra)
+        assert rc == 0, capsys.readouterr().err
+        m = json.loads(capsys.readouterr().out)
+        assert HelConfig.from_dict(m["config"]) == want and m["settings"]["board"] == "ulx3s-85f-n64"
