@@ -118,7 +118,7 @@ Order generator and addresses
 :class:`~hel_fpga.rtl.core.Mix32Serial` (about 80 logic cells, 97 cycles per
 word) derives ``mix32(seed)`` and the three round keys (about 400 cycles, once
 per epoch, overlapping CLEAR_ACC; the first sample waits for them); then each
-candidate index takes one add–xorshift–multiply round per cycle and a compare
+candidate index takes one add–xorshift–multiply round per two cycles and a compare
 with the set size. A sample's base address is its record index × record
 length, from a shift-add serial multiplier (≤ 17 cycles). Both run one sample
 ahead, during the current sample, so neither adds to a sample's time.
@@ -238,6 +238,7 @@ class _Su(enum.Enum, shape=3):
     COUNT = 4
     MUL = 5
     HAVE = 6
+    ROUND2 = 7
 
 
 def _times(x, c: int):
@@ -586,12 +587,15 @@ class TrainingCore(wiring.Component):
                 with m.Case(r):
                     m.d.comb += key.eq(keys[r])
         x_in = Mux(su_rnd == 0, su_ctr[:16], su_x)
+        # a round in two cycles (ROUND, ROUND2), ``su_rb`` between its two halves:
+        # add, mask and xorshift; then shift-add and mask
         r_a = Signal(16)
         r_b = Signal(16)
+        su_rb = Signal(16)
         r_c = Signal(16)
         m.d.comb += [r_a.eq((x_in + key) & d_omask),
                      r_b.eq(r_a ^ (r_a >> d_s1)),
-                     r_c.eq((r_b + (r_b << d_s2)) & d_omask)]
+                     r_c.eq((su_rb + (su_rb << d_s2)) & d_omask)]
         m.d.comb += mix.tag.eq(0)
 
         su = Signal(_Su)
@@ -612,8 +616,10 @@ class TrainingCore(wiring.Component):
                                 m.d.sync += keys[r].eq(mix.y[:16] & d_omask)
                     with m.If(su_kstep == 3):
                         m.d.sync += [su_ctr.eq(0), su_rnd.eq(0), su.eq(_Su.ROUND)]
-            with m.Case(_Su.ROUND):     # one round of _permute per cycle
-                m.d.sync += [su_x.eq(r_c), su_rnd.eq(su_rnd + 1)]
+            with m.Case(_Su.ROUND):     # one round of _permute per two cycles
+                m.d.sync += [su_rb.eq(r_b), su.eq(_Su.ROUND2)]
+            with m.Case(_Su.ROUND2):
+                m.d.sync += [su_x.eq(r_c), su_rnd.eq(su_rnd + 1), su.eq(_Su.ROUND)]
                 with m.If(su_rnd == 2):
                     m.d.sync += [su_rnd.eq(0), su.eq(_Su.CHECK)]
             with m.Case(_Su.CHECK):
