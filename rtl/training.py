@@ -21,10 +21,13 @@ streaming  Out   1                              a streamed pass runs: STREAM is 
 setup_ok   Out   1                              the last TRAIN_SETUP is one the device accepts
 ========== ===== ============================== =============================================
 
-Operations 0 … 9 pass straight through: ``cmd`` goes to the core combinationally
-while this unit is idle, the core's ``done`` comes back combinationally, and a
+Operations 0 … 9 pass straight through: ``cmd`` goes to the core through a
+command register (``creg``) while this unit is idle, the core's ``done`` comes back combinationally, and a
 mode register (``ext``) connects the outer streams to the core's (a 2:1
-multiplexer per inward payload, an AND per handshake). The training operations:
+multiplexer per inward payload, an AND per handshake). A training operation's
+op, length, bank and seed go into registers in the cycle it is taken and are
+decoded in the next (state DECODE), so the command's path ends at registers.
+The training operations:
 
 * **TRAIN_SETUP** takes :data:`~hel_fpga.spec.training.SETUP_WORDS` words from
   ``inputs`` (low 16 bits each), checks each field's range as it arrives, derives

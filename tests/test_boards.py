@@ -220,8 +220,8 @@ def test_board_table_entry_is_consistent(name):
     json.dumps(b.summary())
 
 
-#: The clock of the ECP5 entries with the training core: it closed at 53–57 MHz against
-#: a 60 MHz target (docs/boards.md "On-chip training"), so those entries run at 45 MHz.
+#: The lowest clock of an ECP5 entry with the training core: ulx3s-85f-n64 runs at
+#: 45 MHz, ulx3s-25f at 60 (docs/boards.md "On-chip training").
 TRAINING_TARGET_MHZ = 45.0
 
 
