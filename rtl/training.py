@@ -1079,20 +1079,15 @@ class TrainingCore(wiring.Component):
                 m.next = "SETUP_TK"
             # T·k and T·o (run-time × run-time) on the serial multiplier: a few cycles
             # each (k and o have few bits), no multiplier on a timing path.
-            with m.State("SETUP_TK"):
-                m.d.comb += [mul_start.eq(1), mul_a_in.eq(s_k), mul_b_in.eq(s_steps)]
-                m.next = "SETUP_TK_WAIT"
-            with m.State("SETUP_TK_WAIT"):
-                with m.If(~mul_busy):
-                    m.d.sync += d_tk.eq(mul_p)
-                    m.next = "SETUP_TO"
-            with m.State("SETUP_TO"):
-                m.d.comb += [mul_start.eq(1), mul_a_in.eq(s_o), mul_b_in.eq(s_steps)]
-                m.next = "SETUP_TO_WAIT"
-            with m.State("SETUP_TO_WAIT"):
-                with m.If(~mul_busy):
-                    m.d.sync += d_to.eq(mul_p)
-                    m.next = "SETUP_RECORD"
+            for name, factor, product, nxt in (("SETUP_TK", s_k, d_tk, "SETUP_TO"),
+                                               ("SETUP_TO", s_o, d_to, "SETUP_RECORD")):
+                with m.State(name):
+                    m.d.comb += [mul_start.eq(1), mul_a_in.eq(factor), mul_b_in.eq(s_steps)]
+                    m.next = f"{name}_WAIT"
+                with m.State(f"{name}_WAIT"):
+                    with m.If(~mul_busy):
+                        m.d.sync += product.eq(mul_p)
+                        m.next = nxt
             with m.State("SETUP_RECORD"):
                 m.d.sync += [d_mask_off.eq(d_tk + d_to),
                              d_record.eq(Mux(onehot, d_tk + 1, d_tk + d_to + s_steps))]
