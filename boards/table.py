@@ -244,10 +244,12 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
                  "for ice40_generic); the FPGA boots the new bitstream at once."),
         synth_opts=("-dsp",),
     ),
+    # Both N = 32 entries carry the training core with an 8 k-word store (two banks of
+    # 4 block RAMs) at 60 MHz; larger stores spread the core over the die and miss it
+    # (docs/boards.md "On-chip training").
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, **ECP5_OPERAND)),
-    # The training core with an 8 k-word store (two banks, 8 of the 56 block RAMs;
-    # 47 in all) at 60 MHz (docs/boards.md "On-chip training").
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=8192,
+                            **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, store_words=8192,
                             **ECP5_OPERAND)),
