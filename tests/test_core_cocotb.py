@@ -113,7 +113,13 @@ def _build(cfg: HelConfig, build_root: Path, waves: str | None, **kwargs) -> Pat
 
     ``waves`` is None (no tracing) or the trace format, "fst" or "vcd"."""
     text = _verilog(cfg, **kwargs)
-    text += _vendor_models(text)
+    return _build_verilog(text + _vendor_models(text), cfg, build_root, waves, TOPLEVEL)
+
+
+def _build_verilog(text: str, cfg: HelConfig, build_root: Path, waves: str | None,
+                   toplevel: str) -> Path:
+    """The Verilator model of the Verilog ``text`` whose top is ``toplevel`` (cached by a
+    hash of the text); returns its build directory."""
     key = hashlib.sha256((text + f"waves={waves}").encode()).hexdigest()[:16]
     bdir = build_root / "cocotb" / key
     bdir.mkdir(parents=True, exist_ok=True)
@@ -121,13 +127,13 @@ def _build(cfg: HelConfig, build_root: Path, waves: str | None, **kwargs) -> Pat
     with open(bdir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not stamp.exists():
-            src = bdir / f"{TOPLEVEL}.v"
+            src = bdir / f"{toplevel}.v"
             src.write_text(text)
             runner = _runner()
             args = ["-Wno-fatal", "-Wno-lint", "-Wno-style"]
             if waves == "fst":
                 args.append("--trace-fst")
-            runner.build(sources=[src], hdl_toplevel=TOPLEVEL, build_dir=bdir / "sim",
+            runner.build(sources=[src], hdl_toplevel=toplevel, build_dir=bdir / "sim",
                          build_args=args, waves=waves is not None, always=True,
                          log_file=bdir / "build.log")
             stamp.write_text(json.dumps(cfg.to_dict()))
