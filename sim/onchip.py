@@ -277,6 +277,12 @@ class SampleStore:
             return self.count * self.o
         return int(self.mask.sum()) * self.o
 
+    def core_inputs(self, cfg: HelConfig, i: int) -> np.ndarray:
+        """Sample ``i``'s inputs as the core takes them: K channels, zeros beyond the store's k."""
+        u = np.zeros((self.steps, cfg.k), dtype=np.int64)
+        u[:, :self.k] = self.inputs[i]
+        return u
+
     def sample_targets(self, cfg: HelConfig, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample i's targets (T, o, target format) and loss mask (T,)."""
         if self.kind == "mse":
@@ -394,9 +400,7 @@ class OnChipTrainer:
 
         The core's inputs beyond the store's k channels are zero; the loss and the
         argmax see the store's first o outputs."""
-        u = np.zeros((store.steps, self.cfg.k), dtype=np.int64)
-        u[:, :store.k] = store.inputs[i]
-        self.core.load(u)
+        self.core.load(store.core_inputs(self.cfg, i))
         out = self.core.forward("centred")
         y, mask = store.sample_targets(self.cfg, i)
         nu, sq = sample_nudges(self.cfg, out, y, mask, self.tc.eps_log2)
@@ -442,11 +446,14 @@ class OnChipTrainer:
         (:class:`PassRunner`): the order is the caller's."""
         return PassRunner(self, train)
 
-    def train_epoch(self) -> Metrics:
-        """One epoch over the training set in this epoch's order; returns its running metrics."""
+    def train_epoch(self, on_sample=None) -> Metrics:
+        """One epoch over the training set in this epoch's order; returns its running
+        metrics. ``on_sample()`` is called after every sample (progress)."""
         p = self.begin_pass(train=True)
         for i in epoch_order(self.train.count, self.tc.seed, self.epoch):
             p.add(self.train, i)
+            if on_sample is not None:
+                on_sample()
         return p.finish()
 
     def evaluate(self, store: SampleStore) -> Metrics:
@@ -686,9 +693,12 @@ class TrainingUnit:
         rec, ring = layout.record, layout.words
         words = np.asarray(words, dtype=np.int64)
         take = min(len(words), st["left"] * rec - len(st["pending"]))
-        for w in words[:take]:                  # the ring, as the device writes it
-            self.store[st["wp"]] = w
-            st["wp"] = 0 if st["wp"] + 1 == ring else st["wp"] + 1
+        # the ring, as the device writes it (take ≤ the pass's words; a later word of one
+        # call may overwrite an earlier one, as the ring's wrap does)
+        for lo in range(0, take, ring):
+            part = words[lo:min(take, lo + ring)]
+            self.store[(st["wp"] + np.arange(len(part))) % ring] = part
+            st["wp"] = (st["wp"] + len(part)) % ring
         st["pending"] = np.concatenate([st["pending"], words[:take]])
         runner = st["runner"]
         while len(st["pending"]) >= rec:

@@ -222,15 +222,7 @@ class GoldenOnChipDevice(OnChipDevice):
         return TrainState.from_arrays(s, s["epoch"])
 
     def run_epoch(self, progress=None) -> Metrics:
-        tr = self._ready()
-        if progress is None:
-            return tr.train_epoch()
-        # The golden loop itself (train_epoch), with a count after every sample.
-        p = tr.begin_pass(train=True)
-        for i in epoch_order(tr.train.count, tr.tc.seed, tr.epoch):
-            p.add(tr.train, i)
-            progress(1)
-        return p.finish()
+        return self._ready().train_epoch(on_sample=None if progress is None else lambda: progress(1))
 
     def _set(self, which: str) -> SampleStore:
         if which not in self._sets:
@@ -244,16 +236,9 @@ class GoldenOnChipDevice(OnChipDevice):
         tr, st = self._ready(), self._set(which)
         out = np.empty((st.count, st.steps, self._cfg.o), dtype=np.int64)
         for i in range(st.count):
-            tr.core.load(_core_inputs(st, i, self._cfg))
+            tr.core.load(st.core_inputs(self._cfg, i))
             out[i] = tr.core.forward("centred")  # centred: nothing accumulates
         return out
-
-
-def _core_inputs(store: SampleStore, i: int, cfg: HelConfig) -> np.ndarray:
-    """Sample ``i``'s inputs as the core takes them: K channels, zeros beyond the store's."""
-    u = np.zeros((store.steps, cfg.k), dtype=np.int64)
-    u[:, :store.k] = store.inputs[i]
-    return u
 
 
 class ProtocolOnChipDevice(OnChipDevice):
@@ -288,7 +273,7 @@ class ProtocolOnChipDevice(OnChipDevice):
         self._sets: dict[str, SampleStore] = {}
         self._uploaded = False
         self._epoch: int | None = None
-        self.streamed = False            # the data mode of the uploaded setup
+        self.slots = 0                   # the uploaded setup's ring (0: resident)
 
     @property
     def config(self) -> HelConfig:
@@ -321,19 +306,24 @@ class ProtocolOnChipDevice(OnChipDevice):
         record = record_words(cfg, tc.loss, train.steps, train.k, train.o)
         n_test = test.count if test else 0
         fits = (train.count + n_test) * record <= cfg.store_words
-        self.streamed = self.data == "stream" or (self.data == "auto" and not fits)
-        slots = min(cfg.store_words // record, SETUP_WORD_MAX) if self.streamed else 0
-        if self.streamed and slots < 1:
+        streamed = self.data == "stream" or (self.data == "auto" and not fits)
+        slots = min(cfg.store_words // record, SETUP_WORD_MAX) if streamed else 0
+        if streamed and slots < 1:
             raise TrainingError(f"one record of {record} words does not fit the device's store "
                                 f"of {cfg.store_words} words")
         words = pack_setup(cfg, tc, train.steps, train.count, n_test, k=train.k, o=train.o,
                            slots=slots)
-        if not self.streamed:
+        if not streamed:
             self.dev.store(0, train.image(cfg))
             if test is not None:
                 self.dev.store(train.count * record, test.image(cfg))
         self.dev.train_setup(words)
-        self._uploaded = True
+        self.slots, self._uploaded = slots, True
+
+    @property
+    def streamed(self) -> bool:
+        """The uploaded setup streams its passes."""
+        return self.slots > 0
 
     def write_state(self, state: TrainState) -> None:
         self._upload()
@@ -357,15 +347,13 @@ class ProtocolOnChipDevice(OnChipDevice):
         return TrainState(split(self.dev.read_master(0)), split(self.dev.read_master(1)), self._epoch)
 
     def _stream(self, store: SampleStore, order, progress, done: int) -> int:
-        """Send ``store``'s records in ``order`` in transfers of whole records (at most
-        the store's words each), polling METRICS between transfers; returns the
-        samples done so far."""
-        cfg = self.config
+        """Send ``store``'s records in ``order`` in transfers of a ring's worth of whole
+        records (at most the store's words), polling METRICS between transfers; returns
+        the samples done so far."""
+        cfg, per = self.config, self.slots
         image = store.image(cfg).reshape(store.count, -1)
-        record = image.shape[1]
-        per = max(1, cfg.store_words // record)
         # A chunk's ack may wait for the samples that free its words; the last one for
-        # the pass to end, the whole ring (at most `per` records) and the one running.
+        # the pass to end, the whole ring and the one running.
         sample = 8 * store.steps * cfg.macs_forward_step // cfg.lanes
         wait = (per + 2) * sample
         order = list(order)
@@ -425,7 +413,7 @@ class ProtocolOnChipDevice(OnChipDevice):
         st, cfg = self._set(which), self.config
         out = np.empty((st.count, st.steps, cfg.o), dtype=np.int64)
         for i in range(st.count):
-            self.dev.load(_core_inputs(st, i, cfg))
+            self.dev.load(st.core_inputs(cfg, i))
             out[i] = self.dev.forward("centred")      # centred: nothing accumulates
         return out
 
