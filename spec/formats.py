@@ -60,10 +60,14 @@ import numpy as np
 from hel_fpga.spec.names import PARAM_NAMES
 
 __all__ = [
-    "ConfigError", "FormatError", "Fixed", "HelConfig",
+    "ConfigError", "FormatError", "Fixed", "HelConfig", "ENGINES_MAX",
     "rshift_round", "saturate", "wrap",
 ]
 
+
+
+#: Most sample engines of one device (:attr:`HelConfig.engines`).
+ENGINES_MAX = 16
 
 
 class ConfigError(ValueError):
@@ -188,6 +192,11 @@ class HelConfig:
     store_words:
         Operand words of the on-chip training store (docs/onchip.md); 0 = the
         device has no on-chip training. Not used by the core's arithmetic.
+    engines:
+        Sample engines of the on-chip training loop (C): the samples of a batch run
+        on C cores at once, each accumulating its own contrast; the batch's
+        gradient is their sum (docs/onchip.md "Sample engines"). 1 without a
+        store.
     """
 
     n: int = 16
@@ -208,6 +217,7 @@ class HelConfig:
     acc_width: int = 56
     lanes: int = 1
     store_words: int = 0
+    engines: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -257,6 +267,10 @@ class HelConfig:
         elif self.store_words and self.operand_width < 16:
             problems.append("on-chip training (store_words > 0) needs operand_width ≥ 16 "
                             "(its setup words are 16 bits)")
+        if not 1 <= self.engines <= ENGINES_MAX:
+            problems.append(f"engines must be in 1..{ENGINES_MAX} (got {self.engines})")
+        elif self.engines > 1 and not self.store_words:
+            problems.append("engines > 1 needs an on-chip training store (store_words > 0)")
         need = self.acc_min_width
         if not need <= self.acc_width <= 63:
             problems.append(

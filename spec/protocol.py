@@ -171,7 +171,7 @@ def crc32(data: bytes) -> int:
 # frame (``cmd = ERROR_REPLY``). Bad frames are answered with ERROR frames too.
 
 #: Version of the command layer below; IDENT reports it. Bump on any change.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: A reply's cmd is the request's cmd with this bit set.
 REPLY_BIT = 0x80
@@ -314,6 +314,7 @@ IDENT_FIELDS = (
     ("acc_width", 1),
     ("lanes", 2),
     ("store_words", 4),
+    ("engines", 1),
     ("clock_hz", 4),
     ("baud", 4),
 )
