@@ -180,8 +180,6 @@ contents survive.
 
 from __future__ import annotations
 
-from functools import reduce
-
 import math
 from types import SimpleNamespace
 
@@ -192,10 +190,11 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
-from hel_fpga.rtl.bram import NO_RW_CHECK, ram_read_port
-from hel_fpga.rtl.core import CmdLayout, HELCore, Mix32Serial, Op, Result
+from hel_fpga.rtl.bram import NO_RW_CHECK, BankedMemory, Prefetch
+from hel_fpga.rtl.core import CmdLayout, DoneLayout, Mix32Serial, Op, Result
+from hel_fpga.rtl.engine import SampleEngine, Word
 from hel_fpga.rtl.tanh import saturate_signed
-from hel_fpga.rtl.trainer import LossKind, LossUnit, OptimiserUnit, Optimizer, ParamArray
+from hel_fpga.rtl.trainer import LossKind, OptimiserUnit, Optimizer, ParamArray
 from hel_fpga.spec.formats import HelConfig
 from hel_fpga.spec.protocol import Pass
 from hel_fpga.spec.training import (BATCH_LOG2_RANGE, BETA_LOG2_RANGE, COUNT_WIDTH,
@@ -217,14 +216,6 @@ MetricsLayout = data.StructLayout({
 assert SETUP_WORD_BITS == 16
 
 
-class _Word(enum.Enum, shape=2):
-    """What a store word read during a pass is for."""
-    INPUT = 0
-    LABEL = 1
-    MASK = 2
-    TARGET = 3
-
-
 class _Sop(enum.Enum, shape=2):
     """The STREAM operation's state."""
     IDLE = 0
@@ -244,140 +235,23 @@ class _Su(enum.Enum, shape=3):
     ROUND2 = 7
 
 
-def _times(x, c: int):
-    """``x · c`` for a constant ``c`` as shifts and adds (no multiplier block)."""
-    terms = [x << i for i in range(c.bit_length()) if (c >> i) & 1]
-    return reduce(lambda a, b: a + b, terms) if terms else Const(0)
-
-
-class _Banks:
-    """One memory of ``depth`` words built as banks of at most ``bank_depth`` words.
-
-    A 65 536-word store is 64 ECP5 block RAMs: as one memory, its read multiplexer
-    and the routes from RAMs spread over the die to it make one path longer than a
-    60 MHz period. As banks, each bank's RAMs and its small multiplexer end in a
-    register placed beside them; the banks' multiplexer gets a cycle of its own
-    (the bank number travels with the read). Writes go to the bank the address
-    names.
-    """
-
-    def __init__(self, m: Module, name: str, shape, depth: int, bank_depth: int, attrs):
-        self.shape, self.depth = shape, depth
-        self.bank_bits = ceil_log2(bank_depth)
-        n = -(-depth // (1 << self.bank_bits))
-        self.mems = []
-        for i in range(n):
-            d = min(1 << self.bank_bits, depth - (i << self.bank_bits))
-            mem = m.submodules[f"{name}_bank{i}"] = Memory(shape=shape, depth=d, init=[], attrs=attrs)
-            self.mems.append(mem)
-        self.ports = [mem.write_port() for mem in self.mems]
-
-    def write(self, m: Module, addr, data, en) -> None:
-        """Write ``data`` at ``addr`` when ``en``, one cycle later: the address, the
-        word and each bank's enable are registered, so the write reaches RAMs spread
-        over the die from registers (no read of the store follows a write that soon)."""
-        lo, hi = addr[:self.bank_bits], addr[self.bank_bits:]
-        lo_r = Signal(len(lo), reset_less=True, name="store_waddr")
-        data_r = Signal(self.shape, reset_less=True, name="store_wdata")
-        m.d.sync += [lo_r.eq(lo), data_r.eq(data)]
-        for i, port in enumerate(self.ports):
-            en_r = Signal(name=f"store_bank{i}_we")
-            m.d.sync += en_r.eq(en & (hi == i))
-            m.d.comb += [port.addr.eq(lo_r), port.data.eq(data_r), port.en.eq(en_r)]
-
-    def read(self, m: Module, name: str, addr):
-        """The word at ``addr`` two cycles later (RAM register, bank register), as a
-        value for the caller's register after the banks' multiplexer."""
-        lo, hi = addr[:self.bank_bits], addr[self.bank_bits:]
-        bank = Signal(range(max(len(self.mems), 2)), name=f"{name}_bank", reset_less=True)
-        bank_b = Signal.like(bank, name=f"{name}_bank_b", reset_less=True)
-        m.d.sync += [bank.eq(hi), bank_b.eq(bank)]
-        words = []
-        for i, mem in enumerate(self.mems):
-            port = ram_read_port(m, mem, f"{name}_bank{i}")
-            m.d.comb += port.addr.eq(lo)
-            word = Signal(self.shape, name=f"{name}_bank{i}_word", reset_less=True)
-            m.d.sync += word.eq(port.data)
-            words.append(word)
-        out = Signal(self.shape, name=f"{name}_banked")
-        with m.Switch(bank_b):
-            for i, word in enumerate(words):
-                with m.Case(i):
-                    m.d.comb += out.eq(word)
-        return out
+def _sum_tree(m: Module, name: str, values, shape):
+    """``Σ values`` in ``shape``, one register per level of a binary adder tree:
+    (the sum, the number of levels; 0 for a single value, which is returned as it is)."""
+    level, n = list(values), 0
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level), 2):
+            r = Signal(shape, name=f"{name}_l{n}_{i // 2}")
+            m.d.sync += r.eq(level[i] + level[i + 1] if i + 1 < len(level) else level[i])
+            nxt.append(r)
+        level, n = nxt, n + 1
+    return level[0], n
 
 
 #: Most words of one store bank: 4096 operand words are four ECP5 block RAMs (18
-#: bits) or eight iCE40 ones (16 bits); larger stores are banked (:class:`_Banks`).
+#: bits) or eight iCE40 ones (16 bits); larger stores are banked (:class:`BankedMemory`).
 STORE_BANK_WORDS = 4096
-
-
-class _Prefetch:
-    """A read stream from block RAM(s) sharing one address (module docstring).
-
-    ``mems`` holds one entry per data word: a :class:`Memory`, or a :class:`_Banks`
-    (one memory cut into banks, each bank's word registered beside its RAMs before
-    the banks' multiplexer). The user drives ``issue`` (only while ``can_issue``),
-    ``addr`` and ``tag`` in the same cycle; the words leave in order on
-    ``valid``/``ready`` with ``data`` (one per entry) and ``tag``. ``can_issue`` is
-    a function of registers only.
-    """
-
-    def __init__(self, m: Module, name: str, mems, tag_width: int = 1):
-        depth_max = max(mem.depth for mem in mems)
-        banked = any(isinstance(mem, _Banks) for mem in mems)
-        self.issue = Signal(name=f"{name}_issue")
-        self.addr = Signal(range(max(depth_max, 2)), name=f"{name}_addr")
-        self.tag = Signal(tag_width, name=f"{name}_tag")
-        self.can_issue = Signal(name=f"{name}_can_issue")
-        self.ready = Signal(name=f"{name}_ready")
-        self.valid = Signal(name=f"{name}_valid")
-        widths = [Shape.cast(mem.shape).width for mem in mems]
-
-        # stages: a (address), m (RAM read register), b (bank words; banked only),
-        # d (after the output multiplexer), then the FIFO
-        stages = "amd" if not banked else "ambd"
-        a_addr = Signal.like(self.addr, name=f"{name}_a_addr", reset_less=True)
-        valid = {st: Signal(name=f"{name}_{st}_valid") for st in stages}
-        tag = {st: Signal(tag_width, name=f"{name}_{st}_tag", reset_less=True) for st in stages}
-        d_data = [Signal(mem.shape, name=f"{name}_d_data{i}", reset_less=True)
-                  for i, mem in enumerate(mems)]
-        with m.If(self.issue):
-            m.d.sync += [a_addr.eq(self.addr), tag["a"].eq(self.tag)]
-        m.d.sync += valid["a"].eq(self.issue)
-        for prev, st in zip(stages, stages[1:]):
-            m.d.sync += [valid[st].eq(valid[prev]), tag[st].eq(tag[prev])]
-        d_valid, d_tag = valid["d"], tag["d"]
-        for i, (mem, d) in enumerate(zip(mems, d_data)):
-            if isinstance(mem, _Banks):
-                m.d.sync += d.eq(mem.read(m, f"{name}_rd{i}", a_addr))
-                continue
-            port = ram_read_port(m, mem, f"{name}_rd{i}")
-            m.d.comb += port.addr.eq(a_addr)
-            if banked:      # keep the entries' words aligned with the banked one
-                late = Signal(mem.shape, name=f"{name}_b_data{i}", reset_less=True)
-                m.d.sync += [late.eq(port.data), d.eq(late)]
-            else:
-                m.d.sync += d.eq(port.data)       # after the RAMs' output multiplexer
-        # credits cover the words in flight from issue to the FIFO's output
-        self.DEPTH = len(stages) + 2
-
-        fifo = m.submodules[f"{name}_fifo"] = SyncFIFO(width=sum(widths) + tag_width,
-                                                       depth=self.DEPTH)
-        m.d.comb += [fifo.w_en.eq(d_valid), fifo.w_data.eq(Cat(*d_data, d_tag)),
-                     self.valid.eq(fifo.r_rdy), fifo.r_en.eq(self.ready)]
-        self.data, pos = [], 0
-        for w, mem in zip(widths, mems):
-            sig = Signal(mem.shape, name=f"{name}_data{len(self.data)}")
-            m.d.comb += sig.eq(fifo.r_data[pos:pos + w])
-            self.data.append(sig)
-            pos += w
-        self.tag_out = Signal(tag_width, name=f"{name}_tag_out")
-        m.d.comb += self.tag_out.eq(fifo.r_data[pos:])
-
-        used = Signal(range(self.DEPTH + 1), name=f"{name}_used")  # issued, not yet read
-        m.d.sync += used.eq(used + self.issue - (fifo.r_rdy & fifo.r_en))
-        m.d.comb += self.can_issue.eq(used < self.DEPTH)
 
 
 class TrainingCore(wiring.Component):
@@ -388,7 +262,7 @@ class TrainingCore(wiring.Component):
     cfg : HelConfig
         The core's configuration; ``store_words`` must be > 0.
     store_bank_words : int
-        Most words of one store bank (:class:`_Banks`; default
+        Most words of one store bank (:class:`BankedMemory`; default
         :data:`STORE_BANK_WORDS`).
     core_kwargs
         Passed to :class:`HELCore` (``seq_ram``, ``compact``).
@@ -411,7 +285,8 @@ class TrainingCore(wiring.Component):
         self.cfg = cfg
         self.store_bank_words = store_bank_words or STORE_BANK_WORDS
         self.fm = TrainFormats(cfg)
-        self.core = HELCore(cfg, **core_kwargs)
+        self.engines = [SampleEngine(cfg, **core_kwargs) for _ in range(cfg.engines)]
+        self.core = self.engines[0].core
         self.n_params = sum(math.prod(s) for s in cfg.param_shapes().values())
         self.probes: dict = {}
         members = dict(self.core.signature.members)
@@ -427,9 +302,11 @@ class TrainingCore(wiring.Component):
     # ------------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
-        cfg, fm, core = self.cfg, self.fm, self.core
-        m.submodules.core = core
-        m.submodules.loss = loss = LossUnit(cfg)
+        cfg, fm = self.cfg, self.fm
+        engines = self.engines
+        C = len(engines)
+        for e, eng in enumerate(engines):
+            m.submodules[f"engine{e}"] = eng
         m.submodules.opt = opt = OptimiserUnit(cfg)
         m.submodules.mix = mix = Mix32Serial(1)
 
@@ -444,20 +321,17 @@ class TrainingCore(wiring.Component):
 
         # ---------------------------------------------------------------- memories
         # STORE and passes never overlap: no read-during-write
-        store = _Banks(m, "store", signed(ow), SWORDS, self.store_bank_words, NO_RW_CHECK)
+        store = BankedMemory(m, "store", signed(ow), SWORDS, self.store_bank_words, NO_RW_CHECK)
         store_wen = Signal()                # STORE: the word on ``inputs`` goes to ``start``
         ring_wen = Signal()                 # STREAM: the word on ``inputs`` goes to ``start``
-        nbuf = m.submodules.nbuf = Memory(shape=signed(sw), depth=T_MAX * O, init=[],
-                                          attrs=NO_RW_CHECK)     # ECHO reads after the last write
         mmem = m.submodules.master = Memory(shape=signed(mw), depth=P, init=[],
                                             attrs=NO_RW_CHECK)   # reads run ahead of writes
         gmem = m.submodules.moment = Memory(shape=signed(gw), depth=P, init=[],
                                             attrs=NO_RW_CHECK)
-        nbuf_wr = nbuf.write_port()
         mmem_wr, gmem_wr = mmem.write_port(), gmem.write_port()
-        spf = _Prefetch(m, "spf", [store], tag_width=2)
-        npf = _Prefetch(m, "npf", [nbuf])
-        ppf = _Prefetch(m, "ppf", [mmem, gmem], tag_width=2)
+        ebits = max(1, ceil_log2(C))
+        spf = Prefetch(m, "spf", [store], tag_width=2 + ebits)    # (word kind, engine)
+        ppf = Prefetch(m, "ppf", [mmem, gmem], tag_width=2)
 
         # ---------------------------------------------------------------- registers
         ext = Signal(init=1)            # the outer streams are the core's
@@ -490,9 +364,7 @@ class TrainingCore(wiring.Component):
         # derived from the setup (k, o: the data's inputs and outputs)
         d_tk = Signal(range(T_MAX * K + 1))                 # T·k
         d_to = Signal(range(T_MAX * O + 1))                 # T·o
-        d_tO = Signal(range(T_MAX * O + 1))                 # T·O (nudge buffer rows)
         d_mask_off = Signal(range(T_MAX * (K + O) + 1))     # T·(k + o)
-        d_row_last = Signal(range(T_MAX * O + 1))           # (T − 1)·O
         d_record = Signal(range(rec_max + 1))
         d_o_last = Signal(range(O))                         # o − 1
         d_record_last = Signal(range(rec_max + 1))          # record − 1
@@ -511,9 +383,15 @@ class TrainingCore(wiring.Component):
         running = Signal(2)
         samples = Signal(COUNT_WIDTH)
         skipped = Signal(COUNT_WIDTH)
+        # the engines' loss sums and correct counts, summed (a register per tree level)
+        loss_total, levels_m = _sum_tree(m, "loss_total", [eng.loss_sum for eng in engines],
+                                         unsigned(LOSS_SUM_WIDTH + ceil_log2(C)))
+        correct_total, _ = _sum_tree(m, "correct_total", [eng.correct for eng in engines],
+                                     unsigned(COUNT_WIDTH))
+        loss_max = (1 << (LOSS_SUM_WIDTH - 1)) - 1      # the engines' loss sums saturate here
         m.d.comb += [self.metrics.running.eq(running), self.metrics.samples.eq(samples),
-                     self.metrics.loss_sum.eq(loss.loss_sum),
-                     self.metrics.correct.eq(loss.correct_count),
+                     self.metrics.loss_sum.eq(Mux(loss_total > loss_max, loss_max, loss_total)),
+                     self.metrics.correct.eq(correct_total),
                      self.metrics.skipped.eq(skipped),
                      self.training.eq(running != Pass.NONE)]
         streaming = Signal()                    # a streamed pass runs (STREAM is taken)
@@ -526,14 +404,17 @@ class TrainingCore(wiring.Component):
         lr_sh = Signal(16)                      # E >> h
         left = Signal(17)                       # samples still to run
         in_batch = Signal(BATCH_LOG2_RANGE[1] + 2)
-        loss_end = Signal()                     # the loss unit delivered the sample's last word
+        slot = Signal(range(max(C, 2)))         # the engine of the next sample
         pass_start = Signal()                   # comb: a TRAIN or EVAL starts
         is_train = running == Pass.TRAIN
 
         # ---------------------------------------------------------------- units' settings
-        m.d.comb += [loss.kind.eq(s_loss), loss.eps_log2.eq(s_eps), loss.clear.eq(pass_start),
-                     loss.outputs.eq(s_o),
-                     opt.optimizer.eq(s_opt), opt.eps_log2.eq(s_eps), opt.batch_log2.eq(s_batch),
+        for eng in engines:
+            m.d.comb += [eng.settings.steps.eq(s_steps), eng.settings.inputs.eq(s_k),
+                         eng.settings.outputs.eq(s_o), eng.settings.kind.eq(s_loss),
+                         eng.settings.eps_log2.eq(s_eps), eng.clear.eq(pass_start),
+                         eng.train.eq(is_train)]
+        m.d.comb += [opt.optimizer.eq(s_opt), opt.eps_log2.eq(s_eps), opt.batch_log2.eq(s_batch),
                      opt.lr_shift.eq(lr_shift), opt.beta_log2.eq(s_beta),
                      opt.beta2_log2.eq(s_beta2)]
 
@@ -660,34 +541,35 @@ class TrainingCore(wiring.Component):
         # word and the O targets (mse).
         sj_start = Signal()             # comb, with sj_base
         sj_base = Signal(abits)
-        sj_phase = Signal(_Word)
+        sj_phase = Signal(Word)
         sj_active = Signal()
         sj_lin = Signal(abits)
         sj_mask = Signal(abits)
         sj_cnt = Signal(range(max(T_MAX * K, 2)))
         sj_t = Signal(range(T_MAX + 1))
         sj_o = Signal(range(O + 1))
-        m.d.comb += [spf.addr.eq(Mux(sj_phase == _Word.MASK, sj_mask, sj_lin)),
-                     spf.tag.eq(sj_phase), spf.issue.eq(sj_active & spf.can_issue)]
+        sj_eng = Signal(ebits)          # the engine the record goes to
+        m.d.comb += [spf.addr.eq(Mux(sj_phase == Word.MASK, sj_mask, sj_lin)),
+                     spf.tag.eq(Cat(sj_phase, sj_eng)), spf.issue.eq(sj_active & spf.can_issue)]
         with m.If(sj_start):
-            m.d.sync += [sj_active.eq(1), sj_phase.eq(_Word.INPUT), sj_lin.eq(sj_base),
+            m.d.sync += [sj_active.eq(1), sj_eng.eq(slot), sj_phase.eq(Word.INPUT), sj_lin.eq(sj_base),
                          sj_mask.eq(sj_base + d_mask_off), sj_cnt.eq(d_tk - 1),
                          sj_t.eq(s_steps - 1)]
         with m.Elif(spf.issue):
             with m.Switch(sj_phase):
-                with m.Case(_Word.INPUT):
+                with m.Case(Word.INPUT):
                     m.d.sync += [sj_lin.eq(sj_lin + 1), sj_cnt.eq(sj_cnt - 1)]
                     with m.If(sj_cnt == 0):
-                        m.d.sync += sj_phase.eq(Mux(onehot, _Word.LABEL, _Word.MASK))
-                with m.Case(_Word.LABEL):
+                        m.d.sync += sj_phase.eq(Mux(onehot, Word.LABEL, Word.MASK))
+                with m.Case(Word.LABEL):
                     m.d.sync += sj_active.eq(0)
-                with m.Case(_Word.MASK):
-                    m.d.sync += [sj_mask.eq(sj_mask + 1), sj_phase.eq(_Word.TARGET),
+                with m.Case(Word.MASK):
+                    m.d.sync += [sj_mask.eq(sj_mask + 1), sj_phase.eq(Word.TARGET),
                                  sj_o.eq(d_o_last)]
-                with m.Case(_Word.TARGET):
+                with m.Case(Word.TARGET):
                     m.d.sync += [sj_lin.eq(sj_lin + 1), sj_o.eq(sj_o - 1)]
                     with m.If(sj_o == 0):
-                        m.d.sync += [sj_phase.eq(_Word.MASK), sj_t.eq(sj_t - 1)]
+                        m.d.sync += [sj_phase.eq(Word.MASK), sj_t.eq(sj_t - 1)]
                         with m.If(sj_t == 0):
                             m.d.sync += sj_active.eq(0)
 
@@ -713,8 +595,8 @@ class TrainingCore(wiring.Component):
         m.d.comb += [ring_rdy.eq((sop == _Sop.WORDS) & (w_all | (r_free != 0))),
                      ring_wen.eq(self.inputs.valid & ring_rdy & ~w_all)]
         walk_end = Signal()             # comb: the walk issues its record's last read
-        m.d.comb += walk_end.eq(spf.issue & ((sj_phase == _Word.LABEL)
-                                            | ((sj_phase == _Word.TARGET) & (sj_o == 0)
+        m.d.comb += walk_end.eq(spf.issue & ((sj_phase == Word.LABEL)
+                                            | ((sj_phase == Word.TARGET) & (sj_o == 0)
                                                & (sj_t == 0))))
         free_p = Signal()
         m.d.sync += free_p.eq(walk_end)
@@ -733,20 +615,6 @@ class TrainingCore(wiring.Component):
         with m.If(ring_start):
             m.d.sync += [r_free.eq(d_ring), recs_avail.eq(0), rd_base.eq(0), w_pos.eq(0),
                          w_left.eq(ring_count), w_all.eq(ring_count == 0)]
-
-        # ---------------------------------------------------------------- nudge prefetch
-        nj_start = Signal()
-        nj_active = Signal()
-        nj_addr = Signal(range(max(T_MAX * O, 2)))
-        nj_last = Signal(range(max(T_MAX * O, 2)))
-        m.d.comb += [npf.addr.eq(nj_addr), npf.issue.eq(nj_active & npf.can_issue)]
-        with m.If(nj_start):
-            m.d.sync += [nj_active.eq(1), nj_addr.eq(0),
-                         nj_last.eq(Mux(onehot, O - 1, d_tO - 1))]
-        with m.Elif(npf.issue):
-            m.d.sync += nj_addr.eq(nj_addr + 1)
-            with m.If(nj_addr == nj_last):
-                m.d.sync += nj_active.eq(0)
 
         # ---------------------------------------------------------------- parameter prefetch
         # Master and moment of elements 0 … P − 1, tagged with their array.
@@ -768,85 +636,71 @@ class TrainingCore(wiring.Component):
         requant = saturate_signed(m, (master_word + (1 << (fm.master_extra - 1)))
                                   >> fm.master_extra, ow, "requant")
 
-        # ---------------------------------------------------------------- outputs → loss unit
-        label = Signal(loss.in_layout["label"].shape)
-        mask_bit = Signal()
-        f_t = Signal(range(T_MAX))          # the forward step of the next output word
-        f_o = Signal(range(O))
-        fwd_reset = Signal()
-        st_kind = spf.tag_out
+        # ---------------------------------------------------------------- records → engines
+        # Each word read by the walk goes to the engine in its tag; words of the
+        # previous record may still be on their way when the next record's walk
+        # starts.
+        st_kind, st_eng = spf.tag_out[:2], spf.tag_out[2:]
         st_word = spf.data[0]
-        # ``f_pad``: output f_o is not one of the data's (f_o ≥ o): it has no target
-        # word in the store (the loss unit gives it D = 0). A register beside f_o.
-        f_pad = Signal()
-        have_target = onehot | f_pad | (spf.valid & (st_kind == _Word.TARGET))
-        join_ready = Signal()
-        m.d.comb += [
-            loss.sink.valid.eq(core.outputs.valid & have_target & ~ext),
-            join_ready.eq(loss.sink.ready & have_target),
-            loss.sink.payload.output.eq(core.outputs.payload),
-            loss.sink.payload.target.eq(st_word),
-            loss.sink.payload.mask.eq(mask_bit),
-            loss.sink.payload.last.eq(f_t == s_steps - 1),
-            loss.sink.payload.label.eq(label),
-        ]
-        with m.If(fwd_reset):
-            m.d.sync += [f_t.eq(0), f_o.eq(0), f_pad.eq(0)]
-        with m.Elif(loss.sink.valid & loss.sink.ready):
-            m.d.sync += [f_o.eq(Mux(f_o == O - 1, 0, f_o + 1)),
-                         f_pad.eq((f_o != O - 1) & (f_o + 1 >= s_o))]
-            with m.If(f_o == O - 1):
-                m.d.sync += f_t.eq(f_t + 1)
-        # ``in_pad``: the core's input in_col of a step is not one of the data's
-        # (in_col ≥ k): the core gets a zero, no store word. A register beside in_col.
-        in_col = Signal(range(K))
-        in_pad = Signal()
-        core_in_take = Signal()         # the loop hands the core an input word
-        # store words by kind: inputs to the core, labels and masks to registers,
-        # targets with their output word
-        st_ready = Signal()
-        with m.Switch(st_kind):
-            with m.Case(_Word.INPUT):
-                m.d.comb += st_ready.eq(core.inputs.ready & ~in_pad)
-            with m.Case(_Word.LABEL, _Word.MASK):
-                m.d.comb += st_ready.eq(1)
-            with m.Case(_Word.TARGET):
-                m.d.comb += st_ready.eq(loss.sink.ready & core.outputs.valid & ~f_pad)
-        m.d.comb += spf.ready.eq(st_ready & ~ext)
-        with m.If(spf.valid & spf.ready):
-            with m.If(st_kind == _Word.LABEL):
-                in_range = (st_word >= 0) & (st_word < s_o)
-                m.d.sync += label.eq(Mux(in_range, st_word[:len(label)], (1 << len(label)) - 1))
-            with m.If(st_kind == _Word.MASK):
-                m.d.sync += mask_bit.eq(st_word != 0)
-
-        # loss unit → nudge buffer (forward step t → row T − 1 − t)
-        nw_row = Signal(range(T_MAX * O + 1))
-        nw_col = Signal(range(O))
-        m.d.comb += [loss.source.ready.eq(1), nbuf_wr.addr.eq(nw_row + nw_col),
-                     nbuf_wr.data.eq(loss.source.payload.nudge), nbuf_wr.en.eq(loss.source.valid)]
-        with m.If(fwd_reset):
-            m.d.sync += [nw_row.eq(d_row_last), nw_col.eq(0), loss_end.eq(0)]
-        with m.Elif(loss.source.valid):
-            m.d.sync += nw_col.eq(Mux(nw_col == O - 1, 0, nw_col + 1))
-            with m.If(nw_col == O - 1):
-                m.d.sync += nw_row.eq(nw_row - O)
-            with m.If(loss.source.payload.end):
-                m.d.sync += loss_end.eq(1)
+        eng_ready = Signal()
+        for e, eng in enumerate(engines):
+            m.d.comb += [eng.record.valid.eq(spf.valid & ~ext & (st_eng == e)),
+                         eng.record.payload.kind.eq(st_kind), eng.record.payload.word.eq(st_word)]
+            with m.If(st_eng == e):
+                m.d.comb += eng_ready.eq(eng.record.ready)
+        m.d.comb += spf.ready.eq(eng_ready & ~ext)
+        eng_start = Signal()            # comb: engine ``slot`` takes the next sample
+        for e, eng in enumerate(engines):
+            m.d.comb += eng.start.eq(eng_start & (slot == e))
+        all_idle = Signal()
+        m.d.comb += all_idle.eq(Cat(eng.idle for eng in engines).all())
+        finished = Cat(eng.finished for eng in engines)
+        n_finished = sum((f for f in finished), Const(0, range(C + 1))) if C > 1 else finished
+        # metrics settle ``levels_m`` cycles after the last engine went idle
+        quiet = Signal(range(levels_m + 2))
+        with m.If(~all_idle):
+            m.d.sync += quiet.eq(0)
+        with m.Elif(quiet <= levels_m):
+            m.d.sync += quiet.eq(quiet + 1)
+        settled = all_idle & (quiet > levels_m)
+        slot_idle = Signal()
+        with m.Switch(slot):
+            for e, eng in enumerate(engines):
+                with m.Case(e):
+                    m.d.comb += slot_idle.eq(eng.idle)
+        m.d.sync += samples.eq(samples + n_finished)
+        sum_bad = Signal()                  # an accumulator sum does not fit acc_width
 
         # ---------------------------------------------------------------- acc → optimiser
         opt_sel = Signal()                  # the parameter prefetch feeds the optimiser
+        chk_sel = Signal()                  # the accumulator sums go to the range check
         wp_sel = Signal()                   # … the requantiser (WRITE_PARAMS)
         rm_sel = Signal()                   # … acc_out (READ_MASTER)
-        # The accumulators reach the optimiser through two registered words: the core's
-        # accumulator RAMs sit wherever the placer puts them on the die, so their read
-        # data, and the core's read-address advance on ``ready``, get a cycle of their
-        # own instead of sharing one with the optimiser's negation and the join.
-        accq = m.submodules.accq = SyncFIFO(width=aw, depth=2)
-        m.d.comb += [accq.w_data.eq(core.acc_out.payload),
-                     accq.w_en.eq(~ext & core.acc_out.valid)]
+        # READ_ACC of every engine: the C words of an element are taken together and
+        # summed (a register per tree level: the accumulator RAMs sit wherever the
+        # placer puts them, so their read data and the engines' read-address
+        # advance get a cycle of their own), then wait in ``accq`` with a bit that
+        # says whether the sum fits acc_width. A credit counter keeps the tree from
+        # overrunning the queue, so no ``ready`` of the optimiser reaches a RAM.
+        sum_shape = signed(aw + ceil_log2(C))
+        acc_sum, levels_a = _sum_tree(m, "acc_sum", [eng.acc_out.payload for eng in engines],
+                                      sum_shape)
+        accq_depth = levels_a + 2
+        accq = m.submodules.accq = SyncFIFO(width=aw + 1, depth=accq_depth)
+        acc_used = Signal(range(accq_depth + 1))
+        acc_take = Signal()
+        sum_valid = Signal(levels_a + 1)
+        m.d.comb += [acc_take.eq(~ext & Cat(eng.acc_out.valid for eng in engines).all()
+                                 & (acc_used < accq_depth)),
+                     sum_valid[0].eq(acc_take)]
+        m.d.sync += sum_valid[1:].eq(sum_valid[:-1])
+        top = acc_sum.as_unsigned()[aw - 1:]
+        m.d.comb += [accq.w_en.eq(sum_valid[-1]),
+                     accq.w_data.eq(Cat(acc_sum[:aw], (top == 0) | (top == (1 << len(top)) - 1)))]
+        m.d.sync += acc_used.eq(acc_used + acc_take - (accq.r_en & accq.r_rdy))
         acc_word = Signal(signed(aw))
-        m.d.comb += acc_word.eq(accq.r_data)
+        acc_fits = Signal()
+        m.d.comb += [acc_word.eq(accq.r_data[:aw]), acc_fits.eq(accq.r_data[aw])]
         m.d.comb += [
             opt.sink.valid.eq(opt_sel & accq.r_rdy & ppf.valid),
             opt.sink.payload.acc.eq(acc_word),
@@ -872,68 +726,91 @@ class TrainingCore(wiring.Component):
             m.d.sync += wr_idx.eq(wr_idx + 1)
         rm_word = Signal(signed(aw))
         m.d.comb += rm_word.eq(Mux(bank == 0, master_word, moment_word))
-        m.d.comb += accq.r_en.eq(opt_sel & opt.sink.ready & ppf.valid)
+        m.d.comb += accq.r_en.eq(chk_sel | (opt_sel & opt.sink.ready & ppf.valid))
+        params_ready = Signal()             # every engine takes the parameter word
         m.d.comb += ppf.ready.eq(
             (opt_sel & opt.sink.ready & accq.r_rdy)
-            | (wp_sel & core.params_in.ready)
+            | (wp_sel & params_ready)
             | (rm_sel & self.acc_out.ready))
 
-        # ---------------------------------------------------------------- the core's streams
+        # ---------------------------------------------------------------- the engines' commands
+        # A command goes to every engine (the training loop's own, and WRITE_PARAMS,
+        # CLEAR_ACC, CLEAR_FLAGS from outside: the engines' parameters and flags stay
+        # equal) or to engine 0 (the host's other commands). It waits in ``creg``
+        # until each engine named in ``pend`` has taken it; ``owe`` names the engines
+        # whose ``done`` is still due, and engine 0's is kept for the outer ``done``.
         internal_cmd = Signal(CmdLayout)
-        # The core's command comes from a register: the selection between the outer
-        # command and this unit's own, and this unit's control state, stay off the
-        # path through the core's command decode into its enables (as the command
-        # unit registers its own decode for the same reason).
         sel_cmd = Signal(CmdLayout)
         sel_valid, sel_ready = Signal(), Signal()
         creg = Signal(CmdLayout, reset_less=True)
-        creg_valid = Signal()
-        m.d.comb += [sel_ready.eq(~creg_valid), core.cmd.valid.eq(creg_valid),
-                     core.cmd.payload.eq(creg)]
+        pend = Signal(C)
+        owe = Signal(C)
+        done0 = Signal(DoneLayout, reset_less=True)
+        cmd_idle = Signal()
+        m.d.comb += [cmd_idle.eq((pend == 0) & (owe == 0)), sel_ready.eq(cmd_idle)]
+        everyone = ~ext | (sel_cmd.op == Op.WRITE_PARAMS) | (sel_cmd.op == Op.CLEAR_ACC) \
+            | (sel_cmd.op == Op.CLEAR_FLAGS)
+        targets = Mux(everyone, (1 << C) - 1, 1)
+        taken = Cat(eng.cmd.valid & eng.cmd.ready for eng in engines)
+        answered = Cat(eng.done.valid & eng.done.ready for eng in engines)
         with m.If(sel_valid & sel_ready):
-            m.d.sync += [creg.eq(sel_cmd), creg_valid.eq(1)]
-        with m.Elif(core.cmd.ready):
-            m.d.sync += creg_valid.eq(0)
+            m.d.sync += [creg.eq(sel_cmd), pend.eq(targets), owe.eq(targets)]
+        with m.Else():
+            m.d.sync += [pend.eq(pend & ~taken), owe.eq(owe & ~answered)]
+        for e, eng in enumerate(engines):
+            m.d.comb += [eng.cmd.valid.eq(pend[e]), eng.cmd.payload.eq(creg),
+                         eng.done.ready.eq(owe[e])]
+        with m.If(engines[0].done.valid & engines[0].done.ready):
+            m.d.sync += done0.eq(engines[0].done.payload)
+
+        # ---------------------------------------------------------------- the engines' streams
+        # Parameters to every engine: the word stays until each has taken it (``p_took``).
+        p_valid = Mux(ext, self.params_in.valid, wp_sel & ppf.valid)
+        p_word = Mux(ext, self.params_in.payload, requant)
+        p_took = Signal(C)
+        m.d.comb += params_ready.eq(Cat(p_took[e] | eng.params_in.ready
+                                        for e, eng in enumerate(engines)).all())
+        with m.If(p_valid & params_ready):
+            m.d.sync += p_took.eq(0)
+        with m.Else():
+            m.d.sync += p_took.eq(p_took | Cat(eng.params_in.valid & eng.params_in.ready
+                                               for eng in engines))
+        for e, eng in enumerate(engines):
+            m.d.comb += [eng.params_in.valid.eq(p_valid & ~p_took[e]),
+                         eng.params_in.payload.eq(p_word)]
+        # The host's streams are engine 0's.
+        e0 = engines[0]
         m.d.comb += [
-            core.params_in.valid.eq(Mux(ext, self.params_in.valid, wp_sel & ppf.valid)),
-            core.params_in.payload.eq(Mux(ext, self.params_in.payload, requant)),
-            self.params_in.ready.eq(ext & core.params_in.ready),
-            self.params_out.valid.eq(ext & core.params_out.valid),
-            self.params_out.payload.eq(core.params_out.payload),
-            core.params_out.ready.eq(ext & self.params_out.ready),
-            core.inputs.valid.eq(Mux(ext, self.inputs.valid,
-                                     in_pad | (spf.valid & (st_kind == _Word.INPUT)))),
-            core.inputs.payload.eq(Mux(ext, self.inputs.payload, Mux(in_pad, 0, st_word))),
-            self.outputs.valid.eq(ext & core.outputs.valid),
-            self.outputs.payload.eq(core.outputs.payload),
-            core.outputs.ready.eq(Mux(ext, self.outputs.ready, join_ready)),
-            core.nudges.valid.eq(Mux(ext, self.nudges.valid, npf.valid)),
-            core.nudges.payload.eq(Mux(ext, self.nudges.payload, npf.data[0])),
-            self.nudges.ready.eq(ext & core.nudges.ready),
-            npf.ready.eq(~ext & core.nudges.ready),
-            self.acc_out.valid.eq(Mux(ext, core.acc_out.valid, rm_sel & ppf.valid)),
-            self.acc_out.payload.eq(Mux(ext, core.acc_out.payload, rm_word)),
-            core.acc_out.ready.eq(Mux(ext, self.acc_out.ready, accq.w_rdy)),
-            self.state_out.valid.eq(ext & core.state_out.valid),
-            self.state_out.payload.eq(core.state_out.payload),
-            core.state_out.ready.eq(ext & self.state_out.ready),
-            self.state_overflow.eq(core.state_overflow),
-            self.acc_overflow.eq(core.acc_overflow),
+            self.params_in.ready.eq(ext & params_ready),
+            self.params_out.valid.eq(ext & e0.params_out.valid),
+            self.params_out.payload.eq(e0.params_out.payload),
+            e0.params_out.ready.eq(ext & self.params_out.ready),
+            e0.inputs.valid.eq(ext & self.inputs.valid),
+            e0.inputs.payload.eq(self.inputs.payload),
+            self.outputs.valid.eq(ext & e0.outputs.valid),
+            self.outputs.payload.eq(e0.outputs.payload),
+            e0.outputs.ready.eq(ext & self.outputs.ready),
+            e0.nudges.valid.eq(ext & self.nudges.valid),
+            e0.nudges.payload.eq(self.nudges.payload),
+            self.nudges.ready.eq(ext & e0.nudges.ready),
+            self.acc_out.valid.eq(Mux(ext, e0.acc_out.valid, rm_sel & ppf.valid)),
+            self.acc_out.payload.eq(Mux(ext, e0.acc_out.payload, rm_word)),
+            self.state_out.valid.eq(ext & e0.state_out.valid),
+            self.state_out.payload.eq(e0.state_out.payload),
+            e0.state_out.ready.eq(ext & self.state_out.ready),
+            self.state_overflow.eq(Cat(eng.state_overflow for eng in engines).any()),
+            self.acc_overflow.eq(Cat(eng.acc_overflow for eng in engines).any()),
             sel_cmd.eq(Mux(ext, self.cmd.payload.as_value(), internal_cmd.as_value())),
             self.done.payload.result.eq(result),
         ]
-        m.d.comb += core_in_take.eq(~ext & core.inputs.valid & core.inputs.ready)
-        if K > 1:
-            with m.If(sj_start):
-                m.d.sync += [in_col.eq(0), in_pad.eq(0)]
-            with m.Elif(core_in_take):
-                m.d.sync += [in_col.eq(Mux(in_col == K - 1, 0, in_col + 1)),
-                             in_pad.eq((in_col != K - 1) & (in_col + 1 >= s_k))]
+        for e, eng in enumerate(engines):
+            m.d.comb += eng.acc_out.ready.eq(Mux(ext, self.acc_out.ready if e == 0 else 0,
+                                                 acc_take))
         inputs_ready = Signal()             # TRAIN_SETUP, STORE take the inputs
         with m.If(~ext):
             m.d.comb += self.inputs.ready.eq(inputs_ready)
         with m.Else():
-            m.d.comb += self.inputs.ready.eq(core.inputs.ready)
+            m.d.comb += self.inputs.ready.eq(e0.inputs.ready)
 
         # ---------------------------------------------------------------- control
         word16 = self.inputs.payload.as_unsigned()[:16]
@@ -949,8 +826,7 @@ class TrainingCore(wiring.Component):
                 m.next = nxt
 
         def wait(nxt):
-            m.d.comb += core.done.ready.eq(1)
-            with m.If(core.done.valid):
+            with m.If(cmd_idle):
                 m.next = nxt
 
         def to_idle():
@@ -1029,13 +905,11 @@ class TrainingCore(wiring.Component):
                     with m.Case(Op.STREAM):     # no streamed pass runs
                         m.d.sync += result.eq(Result.WRONG_STATE)
                 with m.If(pass_start):
-                    m.d.sync += [samples.eq(0), skipped.eq(0), in_batch.eq(0)]
+                    m.d.sync += [samples.eq(0), skipped.eq(0), in_batch.eq(0), slot.eq(0)]
 
             with m.State("CORE"):
-                m.d.comb += [self.done.valid.eq(core.done.valid),
-                             self.done.payload.eq(core.done.payload),
-                             core.done.ready.eq(self.done.ready)]
-                with m.If(core.done.valid & self.done.ready):
+                m.d.comb += [self.done.valid.eq(cmd_idle), self.done.payload.eq(done0)]
+                with m.If(cmd_idle & self.done.ready):
                     m.next = "IDLE"
 
             with m.State("DONE"):
@@ -1060,8 +934,7 @@ class TrainingCore(wiring.Component):
                     with m.If(s_index == len(SETUP_FIELDS) - 1):
                         m.next = "SETUP_DERIVE"
             with m.State("SETUP_DERIVE"):
-                m.d.sync += [d_tO.eq(_times(s_steps, O)), d_row_last.eq(_times(s_steps, O) - O),
-                             d_o_last.eq(s_o - 1)]
+                m.d.sync += d_o_last.eq(s_o - 1)
                 # order_bits(train_count) = max(1, bit_length(train_count − 1))
                 tc1 = Signal(16)
                 m.d.comb += tc1.eq(s_train - 1)
@@ -1159,7 +1032,7 @@ class TrainingCore(wiring.Component):
             with m.State("CLR_FLAGS_ISSUE"):
                 issue(Op.CLEAR_FLAGS, "CLR_FLAGS_WAIT")
             with m.State("CLR_FLAGS_WAIT"):
-                m.d.sync += in_batch.eq(0)
+                m.d.sync += [in_batch.eq(0), slot.eq(0)]
                 wait("NEXT")
             with m.State("NEXT"):
                 full = in_batch.bit_select(s_batch, 1)   # in_batch == B (in_batch ≤ B)
@@ -1169,64 +1042,68 @@ class TrainingCore(wiring.Component):
                     m.next = "PASS_END"
                 with m.Else():
                     m.next = "SAMPLE_START"
+            # A sample: engine ``slot`` takes it once idle, and its record is walked
+            # into the engine; the next sample can start as soon as the walk has
+            # issued its last read.
             with m.State("SAMPLE_START"):
-                with m.If(d_streamed):      # the oldest complete record of the ring
-                    with m.If(recs_avail != 0):
-                        m.d.comb += [rd_take.eq(1), sj_start.eq(1), sj_base.eq(rd_base)]
-                        m.next = "LOAD_ISSUE"
-                with m.Elif(next_valid):
-                    m.d.comb += [su_take.eq(1), sj_start.eq(1), sj_base.eq(next_base)]
-                    m.next = "LOAD_ISSUE"
-            with m.State("LOAD_ISSUE"):
-                issue(Op.LOAD, "LOAD_WAIT", length=s_steps)
-            with m.State("LOAD_WAIT"):
-                wait("FWD_ISSUE")
-            with m.State("FWD_ISSUE"):
-                m.d.comb += fwd_reset.eq(1)
-                issue(Op.FORWARD, "FWD_WAIT")
-            with m.State("FWD_WAIT"):
-                m.d.comb += core.done.ready.eq(1)
-                with m.If(core.done.valid):
-                    with m.If(is_train):
-                        m.next = "ECHO_START"
-                    with m.Else():
-                        m.d.sync += [samples.eq(samples + 1), left.eq(left - 1)]
-                        m.next = "NEXT"
-            with m.State("ECHO_START"):
-                with m.If(loss_end):
-                    m.d.comb += nj_start.eq(1)
-                    m.next = "ECHO_ISSUE"
-            with m.State("ECHO_ISSUE"):
-                issue(Op.ECHO, "ECHO_WAIT", kick=onehot)
-            with m.State("ECHO_WAIT"):
-                m.d.comb += core.done.ready.eq(1)
-                with m.If(core.done.valid):
-                    m.d.sync += [samples.eq(samples + 1), left.eq(left - 1),
-                                 in_batch.eq(in_batch + 1)]
+                with m.If(slot_idle):
+                    with m.If(d_streamed):      # the oldest complete record of the ring
+                        with m.If(recs_avail != 0):
+                            m.d.comb += [rd_take.eq(1), sj_start.eq(1), sj_base.eq(rd_base),
+                                         eng_start.eq(1)]
+                            m.next = "WALK"
+                    with m.Elif(next_valid):
+                        m.d.comb += [su_take.eq(1), sj_start.eq(1), sj_base.eq(next_base),
+                                     eng_start.eq(1)]
+                        m.next = "WALK"
+            with m.State("WALK"):
+                with m.If(~sj_active):
+                    m.d.sync += [left.eq(left - 1), in_batch.eq(in_batch + is_train),
+                                 slot.eq(Mux(slot == C - 1, 0, slot + 1))]
                     m.next = "NEXT"
             with m.State("BATCH_END"):
-                with m.If(core.state_overflow | core.acc_overflow):
-                    m.d.sync += skipped.eq(skipped + 1)
-                    m.next = "CLR_ACC_ISSUE"
-                with m.Else():
-                    m.d.comb += pj_start.eq(1)
-                    m.d.sync += wr_idx.eq(0)
-                    m.next = "OPT_ISSUE"
+                with m.If(all_idle):
+                    with m.If(self.state_overflow | self.acc_overflow):
+                        m.d.sync += skipped.eq(skipped + 1)
+                        m.next = "CLR_ACC_ISSUE"
+                    with m.Else():
+                        m.d.sync += [wr_idx.eq(0), sum_bad.eq(0)]
+                        if C > 1:
+                            m.next = "CHECK_ISSUE"
+                        else:
+                            m.d.comb += pj_start.eq(1)
+                            m.next = "OPT_ISSUE"
+            # With several engines, the sum of their accumulators may not fit
+            # acc_width although each does: a first READ_ACC only checks the sums.
+            if C > 1:
+                with m.State("CHECK_ISSUE"):
+                    m.d.comb += chk_sel.eq(1)
+                    issue(Op.READ_ACC, "CHECK_RUN")
+                with m.State("CHECK_RUN"):
+                    m.d.comb += chk_sel.eq(1)
+                    with m.If(accq.r_rdy):
+                        m.d.sync += wr_idx.eq(wr_idx + 1)
+                        with m.If(~acc_fits):
+                            m.d.sync += sum_bad.eq(1)
+                    with m.If((wr_idx == P) & cmd_idle):
+                        with m.If(sum_bad):
+                            m.d.sync += skipped.eq(skipped + 1)
+                            m.next = "CLR_ACC_ISSUE"
+                        with m.Else():
+                            m.d.comb += pj_start.eq(1)
+                            m.d.sync += wr_idx.eq(0)
+                            m.next = "OPT_ISSUE"
             with m.State("OPT_ISSUE"):
                 m.d.comb += opt_sel.eq(1)
                 issue(Op.READ_ACC, "OPT_RUN")
             with m.State("OPT_RUN"):
-                m.d.comb += [opt_sel.eq(1), core.done.ready.eq(1)]
-                acc_done = Signal()
-                with m.If(core.done.valid):
-                    m.d.sync += acc_done.eq(1)
-                with m.If((wr_idx == P) & (acc_done | core.done.valid)):
-                    m.d.sync += acc_done.eq(0)
+                m.d.comb += opt_sel.eq(1)
+                with m.If((wr_idx == P) & cmd_idle):
                     m.d.comb += pj_start.eq(1)
                     m.next = "WP_ISSUE"
             with m.State("PASS_END"):
                 # a STREAM still taking (surplus) words keeps the pass, and ``inputs``
-                with m.If(~loss.busy & (sop != _Sop.WORDS)):
+                with m.If(settled & (sop != _Sop.WORDS)):
                     m.d.sync += [running.eq(Pass.NONE), streaming.eq(0)]
                     to_idle()
 
