@@ -73,9 +73,6 @@ LATENCIES = {"host-driven-1ms": 1e-3, "host-driven-16ms": 16e-3}
 BITS_PER_BYTE = 10
 #: Workloads measured by default.
 DEFAULT_TASKS = "oscillators,oscillators@32"
-#: Samples per weight read: every training sample reads the weights once (no batching
-#: of several samples per weight read in the core today).
-SAMPLES_PER_WEIGHT_READ = 1
 #: The issue's target (issue 15 item 3) for the ULX3S-85F on chip, on ``oscillators``.
 TARGET_BOARD = "ulx3s-85f"
 TARGET_SAMPLES_PER_S = 10_000
@@ -541,11 +538,13 @@ def measure_torch_bptt(task, n: int, m: int, epochs: int, *, seed: int = 0) -> d
 
 
 # ---------------------------------------------------------------------------- rows
-def row(target, mode, task, cfg_or_shape, *, p, cycles_per_sample, clock_hz, samples_per_s,
+def row(target, mode, task, cfg_or_shape, *, c, p, cycles_per_sample, clock_hz, samples_per_s,
         source) -> dict:
+    """One row of :data:`ROW_KEYS`; ``c`` is the samples in flight at once (the sample
+    engines on chip, 1 host-driven, None on the CPU)."""
     n, m, k, o = cfg_or_shape
     return {"target": target, "mode": mode, "task": task.name, "n": n, "m": m, "k": k, "o": o,
-            "t": task.t, "c": SAMPLES_PER_WEIGHT_READ, "p": p,
+            "t": task.t, "c": c, "p": p,
             "cycles_per_sample": None if cycles_per_sample is None else round(cycles_per_sample, 1),
             "clock_hz": clock_hz,
             "samples_per_s": None if samples_per_s is None else round(samples_per_s, 2),
@@ -582,7 +581,7 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
         for name, base, clk, baud, trains in targets:
             if "on-chip" in modes:
                 if not trains:
-                    rows.append(row(name, "on-chip", task, shape, p=base.lanes,
+                    rows.append(row(name, "on-chip", task, shape, c=base.engines, p=base.lanes,
                                     cycles_per_sample=None, clock_hz=clk, samples_per_s=None,
                                     source=f"{SOURCES['unavailable']}: the board's core has no "
                                            "training store (store_words = 0; the UP5K has no room "
@@ -605,7 +604,7 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
                               f"(batch {2 ** tc_batch_log2(task)}): {r.cycles:,} cycles, "
                               f"over-count ≤ {r.bracket:.2%}")
                     notes.append(f"{name} / {label} on chip: simulated {detail}")
-                    rows.append(row(name, "on-chip", task, shape, p=cfg.lanes,
+                    rows.append(row(name, "on-chip", task, shape, c=cfg.engines, p=cfg.lanes,
                                     cycles_per_sample=r.cycles_per_sample, clock_hz=clk,
                                     samples_per_s=clk / r.cycles_per_sample,
                                     source=f"{SOURCES['sim']}; {detail}"))
@@ -624,7 +623,8 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
                 for mode, lat in LATENCIES.items():
                     sps = project_samples_per_s(tr.bytes_per_sample, tr.turnarounds_per_sample,
                                                 baud, lat)
-                    rows.append(row(name, mode, task, shape, p=cfg.lanes, cycles_per_sample=None,
+                    rows.append(row(name, mode, task, shape, c=1, p=cfg.lanes,
+                                    cycles_per_sample=None,
                                     clock_hz=clk, samples_per_s=sps,
                                     source=f"{SOURCES['projection']}; {tr.bytes_per_sample:.1f} "
                                            f"B and {tr.turnarounds_per_sample:.3f} turnarounds "
@@ -633,7 +633,8 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
             epochs = CPU_EPOCHS[q]
             say(f"bench train: {label}, float BPTT on the CPU, {epochs} epoch(s)")
             r = measure_cpu_bptt(task, n, m, epochs, seed=seed)
-            rows.append(row("cpu", "float-bptt", task, shape, p=None, cycles_per_sample=None,
+            rows.append(row("cpu", "float-bptt", task, shape, c=None, p=None,
+                            cycles_per_sample=None,
                             clock_hz=None, samples_per_s=r["samples_per_s"],
                             source=f"{SOURCES['cpu']}; float64 NumPy BPTT + Adam, batch "
                                    f"{task.defaults['batch']}, {r['samples']} samples in "
@@ -641,13 +642,13 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
             if torch_available():
                 say(f"bench train: {label}, PyTorch BPTT on the CPU, {epochs} epoch(s)")
                 r = measure_torch_bptt(task, n, m, epochs, seed=seed)
-                rows.append(row("cpu", "torch-bptt", task, shape, p=None, cycles_per_sample=None,
+                rows.append(row("cpu", "torch-bptt", task, shape, c=None, p=None, cycles_per_sample=None,
                                 clock_hz=None, samples_per_s=r["samples_per_s"],
                                 source=f"{SOURCES['cpu']}; PyTorch float64 autograd + Adam, batch "
                                        f"{task.defaults['batch']}, {r['samples']} samples in "
                                        f"{r['seconds']:.3f} s"))
             else:
-                rows.append(row("cpu", "torch-bptt", task, shape, p=None, cycles_per_sample=None,
+                rows.append(row("cpu", "torch-bptt", task, shape, c=None, p=None, cycles_per_sample=None,
                                 clock_hz=None, samples_per_s=None,
                                 source=f"{SOURCES['skipped']}: PyTorch is not installed "
                                        "(import torch failed)"))
@@ -685,7 +686,8 @@ def format_rows(rows: list[dict]) -> list[str]:
         sps = r["samples_per_s"]
         how = r["source"].split(";")[0].split(":")[0]
         cells = [r["target"], r["mode"], r["task"], r["n"] if r["n"] == r["m"] else f"{r['n']}/{r['m']}",
-                 r["k"], r["o"], r["t"], r["c"], "-" if r["p"] is None else r["p"],
+                 r["k"], r["o"], r["t"], "-" if r["c"] is None else r["c"],
+                 "-" if r["p"] is None else r["p"],
                  "-" if r["cycles_per_sample"] is None else f"{r['cycles_per_sample']:,.0f}",
                  "-" if r["clock_hz"] is None else f"{r['clock_hz'] / 1e6:g} MHz",
                  ("-" if sps is None else f"{sps:,.0f}" if sps >= 100 else f"{sps:,.1f}"),
