@@ -33,6 +33,19 @@ otherwise ``g = sat(rshift_round(−acc, s_p))`` per parameter array
 one shift), one optimiser step (:func:`sgdm_step`, :func:`lion_step`), and the
 re-quantised master weights are written to the core. Then the accumulators
 and flags are cleared.
+
+Sample engines
+--------------
+With ``cfg.engines`` = C > 1 the loop drives C cores (engines) that hold the
+same parameters (every parameter write goes to all of them), each with its own
+state, flags and accumulators. In a TRAIN pass the i-th sample of the current
+batch (0-based, restarting at every batch end) runs on engine ``i mod C``; in an
+EVAL pass the j-th sample of the pass runs on engine ``j mod C``. At a batch end
+the update is skipped if any engine's flag rose or if an element of the exact
+integer sum of the C accumulators lies outside the signed ``acc_width`` range
+(:func:`sum_accumulators`); otherwise that sum is the batch's accumulator.
+Without a wrap the sum is the one core's sequential accumulation, so a run
+without overflow is bit-identical for every C.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from hel_fpga.spec.training import (
     unpack_setup)
 
 __all__ = ["SampleStore", "Metrics", "OnChipTrainer", "PassRunner", "TrainingUnit", "shift_saturate", "gradient_from_acc",
+           "sum_accumulators", "engine_cores",
            "sgdm_step", "lion_step", "requantize", "clamp_master", "master_from_float",
            "sample_nudges"]
 
@@ -99,6 +113,50 @@ def gradient_from_acc(acc, fm: TrainFormats, tc: TrainConfig) -> dict[str, np.nd
     return {k: shift_saturate(-np.asarray(acc[k], dtype=np.int64),
                               fm.grad_shift(k, tc.eps_log2, tc.batch_log2), w)
             for k in PARAM_NAMES}
+
+
+_LO32 = (1 << 32) - 1
+
+
+def sum_accumulators(accs, acc_width: int) -> dict[str, np.ndarray] | None:
+    """The exact element-wise sum of several cores' accumulators, or None when an
+    element of it lies outside the signed ``acc_width`` range.
+
+    ``accs`` are :meth:`GoldenCore.read_accumulators` dicts (each element in the
+    signed ``acc_width``-bit range, ``acc_width`` ≤ 63). The sum of up to 16 of
+    them needs up to 67 bits, so each element is split into its high (arithmetic
+    ≫ 32) and low 32 bits, the halves are summed separately in int64, and the
+    range test compares (high, low) pairs; a sum in range fits int64.
+    """
+    lo_b, hi_b = -(1 << (acc_width - 1)), (1 << (acc_width - 1)) - 1
+    out = {}
+    for k in PARAM_NAMES:
+        a = np.stack([np.asarray(acc[k], dtype=np.int64) for acc in accs])
+        hi = (a >> 32).sum(axis=0)
+        lo = (a & _LO32).sum(axis=0)
+        hi += lo >> 32
+        lo &= _LO32                         # value = hi·2^32 + lo, 0 ≤ lo < 2^32
+        below = (hi < lo_b >> 32) | ((hi == lo_b >> 32) & (lo < (lo_b & _LO32)))
+        above = (hi > hi_b >> 32) | ((hi == hi_b >> 32) & (lo > (hi_b & _LO32)))
+        if np.any(below | above):
+            return None
+        out[k] = (hi << 32) + lo
+    return out
+
+
+def engine_cores(cfg: HelConfig, core) -> list[GoldenCore]:
+    """A device's ``cfg.engines`` cores from ``core``: a list of them (used as it is),
+    or one GoldenCore, which becomes engine 0; the other engines are then fresh
+    cores holding engine 0's parameters."""
+    if isinstance(core, GoldenCore):
+        cores = [core] + [GoldenCore(cfg) for _ in range(cfg.engines - 1)]
+        for c in cores[1:]:
+            c.write_params(**core.read_params())
+        return cores
+    cores = list(core)
+    if len(cores) != cfg.engines or not all(isinstance(c, GoldenCore) for c in cores):
+        raise TrainingError(f"expected {cfg.engines} GoldenCore engine(s), got {len(cores)}")
+    return cores
 
 
 def _ema(m: np.ndarray, g: np.ndarray, beta_log2: int) -> np.ndarray:
@@ -344,7 +402,18 @@ class Metrics:
 # --------------------------------------------------------------------------- the trainer
 
 class OnChipTrainer:
-    """On-chip HEL training around one :class:`GoldenCore`.
+    """On-chip HEL training around ``cfg.engines`` = C :class:`GoldenCore` sample engines.
+
+    ``cores`` are the engines; ``core`` is engine 0, the one a host sees (LOAD,
+    FORWARD, READ_ACC … act on it). All engines hold the same parameters: every
+    parameter write (the initial one, the one after each optimiser step,
+    :meth:`load_state`) goes to each. A sample runs on the engine
+    :class:`PassRunner` names (TRAIN: the sample's index in its batch mod C;
+    EVAL: its index in the pass mod C), and :meth:`end_batch` sums the engines'
+    accumulators exactly (:func:`sum_accumulators`): the update is skipped when a
+    flag of any engine rose or the sum leaves the signed ``acc_width`` range,
+    else the sum is the batch's accumulator. Then every engine's accumulators
+    and flags are cleared. With C = 1 this is the one core's loop.
 
     Parameters
     ----------
@@ -355,12 +424,13 @@ class OnChipTrainer:
     master:
         Initial master weights (integers, master format), by parameter name.
     core:
-        Drive this core as it is (a device's: :class:`TrainingUnit`) instead of a
-        fresh one loaded with the re-quantised master weights.
+        Drive these engines as they are (a device's: :class:`TrainingUnit`; a list
+        of C cores, or one core, see :func:`engine_cores`) instead of fresh ones
+        loaded with the re-quantised master weights.
     """
 
     def __init__(self, cfg: HelConfig, tc: TrainConfig, train: SampleStore,
-                 master: dict[str, np.ndarray], *, core: GoldenCore | None = None):
+                 master: dict[str, np.ndarray], *, core=None):
         tc.check_for(cfg)
         if train.kind != tc.loss:
             raise TrainingError(f"the training set is for loss {train.kind!r}, the run uses {tc.loss!r}")
@@ -379,13 +449,16 @@ class OnChipTrainer:
             self.master[k] = clamp_master(a.astype(np.int64), self.fm)
         self.moment = {k: np.zeros(shapes[k], dtype=np.int64) for k in PARAM_NAMES}
         self.epoch = 0
-        if core is not None:        # a device's core: its parameters are the device's
-            self.core = core
+        if core is not None:        # a device's engines: their parameters are the device's
+            self.cores = engine_cores(cfg, core)
+            self.core = self.cores[0]
             return
-        self.core = GoldenCore(cfg)
+        self.cores = [GoldenCore(cfg) for _ in range(cfg.engines)]
+        self.core = self.cores[0]
         self._write_params()
-        self.core.clear_accumulators()
-        self.core.clear_flags()
+        for c in self.cores:
+            c.clear_accumulators()
+            c.clear_flags()
 
     # ---- pieces (each is one step of docs/onchip.md) -------------------------------------
     def params(self) -> dict[str, np.ndarray]:
@@ -393,15 +466,20 @@ class OnChipTrainer:
         return {k: requantize(self.master[k], self.fm) for k in PARAM_NAMES}
 
     def _write_params(self) -> None:
-        self.core.write_params(**self.params())
+        p = self.params()
+        for c in self.cores:
+            c.write_params(**p)
 
-    def forward_sample(self, store: SampleStore, i: int) -> tuple[np.ndarray, np.ndarray, int, bool | None]:
-        """LOAD and FORWARD sample ``i``: (outputs, nudges, squared-error sum, correct).
+    def forward_sample(self, store: SampleStore, i: int,
+                       engine: int = 0) -> tuple[np.ndarray, np.ndarray, int, bool | None]:
+        """LOAD and FORWARD sample ``i`` on ``engine``: (outputs, nudges, squared-error
+        sum, correct).
 
         The core's inputs beyond the store's k channels are zero; the loss and the
         argmax see the store's first o outputs."""
-        self.core.load(store.core_inputs(self.cfg, i))
-        out = self.core.forward("centred")
+        core = self.cores[engine]
+        core.load(store.core_inputs(self.cfg, i))
+        out = core.forward("centred")
         y, mask = store.sample_targets(self.cfg, i)
         nu, sq = sample_nudges(self.cfg, out, y, mask, self.tc.eps_log2)
         correct = None
@@ -409,23 +487,35 @@ class OnChipTrainer:
             correct = bool(int(np.argmax(out[-1, :store.o])) == int(store.labels[i]))
         return out, nu, sq, correct
 
-    def train_sample(self, i: int, store: SampleStore | None = None) -> tuple[int, bool | None]:
-        """One training sample (of ``store``, default the training set): FORWARD,
-        nudges, centred ECHO (contrast accumulates)."""
-        _, nu, sq, correct = self.forward_sample(self.train if store is None else store, i)
-        self.core.echo(nu)
+    def train_sample(self, i: int, store: SampleStore | None = None,
+                     engine: int = 0) -> tuple[int, bool | None]:
+        """One training sample (of ``store``, default the training set) on ``engine``:
+        FORWARD, nudges, centred ECHO (the contrast accumulates in that engine)."""
+        _, nu, sq, correct = self.forward_sample(self.train if store is None else store, i, engine)
+        self.cores[engine].echo(nu)
         return sq, correct
 
+    def batch_accumulators(self) -> dict[str, np.ndarray] | None:
+        """The batch's accumulators: the exact sum over the engines, or None when a
+        flag of any engine rose or an element of the sum leaves the signed
+        ``acc_width`` range (the update is then skipped)."""
+        cores = self.cores
+        if any(c.state_overflow or c.acc_overflow for c in cores):
+            return None
+        if len(cores) == 1:
+            return cores[0].read_accumulators()
+        return sum_accumulators([c.acc for c in cores], self.cfg.acc_width)
+
     def end_batch(self, lr_shift: int) -> bool:
-        """Optimiser step from the accumulators unless a flag rose; clear. True if stepped."""
-        c = self.core
-        overflow = c.state_overflow or c.acc_overflow
-        if not overflow:
-            g = gradient_from_acc(c.read_accumulators(), self.fm, self.tc)
-            self.step(g, lr_shift)
-        c.clear_accumulators()
-        c.clear_flags()
-        return not overflow
+        """Optimiser step from :meth:`batch_accumulators` unless it is None (overflow);
+        then clear every engine's accumulators and flags. True if stepped."""
+        acc = self.batch_accumulators()
+        if acc is not None:
+            self.step(gradient_from_acc(acc, self.fm, self.tc), lr_shift)
+        for c in self.cores:
+            c.clear_accumulators()
+            c.clear_flags()
+        return acc is not None
 
     def step(self, g: dict[str, np.ndarray], lr_shift: int) -> None:
         """One optimiser step on every parameter array, then re-quantise and write."""
@@ -501,6 +591,10 @@ class PassRunner:
     the epoch and returns the pass's :class:`Metrics`; :meth:`running` gives the
     device's running counts in between. The resident passes feed it their own
     order; a streamed pass feeds it the records as they arrive.
+
+    The sample runs on engine :meth:`engine` of the trainer's C: in TRAIN the
+    sample's 0-based index in its batch (``in_batch`` before it is added) mod C,
+    in EVAL its 0-based index in the pass mod C.
     """
 
     def __init__(self, trainer: OnChipTrainer, train: bool):
@@ -509,12 +603,17 @@ class PassRunner:
         self.samples = self.loss = self.correct = self.skipped = self.in_batch = 0
         self.elements = 0
 
+    def engine(self) -> int:
+        """The engine the next sample runs on."""
+        return (self.in_batch if self.train else self.samples) % len(self.t.cores)
+
     def add(self, store: SampleStore, i: int) -> None:
         t = self.t
+        e = self.engine()
         if self.train:
-            sq, ok = t.train_sample(i, store)
+            sq, ok = t.train_sample(i, store, e)
         else:
-            sq, ok = t.forward_sample(store, i)[2:]
+            sq, ok = t.forward_sample(store, i, e)[2:]
         self.samples += 1
         self.loss += sq
         self.correct += bool(ok)
@@ -544,15 +643,17 @@ class PassRunner:
 # --------------------------------------------------------------------------- the device's unit
 
 class TrainingUnit:
-    """The device's on-chip training unit beside a :class:`GoldenCore`, command by command.
+    """The device's on-chip training unit beside its C :class:`GoldenCore` engines, command by command.
 
     This is what the protocol commands of docs/protocol.md (TRAIN_SETUP, STORE,
     WRITE_MASTER, READ_MASTER, TRAIN, EVAL, METRICS, STREAM) act on: the store of
     ``cfg.store_words`` operand words, the master weights and moments, the
     latched setup and the last pass's metrics. A pass is the same loop as
-    :class:`OnChipTrainer` (which it drives on the shared core), with the device's
-    extras: TRAIN starts by clearing the core's accumulators and flags, and the
-    store is read as written (:meth:`SampleStore.from_image`).
+    :class:`OnChipTrainer` (which it drives on the shared engines, ``cores``;
+    ``core`` is engine 0), with the device's extras: TRAIN starts by clearing
+    every engine's accumulators and flags, and the store is read as written
+    (:meth:`SampleStore.from_image`). WRITE_MASTER's master weights go,
+    re-quantised, to every engine.
 
     A resident pass runs to its end at TRAIN or EVAL. A streamed pass
     (``StoreLayout.streamed``) starts there and takes the records :meth:`write_stream`
@@ -564,10 +665,11 @@ class TrainingUnit:
     forgotten, the memories (store, master weights, moments) keep their contents.
     """
 
-    def __init__(self, cfg: HelConfig, core: GoldenCore):
+    def __init__(self, cfg: HelConfig, core):
         if cfg.store_words < 1:
             raise TrainingError("this configuration has no on-chip training (store_words = 0)")
-        self.cfg, self.core = cfg, core
+        self.cfg = cfg
+        self.attach(core)
         self.fm = TrainFormats(cfg)
         shapes = cfg.param_shapes()
         self.store = np.zeros(cfg.store_words, dtype=np.int64)
@@ -581,8 +683,10 @@ class TrainingUnit:
         self.metrics = (0, 0, 0, 0)             # samples, loss sum, correct, skipped
         self._stream: dict | None = None        # a streamed pass: its runner, ring, counts
 
-    def attach(self, core: GoldenCore) -> None:
-        self.core = core
+    def attach(self, core) -> None:
+        """Drive these engines: a list of C cores, or one core (:func:`engine_cores`)."""
+        self.cores = engine_cores(self.cfg, core)
+        self.core = self.cores[0]
 
     @property
     def streaming(self) -> bool:
@@ -613,12 +717,14 @@ class TrainingUnit:
         return out
 
     def write_master(self, which: int, words) -> None:
-        """WRITE_MASTER: master weights (clamped; the core gets their re-quantised copy)
+        """WRITE_MASTER: master weights (clamped; every engine gets their re-quantised copy)
         or moments (saturated), in PARAM_NAMES order."""
         arrays = self._split(words)
         if which == 0:
             self.master = {k: clamp_master(v, self.fm) for k, v in arrays.items()}
-            self.core.write_params(**{k: requantize(v, self.fm) for k, v in self.master.items()})
+            params = {k: requantize(v, self.fm) for k, v in self.master.items()}
+            for c in self.cores:
+                c.write_params(**params)
         else:
             self.moment = {k: saturate(v, self.fm.moment.width) for k, v in arrays.items()}
 
@@ -630,7 +736,7 @@ class TrainingUnit:
         tc, layout = self.setup
         if store is None:                       # a streamed pass: the samples come later
             store = SampleStore(tc.loss, np.zeros((0, layout.steps, layout.k), dtype=np.int64))
-        t = OnChipTrainer(self.cfg, tc, store, self.master, core=self.core)
+        t = OnChipTrainer(self.cfg, tc, store, self.master, core=self.cores)
         t.master, t.moment = self.master, self.moment     # exactly as stored (no clamp)
         return t
 
@@ -643,8 +749,9 @@ class TrainingUnit:
         if self.setup is None:
             raise TrainingError("no training setup")
         layout = self.setup[1]
-        self.core.clear_accumulators()
-        self.core.clear_flags()
+        for c in self.cores:
+            c.clear_accumulators()
+            c.clear_flags()
         if layout.streamed:
             t = self._trainer()
             t.epoch = epoch
