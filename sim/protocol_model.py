@@ -101,7 +101,14 @@ class StreamDecoder:
 
 
 class ProtocolModel:
-    """The device: frame decoder + command unit + :class:`GoldenCore`.
+    """The device: frame decoder + command unit + :class:`GoldenCore` engines.
+
+    The device has ``cfg.engines`` = C cores (``cores``; the on-chip training
+    loop's sample engines, :class:`~hel_fpga.sim.onchip.TrainingUnit`); ``core``
+    is engine 0. LOAD, FORWARD, ECHO, READ_ACC, READ_STATE, SELFTEST and
+    READ_PARAMS act on engine 0; WRITE_PARAMS, CLEAR_ACC, CLEAR_FLAGS, RESET and
+    WRITE_MASTER's master weights act on every engine; the overflow flags STATUS
+    reports are the OR over the engines.
 
     Parameters
     ----------
@@ -118,17 +125,19 @@ class ProtocolModel:
         self.decoder = StreamDecoder()
         self.frames_in = 0
         self.errors_out = 0
-        self.core = GoldenCore(cfg)
+        self.cores = [GoldenCore(cfg) for _ in range(cfg.engines)]
+        self.core = self.cores[0]
         # on-chip training: its memories outlive RESET (only the setup and metrics go)
-        self.trainer = TrainingUnit(cfg, self.core) if cfg.store_words else None
+        self.trainer = TrainingUnit(cfg, self.cores) if cfg.store_words else None
         self._reset()
 
     # ---- state -----------------------------------------------------------------------
     def _reset(self) -> None:
-        self.core = GoldenCore(self.cfg)
+        self.cores = [GoldenCore(self.cfg) for _ in range(self.cfg.engines)]
+        self.core = self.cores[0]
         if self.trainer is not None:
             self.trainer.reset()
-            self.trainer.attach(self.core)
+            self.trainer.attach(self.cores)
         self.xfer: dict | None = None       # the open transfer
         self.xfer_cmd = 0                   # cmd of the open / last completed transfer
         self.xfer_done = 0                  # chunks applied in it
@@ -228,13 +237,15 @@ class ProtocolModel:
         if cmd == Command.STATUS:
             return self._reply(cmd, seq, P.pack_fields(P.STATUS_LAYOUT, self.status_fields()))
         if cmd == Command.CLEAR_FLAGS:
-            self.core.clear_flags()
+            for core in self.cores:
+                core.clear_flags()
             return self._reply(cmd, seq)
         if cmd == Command.RESET:
             self._reset()
             return self._reply(cmd, seq)
         if cmd == Command.CLEAR_ACC:
-            self.core.clear_accumulators()
+            for core in self.cores:
+                core.clear_accumulators()
             return self._reply(cmd, seq)
         if cmd == Command.READ_ACC:
             acc = self.core.read_accumulators()
@@ -337,9 +348,10 @@ class ProtocolModel:
         return self._reply(cmd, seq)
 
     def _pass_over(self) -> None:
-        """What a pass leaves in the core: nothing loaded, nothing to echo."""
-        self.core.inputs = np.zeros((0, self.cfg.k), dtype=np.int64)
-        self.core._forwarded = None  # noqa: SLF001
+        """What a pass leaves in the engines: nothing loaded, nothing to echo."""
+        for core in self.cores:
+            core.inputs = np.zeros((0, self.cfg.k), dtype=np.int64)
+            core._forwarded = None  # noqa: SLF001
 
     def _mask(self, mask: int) -> list[str]:
         if not 1 <= mask <= P.PARAM_MASK_ALL:
@@ -347,11 +359,10 @@ class ProtocolModel:
         return [name for i, name in enumerate(PARAM_NAMES) if mask >> i & 1]
 
     def status_fields(self) -> dict[str, int]:
-        core = self.core
         flags = StatusFlag(0)
-        if core.state_overflow:
+        if any(core.state_overflow for core in self.cores):
             flags |= StatusFlag.STATE_OVERFLOW
-        if core.acc_overflow:
+        if any(core.acc_overflow for core in self.cores):
             flags |= StatusFlag.ACC_OVERFLOW
         if self.loaded:
             flags |= StatusFlag.LOADED
@@ -405,7 +416,8 @@ class ProtocolModel:
                 size = int(np.prod(shapes[name]))
                 arrays[name] = words[pos:pos + size].reshape(shapes[name])
                 pos += size
-            self.core.write_params(**arrays)
+            for core in self.cores:
+                core.write_params(**arrays)
         elif x["cmd"] == Command.LOAD:
             self.core.load(words.reshape(x["t"], c.k))
         elif x["cmd"] == Command.ECHO:
