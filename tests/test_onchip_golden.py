@@ -428,14 +428,16 @@ def _unit(cfg, tc, store, slots, test=None):
     return unit
 
 
+@pytest.mark.parametrize("engines", [1, 3])
 @pytest.mark.parametrize("slots,chunk", [(1, 7), (2, 50), (5, 1000)])
-def test_a_streamed_epoch_in_epoch_order_is_the_resident_epoch(slots, chunk):
+def test_a_streamed_epoch_in_epoch_order_is_the_resident_epoch(slots, chunk, engines):
     """The ring of ``slots`` records, fed in pieces of ``chunk`` words in
     epoch_order, trains exactly as the resident store; the pass runs until its last
-    record, then ends; words beyond the pass are dropped; EVAL streams in index order."""
+    record, then ends; words beyond the pass are dropped; EVAL streams in index order.
+    With C sample engines too (a streamed record runs on the engine its index names)."""
     from hel_fpga.spec.protocol import Pass
     rng = np.random.default_rng(22)
-    cfg = CFG.replace(store_words=4096)
+    cfg = CFG.replace(store_words=4096, engines=engines)
     train, test = regression_store(rng, s=9), regression_store(rng, s=4)
     tc = TrainConfig(loss="mse", batch_log2=2, epochs=2, seed=5)
     res, st = _unit(cfg, tc, train, 0, test), _unit(cfg, tc, train, slots, test)
