@@ -7,8 +7,9 @@ in through :meth:`ProtocolModel.feed`, the reply bytes come out. Inside it runs
   decision for decision (on-the-fly COBS, decoded length counter saturating at
   ``MAX_BODY_LEN + 1``, best-effort ``seq`` = the second decoded byte, verdict
   precedence BAD_LENGTH > BAD_CRC, empty frames ignored), and
-* the command unit of ``docs/protocol.md`` (rules: :mod:`hel_fpga.spec.protocol`) around a
-  :class:`hel_fpga.sim.golden.GoldenCore`.
+* the command unit of ``docs/protocol.md`` (rules: :mod:`hel_fpga.spec.protocol`) around
+  ``cfg.engines`` :class:`hel_fpga.sim.golden.GoldenCore` engines (the host's commands
+  see engine 0, :class:`ProtocolModel` lists which act on all).
 
 It is the byte-for-byte reference for the gateware's command unit and a fast
 device for host tests (:class:`ModelPort` makes it look like a pyserial port,
