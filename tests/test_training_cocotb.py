@@ -1,7 +1,7 @@
 """The training core on Verilator with cocotb, bit-exact against the device's golden unit.
 
-Two configurations (a narrow 16-bit core with P = 2 and an 18-bit ECP5-format core with
-P = 3 over two store banks) × the scenarios of :mod:`cocotb_core.tb_training`: a resident
+Three configurations (a narrow 16-bit core with P = 2, an 18-bit ECP5-format core with
+P = 3 over two store banks, and three sample engines of P = 2) × the scenarios of :mod:`cocotb_core.tb_training`: a resident
 regression run and a classification run streamed through a ring of two records, both
 with data narrower than the core, random idle and back-pressure on every stream. The
 Verilator build of each configuration is cached as in ``tests/test_core_cocotb.py``.
@@ -26,6 +26,7 @@ CONFIGS = {
     "p3_ow18_banks": (dict(n=7, m=4, k=3, o=3, t_max=8, lanes=3, operand_width=18, operand_frac=15,
                            act_frac=16, param_frac=14, z_frac=14, acc_width=52, store_words=1024),
                       {"store_bank_words": 512}),
+    "p2_engines3": (dict(n=5, m=4, k=2, o=3, t_max=8, lanes=2, store_words=512, engines=3), {}),
 }
 SCENARIOS = ("resident_mse", "streamed_onehot")
 

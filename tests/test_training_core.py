@@ -268,16 +268,17 @@ def train_scenario(cfg: HelConfig, tc: TrainConfig, *, n_train: int, n_test: int
                    epochs=(0,), seed: int = 0, moments: bool = True, store_fn=None,
                    master_scale: float = 0.4, stats: dict | None = None,
                    store_bank_words: int | None = None, k: int | None = None,
-                   o: int | None = None):
+                   o: int | None = None, master: dict | None = None):
     """WRITE_MASTER both banks, TRAIN_SETUP, STORE, then per epoch e in ``epochs``:
     TRAIN e, READ_MASTER both banks, READ_PARAMS, and EVAL of both sets; all against
     the golden trainer. ``store_fn(cfg, loss, count, steps, rng)`` makes a set; ``k``
-    and ``o`` are the data's widths (default: the core's)."""
+    and ``o`` are the data's widths (default: the core's); ``master``, the initial
+    master weights (default: random)."""
     rng = np.random.default_rng(seed)
     store_fn = store_fn or (lambda c, loss, n, t, r: random_store(c, loss, n, t, r, k=k, o=o))
     train = store_fn(cfg, tc.loss, n_train, steps, rng)
     test = store_fn(cfg, tc.loss, n_test, steps, rng) if n_test else None
-    master = random_master(cfg, rng, scale=master_scale)
+    master = random_master(cfg, rng, scale=master_scale) if master is None else master
     moment = random_moment(cfg, rng) if moments else {k: np.zeros(s, dtype=np.int64)
                                                       for k, s in cfg.param_shapes().items()}
     setup = pack_setup(cfg, tc, steps, n_train, n_test, k=k, o=o)
@@ -985,3 +986,83 @@ def test_a_streamed_epoch_in_epoch_order_equals_the_resident_epoch():
     (metrics, mst, mom), = expect
     assert metrics == (m.samples, m.loss_sum, m.correct or 0, m.overflow_batches)
     assert mst == flat(ref.master) and mom == flat(ref.moment)
+
+
+# ----------------------------------------------------------------------------- sample engines
+@pytest.mark.parametrize("engines, batch_log2", [(2, 2), (3, 1), (4, 3), (3, 0)])
+def test_engines_train_and_eval_mse_equal_golden_trainer(engines, batch_log2):
+    """C sample engines: batches that are and are not multiples of C (and smaller than
+    C), a partial last batch, two epochs, EVAL of both sets; bit for bit with the golden
+    trainer of the same C, which sums the engines' accumulators per batch."""
+    cfg = SMALL.replace(engines=engines, store_words=512)
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=batch_log2, lr_log2=7, epochs=4,
+                     seed=3)
+    mism, expect = train_scenario(cfg, tc, n_train=11, n_test=3, steps=5, epochs=(0, 2),
+                                  seed=engines + 10 * batch_log2)
+    assert not mism, "\n".join(mism)
+    assert all(e[0].overflow_batches == 0 and e[0].loss_sum > 0 for e in expect)
+
+
+def test_engines_onehot_sgdm_on_narrow_data_equal_golden_trainer():
+    """Three engines, one-hot on fewer classes than outputs and fewer inputs than K,
+    P = 2 lanes."""
+    cfg = WIDE_CORE.replace(engines=3)
+    tc = TrainConfig(loss="onehot", optimizer="sgdm", eps_log2=2, batch_log2=2, lr_log2=-1,
+                     epochs=3, seed=9)
+    mism, expect = train_scenario(cfg, tc, n_train=10, n_test=4, steps=4, epochs=(0, 1), seed=4,
+                                  k=2, o=3)
+    assert not mism, "\n".join(mism)
+    assert expect[0][0].correct is not None
+
+
+def test_engines_run_samples_at_once():
+    """The same epoch on one and on four engines: four take well under half the cycles
+    (the walk of a record is short beside a sample, so the engines overlap)."""
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=3, lr_log2=7, epochs=2, seed=3)
+    cycles = {}
+    for c in (1, 4):
+        stats = {}
+        mism, _ = train_scenario(SMALL.replace(engines=c, store_words=512), tc, n_train=16, n_test=0, steps=8,
+                                 epochs=(0,), seed=5, stats=stats)
+        assert not mism, "\n".join(mism)
+        cycles[c] = stats["train"][0][0]
+    assert cycles[4] < 0.45 * cycles[1], cycles
+
+
+@pytest.mark.parametrize("engines", [2, 3])
+def test_engines_skip_batches_with_an_overflow_flag_as_the_golden_trainer(engines):
+    tc = TrainConfig(loss="mse", optimizer="sgdm", batch_log2=1, lr_log2=2, eps_log2=3,
+                     epochs=4, seed=3)
+    mism, expect = train_scenario(
+        OVERFLOW.replace(engines=engines), tc, n_train=8, n_test=0, steps=8, epochs=(0,),
+        seed=3, master_scale=0.5,
+        store_fn=lambda c, loss, n, t, r: random_store(c, loss, n, t, r, scale=1.0))
+    assert not mism, "\n".join(mism)
+    assert 0 < expect[0][0].overflow_batches < 4, "the scenario must skip some batches, not all"
+
+
+@pytest.mark.parametrize("slots", [1, 4])
+def test_engines_streamed_passes_equal_the_training_unit(slots):
+    """Three engines behind a ring of one record (fewer slots than engines) and of four."""
+    cfg = WIDE_CORE.replace(engines=3)
+    r = random.Random(slots + 20)
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=2, lr_log2=6, epochs=3,
+                     halvings=1, seed=5)
+    passes = [("train", 0, _orders(r, 9, 9)), ("eval", 1, _orders(r, 3, 3)),
+              ("train", 1, _orders(r, 9, 9), 4)]
+    stream_scenario(cfg, tc, slots=slots, n_train=9, n_test=3, steps=3, k=2, o=3,
+                    passes=passes, seed=70 + slots)
+
+
+@pytest.mark.parametrize("engines", [2, 3])
+def test_engines_whose_accumulator_sum_leaves_acc_width_skip_the_batch(engines):
+    """B = 128 equal samples at an acc_width where each engine's share of the batch
+    fits and the sum does not (``big_contrast_case``: no engine raises a flag): the
+    range check's READ_ACC finds it, the batch is skipped, nothing is stepped."""
+    from test_onchip_engines import big_contrast_case
+    cfg, tc, store, master, _ = big_contrast_case(engines)
+    cfg = cfg.replace(store_words=1024)
+    mism, expect = train_scenario(cfg, tc, n_train=store.count, n_test=0, steps=1, epochs=(0,),
+                                  store_fn=lambda *_: store, master=master, moments=False)
+    assert not mism, "\n".join(mism)
+    assert expect[0][0].overflow_batches == 1 and expect[0][1] == flat(master)
