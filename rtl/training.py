@@ -1,10 +1,13 @@
-"""The training core: :class:`HELCore` plus the on-chip training loop (docs/onchip.md).
+"""The training core: HEL cores plus the on-chip training loop (docs/onchip.md).
 
-:class:`TrainingCore` wraps one :class:`hel_fpga.rtl.core.HELCore` and executes the
-training operations of :class:`hel_fpga.rtl.core.Op` (TRAIN_SETUP … STREAM) around it,
-bit-exact with :class:`hel_fpga.sim.onchip.OnChipTrainer`. The loop drives the core
-only through its own commands (LOAD, FORWARD, ECHO, READ_ACC, WRITE_PARAMS,
-CLEAR_ACC, CLEAR_FLAGS), exactly as the golden model drives ``GoldenCore``.
+:class:`TrainingCore` holds ``cfg.engines`` = C :class:`~hel_fpga.rtl.engine.SampleEngine`
+components (each a :class:`hel_fpga.rtl.core.HELCore` with the per-sample half of the
+loop) and executes the training operations of :class:`hel_fpga.rtl.core.Op`
+(TRAIN_SETUP … STREAM) around them, bit-exact with
+:class:`hel_fpga.sim.onchip.OnChipTrainer`. The loop drives the cores only through
+their own commands (LOAD, FORWARD, ECHO, READ_ACC, WRITE_PARAMS, CLEAR_ACC,
+CLEAR_FLAGS), exactly as the golden model drives its ``GoldenCore`` engines. With
+C = 1 it is one core and the loop around it.
 
 Ports
 -----
@@ -21,10 +24,14 @@ streaming  Out   1                              a streamed pass runs: STREAM is 
 setup_ok   Out   1                              the last TRAIN_SETUP is one the device accepts
 ========== ===== ============================== =============================================
 
-Operations 0 … 9 pass straight through: ``cmd`` goes to the core through a
-command register (``creg``) while this unit is idle, the core's ``done`` comes back combinationally, and a
-mode register (``ext``) connects the outer streams to the core's (a 2:1
-multiplexer per inward payload, an AND per handshake). A training operation's
+Operations 0 … 9 pass straight through while this unit is idle: ``cmd`` waits in a
+command register (``creg``) until engine 0, or every engine for WRITE_PARAMS,
+CLEAR_ACC and CLEAR_FLAGS (so that the engines' parameters and flags stay equal),
+has taken it; engine 0's ``done`` is kept and answered once every engine named has
+answered. A mode register (``ext``) connects the outer streams to engine 0's (a 2:1
+multiplexer per inward payload, an AND per handshake); WRITE_PARAMS' words go to
+every engine, each word held until all have taken it. ``state_overflow`` and
+``acc_overflow`` are the OR over the engines. A training operation's
 op, length, bank and seed go into registers in the cycle it is taken and are
 decoded in the next (state DECODE), so the command's path ends at registers.
 The training operations:
@@ -58,7 +65,6 @@ Memories
 memory       words × bits               read by
 ============ ========================== =====================================================
 store        store_words × OW           the records: inputs, labels, masks, targets
-nudge buffer t_max·O × SW               ECHO (written by the loss unit)
 master       P × (OW + 16)              optimiser, requantisation, READ_MASTER
 moment       P × (OW + 24)              optimiser, READ_MASTER
 ============ ========================== =====================================================
@@ -75,32 +81,29 @@ word per cycle.
 
 Sequencing of a training epoch
 ------------------------------
-CLEAR_ACC, CLEAR_FLAGS; then for each sample, from the order generator (below),
-or the ring in a streamed pass ("Streamed passes"):
+CLEAR_ACC, CLEAR_FLAGS (every engine); then for each sample, from the order
+generator (below), or the ring in a streamed pass ("Streamed passes"):
 
-1. The store prefetch is given the record's base and walks it: the T·k inputs
-   (to the core's ``inputs`` while LOAD runs), then for one-hot the label word (to
-   a register), for mse per step t the mask word (to a register) and the o
-   targets. LOAD is issued at once, so the inputs flow one per cycle. The core
-   takes K words per step: after a step's k store words it gets K−k zeros (a
-   column counter and a registered "pad" bit beside it, so the zeros cost no store
-   read and the core's ``inputs`` handshake no comparator).
-2. FORWARD (centred): each output word joins the next target (mse) or the label
-   (one-hot) into :class:`~hel_fpga.rtl.trainer.LossUnit`; its nudges go to the
-   nudge buffer at row T−1−t (forward step t), its metrics accumulate. Outputs
-   o … O−1 of a step join no store word (a registered pad bit again): the loss
-   unit, told the setup's o, gives them D = 0, so their nudges are zero and they
-   add no squared error, and keeps them out of the argmax. The nudge buffer's
-   rows stay O wide (ECHO takes O nudges per step).
-3. Once the loss unit has delivered the sample's last word: ECHO (T rows; one-hot:
-   ``kick`` and row 0, the last step's nudges), streamed from the nudge buffer.
-4. After B samples, and after the last sample if a batch is open: if the core's
-   ``state_overflow`` or ``acc_overflow`` is set, ``skipped`` counts it; else
-   READ_ACC's words join the master and moment of the same element (prefetched in
-   the same canonical order, tagged with their array) into
+1. The sample goes to engine ``slot`` (the sample's index in its batch mod C; in
+   EVAL its index in the pass mod C) once that engine is idle, and the store
+   prefetch walks its record into the engine (each word tagged with its kind and
+   the engine): the T·k inputs, then for one-hot the label word, for mse per step
+   t the mask word and the o targets. The engine runs LOAD, FORWARD with the loss
+   and ECHO on its own (:mod:`hel_fpga.rtl.engine`); the walk moves on to the next
+   sample as soon as it has issued the record's last read, so C engines compute
+   at once while one record at a time is walked.
+2. After B samples, and after the last sample if a batch is open, once every
+   engine is idle: if an engine's ``state_overflow`` or ``acc_overflow`` is set,
+   ``skipped`` counts it. Else, with C > 1, a READ_ACC of every engine sums each
+   element's C words (an adder tree, a register per level) and checks that every
+   sum fits acc_width (else ``skipped`` counts it, as the golden model's
+   :func:`~hel_fpga.sim.onchip.sum_accumulators` says). Then a READ_ACC whose sums
+   join the master and moment of the same element (prefetched in the same
+   canonical order, tagged with their array) into
    :class:`~hel_fpga.rtl.trainer.OptimiserUnit`, whose θ' and m' are written back;
    then WRITE_PARAMS streams the master memory through the requantiser
-   (``sat(rshift_round(θ, 16), OW)``) into the core. Then CLEAR_ACC, CLEAR_FLAGS.
+   (``sat(rshift_round(θ, 16), OW)``) into every engine. Then CLEAR_ACC,
+   CLEAR_FLAGS.
 
 The re-quantised parameters come from a second pass over the master memory
 rather than from the optimiser's ``param`` output: the core takes WRITE_PARAMS
@@ -109,10 +112,11 @@ the second pass reuses the master prefetch and costs one adder and a
 saturation; WRITE_MASTER needs the same pass anyway. It costs P cycles per
 batch, the length of the WRITE_PARAMS the core needs in any case.
 
-EVAL runs steps 1 and 2 for samples 0 … count−1 of the set (no echo; the core's
+EVAL runs step 1 for samples 0 … count−1 of the set, FORWARD only (the core's
 centred FORWARD accumulates nothing). ``metrics.samples`` counts finished samples
 (after the ECHO in training, after FORWARD in EVAL); ``loss_sum`` and ``correct``
-are the loss unit's; ``running`` returns to NONE when the pass is over, and the
+are the sums over the engines' loss units (saturating as one unit's would);
+``running`` returns to NONE when the pass is over, and the
 counts stay until the next pass or a reset.
 
 Order generator and addresses
