@@ -83,11 +83,13 @@ def random_sets(cfg, kind, rng, s_train, s_test, t, k=None, o=None):
 @pytest.mark.parametrize("cfg, kind, optimizer, k, o", [
     (SMALL, "mse", "lion", None, None), (WIDE, "onehot", "sgdm", None, None),
     (SMALL, "onehot", "lion", None, None), (SMALL, "mse", "sgdm", 1, 1),
-    (WIDE, "onehot", "lion", 1, 2)],
+    (WIDE, "onehot", "lion", 1, 2), (SMALL.replace(engines=3), "mse", "lion", None, None),
+    (WIDE.replace(engines=2), "onehot", "sgdm", 1, 2)],
     ids=["small-mse-lion", "wide-onehot-sgdm", "small-onehot-lion", "small-mse-k1-o1",
-         "wide-onehot-o2"])
+         "wide-onehot-o2", "small-mse-3-engines", "wide-onehot-2-engines"])
 def test_training_epochs_and_evals_equal_the_model(cfg, kind, optimizer, k, o):
-    """Both losses and optimisers, on data as wide as the core and narrower."""
+    """Both losses and optimisers, on data as wide as the core and narrower, on one
+    sample engine and on several."""
     s = TrainingSession(cfg, seed=len(kind) + len(optimizer) + (o or 0))
     rng, fm = s.rng, TrainFormats(cfg)
     t, s_train, s_test = 5, 7, 3
@@ -230,3 +232,35 @@ def test_a_streamed_train_and_eval_equal_the_model():
     s.run_pass(Command.EVAL, b"\0")
     s.observe()
     check(s, ready_prob=0.8, max_cycles=2_000_000)
+
+
+def test_host_commands_on_three_engines_equal_the_model():
+    """Host commands on a device of three sample engines: WRITE_PARAMS reaches every
+    engine (the TRAIN after it trains from those parameters on all three), LOAD,
+    FORWARD, ECHO and READ_ACC act on engine 0, CLEAR_ACC and CLEAR_FLAGS on every
+    engine; a narrow state makes the flags rise (at the host's ECHO on engine 0, then
+    on every engine in an EVAL with large parameters), and STATUS reports them."""
+    cfg = SMALL.replace(engines=3, state_width=20, state_frac=16, dt_log2=1)
+    s = TrainingSession(cfg, seed=21)
+    rng = s.rng
+    t, s_train = 5, 7
+    s.store(0, random_sets(cfg, "mse", rng, s_train, 0, t))
+    tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=2, eps_log2=3, lr_log2=6,
+                     epochs=2, seed=4)
+    s.setup(pack_setup(cfg, tc, t, s_train, 0))
+    n = s.n_params()
+    s.write_master(0, rng.integers(-(1 << 20), 1 << 20, n))
+    s.write_params(s.params(scale=1 << 13))          # after the master: the engines train from these
+    s.load(s.inputs(t, scale=1 << 14))
+    s.req(Command.FORWARD, b"\x00")
+    s.echo(s.nudges(t, scale=1 << 18))
+    s.reads()
+    s.run_pass(Command.TRAIN, bytes(4))
+    s.observe()
+    s.write_params(s.params(scale=1 << 15))          # large: EVAL's forwards wrap the state
+    s.run_pass(Command.EVAL, b"\0")
+    s.reads()
+    s.req(Command.CLEAR_FLAGS)
+    s.req(Command.CLEAR_ACC)
+    s.reads()
+    check(s, ready_prob=0.7, max_cycles=2_000_000)
