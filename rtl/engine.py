@@ -36,20 +36,27 @@ the host's commands on engine 0). ``params_in``, ``params_out``, ``acc_out`` and
 ``state_out`` always belong to the outer side (no sample uses them). Every command,
 the outer ones and the engine's own, reaches the core from one register (``creg``),
 so no selection sits on the path into the core's command decode.
+
+The engines of a device sit wherever the placer puts them, far from the training
+core's shared logic and from each other. So every handshake that crosses the
+boundary ends in registers on both sides: ``record``, ``params_in``, ``acc_out`` and
+``done`` pass through two-word FIFOs (their ``ready`` and ``valid`` are tests of a
+level register), and ``idle`` is a register: it falls in the cycle after ``start``
+and rises one cycle after the engine has become idle.
 """
 
 from __future__ import annotations
 
 from functools import reduce
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hel_fpga.rtl.bram import NO_RW_CHECK, Prefetch
-from hel_fpga.rtl.core import CmdLayout, HELCore, Op
+from hel_fpga.rtl.core import CmdLayout, DoneLayout, HELCore, Op
 from hel_fpga.rtl.trainer import LossKind, LossUnit
 from hel_fpga.spec.formats import HelConfig
 from hel_fpga.spec.training import COUNT_WIDTH, LOSS_SUM_WIDTH
@@ -91,6 +98,15 @@ def SampleSettingsLayout(cfg: HelConfig) -> data.StructLayout:
         "kind": LossKind,
         "eps_log2": unsigned(5),
     })
+
+
+def _slice(m: Module, name: str, sink, width: int) -> SyncFIFO:
+    """A two-word FIFO taking the stream ``sink`` (an ``In`` stream member): its read
+    side is the caller's."""
+    fifo = m.submodules[f"{name}_slice"] = SyncFIFO(width=width, depth=2)
+    m.d.comb += [fifo.w_en.eq(sink.valid), fifo.w_data.eq(Value.cast(sink.payload)),
+                 sink.ready.eq(fifo.w_rdy)]
+    return fifo
 
 
 class SampleEngine(wiring.Component):
@@ -149,8 +165,9 @@ class SampleEngine(wiring.Component):
 
         depth = min(RECORD_FIFO_WORDS, T_MAX * (K + O + 1) + 1)
         m.submodules.rfifo = rfifo = SyncFIFOBuffered(width=2 + ow, depth=depth)
-        m.d.comb += [rfifo.w_data.eq(self.record.payload.as_value()),
-                     rfifo.w_en.eq(self.record.valid), self.record.ready.eq(rfifo.w_rdy)]
+        rec_in = _slice(m, "record", self.record, 2 + ow)
+        m.d.comb += [rfifo.w_data.eq(rec_in.r_data), rfifo.w_en.eq(rec_in.r_rdy),
+                     rec_in.r_en.eq(rfifo.w_rdy)]
         head = RecordWordLayout(cfg)(rfifo.r_data)
         st_kind, st_word = head.kind, head.word
 
@@ -260,9 +277,20 @@ class SampleEngine(wiring.Component):
         with m.Elif(core.cmd.ready):
             m.d.sync += creg_valid.eq(0)
         core_in_take = Signal()
-        wiring.connect(m, wiring.flipped(self.params_in), core.params_in)
+        p_in = _slice(m, "params", self.params_in, ow)
+        m.d.comb += [core.params_in.valid.eq(p_in.r_rdy), core.params_in.payload.eq(p_in.r_data),
+                     p_in.r_en.eq(core.params_in.ready)]
+        acc = m.submodules.acc_slice = SyncFIFO(width=cfg.acc_width, depth=2)
+        m.d.comb += [acc.w_en.eq(core.acc_out.valid), acc.w_data.eq(core.acc_out.payload),
+                     core.acc_out.ready.eq(acc.w_rdy),
+                     self.acc_out.valid.eq(acc.r_rdy), self.acc_out.payload.eq(acc.r_data),
+                     acc.r_en.eq(self.acc_out.ready)]
+        # the outer commands' done words; the engine's own are taken from the core
+        dn = m.submodules.done_slice = SyncFIFO(width=DoneLayout.size, depth=2)
+        m.d.comb += [dn.w_data.eq(core.done.payload),
+                     self.done.valid.eq(dn.r_rdy), self.done.payload.eq(dn.r_data),
+                     dn.r_en.eq(self.done.ready)]
         wiring.connect(m, core.params_out, wiring.flipped(self.params_out))
-        wiring.connect(m, core.acc_out, wiring.flipped(self.acc_out))
         wiring.connect(m, core.state_out, wiring.flipped(self.state_out))
         m.d.comb += [
             core.inputs.valid.eq(Mux(run, in_pad | (rfifo.r_rdy & (st_kind == Word.INPUT)),
@@ -276,8 +304,6 @@ class SampleEngine(wiring.Component):
             core.nudges.payload.eq(Mux(run, npf.data[0], self.nudges.payload)),
             self.nudges.ready.eq(~run & core.nudges.ready),
             npf.ready.eq(run & core.nudges.ready),
-            self.done.valid.eq(~run & core.done.valid),
-            self.done.payload.eq(core.done.payload),
             self.busy.eq(core.busy),
             self.state_overflow.eq(core.state_overflow),
             self.acc_overflow.eq(core.acc_overflow),
@@ -298,9 +324,14 @@ class SampleEngine(wiring.Component):
             with m.If(~creg_valid):
                 m.next = nxt
 
+        idle = Signal()
+        idle_r = Signal()
+        m.d.sync += idle_r.eq(idle & ~self.start)
+        m.d.comb += self.idle.eq(idle_r)
         with m.FSM(name="sample"):
             with m.State("IDLE"):
-                m.d.comb += [self.idle.eq(~loss.busy), core.done.ready.eq(self.done.ready)]
+                m.d.comb += [idle.eq(~loss.busy), core.done.ready.eq(dn.w_rdy),
+                             dn.w_en.eq(core.done.valid)]
                 with m.If(self.start):
                     m.d.sync += [train.eq(self.train), run.eq(1)]
                     m.next = "LOAD_ISSUE"

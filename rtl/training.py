@@ -133,10 +133,10 @@ ahead, during the current sample, so neither adds to a sample's time.
 
 Overhead, measured in simulation (N = M = 4, K = 1, O = 2, T = 5, one lane;
 about 1 100 cycles of core work per training sample): the inner core is idle
-about 6 cycles per sample in EVAL (command hand-overs through the command
-register and the first store word's latency) and about 10 per sample in TRAIN
-(also the ECHO's hand-over and the per-batch commands), plus about 400 cycles
-per epoch for the round keys.
+about 8 cycles per sample in EVAL (command hand-overs through the command
+registers, the engine's registered ``idle`` and the first store word's latency)
+and about 14 per sample in TRAIN (also the ECHO's hand-over and the per-batch
+commands), plus about 400 cycles per epoch for the round keys.
 
 A label word (one-hot) outside 0 … o−1, as a signed operand word, is passed to
 the loss unit as "no class": it is the target of no output and never correct.
