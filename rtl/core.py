@@ -547,7 +547,8 @@ class HELCore(wiring.Component):
         for q, grp in enumerate(groups):
             m.submodules[f"accgroup{q}"] = grp
         s.lanes, s.groups = lanes, groups
-        s.tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True)
+        s.tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True,
+                                              pipelined=not s.compact)
         s.mix = m.submodules.mix = (Mix32Serial if s.compact else Mix32)(
             tag_width=max(1, ceil_log2(K + 1)))
         # One row of outputs: a single register when O = 1; else O + 1 words, because
@@ -558,15 +559,17 @@ class HELCore(wiring.Component):
                                                               depth=s.fifo_depth)
 
     def _build_nudge_buffer(self, m, s):
-        """Nudges: with O = 1 the row waits in the stream source itself (a stream holds
-        its payload until ready) and is taken when the state unit has used it for
-        both banks; else it waits in a FIFO of one row."""
+        """Nudges: with O = 1 in the compact form the row waits in the stream source
+        itself (a stream holds its payload until ready) and is taken when the state
+        unit has used it for both banks; else it waits in a FIFO of one row (with
+        O = 1 a single register: the ECP5 form keeps the source's payload and
+        valid, which come from the command unit, out of the state unit's adders)."""
         O, sw = self.cfg.o, self.cfg.state_width
         nudge_accept = Signal()       # nudge rows are still to come
         nudge_row_ready = Signal()    # a row (O words) is available
         nudge_take = Signal()         # the state unit is done with the row's next word
         nudge = Signal(signed(sw))
-        if O == 1:
+        if O == 1 and s.compact:
             m.d.comb += [nudge.eq(self.nudges.payload),
                          nudge_row_ready.eq(self.nudges.valid & nudge_accept),
                          self.nudges.ready.eq(nudge_take & nudge_accept)]
@@ -667,13 +670,32 @@ class HELCore(wiring.Component):
         tag1 = Signal(s.tag_layout)
         tag2 = Signal(s.tag_layout)
         tag3 = Signal(s.tag_layout)
-        m.d.sync += [tag1.eq(tag0), tag2.eq(tag1), tag3.eq(tag2)]
-        s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
         s.param_addr = Signal(range(max(g.param_depth, 2)))
         s.param_en = Signal()
         s.operand_addr = Signal(range(max(2 * g.rn, 2)))
         s.activation_addr = Signal(range(max(2 * M, 2)))
         s.issue_mode = Signal()   # the engine drives the lane memories' read ports
+        # What the lane memories' read ports take: in the compact form the FSM's
+        # S0 signals themselves; in the ECP5 form a register stage of them (S0r:
+        # ``tag0r`` and the read addresses), so the control FSM's decode and the
+        # routing to the memories spread over the die (amem is a LUT RAM far
+        # from the controller) are in separate cycles. Then every slot reaches S1
+        # a cycle later; the interlocks decided in S0 only become more
+        # conservative, and ``drained`` covers the extra stage.
+        issue_sigs = [tag0, s.issue_mode, s.param_addr, s.param_en, s.operand_addr,
+                      s.activation_addr]
+        if s.compact:
+            rd_sigs = issue_sigs
+            s.tag_rd_valid = []
+        else:
+            rd_sigs = [Signal.like(x, name=x.name + "_r") for x in issue_sigs[1:]]
+            rd_sigs.insert(0, Signal(s.tag_layout, name="tag0r"))
+            m.d.sync += [r.eq(x) for r, x in zip(rd_sigs, issue_sigs)]
+            s.tag_rd_valid = [rd_sigs[0].valid]
+        (s.tag0r, s.rd_issue_mode, s.rd_param_addr, s.rd_param_en, s.rd_operand_addr,
+         s.rd_activation_addr) = rd_sigs
+        m.d.sync += [tag1.eq(s.tag0r), tag2.eq(tag1), tag3.eq(tag2)]
+        s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
         s.issue_bank = Signal()
         s.issue_chunk = Signal(range(max(max_chunks, 2)))
         s.issue_row = Signal(range(M + 1))
@@ -706,10 +728,11 @@ class HELCore(wiring.Component):
         param_rd, operand_rd, activation_rd = s.param_rd, s.operand_rd, s.activation_rd
         tag1, u_current = s.tag1, s.u_current
         for p in range(P):
-            with m.If(s.issue_mode):
-                m.d.comb += [param_rd[p].addr.eq(s.param_addr), param_rd[p].en.eq(s.param_en)]
-            m.d.comb += operand_rd[p].addr.eq(s.operand_addr)
-        m.d.comb += activation_rd.addr.eq(s.activation_addr)
+            with m.If(s.rd_issue_mode):
+                m.d.comb += [param_rd[p].addr.eq(s.rd_param_addr),
+                             param_rd[p].en.eq(s.rd_param_en)]
+            m.d.comb += operand_rd[p].addr.eq(s.rd_operand_addr)
+        m.d.comb += activation_rd.addr.eq(s.rd_activation_addr)
 
         u_selected = Signal(signed(ow))    # U phase: input k = tag1.chunk, the same for every lane
         with m.Switch(tag1.chunk):
@@ -939,7 +962,8 @@ class HELCore(wiring.Component):
                 m.d.sync += serial_bank.eq(1)
             with m.Else():
                 m.d.sync += [serial_bank.eq(0), serial_lane.eq(serial_lane + 1)]
-        # the selected force sum (comb; the kick is rounded into the state unit's op1)
+        # the selected force sum (comb, or registered in the ECP5 form; the kick is
+        # rounded into the state unit's op1)
         kick_valid = Signal()
         kick_sum = Signal(signed(g.f_width))
         kick_osc = Signal(range(N + P))
@@ -952,10 +976,17 @@ class HELCore(wiring.Component):
                 for b in range(2):
                     with m.Case(b | (p << 1)):
                         m.d.comb += serial_sum.eq(s.lanes[p].kick1 if b else s.lanes[p].kick0)
-        m.d.comb += [kick_valid.eq(serial_active & (serial_osc_base + serial_lane < N)),
-                     kick_sum.eq(serial_sum), kick_osc.eq(serial_osc_base + serial_lane),
-                     kick_lane.eq(serial_lane), kick_row.eq(serial_row),
-                     kick_bank.eq(serial_bank)]
+        kick_sigs = [kick_valid, kick_sum, kick_osc, kick_lane, kick_row, kick_bank]
+        kick_values = [serial_active & (serial_osc_base + serial_lane < N), serial_sum,
+                       serial_osc_base + serial_lane, serial_lane, serial_row, serial_bank]
+        if s.compact:
+            m.d.comb += [x.eq(v) for x, v in zip(kick_sigs, kick_values)]
+            s.kick_reg_valid = []
+        else:
+            s.kick_reg_valid = [kick_valid]
+            # ECP5: the selected sum (a 2P-way selection over lanes spread across the
+            # die) is registered before the state unit, a cycle later
+            m.d.sync += [x.eq(v) for x, v in zip(kick_sigs, kick_values)]
         kick = Signal(signed(g.kick_width))
         if ks > 0:      # the sums carry the rounding half (f_bias)
             m.d.comb += kick.eq(kick_sum >> ks)
@@ -1096,7 +1127,7 @@ class HELCore(wiring.Component):
         state_busy = Signal()
         # stage 4 (the operand memory write) is left out: a step may issue its first
         # read in the cycle after that write
-        m.d.comb += state_busy.eq(Cat(s.serial_active, *op_reading,
+        m.d.comb += state_busy.eq(Cat(s.serial_active, *s.kick_reg_valid, *op_reading,
                                       op1.valid, op2.valid, op3.valid) != 0)
         s.state_busy = state_busy
 
@@ -1191,8 +1222,8 @@ class HELCore(wiring.Component):
     def _build_drain_detect(self, m, s):
         """``drained``: no slot, sum, activation or state op of the step in flight."""
         drained = Signal()
-        busy_bits = ([s.tag1.valid, s.tag2.valid, s.tag3.valid, s.z_valid, s.tanh.busy,
-                      s.state_busy]
+        busy_bits = (s.tag_rd_valid + [s.tag1.valid, s.tag2.valid, s.tag3.valid, s.z_valid,
+                                        s.tanh.busy, s.state_busy]
                      + [t.valid for t in s.z_busy_bits] + [grp.busy for grp in s.groups])
         m.d.comb += drained.eq(Cat(*busy_bits) == 0)
         s.drained = drained
@@ -1421,7 +1452,13 @@ class HELCore(wiring.Component):
         with m.State("READ_ACC_ISSUE"):
             for grp in groups:
                 m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-            m.next = "READ_ACC_HOLD"
+            m.next = "READ_ACC_HOLD" if s.compact else "READ_ACC_REG"
+        if not s.compact:
+            # the pipelined groups register the address before their memory
+            with m.State("READ_ACC_REG"):
+                for grp in groups:
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+                m.next = "READ_ACC_HOLD"
         with m.State("READ_ACC_HOLD"):
             acc_word = Signal(signed(aw))
             with m.Switch(acc_walker.group):
