@@ -115,8 +115,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed,
-                          unsigned)
+from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value,
+                          signed, unsigned)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -306,22 +306,36 @@ class SequenceBuffer(wiring.Component):
     Block RAM (:class:`amaranth.lib.memory.Memory`) or an iCE40UP
     ``SB_SPRAM256KA`` (16K × 16, single port; the core never reads and writes it
     in the same cycle). Words are stored in the low ``width`` bits.
+
+    ``registered``: ``addr``, ``wdata`` and ``we`` are registered before the
+    memory (the ECP5 form: LOAD's words come from far away), so a write lands a
+    cycle later and the read latency is 2.
     """
 
-    def __init__(self, depth: int, width: int, spram: bool):
+    def __init__(self, depth: int, width: int, spram: bool, registered: bool = False):
         self.depth, self.width, self.spram = depth, width, spram
+        self.registered = registered
+        self.read_latency = 2 if registered else 1
         super().__init__({"addr": In(range(max(depth, 2))), "wdata": In(signed(width)),
                           "we": In(1), "rdata": Out(signed(width))})
 
     def elaborate(self, platform):
         m = Module()
+        if self.registered:
+            port = SimpleNamespace(addr=Signal.like(self.addr, name="addr_r"),
+                                   wdata=Signal.like(self.wdata, name="wdata_r"),
+                                   we=Signal(name="we_r"), rdata=self.rdata)
+            m.d.sync += [port.addr.eq(self.addr), port.wdata.eq(self.wdata),
+                         port.we.eq(self.we)]
+        else:
+            port = self
         if self.spram:
             raw = Signal(16)
             addr, din = Signal(14), Signal(16)
-            m.d.comb += [addr.eq(self.addr), din.eq(self.wdata.as_unsigned())]
+            m.d.comb += [addr.eq(port.addr), din.eq(port.wdata.as_unsigned())]
             m.submodules.spram = Instance(
                 "SB_SPRAM256KA",
-                i_ADDRESS=addr, i_DATAIN=din, i_MASKWREN=Const(0b1111, 4), i_WREN=self.we,
+                i_ADDRESS=addr, i_DATAIN=din, i_MASKWREN=Const(0b1111, 4), i_WREN=port.we,
                 i_CHIPSELECT=Const(1), i_CLOCK=ClockSignal(), i_STANDBY=Const(0),
                 i_SLEEP=Const(0), i_POWEROFF=Const(1), o_DATAOUT=raw)
             m.d.comb += self.rdata.eq(raw[:self.width].as_signed())
@@ -329,8 +343,8 @@ class SequenceBuffer(wiring.Component):
             mem = m.submodules.mem = Memory(shape=signed(self.width), depth=self.depth, init=[],
                                             attrs=NO_RW_CHECK)   # read disabled while writing
             rd, wr = ram_read_port(m, mem, "rd"), mem.write_port()
-            m.d.comb += [rd.addr.eq(self.addr), wr.addr.eq(self.addr), wr.data.eq(self.wdata),
-                         wr.en.eq(self.we), rd.en.eq(~self.we), self.rdata.eq(rd.data)]
+            m.d.comb += [rd.addr.eq(port.addr), wr.addr.eq(port.addr), wr.data.eq(port.wdata),
+                         wr.en.eq(port.we), rd.en.eq(~port.we), self.rdata.eq(rd.data)]
         return m
 
 
@@ -344,6 +358,22 @@ def _param_word(m, walker, param_rd, b_rd, name):
             with m.Case(p):
                 m.d.comb += lane_word.eq(port.data)
     return Mux(walker.is_b, b_rd.data, lane_word)
+
+
+def _registered_write_port(m, mem, name):
+    """A write port of ``mem`` whose address, data and enable (``addr``, ``data``,
+    ``en`` of the returned object) are registered first, so the write lands a
+    cycle later. Address and data load only with the enable, so the registers of
+    several memories written with the same word stay separate (Yosys would merge
+    identical ones) and each can sit at its memory."""
+    port = mem.write_port()
+    staged = SimpleNamespace(addr=Signal.like(port.addr, name=f"{name}_addr"),
+                             data=Signal.like(port.data, name=f"{name}_data"),
+                             en=Signal(name=f"{name}_en"))
+    m.d.sync += port.en.eq(staged.en)
+    with m.If(staged.en):
+        m.d.sync += [port.addr.eq(staged.addr), port.data.eq(staged.data)]
+    return staged
 
 
 def _wrap(m, expr, width, name):
@@ -490,6 +520,10 @@ class HELCore(wiring.Component):
         """The parameter (``pmem``, one per lane), b, operand (``xmem``, one per lane),
         activation, state and sequence memories and their ports.
 
+        The ECP5 form registers the parameter and b memories' write ports (the
+        words come from far away: the command unit, or the training core's
+        requantisation), so WRITE_PARAMS's last word lands in DONE.
+
         None of them needs a defined read of a word in the cycle it is written
         (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
         row is rewritten after the last read of the old operand and read again only
@@ -505,7 +539,8 @@ class HELCore(wiring.Component):
         pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         bmem = Memory(shape=signed(ow), depth=M, init=[], attrs=NO_RW_CHECK)
-        seqbuf = SequenceBuffer(cfg.t_max * cfg.k, ow, self._use_spram(platform))
+        seqbuf = SequenceBuffer(cfg.t_max * cfg.k, ow, self._use_spram(platform),
+                                registered=not s.compact)
         xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         amem = Memory(shape=signed(ow), depth=2 * M, init=[], attrs=NO_RW_CHECK)
@@ -519,8 +554,13 @@ class HELCore(wiring.Component):
         m.submodules.smem = smem
         s.pmem, s.bmem, s.xmem, s.amem, s.smem, s.seqbuf = pmem, bmem, xmem, amem, smem, seqbuf
         s.param_rd = [ram_read_port(m, pm, f"param_rd{p}") for p, pm in enumerate(pmem)]
-        s.param_wr = [pm.write_port() for pm in pmem]
-        b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), bmem.write_port()
+        if s.compact:
+            s.param_wr = [pm.write_port() for pm in pmem]
+            b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), bmem.write_port()
+        else:
+            s.param_wr = [_registered_write_port(m, pm, f"param_wr{p}")
+                          for p, pm in enumerate(pmem)]
+            b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), _registered_write_port(m, bmem, "b_wr")
         s.operand_rd = [ram_read_port(m, om, f"operand_rd{p}") for p, om in enumerate(xmem)]
         s.operand_wr = [om.write_port() for om in xmem]
         activation_rd, activation_wr = ram_read_port(m, amem, "activation_rd"), amem.write_port()
@@ -1198,9 +1238,14 @@ class HELCore(wiring.Component):
                      seqbuf.addr.eq(seq_addr)]
         m.d.comb += [mix.x.eq(seq_index ^ s.cmd_seed),
                      mix.valid.eq(loader_go & s.selftest), mix.tag.eq(loader_col)]
-        read_valid = Signal()
-        read_col = Signal(range(K + 1))
-        m.d.sync += [read_valid.eq(loader_go & ~s.selftest), read_col.eq(loader_col)]
+        # the word read arrives seqbuf.read_latency cycles after its address
+        read_valid = loader_go & ~s.selftest
+        read_col = loader_col
+        for i in range(seqbuf.read_latency, 0, -1):
+            sfx = str(i - 1) if i > 1 else ""
+            rv, rc = Signal(name="read_valid" + sfx), Signal(range(K + 1), name="read_col" + sfx)
+            m.d.sync += [rv.eq(read_valid), rc.eq(read_col)]
+            read_valid, read_col = rv, rc
         u_write = Signal()
         u_write_col = Signal(range(K + 1))
         u_write_value = Signal(signed(ow))

@@ -384,7 +384,8 @@ class AccumulatorGroup(wiring.Component):
     When ``ext`` is set the memory belongs to the readout/clear sequencers:
     ``ext_raddr`` (data in ``ext_rdata`` next cycle), ``ext_clear`` writes zero to
     ``ext_waddr``; the pipelined group registers these four inputs first, so its
-    word comes (and its clear is written) a cycle later. ``busy`` covers every update (and overflow pulse) in flight.
+    word comes (and its clear is written) a cycle later. ``busy`` covers every
+    update (and overflow pulse) in flight.
     """
 
     def __init__(self, cfg: HelConfig, lanes: int, pipelined: bool = False):
