@@ -115,8 +115,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value, signed,
-                          unsigned)
+from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value,
+                          signed, unsigned)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -306,22 +306,36 @@ class SequenceBuffer(wiring.Component):
     Block RAM (:class:`amaranth.lib.memory.Memory`) or an iCE40UP
     ``SB_SPRAM256KA`` (16K × 16, single port; the core never reads and writes it
     in the same cycle). Words are stored in the low ``width`` bits.
+
+    ``registered``: ``addr``, ``wdata`` and ``we`` are registered before the
+    memory (the ECP5 form: LOAD's words come from far away), so a write lands a
+    cycle later and the read latency is 2.
     """
 
-    def __init__(self, depth: int, width: int, spram: bool):
+    def __init__(self, depth: int, width: int, spram: bool, registered: bool = False):
         self.depth, self.width, self.spram = depth, width, spram
+        self.registered = registered
+        self.read_latency = 2 if registered else 1
         super().__init__({"addr": In(range(max(depth, 2))), "wdata": In(signed(width)),
                           "we": In(1), "rdata": Out(signed(width))})
 
     def elaborate(self, platform):
         m = Module()
+        if self.registered:
+            port = SimpleNamespace(addr=Signal.like(self.addr, name="addr_r"),
+                                   wdata=Signal.like(self.wdata, name="wdata_r"),
+                                   we=Signal(name="we_r"), rdata=self.rdata)
+            m.d.sync += [port.addr.eq(self.addr), port.wdata.eq(self.wdata),
+                         port.we.eq(self.we)]
+        else:
+            port = self
         if self.spram:
             raw = Signal(16)
             addr, din = Signal(14), Signal(16)
-            m.d.comb += [addr.eq(self.addr), din.eq(self.wdata.as_unsigned())]
+            m.d.comb += [addr.eq(port.addr), din.eq(port.wdata.as_unsigned())]
             m.submodules.spram = Instance(
                 "SB_SPRAM256KA",
-                i_ADDRESS=addr, i_DATAIN=din, i_MASKWREN=Const(0b1111, 4), i_WREN=self.we,
+                i_ADDRESS=addr, i_DATAIN=din, i_MASKWREN=Const(0b1111, 4), i_WREN=port.we,
                 i_CHIPSELECT=Const(1), i_CLOCK=ClockSignal(), i_STANDBY=Const(0),
                 i_SLEEP=Const(0), i_POWEROFF=Const(1), o_DATAOUT=raw)
             m.d.comb += self.rdata.eq(raw[:self.width].as_signed())
@@ -329,8 +343,8 @@ class SequenceBuffer(wiring.Component):
             mem = m.submodules.mem = Memory(shape=signed(self.width), depth=self.depth, init=[],
                                             attrs=NO_RW_CHECK)   # read disabled while writing
             rd, wr = ram_read_port(m, mem, "rd"), mem.write_port()
-            m.d.comb += [rd.addr.eq(self.addr), wr.addr.eq(self.addr), wr.data.eq(self.wdata),
-                         wr.en.eq(self.we), rd.en.eq(~self.we), self.rdata.eq(rd.data)]
+            m.d.comb += [rd.addr.eq(port.addr), wr.addr.eq(port.addr), wr.data.eq(port.wdata),
+                         wr.en.eq(port.we), rd.en.eq(~port.we), self.rdata.eq(rd.data)]
         return m
 
 
@@ -344,6 +358,22 @@ def _param_word(m, walker, param_rd, b_rd, name):
             with m.Case(p):
                 m.d.comb += lane_word.eq(port.data)
     return Mux(walker.is_b, b_rd.data, lane_word)
+
+
+def _registered_write_port(m, mem, name):
+    """A write port of ``mem`` whose address, data and enable (``addr``, ``data``,
+    ``en`` of the returned object) are registered first, so the write lands a
+    cycle later. Address and data load only with the enable, so the registers of
+    several memories written with the same word stay separate (Yosys would merge
+    identical ones) and each can sit at its memory."""
+    port = mem.write_port()
+    staged = SimpleNamespace(addr=Signal.like(port.addr, name=f"{name}_addr"),
+                             data=Signal.like(port.data, name=f"{name}_data"),
+                             en=Signal(name=f"{name}_en"))
+    m.d.sync += port.en.eq(staged.en)
+    with m.If(staged.en):
+        m.d.sync += [port.addr.eq(staged.addr), port.data.eq(staged.data)]
+    return staged
 
 
 def _wrap(m, expr, width, name):
@@ -490,6 +520,10 @@ class HELCore(wiring.Component):
         """The parameter (``pmem``, one per lane), b, operand (``xmem``, one per lane),
         activation, state and sequence memories and their ports.
 
+        The ECP5 form registers the parameter and b memories' write ports (the
+        words come from far away: the command unit, or the training core's
+        requantisation), so WRITE_PARAMS's last word lands in DONE.
+
         None of them needs a defined read of a word in the cycle it is written
         (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
         row is rewritten after the last read of the old operand and read again only
@@ -505,7 +539,8 @@ class HELCore(wiring.Component):
         pmem = [Memory(shape=signed(ow), depth=g.param_depth, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         bmem = Memory(shape=signed(ow), depth=M, init=[], attrs=NO_RW_CHECK)
-        seqbuf = SequenceBuffer(cfg.t_max * cfg.k, ow, self._use_spram(platform))
+        seqbuf = SequenceBuffer(cfg.t_max * cfg.k, ow, self._use_spram(platform),
+                                registered=not s.compact)
         xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[], attrs=NO_RW_CHECK)
                 for _ in range(P)]
         amem = Memory(shape=signed(ow), depth=2 * M, init=[], attrs=NO_RW_CHECK)
@@ -519,8 +554,13 @@ class HELCore(wiring.Component):
         m.submodules.smem = smem
         s.pmem, s.bmem, s.xmem, s.amem, s.smem, s.seqbuf = pmem, bmem, xmem, amem, smem, seqbuf
         s.param_rd = [ram_read_port(m, pm, f"param_rd{p}") for p, pm in enumerate(pmem)]
-        s.param_wr = [pm.write_port() for pm in pmem]
-        b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), bmem.write_port()
+        if s.compact:
+            s.param_wr = [pm.write_port() for pm in pmem]
+            b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), bmem.write_port()
+        else:
+            s.param_wr = [_registered_write_port(m, pm, f"param_wr{p}")
+                          for p, pm in enumerate(pmem)]
+            b_rd, b_wr = ram_read_port(m, bmem, "b_rd"), _registered_write_port(m, bmem, "b_wr")
         s.operand_rd = [ram_read_port(m, om, f"operand_rd{p}") for p, om in enumerate(xmem)]
         s.operand_wr = [om.write_port() for om in xmem]
         activation_rd, activation_wr = ram_read_port(m, amem, "activation_rd"), amem.write_port()
@@ -547,7 +587,8 @@ class HELCore(wiring.Component):
         for q, grp in enumerate(groups):
             m.submodules[f"accgroup{q}"] = grp
         s.lanes, s.groups = lanes, groups
-        s.tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True)
+        s.tanh = m.submodules.tanh = TanhUnit(cfg, g.z_width, z_biased=True,
+                                              pipelined=not s.compact)
         s.mix = m.submodules.mix = (Mix32Serial if s.compact else Mix32)(
             tag_width=max(1, ceil_log2(K + 1)))
         # One row of outputs: a single register when O = 1; else O + 1 words, because
@@ -558,15 +599,17 @@ class HELCore(wiring.Component):
                                                               depth=s.fifo_depth)
 
     def _build_nudge_buffer(self, m, s):
-        """Nudges: with O = 1 the row waits in the stream source itself (a stream holds
-        its payload until ready) and is taken when the state unit has used it for
-        both banks; else it waits in a FIFO of one row."""
+        """Nudges: with O = 1 in the compact form the row waits in the stream source
+        itself (a stream holds its payload until ready) and is taken when the state
+        unit has used it for both banks; else it waits in a FIFO of one row (with
+        O = 1 a single register: the ECP5 form keeps the source's payload and
+        valid, which come from the command unit, out of the state unit's adders)."""
         O, sw = self.cfg.o, self.cfg.state_width
         nudge_accept = Signal()       # nudge rows are still to come
         nudge_row_ready = Signal()    # a row (O words) is available
         nudge_take = Signal()         # the state unit is done with the row's next word
         nudge = Signal(signed(sw))
-        if O == 1:
+        if O == 1 and s.compact:
             m.d.comb += [nudge.eq(self.nudges.payload),
                          nudge_row_ready.eq(self.nudges.valid & nudge_accept),
                          self.nudges.ready.eq(nudge_take & nudge_accept)]
@@ -667,13 +710,32 @@ class HELCore(wiring.Component):
         tag1 = Signal(s.tag_layout)
         tag2 = Signal(s.tag_layout)
         tag3 = Signal(s.tag_layout)
-        m.d.sync += [tag1.eq(tag0), tag2.eq(tag1), tag3.eq(tag2)]
-        s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
         s.param_addr = Signal(range(max(g.param_depth, 2)))
         s.param_en = Signal()
         s.operand_addr = Signal(range(max(2 * g.rn, 2)))
         s.activation_addr = Signal(range(max(2 * M, 2)))
         s.issue_mode = Signal()   # the engine drives the lane memories' read ports
+        # What the lane memories' read ports take: in the compact form the FSM's
+        # S0 signals themselves; in the ECP5 form a register stage of them (S0r:
+        # ``tag0r`` and the read addresses), so the control FSM's decode and the
+        # routing to the memories spread over the die (amem is a LUT RAM far
+        # from the controller) are in separate cycles. Then every slot reaches S1
+        # a cycle later; the interlocks decided in S0 only become more
+        # conservative, and ``drained`` covers the extra stage.
+        issue_sigs = [tag0, s.issue_mode, s.param_addr, s.param_en, s.operand_addr,
+                      s.activation_addr]
+        if s.compact:
+            rd_sigs = issue_sigs
+            s.tag_rd_valid = []
+        else:
+            rd_sigs = [Signal.like(x, name=x.name + "_r") for x in issue_sigs[1:]]
+            rd_sigs.insert(0, Signal(s.tag_layout, name="tag0r"))
+            m.d.sync += [r.eq(x) for r, x in zip(rd_sigs, issue_sigs)]
+            s.tag_rd_valid = [rd_sigs[0].valid]
+        (s.tag0r, s.rd_issue_mode, s.rd_param_addr, s.rd_param_en, s.rd_operand_addr,
+         s.rd_activation_addr) = rd_sigs
+        m.d.sync += [tag1.eq(s.tag0r), tag2.eq(tag1), tag3.eq(tag2)]
+        s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
         s.issue_bank = Signal()
         s.issue_chunk = Signal(range(max(max_chunks, 2)))
         s.issue_row = Signal(range(M + 1))
@@ -706,10 +768,11 @@ class HELCore(wiring.Component):
         param_rd, operand_rd, activation_rd = s.param_rd, s.operand_rd, s.activation_rd
         tag1, u_current = s.tag1, s.u_current
         for p in range(P):
-            with m.If(s.issue_mode):
-                m.d.comb += [param_rd[p].addr.eq(s.param_addr), param_rd[p].en.eq(s.param_en)]
-            m.d.comb += operand_rd[p].addr.eq(s.operand_addr)
-        m.d.comb += activation_rd.addr.eq(s.activation_addr)
+            with m.If(s.rd_issue_mode):
+                m.d.comb += [param_rd[p].addr.eq(s.rd_param_addr),
+                             param_rd[p].en.eq(s.rd_param_en)]
+            m.d.comb += operand_rd[p].addr.eq(s.rd_operand_addr)
+        m.d.comb += activation_rd.addr.eq(s.rd_activation_addr)
 
         u_selected = Signal(signed(ow))    # U phase: input k = tag1.chunk, the same for every lane
         with m.Switch(tag1.chunk):
@@ -939,7 +1002,8 @@ class HELCore(wiring.Component):
                 m.d.sync += serial_bank.eq(1)
             with m.Else():
                 m.d.sync += [serial_bank.eq(0), serial_lane.eq(serial_lane + 1)]
-        # the selected force sum (comb; the kick is rounded into the state unit's op1)
+        # the selected force sum (comb, or registered in the ECP5 form; the kick is
+        # rounded into the state unit's op1)
         kick_valid = Signal()
         kick_sum = Signal(signed(g.f_width))
         kick_osc = Signal(range(N + P))
@@ -952,10 +1016,17 @@ class HELCore(wiring.Component):
                 for b in range(2):
                     with m.Case(b | (p << 1)):
                         m.d.comb += serial_sum.eq(s.lanes[p].kick1 if b else s.lanes[p].kick0)
-        m.d.comb += [kick_valid.eq(serial_active & (serial_osc_base + serial_lane < N)),
-                     kick_sum.eq(serial_sum), kick_osc.eq(serial_osc_base + serial_lane),
-                     kick_lane.eq(serial_lane), kick_row.eq(serial_row),
-                     kick_bank.eq(serial_bank)]
+        kick_sigs = [kick_valid, kick_sum, kick_osc, kick_lane, kick_row, kick_bank]
+        kick_values = [serial_active & (serial_osc_base + serial_lane < N), serial_sum,
+                       serial_osc_base + serial_lane, serial_lane, serial_row, serial_bank]
+        if s.compact:
+            m.d.comb += [x.eq(v) for x, v in zip(kick_sigs, kick_values)]
+            s.kick_reg_valid = []
+        else:
+            s.kick_reg_valid = [kick_valid]
+            # ECP5: the selected sum (a 2P-way selection over lanes spread across the
+            # die) is registered before the state unit, a cycle later
+            m.d.sync += [x.eq(v) for x, v in zip(kick_sigs, kick_values)]
         kick = Signal(signed(g.kick_width))
         if ks > 0:      # the sums carry the rounding half (f_bias)
             m.d.comb += kick.eq(kick_sum >> ks)
@@ -1096,7 +1167,7 @@ class HELCore(wiring.Component):
         state_busy = Signal()
         # stage 4 (the operand memory write) is left out: a step may issue its first
         # read in the cycle after that write
-        m.d.comb += state_busy.eq(Cat(s.serial_active, *op_reading,
+        m.d.comb += state_busy.eq(Cat(s.serial_active, *s.kick_reg_valid, *op_reading,
                                       op1.valid, op2.valid, op3.valid) != 0)
         s.state_busy = state_busy
 
@@ -1167,9 +1238,14 @@ class HELCore(wiring.Component):
                      seqbuf.addr.eq(seq_addr)]
         m.d.comb += [mix.x.eq(seq_index ^ s.cmd_seed),
                      mix.valid.eq(loader_go & s.selftest), mix.tag.eq(loader_col)]
-        read_valid = Signal()
-        read_col = Signal(range(K + 1))
-        m.d.sync += [read_valid.eq(loader_go & ~s.selftest), read_col.eq(loader_col)]
+        # the word read arrives seqbuf.read_latency cycles after its address
+        read_valid = loader_go & ~s.selftest
+        read_col = loader_col
+        for i in range(seqbuf.read_latency, 0, -1):
+            sfx = str(i - 1) if i > 1 else ""
+            rv, rc = Signal(name="read_valid" + sfx), Signal(range(K + 1), name="read_col" + sfx)
+            m.d.sync += [rv.eq(read_valid), rc.eq(read_col)]
+            read_valid, read_col = rv, rc
         u_write = Signal()
         u_write_col = Signal(range(K + 1))
         u_write_value = Signal(signed(ow))
@@ -1191,8 +1267,8 @@ class HELCore(wiring.Component):
     def _build_drain_detect(self, m, s):
         """``drained``: no slot, sum, activation or state op of the step in flight."""
         drained = Signal()
-        busy_bits = ([s.tag1.valid, s.tag2.valid, s.tag3.valid, s.z_valid, s.tanh.busy,
-                      s.state_busy]
+        busy_bits = (s.tag_rd_valid + [s.tag1.valid, s.tag2.valid, s.tag3.valid, s.z_valid,
+                                        s.tanh.busy, s.state_busy]
                      + [t.valid for t in s.z_busy_bits] + [grp.busy for grp in s.groups])
         m.d.comb += drained.eq(Cat(*busy_bits) == 0)
         s.drained = drained
@@ -1421,7 +1497,13 @@ class HELCore(wiring.Component):
         with m.State("READ_ACC_ISSUE"):
             for grp in groups:
                 m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-            m.next = "READ_ACC_HOLD"
+            m.next = "READ_ACC_HOLD" if s.compact else "READ_ACC_REG"
+        if not s.compact:
+            # the pipelined groups register the address before their memory
+            with m.State("READ_ACC_REG"):
+                for grp in groups:
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+                m.next = "READ_ACC_HOLD"
         with m.State("READ_ACC_HOLD"):
             acc_word = Signal(signed(aw))
             with m.Switch(acc_walker.group):

@@ -383,7 +383,9 @@ class AccumulatorGroup(wiring.Component):
 
     When ``ext`` is set the memory belongs to the readout/clear sequencers:
     ``ext_raddr`` (data in ``ext_rdata`` next cycle), ``ext_clear`` writes zero to
-    ``ext_waddr``. ``busy`` covers every update (and overflow pulse) in flight.
+    ``ext_waddr``; the pipelined group registers these four inputs first, so its
+    word comes (and its clear is written) a cycle later. ``busy`` covers every
+    update (and overflow pulse) in flight.
     """
 
     def __init__(self, cfg: HelConfig, lanes: int, pipelined: bool = False):
@@ -421,11 +423,26 @@ class AccumulatorGroup(wiring.Component):
         wr = mem.write_port()
         two = self.lanes == 2
         lat = 2 if self.pipelined else 1     # read to add
+        # The readout/clear controls come from the core's control FSM, which lies far
+        # from most groups on ECP5: the pipelined group registers them first, so
+        # the decode and the routing across the die are in a cycle of their own
+        # (a readout's word then comes a cycle later, a clear is written a cycle
+        # later).
+        if self.pipelined:
+            ext = Signal(name="ext_r")
+            ext_raddr = Signal.like(self.ext_raddr, name="ext_raddr_r")
+            ext_waddr = Signal.like(self.ext_waddr, name="ext_waddr_r")
+            ext_clear = Signal(name="ext_clear_r")
+            m.d.sync += [ext.eq(self.ext), ext_raddr.eq(self.ext_raddr),
+                         ext_waddr.eq(self.ext_waddr), ext_clear.eq(self.ext_clear)]
+        else:
+            ext, ext_raddr, ext_waddr, ext_clear = (self.ext, self.ext_raddr, self.ext_waddr,
+                                                    self.ext_clear)
 
         # s1: the update presented last cycle (lane 1 reads its word now); s2 (pipelined).
         v1, e1, en0_1, en1_1 = Signal(), Signal.like(self.elem), Signal(), Signal()
         d0_1, d1_1 = Signal(signed(self._dw)), Signal(signed(self._dw))
-        m.d.sync += [v1.eq(self.valid & ~self.ext), e1.eq(self.elem), en0_1.eq(self.en0),
+        m.d.sync += [v1.eq(self.valid & ~ext), e1.eq(self.elem), en0_1.eq(self.en0),
                      en1_1.eq(self.en1), d0_1.eq(self.diff0), d1_1.eq(self.diff1)]
         if lat == 2:
             v2, e2, en1_2 = Signal(), Signal.like(self.elem), Signal()
@@ -435,7 +452,7 @@ class AccumulatorGroup(wiring.Component):
             src0 = (v1, en0_1, d0_1, self._addr(e1, 0))
             src1 = (v2, en1_2, d1_2, self._addr(e2, 1))
         else:
-            src0 = (self.valid & ~self.ext, self.en0, self.diff0, self._addr(self.elem, 0))
+            src0 = (self.valid & ~ext, self.en0, self.diff0, self._addr(self.elem, 0))
             src1 = (v1, en1_1, d1_1, self._addr(e1, 1))
 
         # The add stage's operand, enable and address, selected a cycle ahead (the two
@@ -464,16 +481,16 @@ class AccumulatorGroup(wiring.Component):
         ovf = Signal()
         if lat == 2:
             ovf_v = Signal()
-            m.d.sync += [ovf.eq(add_en & wrapped & ~self.ext), ovf_v.eq(add_v)]
+            m.d.sync += [ovf.eq(add_en & wrapped & ~ext), ovf_v.eq(add_v)]
             m.d.comb += self.busy.eq(v1 | v2 | add_v | ovf_v)
         else:
-            m.d.comb += [ovf.eq(add_en & wrapped & ~self.ext), self.busy.eq(v1 | add_v)]
+            m.d.comb += [ovf.eq(add_en & wrapped & ~ext), self.busy.eq(v1 | add_v)]
         m.d.comb += self.overflow.eq(ovf)
 
         m.d.comb += self.ext_rdata.eq(rd.data)
-        with m.If(self.ext):
-            m.d.comb += [rd.addr.eq(self.ext_raddr), wr.addr.eq(self.ext_waddr), wr.data.eq(0),
-                         wr.en.eq(self.ext_clear)]
+        with m.If(ext):
+            m.d.comb += [rd.addr.eq(ext_raddr), wr.addr.eq(ext_waddr), wr.data.eq(0),
+                         wr.en.eq(ext_clear)]
         with m.Else():
             with m.If(self.valid):
                 m.d.comb += rd.addr.eq(self._addr(self.elem, 0))

@@ -20,6 +20,9 @@ interpolation is the same for both tables, so the result is bit-exact either way
 Pipeline (``LATENCY`` = 4 registers): round; saturate + ROM address (the
 ROM's output register); interpolation product; sum. The interpolation multiplier is small
 (``d`` spans a few bits more than one segment's rise, ``frac`` is ``fb`` bits).
+The ``pipelined`` form (ECP5) registers the ROM's word before the multiplier
+(``LATENCY`` = 5): a DP16KD's clock-to-out, the routing to the MULT18X18D and the
+multiply do not fit 100 MHz in one cycle.
 """
 
 from __future__ import annotations
@@ -87,14 +90,19 @@ class TanhUnit(wiring.Component):
         ``z`` already includes the rounding half ``2^(z_shift−1)`` (the core
         starts its z sums with it), so stage 1 is a plain shift instead of a
         wide adder. ``z + 2^(z_shift−1)`` must fit ``z_in_width``.
+    pipelined : bool
+        Register the ROM's word (knot, delta, the segment's fraction) before the
+        interpolation multiplier: ``LATENCY`` 5 instead of 4.
     """
 
     LATENCY = 4
 
     def __init__(self, cfg: HelConfig, z_in_width: int, tag_width: int = 1,
-                 z_biased: bool = False):
+                 z_biased: bool = False, pipelined: bool = False):
         self.cfg = cfg
         self.z_biased = z_biased
+        self.pipelined = pipelined
+        self.LATENCY = 5 if pipelined else 4
         self.z_in_width = z_in_width
         self.tag_width = tag_width
         super().__init__({
@@ -142,11 +150,19 @@ class TanhUnit(wiring.Component):
         else:
             m.d.comb += rp.addr.eq(idx)
         m.d.sync += frac2.eq(off[:fb])
-        # 3: interpolation product
+        # 3: interpolation product (pipelined: of the ROM's word registered first)
         lo3 = Signal(signed(ow))
         d3 = Signal(signed(dw))
         k3 = Signal(signed(ow))
-        m.d.comb += [k3.eq(rp.data[:ow].as_signed()), d3.eq(rp.data[ow:].as_signed()),
+        if self.pipelined:
+            word3 = Signal.like(rp.data, name="word3", reset_less=True)
+            frac3 = Signal(unsigned(fb), reset_less=True)
+            mirror3 = Signal()
+            m.d.sync += [word3.eq(rp.data), frac3.eq(frac2), mirror3.eq(mirror2)]
+            frac2, mirror2 = frac3, mirror3
+        else:
+            word3 = rp.data
+        m.d.comb += [k3.eq(word3[:ow].as_signed()), d3.eq(word3[ow:].as_signed()),
                      lo3.eq(Mux(mirror2, -(k3 + d3), k3))]
         prod4 = Signal(signed(dw + fb + 1), reset_less=True)
         lo4 = Signal(signed(ow))

@@ -49,8 +49,9 @@ def _run(dut, bench, vcd=None):
 
 
 # ----------------------------------------------------------------------------- tanh
-def _tanh_stream(cfg: HelConfig, zs_in: list[int], z_biased: bool = False) -> list[int]:
-    dut = TanhUnit(cfg, LaneGeometry(cfg).z_width, z_biased=z_biased)
+def _tanh_stream(cfg: HelConfig, zs_in: list[int], z_biased: bool = False,
+                 pipelined: bool = False) -> list[int]:
+    dut = TanhUnit(cfg, LaneGeometry(cfg).z_width, z_biased=z_biased, pipelined=pipelined)
     out = []
 
     async def bench(ctx):
@@ -67,11 +68,12 @@ def _tanh_stream(cfg: HelConfig, zs_in: list[int], z_biased: bool = False) -> li
     return out
 
 
-def test_tanh_unit_exhaustive_over_z():
+@pytest.mark.parametrize("pipelined", [False, True], ids=["ice40_form", "ecp5_form"])
+def test_tanh_unit_exhaustive_over_z(pipelined):
     cfg = HelConfig()
     zw = cfg.z_width
     zt = np.arange(-(1 << (zw - 1)), 1 << (zw - 1), dtype=np.int64)
-    got = _tanh_stream(cfg, [int(z) << cfg.z_shift for z in zt])
+    got = _tanh_stream(cfg, [int(z) << cfg.z_shift for z in zt], pipelined=pipelined)
     assert np.array_equal(np.array(got), cfg.tanh_int(zt))
 
 
@@ -235,11 +237,14 @@ def test_accumulator_group_wraps_and_flags_like_golden(lanes, pipelined):
             ovf_trace.append(ctx.get(dut.overflow))
         assert not ctx.get(dut.busy)
         ctx.set(dut.ext, 1)
-        for addr in range(g.acc_depth):
-            ctx.set(dut.ext_raddr, addr)
+        for addr in range(g.acc_depth + read_lat - 1):
+            ctx.set(dut.ext_raddr, min(addr, g.acc_depth - 1))
             await ctx.tick()
             readback.append(ctx.get(dut.ext_rdata))
+    # the pipelined group registers the readout address first: its word comes a tick later
+    read_lat = 2 if pipelined else 1
     _run(dut, bench)
+    del readback[:read_lat - 1]
     # op n is presented in cycle 2n; its lane-0 update's pulse comes in cycle 2n+1 (lane 1
     # 2n+2), or two cycles later in the pipelined group (a read register, a pulse register)
     off = 2 if pipelined else 0
