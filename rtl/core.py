@@ -363,16 +363,14 @@ def _param_word(m, walker, param_rd, b_rd, name):
 def _registered_write_port(m, mem, name):
     """A write port of ``mem`` whose address, data and enable (``addr``, ``data``,
     ``en`` of the returned object) are registered first, so the write lands a
-    cycle later. Address and data load only with the enable, so the registers of
-    several memories written with the same word stay separate (Yosys would merge
-    identical ones) and each can sit at its memory."""
+    cycle later. The registers load every cycle (no clock enable: the enable
+    comes late, from the stream's valid, and would reach every bit)."""
     port = mem.write_port()
     staged = SimpleNamespace(addr=Signal.like(port.addr, name=f"{name}_addr"),
                              data=Signal.like(port.data, name=f"{name}_data"),
                              en=Signal(name=f"{name}_en"))
-    m.d.sync += port.en.eq(staged.en)
-    with m.If(staged.en):
-        m.d.sync += [port.addr.eq(staged.addr), port.data.eq(staged.data)]
+    m.d.sync += [port.en.eq(staged.en), port.addr.eq(staged.addr),
+                 port.data.eq(staged.data)]
     return staged
 
 
