@@ -115,7 +115,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from amaranth.hdl import (Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value,
+from amaranth.hdl import (Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value,
                           signed, unsigned)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
@@ -363,16 +363,14 @@ def _param_word(m, walker, param_rd, b_rd, name):
 def _registered_write_port(m, mem, name):
     """A write port of ``mem`` whose address, data and enable (``addr``, ``data``,
     ``en`` of the returned object) are registered first, so the write lands a
-    cycle later. Address and data load only with the enable, so the registers of
-    several memories written with the same word stay separate (Yosys would merge
-    identical ones) and each can sit at its memory."""
+    cycle later. The registers load every cycle (no clock enable: the enable
+    comes late, from the stream's valid, and would reach every bit)."""
     port = mem.write_port()
     staged = SimpleNamespace(addr=Signal.like(port.addr, name=f"{name}_addr"),
                              data=Signal.like(port.data, name=f"{name}_data"),
                              en=Signal(name=f"{name}_en"))
-    m.d.sync += port.en.eq(staged.en)
-    with m.If(staged.en):
-        m.d.sync += [port.addr.eq(staged.addr), port.data.eq(staged.data)]
+    m.d.sync += [port.en.eq(staged.en), port.addr.eq(staged.addr),
+                 port.data.eq(staged.data)]
     return staged
 
 
@@ -417,8 +415,11 @@ class HELCore(wiring.Component):
         the bit-serial self-test generator (:class:`Mix32Serial`, 97 cycles
         per word, instead of :class:`Mix32`), and the state unit's adders and the
         READ_PARAMS words fed straight from their memories (not from a register
-        after them: one cycle less per step, and per word read). ``None``:
-        compact when elaborated for an iCE40 platform. Results and interface are
+        after them: one cycle less per step, and per word read), and none of the
+        ECP5 form's other register stages (docs/core.md, "Accumulators": read
+        addresses, the kick, the pre-step ops, memory writes, the READ_ACC word,
+        the tanh ROM word, …; two more cycles per step). ``None``: compact when
+        elaborated for an iCE40 platform. Results and interface are
         the same either way.
 
     Attributes
@@ -634,10 +635,17 @@ class HELCore(wiring.Component):
         acc_ovf_set = Signal()
         clear_flags = Signal()
         clear_acc_flag = Signal()
+        if s.compact:
+            state_ovf_pulse = state_ovf_set
+        else:
+            # ECP5: the wraps of the state unit's adders are registered before the
+            # flag (the flag is set a cycle later, still before the pass ends)
+            state_ovf_pulse = Signal()
+            m.d.sync += state_ovf_pulse.eq(state_ovf_set)
         with m.If(clear_flags):
             m.d.sync += [state_ovf.eq(0), acc_ovf.eq(0)]
         with m.Else():
-            with m.If(state_ovf_set):
+            with m.If(state_ovf_pulse):
                 m.d.sync += state_ovf.eq(1)
             with m.If(clear_acc_flag):
                 m.d.sync += acc_ovf.eq(0)
@@ -675,7 +683,6 @@ class HELCore(wiring.Component):
         s.flip_state = Signal()       # the pre-step flips (else zeroes) the state
         steps_left = Signal(32)       # steps after the current one
         has_next = Signal()
-        m.d.comb += has_next.eq(steps_left != 0)
         # one decrementer: a pass starts with (SELFTEST length or loaded T) − 1 steps
         # to follow (set when PRE_STEP_START hands over), and each step takes one off
         steps_left_load = Signal()
@@ -685,6 +692,11 @@ class HELCore(wiring.Component):
         m.d.comb += steps_left_next.eq(Mux(steps_left_load, first, steps_left) - 1)
         with m.If(steps_left_load | steps_left_dec):
             m.d.sync += steps_left.eq(steps_left_next)
+        if s.compact:
+            m.d.comb += has_next.eq(steps_left != 0)
+        else:   # ECP5: a register beside steps_left (no 32-bit compare behind it)
+            with m.If(steps_left_load | steps_left_dec):
+                m.d.sync += has_next.eq(steps_left_next != 0)
         s.has_next, s.steps_left_load, s.steps_left_dec = has_next, steps_left_load, steps_left_dec
 
     # ---------------------------------------------------------------- issue stage (S0)
@@ -945,7 +957,7 @@ class HELCore(wiring.Component):
         difference to the element (``contrast_elem``)."""
         cfg, g = self.cfg, self.geometry
         P, N, K, group_lanes = g.p, cfg.n, cfg.k, g.group_lanes
-        tag3, lanes = s.tag3, s.lanes
+        tag2, tag3, lanes = s.tag2, s.tag3, s.lanes
         # chunks in which lane p has an oscillator column / a contrast column
         osc_rows = [max(0, -(-(N - p) // P)) for p in range(P)]
         contrast_rows = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]
@@ -962,8 +974,15 @@ class HELCore(wiring.Component):
             m.d.sync += contrast_elem.eq(0)
         with m.Elif(contrast_valid & tag3.bank):
             m.d.sync += contrast_elem.eq(contrast_elem + 1)
+        if s.compact:
+            contrast_second = contrast_valid & tag3.bank
+        else:
+            # ECP5: the groups' valid (their RAMs' read address select) from a register
+            contrast_second = Signal()
+            m.d.sync += contrast_second.eq(tag2.valid & (tag2.phase == Phase.CONTRAST)
+                                           & tag2.bank)
         for q, grp in enumerate(s.groups):
-            m.d.comb += [grp.valid.eq(contrast_valid & tag3.bank), grp.elem.eq(contrast_elem)]
+            m.d.comb += [grp.valid.eq(contrast_second), grp.elem.eq(contrast_elem)]
             for li in range(grp.lanes):
                 p = q * group_lanes + li
                 en = Signal(name=f"contrast_en{p}")
@@ -1087,6 +1106,14 @@ class HELCore(wiring.Component):
         s.pre_op = pre_op
         first_output = N - O
 
+        if s.compact:
+            pre_op_source, pre_busy = pre_op, []
+        else:
+            # ECP5: the pre-step's ops (decoded from the control FSM's state) are
+            # registered, so op0 and the state memory's address come from registers
+            pre_op_source = Signal(op_layout)
+            m.d.sync += pre_op_source.eq(pre_op)
+            pre_busy = [pre_op_source.valid]
         with m.If(s.kick_valid):
             kick_bank, kick_osc, has_next = s.kick_bank, s.kick_osc, s.has_next
             output_osc = kick_osc >= first_output
@@ -1099,7 +1126,7 @@ class HELCore(wiring.Component):
                          op0.next.eq(has_next), op0.emit.eq(s.emit_outputs & output_osc),
                          op0.check.eq(s.selftest_echo & ~has_next), op0_kick.eq(s.kick)]
         with m.Else():
-            m.d.comb += op0.eq(pre_op)
+            m.d.comb += op0.eq(pre_op_source)
 
         with m.If(op0.valid):
             m.d.comb += state_rd.addr.eq(self._state_base(op0.src_bank) + op0.osc)
@@ -1167,8 +1194,8 @@ class HELCore(wiring.Component):
         state_busy = Signal()
         # stage 4 (the operand memory write) is left out: a step may issue its first
         # read in the cycle after that write
-        m.d.comb += state_busy.eq(Cat(s.serial_active, *s.kick_reg_valid, *op_reading,
-                                      op1.valid, op2.valid, op3.valid) != 0)
+        m.d.comb += state_busy.eq(Cat(s.serial_active, *s.kick_reg_valid, *pre_busy,
+                                      *op_reading, op1.valid, op2.valid, op3.valid) != 0)
         s.state_busy = state_busy
 
     # ---------------------------------------------------------------- input loader
@@ -1499,17 +1526,26 @@ class HELCore(wiring.Component):
                 m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
             m.next = "READ_ACC_HOLD" if s.compact else "READ_ACC_REG"
         if not s.compact:
-            # the pipelined groups register the address before their memory
-            with m.State("READ_ACC_REG"):
-                for grp in groups:
-                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-                m.next = "READ_ACC_HOLD"
+            # The pipelined groups register the address before their memory
+            # (READ_ACC_REG); the selected word is registered (READ_ACC_WORD) before
+            # it leaves for the command unit or the training core's queue.
+            for name, nxt in (("READ_ACC_REG", "READ_ACC_WORD"),
+                              ("READ_ACC_WORD", "READ_ACC_HOLD")):
+                with m.State(name):
+                    for grp in groups:
+                        m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+                    m.next = nxt
+            acc_word_r = Signal(signed(aw))
+            m.d.sync += acc_word_r.eq(Array(grp.ext_rdata for grp in groups)[acc_walker.group])
         with m.State("READ_ACC_HOLD"):
-            acc_word = Signal(signed(aw))
-            with m.Switch(acc_walker.group):
-                for q, grp in enumerate(groups):
-                    with m.Case(q):
-                        m.d.comb += acc_word.eq(grp.ext_rdata)
+            if s.compact:
+                acc_word = Signal(signed(aw))
+                with m.Switch(acc_walker.group):
+                    for q, grp in enumerate(groups):
+                        with m.Case(q):
+                            m.d.comb += acc_word.eq(grp.ext_rdata)
+            else:
+                acc_word = acc_word_r
             for grp in groups:   # keep the address so the data stays
                 m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
             m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(acc_word)]
