@@ -154,6 +154,7 @@ def onchip_config(base, task, n: int, m: int, count: int):
 
 def describe_config(cfg) -> str:
     return (f"n={cfg.n} m={cfg.m} k={cfg.k} o={cfg.o} t_max={cfg.t_max} P={cfg.lanes} "
+            f"C={cfg.engines} "
             f"store_words={cfg.store_words} operand={cfg.operand_width}b state={cfg.state_width}b "
             f"acc={cfg.acc_width}b")
 
