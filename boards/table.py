@@ -246,12 +246,11 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
     ),
     # Both N = 32 entries carry the training core with an 8 k-word store (two banks of
     # 4 block RAMs) at 60 MHz; larger stores spread the core over the die and miss it
-    # (docs/boards.md "On-chip training"). The 85F runs four sample engines (four HEL
-    # cores, docs/onchip.md §13): 120 of its 208 block RAMs at t_max = 1024, where
-    # t_max = 4096 took 168 and did not route at 60 MHz.
+    # (docs/boards.md "On-chip training"). One sample engine each: four on the 85F
+    # (docs/onchip.md §13) did not close 60 MHz (docs/boards.md "Sample engines").
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
-           config=HelConfig(n=32, m=32, k=2, o=1, t_max=1024, lanes=8, store_words=8192,
-                            engines=4, **ECP5_OPERAND)),
+           config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=8192,
+                            **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, store_words=8192,
                             **ECP5_OPERAND)),
