@@ -221,3 +221,10 @@ def test_onchip_cycles_over_the_protocol_bracket_the_direct_count():
     # The over-count is the TRAIN frame and about two METRICS exchanges: a few
     # thousand cycles at the simulated board's 40 cycles per byte.
     assert r.cycles - direct < 10_000, (r.cycles, direct)
+
+
+@pytest.mark.parametrize("engines", ["0", "17"])
+def test_engines_out_of_range_is_one_line(engines, capsys):
+    assert main(["bench", "train", "--modes", "cpu", "--engines", engines]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--engines wants 1" in err and engines in err

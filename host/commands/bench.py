@@ -74,6 +74,9 @@ def add_arguments(p):
                         + " (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="train: fewer samples (16 on chip, one batch host-driven, one CPU epoch)")
+    p.add_argument("--engines", type=int, metavar="C",
+                   help="train: simulate the on-chip rows with C sample engines instead of each "
+                        "board's own (a configuration, not the board's bitstream; rows say so)")
 
 
 def _parse(spec: str) -> tuple[int, int, int, int]:

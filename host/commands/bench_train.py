@@ -556,9 +556,11 @@ MODES = ("on-chip", "host-driven", "cpu")
 
 
 def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progress=None,
-            notes: list | None = None) -> list[dict]:
+            notes: list | None = None, engines: int | None = None) -> list[dict]:
     """Every row for ``workloads`` (see the module docstring); ``notes`` gets one line
-    per measurement detail (simulated configurations, brackets, traffic)."""
+    per measurement detail (simulated configurations, brackets, traffic). ``engines``:
+    simulate the on-chip rows with that many sample engines instead of each board's
+    own (their ``source`` says that this is not the board's bitstream)."""
     from hel_fpga.boards.table import BOARDS
     from hel_fpga.sim.board import SIM_CLK_HZ, SIM_CONFIG
 
@@ -590,7 +592,9 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
                 else:
                     # The store holds the whole training set (also with --quick, which
                     # trains fewer of its samples: one build serves both).
-                    cfg = onchip_config(base, task, n, m, len(task.train_idx))
+                    what_if = engines is not None and engines != base.engines
+                    cfg = onchip_config(base if engines is None else base.replace(engines=engines),
+                                        task, n, m, len(task.train_idx))
                     key = (cfg, task.name, count)
                     if key not in onchip_cache:
                         say(f"bench train: {label}, on chip, simulating {describe_config(cfg)}")
@@ -601,7 +605,9 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
                             f"{r.polls} polls; {r.wall_s:.1f} s of simulation)")
                         onchip_cache[key] = r
                     r = onchip_cache[key]
-                    detail = (f"{describe_config(cfg)}; one TRAIN epoch of {r.samples} samples "
+                    detail = (("not the board's bitstream: its configuration with "
+                               f"{cfg.engines} sample engines; " if what_if else "")
+                              + f"{describe_config(cfg)}; one TRAIN epoch of {r.samples} samples "
                               f"(batch {2 ** tc_batch_log2(task)}): {r.cycles:,} cycles, "
                               f"over-count ≤ {r.bracket:.2%}")
                     notes.append(f"{name} / {label} on chip: simulated {detail}")
@@ -710,8 +716,12 @@ def run_train(args) -> int:
         raise UsageError(f"--modes wants a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}")
     notes: list[str] = []
     try:
+        if args.engines is not None:
+            from hel_fpga.spec.formats import ENGINES_MAX
+            if not 1 <= args.engines <= ENGINES_MAX:
+                raise UsageError(f"--engines wants 1 … {ENGINES_MAX}, got {args.engines}")
         rows = collect(workloads, modes=modes, quick=args.quick, seed=args.seed, progress=progress,
-                       notes=notes)
+                       notes=notes, engines=args.engines)
     except Exception as e:
         from hel_fpga.host.device import DeviceError
         from hel_fpga.sim.board import SimBoardError
