@@ -1,16 +1,16 @@
 """Block-RAM access: read ports without Yosys' read-during-write emulation, for the
 core's and the link's memories (:func:`ram_read_port`); large memories as banks
 (:class:`BankedMemory`) and prefetching read streams (:class:`Prefetch`) for the
-training loop's memories."""
+training loop's memories; two-word register slices on streams (:func:`stream_slice`)."""
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Module, Shape, Signal
+from amaranth.hdl import Cat, Module, Shape, Signal, Value
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.utils import ceil_log2
 
-__all__ = ["NO_RW_CHECK", "ram_read_port", "BankedMemory", "Prefetch"]
+__all__ = ["NO_RW_CHECK", "ram_read_port", "BankedMemory", "Prefetch", "stream_slice"]
 
 #: Memory attribute for Yosys: a read and a write of the same address in one cycle
 #: need no defined result (see :func:`ram_read_port`).
@@ -168,3 +168,17 @@ class Prefetch:
         used = Signal(range(self.DEPTH + 1), name=f"{name}_used")  # issued, not yet read
         m.d.sync += used.eq(used + self.issue - (fifo.r_rdy & fifo.r_en))
         m.d.comb += self.can_issue.eq(used < self.DEPTH)
+
+
+def stream_slice(m: Module, name: str, sink, width: int, accept=1) -> SyncFIFO:
+    """A two-word FIFO taking the stream ``sink`` (an ``In`` stream member) while
+    ``accept`` is high; its read side is the caller's.
+
+    ``sink.ready`` is the FIFO's level test (and ``accept``, which should be a
+    register or a decode of one): the producer's handshake never waits on the
+    consumer's logic, which may then sit anywhere on the die. Two words keep the
+    full rate."""
+    fifo = m.submodules[f"{name}_slice"] = SyncFIFO(width=width, depth=2)
+    m.d.comb += [fifo.w_en.eq(sink.valid & accept), fifo.w_data.eq(Value.cast(sink.payload)),
+                 sink.ready.eq(fifo.w_rdy & accept)]
+    return fifo

@@ -47,15 +47,13 @@ and rises one cycle after the engine has become idle.
 
 from __future__ import annotations
 
-from functools import reduce
-
-from amaranth.hdl import Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from hel_fpga.rtl.bram import NO_RW_CHECK, Prefetch
+from hel_fpga.rtl.bram import NO_RW_CHECK, Prefetch, stream_slice
 from hel_fpga.rtl.core import CmdLayout, DoneLayout, HELCore, Op
 from hel_fpga.rtl.trainer import LossKind, LossUnit
 from hel_fpga.spec.formats import HelConfig
@@ -68,12 +66,6 @@ __all__ = ["SampleEngine", "Word", "RecordWordLayout", "SampleSettingsLayout",
 #: iCE40 ones). It holds a record's targets while the walk moves on to the next
 #: engine (oscillators: 128 words).
 RECORD_FIFO_WORDS = 1024
-
-
-def _times(x, c: int):
-    """``x · c`` for a constant ``c`` as shifts and adds (no multiplier block)."""
-    terms = [x << i for i in range(c.bit_length()) if (c >> i) & 1]
-    return reduce(lambda a, b: a + b, terms) if terms else Const(0)
 
 
 class Word(enum.Enum, shape=2):
@@ -97,16 +89,9 @@ def SampleSettingsLayout(cfg: HelConfig) -> data.StructLayout:
         "outputs": unsigned(max(1, cfg.o.bit_length())),
         "kind": LossKind,
         "eps_log2": unsigned(5),
+        "rows": unsigned(range(cfg.t_max * cfg.o + 1).stop.bit_length()),      # T·O
+        "last_row": unsigned(range(cfg.t_max * cfg.o + 1).stop.bit_length()),  # (T − 1)·O
     })
-
-
-def _slice(m: Module, name: str, sink, width: int) -> SyncFIFO:
-    """A two-word FIFO taking the stream ``sink`` (an ``In`` stream member): its read
-    side is the caller's."""
-    fifo = m.submodules[f"{name}_slice"] = SyncFIFO(width=width, depth=2)
-    m.d.comb += [fifo.w_en.eq(sink.valid), fifo.w_data.eq(Value.cast(sink.payload)),
-                 sink.ready.eq(fifo.w_rdy)]
-    return fifo
 
 
 class SampleEngine(wiring.Component):
@@ -164,10 +149,15 @@ class SampleEngine(wiring.Component):
         onehot = s.kind == LossKind.ONEHOT
 
         depth = min(RECORD_FIFO_WORDS, T_MAX * (K + O + 1) + 1)
-        m.submodules.rfifo = rfifo = SyncFIFOBuffered(width=2 + ow, depth=depth)
-        rec_in = _slice(m, "record", self.record, 2 + ow)
-        m.d.comb += [rfifo.w_data.eq(rec_in.r_data), rfifo.w_en.eq(rec_in.r_rdy),
-                     rec_in.r_en.eq(rfifo.w_rdy)]
+        m.submodules.rbuf = rbuf = SyncFIFOBuffered(width=2 + ow, depth=depth)
+        rec_in = stream_slice(m, "record", self.record, 2 + ow)
+        m.d.comb += [rbuf.w_data.eq(rec_in.r_data), rbuf.w_en.eq(rec_in.r_rdy),
+                     rec_in.r_en.eq(rbuf.w_rdy)]
+        # The block RAM's read data (5.8 ns clock-to-out on ECP5) goes through two
+        # registered words before anything decodes it.
+        m.submodules.rfifo = rfifo = SyncFIFO(width=2 + ow, depth=2)
+        m.d.comb += [rfifo.w_data.eq(rbuf.r_data), rfifo.w_en.eq(rbuf.r_rdy),
+                     rbuf.r_en.eq(rfifo.w_rdy)]
         head = RecordWordLayout(cfg)(rfifo.r_data)
         st_kind, st_word = head.kind, head.word
 
@@ -190,13 +180,10 @@ class SampleEngine(wiring.Component):
         nj_active = Signal()
         nj_addr = Signal(range(max(T_MAX * O, 2)))
         nj_last = Signal(range(max(T_MAX * O, 2)))
-        d_to = Signal(range(T_MAX * O + 1))          # T·O (the nudge buffer's rows)
-        d_row_last = Signal(range(T_MAX * O + 1))    # (T − 1)·O
-        m.d.sync += [d_to.eq(_times(s.steps, O)), d_row_last.eq(_times(s.steps, O) - O)]
         m.d.comb += [npf.addr.eq(nj_addr), npf.issue.eq(nj_active & npf.can_issue)]
         with m.If(nj_start):
             m.d.sync += [nj_active.eq(1), nj_addr.eq(0),
-                         nj_last.eq(Mux(onehot, O - 1, d_to - 1))]
+                         nj_last.eq(Mux(onehot, O - 1, s.rows - 1))]
         with m.Elif(npf.issue):
             m.d.sync += nj_addr.eq(nj_addr + 1)
             with m.If(nj_addr == nj_last):
@@ -255,7 +242,7 @@ class SampleEngine(wiring.Component):
         m.d.comb += [loss.source.ready.eq(1), nbuf_wr.addr.eq(nw_row + nw_col),
                      nbuf_wr.data.eq(loss.source.payload.nudge), nbuf_wr.en.eq(loss.source.valid)]
         with m.If(fwd_reset):
-            m.d.sync += [nw_row.eq(d_row_last), nw_col.eq(0), loss_end.eq(0)]
+            m.d.sync += [nw_row.eq(s.last_row), nw_col.eq(0), loss_end.eq(0)]
         with m.Elif(loss.source.valid):
             m.d.sync += nw_col.eq(Mux(nw_col == O - 1, 0, nw_col + 1))
             with m.If(nw_col == O - 1):
@@ -277,7 +264,7 @@ class SampleEngine(wiring.Component):
         with m.Elif(core.cmd.ready):
             m.d.sync += creg_valid.eq(0)
         core_in_take = Signal()
-        p_in = _slice(m, "params", self.params_in, ow)
+        p_in = stream_slice(m, "params", self.params_in, ow)
         m.d.comb += [core.params_in.valid.eq(p_in.r_rdy), core.params_in.payload.eq(p_in.r_data),
                      p_in.r_en.eq(core.params_in.ready)]
         acc = m.submodules.acc_slice = SyncFIFO(width=cfg.acc_width, depth=2)

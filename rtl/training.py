@@ -172,9 +172,14 @@ runs the pass:
   transfer comes after the pass, as the protocol model's, and the pass can end
   only inside a STREAM: ``streaming`` never falls between two of them.
 
-Back-pressure of a full ring simply holds ``inputs.ready`` low: the command
-unit's unpacker, and behind it the receive ring and the protocol's window,
-wait. The words land in the store at their ring positions, as in the golden
+Back-pressure of a full ring simply stops taking words: the command unit's
+unpacker, and behind it the receive ring and the protocol's window, wait.
+``inputs`` ends in a two-word register slice (:func:`~hel_fpga.rtl.bram.stream_slice`)
+that takes words only in the states that take all of a transfer's words
+(SETUP_WORDS, STORE_WORDS, STREAM's WORDS, or engine 0 taking a LOAD's): its
+``ready`` is a decode of state registers, and the counting, the ring's test and
+the store's write sit behind the slice, off the command unit's paths. A rejected
+command leaves ``ready`` low. The words land in the store at their ring positions, as in the golden
 :class:`~hel_fpga.sim.onchip.TrainingUnit`.
 
 Reset: every register resets to idle (``setup_ok`` low, ``running`` NONE,
@@ -185,6 +190,7 @@ contents survive.
 from __future__ import annotations
 
 import math
+from functools import reduce
 from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
@@ -194,7 +200,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
-from hel_fpga.rtl.bram import NO_RW_CHECK, BankedMemory, Prefetch
+from hel_fpga.rtl.bram import NO_RW_CHECK, BankedMemory, Prefetch, stream_slice
 from hel_fpga.rtl.core import CmdLayout, DoneLayout, Mix32Serial, Op, Result
 from hel_fpga.rtl.engine import SampleEngine, Word
 from hel_fpga.rtl.tanh import saturate_signed
@@ -218,6 +224,12 @@ MetricsLayout = data.StructLayout({
 })
 
 assert SETUP_WORD_BITS == 16
+
+
+def _times(x, c: int):
+    """``x · c`` for a constant ``c`` as shifts and adds (no multiplier block)."""
+    terms = [x << i for i in range(c.bit_length()) if (c >> i) & 1]
+    return reduce(lambda a, b: a + b, terms) if terms else Const(0)
 
 
 class _Sop(enum.Enum, shape=2):
@@ -341,9 +353,15 @@ class TrainingCore(wiring.Component):
         ext = Signal(init=1)            # the outer streams are the core's
         x_op = Signal(Op)               # the training operation IDLE took (DECODE's)
         length = Signal(32)
+        s_left = Signal(32)             # STREAM's words still to take (beside the pass)
         bank = Signal(2)
         start = Signal(32)
-        store.write(m, start, self.inputs.payload, store_wen | ring_wen)
+        # The command unit's words wait in a register slice, taken only in the states
+        # that take words (``accept``, a decode of state registers): the handshake
+        # never waits on the logic that counts the words.
+        accept = Signal()
+        ins = stream_slice(m, "inputs", self.inputs, len(self.inputs.payload), accept)
+        store.write(m, start, ins.r_data, store_wen | ring_wen)
         result = Signal(Result)
 
         # setup (one register per SETUP_FIELDS entry, seed_lo/hi in one)
@@ -413,7 +431,11 @@ class TrainingCore(wiring.Component):
         is_train = running == Pass.TRAIN
 
         # ---------------------------------------------------------------- units' settings
+        rows = Signal(range(T_MAX * O + 1))         # T·O: the nudge buffers' rows
+        last_row = Signal(range(T_MAX * O + 1))     # (T − 1)·O
+        m.d.sync += [rows.eq(_times(s_steps, O)), last_row.eq(_times(s_steps, O) - O)]
         for eng in engines:
+            m.d.comb += [eng.settings.rows.eq(rows), eng.settings.last_row.eq(last_row)]
             m.d.comb += [eng.settings.steps.eq(s_steps), eng.settings.inputs.eq(s_k),
                          eng.settings.outputs.eq(s_o), eng.settings.kind.eq(s_loss),
                          eng.settings.eps_log2.eq(s_eps), eng.clear.eq(pass_start),
@@ -597,7 +619,7 @@ class TrainingCore(wiring.Component):
         sop = Signal(_Sop)
         ring_rdy = Signal()
         m.d.comb += [ring_rdy.eq((sop == _Sop.WORDS) & (w_all | (r_free != 0))),
-                     ring_wen.eq(self.inputs.valid & ring_rdy & ~w_all)]
+                     ring_wen.eq(ins.r_rdy & ring_rdy & ~w_all)]
         walk_end = Signal()             # comb: the walk issues its record's last read
         m.d.comb += walk_end.eq(spf.issue & ((sj_phase == Word.LABEL)
                                             | ((sj_phase == Word.TARGET) & (sj_o == 0)
@@ -789,8 +811,8 @@ class TrainingCore(wiring.Component):
             self.params_out.valid.eq(ext & e0.params_out.valid),
             self.params_out.payload.eq(e0.params_out.payload),
             e0.params_out.ready.eq(ext & self.params_out.ready),
-            e0.inputs.valid.eq(ext & self.inputs.valid),
-            e0.inputs.payload.eq(self.inputs.payload),
+            e0.inputs.valid.eq(ext & ins.r_rdy),
+            e0.inputs.payload.eq(ins.r_data),
             self.outputs.valid.eq(ext & e0.outputs.valid),
             self.outputs.payload.eq(e0.outputs.payload),
             e0.outputs.ready.eq(ext & self.outputs.ready),
@@ -810,15 +832,14 @@ class TrainingCore(wiring.Component):
         for e, eng in enumerate(engines):
             m.d.comb += eng.acc_out.ready.eq(Mux(ext, self.acc_out.ready if e == 0 else 0,
                                                  acc_take))
-        inputs_ready = Signal()             # TRAIN_SETUP, STORE take the inputs
-        with m.If(~ext):
-            m.d.comb += self.inputs.ready.eq(inputs_ready)
-        with m.Else():
-            m.d.comb += self.inputs.ready.eq(e0.inputs.ready)
+        inputs_ready = Signal()             # TRAIN_SETUP, STORE, STREAM take the inputs
+        take_words = Signal()               # in SETUP_WORDS, STORE_WORDS or sop WORDS
+        m.d.comb += [ins.r_en.eq(Mux(ext, e0.inputs.ready, inputs_ready)),
+                     accept.eq(Mux(ext, e0.inputs.ready, take_words))]
 
         # ---------------------------------------------------------------- control
-        word16 = self.inputs.payload.as_unsigned()[:16]
-        in_take = self.inputs.valid & self.inputs.ready
+        word16 = ins.r_data[:16]
+        in_take = ins.r_rdy & ins.r_en
         cmd = self.cmd.payload
         m.d.comb += self.busy.eq(1)
 
@@ -923,7 +944,7 @@ class TrainingCore(wiring.Component):
 
             # ---- TRAIN_SETUP
             with m.State("SETUP_WORDS"):
-                m.d.comb += inputs_ready.eq(1)
+                m.d.comb += [inputs_ready.eq(1), take_words.eq(1)]
                 w = word16
                 ws = w.as_signed()
                 bad = Signal()
@@ -988,7 +1009,7 @@ class TrainingCore(wiring.Component):
 
             # ---- STORE
             with m.State("STORE_WORDS"):
-                m.d.comb += [inputs_ready.eq(1), store_wen.eq(in_take)]
+                m.d.comb += [inputs_ready.eq(1), take_words.eq(1), store_wen.eq(in_take)]
                 with m.If(in_take):
                     m.d.sync += [start.eq(start + 1), length.eq(length - 1)]
                     with m.If(length == 1):
@@ -1117,13 +1138,13 @@ class TrainingCore(wiring.Component):
                 with m.If(streaming & (cmd.op == Op.STREAM)):
                     m.d.comb += self.cmd.ready.eq(1)
                     with m.If(self.cmd.valid):
-                        m.d.sync += [length.eq(cmd.length), result.eq(Result.OK),
+                        m.d.sync += [s_left.eq(cmd.length), result.eq(Result.OK),
                                      sop.eq(Mux(cmd.length == 0, _Sop.FINISH, _Sop.WORDS))]
             with m.Case(_Sop.WORDS):
-                m.d.comb += inputs_ready.eq(ring_rdy)
+                m.d.comb += [inputs_ready.eq(ring_rdy), take_words.eq(1)]
                 with m.If(in_take):
-                    m.d.sync += length.eq(length - 1)
-                    with m.If(length == 1):
+                    m.d.sync += s_left.eq(s_left - 1)
+                    with m.If(s_left == 1):
                         m.d.sync += sop.eq(_Sop.FINISH)
             with m.Case(_Sop.FINISH):
                 # the transfer that delivered the pass's last record ends with the pass
