@@ -179,8 +179,8 @@ that takes words only in the states that take all of a transfer's words
 (SETUP_WORDS, STORE_WORDS, STREAM's WORDS, or engine 0 taking a LOAD's): its
 ``ready`` is a decode of state registers, and the counting, the ring's test and
 the store's write sit behind the slice, off the command unit's paths. A rejected
-command leaves ``ready`` low. The words land in the store at their ring positions, as in the golden
-:class:`~hel_fpga.sim.onchip.TrainingUnit`.
+command leaves ``ready`` low. The words land in the store at their ring
+positions, as in the golden :class:`~hel_fpga.sim.onchip.TrainingUnit`.
 
 Reset: every register resets to idle (``setup_ok`` low, ``running`` NONE,
 ``streaming`` low, counters 0; a STREAM in progress is forgotten); memory
