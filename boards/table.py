@@ -245,15 +245,14 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
         synth_opts=("-dsp",),
     ),
     # Both N = 32 entries carry the training core with an 8 k-word store (two banks of
-    # 4 block RAMs) at 60 MHz; larger stores spread the core over the die and miss it
-    # (docs/boards.md "On-chip training"). One sample engine each: four on the 85F
-    # (docs/onchip.md §13) did not close 60 MHz (docs/boards.md "Sample engines").
-    # The 85F runs at the training clock, 45 MHz: with the sample-engine netlist its
-    # seeds 1 and 2 closed at 57.6 and 58.0 MHz (the command unit → training core
-    # STREAM handshake, docs/boards.md), short of 60.
+    # 4 block RAMs); larger stores spread the core over the die (docs/boards.md
+    # "On-chip training"). The 85F runs two sample engines (docs/onchip.md §13) at the
+    # training clock, 45 MHz: built for 45 MHz they close at 68.4 MHz (seed 1), but
+    # built for 60 MHz router2 does not converge; three and four engines did not
+    # route (docs/boards.md "Sample engines"). The 25F has room for one engine.
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=8192,
-                            **ECP5_OPERAND),
+                            engines=2, **ECP5_OPERAND),
            clk_hz=_ULX3S_TRAIN_CLK),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, store_words=8192,
