@@ -249,7 +249,7 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
     # "On-chip training"). The 85F runs two sample engines (docs/onchip.md §13) at the
     # training clock, 45 MHz: built for 45 MHz they close at 68.4 MHz (seed 1), but
     # built for 60 MHz router2 does not converge; three and four engines did not
-    # route (docs/boards.md "Sample engines"). The 25F has room for one engine.
+    # route (docs/boards.md "Two engines on the 85F"). The 25F has room for one engine.
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=8192,
                             engines=2, **ECP5_OPERAND),

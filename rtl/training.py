@@ -433,10 +433,11 @@ class TrainingCore(wiring.Component):
         # ---------------------------------------------------------------- units' settings
         rows = Signal(range(T_MAX * O + 1))         # T·O: the nudge buffers' rows
         last_row = Signal(range(T_MAX * O + 1))     # (T − 1)·O
-        m.d.sync += [rows.eq(_times(s_steps, O)), last_row.eq(_times(s_steps, O) - O)]
+        steps_o = _times(s_steps, O)
+        m.d.sync += [rows.eq(steps_o), last_row.eq(steps_o - O)]
         for eng in engines:
-            m.d.comb += [eng.settings.rows.eq(rows), eng.settings.last_row.eq(last_row)]
-            m.d.comb += [eng.settings.steps.eq(s_steps), eng.settings.inputs.eq(s_k),
+            m.d.comb += [eng.settings.rows.eq(rows), eng.settings.last_row.eq(last_row),
+                         eng.settings.steps.eq(s_steps), eng.settings.inputs.eq(s_k),
                          eng.settings.outputs.eq(s_o), eng.settings.kind.eq(s_loss),
                          eng.settings.eps_log2.eq(s_eps), eng.clear.eq(pass_start),
                          eng.train.eq(is_train)]
