@@ -41,8 +41,11 @@ The engines of a device sit wherever the placer puts them, far from the training
 core's shared logic and from each other. So every handshake that crosses the
 boundary ends in registers on both sides: ``record``, ``params_in``, ``acc_out`` and
 ``done`` pass through two-word FIFOs (their ``ready`` and ``valid`` are tests of a
-level register), and ``idle`` is a register: it falls in the cycle after ``start``
-and rises one cycle after the engine has become idle.
+level register); ``start``, ``train``, ``clear`` and ``settings`` are registered on
+arrival (a sample starts one cycle after ``start``); and ``idle`` is a register:
+it falls in the cycle after ``start`` and rises one cycle after the engine has
+become idle. The record FIFO is a block RAM whose read data (5.8 ns clock-to-out
+on ECP5) passes through two more registered words before anything decodes it.
 """
 
 from __future__ import annotations
@@ -145,7 +148,12 @@ class SampleEngine(wiring.Component):
         m.submodules.loss = loss = LossUnit(cfg)
         K, O, T_MAX = cfg.k, cfg.o, cfg.t_max
         sw, ow = cfg.state_width, cfg.operand_width
-        s = self.settings
+        # What the training core sends every engine arrives through registers: the
+        # engines sit anywhere on the die, and these nets fan out to all of them.
+        s = Signal(SampleSettingsLayout(cfg))
+        start, train_in, clear = Signal(), Signal(), Signal()
+        m.d.sync += [s.eq(self.settings), start.eq(self.start), train_in.eq(self.train),
+                     clear.eq(self.clear)]
         onehot = s.kind == LossKind.ONEHOT
 
         depth = min(RECORD_FIFO_WORDS, T_MAX * (K + O + 1) + 1)
@@ -167,7 +175,7 @@ class SampleEngine(wiring.Component):
         npf = Prefetch(m, "npf", [nbuf])
 
         m.d.comb += [loss.kind.eq(s.kind), loss.eps_log2.eq(s.eps_log2),
-                     loss.clear.eq(self.clear), loss.outputs.eq(s.outputs),
+                     loss.clear.eq(clear), loss.outputs.eq(s.outputs),
                      self.loss_sum.eq(loss.loss_sum), self.correct.eq(loss.correct_count)]
 
         run = Signal()                  # a sample owns the core's streams
@@ -297,7 +305,7 @@ class SampleEngine(wiring.Component):
             core_in_take.eq(run & core.inputs.valid & core.inputs.ready),
         ]
         if K > 1:
-            with m.If(self.start):
+            with m.If(start):
                 m.d.sync += [in_col.eq(0), in_pad.eq(0)]
             with m.Elif(core_in_take):
                 m.d.sync += [in_col.eq(Mux(in_col == K - 1, 0, in_col + 1)),
@@ -313,14 +321,14 @@ class SampleEngine(wiring.Component):
 
         idle = Signal()
         idle_r = Signal()
-        m.d.sync += idle_r.eq(idle & ~self.start)
+        m.d.sync += idle_r.eq(idle & ~self.start & ~start)
         m.d.comb += self.idle.eq(idle_r)
         with m.FSM(name="sample"):
             with m.State("IDLE"):
                 m.d.comb += [idle.eq(~loss.busy), core.done.ready.eq(dn.w_rdy),
                              dn.w_en.eq(core.done.valid)]
-                with m.If(self.start):
-                    m.d.sync += [train.eq(self.train), run.eq(1)]
+                with m.If(start):
+                    m.d.sync += [train.eq(train_in), run.eq(1)]
                     m.next = "LOAD_ISSUE"
             with m.State("LOAD_ISSUE"):
                 issue(Op.LOAD, "LOAD_WAIT", length=s.steps)

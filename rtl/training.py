@@ -133,10 +133,11 @@ ahead, during the current sample, so neither adds to a sample's time.
 
 Overhead, measured in simulation (N = M = 4, K = 1, O = 2, T = 5, one lane;
 about 1 100 cycles of core work per training sample): the inner core is idle
-about 8 cycles per sample in EVAL (command hand-overs through the command
-registers, the engine's registered ``idle`` and the first store word's latency)
-and about 14 per sample in TRAIN (also the ECHO's hand-over and the per-batch
-commands), plus about 400 cycles per epoch for the round keys.
+about 10 cycles per sample in EVAL (command hand-overs through the command
+registers, the engine's registered ``start`` and ``idle``, ``slot_idle`` and the
+first store word's latency) and about 16 per sample in TRAIN (also the ECHO's
+hand-over and the per-batch commands), plus about 400 cycles per epoch for the
+round keys.
 
 A label word (one-hot) outside 0 … o−1, as a signed operand word, is passed to
 the loss unit as "no class": it is the target of no output and never correct.
@@ -690,11 +691,14 @@ class TrainingCore(wiring.Component):
         with m.Elif(quiet <= levels_m):
             m.d.sync += quiet.eq(quiet + 1)
         settled = all_idle & (quiet > levels_m)
+        # engine ``slot`` is idle: a register (one cycle late), so that the path from an
+        # engine's ``idle`` through SAMPLE_START back to the engines' ``start`` crosses
+        # the die once; ``slot`` changes only in WALK, at least a cycle before SAMPLE_START.
         slot_idle = Signal()
         with m.Switch(slot):
             for e, eng in enumerate(engines):
                 with m.Case(e):
-                    m.d.comb += slot_idle.eq(eng.idle)
+                    m.d.sync += slot_idle.eq(eng.idle)
         m.d.sync += samples.eq(samples + n_finished)
         sum_bad = Signal()                  # an accumulator sum does not fit acc_width
 
