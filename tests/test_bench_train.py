@@ -228,3 +228,17 @@ def test_engines_out_of_range_is_one_line(engines, capsys):
     assert main(["bench", "train", "--modes", "cpu", "--engines", engines]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--engines wants 1" in err and engines in err
+
+
+@pytest.mark.parametrize("engines", [None, 1, 3])
+def test_engines_apply_to_every_on_chip_target_including_the_store_less_sim_board(engines):
+    """``--engines C`` reaches the simulated board, whose base configuration has no
+    store (a store-less configuration rejects C > 1), and every table board with one."""
+    from hel_fpga.sim.board import SIM_CONFIG
+    task = load_task("oscillators")
+    bases = [SIM_CONFIG] + [b.config for b in BOARDS.values() if b.config.store_words]
+    for base in bases:
+        cfg = bt.onchip_config(base, task, 16, 16, len(task.train_idx), engines)
+        assert cfg.store_words > 0
+        assert cfg.engines == (base.engines if engines is None else engines)
+        assert (cfg.n, cfg.m, cfg.k, cfg.o) == (16, 16, task.k, task.o)

@@ -144,12 +144,15 @@ def workload_config(base, task, n: int, m: int):
                         lanes=min(base.lanes, max(n, m)))
 
 
-def onchip_config(base, task, n: int, m: int, count: int):
+def onchip_config(base, task, n: int, m: int, count: int, engines: int | None = None):
     """The configuration simulated on chip: :func:`workload_config` with the store sized
-    to ``count`` training samples (a power of two, at least 1024 words)."""
+    to ``count`` training samples (a power of two, at least 1024 words) and, if given,
+    ``engines`` sample engines (set with the store: a base without one, such as the
+    simulated board's, allows only one engine)."""
     from hel_fpga.host.train.onchip import store_words_for
     cfg = workload_config(base, task, n, m)
-    return cfg.replace(store_words=store_words_for(task, np.arange(count), [], cfg))
+    store = store_words_for(task, np.arange(count), [], cfg)
+    return cfg.replace(store_words=store, engines=base.engines if engines is None else engines)
 
 
 def describe_config(cfg) -> str:
@@ -593,8 +596,7 @@ def collect(workloads, *, modes=MODES, quick: bool = False, seed: int = 0, progr
                     # The store holds the whole training set (also with --quick, which
                     # trains fewer of its samples: one build serves both).
                     what_if = engines is not None and engines != base.engines
-                    cfg = onchip_config(base if engines is None else base.replace(engines=engines),
-                                        task, n, m, len(task.train_idx))
+                    cfg = onchip_config(base, task, n, m, len(task.train_idx), engines)
                     key = (cfg, task.name, count)
                     if key not in onchip_cache:
                         say(f"bench train: {label}, on chip, simulating {describe_config(cfg)}")
