@@ -189,7 +189,7 @@ _ICEBREAKER_CLK = 24_000_000
 #: 25 MHz → 60 MHz: the ECP5 target clock, for both dies at P = 8 (post-route
 #: figures per build: docs/boards.md); 20 clocks per UART bit at 3 Mbaud.
 _ULX3S_CLK = 60_000_000
-#: 25 MHz → 45 MHz: the clock of the 85F entries with the training core
+#: 25 MHz → 45 MHz: the clock of the N = 64 entry with the training core
 #: (docs/boards.md "On-chip training"); 15 clocks per UART bit at 3 Mbaud.
 _ULX3S_TRAIN_CLK = 45_000_000
 
@@ -245,15 +245,13 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
         synth_opts=("-dsp",),
     ),
     # Both N = 32 entries carry the training core with an 8 k-word store (two banks of
-    # 4 block RAMs); larger stores spread the core over the die (docs/boards.md
-    # "On-chip training"). The 85F runs two sample engines (docs/onchip.md §13) at the
-    # training clock, 45 MHz: built for 45 MHz they close at 68.4 MHz (seed 1), but
-    # built for 60 MHz router2 does not converge; three and four engines did not
-    # route (docs/boards.md "Two engines on the 85F"). The 25F has room for one engine.
+    # 4 block RAMs) at 60 MHz; larger stores spread the core over the die (docs/boards.md
+    # "On-chip training"). The 85F runs two sample engines (docs/onchip.md §13): 65.5 MHz
+    # at seed 1; three and four did not route in half an hour (docs/boards.md "Sample
+    # engines on the 85F"). The 25F has room for one engine.
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=8192,
-                            engines=2, **ECP5_OPERAND),
-           clk_hz=_ULX3S_TRAIN_CLK),
+                            engines=2, **ECP5_OPERAND)),
     _ulx3s("25F", resources=_ecp5(luts=24288, mults=28, ebr=56, plls=2, ios=197),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=2048, lanes=8, store_words=8192,
                             **ECP5_OPERAND)),

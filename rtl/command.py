@@ -361,7 +361,8 @@ class CommandUnit(wiring.Component):
     See the module docstring for the design. Connect ``rx``/``rx_error`` to
     :class:`hel_fpga.rtl.framing.FrameDecoder`'s ``source``/``error``, ``tx`` to
     :class:`hel_fpga.rtl.framing.FrameEncoder`'s ``sink``, ``core`` to a ``HELCore(cfg)``
-    wrapped in ``ResetInserter({"sync": core_rst})``.
+    wrapped in ``ResetInserter({"sync": core_rst})``, or to a ``TrainingCore(cfg)``,
+    which takes ``core_rst`` on its own ``reset`` member and resets itself.
 
     Parameters
     ----------
@@ -718,6 +719,8 @@ class _CommandUnitBuilder:
         # the state plus a net across an ECP5 die does not fit a 60 MHz period).
         self.core_rst = Signal()
         m.d.comb += self.unit.core_rst.eq(self.core_rst)
+        if self.unit.training:      # a TrainingCore resets itself from its ``reset``
+            m.d.comb += self.unit.core.reset.eq(self.core_rst)
 
     # ------------------------------------------------------------------ core command
     def core_command(self):
@@ -1010,7 +1013,12 @@ class _CommandUnitBuilder:
             m.d.sync += [self.xfer_open.eq(0), self.xfer_cmd.eq(0), self.xfer_done.eq(0),
                          self.t_loaded.eq(0), self.forwarded.eq(0), self.one_sided.eq(0),
                          self.reset_step.eq(0), self.payload.eq(1)]
-            m.next = "RESET_ISSUE"
+            m.next = "RESET_HOLD" if self.unit.training else "RESET_ISSUE"
+        if self.unit.training:
+            # A TrainingCore registers ``reset`` before applying it: it is reset at
+            # the end of this cycle, so its first zeroing command waits for the next.
+            with m.State("RESET_HOLD"):
+                m.next = "RESET_ISSUE"
         with m.State("RESET_ISSUE"):
             m.d.comb += [self.in_reset.eq(1), core.cmd.valid.eq(1)]
             with m.If(core.cmd.ready):

@@ -74,7 +74,10 @@ class Device(wiring.Component):
             core = HELCore(self.cfg)
         m.submodules.command = cu = CommandUnit(self.cfg, clk_hz=self.clk_hz, baud=self.baud,
                                                 name=self.name, core_signature=core.signature)
-        m.submodules.core = ResetInserter({"sync": cu.core_rst})(core)
+        if self.cfg.store_words:        # resets itself from ``reset`` (its docstring)
+            m.submodules.core = core
+        else:
+            m.submodules.core = ResetInserter({"sync": cu.core_rst})(core)
         wiring.connect(m, wiring.flipped(self.sink), decoder.sink)
         wiring.connect(m, decoder.source, cu.rx)
         wiring.connect(m, decoder.error, cu.rx_error)

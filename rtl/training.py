@@ -22,7 +22,16 @@ metrics    Out   :data:`MetricsLayout`          running pass (:class:`~hel_fpga.
 training   Out   1                              a TRAIN or EVAL pass runs (``running != NONE``)
 streaming  Out   1                              a streamed pass runs: STREAM is taken
 setup_ok   Out   1                              the last TRAIN_SETUP is one the device accepts
+reset      In    1                              the command unit's reset of the core (RESET)
 ========== ===== ============================== =============================================
+
+**Reset.** The core resets itself from ``reset`` instead of being wrapped in a
+``ResetInserter`` (as the command unit wraps a bare :class:`HELCore`): ``reset`` is
+registered once for the controller and once for each engine, and each copy resets
+only its own part. So no one net runs from the command unit through a gate to
+every flip-flop of the core, which with the engines spread over the die was the
+ECP5 builds' critical path. The core is therefore reset one cycle after ``reset``;
+the command unit waits that cycle before its next command.
 
 Operations 0 … 9 pass straight through while this unit is idle: ``cmd`` waits in a
 command register (``creg``) until engine 0, or every engine for WRITE_PARAMS,
@@ -194,7 +203,8 @@ import math
 from functools import reduce
 from types import SimpleNamespace
 
-from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import (Cat, Const, Module, Mux, ResetInserter, Shape, Signal, signed,
+                          unsigned)
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -313,17 +323,25 @@ class TrainingCore(wiring.Component):
             "training": Out(1),
             "streaming": Out(1),
             "setup_ok": Out(1),
+            "reset": In(1),
         })
         super().__init__(members)
 
     # ------------------------------------------------------------------------------
     def elaborate(self, platform):
-        m = Module()
+        # The reset tree (module docstring, "Reset"): the controller (``m``) and each
+        # engine are siblings, each reset by its own registered copy of ``reset``.
+        outer, m = Module(), Module()
         cfg, fm = self.cfg, self.fm
         engines = self.engines
         C = len(engines)
         for e, eng in enumerate(engines):
-            m.submodules[f"engine{e}"] = eng
+            eng_rst = Signal(name=f"engine{e}_rst")
+            outer.d.sync += eng_rst.eq(self.reset)
+            outer.submodules[f"engine{e}"] = ResetInserter({"sync": eng_rst})(eng)
+        ctl_rst = Signal()
+        outer.d.sync += ctl_rst.eq(self.reset)
+        outer.submodules.control = ResetInserter({"sync": ctl_rst})(m)
         m.submodules.opt = opt = OptimiserUnit(cfg)
         m.submodules.mix = mix = Mix32Serial(1)
 
@@ -725,9 +743,9 @@ class TrainingCore(wiring.Component):
                                  & (acc_used < accq_depth)),
                      sum_valid[0].eq(acc_take)]
         m.d.sync += sum_valid[1:].eq(sum_valid[:-1])
-        top = acc_sum.as_unsigned()[aw - 1:]
+        high = acc_sum.as_unsigned()[aw - 1:]     # the sum's bits from the sign of aw up
         m.d.comb += [accq.w_en.eq(sum_valid[-1]),
-                     accq.w_data.eq(Cat(acc_sum[:aw], (top == 0) | (top == (1 << len(top)) - 1)))]
+                     accq.w_data.eq(Cat(acc_sum[:aw], (high == 0) | (high == (1 << len(high)) - 1)))]
         m.d.sync += acc_used.eq(acc_used + acc_take - (accq.r_en & accq.r_rdy))
         acc_word = Signal(signed(aw))
         acc_fits = Signal()
@@ -1158,7 +1176,7 @@ class TrainingCore(wiring.Component):
                     m.d.sync += sop.eq(_Sop.IDLE)
 
         self.probes.update(sample_start=sj_start, sample_base=sj_base, lr_shift=lr_shift)
-        return m
+        return outer
 
     # ------------------------------------------------------------------------------
     def _setup_field(self, m, field, w, ws, bad, st):

@@ -39,7 +39,6 @@ import random
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import ResetInserter, Signal
 
 from hel_fpga.rtl.core import Op, Result
 from hel_fpga.rtl.training import MetricsLayout, TrainingCore
@@ -707,9 +706,10 @@ def test_core_operations_pass_through_and_training_operations_check_their_argume
 
 
 def test_reset_in_a_pass_returns_to_idle_and_keeps_the_memories():
-    """A reset (ResetInserter, as the command unit wraps the core) in the middle of a
-    TRAIN: training, setup_ok, metrics go to their idle values; the store survives, so
-    after WRITE_MASTER and TRAIN_SETUP (no STORE) the epoch equals the golden one."""
+    """A one-cycle ``reset`` (as the command unit's RESET drives it) in the middle of a
+    TRAIN: training, setup_ok, metrics go to their idle values a cycle later (the core
+    registers its reset); the store survives, so after WRITE_MASTER and TRAIN_SETUP
+    (no STORE) the epoch equals the golden one."""
     cfg = SMALL
     rng = np.random.default_rng(12)
     tc = TrainConfig(loss="mse", optimizer="lion", batch_log2=1, lr_log2=7, epochs=3, seed=1)
@@ -721,9 +721,7 @@ def test_reset_in_a_pass_returns_to_idle_and_keeps_the_memories():
     ref = OnChipTrainer(cfg, tc, train, master)
     ref.epoch = 1
     want = ref.train_epoch()
-    rst = Signal()
     dut = TrainingCore(cfg)
-    top = ResetInserter({"sync": rst})(dut)
     seen = {}
 
     async def bench(ctx):
@@ -736,9 +734,10 @@ def test_reset_in_a_pass_returns_to_idle_and_keeps_the_memories():
         res, _ = await d.command(Op.TRAIN, length=1)
         while ctx.get(dut.metrics.samples) < 3:
             await d.tick()
-        ctx.set(rst, 1)
+        ctx.set(dut.reset, 1)
         await d.tick()
-        ctx.set(rst, 0)
+        ctx.set(dut.reset, 0)
+        await d.tick()
         seen["after"] = (ctx.get(dut.training), ctx.get(dut.setup_ok),
                          ctx.get(dut.metrics.as_value()), ctx.get(dut.busy))
         await d.write_master(0, flat(master))
@@ -747,7 +746,7 @@ def test_reset_in_a_pass_returns_to_idle_and_keeps_the_memories():
         seen["train"], _ = await d.run_pass(Op.TRAIN, length=1)
         seen["master"] = await d.read_master(0, dut.n_params)
 
-    run(top, bench)
+    run(dut, bench)
     assert seen["after"] == (0, 0, 0, 0)
     assert seen["train"] == {"samples": 5, "loss_sum": want.loss_sum, "correct": 0,
                              "skipped": want.overflow_batches}

@@ -129,6 +129,7 @@ async def _scenario(dut, loss: str, slots: int):
     cfg, ow, aw = CFG, CFG.operand_width, CFG.acc_width
     Clock(dut.clk, 10, unit="ns").start()
     dut.rst.value = 1
+    dut.reset.value = 0
     for s in ("cmd", "inputs", "wide_in", "params_in", "nudges"):
         getattr(dut, f"{s}__valid").value = 0
     for s in ("done", "acc_out", "params_out", "outputs", "state_out"):
