@@ -73,7 +73,13 @@ holds its data), so each phase takes twice as long with the same P multipliers:
 
 A step waits for the previous one to drain (its last oscillators' new ``qo``);
 that fixed drain of about ``nb·P + 9`` cycles plus unused lanes in the last
-chunk of a row is the overhead over ``MACs / P``. Multiplier count is exactly
+chunk of a row is the overhead over ``MACs / P``. The ECP5 form runs phase C
+after B (``late_contrast``), so the contrast's slots fill that drain: its
+state unit writes the new ``qo`` into the other page of the operand memories
+(``x_page``, turned as a step starts) while the contrast still reads the old
+one, and the contrast takes the step's inputs from a copy (``u_contrast``) as
+the loader already fetches the next step's. The compact (iCE40) form keeps C
+before B, where it covers the tanh unit's latency ahead of B. Multiplier count is exactly
 ``P``; the tanh interpolation has its own small multiplier (not a MAC).
 
 Every wrap of the state (half drifts, kick, nudge, flip) and of an accumulator
@@ -484,6 +490,8 @@ class HELCore(wiring.Component):
         says what it makes); the sections share their signals through ``s``."""
         m = Module()
         s = _Shared(compact=self._is_compact(platform))
+        # the contrast after the force, overlapping the state unit's drain (ECP5 form)
+        s.late_contrast = not s.compact
         self._build_memories(m, s, platform)
         self._build_units(m, s)
         self._build_nudge_buffer(m, s)
@@ -527,8 +535,9 @@ class HELCore(wiring.Component):
 
         None of them needs a defined read of a word in the cycle it is written
         (NO_RW_CHECK): parameters are written only by WRITE_PARAMS; an operand (x)
-        row is rewritten after the last read of the old operand and read again only
-        after the step drains; an activation is read only once its row is counted
+        row is rewritten after the last read of the old operand (or, late contrast,
+        in the page the step does not read) and read again only after the step
+        drains; an activation is read only once its row is counted
         finished; the state unit writes an oscillator three (pipelined: four) ops
         after reading it (and a step starts only when the previous one has
         drained). Where a read and a write do meet, the read is an idle or stalled
@@ -542,7 +551,10 @@ class HELCore(wiring.Component):
         bmem = Memory(shape=signed(ow), depth=M, init=[], attrs=NO_RW_CHECK)
         seqbuf = SequenceBuffer(cfg.t_max * cfg.k, ow, self._use_spram(platform),
                                 registered=not s.compact)
-        xmem = [Memory(shape=signed(ow), depth=2 * RN, init=[], attrs=NO_RW_CHECK)
+        # late contrast: two pages of (fwd|+ε, −ε) rows, one read by the step and
+        # one written by its state unit (``x_page``)
+        xmem = [Memory(shape=signed(ow), depth=(4 if s.late_contrast else 2) * RN, init=[],
+                       attrs=NO_RW_CHECK)
                 for _ in range(P)]
         amem = Memory(shape=signed(ow), depth=2 * M, init=[], attrs=NO_RW_CHECK)
         smem = Memory(shape=unsigned(2 * sw), depth=3 * N, init=[], attrs=NO_RW_CHECK)
@@ -727,6 +739,16 @@ class HELCore(wiring.Component):
         s.operand_addr = Signal(range(max(2 * g.rn, 2)))
         s.activation_addr = Signal(range(max(2 * M, 2)))
         s.issue_mode = Signal()   # the engine drives the lane memories' read ports
+        operand_read = s.operand_addr
+        if s.late_contrast:
+            # The operand page a step reads; its state unit writes the other one, which
+            # the next step reads (the page turns as it starts), so the contrast after
+            # the force still reads this step's qo while the new qo is written.
+            s.x_page = Signal()
+            with m.If(s.steps_left_dec):
+                m.d.sync += s.x_page.eq(~s.x_page)
+            operand_read = Signal(range(4 * g.rn), name="operand_read")
+            m.d.comb += operand_read.eq(s.operand_addr + Mux(s.x_page, 2 * g.rn, 0))
         # What the lane memories' read ports take: in the compact form the FSM's
         # S0 signals themselves; in the ECP5 form a register stage of them (S0r:
         # ``tag0r`` and the read addresses), so the control FSM's decode and the
@@ -734,7 +756,7 @@ class HELCore(wiring.Component):
         # from the controller) are in separate cycles. Then every slot reaches S1
         # a cycle later; the interlocks decided in S0 only become more
         # conservative, and ``drained`` covers the extra stage.
-        issue_sigs = [tag0, s.issue_mode, s.param_addr, s.param_en, s.operand_addr,
+        issue_sigs = [tag0, s.issue_mode, s.param_addr, s.param_en, operand_read,
                       s.activation_addr]
         if s.compact:
             rd_sigs = issue_sigs
@@ -768,6 +790,10 @@ class HELCore(wiring.Component):
         s.last_bank = last_bank
 
         s.u_current = [Signal(signed(ow), name=f"u{k}") for k in range(K)]
+        # late contrast: the step's inputs, kept for its contrast while the loader
+        # already fetches the next step's into u_current
+        s.u_contrast = ([Signal(signed(ow), name=f"u_contrast{k}") for k in range(K)]
+                        if s.late_contrast else s.u_current)
 
     # ---------------------------------------------------------------- S1: operands
     def _build_operand_select(self, m, s):
@@ -778,7 +804,7 @@ class HELCore(wiring.Component):
         P, N, K, max_chunks = g.p, cfg.n, cfg.k, g.rmax
         ow = cfg.operand_width
         param_rd, operand_rd, activation_rd = s.param_rd, s.operand_rd, s.activation_rd
-        tag1, u_current = s.tag1, s.u_current
+        tag1, u_current, u_contrast = s.tag1, s.u_current, s.u_contrast
         for p in range(P):
             with m.If(s.rd_issue_mode):
                 m.d.comb += [param_rd[p].addr.eq(s.rd_param_addr),
@@ -805,7 +831,10 @@ class HELCore(wiring.Component):
                             m.d.comb += [x_value.eq(qo_read), qo_alpha.eq(qo_read)]
                         elif c < N + K:
                             if g.u_mode:   # the z rows have no input columns then
-                                m.d.comb += x_value.eq(Mux(in_contrast, u_current[c - N], 0))
+                                m.d.comb += x_value.eq(Mux(in_contrast, u_contrast[c - N], 0))
+                            elif s.late_contrast:
+                                m.d.comb += x_value.eq(Mux(in_contrast, u_contrast[c - N],
+                                                           u_current[c - N]))
                             else:
                                 m.d.comb += x_value.eq(u_current[c - N])
                         elif c == N + K:
@@ -1183,8 +1212,13 @@ class HELCore(wiring.Component):
         else:
             m.d.comb += qo_wide.eq(qn_r)
         qo = saturate_signed(m, qo_wide, ow, "qo")
+        operand_wr_addr = Mux(op4.bank, RN + op4.row, op4.row)
+        if s.late_contrast:
+            # a step's kicks write the next step's page; the pre-step's ops the page
+            # the first step reads
+            operand_wr_addr = operand_wr_addr + Mux(op4.update ^ s.x_page, 2 * RN, 0)
         for p in range(P):
-            m.d.comb += [operand_wr[p].addr.eq(Mux(op4.bank, RN + op4.row, op4.row)),
+            m.d.comb += [operand_wr[p].addr.eq(operand_wr_addr),
                          operand_wr[p].data.eq(qo),
                          operand_wr[p].en.eq(op4.valid & op4.next & (op4.lane == p))]
         m.d.comb += s.state_ovf_set.eq(
@@ -1667,7 +1701,7 @@ class HELCore(wiring.Component):
     def _phase_states(self, m, s):
         """One step: INPUT_PRODUCTS and INPUT_DRAIN (phase U, in u_mode), Z_SUMS (A),
         CONTRAST (C, when accumulating), FORCE_GATE and FORCE_SUMS (B), STEP_END;
-        PASS_END after the last step. Each issue state drives ``tag0`` and the lane
+        PASS_END after the last step. With ``late_contrast`` C follows B. Each issue state drives ``tag0`` and the lane
         memories' read addresses for one slot a cycle, with the issue counters
         ``issue_bank`` (working bank), ``issue_row`` (j), ``issue_chunk`` (r) and
         ``issue_slot`` (B: t)."""
@@ -1725,10 +1759,13 @@ class HELCore(wiring.Component):
                     m.d.sync += [chunk.eq(0), row.eq(row + 1), row_base.eq(row_base + RA)]
                     with m.If(row == M - 1):
                         m.d.sync += row.eq(0)
-                        with m.If(s.accumulate):
-                            m.next = "CONTRAST"
-                        with m.Else():
+                        if s.late_contrast:
                             m.next = "FORCE_GATE"
+                        else:
+                            with m.If(s.accumulate):
+                                m.next = "CONTRAST"
+                            with m.Else():
+                                m.next = "FORCE_GATE"
                 with m.Else():
                     m.d.sync += chunk.eq(chunk + 1)
 
@@ -1759,7 +1796,7 @@ class HELCore(wiring.Component):
                     with m.If(row_end):
                         m.d.sync += [chunk.eq(0), row.eq(row + 1)]
                         with m.If(alpha_row):
-                            m.next = "FORCE_GATE"
+                            m.next = "STEP_END" if s.late_contrast else "FORCE_GATE"
                     with m.Else():
                         m.d.sync += chunk.eq(chunk + 1)
 
@@ -1779,6 +1816,8 @@ class HELCore(wiring.Component):
             nudge_ok = ~(s.echo & ~s.kick_only & has_next) | s.nudge_row_ready
             with m.If(out_ok & nudge_ok):
                 m.d.comb += [s.loader_start.eq(has_next), s.loader_advance.eq(1)]
+                if s.late_contrast:
+                    m.d.sync += [uc.eq(u) for uc, u in zip(s.u_contrast, s.u_current)]
                 m.d.sync += [bank.eq(0), chunk.eq(0), slot.eq(0), weight_addr.eq(0)]
                 m.next = "FORCE_SUMS"
 
@@ -1809,7 +1848,14 @@ class HELCore(wiring.Component):
                     with m.If(slot == LB - 1):
                         m.d.sync += [slot.eq(0), chunk.eq(chunk + 1)]
                         with m.If(chunk == RN - 1):
-                            m.next = "STEP_END"
+                            if s.late_contrast:
+                                with m.If(s.accumulate):
+                                    m.d.sync += [bank.eq(0), chunk.eq(0), s.issue_row.eq(0)]
+                                    m.next = "CONTRAST"
+                                with m.Else():
+                                    m.next = "STEP_END"
+                            else:
+                                m.next = "STEP_END"
                     with m.Else():
                         m.d.sync += slot.eq(slot + 1)
 
