@@ -513,6 +513,15 @@ class HELCore(wiring.Component):
         # After the control FSM, so that these take priority over its assignments.
         with m.If(s.tanh.a_valid):
             m.d.sync += s.activation_count.eq(s.activation_count + 1)
+            if self.geometry.contrast_packed:
+                with m.If(s.two_banks & ~s.act_bank):
+                    m.d.sync += s.act_bank.eq(1)
+                with m.Else():
+                    m.d.sync += s.act_bank.eq(0)
+                    with m.If(s.act_lane == self.geometry.p - 1):
+                        m.d.sync += [s.act_lane.eq(0), s.act_group.eq(s.act_group + 1)]
+                    with m.Else():
+                        m.d.sync += s.act_lane.eq(s.act_lane + 1)
 
         self.probes.update(pmem=s.pmem, bmem=s.bmem, xmem=s.xmem, amem=s.amem, smem=s.smem,
                            u=s.u_current, k_valid=s.kick_valid, k_i=s.kick_osc, k_kick=s.kick,
@@ -557,6 +566,15 @@ class HELCore(wiring.Component):
                        attrs=NO_RW_CHECK)
                 for _ in range(P)]
         amem = Memory(shape=signed(ow), depth=2 * M, init=[], attrs=NO_RW_CHECK)
+        # packed contrast: each lane's copy of the activations of its rows j ≡ p
+        # (row group j // P, both banks), for the input columns' slots
+        lane_amem = ([Memory(shape=signed(ow), depth=2 * g.ru, init=[], attrs=NO_RW_CHECK)
+                      for _ in range(P)] if g.contrast_packed else [])
+        for p, lm in enumerate(lane_amem):
+            m.submodules[f"lane_amem{p}"] = lm
+        s.lane_activation_rd = [ram_read_port(m, lm, f"lane_activation_rd{p}")
+                                for p, lm in enumerate(lane_amem)]
+        s.lane_activation_wr = [lm.write_port() for lm in lane_amem]
         smem = Memory(shape=unsigned(2 * sw), depth=3 * N, init=[], attrs=NO_RW_CHECK)
         for p in range(P):
             m.submodules[f"pmem{p}"] = pmem[p]
@@ -726,10 +744,13 @@ class HELCore(wiring.Component):
         cfg, g = self.cfg, self.geometry
         M, K, RA, LB, max_chunks = cfg.m, cfg.k, g.ra, g.lb, g.rmax
         ow = cfg.operand_width
-        s.tag_layout = data.StructLayout({
+        fields = {
             "valid": 1, "phase": Phase, "bank": 1, "chunk": range(max(max_chunks, 2)),
             "row": range(M + 1), "first": 1, "last": 1, "alpha_row": 1,
-        })
+        }
+        if g.contrast_packed:
+            fields["input_row"] = 1     # the contrast's input columns (row group, k)
+        s.tag_layout = data.StructLayout(fields)
         tag0 = Signal(s.tag_layout)
         tag1 = Signal(s.tag_layout)
         tag2 = Signal(s.tag_layout)
@@ -758,6 +779,10 @@ class HELCore(wiring.Component):
         # conservative, and ``drained`` covers the extra stage.
         issue_sigs = [tag0, s.issue_mode, s.param_addr, s.param_en, operand_read,
                       s.activation_addr]
+        if g.contrast_packed:
+            # the lanes' own activation memories: row group g (and bank) of rows j ≡ p
+            s.lane_activation_addr = Signal(range(max(2 * g.ru, 2)))
+            issue_sigs.append(s.lane_activation_addr)
         if s.compact:
             rd_sigs = issue_sigs
             s.tag_rd_valid = []
@@ -767,7 +792,8 @@ class HELCore(wiring.Component):
             m.d.sync += [r.eq(x) for r, x in zip(rd_sigs, issue_sigs)]
             s.tag_rd_valid = [rd_sigs[0].valid]
         (s.tag0r, s.rd_issue_mode, s.rd_param_addr, s.rd_param_en, s.rd_operand_addr,
-         s.rd_activation_addr) = rd_sigs
+         s.rd_activation_addr) = rd_sigs[:6]
+        s.rd_lane_activation_addr = rd_sigs[6] if g.contrast_packed else None
         m.d.sync += [tag1.eq(s.tag0r), tag2.eq(tag1), tag3.eq(tag2)]
         s.tag0, s.tag1, s.tag2, s.tag3 = tag0, tag1, tag2, tag3
         s.issue_bank = Signal()
@@ -811,6 +837,17 @@ class HELCore(wiring.Component):
                              param_rd[p].en.eq(s.rd_param_en)]
             m.d.comb += operand_rd[p].addr.eq(s.rd_operand_addr)
         m.d.comb += activation_rd.addr.eq(s.rd_activation_addr)
+        for rd in s.lane_activation_rd:
+            m.d.comb += rd.addr.eq(s.rd_lane_activation_addr)
+        if g.contrast_packed:
+            # the packed input columns: x_k = u_k of the step, or 1 (b) for k = K
+            u_input = Signal(signed(ow))
+            with m.Switch(tag1.chunk):
+                for k in range(K):
+                    with m.Case(k):
+                        m.d.comb += u_input.eq(u_contrast[k])
+                with m.Default():
+                    m.d.comb += u_input.eq(1)
 
         u_selected = Signal(signed(ow))    # U phase: input k = tag1.chunk, the same for every lane
         with m.Switch(tag1.chunk):
@@ -858,6 +895,10 @@ class HELCore(wiring.Component):
                         m.d.comb += [lane.a.eq(0), lane.b.eq(0)]
                     with m.Elif(tag1.alpha_row):
                         m.d.comb += [lane.a.eq(qo_alpha), lane.b.eq(qo_alpha)]
+                    if g.contrast_packed:
+                        with m.Elif(tag1.input_row):
+                            m.d.comb += [lane.a.eq(s.lane_activation_rd[p].data),
+                                         lane.b.eq(u_input)]
                     with m.Else():
                         m.d.comb += [lane.a.eq(activation_rd.data), lane.b.eq(x_value)]
 
@@ -975,6 +1016,16 @@ class HELCore(wiring.Component):
         activation_wr = s.activation_wr
         m.d.comb += [activation_wr.addr.eq(s.activation_count), activation_wr.data.eq(tanh.a),
                      activation_wr.en.eq(tanh.a_valid)]
+        if g.contrast_packed:
+            # and into lane j mod P's own memory, at row group j // P (and bank): the
+            # counters follow the activations' order as activation_count does
+            s.act_lane = Signal(range(P), name="act_lane")
+            s.act_group = Signal(range(max(g.ru, 2)), name="act_group")
+            s.act_bank = Signal(name="act_bank")
+            for p, wr in enumerate(s.lane_activation_wr):
+                m.d.comb += [wr.addr.eq(Mux(s.two_banks, Cat(s.act_bank, s.act_group),
+                                            s.act_group)),
+                             wr.data.eq(tanh.a), wr.en.eq(tanh.a_valid & (s.act_lane == p))]
         a_tag = Signal(1 + ceil_log2(M + 1))    # bank | row << 1 (probe)
         m.d.comb += a_tag.eq(Cat(s.two_banks & s.activation_count[0], s.activation_rows))
         s.z_valid, s.z_out, s.a_tag = z_valid, z_out, a_tag
@@ -990,6 +1041,7 @@ class HELCore(wiring.Component):
         # chunks in which lane p has an oscillator column / a contrast column
         osc_rows = [max(0, -(-(N - p) // P)) for p in range(P)]
         contrast_rows = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]
+        input_groups = [max(0, -(-(cfg.m - p) // P)) for p in range(P)]   # row groups with j ≡ p
         plus_product = [Signal(signed(g.prod_width), name=f"plus_product{p}") for p in range(P)]
         contrast_valid = Signal()
         m.d.comb += contrast_valid.eq(tag3.valid & (tag3.phase == Phase.CONTRAST))
@@ -1015,8 +1067,12 @@ class HELCore(wiring.Component):
             for li in range(grp.lanes):
                 p = q * group_lanes + li
                 en = Signal(name=f"contrast_en{p}")
-                m.d.comb += en.eq(Mux(tag3.alpha_row, tag3.chunk < osc_rows[p],
-                                      tag3.chunk < contrast_rows[p]))
+                if g.contrast_packed:
+                    m.d.comb += en.eq(Mux(tag3.input_row, tag3.row < input_groups[p],
+                                          tag3.chunk < osc_rows[p]))
+                else:
+                    m.d.comb += en.eq(Mux(tag3.alpha_row, tag3.chunk < osc_rows[p],
+                                          tag3.chunk < contrast_rows[p]))
                 m.d.comb += [getattr(grp, f"en{li}").eq(en),
                              getattr(grp, f"diff{li}").eq(plus_product[p] - lanes[p].p)]
         m.d.comb += s.acc_ovf_set.eq(sum(grp.overflow for grp in s.groups) != 0)
@@ -1695,8 +1751,11 @@ class HELCore(wiring.Component):
     @staticmethod
     def _restart_issue(s):
         """The assignments that set the issue counters to phase A's first slot."""
-        return [s.issue_bank.eq(0), s.issue_chunk.eq(0), s.issue_row.eq(0),
-                s.issue_row_base.eq(0), s.activation_count.eq(0)]
+        restart = [s.issue_bank.eq(0), s.issue_chunk.eq(0), s.issue_row.eq(0),
+                   s.issue_row_base.eq(0), s.activation_count.eq(0)]
+        if hasattr(s, "act_lane"):
+            restart += [s.act_lane.eq(0), s.act_group.eq(0), s.act_bank.eq(0)]
+        return restart
 
     def _phase_states(self, m, s):
         """One step: INPUT_PRODUCTS and INPUT_DRAIN (phase U, in u_mode), Z_SUMS (A),
@@ -1770,13 +1829,16 @@ class HELCore(wiring.Component):
                     m.d.sync += chunk.eq(chunk + 1)
 
     def _contrast_state(self, m, s):
-        """Phase C: ``2·(M·RC + RN)`` slots, two per accumulator element (the two
-        banks, or the one bank and a zero); row j may issue once ``a_j`` exists, row
-        M (α: qo²) at once."""
-        g, M = self.geometry, self.cfg.m
-        RC, RN = g.rc, g.rn
+        """Phase C: ``2·(M·rw + RN)`` slots (CONTRAST), two per accumulator element
+        (the two banks, or the one bank and a zero); row j may issue once ``a_j``
+        exists, row M (α: qo²) at once. Packed (:attr:`LaneGeometry.contrast_packed`),
+        CONTRAST_INPUTS then issues the input columns' ``2·⌈M/P⌉·(K+1)`` slots:
+        lane p multiplies its own copy of ``a_j`` (j = gP + p) by ``u_k`` or 1."""
+        g, M, K = self.geometry, self.cfg.m, self.cfg.k
+        RW, RN = g.rw, g.rn
         tag0, bank, chunk, row = s.tag0, s.issue_bank, s.issue_chunk, s.issue_row
         two_banks = s.two_banks
+        after = "STEP_END" if s.late_contrast else "FORCE_GATE"
         with m.State("CONTRAST"):
             alpha_row = Signal()
             m.d.comb += alpha_row.eq(row == M)
@@ -1792,11 +1854,36 @@ class HELCore(wiring.Component):
                     m.d.sync += bank.eq(1)
                 with m.Else():
                     m.d.sync += bank.eq(0)
-                    row_end = Mux(alpha_row, chunk == RN - 1, chunk == RC - 1)
+                    row_end = Mux(alpha_row, chunk == RN - 1, chunk == RW - 1)
                     with m.If(row_end):
                         m.d.sync += [chunk.eq(0), row.eq(row + 1)]
                         with m.If(alpha_row):
-                            m.next = "STEP_END" if s.late_contrast else "FORCE_GATE"
+                            if g.contrast_packed:
+                                m.d.sync += row.eq(0)
+                                m.next = "CONTRAST_INPUTS"
+                            else:
+                                m.next = after
+                    with m.Else():
+                        m.d.sync += chunk.eq(chunk + 1)
+        if not g.contrast_packed:
+            return
+        with m.State("CONTRAST_INPUTS"):
+            # row group ``row``, column k = ``chunk`` (K: b), once every a_j exists
+            can_issue = Signal()
+            m.d.comb += can_issue.eq(bank | (s.activation_rows == M))
+            m.d.comb += [s.issue_mode.eq(1), tag0.phase.eq(Phase.CONTRAST), tag0.bank.eq(bank),
+                         tag0.chunk.eq(chunk), tag0.row.eq(row), tag0.input_row.eq(1),
+                         s.lane_activation_addr.eq(Mux(two_banks, Cat(bank, row), row))]
+            with m.If(can_issue):
+                m.d.comb += tag0.valid.eq(1)
+                with m.If(~bank):
+                    m.d.sync += bank.eq(1)
+                with m.Else():
+                    m.d.sync += bank.eq(0)
+                    with m.If(chunk == K):
+                        m.d.sync += [chunk.eq(0), row.eq(row + 1)]
+                        with m.If(row == g.ru - 1):
+                            m.next = after
                     with m.Else():
                         m.d.sync += chunk.eq(chunk + 1)
 
@@ -1942,6 +2029,8 @@ class _Walker:
         def field(s, f, kind):
             """Section ``s``'s constant ``f`` (a function of the section dict) for ``kind``."""
             a, b = f(kinds[0][s]), f(kinds[1][s])
+            if isinstance(kind, int):
+                return b if kind else a
             return a if a == b else Mux(kind, b, a)
 
         def start(s, kind):
@@ -1972,14 +2061,18 @@ class _Walker:
                              self.j.eq(self.j + 1),
                              self.base.eq(self.base + field(s, lambda d: d["stride"], self.kind))]
 
-        def step_row(s, sd):     # banked by row (u_mode B): column, then row, lane = row mod P
-            ncols = sd["c1"] - sd["c0"]
+        def step_row(s, kind):   # banked by row (u_mode B, packed contrast inputs):
+            # column, then row, lane = row mod P; ``kind``: the walk kind, or a
+            # constant when only that kind's section is banked by row
+            ncols = field(s, lambda d: d["c1"] - d["c0"], kind)
             with m.If(self.col != ncols - 1):
                 m.d.sync += [self.col.eq(self.col + 1), self.chunk.eq(self.chunk + 1)]
-            with m.Elif(self.j != sd["rows"] - 1):
+            with m.Elif(self.j != kinds[0][s]["rows"] - 1):
                 m.d.sync += [self.col.eq(0), self.chunk.eq(0), self.j.eq(self.j + 1)]
                 with m.If(self.lane == P - 1):
-                    m.d.sync += [self.lane.eq(0), self.base.eq(self.base + sd["stride"])]
+                    m.d.sync += [self.lane.eq(0),
+                                 self.base.eq(self.base + field(s, lambda d: d["stride"],
+                                                                kind))]
                 with m.Else():
                     m.d.sync += self.lane.eq(self.lane + 1)
 
@@ -1994,9 +2087,11 @@ class _Walker:
                     with m.Case(s):
                         assert kinds[0][s]["rows"] == kinds[1][s]["rows"]
                         mems = [kinds[0][s]["mem"], kinds[1][s]["mem"]]
-                        if "row" in mems:
+                        if mems == ["row", "row"]:
+                            step_row(s, self.kind)
+                        elif "row" in mems:
                             with m.If(self.kind == mems.index("row")):
-                                step_row(s, kinds[mems.index("row")][s])
+                                step_row(s, mems.index("row"))
                             with m.Else():
                                 step_lane(s)
                         else:

@@ -80,8 +80,15 @@ class LaneGeometry:
         ``P`` so the serial state unit (one oscillator per cycle) keeps up.
     group_lanes, groups:
         Lanes per accumulator memory (2, or 1 when ``P == 1``) and memories.
+    contrast_packed, rw:
+        The contrast's input columns (``u_k`` for B, 1 for b) are banked by row
+        like U's ``B``: lane ``p`` takes the ``K + 1`` elements of rows
+        ``j ≡ p`` in ``⌈M/P⌉·(K+1)`` slots after the α row, instead of riding in
+        the last chunk of every contrast row. Used when that saves slots
+        (``M·(RC − RN) > ⌈M/P⌉·(K+1)``: a row's input columns add a mostly empty
+        chunk). ``rw`` is the chunks of a contrast row then: ``RN``, else ``RC``.
     elems:
-        Accumulator elements per lane (``M·RC + RN``).
+        Accumulator elements per lane (``M·rw + RN``, plus ``⌈M/P⌉·(K+1)`` packed).
     """
 
     cfg: HelConfig
@@ -123,8 +130,21 @@ class LaneGeometry:
         return ceil_div(self.cfg.n, self.p)
 
     @property
+    def contrast_packed(self) -> bool:
+        return self.cfg.m * (self.rc - self.rn) > self.ru * (self.cfg.k + 1)
+
+    @property
+    def rw(self) -> int:
+        return self.rn if self.contrast_packed else self.rc
+
+    @property
+    def input_base(self) -> int:
+        """Element of the packed input columns' first row group (after W and α)."""
+        return self.cfg.m * self.rw + self.rn
+
+    @property
     def rmax(self) -> int:
-        return max(self.ra, self.rc, self.rn, self.cfg.k)
+        return max(self.ra, self.rc, self.rn, self.cfg.k + int(self.contrast_packed))
 
     @property
     def lb(self) -> int:
@@ -140,7 +160,7 @@ class LaneGeometry:
 
     @property
     def elems(self) -> int:
-        return self.cfg.m * self.rc + self.rn
+        return self.input_base + (self.ru * (self.cfg.k + 1) if self.contrast_packed else 0)
 
     @property
     def param_depth(self) -> int:
@@ -203,6 +223,11 @@ class LaneGeometry:
     def acc_location(self, name: str, idx: tuple[int, ...]) -> tuple[int, int]:
         """``(group, address)`` of accumulator ``name[idx]``."""
         n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
+        if name in ("B", "b") and self.contrast_packed:
+            j, kk = idx[0], (idx[1] if name == "B" else k)
+            lane = j % self.p
+            elem = self.input_base + (j // self.p) * (k + 1) + kk
+            return lane // self.group_lanes, elem * self.group_lanes + lane % self.group_lanes
         if name == "W":
             j, c = idx
         elif name == "B":
@@ -214,7 +239,7 @@ class LaneGeometry:
         else:
             raise KeyError(name)
         lane = c % self.p
-        elem = j * self.rc + c // self.p
+        elem = j * self.rw + c // self.p
         return lane // self.group_lanes, elem * self.group_lanes + lane % self.group_lanes
 
     def walk_sections(self, kind: str) -> list[dict]:
@@ -226,14 +251,20 @@ class LaneGeometry:
         or ``"b"`` (b memory).
         """
         n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
-        stride = self.ra if kind == "param" else self.rc
+        stride = self.ra if kind == "param" else self.rw
+        packed = kind == "acc" and self.contrast_packed
         secs = [dict(rows=m, c0=0, c1=n, base0=0, stride=stride, mem="lane")]
         if kind == "param" and self.u_mode:
             secs.append(dict(rows=m, c0=0, c1=k, base0=self.u_base, stride=k, mem="row"))
+        elif packed:
+            secs.append(dict(rows=m, c0=0, c1=k, base0=self.input_base, stride=k + 1, mem="row"))
         else:
             secs.append(dict(rows=m, c0=n, c1=n + k, base0=0, stride=stride, mem="lane"))
         if kind == "param":
             secs.append(dict(rows=m, c0=0, c1=1, base0=0, stride=1, mem="b"))
+        elif packed:
+            secs.append(dict(rows=m, c0=0, c1=1, base0=self.input_base + k, stride=k + 1,
+                             mem="row"))
         else:
             secs.append(dict(rows=m, c0=n + k, c1=n + k + 1, base0=0, stride=stride, mem="lane"))
         secs.append(dict(rows=1, c0=0, c1=n, base0=m * stride, stride=stride, mem="lane"))

@@ -378,11 +378,15 @@ def test_geometry_layout_is_a_bijection():
 
 # ----------------------------------------------------------------------------- whole core
 @pytest.mark.parametrize("compact", [False, True], ids=["ecp5_form", "ice40_form"])
-def test_core_bit_exact_in_amaranth_sim(waves_path, compact):
-    """All scenarios back to back on one small configuration (P = 2, N ≠ M), in both
-    forms of the core (``compact``: as elaborated for iCE40; with O = 1, where the
-    nudges wait in the stream source instead of a FIFO)."""
-    cfg = HelConfig(n=5, m=3, k=2, o=1 if compact else 2, t_max=6, lanes=2, acc_width=46)
+@pytest.mark.parametrize("n, m", [(5, 3), (6, 5)], ids=["n5m3", "n6m5_packed_contrast"])
+def test_core_bit_exact_in_amaranth_sim(waves_path, compact, n, m):
+    """All scenarios back to back on small configurations (P = 2, N ≠ M), in both
+    forms of the core (``compact``: as elaborated for iCE40, the contrast before the
+    force; with O = 1, where the nudges wait in the stream source instead of a
+    FIFO). At N = 6, M = 5 the contrast's input columns are packed by row
+    (:attr:`LaneGeometry.contrast_packed`), at N = 5, M = 3 they are not."""
+    cfg = HelConfig(n=n, m=m, k=2, o=1 if compact else 2, t_max=6, lanes=2, acc_width=46)
+    assert LaneGeometry(cfg).contrast_packed == (m == 5)
     steps = standard_scenario(cfg, seed=11, t=4)
     errors = run_scenario(cfg, steps, seed=11, compact=compact,
                           vcd=str(waves_path.with_suffix(".vcd")) if waves_path else None)
