@@ -811,6 +811,7 @@ class HELCore(wiring.Component):
         m.d.comb += activation_rows.eq(Mux(s.two_banks, activation_count >> 1, activation_count))
         s.activation_count, s.activation_rows = activation_count, activation_rows
         s.step_after_input = Signal()   # leaving the U phase starts the next step (not the first)
+        s.u_ahead = Signal()    # late contrast: the next step's U ran before this one's C
         last_bank = Signal()            # the bank of the last working bank's slot
         m.d.comb += last_bank.eq(s.two_banks)
         s.last_bank = last_bank
@@ -1389,6 +1390,22 @@ class HELCore(wiring.Component):
                      + [t.valid for t in s.z_busy_bits] + [grp.busy for grp in s.groups])
         m.d.comb += drained.eq(Cat(*busy_bits) == 0)
         s.drained = drained
+        # What the next step's A phase waits for: with the contrast last, everything
+        # but the contrast's own tail (its slots in flight and the accumulator
+        # groups), which shares no register, memory word or counter with phase A
+        # (the contrast's element counter restarts only when A's first slot
+        # reaches it, behind the contrast's last), and but U's and B's slots in
+        # the adder tree's tag stages, which only z sums use.
+        s.step_drained = drained
+        if s.late_contrast:
+            def other(tag):
+                return tag.valid & (tag.phase != Phase.CONTRAST)
+            # (the adder tree's tags matter only for z sums)
+            step_bits = ([other(s.tag0r)] if s.tag_rd_valid else []) + \
+                [other(s.tag1), other(s.tag2), other(s.tag3), s.z_valid, s.tanh.busy,
+                 s.state_busy] + [t.valid & (t.phase == Phase.Z) for t in s.z_busy_bits]
+            s.step_drained = Signal()
+            m.d.comb += s.step_drained.eq(Cat(*step_bits) == 0)
 
     def _build_stream_counters(self, m, s):
         """The ``outputs`` stream from the outputs FIFO, and the count of nudge words
@@ -1785,11 +1802,18 @@ class HELCore(wiring.Component):
             with m.If(chunk == K - 1):
                 m.d.sync += [chunk.eq(0), row.eq(row + 1)]
                 with m.If(row == g.ru - 1):
-                    m.next = "INPUT_DRAIN"
+                    if s.late_contrast:
+                        with m.If(s.u_ahead):
+                            m.d.sync += row.eq(0)
+                            m.next = "CONTRAST"
+                        with m.Else():
+                            m.next = "INPUT_DRAIN"
+                    else:
+                        m.next = "INPUT_DRAIN"
             with m.Else():
                 m.d.sync += chunk.eq(chunk + 1)
         with m.State("INPUT_DRAIN"):
-            with m.If(s.drained):
+            with m.If(s.step_drained):
                 with m.If(s.step_after_input):
                     m.d.comb += s.steps_left_dec.eq(1)
                 m.d.sync += self._restart_issue(s)
@@ -1937,8 +1961,20 @@ class HELCore(wiring.Component):
                         with m.If(chunk == RN - 1):
                             if s.late_contrast:
                                 with m.If(s.accumulate):
-                                    m.d.sync += [bank.eq(0), chunk.eq(0), s.issue_row.eq(0)]
-                                    m.next = "CONTRAST"
+                                    m.d.sync += [chunk.eq(0), s.issue_row.eq(0)]
+                                    if g.u_mode:
+                                        # the next step's U phase first (its inputs
+                                        # are loaded by now), so that the contrast
+                                        # covers U's drain too
+                                        with m.If(has_next & s.loader_ready):
+                                            m.d.sync += [s.issue_row_base.eq(g.u_base),
+                                                         s.step_after_input.eq(1),
+                                                         s.u_ahead.eq(1)]
+                                            m.next = "INPUT_PRODUCTS"
+                                        with m.Else():
+                                            m.next = "CONTRAST"
+                                    else:
+                                        m.next = "CONTRAST"
                                 with m.Else():
                                     m.next = "STEP_END"
                             else:
@@ -1954,14 +1990,27 @@ class HELCore(wiring.Component):
         g = self.geometry
         has_next, drained, loader_ready = s.has_next, s.drained, s.loader_ready
         with m.State("STEP_END"):
-            if g.u_mode:
+            if g.u_mode and s.late_contrast:
+                with m.If(s.u_ahead):       # U already ran: start A once drained
+                    with m.If(s.step_drained):
+                        m.d.comb += s.steps_left_dec.eq(1)
+                        m.d.sync += self._restart_issue(s) + [s.u_ahead.eq(0)]
+                        m.next = "Z_SUMS"
+                with m.Elif(has_next & loader_ready):
+                    m.d.sync += [s.issue_chunk.eq(0), s.issue_row.eq(0),
+                                 s.issue_row_base.eq(g.u_base), s.step_after_input.eq(1)]
+                    m.next = "INPUT_PRODUCTS"
+                with m.Elif(~has_next & drained):
+                    m.next = "PASS_END"
+            elif g.u_mode:
                 with m.If(has_next & loader_ready):
                     m.d.sync += [s.issue_chunk.eq(0), s.issue_row.eq(0),
                                  s.issue_row_base.eq(g.u_base), s.step_after_input.eq(1)]
                     m.next = "INPUT_PRODUCTS"
                 with m.Elif(~has_next & drained):
                     m.next = "PASS_END"
-            with m.If(drained & loader_ready & (not g.u_mode)):
+            ready = Mux(has_next, s.step_drained, drained) if s.late_contrast else drained
+            with m.If(ready & loader_ready & (not g.u_mode)):
                 with m.If(has_next):
                     m.d.comb += s.steps_left_dec.eq(1)
                     m.d.sync += self._restart_issue(s)
