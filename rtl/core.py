@@ -124,7 +124,7 @@ from types import SimpleNamespace
 from amaranth.hdl import (Array, Cat, ClockSignal, Const, Instance, Module, Mux, Signal, Value,
                           signed, unsigned)
 from amaranth.lib import data, enum, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
@@ -1628,40 +1628,60 @@ class HELCore(wiring.Component):
         N, aw, sw = cfg.n, cfg.acc_width, cfg.state_width
         acc_walker, groups, state_rd = s.acc_walker, s.groups, s.state_rd
         readout_index, readout_wv = s.readout_index, s.readout_wv
-        with m.State("READ_ACC_ISSUE"):
-            for grp in groups:
-                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-            m.next = "READ_ACC_HOLD" if s.compact else "READ_ACC_REG"
-        if not s.compact:
-            # The pipelined groups register the address before their memory
-            # (READ_ACC_REG); the selected word is registered (READ_ACC_WORD) before
-            # it leaves for the command unit or the training core's queue.
-            for name, nxt in (("READ_ACC_REG", "READ_ACC_WORD"),
-                              ("READ_ACC_WORD", "READ_ACC_HOLD")):
-                with m.State(name):
-                    for grp in groups:
-                        m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-                    m.next = nxt
-            acc_word_r = Signal(signed(aw))
-            m.d.sync += acc_word_r.eq(Array(grp.ext_rdata for grp in groups)[acc_walker.group])
-        with m.State("READ_ACC_HOLD"):
-            if s.compact:
+        if s.compact:
+            with m.State("READ_ACC_ISSUE"):
+                for grp in groups:
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+                m.next = "READ_ACC_HOLD"
+            with m.State("READ_ACC_HOLD"):
                 acc_word = Signal(signed(aw))
                 with m.Switch(acc_walker.group):
                     for q, grp in enumerate(groups):
                         with m.Case(q):
                             m.d.comb += acc_word.eq(grp.ext_rdata)
-            else:
-                acc_word = acc_word_r
-            for grp in groups:   # keep the address so the data stays
-                m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-            m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(acc_word)]
-            with m.If(self.acc_out.ready):
-                m.d.comb += acc_walker.step.eq(1)
-                with m.If(acc_walker.last):
+                for grp in groups:   # keep the address so the data stays
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+                m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(acc_word)]
+                with m.If(self.acc_out.ready):
+                    m.d.comb += acc_walker.step.eq(1)
+                    with m.If(acc_walker.last):
+                        m.next = "DONE"
+                    with m.Else():
+                        m.next = "READ_ACC_ISSUE"
+        else:
+            # One word per cycle: READ_ACC_ISSUE reads the walker's next word while
+            # credit lasts. The pipelined groups register the address (cycle 1),
+            # their memory's word arrives (2) and the selected word is registered
+            # (3) into a FIFO that feeds ``acc_out``; the credit counts words issued
+            # and not yet taken, so the FIFO never overflows and ``acc_out``'s
+            # ``ready`` reaches no memory.
+            depth = 6
+            fifo = m.submodules.acc_fifo = SyncFIFO(width=aw, depth=depth)
+            issue = Signal(name="acc_issue")
+            used = Signal(range(depth + 1), name="acc_used")
+            v1, v2, v3 = Signal(name="acc_v1"), Signal(name="acc_v2"), Signal(name="acc_v3")
+            grp1 = Signal.like(acc_walker.group, name="acc_group1")
+            grp2 = Signal.like(acc_walker.group, name="acc_group2")
+            acc_word_r = Signal(signed(aw))
+            m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2),
+                         grp1.eq(acc_walker.group), grp2.eq(grp1),
+                         acc_word_r.eq(Array(grp.ext_rdata for grp in groups)[grp2])]
+            taken = fifo.r_rdy & fifo.r_en
+            m.d.sync += used.eq(used + issue - taken)
+            m.d.comb += [fifo.w_en.eq(v3), fifo.w_data.eq(acc_word_r),
+                         self.acc_out.valid.eq(fifo.r_rdy),
+                         self.acc_out.payload.eq(fifo.r_data.as_signed()),
+                         fifo.r_en.eq(self.acc_out.ready)]
+            with m.State("READ_ACC_ISSUE"):
+                for grp in groups:
+                    m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
+                with m.If(used < depth):
+                    m.d.comb += [issue.eq(1), acc_walker.step.eq(1)]
+                    with m.If(acc_walker.last):
+                        m.next = "READ_ACC_DRAIN"
+            with m.State("READ_ACC_DRAIN"):
+                with m.If(used == 0):
                     m.next = "DONE"
-                with m.Else():
-                    m.next = "READ_ACC_ISSUE"
         with m.State("CLEAR_ACC"):
             for grp in groups:
                 m.d.comb += [grp.ext.eq(1), grp.ext_waddr.eq(readout_index),
