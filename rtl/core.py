@@ -1614,13 +1614,7 @@ class HELCore(wiring.Component):
                 param_word = _param_word(m, param_walker, param_rd, b_rd, "param_word")
             else:
                 param_word = s.param_word
-            m.d.comb += [self.params_out.valid.eq(1), self.params_out.payload.eq(param_word)]
-            with m.If(self.params_out.ready):
-                m.d.comb += param_walker.step.eq(1)
-                with m.If(param_walker.last):
-                    m.next = "DONE"
-                with m.Else():
-                    m.next = "READ_PARAMS_ISSUE"
+            _offer_walked_word(m, self.params_out, param_word, param_walker, "READ_PARAMS_ISSUE")
 
     def _readout_states(self, m, s):
         """READ_ACC (the walker in accumulator order), CLEAR_ACC and READ_STATE."""
@@ -1641,13 +1635,7 @@ class HELCore(wiring.Component):
                             m.d.comb += acc_word.eq(grp.ext_rdata)
                 for grp in groups:   # keep the address so the data stays
                     m.d.comb += [grp.ext.eq(1), grp.ext_raddr.eq(acc_walker.acc_addr)]
-                m.d.comb += [self.acc_out.valid.eq(1), self.acc_out.payload.eq(acc_word)]
-                with m.If(self.acc_out.ready):
-                    m.d.comb += acc_walker.step.eq(1)
-                    with m.If(acc_walker.last):
-                        m.next = "DONE"
-                    with m.Else():
-                        m.next = "READ_ACC_ISSUE"
+                _offer_walked_word(m, self.acc_out, acc_word, acc_walker, "READ_ACC_ISSUE")
         else:
             # One word per cycle: READ_ACC_ISSUE reads the walker's next word while
             # credit lasts. The pipelined groups register the address (cycle 1),
@@ -2049,6 +2037,18 @@ class HELCore(wiring.Component):
                         m.d.sync += s.forward_mode.eq(Mux(s.one_sided, ForwardMode.ONE_SIDED,
                                                           ForwardMode.CENTRED))
                     m.next = "DONE"
+
+def _offer_walked_word(m, out, word, walker, again: str) -> None:
+    """Offer the walker's current ``word`` on the stream ``out``; once taken, step the
+    walker and go to DONE after its last word, else to the state ``again``."""
+    m.d.comb += [out.valid.eq(1), out.payload.eq(word)]
+    with m.If(out.ready):
+        m.d.comb += walker.step.eq(1)
+        with m.If(walker.last):
+            m.next = "DONE"
+        with m.Else():
+            m.next = again
+
 
 class _Walker:
     """Canonical-order address generator over the sections of :meth:`LaneGeometry.walk_sections`,
