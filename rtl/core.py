@@ -1880,23 +1880,15 @@ class HELCore(wiring.Component):
                          tag0.chunk.eq(chunk), tag0.row.eq(row), tag0.alpha_row.eq(alpha_row),
                          s.operand_addr.eq(Mux(bank & two_banks, RN + chunk, chunk)),
                          s.activation_addr.eq(Mux(two_banks, Cat(bank, row), row))]
-            with m.If(can_issue):
-                m.d.comb += tag0.valid.eq(1)
-                with m.If(~bank):
-                    m.d.sync += bank.eq(1)
-                with m.Else():
-                    m.d.sync += bank.eq(0)
-                    row_end = Mux(alpha_row, chunk == RN - 1, chunk == RW - 1)
-                    with m.If(row_end):
-                        m.d.sync += [chunk.eq(0), row.eq(row + 1)]
-                        with m.If(alpha_row):
-                            if g.contrast_packed:
-                                m.d.sync += row.eq(0)
-                                m.next = "CONTRAST_INPUTS"
-                            else:
-                                m.next = after
-                    with m.Else():
-                        m.d.sync += chunk.eq(chunk + 1)
+            def after_alpha_row():
+                with m.If(alpha_row):
+                    if g.contrast_packed:
+                        m.d.sync += row.eq(0)
+                        m.next = "CONTRAST_INPUTS"
+                    else:
+                        m.next = after
+            _issue_pair(m, tag0, bank, chunk, row, can_issue,
+                        Mux(alpha_row, chunk == RN - 1, chunk == RW - 1), after_alpha_row)
         if not g.contrast_packed:
             return
         with m.State("CONTRAST_INPUTS"):
@@ -1906,18 +1898,10 @@ class HELCore(wiring.Component):
             m.d.comb += [s.issue_mode.eq(1), tag0.phase.eq(Phase.CONTRAST), tag0.bank.eq(bank),
                          tag0.chunk.eq(chunk), tag0.row.eq(row), tag0.input_row.eq(1),
                          s.lane_activation_addr.eq(Mux(two_banks, Cat(bank, row), row))]
-            with m.If(can_issue):
-                m.d.comb += tag0.valid.eq(1)
-                with m.If(~bank):
-                    m.d.sync += bank.eq(1)
-                with m.Else():
-                    m.d.sync += bank.eq(0)
-                    with m.If(chunk == K):
-                        m.d.sync += [chunk.eq(0), row.eq(row + 1)]
-                        with m.If(row == g.ru - 1):
-                            m.next = after
-                    with m.Else():
-                        m.d.sync += chunk.eq(chunk + 1)
+            def after_group():
+                with m.If(row == g.ru - 1):
+                    m.next = after
+            _issue_pair(m, tag0, bank, chunk, row, can_issue, chunk == K, after_group)
 
     def _force_states(self, m, s):
         """Phase B: FORCE_GATE waits for room for the step's outputs and for the next
@@ -2037,6 +2021,23 @@ class HELCore(wiring.Component):
                         m.d.sync += s.forward_mode.eq(Mux(s.one_sided, ForwardMode.ONE_SIDED,
                                                           ForwardMode.CENTRED))
                     m.next = "DONE"
+
+def _issue_pair(m, tag0, bank, chunk, row, can_issue, row_end, at_row_end) -> None:
+    """Issue the contrast slot in ``tag0`` when ``can_issue``: an element's two slots
+    (``bank`` 0 then 1) follow each other, then the next chunk, or after ``row_end``
+    the next row, where ``at_row_end()`` adds the state's own transitions."""
+    with m.If(can_issue):
+        m.d.comb += tag0.valid.eq(1)
+        with m.If(~bank):
+            m.d.sync += bank.eq(1)
+        with m.Else():
+            m.d.sync += bank.eq(0)
+            with m.If(row_end):
+                m.d.sync += [chunk.eq(0), row.eq(row + 1)]
+                at_row_end()
+            with m.Else():
+                m.d.sync += chunk.eq(chunk + 1)
+
 
 def _offer_walked_word(m, out, word, walker, again: str) -> None:
     """Offer the walker's current ``word`` on the stream ``out``; once taken, step the
