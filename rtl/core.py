@@ -1951,28 +1951,31 @@ class HELCore(wiring.Component):
                     with m.If(slot == LB - 1):
                         m.d.sync += [slot.eq(0), chunk.eq(chunk + 1)]
                         with m.If(chunk == RN - 1):
-                            if s.late_contrast:
-                                with m.If(s.accumulate):
-                                    m.d.sync += [chunk.eq(0), s.issue_row.eq(0)]
-                                    if g.u_mode:
-                                        # the next step's U phase first (its inputs
-                                        # are loaded by now), so that the contrast
-                                        # covers U's drain too
-                                        with m.If(has_next & s.loader_ready):
-                                            m.d.sync += [s.issue_row_base.eq(g.u_base),
-                                                         s.step_after_input.eq(1),
-                                                         s.u_ahead.eq(1)]
-                                            m.next = "INPUT_PRODUCTS"
-                                        with m.Else():
-                                            m.next = "CONTRAST"
-                                    else:
-                                        m.next = "CONTRAST"
-                                with m.Else():
-                                    m.next = "STEP_END"
-                            else:
-                                m.next = "STEP_END"
+                            self._leave_force(m, s)
                     with m.Else():
                         m.d.sync += slot.eq(slot + 1)
+
+    def _leave_force(self, m, s):
+        """After the force's last slot: STEP_END; or with the contrast after the force
+        (when accumulating) CONTRAST, in u_mode first the next step's U slots once
+        its inputs are loaded (``u_ahead``), so that the contrast covers U's drain."""
+        g = self.geometry
+        if not s.late_contrast:
+            m.next = "STEP_END"
+            return
+        with m.If(s.accumulate):
+            m.d.sync += [s.issue_chunk.eq(0), s.issue_row.eq(0)]
+            if g.u_mode:
+                with m.If(s.has_next & s.loader_ready):
+                    m.d.sync += [s.issue_row_base.eq(g.u_base), s.step_after_input.eq(1),
+                                 s.u_ahead.eq(1)]
+                    m.next = "INPUT_PRODUCTS"
+                with m.Else():
+                    m.next = "CONTRAST"
+            else:
+                m.next = "CONTRAST"
+        with m.Else():
+            m.next = "STEP_END"
 
     def _step_end_states(self, m, s):
         """STEP_END: the next step starts when this one has drained (in u_mode with
