@@ -61,7 +61,10 @@ holds its data), so each phase takes twice as long with the same P multipliers:
 * **C** (:attr:`Phase.CONTRAST`; one-sided forward and echo only):
   ``2·(M·RC + RN)`` slots, two products per accumulator element (the ±ε banks, or
   the one bank and a zero). Starts as soon as ``a_0`` exists (interlock on the
-  count of finished ``a``).
+  count of finished ``a``). Where it saves slots
+  (:attr:`LaneGeometry.contrast_packed`) the rows carry only the ``N`` oscillator
+  columns and the input columns follow in ``2·⌈M/P⌉·(K+1)`` slots, lane ``p``
+  taking rows ``j ≡ p`` from its own copy of the activations.
 * **B** (:attr:`Phase.FORCE`): ``RN·LB`` slots. Lane ``p`` sums
   ``F_i = α_i qo_i + Σ_j W_ji a_j`` for its oscillator ``i = rP + p`` over ``j`` —
   again reading only its bank. Finished sums go to a per-lane kick register and
@@ -78,9 +81,13 @@ after B (``late_contrast``), so the contrast's slots fill that drain: its
 state unit writes the new ``qo`` into the other page of the operand memories
 (``x_page``, turned as a step starts) while the contrast still reads the old
 one, and the contrast takes the step's inputs from a copy (``u_contrast``) as
-the loader already fetches the next step's. The compact (iCE40) form keeps C
-before B, where it covers the tanh unit's latency ahead of B. Multiplier count is exactly
-``P``; the tanh interpolation has its own small multiplier (not a MAC).
+the loader already fetches the next step's. In an echo step the next step's U
+slots go between B and C (``u_ahead``), and the next step's A waits only for
+what it uses (``step_drained``), not for the contrast's tail. The compact
+(iCE40) form keeps C before B, where it covers the tanh unit's latency ahead of B.
+
+Multiplier count is exactly ``P``; the tanh interpolation has its own small
+multiplier (not a MAC).
 
 Every wrap of the state (half drifts, kick, nudge, flip) and of an accumulator
 sets the sticky flag at the same operations as the golden model.
@@ -1394,13 +1401,12 @@ class HELCore(wiring.Component):
         # but the contrast's own tail (its slots in flight and the accumulator
         # groups), which shares no register, memory word or counter with phase A
         # (the contrast's element counter restarts only when A's first slot
-        # reaches it, behind the contrast's last), and but U's and B's slots in
-        # the adder tree's tag stages, which only z sums use.
+        # reaches it, behind the contrast's last), nor U's and B's slots in the
+        # adder tree's tag stages, which only z sums use.
         s.step_drained = drained
         if s.late_contrast:
             def other(tag):
                 return tag.valid & (tag.phase != Phase.CONTRAST)
-            # (the adder tree's tags matter only for z sums)
             step_bits = ([other(s.tag0r)] if s.tag_rd_valid else []) + \
                 [other(s.tag1), other(s.tag2), other(s.tag3), s.z_valid, s.tanh.busy,
                  s.state_busy] + [t.valid & (t.phase == Phase.Z) for t in s.z_busy_bits]
