@@ -1788,6 +1788,12 @@ class HELCore(wiring.Component):
             restart += [s.act_lane.eq(0), s.act_group.eq(0), s.act_bank.eq(0)]
         return restart
 
+    def _start_input_products(self, s):
+        """The assignments that set the issue counters to phase U's first slot of the
+        next step."""
+        return [s.issue_chunk.eq(0), s.issue_row.eq(0),
+                s.issue_row_base.eq(self.geometry.u_base), s.step_after_input.eq(1)]
+
     def _phase_states(self, m, s):
         """One step: INPUT_PRODUCTS and INPUT_DRAIN (phase U, in u_mode), Z_SUMS (A),
         CONTRAST (C, when accumulating), FORCE_GATE and FORCE_SUMS (B), STEP_END;
@@ -1991,22 +1997,15 @@ class HELCore(wiring.Component):
         g = self.geometry
         has_next, drained, loader_ready = s.has_next, s.drained, s.loader_ready
         with m.State("STEP_END"):
-            if g.u_mode and s.late_contrast:
-                with m.If(s.u_ahead):       # U already ran: start A once drained
-                    with m.If(s.step_drained):
-                        m.d.comb += s.steps_left_dec.eq(1)
-                        m.d.sync += self._restart_issue(s) + [s.u_ahead.eq(0)]
-                        m.next = "Z_SUMS"
-                with m.Elif(has_next & loader_ready):
-                    m.d.sync += [s.issue_chunk.eq(0), s.issue_row.eq(0),
-                                 s.issue_row_base.eq(g.u_base), s.step_after_input.eq(1)]
-                    m.next = "INPUT_PRODUCTS"
-                with m.Elif(~has_next & drained):
-                    m.next = "PASS_END"
-            elif g.u_mode:
-                with m.If(has_next & loader_ready):
-                    m.d.sync += [s.issue_chunk.eq(0), s.issue_row.eq(0),
-                                 s.issue_row_base.eq(g.u_base), s.step_after_input.eq(1)]
+            if g.u_mode:
+                if s.late_contrast:
+                    with m.If(s.u_ahead):       # U already ran: start A once drained
+                        with m.If(s.step_drained):
+                            m.d.comb += s.steps_left_dec.eq(1)
+                            m.d.sync += self._restart_issue(s) + [s.u_ahead.eq(0)]
+                            m.next = "Z_SUMS"
+                with (m.Elif if s.late_contrast else m.If)(has_next & loader_ready):
+                    m.d.sync += self._start_input_products(s)
                     m.next = "INPUT_PRODUCTS"
                 with m.Elif(~has_next & drained):
                     m.next = "PASS_END"

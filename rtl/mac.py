@@ -223,23 +223,21 @@ class LaneGeometry:
     def acc_location(self, name: str, idx: tuple[int, ...]) -> tuple[int, int]:
         """``(group, address)`` of accumulator ``name[idx]``."""
         n, k, m = self.cfg.n, self.cfg.k, self.cfg.m
-        if name in ("B", "b") and self.contrast_packed:
+        if name in ("B", "b") and self.contrast_packed:    # banked by row
             j, kk = idx[0], (idx[1] if name == "B" else k)
-            lane = j % self.p
-            elem = self.input_base + (j // self.p) * (k + 1) + kk
-            return lane // self.group_lanes, elem * self.group_lanes + lane % self.group_lanes
-        if name == "W":
-            j, c = idx
-        elif name == "B":
-            j, c = idx[0], n + idx[1]
-        elif name == "b":
-            j, c = idx[0], n + k
-        elif name == "alpha":
-            j, c = m, idx[0]
-        else:
-            raise KeyError(name)
-        lane = c % self.p
-        elem = j * self.rw + c // self.p
+            lane, elem = j % self.p, self.input_base + (j // self.p) * (k + 1) + kk
+        else:                                               # banked by column
+            if name == "W":
+                j, c = idx
+            elif name == "B":
+                j, c = idx[0], n + idx[1]
+            elif name == "b":
+                j, c = idx[0], n + k
+            elif name == "alpha":
+                j, c = m, idx[0]
+            else:
+                raise KeyError(name)
+            lane, elem = c % self.p, j * self.rw + c // self.p
         return lane // self.group_lanes, elem * self.group_lanes + lane % self.group_lanes
 
     def walk_sections(self, kind: str) -> list[dict]:
