@@ -1123,11 +1123,18 @@ class HELCore(wiring.Component):
         kick_row = Signal(range(max(RN, 2)))
         kick_bank = Signal()
         serial_sum = Signal(signed(g.f_width))
-        with m.Switch(Cat(serial_bank, serial_lane)):
-            for p in range(P):
+        lanes = s.lanes
+        if P > 1:
+            # the lanes' kick chain brings the sums to lane 0 in the serializer's order
+            for p, lane in enumerate(lanes):
+                m.d.comb += [lane.two_banks.eq(s.two_banks),
+                             lane.chain_in.eq(lanes[p + 1].kick0 if p + 1 < P else 0)]
+            m.d.comb += serial_sum.eq(lanes[0].kick0)
+        else:
+            with m.Switch(serial_bank):
                 for b in range(2):
-                    with m.Case(b | (p << 1)):
-                        m.d.comb += serial_sum.eq(s.lanes[p].kick1 if b else s.lanes[p].kick0)
+                    with m.Case(b):
+                        m.d.comb += serial_sum.eq(lanes[0].kick1 if b else lanes[0].kick0)
         kick_sigs = [kick_valid, kick_sum, kick_osc, kick_lane, kick_row, kick_bank]
         kick_values = [serial_active & (serial_osc_base + serial_lane < N), serial_sum,
                        serial_osc_base + serial_lane, serial_lane, serial_row, serial_bank]
@@ -1136,8 +1143,8 @@ class HELCore(wiring.Component):
             s.kick_reg_valid = []
         else:
             s.kick_reg_valid = [kick_valid]
-            # ECP5: the selected sum (a 2P-way selection over lanes spread across the
-            # die) is registered before the state unit, a cycle later
+            # ECP5: the kick and its oscillator are registered before the state unit
+            # (which lies apart from the lanes), a cycle later
             m.d.sync += [x.eq(v) for x, v in zip(kick_sigs, kick_values)]
         kick = Signal(signed(g.kick_width))
         if ks > 0:      # the sums carry the rounding half (f_bias)

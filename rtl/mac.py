@@ -286,8 +286,21 @@ class MacLane(wiring.Component):
     ``sum0`` is the first bank's running-sum register (the U phase takes ``c_j``
     from it a cycle after the row's last product: from a register rather than
     the adder, as the ``c_j`` registers lie far from the lanes on ECP5);
-    ``f_last`` copies the finished sum into ``kick[slot]``, where it waits for the
-    serial state unit while the lane already sums the next oscillator.
+    ``f_last`` copies the finished sum into the lane's kick register, where it
+    waits for the serial state unit while the lane already sums the next
+    oscillator.
+
+    The kick registers of the P lanes form a shift chain towards lane 0, whose
+    head the core's serializer reads, one oscillator (and bank) per cycle: each
+    lane wires only to its neighbour, instead of every lane's sums into one
+    2P-way selection beside the state unit. Lane ``p`` holds ``kick0`` (loaded
+    with each finished sum, either bank) and ``kick_odd``; every cycle without a
+    load ``kick0 ← kick_odd`` and ``kick_odd ← chain_in`` (lane ``p+1``'s
+    ``kick0``) with two banks, ``kick0 ← chain_in`` with one. The ±ε banks finish
+    a cycle apart, so after the second load the chain reads (lane 0, +ε),
+    (lane 0, −ε), (lane 1, +ε), … at its head, as the serializer takes them;
+    the next oscillator row's sums come at least 2P cycles later (``lb ≥ P``
+    slots per row), when the chain has been read.
 
     Attributes
     ----------
@@ -298,18 +311,26 @@ class MacLane(wiring.Component):
     f_en, f_first, f_last, f_slot, f_alpha : In(1)
         Force-sum control for the product ``p`` of the next cycle: presented in S2,
         registered in the lane, acting in S3.
-    kick0, kick1 : Out(signed(f_width))
-        Finished force sums of the two working banks.
+    kick0 : Out(signed(lane_width))
+        The kick chain's register of this lane (its head at lane 0); with a
+        single lane (no kick registers) the first bank's running sum.
+    kick1 : Out(signed(lane_width))
+        With a single lane, the second bank's running sum (the serializer takes
+        it a cycle after ``kick0``).
+    chain_in : In(signed(lane_width))
+        Lane ``p+1``'s ``kick0`` (zero for the last lane).
+    two_banks : In(1)
+        The pass runs two working banks (the chain's order); constant in a pass.
 
     Parameters
     ----------
     kick_regs : bool
-        Hold the finished sums in registers of their own (``kick0``/``kick1``),
-        so the lane can sum the next oscillator while the serial state unit
-        still waits to take them. With a single lane the state unit takes them
-        one and two cycles after ``f_last`` — before the next oscillator's
-        first product overwrites the running sums — so ``kick0``/``kick1`` are
-        the running sums themselves and the two registers are saved.
+        Hold the finished sums in the kick chain, so the lane can sum the next
+        oscillator while the serial state unit still waits to take them. With a
+        single lane the state unit takes them one and two cycles after
+        ``f_last`` — before the next oscillator's first product overwrites the
+        running sums — so ``kick0``/``kick1`` are the running sums themselves and
+        the chain's registers are saved.
     f_bias : int
         Added to every force sum (with its first, α, product). The core passes
         the kick's rounding half ``2^(kick_shift−1)``, so rounding the finished
@@ -328,6 +349,7 @@ class MacLane(wiring.Component):
             "p": Out(signed(2 * ow)),
             "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1), "f_alpha": In(1),
             "kick0": Out(signed(g.lane_width)), "kick1": Out(signed(g.lane_width)),
+            "chain_in": In(signed(g.lane_width)), "two_banks": In(1),
             "sum0": Out(signed(g.lane_width)),
         })
         self._fw = g.lane_width
@@ -346,7 +368,6 @@ class MacLane(wiring.Component):
 
         # one adder for both banks: their products alternate cycle by cycle
         facc = [Signal(signed(self._fw), name=f"facc{s}") for s in range(2)]
-        kick = [self.kick0, self.kick1]
         total = Signal(signed(self._fw))     # the running sum with this cycle's product
         m.d.comb += self.sum0.eq(facc[0])
         # The controls arrive in S2 and are decoded into registers here, so only
@@ -365,11 +386,16 @@ class MacLane(wiring.Component):
         for s in range(2):
             with m.If(write[s]):
                 m.d.sync += facc[s].eq(total)
-                if self.kick_regs:
-                    with m.If(last):
-                        m.d.sync += kick[s].eq(total)
-            if not self.kick_regs:
-                m.d.comb += kick[s].eq(facc[s])
+        if self.kick_regs:
+            kick_odd = Signal(signed(self._fw))
+            two = Signal()      # a registered copy: the chain's order is set per pass
+            m.d.sync += [two.eq(self.two_banks), kick_odd.eq(self.chain_in)]
+            with m.If((write[0] | write[1]) & last):
+                m.d.sync += self.kick0.eq(total)
+            with m.Else():
+                m.d.sync += self.kick0.eq(Mux(two, kick_odd, self.chain_in))
+        else:
+            m.d.comb += [self.kick0.eq(facc[0]), self.kick1.eq(facc[1])]
         return m
 
 

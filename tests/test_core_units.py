@@ -176,13 +176,68 @@ def test_mac_lane_force_sums_match_golden_kick(ops, biased):
                     ctx.set(dut.f_slot, s2[3])
                 await ctx.tick()
                 if s3 and s3[5]:
-                    f = ctx.get(dut.kick1 if s3[3] else dut.kick0)
+                    f = ctx.get(dut.kick0)
                     got[(s3[3], s3[2])] = (int(f) >> ks) if biased else rshift_round(int(f), ks)
                 pipe = [pipe[1], cur]
         _run(dut, bench)
         for s in range(banks):
             for i in range(cfg.n):
                 assert got[(s, i)] == want[s, i], (banks, s, i)
+
+
+@pytest.mark.parametrize("banks", [1, 2])
+def test_mac_lane_kick_chain_presents_sums_in_serializer_order(banks):
+    """P chained lanes each finish one force sum per bank (the ±ε banks a cycle
+    apart, as the core issues them); lane 0's ``kick0`` then shows (lane 0, +ε),
+    (lane 0, −ε), (lane 1, +ε), … one per cycle — the order the core's serializer
+    takes them in — and a second row of sums, finished 2P cycles later, follows
+    the same way. Reference: the products, shifted by ``alpha_shift``."""
+    from amaranth.hdl import Module
+    cfg = HelConfig(n=8, m=7, k=1, **ECP5_OPERAND)
+    P, ow = 4, cfg.operand_width
+    lanes = [MacLane(cfg) for _ in range(P)]
+    top = Module()
+    for p, lane in enumerate(lanes):
+        top.submodules[f"lane{p}"] = lane
+        top.d.comb += lane.chain_in.eq(lanes[p + 1].kick0 if p + 1 < P else 0)
+    rng = random.Random(banks)
+    lim = 1 << (ow - 1)
+    rows = [[[(rng.randrange(-lim, lim), rng.randrange(-lim, lim)) for _ in range(banks)]
+             for _ in range(P)] for _ in range(2)]
+    want = [(a * b) << cfg.alpha_shift for row in rows for lane in row for a, b in lane]
+    got = []
+
+    async def bench(ctx):
+        for lane in lanes:
+            ctx.set(lane.two_banks, banks == 2)
+        await ctx.tick()                     # the lanes register two_banks
+        period = banks * P                   # a row every 2P (P) cycles: lb = P slots
+        cycles = 2 * period + 4
+        for n in range(cycles):
+            # slot (row, bank) issued at cycle row·period + bank: operands now (S1),
+            # controls a cycle later (S2), the sum loaded in S3
+            for p, lane in enumerate(lanes):
+                ctx.set(lane.a, 0)
+                ctx.set(lane.b, 0)
+                for r in range(2):
+                    for b in range(banks):
+                        if n == r * period + b:
+                            ctx.set(lane.a, rows[r][p][b][0])
+                            ctx.set(lane.b, rows[r][p][b][1])
+                ctrl = [(r, b) for r in range(2) for b in range(banks)
+                        if n == r * period + b + 1]
+                ctx.set(lane.f_en, bool(ctrl))
+                for sig in (lane.f_first, lane.f_alpha, lane.f_last):
+                    ctx.set(sig, bool(ctrl))
+                ctx.set(lane.f_slot, ctrl[0][1] if ctrl else 0)
+            await ctx.tick()
+            # the head after the first bank's load (S3 of its slot), one sum per cycle
+            for r in range(2):
+                if r * period + 2 <= n < r * period + 2 + period:
+                    got.append(ctx.get(lanes[0].kick0))
+
+    _run(top, bench)
+    assert got == want
 
 
 # ----------------------------------------------------------------------------- accumulators
