@@ -912,12 +912,13 @@ class HELCore(wiring.Component):
 
     # ---------------------------------------------------------------- S3: force sums
     def _build_force_controls(self, m, s):
-        """The lanes' force-sum controls, for the products of phases B and U (the lanes
+        """The lanes' adder controls, for the products of phases B, U and C (the lanes
         take them a stage ahead, from ``tag2``, and register them)."""
         tag2 = s.tag2
         in_force = tag2.phase == Phase.FORCE
         for lane in s.lanes:
             m.d.comb += [lane.f_en.eq(tag2.valid & (in_force | (tag2.phase == Phase.INPUT))),
+                         lane.c_en.eq(tag2.valid & (tag2.phase == Phase.CONTRAST)),
                          lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_force),
                          lane.f_alpha.eq(in_force), lane.f_slot.eq(tag2.bank)]
 
@@ -1040,9 +1041,9 @@ class HELCore(wiring.Component):
 
     # ---------------------------------------------------------------- S3: contrast
     def _build_contrast(self, m, s):
-        """Phase C: the first product of an element (+ε bank) waits in
-        ``plus_product``; with the second the lane's accumulator group adds the
-        difference to the element (``contrast_elem``)."""
+        """Phase C: each lane forms its contrast term (the +ε bank's product waits in
+        the lane, the −ε bank's is subtracted from it: ``MacLane.diff``) and the
+        lane's accumulator group adds it to the element (``contrast_elem``)."""
         cfg, g = self.cfg, self.geometry
         P, N, K, group_lanes = g.p, cfg.n, cfg.k, g.group_lanes
         tag2, tag3, lanes = s.tag2, s.tag3, s.lanes
@@ -1050,12 +1051,8 @@ class HELCore(wiring.Component):
         osc_rows = [max(0, -(-(N - p) // P)) for p in range(P)]
         contrast_rows = [max(0, -(-(N + K + 1 - p) // P)) for p in range(P)]
         input_groups = [max(0, -(-(cfg.m - p) // P)) for p in range(P)]   # row groups with j ≡ p
-        plus_product = [Signal(signed(g.prod_width), name=f"plus_product{p}") for p in range(P)]
         contrast_valid = Signal()
         m.d.comb += contrast_valid.eq(tag3.valid & (tag3.phase == Phase.CONTRAST))
-        for p in range(P):
-            with m.If(contrast_valid & ~tag3.bank):
-                m.d.sync += plus_product[p].eq(lanes[p].p)
         # The element index counts at S3 rather than travelling with the tags: the
         # contrast updates arrive in element order, after the step's z slots.
         contrast_elem = Signal(range(max(g.elems, 2)))
@@ -1082,7 +1079,7 @@ class HELCore(wiring.Component):
                     m.d.comb += en.eq(Mux(tag3.alpha_row, tag3.chunk < osc_rows[p],
                                           tag3.chunk < contrast_rows[p]))
                 m.d.comb += [getattr(grp, f"en{li}").eq(en),
-                             getattr(grp, f"diff{li}").eq(plus_product[p] - lanes[p].p)]
+                             getattr(grp, f"diff{li}").eq(lanes[p].diff)]
         m.d.comb += s.acc_ovf_set.eq(sum(grp.overflow for grp in s.groups) != 0)
 
     # ---------------------------------------------------------------- kick serializer

@@ -286,6 +286,13 @@ class MacLane(wiring.Component):
     ``sum0`` is the first bank's running-sum register (the U phase takes ``c_j``
     from it a cycle after the row's last product: from a register rather than
     the adder, as the ``c_j`` registers lie far from the lanes on ECP5);
+    The same adder forms the contrast's term (``c_en``, presented in S2 like
+    the force controls): the +ε slot's product (``f_slot`` 0) waits in the
+    first running-sum register, and the −ε slot's gives ``diff`` = that product
+    minus this one, the adder subtracting (the product inverted, a carry in).
+    So a product has two consumers, this adder and the core's adder tree, and
+    no lane needs a second adder for the difference.
+
     ``f_last`` copies the finished sum into the lane's kick register, where it
     waits for the serial state unit while the lane already sums the next
     oscillator.
@@ -311,6 +318,11 @@ class MacLane(wiring.Component):
     f_en, f_first, f_last, f_slot, f_alpha : In(1)
         Force-sum control for the product ``p`` of the next cycle: presented in S2,
         registered in the lane, acting in S3.
+    c_en : In(1)
+        The product of the next cycle is a contrast term, of bank ``f_slot``
+        (presented in S2 with ``f_slot``; ``f_en`` low).
+    diff : Out(signed(2·operand_width + 1))
+        In S3 of a −ε contrast slot: the +ε slot's product minus this one.
     kick0 : Out(signed(lane_width))
         The kick chain's register of this lane (its head at lane 0); with a
         single lane (no kick registers) the first bank's running sum.
@@ -348,6 +360,7 @@ class MacLane(wiring.Component):
             "a": In(signed(ow)), "b": In(signed(ow)),
             "p": Out(signed(2 * ow)),
             "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1), "f_alpha": In(1),
+            "c_en": In(1), "diff": Out(signed(g.diff_width)),
             "kick0": Out(signed(g.lane_width)), "kick1": Out(signed(g.lane_width)),
             "chain_in": In(signed(g.lane_width)), "two_banks": In(1),
             "sum0": Out(signed(g.lane_width)),
@@ -375,14 +388,24 @@ class MacLane(wiring.Component):
         # distant tag register plus the fan-out to eight lanes does not fit 60 MHz).
         take = [Signal(name=f"take{s}") for s in range(2)]      # add to facc[s]
         shifted = Signal()      # an oscillator's first product: f_bias + (α·qo << alpha_shift)
+        sub = Signal()          # a −ε contrast term: facc[0] − product
         write = [Signal(name=f"write{s}") for s in range(2)]
         last = Signal()
-        for s in range(2):
-            m.d.sync += [take[s].eq(~self.f_first & (self.f_slot == s)),
-                         write[s].eq(self.f_en & (self.f_slot == s))]
-        m.d.sync += [shifted.eq(self.f_first & self.f_alpha), last.eq(self.f_last)]
+        force_sum = self.f_en & ~self.f_first
+        second = self.c_en & self.f_slot
+        m.d.sync += [take[0].eq((force_sum & ~self.f_slot) | second),
+                     take[1].eq(force_sum & self.f_slot),
+                     sub.eq(second),
+                     write[0].eq((self.f_en | self.c_en) & ~self.f_slot),
+                     write[1].eq(self.f_en & self.f_slot),
+                     shifted.eq(self.f_first & self.f_alpha), last.eq(self.f_last)]
         acc_in = Mux(take[1], facc[1], Mux(take[0], facc[0], Mux(shifted, self.f_bias, 0)))
-        m.d.comb += total.eq(acc_in + Mux(shifted, self.p << self.cfg.alpha_shift, self.p))
+        # ± the product in one carry chain: inverted, with the carry in, to subtract
+        addend = Signal(signed(self._fw))
+        m.d.comb += [addend.eq(Mux(shifted, self.p << self.cfg.alpha_shift, self.p)
+                               ^ Mux(sub, -1, 0)),
+                     total.eq(acc_in + addend + sub),
+                     self.diff.eq(total)]
         for s in range(2):
             with m.If(write[s]):
                 m.d.sync += facc[s].eq(total)

@@ -240,6 +240,38 @@ def test_mac_lane_kick_chain_presents_sums_in_serializer_order(banks):
     assert got == want
 
 
+def test_mac_lane_contrast_terms_are_plus_minus_product_differences():
+    """Contrast slots in pairs (+ε then −ε bank, as the core issues them), back to
+    back with extreme operands: ``diff`` in the −ε slot's S3 is a⁺b⁺ − a⁻b⁻, exactly
+    (the lane's adder subtracting). Reference: Python integers."""
+    cfg = HelConfig(n=3, m=7, k=1, **ECP5_OPERAND)
+    ow = cfg.operand_width
+    lo, hi = -(1 << (ow - 1)), (1 << (ow - 1)) - 1
+    rng = random.Random(7)
+    pick = lambda: rng.choice([lo, hi, 0, 1, -1, rng.randrange(lo, hi + 1)])
+    slots = [(pick(), pick(), b) for _ in range(40) for b in (0, 1)]
+    dut = MacLane(cfg, f_bias=1 << (cfg.kick_shift - 1))
+    want = [slots[i][0] * slots[i][1] - slots[i + 1][0] * slots[i + 1][1]
+            for i in range(0, len(slots), 2)]
+    got = []
+
+    async def bench(ctx):
+        for n in range(len(slots) + 3):
+            if n < len(slots):
+                ctx.set(dut.a, slots[n][0])
+                ctx.set(dut.b, slots[n][1])
+            s2 = slots[n - 1] if 1 <= n <= len(slots) else None
+            ctx.set(dut.c_en, s2 is not None)
+            ctx.set(dut.f_slot, s2[2] if s2 else 0)
+            s3 = n - 2
+            if 0 <= s3 < len(slots) and slots[s3][2] == 1:
+                got.append(ctx.get(dut.diff))
+            await ctx.tick()
+
+    _run(dut, bench)
+    assert got == want
+
+
 # ----------------------------------------------------------------------------- accumulators
 @pytest.mark.parametrize("pipelined", [False, True], ids=["rmw2", "rmw3"])
 @pytest.mark.parametrize("lanes", [2, 1])
