@@ -53,10 +53,11 @@ holds its data), so each phase takes twice as long with the same P multipliers:
 * **U** (:attr:`Phase.INPUT`; only for ``P ≥ 8`` when the K input columns would
   add a mostly empty chunk to every z row — :attr:`LaneGeometry.u_mode`):
   ``⌈M/P⌉·K`` slots, lane ``p`` sums ``c_j = Σ_k B_jk u_k`` for rows ``j ≡ p``;
-  ``c_j`` waits in a register per row. Issued while the previous step drains.
+  ``c_j`` waits in that lane. Issued while the previous step drains.
 * **A** (:attr:`Phase.Z`): ``M·RA`` slots. All lanes multiply row ``j`` chunk
-  ``r`` of ``[W|B]`` (of ``W`` in u_mode) by ``[qo|u]``; a pipelined adder tree
-  and an accumulator (initialised with ``b_j·2^OF`` (+ ``c_j``)) form ``z_j``; the
+  ``r`` of ``[W|B]`` (of ``W`` in u_mode) by ``[qo|u]``; each lane's adder passes
+  its product (lane ``j mod P`` adds ``c_j`` in the row's first chunk), a pipelined
+  adder tree and an accumulator (initialised with ``b_j·2^OF``) form ``z_j``; the
   tanh unit turns it into ``a_j`` (a small memory, one word per bank).
 * **C** (:attr:`Phase.CONTRAST`; one-sided forward and echo only):
   ``2·(M·RC + RN)`` slots, two products per accumulator element (the ±ε banks, or
@@ -109,8 +110,7 @@ builder                        section
 ``_build_command_registers``   latched command, engine mode, steps left
 ``_build_issue_signals``       S0: slot tags, read addresses, issue counters
 ``_build_operand_select``      S1: the lanes' operands by phase
-``_build_force_controls``      S2: the lanes' force-sum controls
-``_build_input_products``      U: the ``c_j`` registers
+``_build_lane_controls``       S2: the lanes' adder controls, the c_j token ring
 ``_build_z_path``              A: adder tree, z accumulators, tanh, activation memory
 ``_build_contrast``            C: the ±ε difference into the accumulator groups
 ``_build_kick_serializer``     B: finished force sums one oscillator per cycle
@@ -506,8 +506,7 @@ class HELCore(wiring.Component):
         self._build_command_registers(m, s)
         self._build_issue_signals(m, s)
         self._build_operand_select(m, s)
-        self._build_force_controls(m, s)
-        self._build_input_products(m, s)
+        self._build_lane_controls(m, s)
         self._build_z_path(m, s)
         self._build_contrast(m, s)
         self._build_kick_serializer(m, s)
@@ -615,8 +614,9 @@ class HELCore(wiring.Component):
         # one lane: the serializer takes the force sums straight from the running sums
         # and the kick's rounding half is the force sums' initial value (f_bias)
         ks = cfg.kick_shift
-        lanes = [MacLane(cfg, kick_regs=P > 1, f_bias=(1 << (ks - 1)) if ks > 0 else 0)
-                 for _ in range(P)]
+        lanes = [MacLane(cfg, kick_regs=P > 1, f_bias=(1 << (ks - 1)) if ks > 0 else 0,
+                         first_lane=p == 0)
+                 for p in range(P)]
         for p in range(P):
             m.submodules[f"lane{p}"] = lanes[p]
         groups = [AccumulatorGroup(cfg, lanes=min(group_lanes, P - q * group_lanes),
@@ -911,47 +911,39 @@ class HELCore(wiring.Component):
                         m.d.comb += [lane.a.eq(activation_rd.data), lane.b.eq(x_value)]
 
     # ---------------------------------------------------------------- S3: force sums
-    def _build_force_controls(self, m, s):
+    def _build_lane_controls(self, m, s):
         """The lanes' adder controls, for the products of phases B, U and C (the lanes
         take them a stage ahead, from ``tag2``, and register them)."""
         tag2 = s.tag2
         in_force = tag2.phase == Phase.FORCE
+        for p, lane in enumerate(s.lanes):
+            m.d.comb += lane.turn_in.eq(s.lanes[p - 1].turn_out)   # a ring: lane P−1 → 0
         for lane in s.lanes:
             m.d.comb += [lane.f_en.eq(tag2.valid & (in_force | (tag2.phase == Phase.INPUT))),
                          lane.c_en.eq(tag2.valid & (tag2.phase == Phase.CONTRAST)),
+                         lane.z_en.eq(tag2.valid & (tag2.phase == Phase.Z)),
+                         lane.z_row0.eq(tag2.row == 0),
+                         lane.u_last.eq(tag2.valid & (tag2.phase == Phase.INPUT) & tag2.last),
                          lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_force),
                          lane.f_alpha.eq(in_force), lane.f_slot.eq(tag2.bank)]
 
-    def _build_input_products(self, m, s):
-        """U phase: ``c_j = Σ_k B_jk u_k`` from lane j mod P, one register per row
-        (``c_regs``), taken from the lane's sum register a cycle after the last
-        product, under an enable per group of P rows decoded in that cycle: the c_j
-        registers are spread over the die on ECP5, so only register outputs travel to
-        them. (The A phase that reads them starts after the U products have drained.)"""
-        g, M, P, tag3 = self.geometry, self.cfg.m, self.geometry.p, s.tag3
-        c_regs = ([Signal(signed(g.c_width), name=f"c{j}") for j in range(M)]
-                  if g.u_mode else [])
-        c_write = [Signal(name=f"c_write{r}") for r in range(g.ru)] if g.u_mode else []
-        for r, we in enumerate(c_write):
-            m.d.sync += we.eq(tag3.valid & (tag3.phase == Phase.INPUT) & tag3.last
-                              & (tag3.row == r))
-        for j, c_j in enumerate(c_regs):
-            with m.If(c_write[j // P]):
-                m.d.sync += c_j.eq(s.lanes[j % P].sum0)
-        s.c_regs = c_regs
-
     # ---------------------------------------------------------------- S3+: z path
     def _build_z_path(self, m, s):
-        """Phase A's sums: a registered adder tree over the lanes' products, then per
+        """Phase A's sums: a registered adder tree over the lanes' sums, then per
         bank an accumulator over a row's chunks that starts from the row's initial
         value; the finished ``z_j`` goes to the tanh unit and its activation into
         the a memory (at the count of activations written)."""
         cfg, g = self.cfg, self.geometry
         P, M, of = g.p, cfg.m, cfg.operand_frac
         tag1, tag2, tag3, b_rd, tanh = s.tag1, s.tag2, s.tag3, s.b_rd, s.tanh
-        sums = [s.lanes[p].p for p in range(P)]
-        tag_chain = [tag1, tag2, tag3]     # the tags a stage of the tree later each
-        width = g.prod_width
+        # The tree adds the lanes' running-sum registers: in a z slot the lane's adder
+        # passes its product (plus c_j in the first chunk of row j in lane j mod P),
+        # so a product has no consumer outside its lane but the lane's adder.
+        width = g.c_width + 1 if g.u_mode else g.prod_width    # |p + c_j| < 2^c_width
+        sums = [s.lanes[p].sum0[:width].as_signed() for p in range(P)]
+        tag4 = Signal(s.tag_layout)
+        m.d.sync += tag4.eq(tag3)
+        tag_chain = [tag1, tag2, tag3, tag4]     # the tags a stage of the tree later each
         level = 0
         while len(sums) > 1:
             width += 1
@@ -975,7 +967,7 @@ class HELCore(wiring.Component):
         z_sum = Signal(signed(g.z_width))
         z_valid = Signal()
         z_bank = Signal()
-        # The row's initial value b_j·2^OF (+ c_j; then formed one stage ahead), plus the
+        # The row's initial value b_j·2^OF (in u_mode formed one stage ahead), plus the
         # tanh unit's rounding half 2^(z_shift−1) (z_biased): below the b term's
         # zero bits it is one constant bit, not an adder. The z width has room for
         # it (|z| stays far below 2^(z_width−2)).
@@ -989,19 +981,7 @@ class HELCore(wiring.Component):
         else:
             m.d.comb += b_term.eq((b_rd.data << of) + (1 << (zs - 1)))
         if g.u_mode:
-            # The rows take c_j in order (the first chunk of row j in each working
-            # bank), so the c_j registers form a shift chain read at its head, which
-            # moves on after the last bank's first chunk: no M-way selection by the
-            # tag's row (its decode and spread-out inputs are too slow for 60 MHz on
-            # ECP5). The shift enable is decoded a stage ahead; the U phase refills
-            # the chain before the next step's A phase.
-            c_regs = s.c_regs
-            c_shift = Signal()
-            m.d.sync += c_shift.eq(tag_z_before2.valid & (tag_z_before2.phase == Phase.Z)
-                                   & tag_z_before2.first & (tag_z_before2.bank == s.last_bank))
-            with m.If(c_shift):
-                m.d.sync += [c_regs[j].eq(c_regs[j + 1]) for j in range(M - 1)]
-            m.d.sync += z_init.eq(b_term + c_regs[0])
+            m.d.sync += z_init.eq(b_term)
             s.b_tag = tag_z_before2     # b is read two stages ahead: z_init is a register
         else:
             m.d.comb += z_init.eq(b_term)

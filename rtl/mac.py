@@ -66,11 +66,11 @@ class LaneGeometry:
         The input products ``c_j = Σ_k B_jk u_k`` have their own phase (U) instead
         of riding in the z rows: ``B`` is banked by row (lane ``j mod P``, address
         ``u_base + (j // P)·K + k``) and lane ``p`` sums rows ``j ≡ p`` over ``k``;
-        ``c_j`` waits in one register per row and joins ``z_j`` with ``b_j``. Then
-        a z row is only the ``N`` oscillator columns, without the partly empty
-        chunk the ``K`` input columns cause when ``P`` is large. Costs ``M``
-        registers of ``c_width`` bits, so it is used only for ``P ≥ 8`` (and only
-        when the input columns add a chunk).
+        ``c_j`` waits in that lane, which adds it to its product in the first
+        chunk of row ``j``. Then a z row is only the ``N`` oscillator columns,
+        without the partly empty chunk the ``K`` input columns cause when ``P`` is
+        large. Costs ``⌈M/P⌉`` registers of ``c_width`` bits per lane, so it is
+        used only for ``P ≥ 8`` (and only when the input columns add a chunk).
     ra, rc, rn, ru:
         Chunks of ``P`` columns per row in the z product (``N+K`` columns, or ``N``
         in u_mode), in the contrast (``N+K+1``) and oscillator rows of the force
@@ -270,7 +270,10 @@ class LaneGeometry:
 
 
 class MacLane(wiring.Component):
-    """One MAC lane: a registered multiplier plus the per-oscillator force sums.
+    """One MAC lane: a registered multiplier and one adder, whose running sums
+    serve every phase: the force sums (B), the input sums ``c_j`` (U), the
+    contrast's terms (C), and the z products on their way to the core's adder
+    tree (A). Only this adder takes the product ``p``.
 
     Timing (cycle numbers relative to the issue cycle S0 of a slot): the core
     presents the operands ``a``, ``b`` in S1 (from block-RAM outputs), they are
@@ -283,15 +286,19 @@ class MacLane(wiring.Component):
     ``f_slot``: ``f_first`` starts a sum with the product, shifted by
     ``cfg.alpha_shift`` when ``f_alpha`` (the first product of an oscillator is
     ``α_i·qo_i``, aligned with the ``W·a`` products in the activation format);
-    ``sum0`` is the first bank's running-sum register (the U phase takes ``c_j``
-    from it a cycle after the row's last product: from a register rather than
-    the adder, as the ``c_j`` registers lie far from the lanes on ECP5);
+    ``sum0`` is the first bank's running-sum register.
+
+    In a z slot (``z_en``) the adder writes the product to ``sum0``, which the
+    core's adder tree takes a cycle later; in the first chunk of a row
+    ``j ≡ p (mod P)`` it adds the row's ``c_j``, which the lane keeps from the U
+    phase (:meth:`_input_sums`). So the tree, not ``p``'s DSP output, is what
+    spreads over the die, and the ``c_j`` stay in the lane that summed them.
+
     The same adder forms the contrast's term (``c_en``, presented in S2 like
     the force controls): the +ε slot's product (``f_slot`` 0) waits in the
     first running-sum register, and the −ε slot's gives ``diff`` = that product
     minus this one, the adder subtracting (the product inverted, a carry in).
-    So a product has two consumers, this adder and the core's adder tree, and
-    no lane needs a second adder for the difference.
+    No lane needs a second adder for the difference.
 
     ``f_last`` copies the finished sum into the lane's kick register, where it
     waits for the serial state unit while the lane already sums the next
@@ -321,6 +328,14 @@ class MacLane(wiring.Component):
     c_en : In(1)
         The product of the next cycle is a contrast term, of bank ``f_slot``
         (presented in S2 with ``f_slot``; ``f_en`` low).
+    z_en, z_row0 : In(1)
+        The product of the next cycle is a z product (of row 0); with ``f_first``
+        (chunk 0) and ``f_slot`` (bank), presented in S2.
+    u_last : In(1)
+        The product of the next cycle is a U row's last (S2): its sum is a ``c_j``.
+    turn_in, turn_out : In(1), Out(1)
+        The token of the row whose ``c_j`` is due, from lane ``p−1`` (lane P−1
+        for lane 0) and to lane ``p+1``.
     diff : Out(signed(2·operand_width + 1))
         In S3 of a −ε contrast slot: the +ε slot's product minus this one.
     kick0 : Out(signed(lane_width))
@@ -343,6 +358,8 @@ class MacLane(wiring.Component):
         ``f_last`` — before the next oscillator's first product overwrites the
         running sums — so ``kick0``/``kick1`` are the running sums themselves and
         the chain's registers are saved.
+    first_lane : bool
+        Lane 0: it holds the token at row 0.
     f_bias : int
         Added to every force sum (with its first, α, product). The core passes
         the kick's rounding half ``2^(kick_shift−1)``, so rounding the finished
@@ -350,17 +367,23 @@ class MacLane(wiring.Component):
         phase's sums (``f_alpha`` low) are not biased.
     """
 
-    def __init__(self, cfg: HelConfig, kick_regs: bool = True, f_bias: int = 0):
+    def __init__(self, cfg: HelConfig, kick_regs: bool = True, f_bias: int = 0,
+                 first_lane: bool = False):
         self.cfg = cfg
         self.kick_regs = kick_regs
         self.f_bias = f_bias
+        self.first_lane = first_lane
         g = LaneGeometry(cfg)
+        self._c_rows = g.ru if g.u_mode else 0
+        self._c_width = g.c_width
         ow = cfg.operand_width
         super().__init__({
             "a": In(signed(ow)), "b": In(signed(ow)),
             "p": Out(signed(2 * ow)),
             "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1), "f_alpha": In(1),
             "c_en": In(1), "diff": Out(signed(g.diff_width)),
+            "z_en": In(1), "z_row0": In(1), "u_last": In(1),
+            "turn_in": In(1), "turn_out": Out(1),
             "kick0": Out(signed(g.lane_width)), "kick1": Out(signed(g.lane_width)),
             "chain_in": In(signed(g.lane_width)), "two_banks": In(1),
             "sum0": Out(signed(g.lane_width)),
@@ -391,15 +414,18 @@ class MacLane(wiring.Component):
         sub = Signal()          # a −ε contrast term: facc[0] − product
         write = [Signal(name=f"write{s}") for s in range(2)]
         last = Signal()
+        two = Signal()      # a registered copy of two_banks: constant in a pass
+        m.d.sync += two.eq(self.two_banks)
         force_sum = self.f_en & ~self.f_first
         second = self.c_en & self.f_slot
         m.d.sync += [take[0].eq((force_sum & ~self.f_slot) | second),
                      take[1].eq(force_sum & self.f_slot),
                      sub.eq(second),
-                     write[0].eq((self.f_en | self.c_en) & ~self.f_slot),
+                     write[0].eq(((self.f_en | self.c_en) & ~self.f_slot) | self.z_en),
                      write[1].eq(self.f_en & self.f_slot),
                      shifted.eq(self.f_first & self.f_alpha), last.eq(self.f_last)]
-        acc_in = Mux(take[1], facc[1], Mux(take[0], facc[0], Mux(shifted, self.f_bias, 0)))
+        c_term = self._input_sums(m, facc[0], two)
+        acc_in = Mux(take[1], facc[1], Mux(take[0], facc[0], Mux(shifted, self.f_bias, c_term)))
         # ± the product in one carry chain: inverted, with the carry in, to subtract
         addend = Signal(signed(self._fw))
         m.d.comb += [addend.eq(Mux(shifted, self.p << self.cfg.alpha_shift, self.p)
@@ -411,8 +437,7 @@ class MacLane(wiring.Component):
                 m.d.sync += facc[s].eq(total)
         if self.kick_regs:
             kick_odd = Signal(signed(self._fw))
-            two = Signal()      # a registered copy: the chain's order is set per pass
-            m.d.sync += [two.eq(self.two_banks), kick_odd.eq(self.chain_in)]
+            m.d.sync += kick_odd.eq(self.chain_in)
             with m.If((write[0] | write[1]) & last):
                 m.d.sync += self.kick0.eq(total)
             with m.Else():
@@ -420,6 +445,39 @@ class MacLane(wiring.Component):
         else:
             m.d.comb += [self.kick0.eq(facc[0]), self.kick1.eq(facc[1])]
         return m
+
+    def _input_sums(self, m, sum0, two):
+        """The U phase's ``c_j`` of this lane's rows (``j ≡ p``), kept for phase A.
+
+        A U row's sum is taken from ``sum0`` a cycle after its last product, into a
+        shift register of ``⌈M/P⌉`` words whose head belongs to the lane's next row.
+        The rows of phase A go in order, so the lane whose row it is passes along
+        the lanes with a token (``turn``, lane 0's at row 0): in the first chunk of
+        its row the lane adds the head to the product (the term this returns), and
+        after the last working bank's first chunk the head moves on. Returns 0
+        without a U phase.
+        """
+        if not self._c_rows:
+            return 0
+        zf = self.z_en & self.f_first
+        turn = Signal()
+        turn_now = Signal()
+        m.d.comb += [turn_now.eq(Mux(self.z_row0, int(self.first_lane), turn)),
+                     self.turn_out.eq(turn_now)]
+        row_done = zf & (self.f_slot == two)      # the last bank's first chunk of a row
+        with m.If(row_done):
+            m.d.sync += turn.eq(self.turn_in)
+        add_c = Signal()
+        used = Signal()
+        u_taken = Signal()
+        u_store = Signal()
+        m.d.sync += [add_c.eq(zf & turn_now), used.eq(row_done & turn_now),
+                     u_taken.eq(self.u_last), u_store.eq(u_taken)]
+        c = [Signal(signed(self._c_width), name=f"c{r}") for r in range(self._c_rows)]
+        with m.If(u_store | used):
+            m.d.sync += [c[r].eq(c[r + 1]) for r in range(self._c_rows - 1)]
+            m.d.sync += c[-1].eq(sum0)
+        return Mux(add_c, c[0], 0)
 
 
 class AccumulatorGroup(wiring.Component):
