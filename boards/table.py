@@ -246,9 +246,9 @@ BOARDS: dict[str, Board] = {b.name: b for b in [
     ),
     # Both N = 32 entries carry the training core with an 8 k-word store (two banks of
     # 4 block RAMs) at 60 MHz; larger stores spread the core over the die (docs/boards.md
-    # "On-chip training"). The 85F runs two sample engines (docs/onchip.md §13): 60.2 MHz
+    # "On-chip training"). The 85F runs two sample engines (docs/onchip.md §13): 67.3 MHz
     # at seed 1; three engines, and two of 16 lanes each, did not route (docs/boards.md
-    # "Sample engines on the 85F", "The contrast's schedule"). The 25F has room for one
+    # "Sample engines on the 85F", "One consumer per product"). The 25F has room for one
     # engine.
     _ulx3s("85F", resources=_ecp5(luts=83640, mults=156, ebr=208, plls=4, ios=365),
            config=HelConfig(n=32, m=32, k=2, o=1, t_max=4096, lanes=8, store_words=8192,

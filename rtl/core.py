@@ -614,8 +614,12 @@ class HELCore(wiring.Component):
         # one lane: the serializer takes the force sums straight from the running sums
         # and the kick's rounding half is the force sums' initial value (f_bias)
         ks = cfg.kick_shift
+        # The ECP5 form's lanes sum in every phase, so only a lane's adder takes its
+        # product; the iCE40 form's one lane sums B only (its product also feeds the
+        # z path and the contrast's difference directly: no extra cycle).
+        s.lane_sums = not s.compact or g.u_mode
         lanes = [MacLane(cfg, kick_regs=P > 1, f_bias=(1 << (ks - 1)) if ks > 0 else 0,
-                         first_lane=p == 0)
+                         first_lane=p == 0, every_phase=s.lane_sums)
                  for p in range(P)]
         for p in range(P):
             m.submodules[f"lane{p}"] = lanes[p]
@@ -916,15 +920,17 @@ class HELCore(wiring.Component):
         take them a stage ahead, from ``tag2``, and register them)."""
         tag2 = s.tag2
         in_force = tag2.phase == Phase.FORCE
-        for p, lane in enumerate(s.lanes):
-            m.d.comb += lane.turn_in.eq(s.lanes[p - 1].turn_out)   # a ring: lane P−1 → 0
+        if s.lane_sums:
+            for p, lane in enumerate(s.lanes):
+                m.d.comb += lane.turn_in.eq(s.lanes[p - 1].turn_out)   # a ring: lane P−1 → 0
         for lane in s.lanes:
-            m.d.comb += [lane.f_en.eq(tag2.valid & (in_force | (tag2.phase == Phase.INPUT))),
-                         lane.c_en.eq(tag2.valid & (tag2.phase == Phase.CONTRAST)),
-                         lane.z_en.eq(tag2.valid & (tag2.phase == Phase.Z)),
-                         lane.z_row0.eq(tag2.row == 0),
-                         lane.u_last.eq(tag2.valid & (tag2.phase == Phase.INPUT) & tag2.last),
-                         lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_force),
+            m.d.comb += lane.f_en.eq(tag2.valid & (in_force | (tag2.phase == Phase.INPUT)))
+            if s.lane_sums:
+                m.d.comb += [lane.c_en.eq(tag2.valid & (tag2.phase == Phase.CONTRAST)),
+                             lane.z_en.eq(tag2.valid & (tag2.phase == Phase.Z)),
+                             lane.z_row0.eq(tag2.row == 0),
+                             lane.u_last.eq(tag2.valid & (tag2.phase == Phase.INPUT) & tag2.last)]
+            m.d.comb += [lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_force),
                          lane.f_alpha.eq(in_force), lane.f_slot.eq(tag2.bank)]
 
     # ---------------------------------------------------------------- S3+: z path
@@ -940,10 +946,14 @@ class HELCore(wiring.Component):
         # passes its product (plus c_j in the first chunk of row j in lane j mod P),
         # so a product has no consumer outside its lane but the lane's adder.
         width = g.c_width + 1 if g.u_mode else g.prod_width    # |p + c_j| < 2^c_width
-        sums = [s.lanes[p].sum0[:width].as_signed() for p in range(P)]
-        tag4 = Signal(s.tag_layout)
-        m.d.sync += tag4.eq(tag3)
-        tag_chain = [tag1, tag2, tag3, tag4]     # the tags a stage of the tree later each
+        tag_chain = [tag1, tag2, tag3]     # the tags a stage of the tree later each
+        if s.lane_sums:
+            sums = [s.lanes[p].sum0[:width].as_signed() for p in range(P)]
+            tag4 = Signal(s.tag_layout)
+            m.d.sync += tag4.eq(tag3)
+            tag_chain.append(tag4)
+        else:
+            sums = [s.lanes[p].p for p in range(P)]
         level = 0
         while len(sums) > 1:
             width += 1
@@ -961,7 +971,7 @@ class HELCore(wiring.Component):
         tag_z = tag_chain[-1]
         tag_z_before = tag_chain[-2]
         tag_z_before2 = tag_chain[-3]
-        s.z_busy_bits = tag_chain[3:]
+        s.z_busy_bits = tag_chain[3:]     # tag4 (the lanes' sums) and the tree's
 
         z_acc = [Signal(signed(g.z_width), name=f"z_acc{b}") for b in range(2)]
         z_sum = Signal(signed(g.z_width))
@@ -1033,6 +1043,16 @@ class HELCore(wiring.Component):
         input_groups = [max(0, -(-(cfg.m - p) // P)) for p in range(P)]   # row groups with j ≡ p
         contrast_valid = Signal()
         m.d.comb += contrast_valid.eq(tag3.valid & (tag3.phase == Phase.CONTRAST))
+        if s.lane_sums:
+            diffs = [lane.diff for lane in lanes]
+        else:
+            # the +ε product waits here, the group takes the difference with the −ε one
+            plus_product = [Signal(signed(g.prod_width), name=f"plus_product{p}")
+                            for p in range(P)]
+            for p in range(P):
+                with m.If(contrast_valid & ~tag3.bank):
+                    m.d.sync += plus_product[p].eq(lanes[p].p)
+            diffs = [plus_product[p] - lanes[p].p for p in range(P)]
         # The element index counts at S3 rather than travelling with the tags: the
         # contrast updates arrive in element order, after the step's z slots.
         contrast_elem = Signal(range(max(g.elems, 2)))
@@ -1059,7 +1079,7 @@ class HELCore(wiring.Component):
                     m.d.comb += en.eq(Mux(tag3.alpha_row, tag3.chunk < osc_rows[p],
                                           tag3.chunk < contrast_rows[p]))
                 m.d.comb += [getattr(grp, f"en{li}").eq(en),
-                             getattr(grp, f"diff{li}").eq(lanes[p].diff)]
+                             getattr(grp, f"diff{li}").eq(diffs[p])]
         m.d.comb += s.acc_ovf_set.eq(sum(grp.overflow for grp in s.groups) != 0)
 
     # ---------------------------------------------------------------- kick serializer

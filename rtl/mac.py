@@ -360,6 +360,12 @@ class MacLane(wiring.Component):
         the chain's registers are saved.
     first_lane : bool
         Lane 0: it holds the token at row 0.
+    every_phase : bool
+        The adder serves A, C and U as above (the ECP5 form; required with a U
+        phase). Without it (the iCE40 form's single lane at 24 MHz) the adder
+        sums B only, and the core takes ``p`` itself for the adder tree and the
+        contrast's difference, a cycle earlier; the ports ``c_en``, ``diff``,
+        ``z_en``, ``z_row0``, ``u_last``, ``turn_in`` and ``turn_out`` are absent.
     f_bias : int
         Added to every force sum (with its first, α, product). The core passes
         the kick's rounding half ``2^(kick_shift−1)``, so rounding the finished
@@ -368,26 +374,31 @@ class MacLane(wiring.Component):
     """
 
     def __init__(self, cfg: HelConfig, kick_regs: bool = True, f_bias: int = 0,
-                 first_lane: bool = False):
+                 first_lane: bool = False, every_phase: bool = True):
         self.cfg = cfg
         self.kick_regs = kick_regs
         self.f_bias = f_bias
         self.first_lane = first_lane
+        self.every_phase = every_phase
         g = LaneGeometry(cfg)
         self._c_rows = g.ru if g.u_mode else 0
         self._c_width = g.c_width
+        if self._c_rows and not every_phase:
+            raise ValueError("the U phase's c_j live in the lanes: every_phase is required")
         ow = cfg.operand_width
-        super().__init__({
+        ports = {
             "a": In(signed(ow)), "b": In(signed(ow)),
             "p": Out(signed(2 * ow)),
             "f_en": In(1), "f_first": In(1), "f_last": In(1), "f_slot": In(1), "f_alpha": In(1),
-            "c_en": In(1), "diff": Out(signed(g.diff_width)),
-            "z_en": In(1), "z_row0": In(1), "u_last": In(1),
-            "turn_in": In(1), "turn_out": Out(1),
             "kick0": Out(signed(g.lane_width)), "kick1": Out(signed(g.lane_width)),
             "chain_in": In(signed(g.lane_width)), "two_banks": In(1),
             "sum0": Out(signed(g.lane_width)),
-        })
+        }
+        if every_phase:
+            ports.update({"c_en": In(1), "diff": Out(signed(g.diff_width)),
+                          "z_en": In(1), "z_row0": In(1), "u_last": In(1),
+                          "turn_in": In(1), "turn_out": Out(1)})
+        super().__init__(ports)
         self._fw = g.lane_width
 
     def elaborate(self, platform):
@@ -415,7 +426,34 @@ class MacLane(wiring.Component):
         write = [Signal(name=f"write{s}") for s in range(2)]
         last = Signal()
         two = Signal()      # a registered copy of two_banks: constant in a pass
-        m.d.sync += two.eq(self.two_banks)
+        if self.every_phase or self.kick_regs:
+            m.d.sync += two.eq(self.two_banks)
+        if self.every_phase:
+            self._every_phase_adder(m, facc, total, take, shifted, sub, write, last, two)
+        else:
+            # B (and U) only: the product goes to the core's adder tree and contrast too
+            for s in range(2):
+                m.d.sync += [take[s].eq(~self.f_first & (self.f_slot == s)),
+                             write[s].eq(self.f_en & (self.f_slot == s))]
+            m.d.sync += [shifted.eq(self.f_first & self.f_alpha), last.eq(self.f_last)]
+            acc_in = Mux(take[1], facc[1], Mux(take[0], facc[0], Mux(shifted, self.f_bias, 0)))
+            m.d.comb += total.eq(acc_in + Mux(shifted, self.p << self.cfg.alpha_shift, self.p))
+        for s in range(2):
+            with m.If(write[s]):
+                m.d.sync += facc[s].eq(total)
+            if not self.kick_regs:
+                m.d.comb += (self.kick0, self.kick1)[s].eq(facc[s])
+        if self.kick_regs:
+            kick_odd = Signal(signed(self._fw))
+            m.d.sync += kick_odd.eq(self.chain_in)
+            with m.If((write[0] | write[1]) & last):
+                m.d.sync += self.kick0.eq(total)
+            with m.Else():
+                m.d.sync += self.kick0.eq(Mux(two, kick_odd, self.chain_in))
+        return m
+
+    def _every_phase_adder(self, m, facc, total, take, shifted, sub, write, last, two):
+        """The adder's controls and operands for all four phases (``every_phase``)."""
         force_sum = self.f_en & ~self.f_first
         second = self.c_en & self.f_slot
         m.d.sync += [take[0].eq((force_sum & ~self.f_slot) | second),
@@ -432,19 +470,6 @@ class MacLane(wiring.Component):
                                ^ Mux(sub, -1, 0)),
                      total.eq(acc_in + addend + sub),
                      self.diff.eq(total)]
-        for s in range(2):
-            with m.If(write[s]):
-                m.d.sync += facc[s].eq(total)
-        if self.kick_regs:
-            kick_odd = Signal(signed(self._fw))
-            m.d.sync += kick_odd.eq(self.chain_in)
-            with m.If((write[0] | write[1]) & last):
-                m.d.sync += self.kick0.eq(total)
-            with m.Else():
-                m.d.sync += self.kick0.eq(Mux(two, kick_odd, self.chain_in))
-        else:
-            m.d.comb += [self.kick0.eq(facc[0]), self.kick1.eq(facc[1])]
-        return m
 
     def _input_sums(self, m, sum0, two):
         """The U phase's ``c_j`` of this lane's rows (``j ≡ p``), kept for phase A.

@@ -124,9 +124,10 @@ def test_mix32_matches_golden(cls):
 
 
 # ----------------------------------------------------------------------------- MAC lane
+@pytest.mark.parametrize("every_phase", [True, False], ids=["every_phase", "force_only"])
 @pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
 @pytest.mark.parametrize("ops", [{}, ECP5_OPERAND], ids=["ice40", "ecp5"])
-def test_mac_lane_force_sums_match_golden_kick(ops, biased):
+def test_mac_lane_force_sums_match_golden_kick(ops, biased, every_phase):
     """One lane computes F_i = (α_i qo_i << alpha_shift) + Σ_j W_ji a_j for a few
     oscillators, single-bank and with the ±ε banks interleaved cycle by cycle;
     ``biased``: with the kick's rounding half as f_bias, as in the core."""
@@ -146,7 +147,7 @@ def test_mac_lane_force_sums_match_golden_kick(ops, biased):
 
     for banks in (1, 2):
         ks = cfg.kick_shift
-        dut = MacLane(cfg, f_bias=(1 << (ks - 1)) if biased else 0)
+        dut = MacLane(cfg, f_bias=(1 << (ks - 1)) if biased else 0, every_phase=every_phase)
         got = {}
         # the slots, bank innermost (as the core issues them)
         slots = []
