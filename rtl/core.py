@@ -914,10 +914,11 @@ class HELCore(wiring.Component):
                     with m.Else():
                         m.d.comb += [lane.a.eq(activation_rd.data), lane.b.eq(x_value)]
 
-    # ---------------------------------------------------------------- S3: force sums
+    # ---------------------------------------------------------------- S2: lane controls
     def _build_lane_controls(self, m, s):
-        """The lanes' adder controls, for the products of phases B, U and C (the lanes
-        take them a stage ahead, from ``tag2``, and register them)."""
+        """The lanes' adder controls, for the products of phases B and U (and, with
+        ``lane_sums``, C and A, with the ring that passes the c_j token): the lanes
+        take them a stage ahead, from ``tag2``, and register them."""
         tag2 = s.tag2
         in_force = tag2.phase == Phase.FORCE
         if s.lane_sums:

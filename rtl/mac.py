@@ -271,9 +271,9 @@ class LaneGeometry:
 
 class MacLane(wiring.Component):
     """One MAC lane: a registered multiplier and one adder, whose running sums
-    serve every phase: the force sums (B), the input sums ``c_j`` (U), the
-    contrast's terms (C), and the z products on their way to the core's adder
-    tree (A). Only this adder takes the product ``p``.
+    serve every phase (``every_phase``, the ECP5 form): the force sums (B), the
+    input sums ``c_j`` (U), the contrast's terms (C), and the z products on their
+    way to the core's adder tree (A). Then only this adder takes the product ``p``.
 
     Timing (cycle numbers relative to the issue cycle S0 of a slot): the core
     presents the operands ``a``, ``b`` in S1 (from block-RAM outputs), they are
