@@ -917,19 +917,21 @@ class HELCore(wiring.Component):
     # ---------------------------------------------------------------- S2: lane controls
     def _build_lane_controls(self, m, s):
         """The lanes' adder controls, for the products of phases B and U (and, with
-        ``lane_sums``, C and A, with the ring that passes the c_j token): the lanes
+        ``lane_sums``, C and A; with a U phase, the ring that passes the c_j token): the lanes
         take them a stage ahead, from ``tag2``, and register them."""
         tag2 = s.tag2
         in_force = tag2.phase == Phase.FORCE
-        if s.lane_sums:
+        u_mode = self.geometry.u_mode
+        if u_mode:
             for p, lane in enumerate(s.lanes):
                 m.d.comb += lane.turn_in.eq(s.lanes[p - 1].turn_out)   # a ring: lane P−1 → 0
         for lane in s.lanes:
             m.d.comb += lane.f_en.eq(tag2.valid & (in_force | (tag2.phase == Phase.INPUT)))
             if s.lane_sums:
                 m.d.comb += [lane.c_en.eq(tag2.valid & (tag2.phase == Phase.CONTRAST)),
-                             lane.z_en.eq(tag2.valid & (tag2.phase == Phase.Z)),
-                             lane.z_row0.eq(tag2.row == 0),
+                             lane.z_en.eq(tag2.valid & (tag2.phase == Phase.Z))]
+            if u_mode:
+                m.d.comb += [lane.z_row0.eq(tag2.row == 0),
                              lane.u_last.eq(tag2.valid & (tag2.phase == Phase.INPUT) & tag2.last)]
             m.d.comb += [lane.f_first.eq(tag2.first), lane.f_last.eq(tag2.last & in_force),
                          lane.f_alpha.eq(in_force), lane.f_slot.eq(tag2.bank)]

@@ -330,7 +330,8 @@ class MacLane(wiring.Component):
         (presented in S2 with ``f_slot``; ``f_en`` low).
     z_en, z_row0 : In(1)
         The product of the next cycle is a z product (of row 0); with ``f_first``
-        (chunk 0) and ``f_slot`` (bank), presented in S2.
+        (chunk 0) and ``f_slot`` (bank), presented in S2. ``z_row0`` only with a
+        U phase, as the next two.
     u_last : In(1)
         The product of the next cycle is a U row's last (S2): its sum is a ``c_j``.
     turn_in, turn_out : In(1), Out(1)
@@ -364,8 +365,8 @@ class MacLane(wiring.Component):
         The adder serves A, C and U as above (the ECP5 form; required with a U
         phase). Without it (the iCE40 form's single lane at 24 MHz) the adder
         sums B only, and the core takes ``p`` itself for the adder tree and the
-        contrast's difference, a cycle earlier; the ports ``c_en``, ``diff``,
-        ``z_en``, ``z_row0``, ``u_last``, ``turn_in`` and ``turn_out`` are absent.
+        contrast's difference, a cycle earlier; the ports ``c_en``, ``diff`` and
+        ``z_en`` are absent.
     f_bias : int
         Added to every force sum (with its first, α, product). The core passes
         the kick's rounding half ``2^(kick_shift−1)``, so rounding the finished
@@ -395,9 +396,9 @@ class MacLane(wiring.Component):
             "sum0": Out(signed(g.lane_width)),
         }
         if every_phase:
-            ports.update({"c_en": In(1), "diff": Out(signed(g.diff_width)),
-                          "z_en": In(1), "z_row0": In(1), "u_last": In(1),
-                          "turn_in": In(1), "turn_out": Out(1)})
+            ports.update({"c_en": In(1), "diff": Out(signed(g.diff_width)), "z_en": In(1)})
+        if self._c_rows:
+            ports.update({"z_row0": In(1), "u_last": In(1), "turn_in": In(1), "turn_out": Out(1)})
         super().__init__(ports)
         self._fw = g.lane_width
 
